@@ -1,0 +1,103 @@
+"""One TOML file, validated by frozen pydantic models; unknown keys are errors.
+
+Environment overrides: ``COLOCATE_<SECTION>__<KEY>=value`` (e.g. ``COLOCATE_AGENT__INTERVAL_S=2``).
+Defaults live in the models below and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from colocate.errors import ConfigError
+from policies.limits import Limits
+from policies.prices import Prices
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PolicyConfig(_Section):
+    name: str = "headroom"
+    limits: Limits = Limits()
+
+
+class ExecutorConfig(_Section):
+    max_payload_bytes: int = Field(16 * 1024**2, gt=0)
+    hot_timeout_s: float = Field(0.005, ge=0, description="busy-poll this long before blocking")
+    run_as_user: str = "nobody"
+
+
+class BrokerConfig(_Section):
+    listen: str = "127.0.0.1:8642"
+    placement: Literal["first_fit", "best_fit"] = "best_fit"
+    secret_file: str | None = None  # cluster secret for lease tokens; generated when absent
+
+
+class AgentConfig(_Section):
+    node: str | None = None  # defaults to the short hostname
+    broker_url: str = "http://127.0.0.1:8642"
+    interval_s: float = Field(1.0, gt=0)
+    control_socket: str = "/run/colocate/agent.sock"
+    default_colocate: Literal["allow", "deny"] = "allow"
+    metrics_listen: str = "0.0.0.0:9642"
+
+
+class Config(_Section):
+    policy: PolicyConfig = PolicyConfig()
+    prices: Prices = Prices()
+    agent: AgentConfig = AgentConfig()
+    broker: BrokerConfig = BrokerConfig()
+    executor: ExecutorConfig = ExecutorConfig()
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in env.items():
+        if not key.startswith("COLOCATE_") or "__" not in key:
+            continue
+        path = key.removeprefix("COLOCATE_").lower().split("__")
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read ``path`` (or defaults when None), apply environment overrides, validate.
+
+    Raises ConfigError naming the file and the offending key.
+    """
+    data: dict[str, Any] = {}
+    where = str(path) if path else "<defaults>"
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError("file not found; pass an existing TOML file", path=where) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"not valid TOML ({exc})", path=where) from None
+    data = _merge(data, _env_overrides(os.environ if env is None else env))
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"{err['msg']} (see deploy/ for an example config)", path=where, key=key) from None

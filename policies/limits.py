@@ -1,0 +1,26 @@
+"""Interference limits and margins: the knobs of every policy, with their defaults."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Limits(BaseModel):
+    """Defaults follow published harvesting controllers (see ARCHITECTURE.md, Policies)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    memory_margin_ratio: float = Field(0.10, ge=0, le=1, description="margin above a job's peak, as a share of its allocation")
+    memory_margin_bytes: int = Field(256 * 1024**2, ge=0, description="minimum margin above a job's peak, bytes")
+    core_margin: float = Field(0.25, ge=0, description="cores kept free above a job's observed use")
+    history_window_s: float = Field(300.0, gt=0, description="usage history a policy looks at, seconds")
+    min_history_s: float = Field(30.0, ge=0, description="a job younger than this offers nothing of its own")
+    percentile: float = Field(95.0, ge=0, le=100, description="predictive: usage percentile sized for")
+    cpu_pressure_limit: float = Field(20.0, ge=0, le=100, description="PSI cpu some avg10 (%) that triggers eviction")
+    memory_pressure_limit: float = Field(5.0, ge=0, le=100, description="PSI memory some avg10 (%) that triggers eviction")
+    pressure_grace_s: float = Field(5.0, ge=0, description="pressure must last this long before eviction")
+    reoffer_cooldown_s: float = Field(60.0, ge=0, description="after a pressure eviction, offer nothing of that job for this long")
+    eviction_grace_s: float = Field(1.0, ge=0, description="soft evictions: executor grace period, seconds")
+    max_function_share: float = Field(0.5, ge=0, le=1, description="cap on the share of node cores and memory functions may hold")
+    slowdown_budget: float = Field(0.05, ge=0, description="tolerated batch slowdown (replay reports exceedance)")
+    guard: bool = Field(True, description="wrap the policy in the interference guard")

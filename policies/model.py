@@ -1,0 +1,123 @@
+"""Values the policies read and return. Plain frozen slots classes: built per decision,
+so they must be cheap (the replay builds hundreds of thousands of them).
+
+Units everywhere: seconds, bytes, cores. Core ids are the kernel's CPU numbers.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from policies.limits import Limits
+
+
+@dataclass(frozen=True, slots=True)
+class UsageSample:
+    """One observation of a job; ``cores_used`` is CPU-seconds per second over the sample window.
+
+    Pressure is the PSI ``some avg10`` share in percent (0..100), None where unavailable.
+    """
+
+    t: float
+    cores_used: float
+    memory_used_bytes: int
+    cpu_pressure: float | None = None
+    memory_pressure: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JobView:
+    """A running batch job on one node, as the policy sees it.
+
+    ``history`` is oldest first and may be empty (a job that just started: nothing of it
+    may be offered). ``colocate`` is False when the job asked ``--colocate=deny``.
+    """
+
+    job_id: str
+    cpu_ids: frozenset[int]
+    memory_allocated_bytes: int
+    memory_peak_bytes: int = 0
+    history: tuple[UsageSample, ...] = ()
+    colocate: bool = True
+    start_time: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseView:
+    """A lease currently held by functions on this node."""
+
+    lease_id: str
+    cpu_ids: frozenset[int]
+    memory_bytes: int
+    granted_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class NodeView:
+    """Everything a policy may look at for one node at one instant."""
+
+    node: str
+    cpu_ids: frozenset[int]
+    memory_total_bytes: int
+    jobs: tuple[JobView, ...] = ()
+    leases: tuple[LeaseView, ...] = ()
+    memory_reserved_bytes: int = 0  # OS, slurmd, agent: never offered
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """What functions may occupy on the node now, leases already held included.
+
+    A lease survives a decision only if its cores are inside ``cpu_ids``; the memory of all
+    surviving leases together never exceeds ``memory_bytes``.
+    """
+
+    cpu_ids: frozenset[int] = frozenset()
+    memory_bytes: int = 0
+
+    @property
+    def cores(self) -> int:
+        return len(self.cpu_ids)
+
+
+class EvictionReason(enum.StrEnum):
+    JOB_START = "job_start"  # a job was given the lease's cores or memory
+    MEMORY_GROWTH = "memory_growth"  # a job's memory grew toward the leased memory
+    CPU_GROWTH = "cpu_growth"  # a job started using the leased cores
+    PRESSURE = "pressure"  # a job's PSI crossed the interference limit
+    SHARE_CAP = "share_cap"  # functions hold more of the node than allowed
+    EXPIRED = "expired"  # the lease ran past its expiry
+    RELEASED = "released"  # the client or broker gave it back
+    DENIED = "denied"  # the job said --colocate=deny
+
+
+@dataclass(frozen=True, slots=True)
+class Eviction:
+    """Take ``lease_id`` back; the executor gets ``grace_s`` seconds before it is killed."""
+
+    lease_id: str
+    reason: EvictionReason
+    grace_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A policy's answer; ``state`` must be passed back on the next call for the same node."""
+
+    offer: Offer
+    evictions: tuple[Eviction, ...] = ()
+    state: object | None = None
+    notes: tuple[str, ...] = field(default=())  # why, for logs and reports
+
+
+class Policy(Protocol):
+    """Pure: no I/O, no clock. The same (node, limits, now, state) gives the same Decision."""
+
+    name: str
+
+    def decide(
+        self, node: NodeView, limits: Limits, now: float, state: object | None = None
+    ) -> Decision: ...

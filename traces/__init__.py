@@ -1,0 +1,1 @@
+"""Trace readers, usage and interference models, and the replay that drives policies/."""
