@@ -45,7 +45,7 @@ def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
 def test_out_of_range_value_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text("[policy.limits]\nmax_function_share = 1.5\n")
-    with pytest.raises(ConfigError, match="policy.limits.max_function_share"):
+    with pytest.raises(ConfigError, match=r"policy\.limits\.max_function_share"):
         load_config(path, env={})
 
 
