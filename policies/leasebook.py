@@ -1,0 +1,285 @@
+"""Lease accounting: which node offers what, which leases hold what, where a new lease goes.
+
+Pure and deterministic (no I/O, no clock: ``now`` is an argument) so the broker, the node
+agent's admission check and a trace replay all use the same book.
+
+Soft state: the agents are the truth about their node. :meth:`LeaseBook.report` replaces a
+node's offer and reconciles its leases with what the agent says runs there: leases the
+agent reports are (re)learned, which is how a restarted broker finds the live leases again,
+and confirmed leases the agent no longer reports are dropped as evicted. A lease the book
+placed but the agent has not yet started (``generation is None``) survives reports, so a
+report racing with a grant never frees cores twice; ``generation`` is the agent's change
+counter, so a report older than the agent's answer to a start cannot drop the lease either.
+
+Units: seconds (epoch, as given by the caller), bytes, cores; core ids are kernel CPU numbers.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import Literal
+
+Placement = Literal["first_fit", "best_fit"]
+PLACEMENTS: tuple[Placement, ...] = ("first_fit", "best_fit")
+
+
+class LeaseEnd(enum.StrEnum):
+    """Why a lease left the book (kept briefly so a late renew gets a precise error)."""
+
+    RELEASED = "released"
+    EXPIRED = "expired"
+    EVICTED = "evicted"
+    START_FAILED = "start_failed"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeOffer:
+    """What a node lets functions occupy now, its own leases included.
+
+    ``reported_at`` is when the book last heard from the node's agent; ``url`` is the
+    agent's control API (opaque here).
+    """
+
+    node: str
+    url: str
+    cpu_ids: frozenset[int]
+    memory_bytes: int
+    reported_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRecord:
+    """One lease. ``address`` is empty and ``generation`` None until the agent started it."""
+
+    lease_id: str
+    node: str
+    cpu_ids: tuple[int, ...]
+    memory_bytes: int
+    granted_at: float
+    expires_at: float
+    address: str = ""
+    generation: int | None = None
+
+    @property
+    def cores(self) -> int:
+        return len(self.cpu_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class Free:
+    """Unleased capacity of one node: cores (ids) and bytes."""
+
+    node: str
+    cpu_ids: tuple[int, ...]
+    memory_bytes: int
+
+    @property
+    def cores(self) -> int:
+        return len(self.cpu_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """Where a new lease fits: the node and the cores it gets."""
+
+    node: str
+    cpu_ids: tuple[int, ...]
+    memory_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReportOutcome:
+    """What a report changed: leases learned (unknown before) and leases dropped."""
+
+    learned: tuple[str, ...]
+    dropped: tuple[LeaseRecord, ...]
+
+
+class LeaseBook:
+    """Nodes' offers and the leases on them. Not thread-safe: one owner drives it.
+
+    ``node_timeout_s``: a node silent for longer is not placed on (its leases stay until
+    they expire or the agent reports again). ``tombstones``: how many ended leases to
+    remember for error messages.
+    """
+
+    def __init__(self, node_timeout_s: float = 10.0, tombstones: int = 4096) -> None:
+        self.node_timeout_s = node_timeout_s
+        self._offers: dict[str, NodeOffer] = {}
+        self._leases: dict[str, LeaseRecord] = {}
+        self._ended: dict[str, LeaseEnd] = {}
+        self._tombstones = tombstones
+
+    # --- reading -----------------------------------------------------------------------
+
+    def nodes(self) -> list[NodeOffer]:
+        return [self._offers[n] for n in sorted(self._offers)]
+
+    def node(self, node: str) -> NodeOffer | None:
+        return self._offers.get(node)
+
+    def leases(self, node: str | None = None) -> list[LeaseRecord]:
+        """Leases, oldest grant first; only ``node``'s when given."""
+        found = (r for r in self._leases.values() if node is None or r.node == node)
+        return sorted(found, key=lambda r: (r.granted_at, r.lease_id))
+
+    def lease(self, lease_id: str) -> LeaseRecord | None:
+        return self._leases.get(lease_id)
+
+    def ended(self, lease_id: str) -> LeaseEnd | None:
+        """Why ``lease_id`` left the book, if it did recently."""
+        return self._ended.get(lease_id)
+
+    def is_alive(self, node: str, now: float) -> bool:
+        offer = self._offers.get(node)
+        return offer is not None and now - offer.reported_at <= self.node_timeout_s
+
+    def free(self, node: str) -> Free:
+        """Offered minus leased, for one node (zero for an unknown node).
+
+        Leases beyond the offer (the offer shrank) make free memory zero, not negative.
+        """
+        offer = self._offers.get(node)
+        if offer is None:
+            return Free(node, (), 0)
+        used_cpus: set[int] = set()
+        used_memory = 0
+        for record in self._leases.values():
+            if record.node == node:
+                used_cpus.update(record.cpu_ids)
+                used_memory += record.memory_bytes
+        return Free(node, tuple(sorted(offer.cpu_ids - used_cpus)), max(0, offer.memory_bytes - used_memory))
+
+    def available(self, now: float) -> list[Free]:
+        """Free capacity of every live node, by name."""
+        return [self.free(n) for n in sorted(self._offers) if self.is_alive(n, now)]
+
+    # --- placement ---------------------------------------------------------------------
+
+    def place(self, cores: int, memory_bytes: int, now: float, placement: Placement = "best_fit") -> Slot | None:
+        """A node and cores for a lease of ``cores`` and ``memory_bytes``, or None.
+
+        ``first_fit``: the first live node by name that fits. ``best_fit``: the fitting node
+        left with the fewest free cores, then the least free memory (packs leases, keeps
+        whole nodes free for large requests). Within a node the lowest free core ids go.
+        """
+        if cores < 1 or memory_bytes < 0:
+            raise ValueError("a lease needs at least one core and non-negative memory")
+        fitting = [
+            f for f in self.available(now) if f.cores >= cores and f.memory_bytes >= memory_bytes
+        ]
+        if not fitting:
+            return None
+        if placement == "best_fit":
+            chosen = min(fitting, key=lambda f: (f.cores - cores, f.memory_bytes - memory_bytes, f.node))
+        elif placement == "first_fit":
+            chosen = fitting[0]
+        else:
+            raise ValueError(f"unknown placement {placement!r}; known: {', '.join(PLACEMENTS)}")
+        return Slot(chosen.node, chosen.cpu_ids[:cores], memory_bytes)
+
+    def best_available(self, now: float) -> Free | None:
+        """The live node with the most free cores (then memory): what a denial reports."""
+        nodes = self.available(now)
+        if not nodes:
+            return None
+        return max(nodes, key=lambda f: (f.cores, f.memory_bytes, f.node))
+
+    # --- changing ----------------------------------------------------------------------
+
+    def add(self, record: LeaseRecord) -> None:
+        """Book a lease (the broker does this before asking the agent, so cores are taken).
+
+        ValueError if the lease overlaps the cores of another lease on the node.
+        """
+        if record.lease_id in self._leases:
+            raise ValueError(f"lease {record.lease_id} is already booked")
+        taken = {c for r in self._leases.values() if r.node == record.node for c in r.cpu_ids}
+        overlap = taken.intersection(record.cpu_ids)
+        if overlap:
+            raise ValueError(f"cores {sorted(overlap)} of node {record.node} are already leased")
+        self._leases[record.lease_id] = record
+        self._ended.pop(record.lease_id, None)
+
+    def confirm(self, lease_id: str, address: str, generation: int) -> LeaseRecord | None:
+        """The agent started the lease's executor at ``address``; None if the lease is gone."""
+        record = self._leases.get(lease_id)
+        if record is None:
+            return None
+        record = replace(record, address=address, generation=generation)
+        self._leases[lease_id] = record
+        return record
+
+    def renew(self, lease_id: str, expires_at: float) -> LeaseRecord | None:
+        record = self._leases.get(lease_id)
+        if record is None:
+            return None
+        record = replace(record, expires_at=expires_at)
+        self._leases[lease_id] = record
+        return record
+
+    def remove(self, lease_id: str, why: LeaseEnd) -> LeaseRecord | None:
+        """Take a lease out of the book and remember why; None if it was not there."""
+        record = self._leases.pop(lease_id, None)
+        if record is not None:
+            self._remember(lease_id, why)
+        return record
+
+    def expire(self, now: float) -> list[LeaseRecord]:
+        """Drop and return the leases whose expiry is at or before ``now``."""
+        gone = [r for r in self._leases.values() if r.expires_at <= now]
+        for record in gone:
+            self.remove(record.lease_id, LeaseEnd.EXPIRED)
+        return gone
+
+    def report(
+        self,
+        node: str,
+        url: str,
+        cpu_ids: Iterable[int],
+        memory_bytes: int,
+        leases: Iterable[LeaseRecord],
+        generation: int,
+        now: float,
+    ) -> ReportOutcome:
+        """Replace ``node``'s offer and reconcile its leases with the agent's list.
+
+        ``generation`` is the agent's change counter when it built the report. Reported
+        leases are taken as they are (the agent knows their cores, address and expiry);
+        booked leases missing from the report are dropped as evicted only if the agent had
+        confirmed them at a generation this report includes.
+        """
+        self._offers[node] = NodeOffer(node, url, frozenset(cpu_ids), memory_bytes, now)
+        reported = {r.lease_id: r for r in leases}
+        learned: list[str] = []
+        for lease_id, record in reported.items():
+            record = replace(record, node=node)
+            if lease_id not in self._leases:
+                # Includes a lease released here while the report was in flight: it stays
+                # booked (its cores are still taken) until the agent reports it gone.
+                learned.append(lease_id)
+            self._leases[lease_id] = record
+            self._ended.pop(lease_id, None)
+        dropped: list[LeaseRecord] = []
+        for record in list(self._leases.values()):
+            if record.node != node or record.lease_id in reported:
+                continue
+            if record.generation is not None and record.generation <= generation:
+                self.remove(record.lease_id, LeaseEnd.EVICTED)
+                dropped.append(record)
+        return ReportOutcome(tuple(learned), tuple(dropped))
+
+    def forget_node(self, node: str) -> list[LeaseRecord]:
+        """Remove a node and its leases (they end as evicted); returns the leases."""
+        self._offers.pop(node, None)
+        gone = [r for r in self._leases.values() if r.node == node]
+        for record in gone:
+            self.remove(record.lease_id, LeaseEnd.EVICTED)
+        return gone
+
+    def _remember(self, lease_id: str, why: LeaseEnd) -> None:
+        self._ended[lease_id] = why
+        while len(self._ended) > self._tombstones:
+            self._ended.pop(next(iter(self._ended)))
