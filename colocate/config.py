@@ -38,6 +38,9 @@ class BrokerConfig(_Section):
     listen: str = "127.0.0.1:8642"
     placement: Literal["first_fit", "best_fit"] = "best_fit"
     secret_file: str | None = None  # cluster secret for lease tokens; generated when absent
+    node_timeout_s: float = Field(10.0, gt=0, description="a node silent this long gets no new leases")
+    max_lease_s: float = Field(86400.0, gt=0, description="longest lease duration granted, seconds")
+    agent_timeout_s: float = Field(5.0, gt=0, description="how long the broker waits for an agent, seconds")
 
 
 class AgentConfig(_Section):
@@ -47,6 +50,12 @@ class AgentConfig(_Section):
     control_socket: str = "/run/colocate/agent.sock"
     default_colocate: Literal["allow", "deny"] = "allow"
     metrics_listen: str = "0.0.0.0:9642"
+    listen: str = "127.0.0.1:8643"  # the agent's HTTP API, called by the broker
+    advertise_host: str | None = None  # host in executor addresses; defaults to the listen host
+    offer_cores: int | None = Field(None, ge=1, description="standalone: cores offered (default all)")
+    offer_memory: str | None = None  # standalone: memory offered, e.g. "4GiB" (default half of RAM)
+    eviction_grace_s: float = Field(1.0, ge=0, description="revocations: executor grace period, seconds")
+    state_dir: str = "/var/lib/colocate"
 
 
 class Config(_Section):
