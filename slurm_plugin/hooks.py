@@ -1,0 +1,230 @@
+"""Slurm ``Prolog=`` / ``Epilog=`` hooks: tell the node agent that a job starts or ends.
+
+slurmd runs the prolog as root for every job on every allocated node, with a minimal
+environment (no PATH), and **drains the node when it exits non-zero**. So these hooks:
+
+- use the standard library only (start-up is part of every job's start);
+- read the job from the environment slurmd sets (``SLURM_JOB_ID``, ``SLURM_JOB_UID``,
+  ``SLURM_JOB_CPUS_PER_NODE``, ``SLURMD_NODENAME``) and ``SPANK_COLOCATE``, which the
+  colocate SPANK plugin sets from ``--colocate=allow|deny``;
+- ask the agent over its control socket (:mod:`slurm_plugin.control`) and wait at most
+  ``--timeout`` seconds (plus a small margin) for its answer: for the prolog, until the
+  conflicting leases are evicted;
+- never exit non-zero for their own trouble (agent down, socket missing, timeout, a
+  garbled answer, bad arguments): they log one line to stderr and syslog and exit 0.
+
+Run as ``colocate hook prolog``, ``python -m colocate.cli hook prolog`` or
+``python -m slurm_plugin.hooks prolog`` (the last one imports the least).
+
+The socket is, first found: ``--socket``, ``$COLOCATE_AGENT__CONTROL_SOCKET``,
+``agent.control_socket`` in ``--config`` (default ``/etc/colocate/agent.toml`` when it
+exists), ``/run/colocate/agent.sock``. ``{node}`` in it becomes ``$SLURMD_NODENAME``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from colocate.errors import BackendUnavailable
+from slurm_plugin.control import DEFAULT_SOCKET, call, socket_path_for
+
+#: Where the hook looks for the agent config when ``--config`` is not given.
+DEFAULT_CONFIG = "/etc/colocate/agent.toml"
+#: Seconds the agent may spend evicting before the prolog returns anyway.
+DEFAULT_PROLOG_TIMEOUT_S = 5.0
+DEFAULT_EPILOG_TIMEOUT_S = 2.0
+#: Extra seconds the hook waits for the agent's answer beyond the agent's own deadline.
+ANSWER_MARGIN_S = 0.5
+
+_SYSLOG_IDENT = "colocate-hook"
+
+
+@dataclass(slots=True)
+class HookOutcome:
+    """What a hook run did. ``ok`` False means it gave up (and still exits 0)."""
+
+    hook: str
+    ok: bool
+    message: str
+    job_id: int | None = None
+    socket: str | None = None
+    elapsed_s: float = 0.0
+    reply: dict[str, Any] = field(default_factory=dict)
+
+
+def _config_socket(config_path: str | None) -> str | None:
+    """``[agent] control_socket`` from the agent's TOML file, without validating the rest."""
+    path = config_path or DEFAULT_CONFIG
+    if config_path is None and not os.path.exists(path):
+        return None
+    import tomllib
+
+    with open(path, "rb") as fh:
+        data = tomllib.load(fh)
+    value = data.get("agent", {}).get("control_socket")
+    return value if isinstance(value, str) else None
+
+
+def resolve_socket(explicit: str | None, config_path: str | None, env: Mapping[str, str]) -> str:
+    """The control socket path the hook talks to (see the module docstring for the order)."""
+    path = (
+        explicit
+        or env.get("COLOCATE_AGENT__CONTROL_SOCKET")
+        or _config_socket(config_path)
+        or DEFAULT_SOCKET
+    )
+    return socket_path_for(path, env.get("SLURMD_NODENAME"))
+
+
+def _job_id(env: Mapping[str, str]) -> int:
+    raw = env.get("SLURM_JOB_ID", "")
+    if not raw.isdigit() or int(raw) <= 0:
+        raise ValueError(f"SLURM_JOB_ID is {raw!r}, not a job id; run this hook as slurmd's Prolog=/Epilog=")
+    return int(raw)
+
+
+def _colocate(env: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """The job's ``--colocate`` choice, and a warning when the value is unusable."""
+    raw = env.get("SPANK_COLOCATE")
+    if raw is None or raw == "":
+        return None, None
+    value = raw.strip().lower()
+    if value in ("allow", "deny"):
+        return value, None
+    return None, f"ignored SPANK_COLOCATE={raw!r} (expected allow or deny); the site default applies"
+
+
+def prolog_request(env: Mapping[str, str], timeout_s: float) -> tuple[dict[str, Any], str | None]:
+    """The control request for a starting job, from slurmd's environment; and a warning."""
+    colocate, warning = _colocate(env)
+    uid_raw = env.get("SLURM_JOB_UID", "")
+    request: dict[str, Any] = {
+        "op": "prolog",
+        "job_id": _job_id(env),
+        "colocate": colocate,
+        "uid": int(uid_raw) if uid_raw.isdigit() else None,
+        "cpus_per_node": env.get("SLURM_JOB_CPUS_PER_NODE") or None,
+        "node": env.get("SLURMD_NODENAME") or None,
+        "timeout_s": timeout_s,
+    }
+    return request, warning
+
+
+def epilog_request(env: Mapping[str, str]) -> dict[str, Any]:
+    """The control request for a job that ended, from slurmd's environment."""
+    return {"op": "epilog", "job_id": _job_id(env), "node": env.get("SLURMD_NODENAME") or None}
+
+
+def run_hook(
+    hook: str,
+    env: Mapping[str, str],
+    *,
+    socket: str | None = None,
+    config: str | None = None,
+    timeout_s: float | None = None,
+) -> HookOutcome:
+    """Tell the agent about a starting (``prolog``) or ending (``epilog``) job. Never raises.
+
+    Waits at most ``timeout_s`` + :data:`ANSWER_MARGIN_S` seconds for the agent.
+    """
+    started = time.monotonic()
+    outcome = HookOutcome(hook=hook, ok=False, message="")
+    try:
+        if timeout_s is None:
+            timeout_s = DEFAULT_PROLOG_TIMEOUT_S if hook == "prolog" else DEFAULT_EPILOG_TIMEOUT_S
+        warning = None
+        if hook == "prolog":
+            request, warning = prolog_request(env, timeout_s)
+        elif hook == "epilog":
+            request = epilog_request(env)
+        else:
+            raise ValueError(f"unknown hook {hook!r}; expected prolog or epilog")
+        outcome.job_id = request["job_id"]
+        outcome.socket = resolve_socket(socket, config, env)
+        reply = call(outcome.socket, request, timeout_s + ANSWER_MARGIN_S)
+        outcome.reply = reply.body
+        outcome.ok = reply.ok
+        if not reply.ok:
+            outcome.message = f"the agent refused: {reply.error}"
+        elif hook == "prolog":
+            evicted = reply.body.get("evicted") or []
+            outcome.message = f"evicted {len(evicted)} lease(s) in {reply.body.get('waited_s', 0.0):.3f} s"
+            if reply.body.get("complete") is False:
+                outcome.ok = False
+                outcome.message += "; evictions still running at the deadline"
+        else:
+            outcome.message = "the agent offers the job's resources again"
+        if warning:
+            outcome.message += f"; {warning}"
+    except (BackendUnavailable, ValueError) as exc:
+        outcome.message = str(exc)
+    except Exception as exc:  # any trouble of our own must not fail the prolog
+        outcome.message = f"{type(exc).__name__}: {exc}"
+    outcome.elapsed_s = time.monotonic() - started
+    return outcome
+
+
+def report(outcome: HookOutcome, *, use_syslog: bool = True) -> None:
+    """One line: to stderr when something went wrong, to syslog always."""
+    job = outcome.job_id if outcome.job_id is not None else "?"
+    line = f"colocate hook {outcome.hook} job {job}: {outcome.message} ({outcome.elapsed_s * 1000:.0f} ms)"
+    if not outcome.ok:
+        print(line, file=sys.stderr)
+    if use_syslog:
+        try:
+            import syslog
+
+            syslog.openlog(_SYSLOG_IDENT, syslog.LOG_PID, syslog.LOG_DAEMON)
+            syslog.syslog(syslog.LOG_INFO if outcome.ok else syslog.LOG_WARNING, line)
+        except Exception:
+            pass  # no syslog here; stderr carried what matters
+
+
+class _HookParser(argparse.ArgumentParser):
+    """Bad arguments must not fail the prolog either: raise instead of exiting 2."""
+
+    def error(self, message: str) -> Any:
+        raise ValueError(f"bad hook arguments: {message}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("hook", choices=["prolog", "epilog"], help="which Slurm hook this is")
+    parser.add_argument("--socket", help=f"agent control socket (default: from the config, else {DEFAULT_SOCKET}); {{node}} becomes SLURMD_NODENAME")
+    parser.add_argument("--config", help=f"agent config to read control_socket from (default {DEFAULT_CONFIG} if present)")
+    parser.add_argument(
+        "--timeout", type=float, default=None,
+        help=f"seconds the agent may take (prolog default {DEFAULT_PROLOG_TIMEOUT_S:g}, epilog {DEFAULT_EPILOG_TIMEOUT_S:g})",
+    )
+    parser.add_argument("--json", action="store_true", help="print the outcome as JSON on stdout")
+    parser.add_argument("--no-syslog", action="store_true", help="log to stderr only")
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    """Run a hook from command-line arguments. Always returns 0 (except for ``--help``, also 0)."""
+    parser = _HookParser(
+        prog="colocate hook",
+        description="Slurm Prolog=/Epilog= hook: tell the colocate agent a job starts or ends. Always exits 0.",
+    )
+    add_arguments(parser)
+    env = os.environ if env is None else env
+    try:
+        args = parser.parse_args(argv)
+    except ValueError as exc:
+        report(HookOutcome(hook="?", ok=False, message=str(exc)))
+        return 0
+    outcome = run_hook(args.hook, env, socket=args.socket, config=args.config, timeout_s=args.timeout)
+    report(outcome, use_syslog=not args.no_syslog)
+    if args.json:
+        print(json.dumps(asdict(outcome)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
