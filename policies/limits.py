@@ -24,3 +24,6 @@ class Limits(BaseModel):
     max_function_share: float = Field(0.5, ge=0, le=1, description="cap on the share of node cores and memory functions may hold")
     slowdown_budget: float = Field(0.05, ge=0, description="tolerated batch slowdown (replay reports exceedance)")
     guard: bool = Field(True, description="wrap the policy in the interference guard")
+    trend_horizon_s: float = Field(60.0, ge=0, description="predictive: how far ahead a job's memory trend is extrapolated, seconds")
+    min_reclaim_bytes: int = Field(64 * 1024**2, ge=0, description="guard: the memory offer grows back only in steps of at least this, bytes")
+    min_reclaim_cores: int = Field(1, ge=1, description="guard: the core offer grows back only in steps of at least this many cores")

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from policies.eviction import evict_leases
 from policies.limits import Limits
 from policies.model import Decision, Eviction, EvictionReason, NodeView, Offer
 
 
 class UnallocatedPolicy:
+    """The scavenger baseline (HPC-Whisk, Slurm preemptible jobs): no margins needed, since
+    nothing a job was given is lent; a job's start takes its cores and memory back at once.
+    """
+
     name = "unallocated"
 
     def decide(
@@ -20,7 +25,15 @@ class UnallocatedPolicy:
         cpus = node.cpu_ids - allocated_cpus
         memory = max(0, node.memory_total_bytes - node.memory_reserved_bytes - allocated_mem)
         offer = Offer(frozenset(cpus), memory)
-        return Decision(offer, evict_outside(node, offer, now))
+        if not node.leases:
+            return Decision(offer)
+        reasons = tuple(
+            (job.cpu_ids, EvictionReason.JOB_START if job.colocate else EvictionReason.DENIED)
+            for job in node.jobs
+        )
+        return Decision(
+            offer, evict_leases(node, offer, now, limits, reasons, EvictionReason.JOB_START)
+        )
 
 
 def evict_outside(node: NodeView, offer: Offer, now: float) -> tuple[Eviction, ...]:

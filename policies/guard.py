@@ -1,0 +1,225 @@
+"""The interference guard: wraps any policy and takes leases back when a job suffers.
+
+Follows kubelet's node-pressure eviction loop, as a pipeline of pure steps with ``now``
+passed in (thresholds met -> held by hysteresis -> grace period -> rank -> evict one),
+with Heracles' rule of not growing best-effort work while the primary is under pressure:
+
+1. **Thresholds with hysteresis**: a job is *under pressure* once its latest PSI
+   (``cpu_pressure`` or ``memory_pressure``, some avg10 %) exceeds ``limits.cpu_pressure_limit``
+   or ``limits.memory_pressure_limit``, and stays so until both fall below half their limit.
+2. **Grace period**: only pressure that lasted ``limits.pressure_grace_s`` evicts.
+3. **One eviction per cycle**: the most pressured job (pressure / limit) loses one lease:
+   the one holding most of its cores (memory pressure: most memory), newest on ties. Its
+   grace timer restarts, so the next eviction for it waits another grace period.
+4. **Re-offer cooldown**: after a pressure eviction nothing new of that job is offered for
+   ``limits.reoffer_cooldown_s`` and until its pressure is below half the limits (leases
+   still on it are kept, only not replaced).
+5. **No growth under pressure**: while any job is under pressure the offer never grows.
+6. **Minimum reclaim**: the offer grows back only in steps of ``limits.min_reclaim_bytes``
+   and ``limits.min_reclaim_cores``, so it does not flap around a boundary; it shrinks at once.
+7. **Share cap**: functions never hold more than ``limits.max_function_share`` of the node's
+   cores and memory (default 50 %); leases beyond it are evicted (``SHARE_CAP``), newest first.
+
+The guard's memory is an immutable :class:`GuardState` carried in ``Decision.state``; the
+caller passes it back on the next call for the same node. With ``limits.guard`` False the
+inner policy decides alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+
+from policies.eviction import eviction_grace, leases_oldest_first
+from policies.limits import Limits
+from policies.model import (
+    Decision,
+    Eviction,
+    EvictionReason,
+    JobView,
+    LeaseView,
+    NodeView,
+    Offer,
+    Policy,
+)
+
+logger = logging.getLogger(__name__)
+
+PRESSURE_CLEAR_RATIO = 0.5  # pressure must fall below half its limit to count as gone
+
+
+@dataclass(frozen=True, slots=True)
+class GuardState:
+    """What the guard remembers between decisions for one node (immutable, comparable).
+
+    ``pressure_since``: job id -> time (s) its pressure crossed the limit (hysteresis held);
+    ``cooldown_until``: job id -> time (s) before which nothing new of it is offered;
+    ``offer``: the previous offer; ``inner``: the wrapped policy's own state.
+    """
+
+    inner: object | None = None
+    pressure_since: tuple[tuple[str, float], ...] = ()
+    cooldown_until: tuple[tuple[str, float], ...] = ()
+    offer: Offer | None = None
+
+
+def pressure_ratio(job: JobView, limits: Limits) -> tuple[float, float]:
+    """(cpu, memory) pressure of the job's latest sample relative to its limit (1.0 = at it)."""
+    if not job.history:
+        return 0.0, 0.0
+    sample = job.history[-1]
+    return (
+        _ratio(sample.cpu_pressure, limits.cpu_pressure_limit),
+        _ratio(sample.memory_pressure, limits.memory_pressure_limit),
+    )
+
+
+def _ratio(value: float | None, limit: float) -> float:
+    if not value or value <= 0.0:
+        return 0.0
+    return value / limit if limit > 0 else math.inf
+
+
+class InterferenceGuard:
+    """Wraps ``inner``; see the module docstring for the rules. Pure: state comes back in."""
+
+    def __init__(self, inner: Policy) -> None:
+        self.inner = inner
+        self.name = inner.name
+
+    def decide(
+        self, node: NodeView, limits: Limits, now: float, state: object | None = None
+    ) -> Decision:
+        previous = state if isinstance(state, GuardState) else GuardState(inner=state)
+        if not limits.guard:
+            return self.inner.decide(node, limits, now, previous.inner)
+        full = self.inner.decide(node, limits, now, previous.inner)
+        notes = list(full.notes)
+
+        # 1. thresholds and hysteresis
+        since = dict(previous.pressure_since)
+        ratios: dict[str, float] = {}
+        memory_first: dict[str, bool] = {}
+        for job in node.jobs:
+            cpu, mem = pressure_ratio(job, limits)
+            ratio = max(cpu, mem)
+            ratios[job.job_id] = ratio
+            memory_first[job.job_id] = mem > cpu
+            if ratio > 1.0:
+                since.setdefault(job.job_id, now)
+            elif ratio < PRESSURE_CLEAR_RATIO:
+                since.pop(job.job_id, None)
+        if since:
+            since = {job_id: t for job_id, t in since.items() if job_id in ratios}
+        cooldown = {
+            job_id: until
+            for job_id, until in previous.cooldown_until
+            if job_id in ratios and (now < until or ratios[job_id] >= PRESSURE_CLEAR_RATIO)
+        }
+
+        evicted = {e.lease_id for e in full.evictions}
+        kept = [
+            lease for lease in leases_oldest_first(node.leases) if lease.lease_id not in evicted
+        ]
+        evictions = list(full.evictions)
+
+        # 2.-3. grace period, rank, evict at most one lease
+        if since and kept:
+            due = [
+                (-ratios[job_id], job_id)
+                for job_id, t in since.items()
+                if now - t >= limits.pressure_grace_s
+            ]
+            if due:
+                _, job_id = min(due)
+                job = next(j for j in node.jobs if j.job_id == job_id)
+                victim = _pressure_victim(kept, job, memory_first[job_id])
+                kept.remove(victim)
+                reason = EvictionReason.PRESSURE
+                evictions.append(Eviction(victim.lease_id, reason, eviction_grace(reason, limits)))
+                since[job_id] = now
+                cooldown[job_id] = now + limits.reoffer_cooldown_s
+                notes.append(
+                    f"pressure: job {job_id} at {ratios[job_id]:.2f}x its limit for "
+                    f"{limits.pressure_grace_s:g} s: evicted lease {victim.lease_id}"
+                )
+
+        held_cpus: frozenset[int] = frozenset().union(*(lease.cpu_ids for lease in kept))
+        held_memory = sum(lease.memory_bytes for lease in kept)
+        cpu_ids = full.offer.cpu_ids
+        memory = full.offer.memory_bytes
+
+        # 4. cooldown: offer the job's resources only as far as leases still hold them
+        if cooldown:
+            cooled = replace(
+                node,
+                jobs=tuple(
+                    replace(j, colocate=False) if j.job_id in cooldown else j for j in node.jobs
+                ),
+            )
+            without = self.inner.decide(cooled, limits, now, previous.inner).offer
+            cpu_ids = without.cpu_ids | (cpu_ids & held_cpus)
+            memory = max(without.memory_bytes, min(memory, held_memory))
+
+        last = previous.offer
+        if last is not None:
+            # 5. no growth while any job is under pressure
+            if since:
+                cpu_ids = cpu_ids & (last.cpu_ids | held_cpus)
+                memory = min(memory, max(last.memory_bytes, held_memory))
+            # 6. grow back only in steps of the minimum reclaim
+            if last.memory_bytes < memory < last.memory_bytes + limits.min_reclaim_bytes:
+                memory = max(last.memory_bytes, held_memory)
+            added = cpu_ids - last.cpu_ids - held_cpus
+            if added and len(added) < limits.min_reclaim_cores:
+                cpu_ids = cpu_ids - added
+
+        # 7. share cap
+        cap_cores = math.floor(limits.max_function_share * len(node.cpu_ids) + 1e-9)
+        cap_memory = int(limits.max_function_share * node.memory_total_bytes)
+        if len(cpu_ids) > cap_cores:
+            cpu_ids = _trim_cores(cpu_ids, cap_cores, kept)
+            notes.append(f"share cap: offer trimmed to {cap_cores} cores")
+        memory = min(memory, cap_memory)
+        memory_left = memory
+        for lease in kept:
+            if lease.cpu_ids <= cpu_ids and lease.memory_bytes <= memory_left:
+                memory_left -= lease.memory_bytes
+                continue
+            reason = EvictionReason.SHARE_CAP
+            evictions.append(Eviction(lease.lease_id, reason, eviction_grace(reason, limits)))
+
+        offer = Offer(frozenset(cpu_ids), max(0, memory))
+        new_state = GuardState(
+            full.state,
+            tuple(sorted(since.items())) if since else (),
+            tuple(sorted(cooldown.items())) if cooldown else (),
+            offer,
+        )
+        return Decision(offer, tuple(evictions), new_state, tuple(notes))
+
+
+def _pressure_victim(kept: list[LeaseView], job: JobView, memory_first: bool) -> LeaseView:
+    """The lease whose eviction relieves ``job`` most; newest, then smallest id, on ties."""
+
+    def relief(lease: LeaseView) -> tuple[int, int, float, str]:
+        on_job = len(lease.cpu_ids & job.cpu_ids)
+        if memory_first:
+            return (-lease.memory_bytes, -on_job, -lease.granted_at, lease.lease_id)
+        return (-on_job, -lease.memory_bytes, -lease.granted_at, lease.lease_id)
+
+    return min(kept, key=relief)
+
+
+def _trim_cores(cpu_ids: frozenset[int], cap: int, kept: list[LeaseView]) -> frozenset[int]:
+    """At most ``cap`` of ``cpu_ids``: cores of the oldest leases first, then highest ids."""
+    chosen: set[int] = set()
+    for lease in kept:
+        if lease.cpu_ids <= cpu_ids and len(chosen | lease.cpu_ids) <= cap:
+            chosen |= lease.cpu_ids
+    for cpu in sorted(cpu_ids - chosen, reverse=True):
+        if len(chosen) >= cap:
+            break
+        chosen.add(cpu)
+    return frozenset(chosen)
