@@ -1,0 +1,48 @@
+"""colocate's Prometheus metrics: utilization, leases, invocations, evictions, wasted and
+recovered money.
+
+The agent (or broker) owns a registry, registers a :class:`NodeCollector` on it, feeds it a
+:class:`NodeState` per cycle and records events; :func:`serve_metrics` exposes it::
+
+    registry = CollectorRegistry()
+    metrics = NodeCollector(config.prices, registry=registry)
+    server = serve_metrics(registry, config.agent.metrics_listen)
+    ...
+    metrics.update(NodeState(snapshot, offer=decision.offer, leases=..., executors=...))
+    metrics.events(snapshot.node).record_invocation("ok", 0.0004)
+
+The pure parts (``accounting``, ``events``, ``state``) import no prometheus_client.
+"""
+
+from __future__ import annotations
+
+from colocate.metrics.accounting import CostAccount, cpu_efficiency, memory_efficiency
+from colocate.metrics.collector import NODE_STATES, NodeCollector
+from colocate.metrics.events import InvocationResult, NodeEvents
+from colocate.metrics.exposition import MetricsServer, parse_listen, render, serve_metrics
+from colocate.metrics.state import (
+    EXECUTOR_STATES,
+    LEASE_STATES,
+    ExecutorState,
+    LeaseState,
+    NodeState,
+)
+
+__all__ = [
+    "EXECUTOR_STATES",
+    "LEASE_STATES",
+    "NODE_STATES",
+    "CostAccount",
+    "ExecutorState",
+    "InvocationResult",
+    "LeaseState",
+    "MetricsServer",
+    "NodeCollector",
+    "NodeEvents",
+    "NodeState",
+    "cpu_efficiency",
+    "memory_efficiency",
+    "parse_listen",
+    "render",
+    "serve_metrics",
+]

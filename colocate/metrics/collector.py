@@ -1,0 +1,474 @@
+"""The Prometheus collector: metric families computed at scrape time from the latest state.
+
+The agent calls :meth:`NodeCollector.update` once per sampling cycle (that is when money
+accrues) and records events on :meth:`NodeCollector.events`; Prometheus scrapes whenever it
+likes and sees the state of the last cycle. One collector can carry several nodes (the
+broker, or one agent serving several slurmd of a dev cluster); every series has a ``node``
+label, jobs add ``job_id`` and vanish with the job.
+
+Register it on a registry you own (never the global one)::
+
+    registry = CollectorRegistry()
+    collector = NodeCollector(prices, registry=registry)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from colocate.metrics.accounting import (
+    WASTE_STATES,
+    CostAccount,
+    cpu_efficiency,
+    memory_efficiency,
+)
+from colocate.metrics.events import EventCounts, HistogramCounts, NodeEvents
+from colocate.metrics.state import EXECUTOR_STATES, LEASE_STATES, OTHER, NodeState, bounded_state
+from policies.prices import GIB, Prices
+
+log = logging.getLogger(__name__)
+
+NODE_STATES: tuple[str, ...] = (
+    "total",
+    "allocated",
+    "used_by_jobs",
+    "idle_allocated",
+    "unallocated",
+    "offered",
+    "leased",
+    "used_by_functions",
+)
+Metric = GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily | InfoMetricFamily
+
+
+@dataclass(slots=True)
+class _NodeEntry:
+    state: NodeState
+    account: CostAccount
+
+
+class NodeCollector(Collector):
+    """Exports ``colocate_*`` metrics of the nodes it is fed (see ``docs`` in the module)."""
+
+    def __init__(
+        self,
+        prices: Prices,
+        *,
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.time,
+        max_gap_s: float = 60.0,
+        version: str = "",
+    ) -> None:
+        self.prices = prices
+        self.max_gap_s = max_gap_s
+        self._clock = clock
+        self._version = version or _package_version()
+        self._lock = threading.Lock()
+        self._nodes: dict[str, _NodeEntry] = {}
+        self._events: dict[str, NodeEvents] = {}
+        if registry is not None:
+            registry.register(self)
+
+    # --- feeding -----------------------------------------------------------------------
+
+    def update(self, state: NodeState, now: float | None = None) -> None:
+        """Take the state of one node's latest cycle; money accrues up to ``now``.
+
+        ``now`` defaults to ``state.snapshot.t`` (the sample's own time, so a slow agent
+        cycle does not distort the integral).
+        """
+        node = state.snapshot.node
+        t = state.snapshot.t if now is None else now
+        with self._lock:
+            entry = self._nodes.get(node)
+            if entry is None:
+                entry = _NodeEntry(state, CostAccount(self.prices, self.max_gap_s))
+                self._nodes[node] = entry
+            entry.account.advance(state.snapshot, state.cores_leased, state.memory_leased_bytes, t)
+            entry.state = state
+            self._events.setdefault(node, NodeEvents())
+
+    def events(self, node: str) -> NodeEvents:
+        """The event counters of ``node`` (created on first use); record on them directly."""
+        with self._lock:
+            return self._events.setdefault(node, NodeEvents())
+
+    def forget(self, node: str) -> None:
+        """Stop exporting ``node`` (the agent for it went away)."""
+        with self._lock:
+            self._nodes.pop(node, None)
+            self._events.pop(node, None)
+
+    # --- scraping ----------------------------------------------------------------------
+
+    def collect(self) -> Iterator[Metric]:
+        # Built under the lock: update() mutates the accounts, and building takes ~1 ms.
+        with self._lock:
+            entries = [(name, self._nodes[name]) for name in sorted(self._nodes)]
+            events = {name: ev.counts() for name, ev in sorted(self._events.items())}
+            families = [
+                *self._build_info(),
+                *self._prices(),
+                *self._node_families(entries),
+                *self._job_families(entries),
+                *self._lease_families(entries),
+                *self._event_families(events),
+                *self._money_families(entries),
+            ]
+        yield from families
+
+    def _build_info(self) -> Iterator[Metric]:
+        info = InfoMetricFamily("colocate_build", "colocate version running this exporter")
+        info.add_metric([], {"version": self._version})
+        yield info
+
+    def _prices(self) -> Iterator[Metric]:
+        p = self.prices
+        info = InfoMetricFamily(
+            "colocate_price", "currency and charging model of every *_cost_total"
+        )
+        info.add_metric([], {"currency": p.currency, "charging": p.charging})
+        yield info
+        yield GaugeMetricFamily(
+            "colocate_price_per_core_second",
+            "price of one core for one second (core-hour price / 3600)",
+            value=p.core_hour / 3600.0,
+        )
+        yield GaugeMetricFamily(
+            "colocate_price_per_byte_second",
+            "price of one byte for one second (GiB-hour price / 2^30 / 3600)",
+            value=p.gib_hour / GIB / 3600.0,
+        )
+        yield GaugeMetricFamily(
+            "colocate_price_per_node_second",
+            "price of one node for one second (node-hour price / 3600)",
+            value=p.node_hour / 3600.0,
+        )
+
+    def _node_families(self, entries: list[tuple[str, _NodeEntry]]) -> Iterator[Metric]:
+        cores = GaugeMetricFamily(
+            "colocate_node_cores",
+            "node cores by state; states overlap: allocated = used_by_jobs + idle_allocated, "
+            "total = allocated + unallocated, leased <= offered",
+            labels=["node", "state"],
+        )
+        memory = GaugeMetricFamily(
+            "colocate_node_memory_bytes",
+            "node memory by state (same states as colocate_node_cores)",
+            labels=["node", "state"],
+        )
+        jobs = GaugeMetricFamily(
+            "colocate_node_jobs", "running batch jobs on the node", labels=["node"]
+        )
+        slurm_up = GaugeMetricFamily(
+            "colocate_node_slurm_up",
+            "1 if the last sample reached Slurm, 0 if it did not",
+            labels=["node"],
+        )
+        sampled = GaugeMetricFamily(
+            "colocate_node_sample_timestamp_seconds",
+            "epoch seconds of the node's latest sample",
+            labels=["node"],
+        )
+        for name, entry in entries:
+            st = entry.state
+            snap = st.snapshot
+            core_values = {
+                "total": float(snap.cores_total),
+                "allocated": float(sum(j.cores_allocated for j in snap.jobs)),
+                "used_by_jobs": sum(j.cores_used for j in snap.jobs),
+                "idle_allocated": sum(j.cores_idle for j in snap.jobs),
+                "unallocated": float(snap.cores_unallocated),
+                "offered": float(st.offer.cores),
+                "leased": float(st.cores_leased),
+                "used_by_functions": st.cores_used_by_functions,
+            }
+            memory_values = {
+                "total": snap.memory_total_bytes,
+                "allocated": sum(j.memory_allocated_bytes for j in snap.jobs),
+                "used_by_jobs": sum(j.memory_used_bytes for j in snap.jobs),
+                "idle_allocated": sum(j.memory_unused_bytes for j in snap.jobs),
+                "unallocated": snap.memory_unallocated_bytes,
+                "offered": st.offer.memory_bytes,
+                "leased": st.memory_leased_bytes,
+                "used_by_functions": st.memory_used_by_functions_bytes,
+            }
+            for state in NODE_STATES:
+                cores.add_metric([name, state], core_values[state])
+                memory.add_metric([name, state], float(memory_values[state]))
+            jobs.add_metric([name], float(len(snap.jobs)))
+            slurm_up.add_metric([name], 1.0 if snap.slurm_ok else 0.0)
+            sampled.add_metric([name], snap.t)
+        yield from (cores, memory, jobs, slurm_up, sampled)
+
+    def _job_families(self, entries: list[tuple[str, _NodeEntry]]) -> Iterator[Metric]:
+        labels = ["node", "job_id"]
+        info = InfoMetricFamily(
+            "colocate_job", "a running batch job (uid: colocate_job_uid)", labels=labels
+        )
+        uid = GaugeMetricFamily("colocate_job_uid", "numeric uid of the job's owner", labels=labels)
+        cores = GaugeMetricFamily(
+            "colocate_job_cores",
+            "job cores: allocated, used (CPU-seconds per second), idle",
+            labels=[*labels, "state"],
+        )
+        memory = GaugeMetricFamily(
+            "colocate_job_memory_bytes",
+            "job memory: allocated, used, peak, idle (allocated - used)",
+            labels=[*labels, "state"],
+        )
+        cpu_seconds = CounterMetricFamily(
+            "colocate_job_cpu_seconds",
+            "CPU time the job used on this node since it started",
+            labels=labels,
+        )
+        start = GaugeMetricFamily(
+            "colocate_job_start_time_seconds", "job start, epoch seconds", labels=labels
+        )
+        elapsed = GaugeMetricFamily(
+            "colocate_job_elapsed_seconds", "seconds since the job started", labels=labels
+        )
+        cpu_eff = GaugeMetricFamily(
+            "colocate_job_cpu_efficiency_ratio",
+            "jobstats/seff CPU efficiency: CPU seconds / (elapsed x allocated cores)",
+            labels=labels,
+        )
+        mem_eff = GaugeMetricFamily(
+            "colocate_job_memory_efficiency_ratio",
+            "seff memory efficiency: peak / allocated memory",
+            labels=labels,
+        )
+        cpu_psi = GaugeMetricFamily(
+            "colocate_job_cpu_pressure_ratio",
+            "PSI cpu some avg10 of the job's cgroup, 0..1",
+            labels=labels,
+        )
+        mem_psi = GaugeMetricFamily(
+            "colocate_job_memory_pressure_ratio",
+            "PSI memory some avg10 of the job's cgroup, 0..1",
+            labels=labels,
+        )
+        idle_core_s = CounterMetricFamily(
+            "colocate_job_idle_core_seconds",
+            "allocated core-seconds the job did not use, since colocate first saw it",
+            labels=labels,
+        )
+        idle_mem_bs = CounterMetricFamily(
+            "colocate_job_idle_memory_byte_seconds",
+            "allocated byte-seconds the job did not use, since colocate first saw it",
+            labels=labels,
+        )
+        wasted = CounterMetricFamily(
+            "colocate_job_wasted_cost",
+            "cost of the job's idle allocation since colocate first saw it (currency: colocate_price_info)",
+            labels=[*labels, "resource"],
+        )
+        for name, entry in entries:
+            snap = entry.state.snapshot
+            for job in snap.jobs:
+                key = [name, job.job_id]
+                info.add_metric(
+                    key, {"user": job.user, "colocate": "allow" if job.colocate else "deny"}
+                )
+                if job.uid is not None:
+                    uid.add_metric(key, float(job.uid))
+                cores.add_metric([*key, "allocated"], float(job.cores_allocated))
+                cores.add_metric([*key, "used"], job.cores_used)
+                cores.add_metric([*key, "idle"], job.cores_idle)
+                memory.add_metric([*key, "allocated"], float(job.memory_allocated_bytes))
+                memory.add_metric([*key, "used"], float(job.memory_used_bytes))
+                memory.add_metric([*key, "peak"], float(job.memory_peak_bytes))
+                memory.add_metric([*key, "idle"], float(job.memory_unused_bytes))
+                account = entry.account.jobs.get(job.job_id)
+                eff: float | None = None
+                if job.start_time is not None:
+                    age = max(0.0, snap.t - job.start_time)
+                    start.add_metric(key, job.start_time)
+                    elapsed.add_metric(key, age)
+                    if job.cpu_seconds_total is not None:
+                        eff = cpu_efficiency(job.cpu_seconds_total, age, job.cores_allocated)
+                if eff is None and account is not None:
+                    # No cumulative CPU time from the monitor: use what colocate observed.
+                    eff = cpu_efficiency(
+                        account.cpu_seconds, account.observed_s, job.cores_allocated
+                    )
+                if eff is not None:
+                    cpu_eff.add_metric(key, eff)
+                if job.cpu_seconds_total is not None:
+                    cpu_seconds.add_metric(key, job.cpu_seconds_total)
+                meff = memory_efficiency(job.memory_peak_bytes, job.memory_allocated_bytes)
+                if meff is not None:
+                    mem_eff.add_metric(key, meff)
+                if job.cpu_pressure is not None:
+                    cpu_psi.add_metric(key, job.cpu_pressure / 100.0)
+                if job.memory_pressure is not None:
+                    mem_psi.add_metric(key, job.memory_pressure / 100.0)
+                if account is not None:
+                    idle_core_s.add_metric(key, account.idle_core_seconds)
+                    idle_mem_bs.add_metric(key, account.idle_memory_byte_seconds)
+                    for resource, cost in sorted(account.wasted_cost.items()):
+                        wasted.add_metric([*key, resource], cost)
+        yield from (
+            info,
+            uid,
+            cores,
+            memory,
+            cpu_seconds,
+            start,
+            elapsed,
+            cpu_eff,
+            mem_eff,
+            cpu_psi,
+            mem_psi,
+            idle_core_s,
+            idle_mem_bs,
+            wasted,
+        )
+
+    def _lease_families(self, entries: list[tuple[str, _NodeEntry]]) -> Iterator[Metric]:
+        leases = GaugeMetricFamily(
+            "colocate_leases", "leases on the node by state", labels=["node", "state"]
+        )
+        executors = GaugeMetricFamily(
+            "colocate_executors",
+            "executor processes on the node by state",
+            labels=["node", "state"],
+        )
+        for name, entry in entries:
+            lease_counts = dict.fromkeys((*LEASE_STATES, OTHER), 0)
+            for lease in entry.state.leases:
+                lease_counts[bounded_state(lease.state, LEASE_STATES)] += 1
+            exec_counts = dict.fromkeys((*EXECUTOR_STATES, OTHER), 0)
+            for ex in entry.state.executors:
+                exec_counts[bounded_state(ex.state, EXECUTOR_STATES)] += 1
+            for state, n in lease_counts.items():
+                leases.add_metric([name, state], float(n))
+            for state, n in exec_counts.items():
+                executors.add_metric([name, state], float(n))
+        yield from (leases, executors)
+
+    def _event_families(self, events: dict[str, EventCounts]) -> Iterator[Metric]:
+        invocations = CounterMetricFamily(
+            "colocate_invocations",
+            "finished function invocations by result",
+            labels=["node", "result"],
+        )
+        evictions = CounterMetricFamily(
+            "colocate_evictions", "leases taken back, by reason", labels=["node", "reason"]
+        )
+        cold = CounterMetricFamily(
+            "colocate_cold_starts", "executors started for a lease", labels=["node"]
+        )
+        inv_hist = HistogramMetricFamily(
+            "colocate_invocation_duration_seconds",
+            "invocation wall time as the executor saw it",
+            labels=["node"],
+        )
+        ev_hist = HistogramMetricFamily(
+            "colocate_eviction_latency_seconds",
+            "from eviction decision to executor gone and memory free",
+            labels=["node"],
+        )
+        cold_hist = HistogramMetricFamily(
+            "colocate_cold_start_duration_seconds",
+            "from lease grant to the executor ready",
+            labels=["node"],
+        )
+        for name, counts in events.items():
+            for result, n in counts.invocations.items():
+                invocations.add_metric([name, result], float(n))
+            for reason, n in counts.evictions.items():
+                evictions.add_metric([name, reason], float(n))
+            cold.add_metric([name], float(counts.cold_starts))
+            for family, hist in (
+                (inv_hist, counts.invocation_duration),
+                (ev_hist, counts.eviction_latency),
+                (cold_hist, counts.cold_start_duration),
+            ):
+                _add_histogram(family, name, hist)
+        yield from (invocations, evictions, cold, inv_hist, ev_hist, cold_hist)
+
+    def _money_families(self, entries: list[tuple[str, _NodeEntry]]) -> Iterator[Metric]:
+        wasted = CounterMetricFamily(
+            "colocate_wasted_cost",
+            "cost of idle resources (idle inside allocations, unallocated), currency: colocate_price_info",
+            labels=["node", "resource", "state"],
+        )
+        recovered = CounterMetricFamily(
+            "colocate_recovered_cost",
+            "worth of the resources leased to functions at the same prices",
+            labels=["node", "resource"],
+        )
+        wasted_core_s = CounterMetricFamily(
+            "colocate_wasted_core_seconds", "idle core-seconds by state", labels=["node", "state"]
+        )
+        wasted_mem_bs = CounterMetricFamily(
+            "colocate_wasted_memory_byte_seconds",
+            "idle memory byte-seconds by state",
+            labels=["node", "state"],
+        )
+        rec_core_s = CounterMetricFamily(
+            "colocate_recovered_core_seconds", "core-seconds leased to functions", labels=["node"]
+        )
+        rec_mem_bs = CounterMetricFamily(
+            "colocate_recovered_memory_byte_seconds",
+            "memory byte-seconds leased to functions",
+            labels=["node"],
+        )
+        skipped = CounterMetricFamily(
+            "colocate_accounting_skipped_seconds",
+            "sampling gaps longer than max_gap_s, not accounted (agent paused, node down)",
+            labels=["node"],
+        )
+        for name, entry in entries:
+            m = entry.account
+            for (resource, state), cost in sorted(m.wasted_cost.items()):
+                wasted.add_metric([name, resource, state], cost)
+            for resource, cost in sorted(m.recovered_cost.items()):
+                recovered.add_metric([name, resource], cost)
+            for state in WASTE_STATES:
+                wasted_core_s.add_metric([name, state], m.wasted_core_seconds[state])
+                wasted_mem_bs.add_metric([name, state], m.wasted_memory_byte_seconds[state])
+            rec_core_s.add_metric([name], m.recovered_core_seconds)
+            rec_mem_bs.add_metric([name], m.recovered_memory_byte_seconds)
+            skipped.add_metric([name], m.skipped_s)
+        yield from (
+            wasted,
+            recovered,
+            wasted_core_s,
+            wasted_mem_bs,
+            rec_core_s,
+            rec_mem_bs,
+            skipped,
+        )
+
+
+def _add_histogram(family: HistogramMetricFamily, node: str, hist: HistogramCounts) -> None:
+    buckets = [(_le(b), float(n)) for b, n in zip(hist.bounds, hist.buckets, strict=True)]
+    buckets.append(("+Inf", float(hist.count)))
+    family.add_metric([node], buckets, hist.sum)
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
+def _package_version() -> str:
+    from colocate import __version__
+
+    return __version__
+
+
+__all__ = ["NODE_STATES", "NodeCollector"]
