@@ -179,7 +179,8 @@ def _optional(message: Mapping[str, Any], key: str, kind: type) -> Any:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, kind):
-        raise BadRequest(f"{key} must be a {kind.__name__} or null, got {value!r}")
+        noun = {int: "an integer", str: "a string"}.get(kind, kind.__name__)
+        raise BadRequest(f"{key} must be {noun} or null, got {value!r}")
     return value
 
 
@@ -402,9 +403,12 @@ class ControlServer:
                 line = reader.readline(MAX_LINE_BYTES + 1)
                 if not line:
                     return
-                if len(line) > MAX_LINE_BYTES or not line.endswith(b"\n"):
+                if len(line) > MAX_LINE_BYTES:
                     # Resynchronising inside an over-long line is guesswork: answer and hang up.
                     self._refuse(conn, f"bad request: line longer than {MAX_LINE_BYTES} bytes")
+                    return
+                if not line.endswith(b"\n"):
+                    self._refuse(conn, "bad request: truncated line (input ended before a newline)")
                     return
                 conn.sendall(encode(self.answer(line, peer)))
         except (OSError, ValueError):

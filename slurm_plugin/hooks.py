@@ -66,9 +66,13 @@ def _config_socket(config_path: str | None) -> str | None:
         return None
     import tomllib
 
-    with open(path, "rb") as fh:
-        data = tomllib.load(fh)
-    value = data.get("agent", {}).get("control_socket")
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+        value = data.get("agent", {}).get("control_socket")
+    except (OSError, tomllib.TOMLDecodeError, AttributeError):
+        # Reaching the agent at the default socket beats not trying at all.
+        return None
     return value if isinstance(value, str) else None
 
 
