@@ -1,0 +1,87 @@
+"""``colocate agent``: run the node agent (``--standalone`` offers this machine without Slurm)."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--standalone", action="store_true", help="offer this machine's cores and memory, no Slurm")
+    parser.add_argument("--broker", help="broker URL (default agent.broker_url, http://127.0.0.1:8642)")
+    parser.add_argument("--config", help="colocate TOML config file (default: built-in defaults)")
+    parser.add_argument("--listen", help="HOST:PORT of the agent's API for the broker (default 127.0.0.1:8643; port 0 picks one)")
+    parser.add_argument("--advertise-host", help="host name clients use to reach executors (default: the listen host)")
+    parser.add_argument("--node", help="node name (default: the short hostname)")
+    parser.add_argument("--cores", type=int, help="standalone: cores to offer (default: all)")
+    parser.add_argument("--memory", help="standalone: memory to offer, e.g. 4GiB (default: half of RAM)")
+    parser.add_argument("--interval", type=float, help="seconds between reports to the broker (default 1)")
+    parser.add_argument("--secret-file", help="cluster secret shared with the broker (default broker.secret_file)")
+    parser.add_argument("--state-dir", help="where the agent keeps lease state and executor files")
+
+
+def run(args: argparse.Namespace) -> int:
+    from colocate.broker.secret import load_or_create_secret
+    from colocate.broker.service import bind, serve, url_of
+    from colocate.config import load_config
+    from colocate.errors import ConfigError
+    from colocate.units import parse_size
+
+    config = load_config(args.config)
+    if not args.standalone:
+        raise ConfigError("the Slurm-integrated agent is not available in this build; run `colocate agent --standalone`")
+    updates = {
+        key: value
+        for key, value in (
+            ("broker_url", args.broker), ("listen", args.listen), ("advertise_host", args.advertise_host),
+            ("node", args.node), ("offer_cores", args.cores), ("offer_memory", args.memory),
+            ("interval_s", args.interval), ("state_dir", args.state_dir),
+        )
+        if value is not None
+    }
+    agent_config = config.agent.model_copy(update=updates)
+    if agent_config.interval_s <= 0:
+        raise ConfigError("--interval must be positive")
+    secret = load_or_create_secret(args.secret_file or config.broker.secret_file)
+    node = agent_config.node or socket.gethostname().split(".")[0]
+    memory = parse_size(agent_config.offer_memory) if agent_config.offer_memory is not None else None
+
+    from colocate.executor import ExecutorSupervisor
+    from policies.unallocated import UnallocatedPolicy
+    from slurm_plugin.agent import Agent, StandaloneNode
+    from slurm_plugin.agent.app import create_app
+
+    source = StandaloneNode.from_machine(node, agent_config.offer_cores, memory)
+    sock = bind(agent_config.listen, 8643)
+    url = url_of(sock)
+    host = sock.getsockname()[0]
+    if agent_config.advertise_host:
+        host = agent_config.advertise_host
+    elif host in ("0.0.0.0", "::"):
+        host = socket.getfqdn()
+    supervisor = ExecutorSupervisor(config.executor, secret, node=node, host=host, state_dir=agent_config.state_dir)
+    try:
+        agent = Agent(
+            source,
+            UnallocatedPolicy(),
+            supervisor,
+            secret=secret,
+            url=url.replace(sock.getsockname()[0], host) if agent_config.advertise_host else url,
+            broker_url=agent_config.broker_url,
+            limits=config.policy.limits,
+            interval_s=agent_config.interval_s,
+            eviction_grace_s=agent_config.eviction_grace_s,
+            max_payload_bytes=config.executor.max_payload_bytes,
+            state_dir=agent_config.state_dir,
+        )
+        kept = agent.recover()
+        print(
+            f"colocate agent: node {node} listening on {url}, offering {len(source.cpu_ids)} cores and "
+            f"{source.memory_bytes} bytes to {agent_config.broker_url}"
+            + (f"; kept leases {', '.join(kept)}" if kept else ""),
+            flush=True,
+        )
+        serve(create_app(agent), sock)
+    finally:
+        supervisor.close()
+    return 0

@@ -1,0 +1,34 @@
+"""``colocate broker``: run the lease broker (HTTP/JSON, OpenAPI at /openapi.json)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="colocate TOML config file (default: built-in defaults)")
+    parser.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:8642; port 0 picks one)")
+    parser.add_argument("--placement", choices=["first_fit", "best_fit"], help="how a node is picked for a lease")
+    parser.add_argument("--secret-file", help="cluster secret shared with the agents (created when absent)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from colocate.broker import Broker, create_app, load_or_create_secret
+    from colocate.broker.service import bind, serve, url_of
+    from colocate.config import load_config
+
+    config = load_config(args.config).broker
+    overrides = {
+        key: value
+        for key, value in (("listen", args.listen), ("placement", args.placement), ("secret_file", args.secret_file))
+        if value is not None
+    }
+    config = config.model_copy(update=overrides)
+    secret = load_or_create_secret(config.secret_file)
+    sock = bind(config.listen, 8642)
+    # One line on stdout so scripts and tests learn the port chosen for port 0.
+    print(f"colocate broker: listening on {url_of(sock)} ({config.placement})", flush=True)
+    sys.stdout.flush()
+    serve(create_app(Broker(config, secret)), sock)
+    return 0

@@ -1,0 +1,374 @@
+"""The node agent: offers the node's idle resources to the broker and runs its leases.
+
+One loop, every ``interval_s`` (and right after any change):
+
+1. the :class:`~slurm_plugin.agent.node_source.NodeSource` describes the node; the agent adds
+   its leases and the policy decides the offer and the evictions (expired leases, leases on
+   cores or memory the node took back) -- pure code, ``now`` passed in;
+2. evictions are applied through the executor backend (grace period, then kill);
+3. the offer and the live leases are reported to the broker (which is how a restarted broker
+   learns them again).
+
+The broker calls the agent's HTTP API (:mod:`slurm_plugin.agent.app`) to start an executor for a
+lease, change its expiry, release or revoke it. The agent checks every start against its own
+current offer, so a stale broker can never make it overcommit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Protocol
+
+import httpx
+
+from colocate.broker.api import (
+    API_PREFIX,
+    CONTROL_HEADER,
+    AgentStatus,
+    NodeReport,
+    ReportedLease,
+    ReportReply,
+    Revoked,
+    StartReply,
+    StartRequest,
+)
+from colocate.broker.secret import control_token, control_token_ok
+from colocate.errors import BadRequest, LeaseDenied, LeaseError, LeaseExpired
+from policies.limits import Limits
+from policies.model import Eviction, EvictionReason, LeaseView, Offer, Policy
+from slurm_plugin.agent.node_source import NodeSource
+
+log = logging.getLogger(__name__)
+
+
+class ExecutorHandleLike(Protocol):
+    @property
+    def lease_id(self) -> str: ...
+    @property
+    def address(self) -> str: ...
+    @property
+    def pids(self) -> tuple[int, ...]: ...
+
+
+class ExecutorBackend(Protocol):
+    """What the agent needs from the executors (``colocate.executor.ExecutorSupervisor``)."""
+
+    def start(self, lease_id: str, cpu_ids: Sequence[int], memory_bytes: int, expires_at: float) -> ExecutorHandleLike: ...
+    def evict(self, lease_id: str, grace_s: float = 0.0, reason: str = "evicted") -> float: ...
+    def handles(self) -> Sequence[ExecutorHandleLike]: ...
+    def adopt_or_cleanup(self) -> list[str]: ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class HeldLease:
+    """A lease whose executor runs on this node. ``generation``: the agent's change counter
+    right after the executor started."""
+
+    lease_id: str
+    cpu_ids: tuple[int, ...]
+    memory_bytes: int
+    granted_at: float
+    expires_at: float
+    address: str
+    generation: int
+    pids: tuple[int, ...] = ()
+
+    def view(self) -> LeaseView:
+        return LeaseView(self.lease_id, frozenset(self.cpu_ids), self.memory_bytes, self.granted_at, self.expires_at)
+
+    def reported(self) -> ReportedLease:
+        return ReportedLease(
+            lease_id=self.lease_id,
+            cpu_ids=list(self.cpu_ids),
+            memory_bytes=self.memory_bytes,
+            granted_at=self.granted_at,
+            expires_at=self.expires_at,
+            address=self.address,
+            generation=self.generation,
+        )
+
+
+class Agent:
+    """The node agent's state and loop; thread-safe (HTTP handlers run in a thread pool).
+
+    ``url`` is the agent's own API as the broker must call it; ``clock`` gives epoch seconds.
+    """
+
+    def __init__(
+        self,
+        source: NodeSource,
+        policy: Policy,
+        executors: ExecutorBackend,
+        *,
+        secret: bytes,
+        url: str,
+        broker_url: str,
+        limits: Limits | None = None,
+        interval_s: float = 1.0,
+        eviction_grace_s: float = 1.0,
+        max_payload_bytes: int = 16 * 1024**2,
+        state_dir: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.source = source
+        self.node = source.node
+        self.policy = policy
+        self.limits = limits or Limits()
+        self.executors = executors
+        self.url = url.rstrip("/")
+        self.broker_url = broker_url.rstrip("/")
+        self.interval_s = interval_s
+        self.eviction_grace_s = eviction_grace_s
+        self.max_payload_bytes = max_payload_bytes
+        self._secret = secret
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._leases: dict[str, HeldLease] = {}
+        self._generation = 0
+        self._offer = Offer()
+        self._policy_state: object | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._broker_down_since: float | None = None
+        self._state_file = Path(state_dir) / f"agent-{self.node}-leases.json" if state_dir else None
+
+    # --- identity -------------------------------------------------------------------------
+
+    def is_control(self, presented: str | None) -> bool:
+        return control_token_ok(self._secret, presented)
+
+    # --- startup: executors left by a previous agent ----------------------------------------
+
+    def recover(self) -> list[str]:
+        """Keep the executors a previous agent run left, if their leases are still valid.
+
+        Lease details come from the state file; executors with no record or past their
+        expiry are evicted. Returns the lease ids kept.
+        """
+        cleaned = self.executors.adopt_or_cleanup()
+        if cleaned:
+            log.info("cleaned up leftovers of leases %s", ", ".join(cleaned))
+        saved: dict[str, HeldLease] = {}
+        if self._state_file is not None and self._state_file.exists():
+            try:
+                for item in json.loads(self._state_file.read_text()):
+                    item["cpu_ids"] = tuple(item["cpu_ids"])
+                    item["pids"] = tuple(item.get("pids", ()))
+                    held = HeldLease(**item)
+                    saved[held.lease_id] = held
+            except (OSError, ValueError, TypeError, KeyError) as exc:
+                log.warning("ignoring unreadable lease state %s: %s", self._state_file, exc)
+        now = self._clock()
+        kept: list[str] = []
+        for handle in list(self.executors.handles()):
+            found = saved.get(handle.lease_id)
+            if found is None or found.expires_at <= now:
+                self._evict_executor(handle.lease_id, 0.0, "expired" if found else "unknown")
+                continue
+            with self._lock:
+                self._generation += 1
+                self._leases[found.lease_id] = replace(
+                    found, address=handle.address, pids=tuple(handle.pids), generation=self._generation
+                )
+            kept.append(found.lease_id)
+        self._save()
+        return kept
+
+    # --- the broker's requests ---------------------------------------------------------------
+
+    def start_lease(self, request: StartRequest) -> StartReply:
+        """Start an executor for a lease the broker placed here, after checking it fits now."""
+        now = self._clock()
+        if request.expires_at <= now:
+            raise LeaseExpired("expires before its executor could start", lease_id=request.lease_id)
+        cpu_ids = tuple(sorted(set(request.cpu_ids)))
+        with self._lock:
+            held = self._leases.get(request.lease_id)
+            if held is not None:  # the broker retried: same answer
+                if held.cpu_ids != cpu_ids or held.memory_bytes != request.memory_bytes:
+                    raise BadRequest(f"lease {request.lease_id} already runs here with other resources")
+                return self._start_reply(held)
+            if self._generation == 0 or not self._offer.cpu_ids:
+                self._decide(now)
+            self._admit(request.lease_id, cpu_ids, request.memory_bytes)
+            handle = self.executors.start(request.lease_id, cpu_ids, request.memory_bytes, request.expires_at)
+            self._generation += 1
+            held = HeldLease(
+                request.lease_id, cpu_ids, request.memory_bytes, request.granted_at,
+                request.expires_at, handle.address, self._generation, tuple(handle.pids),
+            )
+            self._leases[held.lease_id] = held
+            self._save()
+        log.info("lease %s: executor at %s on cores %s", held.lease_id, held.address, list(cpu_ids))
+        self._wake.set()
+        return self._start_reply(held)
+
+    def _start_reply(self, held: HeldLease) -> StartReply:
+        return StartReply(
+            lease_id=held.lease_id, address=held.address, pids=list(held.pids),
+            generation=held.generation, max_payload_bytes=self.max_payload_bytes,
+        )
+
+    def _admit(self, lease_id: str, cpu_ids: tuple[int, ...], memory_bytes: int) -> None:
+        taken = {c for held in self._leases.values() for c in held.cpu_ids}
+        used = sum(held.memory_bytes for held in self._leases.values())
+        free_cpus = sorted(self._offer.cpu_ids - taken)
+        free_memory = max(0, self._offer.memory_bytes - used)
+        if not set(cpu_ids) <= set(free_cpus) or memory_bytes > free_memory:
+            raise LeaseDenied(
+                f"node {self.node} cannot start lease {lease_id} on cores {list(cpu_ids)} with "
+                f"{memory_bytes} bytes: free now are cores {free_cpus} and {free_memory} bytes",
+                available={"cores": len(free_cpus), "memory_bytes": free_memory, "nodes": 1},
+            )
+
+    def set_expiry(self, lease_id: str, expires_at: float) -> HeldLease:
+        """The broker renewed the lease: it now ends at ``expires_at``."""
+        with self._lock:
+            held = self._leases.get(lease_id)
+            if held is None:
+                raise LeaseError(f"does not run on node {self.node}", lease_id=lease_id)
+            held = replace(held, expires_at=expires_at)
+            self._leases[lease_id] = held
+            self._save()
+        renew = getattr(self.executors, "renew", None)
+        if callable(renew):
+            renew(lease_id, expires_at)
+        return held
+
+    def release(self, lease_id: str) -> Revoked:
+        """The client gave the lease back: stop its executor now."""
+        return self.revoke(lease_id, grace_s=0.0, reason="released")
+
+    def revoke(self, lease_id: str, grace_s: float | None = None, reason: str = "revoked") -> Revoked:
+        """Take a lease back: in-flight invocations get ``grace_s`` seconds, then the executor
+        is killed and they end with LeaseEvicted at the client."""
+        with self._lock:
+            held = self._leases.pop(lease_id, None)
+            if held is None:
+                raise LeaseError(f"does not run on node {self.node}", lease_id=lease_id)
+            self._generation += 1
+            self._save()
+        grace = self.eviction_grace_s if grace_s is None else grace_s
+        seconds = self._evict_executor(lease_id, grace, reason)
+        log.info("lease %s %s (grace %.3fs, gone after %.3fs)", lease_id, reason, grace, seconds)
+        self._wake.set()
+        return Revoked(lease_id=lease_id, reason=reason, seconds=seconds)
+
+    def _evict_executor(self, lease_id: str, grace_s: float, reason: str) -> float:
+        try:
+            return float(self.executors.evict(lease_id, grace_s, reason))
+        except Exception:
+            log.exception("evicting the executor of lease %s failed", lease_id)
+            return float("nan")
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def _decide(self, now: float) -> tuple[Eviction, ...]:
+        view = self.source.view(now)
+        view = replace(view, leases=tuple(held.view() for held in self._leases.values()))
+        decision = self.policy.decide(view, self.limits, now, self._policy_state)
+        self._policy_state = decision.state
+        self._offer = decision.offer
+        return decision.evictions
+
+    def tick(self) -> list[str]:
+        """One decision: drop leases whose executor died, apply the policy's evictions.
+        Returns the lease ids that ended."""
+        now = self._clock()
+        ended: list[str] = []
+        with self._lock:  # a start holds the lock: handles() and the table agree
+            alive = {h.lease_id for h in self.executors.handles()}
+            for lease_id in [i for i in self._leases if i not in alive]:
+                log.warning("lease %s: its executor is gone; dropping the lease", lease_id)
+                del self._leases[lease_id]
+                self._generation += 1
+                ended.append(lease_id)
+            evictions = self._decide(now)
+        for eviction in evictions:
+            grace = 0.0 if eviction.reason is EvictionReason.EXPIRED else eviction.grace_s
+            try:
+                self.revoke(eviction.lease_id, grace, str(eviction.reason))
+                ended.append(eviction.lease_id)
+            except LeaseError:
+                pass  # released meanwhile
+        if ended:
+            self._save()
+        return ended
+
+    def report_once(self, http: httpx.Client) -> ReportReply | None:
+        """Send the offer and live leases to the broker; None when it cannot be reached."""
+        report = self.report()
+        try:
+            reply = http.put(
+                f"{self.broker_url}{API_PREFIX}/nodes/{self.node}",
+                content=report.model_dump_json(),
+                headers={"content-type": "application/json"},
+            )
+            reply.raise_for_status()
+            answer = ReportReply.model_validate_json(reply.content)
+        except (httpx.HTTPError, ValueError) as exc:
+            if self._broker_down_since is None:
+                self._broker_down_since = self._clock()
+                log.warning("broker %s: report failed (%s); retrying every %.1fs", self.broker_url, exc, self.interval_s)
+            return None
+        if self._broker_down_since is not None:
+            log.info("broker %s reachable again", self.broker_url)
+            self._broker_down_since = None
+        for lease_id in answer.release:
+            with contextlib.suppress(LeaseError):
+                self.release(lease_id)
+        return answer
+
+    def report(self) -> NodeReport:
+        with self._lock:
+            return NodeReport(
+                url=self.url,
+                cpu_ids=sorted(self._offer.cpu_ids),
+                memory_bytes=self._offer.memory_bytes,
+                generation=self._generation,
+                leases=[held.reported() for held in self._leases.values()],
+            )
+
+    def run(self) -> None:
+        """Loop until :meth:`stop`: decide, evict, report; wake early after any change."""
+        with httpx.Client(timeout=max(1.0, self.interval_s), headers={CONTROL_HEADER: control_token(self._secret)}) as http:
+            while not self._stop.is_set():
+                self._wake.clear()
+                try:
+                    self.tick()
+                    self.report_once(http)
+                except Exception:
+                    log.exception("agent loop iteration failed; continuing")
+                self._wake.wait(self.interval_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def status(self) -> AgentStatus:
+        report = self.report()
+        return AgentStatus(
+            node=self.node, broker_url=self.broker_url, cpu_ids=report.cpu_ids,
+            memory_bytes=report.memory_bytes, generation=report.generation, leases=report.leases,
+        )
+
+    def _save(self) -> None:
+        if self._state_file is None:
+            return
+        with self._lock:
+            items = [asdict(held) for held in self._leases.values()]
+        try:
+            self._state_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._state_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(items))
+            tmp.replace(self._state_file)
+        except OSError as exc:
+            log.warning("cannot save lease state to %s: %s", self._state_file, exc)

@@ -1,0 +1,93 @@
+"""The node agent's HTTP/JSON API, called by the broker (and by operators to revoke).
+
+Every call but ``/healthz`` needs the control header (derived from the cluster secret):
+``POST /v1/leases`` start an executor, ``PUT /v1/leases/{id}`` new expiry,
+``DELETE /v1/leases/{id}`` release, ``POST /v1/leases/{id}/revoke`` take back with a grace
+period, ``GET /v1/status``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import AsyncIterator
+
+from fastapi import Depends, FastAPI, Header, Path
+
+from colocate.broker.api import (
+    API_PREFIX,
+    CONTROL_HEADER,
+    AgentStatus,
+    ErrorReply,
+    ExpiryRequest,
+    ReportedLease,
+    Revoked,
+    RevokeRequest,
+    StartReply,
+    StartRequest,
+)
+from colocate.broker.service import install_error_handlers
+from colocate.errors import Unauthorized
+from slurm_plugin.agent.agent import Agent
+
+LeaseId = Path(min_length=1, max_length=128)
+_ERRORS: dict[int | str, dict[str, object]] = {code: {"model": ErrorReply} for code in (400, 401, 404, 409, 410)}
+
+
+def create_app(agent: Agent, *, run_loop: bool = True) -> FastAPI:
+    """The ASGI app for ``agent``; with ``run_loop`` its decide/evict/report loop runs in a
+    thread from startup to shutdown."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loop = threading.Thread(target=agent.run, name="agent-loop", daemon=True)
+        if run_loop:
+            loop.start()
+        try:
+            yield
+        finally:
+            agent.stop()
+            if run_loop:
+                loop.join(timeout=5)
+
+    def control(token: str | None = Header(None, alias=CONTROL_HEADER)) -> None:
+        if not agent.is_control(token):
+            raise Unauthorized(f"node {agent.node}: missing or wrong {CONTROL_HEADER}; broker and agent must share broker.secret_file")
+
+    app = FastAPI(
+        title=f"colocate node agent ({agent.node})",
+        summary="Starts, renews, releases and revokes the executors of leases on one node.",
+        version="1",
+        lifespan=lifespan,
+        responses=_ERRORS,
+    )
+    install_error_handlers(app)
+    guarded = [Depends(control)]
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, bool]:
+        return {"ok": True}
+
+    @app.post(f"{API_PREFIX}/leases", response_model=StartReply, dependencies=guarded)
+    def start(request: StartRequest) -> StartReply:
+        """Start the executor of a lease placed on this node (409 if it no longer fits)."""
+        return agent.start_lease(request)
+
+    @app.put(f"{API_PREFIX}/leases/{{lease_id}}", response_model=ReportedLease, dependencies=guarded)
+    def set_expiry(request: ExpiryRequest, lease_id: str = LeaseId) -> ReportedLease:
+        return agent.set_expiry(lease_id, request.expires_at).reported()
+
+    @app.delete(f"{API_PREFIX}/leases/{{lease_id}}", response_model=Revoked, dependencies=guarded)
+    def release(lease_id: str = LeaseId) -> Revoked:
+        return agent.release(lease_id)
+
+    @app.post(f"{API_PREFIX}/leases/{{lease_id}}/revoke", response_model=Revoked, dependencies=guarded)
+    def revoke(request: RevokeRequest, lease_id: str = LeaseId) -> Revoked:
+        """Take the lease back: grace period, then kill; in-flight calls end LeaseEvicted."""
+        return agent.revoke(lease_id, request.grace_s, request.reason)
+
+    @app.get(f"{API_PREFIX}/status", response_model=AgentStatus, dependencies=guarded)
+    def status() -> AgentStatus:
+        return agent.status()
+
+    return app
