@@ -1,0 +1,1 @@
+"""Bundled sample traces (see README.md for origin and citations)."""
