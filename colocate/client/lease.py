@@ -1,0 +1,220 @@
+"""The client side of leases: ask the broker, hold the lease, get an executor on it.
+
+::
+
+    with Client("http://127.0.0.1:8642").lease(cores=1, memory="512MiB", duration="5m") as lease:
+        ex = lease.executor()
+        ex.invoke(fn, b"x" * 64)
+
+Errors a caller can act on: LeaseDenied (no capacity now; ``available`` says what the best
+node had), LeaseExpired, LeaseEvicted, and BackendUnavailable naming the broker URL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from colocate.broker.api import API_PREFIX, BrokerStatus, LeaseGrant, LeaseRequest, RenewRequest
+from colocate.broker.service import raise_for_reply
+from colocate.errors import BackendUnavailable, ConfigError, LeaseError, LeaseExpired
+from colocate.units import parse_duration, parse_size
+
+if TYPE_CHECKING:
+    from colocate.client.executor import LeaseExecutor
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BROKER = "http://127.0.0.1:8642"
+
+
+class Client:
+    """A connection to the lease broker at ``broker_url``.
+
+    ``timeout_s`` bounds every broker call (seconds). Thread-safe; close it (or use it as a
+    context manager) to free its connections.
+    """
+
+    def __init__(self, broker_url: str = DEFAULT_BROKER, *, timeout_s: float = 10.0) -> None:
+        if not broker_url.startswith(("http://", "https://")):
+            raise ConfigError(f"broker URL {broker_url!r} must start with http:// or https://")
+        self.broker_url = broker_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.broker_url, timeout=timeout_s)
+
+    def _call(self, method: str, path: str, body: Any | None = None) -> Any:
+        try:
+            reply = self._http.request(method, f"{API_PREFIX}{path}", json=body)
+        except httpx.HTTPError as exc:
+            raise BackendUnavailable(
+                f"broker {self.broker_url} did not answer ({type(exc).__name__}); "
+                "start it with `colocate broker` or pass the right URL"
+            ) from None
+        try:
+            data = reply.json()
+        except ValueError:
+            data = None
+        raise_for_reply(reply.status_code, data, f"broker {self.broker_url}")
+        return data
+
+    def lease(
+        self, cores: int = 1, memory: str | int = "512MiB", duration: str | float = "5m"
+    ) -> Lease:
+        """Ask for ``cores`` cores and ``memory`` (bytes or "512MiB") for ``duration``
+        (seconds or "5m"). The lease is granted now; use it as a context manager to release it.
+
+        Raises LeaseDenied when no node has that much free, BackendUnavailable when the
+        broker cannot be reached, ConfigError for an unreadable size or duration.
+        """
+        if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
+            raise ConfigError(f"cores={cores!r}: ask for a whole number of cores, at least 1")
+        request = LeaseRequest(cores=cores, memory=parse_size(memory), duration=parse_duration(duration))
+        grant = LeaseGrant.model_validate(self._call("POST", "/leases", request.model_dump()))
+        return Lease(self, grant)
+
+    def status(self) -> BrokerStatus:
+        """The broker's nodes, their offers and free capacity, and the leases it knows."""
+        return BrokerStatus.model_validate(self._call("GET", "/status"))
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.broker_url!r})"
+
+
+class Lease:
+    """Cores and memory on one node, held until :meth:`release` or ``expires_at``.
+
+    Fields of the grant: ``lease_id``, ``node``, ``address`` (the executor), ``cpu_ids``,
+    ``memory_bytes``, ``expires_at`` (epoch seconds), ``token`` (proves the lease to the
+    executor).
+    """
+
+    def __init__(self, client: Client, grant: LeaseGrant) -> None:
+        self._client = client
+        self._grant = grant
+        self._executors: list[LeaseExecutor] = []
+        self._released = False
+        self._lock = threading.Lock()
+
+    # the grant, as attributes
+    @property
+    def lease_id(self) -> str:
+        return self._grant.lease_id
+
+    @property
+    def node(self) -> str:
+        return self._grant.node
+
+    @property
+    def address(self) -> str:
+        return self._grant.address
+
+    @property
+    def cpu_ids(self) -> tuple[int, ...]:
+        return tuple(self._grant.cpu_ids)
+
+    @property
+    def cores(self) -> int:
+        return len(self._grant.cpu_ids)
+
+    @property
+    def memory_bytes(self) -> int:
+        return self._grant.memory_bytes
+
+    @property
+    def expires_at(self) -> float:
+        return self._grant.expires_at
+
+    @property
+    def token(self) -> str:
+        return self._grant.token
+
+    @property
+    def remaining_s(self) -> float:
+        """Seconds until expiry (negative once expired)."""
+        return self._grant.expires_at - time.time()
+
+    def executor(
+        self,
+        functions: Iterable[Callable[..., Any] | str] = (),
+        *,
+        workers: int | None = None,
+        max_payload_bytes: int | None = None,
+    ) -> LeaseExecutor:
+        """A ``concurrent.futures.Executor`` on this lease's executor (one worker per core by
+        default). ``functions`` are shipped once now; others are shipped on first use.
+
+        Raises LeaseExpired if the lease has ended.
+        """
+        if self._released:
+            raise LeaseExpired("was released; ask for a new lease", lease_id=self.lease_id)
+        if self.remaining_s <= 0:
+            raise LeaseExpired("has expired; ask for a new lease", lease_id=self.lease_id)
+        from colocate.client.executor import LeaseExecutor
+
+        executor = LeaseExecutor(
+            self.address,
+            self.token,
+            lease_id=self.lease_id,
+            workers=workers or self.cores,
+            max_payload_bytes=max_payload_bytes or self._grant.max_payload_bytes,
+            functions=tuple(functions),
+        )
+        with self._lock:
+            self._executors.append(executor)
+        return executor
+
+    def renew(self, duration: str | float = "5m") -> Lease:
+        """Extend the lease to now + ``duration``; executors made afterwards use the new token.
+
+        Raises LeaseExpired / LeaseEvicted if the lease is already over.
+        """
+        request = RenewRequest(duration=parse_duration(duration))
+        data = self._client._call("POST", f"/leases/{self.lease_id}/renew", request.model_dump())
+        self._grant = LeaseGrant.model_validate(data)
+        return self
+
+    def release(self) -> None:
+        """Shut the executors down and give the cores back; safe to call twice."""
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+            executors, self._executors = self._executors, []
+        for executor in executors:
+            try:
+                executor.shutdown(wait=False, cancel_futures=True)
+            except Exception:
+                log.debug("shutting down an executor of %s failed", self.lease_id, exc_info=True)
+        with contextlib.suppress(LeaseError):  # already over: expired or evicted
+            self._client._call("DELETE", f"/leases/{self.lease_id}")
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            self.release()
+        except BackendUnavailable:
+            if exc is None:
+                raise
+            log.warning("could not release %s: broker unreachable; it ends at expiry", self.lease_id)
+
+    def __repr__(self) -> str:
+        return f"Lease({self.lease_id!r}, node={self.node!r}, cores={self.cores}, expires in {self.remaining_s:.0f}s)"
