@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from monitors.snapshot import NodeSnapshot
-from policies.model import Offer
+from monitors.snapshot import JobSnapshot, NodeSnapshot
+from policies.model import LeaseView, NodeView, Offer
 
 LEASE_STATES: tuple[str, ...] = ("starting", "active", "evicting")
 EXECUTOR_STATES: tuple[str, ...] = ("starting", "idle", "busy", "stopping")
@@ -34,6 +34,18 @@ class LeaseState:
     state: str = "active"
     granted_at: float | None = None
     expires_at: float | None = None
+
+    @classmethod
+    def from_view(cls, lease: LeaseView, state: str = "active") -> LeaseState:
+        """The metrics' view of a policy ``LeaseView``."""
+        return cls(
+            lease.lease_id,
+            len(lease.cpu_ids),
+            lease.memory_bytes,
+            state,
+            lease.granted_at,
+            lease.expires_at,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,3 +94,48 @@ class NodeState:
 def bounded_state(value: str, known: tuple[str, ...]) -> str:
     """``value`` if it is one of ``known``, else ``other`` (keeps label values bounded)."""
     return value if value in known else OTHER
+
+
+def snapshot_from_view(view: NodeView, now: float, *, slurm_ok: bool = True) -> NodeSnapshot:
+    """A ``NodeSnapshot`` of what a policy ``NodeView`` knows, for agents without a monitor.
+
+    A job's use is its newest history sample (0 without history); its user is unknown
+    (empty). Unallocated cores: node cores no job holds; unallocated memory: total minus
+    reserved minus job allocations (never negative).
+    """
+    jobs: list[JobSnapshot] = []
+    held: set[int] = set()
+    allocated_memory = 0
+    for job in view.jobs:
+        last = job.history[-1] if job.history else None
+        held.update(job.cpu_ids)
+        allocated_memory += job.memory_allocated_bytes
+        jobs.append(
+            JobSnapshot(
+                job_id=job.job_id,
+                user="",
+                cores_allocated=len(job.cpu_ids),
+                cpu_ids=tuple(sorted(job.cpu_ids)),
+                cores_used=last.cores_used if last else 0.0,
+                memory_allocated_bytes=job.memory_allocated_bytes,
+                memory_used_bytes=last.memory_used_bytes if last else 0,
+                memory_peak_bytes=job.memory_peak_bytes,
+                cpu_pressure=last.cpu_pressure if last else None,
+                memory_pressure=last.memory_pressure if last else None,
+                colocate=job.colocate,
+                start_time=job.start_time or None,
+            )
+        )
+    return NodeSnapshot(
+        node=view.node,
+        t=now,
+        cores_total=len(view.cpu_ids),
+        cpu_ids=tuple(sorted(view.cpu_ids)),
+        memory_total_bytes=view.memory_total_bytes,
+        cores_unallocated=len(view.cpu_ids - held),
+        memory_unallocated_bytes=max(
+            0, view.memory_total_bytes - view.memory_reserved_bytes - allocated_memory
+        ),
+        jobs=tuple(jobs),
+        slurm_ok=slurm_ok,
+    )
