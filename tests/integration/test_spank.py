@@ -1,0 +1,127 @@
+"""The --colocate SPANK plugin on the real dev cluster (colocate dev-cluster up): sbatch and
+srun accept it, a bad value is refused at submission, and the choice reaches the prolog,
+whose hook forwards it to the agent's control socket (here a recording control server)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from colocate.errors import ConfigError
+from slurm_plugin.control import ControlServer, EpilogRequest, PrologRequest
+from slurm_plugin.hooks import resolve_socket
+from slurm_plugin.spank import DEFAULT_CONF_DIR, SPANK_HEADER, install, registered_library
+from tests.conftest import require
+from tests.unit.test_control import RecordingHandler
+
+pytestmark = [pytest.mark.slurm, pytest.mark.root]
+
+JOB_WAIT_S = 120.0  # other jobs may hold the dev cluster's nodes for a while
+SMALL_JOB = ["-c", "1", "--mem=64M", "--time=2"]
+
+
+def slurm(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> None:
+    require(shutil.which("sbatch") is not None, "Slurm is not installed; run colocate dev-cluster up")
+    try:
+        up = slurm("sinfo", "-h", "-o", "%t", timeout=15)
+    except subprocess.TimeoutExpired:
+        up = None
+    require(up is not None and up.returncode == 0 and up.stdout.strip() != "",
+            "the dev cluster does not answer; run colocate dev-cluster up --nodes 3")
+    require(os.geteuid() == 0, "registering the SPANK plugin needs root")
+    require(SPANK_HEADER.exists(), f"{SPANK_HEADER} missing; apt-get install libslurm-dev")
+
+
+@pytest.fixture(scope="module")
+def plugin(cluster: None) -> Path:
+    """The plugin built and registered, as the dev cluster leaves it (it stays registered)."""
+    library = install()
+    assert registered_library(DEFAULT_CONF_DIR) == library
+    return library
+
+
+@pytest.fixture
+def agent() -> Iterator[RecordingHandler]:
+    """A recording control server on the socket the dev cluster's prolog wrapper talks to."""
+    handler = RecordingHandler()
+    path = resolve_socket(None, None, {})
+    server = ControlServer(path, handler)
+    try:
+        server.start()
+    except ConfigError as exc:
+        require(False, f"cannot stand in for the agent: {exc}")
+    try:
+        yield handler
+    finally:
+        server.close()
+
+
+def submit(*argv: str) -> int:
+    proc = slurm("sbatch", "--parsable", *SMALL_JOB, *argv)
+    assert proc.returncode == 0, proc.stderr
+    return int(proc.stdout.strip().split(";")[0])
+
+
+def wait_for(handler: RecordingHandler, job_ids: set[int], kind: str) -> dict[int, PrologRequest | EpilogRequest]:
+    deadline = time.monotonic() + JOB_WAIT_S
+    while time.monotonic() < deadline:
+        seen: dict[int, PrologRequest | EpilogRequest] = {}
+        if kind == "prolog":
+            seen = {r.job_id: r for r, _ in handler.prologs if r.job_id in job_ids}
+        else:
+            seen = {e.job_id: e for e in handler.epilogs if e.job_id in job_ids}
+        if set(seen) == job_ids:
+            return seen
+        time.sleep(0.2)
+    pytest.fail(f"no {kind} for jobs {sorted(job_ids - set(seen))} within {JOB_WAIT_S:.0f} s")
+
+
+def test_sbatch_lists_the_option(plugin: Path) -> None:
+    out = slurm("sbatch", "--help").stdout
+    assert "--colocate=allow|deny" in out
+
+
+def test_a_bad_value_is_refused_at_submission(plugin: Path) -> None:
+    for cmd in (["sbatch", "--wrap", "true"], ["srun", "true"]):
+        proc = slurm(cmd[0], "--colocate=sometimes", *SMALL_JOB, *cmd[1:])
+        assert proc.returncode != 0
+        assert "invalid value 'sometimes' for --colocate; use --colocate=allow or --colocate=deny" in proc.stderr
+        assert not re.search(r"Submitted batch job|^\d+$", proc.stdout, re.M)
+
+
+def test_the_choice_reaches_the_prolog_and_the_agent(plugin: Path, agent: RecordingHandler) -> None:
+    jobs: list[int] = []
+    try:
+        deny = submit("--colocate=deny", "--wrap", "true")
+        allow = submit("--colocate=ALLOW", "--wrap", "true")
+        default = submit("--wrap", "true")
+        jobs = [deny, allow, default]
+        # srun without an allocation: local context, the same path.
+        srun = slurm("srun", "--colocate=deny", *SMALL_JOB, "true", timeout=JOB_WAIT_S)
+        assert srun.returncode == 0, srun.stderr
+        prologs = wait_for(agent, {deny, allow, default}, "prolog")
+    finally:
+        if jobs:
+            slurm("scancel", *map(str, jobs))
+    assert prologs[deny].colocate == "deny"
+    assert prologs[allow].colocate == "allow"
+    assert prologs[default].colocate is None  # the site default applies
+    srun_denied = [r for r, _ in agent.prologs if r.job_id not in prologs and r.colocate == "deny"]
+    assert srun_denied, "the srun --colocate=deny allocation did not reach the prolog"
+    for request in prologs.values():
+        assert isinstance(request, PrologRequest)
+        assert request.uid == 0 and request.node and request.cpus_per_node
+    # When the jobs end the epilog tells the agent too.
+    wait_for(agent, {deny, allow, default}, "epilog")
