@@ -1,0 +1,149 @@
+"""A replayed history written as OpenMetrics: parseable, cumulative, in the live names."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+from colocate.errors import TraceFormatError
+from colocate.metrics.openmetrics import ReplaySample, write_openmetrics
+from colocate.metrics.replay_series import ReplaySeries, load_replay_series, series_to_json
+
+
+def samples(n: int, t0: float = 1_600_000_000.0) -> list[ReplaySample]:
+    return [
+        ReplaySample(
+            t=t0 + 300 * i,
+            cores={"total": 64, "idle_allocated": 10 + i % 3, "leased": 4},
+            memory_bytes={"total": 2**38, "idle_allocated": 2**36},
+            wasted_cost={("cores", "idle_allocated"): 0.05, ("cores", "unallocated"): 0.01},
+            recovered_cost={"cores": 0.02},
+            evictions={"pressure": i % 2, "cosmic": 1},
+            invocations={"ok": 10},
+            leases=4,
+        )
+        for i in range(n)
+    ]
+
+
+def parse(text: str) -> dict[str, list[tuple[dict[str, str], float, float]]]:
+    out: dict[str, list[tuple[dict[str, str], float, float]]] = {}
+    for family in text_string_to_metric_families(text):  # type: ignore[no-untyped-call]
+        for s in family.samples:
+            assert s.timestamp is not None
+            out.setdefault(s.name, []).append((dict(s.labels), s.value, float(s.timestamp)))
+    return out
+
+
+def test_counters_accumulate_per_policy_and_gauges_keep_their_values() -> None:
+    buf = io.StringIO()
+    write_openmetrics({"headroom": samples(12), "unallocated": samples(12)}, buf)
+    text = buf.getvalue()
+    assert text.endswith("# EOF\n")
+    parsed = parse(text)  # the reference parser rejects malformed OpenMetrics
+    wasted = [
+        v
+        for labels, v, _ in parsed["colocate_wasted_cost_total"]
+        if labels
+        == {"node": "replay", "policy": "headroom", "resource": "cores", "state": "idle_allocated"}
+    ]
+    assert wasted == pytest.approx([0.05 * (i + 1) for i in range(12)])
+    other = [
+        v
+        for labels, v, _ in parsed["colocate_evictions_total"]
+        if labels["reason"] == "other" and labels["policy"] == "headroom"
+    ]
+    assert other[-1] == 12  # unknown reasons are folded into 'other'
+    idle = [
+        v
+        for labels, v, _ in parsed["colocate_node_cores"]
+        if labels["state"] == "idle_allocated" and labels["policy"] == "unallocated"
+    ]
+    assert idle == [10 + i % 3 for i in range(12)]
+    assert parsed["colocate_price_info"][0][0]["currency"] == "EUR"
+
+
+def test_time_shift_moves_every_timestamp_and_stale_samples_are_dropped() -> None:
+    s = samples(3)
+    s.insert(2, ReplaySample(t=s[0].t))  # out of order: must be dropped
+    buf = io.StringIO()
+    write_openmetrics({"p": s}, buf, time_shift_s=1000.0)
+    stamps = sorted({t for _, _, t in parse(buf.getvalue())["colocate_node_cores"]})
+    assert stamps == [x.t + 1000.0 for x in samples(3)]
+
+
+def test_cli_writes_openmetrics_from_a_series_file(tmp_path: Path) -> None:
+    path = tmp_path / "metrics-series.json"
+    path.write_text(
+        json.dumps(
+            series_to_json(ReplaySeries("daint", "CHF", "resources", {"headroom": samples(5)}))
+        )
+    )
+    assert (
+        load_replay_series(path).policies["headroom"][0].wasted_cost[("cores", "unallocated")]
+        == 0.01
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "colocate",
+            "metrics",
+            "openmetrics",
+            "--replay-out",
+            str(tmp_path),
+            "--end-at",
+            "2000000000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    parsed = parse(proc.stdout)
+    assert max(t for _, _, t in parsed["colocate_node_cores"]) == 2_000_000_000
+    assert parsed["colocate_price_info"][0][0] == {
+        "node": "daint",
+        "policy": "headroom",
+        "charging": "resources",
+        "currency": "CHF",
+    }
+
+
+@pytest.mark.parametrize(
+    ("content", "field"),
+    [
+        ("not json", None),
+        ('{"format": "something-else"}', "format"),
+        (
+            '{"format": "colocate-replay-series/1", "policies": {"p": [{"t": "x"}]}}',
+            "policies.p[0].t",
+        ),
+        (
+            '{"format": "colocate-replay-series/1", "policies": {"p": [{"t": 1, "wasted_cost": {"cores": 1}}]}}',
+            "policies.p[0].wasted_cost",
+        ),
+    ],
+)
+def test_a_bad_series_file_is_a_clear_one_line_error(
+    tmp_path: Path, content: str, field: str | None
+) -> None:
+    path = tmp_path / "s.json"
+    path.write_text(content)
+    with pytest.raises(TraceFormatError) as err:
+        load_replay_series(path)
+    assert err.value.field == field
+    proc = subprocess.run(
+        [sys.executable, "-m", "colocate", "metrics", "openmetrics", "--from-replay", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and str(path) in proc.stderr
