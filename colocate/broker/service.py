@@ -109,8 +109,22 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "bad request: " + "; ".join(parts) + " (see /openapi.json)"
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Map colocate errors, bad bodies and crashes to :class:`ErrorReply` bodies."""
+MAX_BODY_BYTES = 1024**2  # control messages are small; a larger body is a mistake or an attack
+
+
+def install_error_handlers(app: FastAPI, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+    """Map colocate errors, bad bodies and crashes to :class:`ErrorReply` bodies; refuse
+    bodies over ``max_body_bytes`` (413) before reading them."""
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Any) -> Any:
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > max_body_bytes):
+            return JSONResponse(
+                {"error": "BadRequest", "message": f"body of {declared} bytes exceeds the limit of {max_body_bytes} bytes"},
+                status_code=413,
+            )
+        return await call_next(request)
 
     async def on_colocate(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ColocateError)
