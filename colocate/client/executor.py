@@ -1,0 +1,503 @@
+"""The client side of the invocation path: a ``concurrent.futures.Executor`` over leased workers.
+
+:class:`LeaseExecutor` connects straight to a lease's executor (no broker, no agent on the
+path), ships each function once per connection, then sends only (call id, function index,
+payload) per invocation. ``invoke`` is the synchronous fast path: the calling thread writes
+the frame and reads the reply itself. ``submit`` returns a future; many calls may be in flight
+per connection (pipelining) and a reader thread per connection completes them.
+
+Errors: the function's own exception is re-raised (same type when it unpickles here, with the
+remote traceback attached as a note and as ``remote_traceback``); ``LeaseEvicted`` /
+``LeaseExpired`` when the node takes the lease back; ``ExecutorLost`` when a worker vanishes
+(every call in flight on it fails, none hangs); ``PayloadTooLarge``; ``Unauthorized`` for a
+bad token; ``BadRequest`` for anything the worker found malformed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import socket
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future
+from typing import Any
+from urllib.parse import urlsplit
+
+from colocate import protocol as P
+from colocate.errors import (
+    BadRequest,
+    ColocateError,
+    ExecutorLost,
+    LeaseEvicted,
+    LeaseExpired,
+    PayloadTooLarge,
+    Unauthorized,
+)
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 10.0
+_HDR = P.HEADER
+_HS = P.HEADER_SIZE
+_BUF = 256 * 1024
+_REPLY = P.REPLY
+_OK = P.OK
+_RAW = P.RAW
+
+
+class RemoteError(ColocateError):
+    """The function raised an exception that cannot be rebuilt on the client (its type does
+    not unpickle here); ``type_name``, ``message`` and ``remote_traceback`` say what it was."""
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str) -> None:
+        self.type_name = type_name
+        self.message = message
+        self.remote_traceback = remote_traceback
+        super().__init__(f"{type_name}: {message}")
+
+
+def _error(status: int, body: bytes, lease_id: str) -> BaseException:
+    """The exception a non-OK reply stands for."""
+    if status == P.RAISED:
+        exc, type_name, message, tb_text = P.decode_failure(body)
+        if exc is None:
+            exc = RemoteError(type_name, message, tb_text)
+        with contextlib.suppress(Exception):
+            exc.remote_traceback = tb_text  # type: ignore[attr-defined]
+        with contextlib.suppress(Exception):
+            exc.add_note(f"\nRemote traceback (lease {lease_id}):\n{tb_text.rstrip()}")
+        return exc
+    text = bytes(body).decode(errors="replace")
+    if status == P.EVICTED:
+        return LeaseEvicted(f"the node took the lease back ({text or 'evicted'}); lease again", lease_id=lease_id)
+    if status == P.EXPIRED:
+        return LeaseExpired(f"the lease expired ({text or 'expired'}); renew or lease again", lease_id=lease_id)
+    if status == P.UNAUTHORIZED:
+        return Unauthorized(f"executor refused the lease token: {text}")
+    if status == P.TOO_LARGE:
+        size, limit = P.TOO_LARGE_BODY.unpack(bytes(body))
+        return PayloadTooLarge(size, limit)
+    if status == P.MALFORMED:
+        return BadRequest(f"executor rejected the request: {text}")
+    return ExecutorLost(text or "the executor's worker went away mid-invocation", lease_id=lease_id)
+
+
+def _outcome(status: int, flags: int, body: bytes, lease_id: str) -> Any:
+    if status == _OK:
+        return bytes(body) if flags == _RAW else P.decode_result(flags, body)
+    raise _error(status, body, lease_id)
+
+
+class _CallFuture(Future[Any]):
+    """A future whose ``result()`` reads the connection itself when nobody else is reading,
+    saving the hand-off to the reader thread on ``submit(...).result()``."""
+
+    _conn: _Connection | None = None
+
+    def result(self, timeout: float | None = None) -> Any:
+        conn = self._conn
+        if conn is not None and timeout is None and not self.done() and conn.read_lock.acquire(blocking=False):
+            try:
+                while not self.done() and not conn.dead:
+                    conn.pump(None)
+            except ColocateError:
+                pass  # the connection failed every pending future, this one included
+            finally:
+                conn.read_lock.release()
+        return super().result(timeout)
+
+
+def _connect(url: str, timeout: float) -> socket.socket:
+    parts = urlsplit(url)
+    try:
+        if parts.scheme == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            sock.connect(parts.path)
+        elif parts.scheme == "tcp" and parts.hostname and parts.port:
+            sock = socket.create_connection((parts.hostname, parts.port), timeout=timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            raise BadRequest(f"executor address {url!r} must look like tcp://host:port or unix:///path")
+    except OSError as exc:
+        raise ExecutorLost(f"cannot connect to executor at {url}: {exc.strerror or exc}") from None
+    return sock
+
+
+class _Connection:
+    """One socket to one worker: the frames in flight on it and who reads replies."""
+
+    def __init__(self, sock: socket.socket, url: str, lease_id: str) -> None:
+        self.sock = sock
+        self.url = url
+        self.lease_id = lease_id
+        self.buf = bytearray(_BUF)
+        self.view = memoryview(self.buf)
+        self.start = 0
+        self.end = 0
+        self.read_lock = threading.Lock()  # the right to recv on the socket
+        self.send_lock = threading.Lock()
+        self.cond = threading.Condition(threading.Lock())
+        self.pending: dict[int, Future[Any]] = {}
+        self.defined: set[int] = set()
+        self.dead = False
+        self.notice = 0  # EVICTED / EXPIRED once the worker said the lease is being taken back
+        self.notice_text = b""
+        self.reader: threading.Thread | None = None
+
+    # -- handshake -----------------------------------------------------------------------
+    def hello(self, token: str) -> dict[str, Any]:
+        self.send(P.frame(P.HELLO, 0, P.VERSION, 0, token.encode()))
+        status, _flags, body = self._read_frame_blocking()
+        if status != P.OK:
+            self.close()
+            raise _error(status, body, self.lease_id)
+        self.sock.settimeout(None)
+        welcome: dict[str, Any] = json.loads(body)
+        return welcome
+
+    def _read_frame_blocking(self) -> tuple[int, int, bytes]:
+        data = b""
+        try:
+            while len(data) < _HS:
+                chunk = self.sock.recv(_HS - len(data))
+                if not chunk:
+                    break
+                data += chunk
+            if len(data) < _HS:
+                raise ExecutorLost(f"executor at {self.url} closed the connection during the handshake", lease_id=self.lease_id)
+            length, _kind, flags, status, _cid = _HDR.unpack(data)
+            body = self.sock.recv(length, socket.MSG_WAITALL) if length else b""
+        except OSError as exc:
+            raise ExecutorLost(f"executor at {self.url}: handshake failed: {exc}", lease_id=self.lease_id) from None
+        return status, flags, body
+
+    # -- I/O ------------------------------------------------------------------------------
+    def send(self, data: bytes, fn: int = -1, definitions: list[bytes] | None = None) -> None:
+        """Send a frame; a CALL of function ``fn`` first ships its definition on this stream."""
+        with self.send_lock:
+            if definitions is not None and fn not in self.defined:
+                self.defined.add(fn)
+                data = definitions[fn] + data
+            try:
+                self.sock.sendall(data)
+            except OSError:
+                self.mark_dead()
+                raise self.lost_error() from None
+
+    def lost_error(self) -> BaseException:
+        if self.notice:
+            return _error(self.notice, self.notice_text, self.lease_id)
+        return ExecutorLost(f"worker at {self.url} went away (killed, out of memory or crashed)", lease_id=self.lease_id)
+
+    def mark_dead(self) -> None:
+        """Fail every call in flight: the worker will not answer them any more."""
+        with self.cond:
+            if self.dead:
+                return
+            self.dead = True
+            pending, self.pending = self.pending, {}
+            self.cond.notify_all()
+        for fut in pending.values():
+            if not fut.done():
+                with contextlib.suppress(Exception):
+                    fut.set_exception(self.lost_error())
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def pump(self, own: int | None) -> tuple[int, int, bytes] | None:
+        """Read once (blocking) and dispatch every complete reply. Caller holds read_lock.
+
+        Returns the reply to call ``own`` when it arrived; raises the connection's loss error
+        when the socket closed (after failing every pending future).
+        """
+        if self.dead:
+            raise self.lost_error()
+        if self.end == len(self.buf):
+            self._make_room(_HS)
+        try:
+            n = self.sock.recv_into(self.view[self.end :])
+        except OSError:
+            n = 0
+        if n == 0:
+            self.mark_dead()
+            raise self.lost_error()
+        self.end += n
+        mine = None
+        buf = self.buf
+        pending = self.pending
+        while True:
+            avail = self.end - self.start
+            if avail < _HS:
+                break
+            length, _kind, flags, status, cid = _HDR.unpack_from(buf, self.start)
+            if avail < _HS + length:
+                self._make_room(_HS + length)
+                break
+            body = bytes(self.view[self.start + _HS : self.start + _HS + length])
+            self.start += _HS + length
+            if cid == own:
+                mine = (status, flags, body)
+            elif cid == 0:  # evicted/expired notice, or an error about the whole stream
+                self.notice, self.notice_text = status, body
+            else:
+                fut = pending.pop(cid, None)
+                if fut is not None:
+                    try:
+                        fut.set_result(_outcome(status, flags, body, self.lease_id))
+                    except BaseException as exc:
+                        fut.set_exception(exc)
+        if self.start == self.end:
+            self.start = self.end = 0
+        return mine
+
+    def _make_room(self, need: int) -> None:
+        size = self.end - self.start
+        if need > len(self.buf):
+            new = bytearray(max(need, _BUF))
+            new[:size] = self.view[self.start : self.end]
+            self.view.release()
+            self.buf = new
+            self.view = memoryview(new)
+        elif self.start:
+            self.buf[:size] = self.buf[self.start : self.end]
+        else:
+            return
+        self.start, self.end = 0, size
+
+    # -- calls ----------------------------------------------------------------------------
+    def call(self, data: bytes, cid: int, fn: int, definitions: list[bytes]) -> Any:
+        """Send a prepared CALL frame and read its reply in this thread (the fast path)."""
+        if self.read_lock.acquire(blocking=False):
+            try:
+                self.send(data, fn, definitions)
+                while True:
+                    got = self.pump(cid)
+                    if got is not None:
+                        return _outcome(got[0], got[1], got[2], self.lease_id)
+            finally:
+                self.read_lock.release()
+        fut = self.submit(data, cid, fn, definitions)
+        return fut.result()
+
+    def submit(self, data: bytes, cid: int, fn: int, definitions: list[bytes]) -> Future[Any]:
+        fut = _CallFuture()
+        fut._conn = self
+        fut.set_running_or_notify_cancel()  # sent at once: too late to cancel
+        with self.cond:
+            if self.dead:
+                fut.set_exception(self.lost_error())
+                return fut
+            self.pending[cid] = fut
+            if self.reader is None:
+                self.reader = threading.Thread(target=self._read_loop, name=f"colocate-reader-{self.url}", daemon=True)
+                self.reader.start()
+            else:
+                self.cond.notify()
+        with contextlib.suppress(ColocateError):  # mark_dead then failed the future
+            self.send(data, fn, definitions)
+        return fut
+
+    def _read_loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.pending and not self.dead:
+                    self.cond.wait()
+                if self.dead:
+                    return
+            if not self.read_lock.acquire(timeout=0.002):
+                continue  # a caller is reading for itself; look again shortly
+            try:
+                while self.pending and not self.dead:
+                    self.pump(None)
+            except ColocateError:
+                return
+            finally:
+                self.read_lock.release()
+
+    def close(self) -> None:
+        with self.cond:
+            self.dead = True
+            self.cond.notify_all()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+
+class LeaseExecutor(Executor):
+    """Runs functions on a lease's workers; a ``concurrent.futures.Executor``.
+
+    ``address`` is a worker's ``tcp://host:port`` or ``unix:///path``; the handshake tells the
+    client where the lease's other workers are and ``workers`` connections are opened (at most
+    one per worker). ``token`` is the lease token from the broker. Functions are callables
+    (shipped with cloudpickle) or ``"module:function"`` strings importable on the node; each is
+    shipped once per connection, ``functions`` at connect time, others on first use.
+    ``max_payload_bytes`` caps the pickled arguments (or the bytes argument) of one call; the
+    executor's own limit applies too. Raises Unauthorized / LeaseExpired for a bad token and
+    ExecutorLost when the executor cannot be reached.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        token: str,
+        *,
+        lease_id: str,
+        workers: int,
+        max_payload_bytes: int = P.DEFAULT_MAX_PAYLOAD_BYTES,
+        functions: Sequence[Callable[..., Any] | str] = (),
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    ) -> None:
+        self.lease_id = lease_id
+        self._ids = itertools.count(1)
+        self._fn_index: dict[Any, int] = {}
+        self._fn_frames: list[bytes] = []
+        self._fn_keep: list[Any] = []
+        self._fn_lock = threading.Lock()
+        self._shutdown = False
+        self._rr = itertools.count()
+        first = _Connection(_connect(address, connect_timeout_s), address, lease_id)
+        welcome = first.hello(token)
+        self.max_payload_bytes = min(int(max_payload_bytes), int(welcome.get("max_payload_bytes", max_payload_bytes)))
+        self._conns: list[_Connection] = [first]
+        for url in self._other_workers(address, welcome)[: max(0, workers - 1)]:
+            conn = _Connection(_connect(url, connect_timeout_s), url, lease_id)
+            try:
+                conn.hello(token)
+            except ColocateError:
+                for c in self._conns:
+                    c.close()
+                raise
+            self._conns.append(conn)
+        for fn in functions:
+            self._index(fn)
+
+    @staticmethod
+    def _other_workers(address: str, welcome: dict[str, Any]) -> list[str]:
+        me = int(welcome.get("worker", 0))
+        if address.startswith("unix://"):
+            return [f"unix://{p}" for i, p in enumerate(welcome.get("unix", [])) if i != me]
+        host = urlsplit(address).hostname or "127.0.0.1"
+        host = f"[{host}]" if ":" in host else host
+        return [f"tcp://{host}:{port}" for i, (_h, port) in enumerate(welcome.get("tcp", [])) if i != me]
+
+    @property
+    def workers(self) -> int:
+        """Connections (one per worker) still alive."""
+        return sum(1 for c in self._conns if not c.dead)
+
+    # -- functions -----------------------------------------------------------------------
+    def _index(self, fn: Callable[..., Any] | str) -> int:
+        try:
+            key: Any = fn
+            idx = self._fn_index.get(key)
+        except TypeError:  # unhashable callable: identity, kept alive below
+            key = ("id", id(fn))
+            idx = self._fn_index.get(key)
+        if idx is not None:
+            return idx
+        with self._fn_lock:
+            idx = self._fn_index.get(key)
+            if idx is not None:
+                return idx
+            if isinstance(fn, str):
+                if ":" not in fn:
+                    raise BadRequest(f"function reference {fn!r} must look like 'module:function'")
+                flags, body = P.REFERENCE, fn.encode()
+            elif callable(fn):
+                import cloudpickle
+
+                flags, body = P.PICKLED, cloudpickle.dumps(fn, protocol=5)
+            else:
+                raise TypeError(f"{fn!r} is neither a callable nor a 'module:function' string")
+            if len(body) > self.max_payload_bytes:
+                raise PayloadTooLarge(len(body), self.max_payload_bytes)
+            idx = len(self._fn_frames)
+            self._fn_frames.append(P.frame(P.DEFINE, flags, idx, 0, body))
+            self._fn_keep.append(fn)
+            self._fn_index[key] = idx
+            return idx
+
+    def _frame(self, fn: Callable[..., Any] | str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, int, int]:
+        idx = self._index(fn)
+        if not kwargs and len(args) == 1 and type(args[0]) is bytes:
+            flags, body = _RAW, args[0]
+        else:
+            flags, body = P.encode_args(args, kwargs)
+        if len(body) > self.max_payload_bytes:
+            raise PayloadTooLarge(len(body), self.max_payload_bytes)
+        cid = next(self._ids)
+        return _HDR.pack(len(body), P.CALL, flags, idx, cid) + body, cid, idx
+
+    def _pick(self, sync: bool) -> _Connection:
+        conns = self._conns
+        if len(conns) == 1:
+            conn = conns[0]
+            if conn.dead:
+                raise conn.lost_error()
+            return conn
+        live = [c for c in conns if not c.dead]
+        if not live:
+            raise conns[0].lost_error()
+        start = next(self._rr) % len(live)
+        order = live[start:] + live[:start]
+        if sync:
+            for c in order:
+                if not c.pending and not c.read_lock.locked():
+                    return c
+        return min(order, key=lambda c: len(c.pending))
+
+    # -- Executor API -----------------------------------------------------------------------
+    def invoke(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` on a worker and return its result (synchronous)."""
+        if self._shutdown:
+            raise RuntimeError("cannot invoke after shutdown")
+        data, cid, idx = self._frame(fn, args, kwargs)
+        return self._pick(True).call(data, cid, idx, self._fn_frames)
+
+    def submit(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Future[Any]:
+        """Send the call now and return its future (pipelined with other calls)."""
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        try:
+            data, cid, idx = self._frame(fn, args, kwargs)
+            conn = self._pick(False)
+        except ColocateError as exc:
+            fut: Future[Any] = Future()
+            fut.set_running_or_notify_cancel()
+            fut.set_exception(exc)
+            return fut
+        return conn.submit(data, cid, idx, self._fn_frames)
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[Any]:
+        """Like ``Executor.map``: every call is sent at once (pipelined), results in order."""
+        return super().map(fn, *iterables, timeout=timeout, chunksize=chunksize)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting calls; with ``wait``, let the calls in flight finish, then disconnect.
+
+        Calls already sent cannot be cancelled (``cancel_futures`` has nothing to cancel).
+        """
+        self._shutdown = True
+        if not wait:
+            threading.Thread(target=self._drain_and_close, daemon=True).start()
+            return
+        self._drain_and_close()
+
+    def _drain_and_close(self) -> None:
+        for conn in self._conns:
+            with conn.cond:
+                waiting = list(conn.pending.values())
+            for fut in waiting:
+                with contextlib.suppress(BaseException):
+                    fut.exception()
+            conn.close()

@@ -1,0 +1,169 @@
+"""The fork server: a pre-imported Python process that forks workers on demand.
+
+Started once per supervisor (``main([FD, *preload])`` in a fresh interpreter), it imports what a
+worker needs (cloudpickle, the protocol, the worker loop) so that a lease's cold start costs a
+``fork`` and a few cgroup writes, not a fresh interpreter. It holds no secret (workers inherit
+its memory and run user code) and it never runs user code itself.
+
+Control messages on the socket ``FD`` from the supervisor are length-prefixed pickles (a local
+socketpair between two root processes of the same agent):
+
+- ``("spawn", WorkerSpec template, host, lease_dir)`` -> ``("ok", pids, tcp, unix)`` or
+  ``("error", message)``; workers are listening and confined when the answer comes.
+- end of file: the supervisor is gone; the fork server exits (running workers stay, so that a
+  restarted agent can find and clean them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import os
+import pickle
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+from typing import Any
+
+from colocate import protocol  # noqa: F401  (pre-import for workers)
+from colocate.executor import worker
+
+_LEN = struct.Struct("<I")
+READY_TIMEOUT_S = 10.0
+
+
+def send_msg(sock: socket.socket, obj: Any) -> None:
+    data = pickle.dumps(obj, protocol=5)
+    sock.sendall(_LEN.pack(len(data)) + data)
+
+
+def recv_msg(sock: socket.socket) -> Any:
+    """The next message, or None at end of file."""
+    head = sock.recv(4, socket.MSG_WAITALL)
+    if len(head) < 4:
+        return None
+    (length,) = _LEN.unpack(head)
+    data = sock.recv(length, socket.MSG_WAITALL)
+    if len(data) < length:
+        return None
+    return pickle.loads(data)
+
+
+def _reap(_signum: int, _frame: Any) -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _listeners(host: str, lease_dir: str, count: int) -> tuple[list[socket.socket], list[socket.socket]]:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    tcp: list[socket.socket] = []
+    unix: list[socket.socket] = []
+    for i in range(count):
+        t = socket.socket(family, socket.SOCK_STREAM)
+        t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        t.bind((host, 0))
+        t.listen(128)
+        t.setblocking(False)
+        tcp.append(t)
+        path = os.path.join(lease_dir, f"w{i}.sock")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        u = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        u.bind(path)
+        os.chmod(path, 0o666)  # any local user may connect; the lease token is the lock
+        u.listen(128)
+        u.setblocking(False)
+        unix.append(u)
+    return tcp, unix
+
+
+def spawn(template: worker.WorkerSpec, host: str, lease_dir: str) -> tuple[Any, ...]:
+    cpus = template.cpu_ids
+    tcp, unix = _listeners(host, lease_dir, len(cpus))
+    tcp_addrs = tuple((host, int(t.getsockname()[1])) for t in tcp)
+    unix_paths = tuple(str(u.getsockname()) for u in unix)
+    pids: list[int] = []
+    pipes: list[int] = []
+    try:
+        for i, cpu in enumerate(cpus):
+            spec = dataclasses.replace(template, index=i, cpu=cpu, tcp=tcp_addrs, unix=unix_paths)
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the worker; never returns
+                os.close(r)
+                worker.run(spec, [tcp[i], unix[i]], w)
+            os.close(w)
+            pids.append(pid)
+            pipes.append(r)
+    finally:
+        for s in (*tcp, *unix):
+            s.close()
+    errors = _wait_ready(pipes)
+    if errors:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return ("error", "; ".join(errors))
+    return ("ok", tuple(pids), tcp_addrs, unix_paths)
+
+
+def _wait_ready(pipes: list[int]) -> list[str]:
+    errors: list[str] = []
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    left = list(pipes)
+    while left:
+        timeout = deadline - time.monotonic()
+        ready = select.select(left, [], [], max(timeout, 0))[0] if timeout > 0 else []
+        if not ready:
+            errors.append(f"{len(left)} worker(s) not ready after {READY_TIMEOUT_S:.0f} s")
+            break
+        for fd in ready:
+            data = os.read(fd, 4096)
+            if data != b"ok":
+                errors.append(data.decode(errors="replace") or "worker exited during setup")
+            left.remove(fd)
+    for fd in pipes:
+        os.close(fd)
+    return errors
+
+
+def serve(control: socket.socket) -> None:
+    signal.signal(signal.SIGCHLD, _reap)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        msg = recv_msg(control)
+        if msg is None:
+            return
+        try:
+            if msg[0] == "spawn":
+                answer = spawn(*msg[1:])
+            else:
+                answer = ("error", f"unknown command {msg[0]!r}")
+        except Exception as exc:
+            answer = ("error", f"fork server: {exc!r}")
+        send_msg(control, answer)
+
+
+def main(argv: list[str]) -> int:
+    control = socket.socket(fileno=int(argv[0]))
+    for name in argv[1:]:  # modules user functions commonly need, imported once here
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    import cloudpickle  # noqa: F401
+
+    send_msg(control, ("ready", os.getpid()))
+    serve(control)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

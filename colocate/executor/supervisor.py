@@ -1,0 +1,447 @@
+"""The executor supervisor: starts, evicts and cleans up one executor per lease on this node.
+
+Used by the node agent. It owns a fork server (pre-imported, forks workers in milliseconds), a
+token verifier (workers ask it whether a client's lease token is good; the cluster secret never
+enters a process that runs user code), the lease cgroups, and an RSS watchdog where cgroups
+are not available.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import selectors
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from colocate.config import ExecutorConfig
+from colocate.errors import BackendUnavailable, BadRequest, ColocateError
+from colocate.executor.confinement import Confinement, LeaseCgroups, check_name, remove_dirs
+from colocate.executor.forkserver import recv_msg, send_msg
+from colocate.executor.worker import WorkerSpec
+from colocate.tokens import verify_lease
+
+log = logging.getLogger(__name__)
+
+NOTICE_S = 0.02  # with no grace, how long workers get to tell their clients before SIGKILL
+WATCHDOG_INTERVAL_S = 0.1
+_LEN = struct.Struct("<I")
+_FORKSERVER_MAIN = "import sys; from colocate.executor.forkserver import main; sys.exit(main(sys.argv[1:]))"
+
+
+@dataclass(frozen=True)
+class ExecutorHandle:
+    """A running executor: where clients connect and what it holds.
+
+    ``address`` is worker 0's TCP endpoint (``tcp://host:port``); a client learns the other
+    workers' endpoints from the handshake. ``unix_address`` is the same worker on a Unix socket
+    (clients on this node). ``memory_bytes`` is the limit shared by all workers of the lease.
+    """
+
+    lease_id: str
+    address: str
+    cpu_ids: tuple[int, ...]
+    memory_bytes: int
+    pids: tuple[int, ...]
+    unix_address: str | None = None
+    worker_addresses: tuple[str, ...] = ()
+    expires_at: float = 0.0
+    confinement: str = "rlimit"  # "v1", "v2" (cgroups) or "rlimit" (rlimit + RSS watchdog)
+
+
+@dataclass
+class _Lease:
+    handle: ExecutorHandle
+    cgroups: LeaseCgroups
+    lease_dir: str
+    pidfds: dict[int, int] = field(default_factory=dict)
+
+
+def _tcp_url(host: str, port: int) -> str:
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+def _create_time(pid: int) -> float | None:
+    try:
+        import psutil
+
+        return float(psutil.Process(pid).create_time())
+    except Exception:
+        return None
+
+
+class _Verifier:
+    """Answers workers' token checks on a root-only Unix socket, in a thread."""
+
+    def __init__(self, path: str, secret: bytes) -> None:
+        self.path = path
+        self._secret = secret
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            self._listener.bind(path)
+        finally:
+            os.umask(old)
+        self._listener.listen(128)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self._listener, selectors.EVENT_READ)
+        self._sel.register(self._wake_r, selectors.EVENT_READ)
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="colocate-token-verifier", daemon=True)
+        self._thread.start()
+
+    def answer(self, token: bytes) -> dict[str, Any]:
+        try:
+            claims = verify_lease(self._secret, token.decode(), time.time())
+        except ColocateError as exc:
+            status = "expired" if type(exc).__name__ == "LeaseExpired" else "unauthorized"
+            return {"status": status, "message": str(exc)}
+        except UnicodeDecodeError:
+            return {"status": "unauthorized", "message": "lease token is not text"}
+        return {
+            "status": "ok",
+            "lease_id": claims.lease_id,
+            "node": claims.node,
+            "cpu_ids": list(claims.cpu_ids),
+            "expires_at": claims.expires_at,
+        }
+
+    def _run(self) -> None:
+        while not self._stop:
+            for key, _ in self._sel.select():
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                if sock is self._wake_r:
+                    return
+                if sock is self._listener:
+                    with contextlib.suppress(OSError):
+                        conn, _ = self._listener.accept()
+                        conn.settimeout(1.0)
+                        self._sel.register(conn, selectors.EVENT_READ)
+                    continue
+                self._serve_one(sock)
+
+    def _serve_one(self, conn: socket.socket) -> None:
+        try:
+            head = conn.recv(4, socket.MSG_WAITALL)
+            if len(head) == 4:
+                (length,) = _LEN.unpack(head)
+                if length <= 64 * 1024:
+                    token = conn.recv(length, socket.MSG_WAITALL)
+                    reply = json.dumps(self.answer(token)).encode()
+                    conn.sendall(_LEN.pack(len(reply)) + reply)
+                    return
+        except OSError:
+            pass
+        self._sel.unregister(conn)
+        conn.close()
+
+    def close(self) -> None:
+        self._stop = True
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+        self._thread.join(timeout=2)
+        for key in list(self._sel.get_map().values()):
+            with contextlib.suppress(Exception):
+                key.fileobj.close()  # type: ignore[union-attr]
+        self._sel.close()
+        self._wake_w.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+class ExecutorSupervisor:
+    """Starts and evicts executors (one per lease, one worker per leased core) on this node.
+
+    ``secret`` is the cluster secret the broker signs lease tokens with; ``node`` the name
+    tokens carry; ``host`` the address workers listen on. ``cgroup_root`` is the cgroup mount
+    (default ``/sys/fs/cgroup``; leases go under ``colocate/<node>/<lease>``); pass ``""`` to
+    force rlimits. ``state_dir`` holds Unix sockets and pid files; keep it across agent
+    restarts so that ``adopt_or_cleanup`` can find a previous agent's executors (a private
+    temporary directory when None). ``preload`` names modules the fork server imports once.
+    """
+
+    def __init__(
+        self,
+        config: ExecutorConfig,
+        secret: bytes,
+        *,
+        node: str,
+        host: str = "127.0.0.1",
+        cgroup_root: str | None = None,
+        state_dir: str | None = None,
+        preload: Sequence[str] = (),
+    ) -> None:
+        self.config = config
+        self.node = check_name(node, "node")
+        self.host = host
+        self._own_state_dir = state_dir is None
+        self.state_dir = state_dir or tempfile.mkdtemp(prefix="colocate-executors-")
+        os.makedirs(self.state_dir, exist_ok=True)
+        os.chmod(self.state_dir, 0o755)  # clients of any user reach the workers' Unix sockets
+        self.confinement = Confinement(node, "/sys/fs/cgroup" if cgroup_root is None else cgroup_root or None)
+        self._leases: dict[str, _Lease] = {}
+        self._lock = threading.RLock()
+        self._fork_lock = threading.Lock()
+        self._verifier = _Verifier(os.path.join(self.state_dir, "verifier.sock"), secret)
+        self._closed = False
+        self._fork_sock, child = socket.socketpair()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")) if p)
+        self._fork_proc = subprocess.Popen(
+            [sys.executable, "-c", _FORKSERVER_MAIN, str(child.fileno()), *preload],
+            pass_fds=(child.fileno(),),
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        child.close()
+        hello = recv_msg(self._fork_sock)
+        if not hello or hello[0] != "ready":
+            self._verifier.close()
+            raise BackendUnavailable("executor fork server did not start; see the agent's stderr")
+        self._watchdog: threading.Thread | None = None
+        if self.confinement.mode == "rlimit":
+            self._watchdog = threading.Thread(target=self._watch_rss, name="colocate-rss-watchdog", daemon=True)
+            self._watchdog.start()
+
+    # -- start -------------------------------------------------------------------------------
+    def start(self, lease_id: str, cpu_ids: Sequence[int], memory_bytes: int, expires_at: float) -> ExecutorHandle:
+        """Start the lease's executor: one confined, pinned worker per core. Milliseconds.
+
+        Raises BadRequest for a bad or duplicate lease id, unknown cores or no memory, and
+        BackendUnavailable when workers cannot be started.
+        """
+        check_name(lease_id, "lease id")
+        cpus = tuple(int(c) for c in cpu_ids)
+        usable = os.sched_getaffinity(0)
+        if not cpus or len(set(cpus)) != len(cpus) or not set(cpus) <= usable:
+            raise BadRequest(f"lease {lease_id}: cores {list(cpus)} must be distinct cores of {sorted(usable)}")
+        if memory_bytes <= 0:
+            raise BadRequest(f"lease {lease_id}: memory_bytes must be positive, got {memory_bytes}")
+        with self._lock:
+            if self._closed:
+                raise BackendUnavailable("executor supervisor is closed")
+            if lease_id in self._leases:
+                raise BadRequest(f"lease {lease_id} already has an executor on {self.node}")
+        cgroups = self.confinement.create(lease_id, cpus, memory_bytes)
+        lease_dir = os.path.join(self.state_dir, lease_id)
+        os.makedirs(lease_dir, exist_ok=True)
+        os.chmod(lease_dir, 0o755)
+        template = WorkerSpec(
+            lease_id=lease_id,
+            node=self.node,
+            index=0,
+            cpu=cpus[0],
+            cpu_ids=cpus,
+            memory_bytes=int(memory_bytes),
+            cgroups=cgroups,
+            run_as_user=self.config.run_as_user,
+            hot_timeout_s=self.config.hot_timeout_s,
+            max_payload_bytes=self.config.max_payload_bytes,
+            verifier_path=self._verifier.path,
+            tcp=(),
+            unix=(),
+        )
+        try:
+            with self._fork_lock:
+                send_msg(self._fork_sock, ("spawn", template, self.host, lease_dir))
+                answer = recv_msg(self._fork_sock)
+        except OSError as exc:
+            answer = ("error", f"fork server unreachable: {exc}")
+        if not answer or answer[0] != "ok":
+            remove_dirs(cgroups.dirs)
+            shutil.rmtree(lease_dir, ignore_errors=True)
+            why = answer[1] if answer else "fork server exited"
+            raise BackendUnavailable(f"lease {lease_id}: executor did not start: {why}")
+        _, pids, tcp, unix = answer
+        urls = tuple(_tcp_url(h, p) for h, p in tcp)
+        handle = ExecutorHandle(
+            lease_id=lease_id,
+            address=urls[0],
+            cpu_ids=cpus,
+            memory_bytes=int(memory_bytes),
+            pids=tuple(pids),
+            unix_address=f"unix://{unix[0]}",
+            worker_addresses=urls,
+            expires_at=float(expires_at),
+            confinement=cgroups.mode,
+        )
+        lease = _Lease(handle, cgroups, lease_dir)
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                lease.pidfds[pid] = os.pidfd_open(pid)
+        self._write_state(lease)
+        with self._lock:
+            self._leases[lease_id] = lease
+        log.info("lease %s: executor on cores %s, %d bytes, pids %s", lease_id, list(cpus), memory_bytes, list(pids))
+        return handle
+
+    def _state_file(self, lease_id: str) -> Path:
+        return Path(self.state_dir) / f"{lease_id}.json"
+
+    def _write_state(self, lease: _Lease) -> None:
+        record = {
+            "lease_id": lease.handle.lease_id,
+            "node": self.node,
+            "pids": {str(p): _create_time(p) for p in lease.handle.pids},
+            "cgroups": list(lease.cgroups.dirs),
+            "lease_dir": lease.lease_dir,
+        }
+        path = self._state_file(lease.handle.lease_id)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(path)
+
+    # -- evict -------------------------------------------------------------------------------
+    def evict(self, lease_id: str, grace_s: float = 0.0, reason: str = "evicted") -> float:
+        """Take the lease's executor back; seconds until its processes are gone and memory freed.
+
+        Workers get a notice at once (their clients' unanswered calls end with LeaseEvicted,
+        or LeaseExpired when ``reason == "expired"``), may finish the running call within
+        ``grace_s``, then are killed. Unknown lease: 0.0.
+        """
+        t0 = time.monotonic()
+        with self._lock:
+            lease = self._leases.pop(lease_id, None)
+        if lease is None:
+            return 0.0
+        sig = signal.SIGUSR1 if reason == "expired" else signal.SIGTERM
+        for pidfd in lease.pidfds.values():
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, sig)
+        alive = _wait_exit(lease.pidfds, max(grace_s, NOTICE_S))
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(lease.pidfds[pid], signal.SIGKILL)
+        if alive and _wait_exit({p: lease.pidfds[p] for p in alive}, 5.0):
+            log.error("lease %s: workers %s survived SIGKILL", lease_id, alive)
+        for fd in lease.pidfds.values():
+            os.close(fd)
+        remove_dirs(lease.cgroups.dirs)
+        shutil.rmtree(lease.lease_dir, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            self._state_file(lease_id).unlink()
+        elapsed = time.monotonic() - t0
+        log.info("lease %s %s: executor gone in %.1f ms", lease_id, reason, elapsed * 1e3)
+        return elapsed
+
+    def handles(self) -> list[ExecutorHandle]:
+        """Executors running now (a worker that died on its own still counts until evicted)."""
+        with self._lock:
+            return [lease.handle for lease in self._leases.values()]
+
+    # -- restart cleanup ---------------------------------------------------------------------
+    def adopt_or_cleanup(self) -> list[str]:
+        """Kill and remove executors a previous agent on this node left behind.
+
+        Looks at the pid files in ``state_dir`` (a pid is only killed if its start time
+        matches, so a recycled pid is safe) and at ``colocate/<node>/*`` cgroups. Returns
+        the lease ids cleaned.
+        """
+        with self._lock:
+            mine = set(self._leases)
+        cleaned: set[str] = set()
+        for path in Path(self.state_dir).glob("*.json"):
+            try:
+                record = json.loads(path.read_text())
+                lease_id = str(record["lease_id"])
+            except (OSError, ValueError, KeyError):
+                continue
+            if lease_id in mine:
+                continue
+            for pid_text, created in dict(record.get("pids", {})).items():
+                pid = int(pid_text)
+                if created is not None and _create_time(pid) == created:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGKILL)
+            remove_dirs(tuple(record.get("cgroups", ())))
+            shutil.rmtree(str(record.get("lease_dir", "")), ignore_errors=True)
+            path.unlink(missing_ok=True)
+            cleaned.add(lease_id)
+        for lease_id, dirs in self.confinement.lease_dirs().items():
+            if lease_id not in mine:
+                remove_dirs(tuple(dirs))
+                cleaned.add(lease_id)
+        if cleaned:
+            log.warning("cleaned executors left by a previous agent: %s", sorted(cleaned))
+        return sorted(cleaned)
+
+    # -- watchdog ----------------------------------------------------------------------------
+    def _watch_rss(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._closed:
+            time.sleep(WATCHDOG_INTERVAL_S)
+            with self._lock:
+                leases = list(self._leases.values())
+            for lease in leases:
+                rss = 0
+                for pid in lease.handle.pids:
+                    with contextlib.suppress(OSError, ValueError, IndexError):
+                        rss += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
+                if rss > lease.handle.memory_bytes:
+                    log.warning("lease %s: RSS %d > limit %d bytes; killing its workers", lease.handle.lease_id, rss, lease.handle.memory_bytes)
+                    for fd in lease.pidfds.values():
+                        with contextlib.suppress(ProcessLookupError, OSError):
+                            signal.pidfd_send_signal(fd, signal.SIGKILL)
+
+    def close(self) -> None:
+        """Evict every executor, stop the fork server and the verifier."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            leases = list(self._leases)
+        for lease_id in leases:
+            self.evict(lease_id)
+        self._fork_sock.close()
+        try:
+            self._fork_proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._fork_proc.kill()
+            self._fork_proc.wait()
+        self._verifier.close()
+        if self._own_state_dir:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def __enter__(self) -> ExecutorSupervisor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _wait_exit(pidfds: dict[int, int], timeout_s: float) -> list[int]:
+    """Wait until the processes exit or ``timeout_s`` passes; the pids still alive."""
+    import select
+
+    deadline = time.monotonic() + timeout_s
+    alive = dict(pidfds)
+    poller = select.poll()
+    by_fd = {fd: pid for pid, fd in alive.items()}
+    for fd in by_fd:
+        poller.register(fd, select.POLLIN)
+    while alive:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        for fd, _ in poller.poll(left * 1000):
+            pid = by_fd[fd]
+            alive.pop(pid, None)
+            poller.unregister(fd)
+    return sorted(alive)

@@ -1,0 +1,431 @@
+"""One worker process: pinned to one leased core, serving clients over the wire protocol.
+
+A worker is forked by the fork server, joins the lease's cgroups, pins itself, connects to the
+supervisor's token verifier, drops to the unprivileged user and only then serves connections.
+It is single-threaded: a poll loop over its listeners and connections. After each batch it
+busy-polls for ``hot_timeout_s`` (a hot worker) before it blocks in ``poll`` (a warm one).
+
+Robustness: a malformed frame gets a MALFORMED reply and, when the stream cannot be trusted
+any more, the connection is closed; a vanished client only closes its connection. Nothing a
+client sends ends the worker.
+
+Eviction: SIGTERM (evicted) or SIGUSR1 (expired) make the worker send a notice on every
+connection, finish the call it is running (the supervisor kills it after the grace period),
+run nothing more and exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import pwd
+import resource
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any, NoReturn
+
+from colocate import protocol as P
+from colocate.executor.confinement import LeaseCgroups, join
+
+_SNDTIMEO_S = 10  # a client that stops reading loses its connection, not the worker
+_BUF = 256 * 1024
+_HDR = P.HEADER
+_HS = P.HEADER_SIZE
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_SET_PDEATHSIG = 1
+
+IDLE, IO, RUNNING = 0, 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """Everything a worker needs to know; built by the supervisor, passed through the fork server."""
+
+    lease_id: str
+    node: str
+    index: int
+    cpu: int
+    cpu_ids: tuple[int, ...]
+    memory_bytes: int
+    cgroups: LeaseCgroups
+    run_as_user: str
+    hot_timeout_s: float
+    max_payload_bytes: int
+    verifier_path: str
+    tcp: tuple[tuple[str, int], ...]  # every worker of the lease, by index
+    unix: tuple[str, ...]
+
+
+class _LoadError:
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+class _Conn:
+    __slots__ = ("authed", "buf", "end", "fns", "skip", "sock", "start", "view")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray(_BUF)
+        self.view = memoryview(self.buf)
+        self.start = 0
+        self.end = 0
+        self.skip = 0  # bytes of an oversized frame still to discard
+        self.authed = False
+        self.fns: list[Any] = []
+
+
+def _malformed(call_id: int, message: str) -> bytes:
+    return P.frame(P.REPLY, 0, P.MALFORMED, call_id, message.encode())
+
+
+def _prctl(option: int, arg: int) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0)
+
+
+def drop_privileges(user: str) -> None:
+    """Become ``user`` (groups, gid, uid) when running as root; no-op otherwise."""
+    if os.getuid() != 0 and os.geteuid() != 0:
+        return
+    pw = pwd.getpwnam(user)
+    os.setgroups([])
+    os.setgid(pw.pw_gid)
+    os.setuid(pw.pw_uid)
+    if os.getuid() == 0 or os.geteuid() == 0:
+        raise PermissionError(f"still root after dropping to {user!r}")
+    os.environ.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name)
+
+
+def _verify_hello(verifier: socket.socket | None, token: bytes) -> dict[str, Any]:
+    """Ask the supervisor whether ``token`` is valid; its answer as a dict."""
+    if verifier is None:
+        return {"status": "unauthorized", "message": "executor lost its token verifier"}
+    try:
+        verifier.sendall(struct.pack("<I", len(token)) + token)
+        head = verifier.recv(4, socket.MSG_WAITALL)
+        (length,) = struct.unpack("<I", head)
+        answer: dict[str, Any] = json.loads(verifier.recv(length, socket.MSG_WAITALL))
+        return answer
+    except (OSError, ValueError, struct.error):
+        return {"status": "unauthorized", "message": "executor cannot reach its token verifier"}
+
+
+class Worker:
+    """The serving loop. Built after privileges are dropped."""
+
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        listeners: list[socket.socket],
+        verifier: socket.socket | None,
+    ) -> None:
+        self.spec = spec
+        self.listeners = {s.fileno(): s for s in listeners}
+        self.verifier = verifier
+        self.conns: dict[int, _Conn] = {}
+        self.poller = select.poll()
+        for fd in self.listeners:
+            self.poller.register(fd, select.POLLIN)
+        self.phase = IDLE
+        self.evicting = 0  # status code of the notice once evicted or expired
+        self.noticed = False
+        self.limit = spec.max_payload_bytes
+        welcome = {
+            "lease_id": spec.lease_id,
+            "worker": spec.index,
+            "pid": os.getpid(),
+            "cpu": spec.cpu,
+            "tcp": [list(a) for a in spec.tcp],
+            "unix": list(spec.unix),
+            "max_payload_bytes": spec.max_payload_bytes,
+        }
+        self.welcome = P.frame(P.REPLY, 0, P.OK, 0, json.dumps(welcome).encode())
+
+    # -- eviction -------------------------------------------------------------------------
+    def on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.evicting = P.EXPIRED if signum == signal.SIGUSR1 else P.EVICTED
+        if self.phase != IO:  # no frame is half written: safe to write the notices now
+            self._send_notices()
+            if self.phase == IDLE:
+                os._exit(0)
+
+    def _send_notices(self) -> None:
+        if self.noticed:
+            return
+        self.noticed = True
+        what = "expired" if self.evicting == P.EXPIRED else "evicted"
+        note = P.frame(P.REPLY, 0, self.evicting, 0, f"lease {self.spec.lease_id} {what}".encode())
+        for conn in list(self.conns.values()):
+            with contextlib.suppress(OSError):
+                conn.sock.send(note, socket.MSG_DONTWAIT)
+
+    # -- loop ------------------------------------------------------------------------------
+    def serve(self) -> NoReturn:
+        poll = self.poller.poll
+        monotonic = time.monotonic
+        hot = self.spec.hot_timeout_s
+        hot_until = 0.0
+        while True:
+            self.phase = IDLE
+            if self.evicting:
+                self._send_notices()
+                os._exit(0)
+            events = poll(0)
+            if not events:
+                if monotonic() < hot_until:
+                    continue
+                events = poll(None)
+            self.phase = IO
+            for fd, ev in events:
+                conn = self.conns.get(fd)
+                if conn is not None:
+                    self._on_readable(conn, ev)
+                elif fd in self.listeners:
+                    self._accept(self.listeners[fd])
+            hot_until = monotonic() + hot
+
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            sock, _ = listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError:  # EMFILE and the like: the client retries; the worker lives on
+            return
+        sock.setblocking(True)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", _SNDTIMEO_S, 0))
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = _Conn(sock)
+        self.conns[sock.fileno()] = conn
+        self.poller.register(sock.fileno(), select.POLLIN)
+        if self.evicting:
+            with contextlib.suppress(OSError):
+                sock.send(P.frame(P.REPLY, 0, self.evicting, 0, b"lease taken back"), socket.MSG_DONTWAIT)
+
+    def _close(self, conn: _Conn) -> None:
+        fd = conn.sock.fileno()
+        if self.conns.pop(fd, None) is not None:
+            self.poller.unregister(fd)
+        conn.sock.close()
+
+    def _send(self, conn: _Conn, data: bytes) -> bool:
+        try:
+            conn.sock.sendall(data)
+            return True
+        except OSError:  # vanished or stuck client
+            self._close(conn)
+            return False
+
+    def _on_readable(self, conn: _Conn, ev: int) -> None:
+        try:
+            n = conn.sock.recv_into(conn.view[conn.end :])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            n = 0
+        if n == 0:
+            self._close(conn)
+            return
+        conn.end += n
+        out: list[bytes] = []
+        keep = self._parse(conn, out)
+        if out and not self._send(conn, b"".join(out)):
+            return
+        if not keep:
+            self._close(conn)
+
+    def _parse(self, conn: _Conn, out: list[bytes]) -> bool:
+        """Handle every complete frame in the buffer; False when the connection must close."""
+        buf = conn.buf
+        limit = self.limit
+        while True:
+            if conn.skip:
+                drop = min(conn.skip, conn.end - conn.start)
+                conn.skip -= drop
+                conn.start += drop
+            avail = conn.end - conn.start
+            if avail < _HS:
+                break
+            length, kind, flags, code, call_id = _HDR.unpack_from(buf, conn.start)
+            if kind == P.CALL or kind == P.DEFINE:
+                if not conn.authed:
+                    out.append(P.frame(P.REPLY, 0, P.UNAUTHORIZED, call_id, b"send HELLO with a lease token first"))
+                    return False
+                if length > limit:  # answer now, discard the body as it arrives
+                    out.append(P.frame(P.REPLY, 0, P.TOO_LARGE, call_id, P.TOO_LARGE_BODY.pack(length, limit)))
+                    conn.start += _HS
+                    conn.skip = length
+                    continue
+            elif kind == P.HELLO:
+                if length > P.MAX_HELLO_BYTES:
+                    out.append(_malformed(0, f"HELLO of {length} bytes is too large"))
+                    return False
+            else:
+                out.append(_malformed(call_id, f"unknown frame kind {kind}"))
+                return False
+            if avail < _HS + length:
+                self._make_room(conn, _HS + length)
+                break
+            body = conn.view[conn.start + _HS : conn.start + _HS + length]
+            conn.start += _HS + length
+            if kind == P.CALL:
+                out.append(self._call(conn, flags, code, call_id, body))
+                if self.evicting:  # run nothing more; the notice covers the rest
+                    break
+            elif kind == P.DEFINE:
+                self._define(conn, flags, code, body)
+            elif not self._hello(conn, code, body, out):
+                return False
+        if conn.start == conn.end:
+            conn.start = conn.end = 0
+        elif conn.end == len(conn.buf):
+            self._make_room(conn, _HS)
+        return True
+
+    def _make_room(self, conn: _Conn, need: int) -> None:
+        size = conn.end - conn.start
+        if need > len(conn.buf):
+            new = bytearray(max(need, _BUF))
+            new[:size] = conn.view[conn.start : conn.end]
+            conn.view.release()
+            conn.buf = new
+            conn.view = memoryview(new)
+        elif conn.start:
+            conn.buf[:size] = conn.buf[conn.start : conn.end]
+        else:
+            return
+        conn.start, conn.end = 0, size
+
+    def _hello(self, conn: _Conn, version: int, body: memoryview, out: list[bytes]) -> bool:
+        if version != P.VERSION:
+            out.append(_malformed(0, f"protocol version {version} not supported (want {P.VERSION})"))
+            return False
+        answer = _verify_hello(self.verifier, bytes(body))
+        status = answer.get("status")
+        spec = self.spec
+        if status == "ok":
+            if answer.get("lease_id") != spec.lease_id or answer.get("node") != spec.node:
+                status, answer["message"] = "unauthorized", f"token is for another lease than {spec.lease_id}"
+            elif sorted(answer.get("cpu_ids", ())) != sorted(spec.cpu_ids):
+                status, answer["message"] = "unauthorized", "token cores do not match this executor"
+        if status == "ok":
+            conn.authed = True
+            out.append(self.welcome)
+            return True
+        code = P.EXPIRED if status == "expired" else P.UNAUTHORIZED
+        out.append(P.frame(P.REPLY, 0, code, 0, str(answer.get("message", status)).encode()))
+        return False
+
+    def _define(self, conn: _Conn, flags: int, index: int, body: memoryview) -> None:
+        fn: Any
+        try:
+            if flags == P.REFERENCE:
+                import importlib
+
+                module, _, name = bytes(body).decode().partition(":")
+                fn = importlib.import_module(module)
+                for part in name.split("."):
+                    fn = getattr(fn, part)
+            else:
+                import cloudpickle
+
+                fn = cloudpickle.loads(body)
+            if not callable(fn):
+                raise TypeError(f"{fn!r} is not callable")
+        except BaseException as exc:
+            fn = _LoadError(f"function {index} cannot be loaded on the executor: {exc!r}")
+        fns = conn.fns
+        while len(fns) <= index:
+            fns.append(None)
+        fns[index] = fn
+
+    def _call(self, conn: _Conn, flags: int, index: int, call_id: int, body: memoryview) -> bytes:
+        if self.evicting:
+            return P.frame(P.REPLY, 0, self.evicting, call_id, b"lease taken back")
+        fns = conn.fns
+        fn = fns[index] if index < len(fns) else None
+        if fn is None or type(fn) is _LoadError:
+            msg = fn.message if fn is not None else f"function index {index} was never defined"
+            return _malformed(call_id, msg)
+        if flags == P.RAW:
+            args: tuple[Any, ...] = (bytes(body),)
+            kwargs: dict[str, Any] = {}
+        else:
+            try:
+                args, kwargs = P.decode_args(flags, body)
+            except ValueError as exc:
+                return _malformed(call_id, str(exc))
+        self.phase = RUNNING
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:
+            self.phase = IO
+            return P.frame(P.REPLY, 0, P.RAISED, call_id, P.encode_failure(exc))
+        self.phase = IO
+        if type(result) is bytes:
+            rflags, data = P.RAW, result
+        else:
+            try:
+                rflags, data = P.encode_result(result)
+            except Exception as exc:
+                return P.frame(P.REPLY, 0, P.RAISED, call_id, P.encode_failure(exc))
+        if len(data) > self.limit:
+            return P.frame(P.REPLY, 0, P.TOO_LARGE, call_id, P.TOO_LARGE_BODY.pack(len(data), self.limit))
+        return _HDR.pack(len(data), P.REPLY, rflags, P.OK, call_id) + data
+
+
+def _close_other_fds(keep: set[int]) -> None:
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def run(spec: WorkerSpec, listeners: list[socket.socket], ready_fd: int) -> NoReturn:
+    """Body of a freshly forked worker: confine, pin, drop privileges, report ready, serve."""
+    verifier: socket.socket | None = None
+    try:
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _close_other_fds({ready_fd, *(s.fileno() for s in listeners)})
+        os.setsid()
+        join(spec.cgroups, os.getpid())
+        os.sched_setaffinity(0, {spec.cpu})
+        if spec.cgroups.mode == "rlimit":
+            with open("/proc/self/statm") as statm:
+                vsize = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            resource.setrlimit(resource.RLIMIT_AS, (vsize + spec.memory_bytes,) * 2)
+        verifier = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        verifier.connect(spec.verifier_path)  # as root: the verifier socket is root-only
+        drop_privileges(spec.run_as_user)
+        _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+        os.chdir("/")
+        worker = Worker(spec, listeners, verifier)
+        signal.signal(signal.SIGTERM, worker.on_signal)
+        signal.signal(signal.SIGUSR1, worker.on_signal)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.write(ready_fd, f"worker {spec.index} setup failed: {exc!r}".encode())
+        os._exit(1)
+    os.write(ready_fd, b"ok")
+    os.close(ready_fd)
+    try:
+        worker.serve()
+    except BaseException as exc:  # a bug in the loop: say so where the agent logs go
+        with contextlib.suppress(Exception):
+            print(f"colocate worker {spec.lease_id}/{spec.index} failed: {exc!r}", file=sys.stderr)
+        os._exit(70)
