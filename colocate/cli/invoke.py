@@ -48,6 +48,7 @@ def resolve(reference: str) -> Callable[..., Any]:
         target: Any = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"cannot import module {module_name!r} ({exc}); check the name and PYTHONPATH") from None
+    _ship_by_value_if_local(target)
     for part in attr.split("."):
         if not hasattr(target, part):
             raise ConfigError(f"module {module_name!r} has no attribute {attr!r}")
@@ -55,6 +56,15 @@ def resolve(reference: str) -> Callable[..., Any]:
     if not callable(target):
         raise ConfigError(f"{reference} is not callable")
     return target  # type: ignore[no-any-return]
+
+
+def _ship_by_value_if_local(module: Any) -> None:
+    """A module from the current directory is not importable on the node: ship its code."""
+    path = getattr(module, "__file__", None)
+    if path and os.path.abspath(path).startswith(os.getcwd() + os.sep) and "site-packages" not in path:
+        import cloudpickle
+
+        cloudpickle.register_pickle_by_value(module)
 
 
 def run(args: argparse.Namespace) -> int:
