@@ -32,6 +32,8 @@ class JobSnapshot:
     colocate: bool = True
     start_time: float | None = None
     cpu_seconds_total: float | None = None  # cumulative CPU time of the job on this node
+    state: str = "RUNNING"  # Slurm's job state (RUNNING, SUSPENDED, COMPLETING, ...)
+    nodes: tuple[str, ...] = ()  # every node of the job (multi-node jobs)
 
     @property
     def cores_idle(self) -> float:
@@ -44,6 +46,7 @@ class JobSnapshot:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["cpu_ids"] = list(self.cpu_ids)
+        data["nodes"] = list(self.nodes)
         data["cores_idle"] = self.cores_idle
         data["memory_unused_bytes"] = self.memory_unused_bytes
         return data
@@ -63,6 +66,9 @@ class NodeSnapshot:
     jobs: tuple[JobSnapshot, ...] = ()
     slurm_ok: bool = True
     warnings: tuple[str, ...] = field(default=())
+    cpu_pressure: float | None = None  # node-wide PSI some avg10 (%), /proc/pressure
+    memory_pressure: float | None = None
+    source: str = ""  # where usage came from: cgroup-v1, cgroup-v2, psutil
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -75,5 +81,8 @@ class NodeSnapshot:
             "memory_unallocated_bytes": self.memory_unallocated_bytes,
             "slurm_ok": self.slurm_ok,
             "warnings": list(self.warnings),
+            "cpu_pressure": self.cpu_pressure,
+            "memory_pressure": self.memory_pressure,
+            "source": self.source,
             "jobs": [job.to_json() for job in self.jobs],
         }

@@ -1,0 +1,128 @@
+"""``colocate monitor``: what each Slurm job on this node was given and really uses.
+
+Examples::
+
+    colocate monitor --node n1              # live table, redrawn every second
+    colocate monitor --node n1 --once --json  # one JSON snapshot (the monitor's contract)
+    colocate monitor --node n1 --json       # one JSON snapshot per line, every interval
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import time
+
+from monitors.sampler import Sampler, default_source
+from monitors.snapshot import NodeSnapshot
+from monitors.usage import UsageSource
+
+GIB = 1024**3
+MIB = 1024**2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--node", help="Slurm node name (default: this host's short name)")
+    parser.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    parser.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between samples (default 1)"
+    )
+    parser.add_argument(
+        "--count", type=int, default=0, help="stop after this many snapshots (0: run until ^C)"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="JSON (one object per line when not --once)"
+    )
+    parser.add_argument(
+        "--source",
+        choices=["auto", "cgroup-v1", "cgroup-v2", "psutil"],
+        default="auto",
+        help="where usage comes from (default: this machine's cgroups, psutil for the rest)",
+    )
+    parser.add_argument("--slurm", choices=["cli", "pyslurm"], default="cli", help="Slurm backend")
+    parser.add_argument("--cgroup-root", default="/sys/fs/cgroup", help=argparse.SUPPRESS)
+    parser.add_argument("--proc", default="/proc", help=argparse.SUPPRESS)
+
+
+def _source(args: argparse.Namespace) -> UsageSource:
+    if args.source == "cgroup-v1":
+        from monitors.cgroup_v1 import CgroupV1Source
+
+        return CgroupV1Source(args.cgroup_root, args.proc)
+    if args.source == "cgroup-v2":
+        from monitors.cgroup_v2 import CgroupV2Source
+
+        return CgroupV2Source(args.cgroup_root, args.proc)
+    if args.source == "psutil":
+        from monitors.procscan import ProcessScanSource
+
+        return ProcessScanSource(args.proc)
+    return default_source(args.cgroup_root, args.proc)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}%"
+
+
+def render_table(snap: NodeSnapshot) -> str:
+    """The live table: one row per job, cores and memory given / used / idle."""
+    lines = [
+        f"node {snap.node}  {time.strftime('%H:%M:%S', time.localtime(snap.t))}  "
+        f"cores {snap.cores_total} (unallocated {snap.cores_unallocated})  "
+        f"memory {snap.memory_total_bytes / GIB:.1f} GiB (unallocated {snap.memory_unallocated_bytes / GIB:.1f} GiB)  "
+        f"PSI cpu {_pct(snap.cpu_pressure)} mem {_pct(snap.memory_pressure)}  "
+        f"source {snap.source}{'' if snap.slurm_ok else '  SLURM UNAVAILABLE'}",
+        "",
+        f"{'JOB':>8} {'USER':<10} {'STATE':<10} {'CPUS':<8} {'ALLOC':>5} {'USED':>5} {'IDLE':>5}  "
+        f"{'MEM ALLOC':>9} {'USED':>9} {'PEAK':>9} {'UNUSED':>9}  {'PSI CPU':>7} {'MEM':>5} {'PROCS':>5}",
+    ]
+    for j in snap.jobs:
+        cpus = (
+            ",".join(map(str, j.cpu_ids))
+            if len(j.cpu_ids) <= 3
+            else f"{j.cpu_ids[0]}..{j.cpu_ids[-1]}"
+        )
+        lines.append(
+            f"{j.job_id:>8} {j.user[:10]:<10} {j.state[:10]:<10} {cpus:<8} {j.cores_allocated:>5} "
+            f"{j.cores_used:>5.2f} {j.cores_idle:>5.2f}  "
+            f"{j.memory_allocated_bytes / MIB:>7.0f}Mi {j.memory_used_bytes / MIB:>7.0f}Mi "
+            f"{j.memory_peak_bytes / MIB:>7.0f}Mi {j.memory_unused_bytes / MIB:>7.0f}Mi  "
+            f"{_pct(j.cpu_pressure):>7} {_pct(j.memory_pressure):>5} {j.processes:>5}"
+        )
+    if not snap.jobs:
+        lines.append("   (no jobs on this node)")
+    lines += [f"warning: {w}" for w in snap.warnings[:5]]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from slurm_plugin.slurm import make_slurm
+
+    node = args.node or socket.gethostname().split(".")[0]
+    interval = max(0.05, args.interval)
+    sampler = Sampler(node, make_slurm(args.slurm), _source(args), window_s=max(interval * 3, 1.0))
+    sampler.slurm.node_info(node)  # fail early, with the known node names, on a wrong --node
+    if args.once:
+        sampler.sample()  # the first reading has no CPU window yet
+        time.sleep(interval)
+        snap = sampler.sample()
+        print(json.dumps(snap.to_json(), indent=2) if args.json else render_table(snap))
+        return 0
+    shown = 0
+    sampler.sample()
+    tty = sys.stdout.isatty()
+    while True:
+        time.sleep(interval)
+        snap = sampler.sample()
+        if args.json:
+            print(json.dumps(snap.to_json()), flush=True)
+        else:
+            print(
+                ("\x1b[H\x1b[2J" if tty else "") + render_table(snap) + ("" if tty else "\n"),
+                flush=True,
+            )
+        shown += 1
+        if args.count and shown >= args.count:
+            return 0

@@ -1,0 +1,112 @@
+"""Reading cgroup and /proc files without letting a vanished or unreadable file stop a sample.
+
+Every reader takes a ``Skips`` collector: a file that is missing or unreadable is noted
+there (named), and the caller carries on with what it has.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from slurm_plugin.slurm import parse_cpu_ids
+
+
+class Skips:
+    """Collects one warning per thing that could not be read."""
+
+    def __init__(self) -> None:
+        self.warnings: list[str] = []
+
+    def note(self, what: str, exc: BaseException | str) -> None:
+        reason = exc if isinstance(exc, str) else _reason(exc)
+        self.warnings.append(f"skipped {what}: {reason}")
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "missing"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, ValueError):
+        return f"unreadable ({exc})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def read_text(path: Path, skips: Skips | None = None) -> str | None:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        if skips is not None:
+            skips.note(str(path), exc)
+        return None
+
+
+def read_int(path: Path, skips: Skips | None = None) -> int | None:
+    text = read_text(path, skips)
+    if text is None:
+        return None
+    try:
+        return int(text.split()[0])
+    except (ValueError, IndexError):
+        if skips is not None:
+            skips.note(str(path), ValueError(f"not a number: {text[:40]!r}"))
+        return None
+
+
+def read_flat_keyed(path: Path, skips: Skips | None = None) -> dict[str, int]:
+    """``key value`` lines (``memory.stat``, ``cpu.stat``) as a dict; bad lines are ignored."""
+    text = read_text(path, skips)
+    out: dict[str, int] = {}
+    for line in (text or "").splitlines():
+        key, _, value = line.partition(" ")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            continue
+    return out
+
+
+def read_cpuset(path: Path, skips: Skips | None = None) -> tuple[int, ...] | None:
+    text = read_text(path, skips)
+    if text is None:
+        return None
+    try:
+        return parse_cpu_ids(text)
+    except ValueError as exc:
+        if skips is not None:
+            skips.note(str(path), exc)
+        return None
+
+
+def subtree_pids(directory: Path, skips: Skips | None = None) -> set[int]:
+    """Pids in ``cgroup.procs`` of ``directory`` and every group below it."""
+    pids: set[int] = set()
+    for dirpath, _dirnames, filenames in os.walk(directory):
+        if "cgroup.procs" not in filenames:
+            continue
+        text = read_text(Path(dirpath) / "cgroup.procs", skips)
+        pids.update(int(p) for p in (text or "").split() if p.isdigit())
+    return pids
+
+
+def unified_path(pid: int, proc: Path) -> str | None:
+    """The cgroup v2 path of ``pid`` (the ``0::`` line of /proc/PID/cgroup), or None."""
+    text = read_text(proc / str(pid) / "cgroup")
+    for line in (text or "").splitlines():
+        if line.startswith("0::"):
+            return line[3:].strip() or "/"
+    return None
+
+
+def environ_value(pid: int, proc: Path, key: str) -> str | None:
+    """One variable of a process's environment (root or the same user only)."""
+    try:
+        data = (proc / str(pid) / "environ").read_bytes()
+    except OSError:
+        return None
+    prefix = key.encode() + b"="
+    for item in data.split(b"\0"):
+        if item.startswith(prefix):
+            return item[len(prefix) :].decode(errors="replace")
+    return None

@@ -1,0 +1,302 @@
+"""The node sampler: one ``NodeSnapshot`` per call, joining Slurm's allocations with usage.
+
+Per call it reads the usage source (cgroups: a few small files per job) and asks Slurm for
+the node's jobs only when something may have changed: every ``slurm_refresh_s``, when the
+set of jobs the source sees changes (a job started or ended), or while a job is in a
+transient state (completing, configuring). Node totals come from Slurm every
+``node_refresh_s``. This keeps the cost of sampling every second to a small fraction of
+one core (``benchmarks/monitor.py``).
+
+When Slurm does not answer (``SlurmUnavailable``) the sampler keeps producing snapshots
+with ``slurm_ok=False``, from the last known allocations of the jobs the source still sees,
+and retries with exponential backoff (1 s, 2 s, 4 s ... up to 30 s).
+
+``cores_used`` is CPU time over the last ``window_s`` seconds of readings: the first sample
+of a job has no window yet and reports 0.0 (psutil's ``cpu_percent()`` has the same quirk);
+such samples are not added to the history.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import psutil
+
+from colocate.errors import SlurmUnavailable
+from monitors.history import UsageHistory
+from monitors.psi import node_pressure
+from monitors.snapshot import JobSnapshot, NodeSnapshot
+from monitors.usage import JobUsage, UsageReading, UsageSource
+from policies.model import UsageSample
+from slurm_plugin.slurm import JobOnNode, JobState, NodeInfo, NodeState, SlurmClient
+
+log = logging.getLogger(__name__)
+
+MIN_WINDOW_S = 0.05  # readings closer than this give no meaningful rate
+
+
+class Backoff:
+    """Exponential backoff between retries: ``initial_s``, doubling, capped at ``max_s``."""
+
+    def __init__(self, initial_s: float = 1.0, max_s: float = 30.0) -> None:
+        self.initial_s = initial_s
+        self.max_s = max_s
+        self.delay_s = 0.0
+        self.next_at = 0.0
+
+    def ready(self, mono: float) -> bool:
+        return mono >= self.next_at
+
+    def failed(self, mono: float) -> float:
+        """Record a failure at ``mono``; returns the delay before the next attempt."""
+        self.delay_s = min(self.max_s, self.delay_s * 2 if self.delay_s else self.initial_s)
+        self.next_at = mono + self.delay_s
+        return self.delay_s
+
+    def succeeded(self) -> None:
+        self.delay_s = 0.0
+        self.next_at = 0.0
+
+
+class Sampler:
+    """Samples one node. Not thread-safe: one caller (the agent loop or the CLI)."""
+
+    def __init__(
+        self,
+        node: str,
+        slurm: SlurmClient,
+        source: UsageSource,
+        *,
+        window_s: float = 3.0,
+        slurm_refresh_s: float = 5.0,
+        node_refresh_s: float = 60.0,
+        history: UsageHistory | None = None,
+        proc: str | Path = "/proc",
+        monotonic: Callable[[], float] = time.monotonic,
+        backoff: Backoff | None = None,
+        warn_every_s: float = 60.0,
+    ) -> None:
+        self.node = node
+        self.slurm = slurm
+        self.source = source
+        self.window_s = window_s
+        self.slurm_refresh_s = slurm_refresh_s
+        self.node_refresh_s = node_refresh_s
+        self.history = history if history is not None else UsageHistory()
+        self.proc = Path(proc)
+        self._mono = monotonic
+        self.backoff = backoff or Backoff()
+        self.warn_every_s = warn_every_s
+        self._jobs: list[JobOnNode] | None = None
+        self._jobs_at = -1e18
+        self._slurm_error: str | None = None
+        self._node: NodeInfo | None = None
+        self._node_at = -1e18
+        self._last_seen: frozenset[str] | None = None
+        self._readings: dict[str, deque[tuple[float, float]]] = {}
+        self._peaks: dict[str, int] = {}
+        self._logged: dict[str, float] = {}
+
+    # -- Slurm -------------------------------------------------------------------------
+    def _refresh_jobs(self, mono: float, warnings: list[str]) -> bool:
+        """Ask Slurm for the node's jobs unless backing off. True when the list was updated."""
+        if not self.backoff.ready(mono):
+            return False
+        try:
+            parsed = self.slurm.jobs_on_node(self.node)
+        except SlurmUnavailable as exc:
+            delay = self.backoff.failed(mono)
+            self._slurm_error = f"Slurm unavailable ({exc}); retrying in {delay:g} s"
+            return False
+        self.backoff.succeeded()
+        self._slurm_error = None
+        self._jobs = list(parsed.items)
+        self._jobs_at = mono
+        warnings.extend(parsed.warnings)
+        return True
+
+    def _node_info(self, mono: float, warnings: list[str]) -> NodeInfo:
+        stale = self._node is None or mono - self._node_at >= self.node_refresh_s
+        if stale and (self._node is None or self.backoff.ready(mono)):
+            try:
+                self._node = self.slurm.node_info(self.node)
+                self._node_at = mono
+            except SlurmUnavailable as exc:
+                warnings.append(f"node totals from Slurm unavailable ({exc})")
+        if self._node is not None:
+            return self._node
+        warnings.append("node totals taken from this machine (Slurm has not answered yet)")
+        return NodeInfo(
+            name=self.node,
+            state=NodeState.UNKNOWN,
+            cpus=os.cpu_count() or 1,
+            real_memory_bytes=psutil.virtual_memory().total,
+        )
+
+    # -- usage -------------------------------------------------------------------------
+    def _rate(self, job_id: str, cpu_total: float | None, mono: float) -> float | None:
+        """Cores used over the window, or None when there is no window yet."""
+        if cpu_total is None:
+            return None
+        readings = self._readings.setdefault(job_id, deque())
+        if readings and cpu_total < readings[-1][1]:
+            readings.clear()  # a process scan lost exited processes: start a new window
+        readings.append((mono, cpu_total))
+        while len(readings) > 2 and mono - readings[1][0] >= self.window_s:
+            readings.popleft()
+        t0, c0 = readings[0]
+        if mono - t0 < MIN_WINDOW_S:
+            return None
+        return max(0.0, (cpu_total - c0) / (mono - t0))
+
+    def _job_snapshot(
+        self, job: JobOnNode, usage: JobUsage | None, mono: float, warnings: list[str]
+    ) -> tuple[JobSnapshot, bool]:
+        rate = self._rate(job.job_id, usage.cpu_seconds_total if usage else None, mono)
+        cpu_ids = job.cpu_ids
+        # The cgroup's cpuset has the kernel's CPU numbers; trust it only when it is the
+        # allocation (ConstrainCores=no leaves the whole node in it).
+        if usage and usage.cpu_ids and (not job.cores or len(usage.cpu_ids) == job.cores):
+            cpu_ids = usage.cpu_ids
+        cores = job.cores or len(cpu_ids)
+        memory = usage.memory_bytes if usage else 0
+        peak = max(
+            self._peaks.get(job.job_id, 0), memory, (usage.memory_peak_bytes or 0) if usage else 0
+        )
+        self._peaks[job.job_id] = peak
+        if usage is None and job.state is JobState.RUNNING:
+            warnings.append(
+                f"job {job.job_id}: no usage found by {self.source.name} (no cgroup, no processes)"
+            )
+        snap = JobSnapshot(
+            job_id=job.job_id,
+            user=job.user,
+            cores_allocated=cores,
+            cpu_ids=tuple(cpu_ids),
+            cores_used=round(rate, 4) if rate is not None else 0.0,
+            memory_allocated_bytes=job.memory_bytes,
+            memory_used_bytes=memory,
+            memory_peak_bytes=peak,
+            processes=usage.processes if usage else 0,
+            cpu_pressure=usage.cpu_pressure if usage else None,
+            memory_pressure=usage.memory_pressure if usage else None,
+            uid=job.uid,
+            start_time=job.start_time,
+            cpu_seconds_total=usage.cpu_seconds_total if usage else None,
+            state=job.state.value,
+            nodes=job.nodes,
+        )
+        return snap, rate is not None
+
+    # -- the sample --------------------------------------------------------------------
+    def sample(self, now: float | None = None) -> NodeSnapshot:
+        """One snapshot of the node at ``now`` (epoch seconds; default: the wall clock)."""
+        now = time.time() if now is None else now
+        mono = self._mono()
+        warnings: list[str] = []
+        if self._jobs is None:
+            self._refresh_jobs(mono, warnings)
+        reading = self._read(warnings)
+        seen = frozenset(reading.jobs)
+        transient = any(j.state is not JobState.RUNNING for j in self._jobs or ())
+        due = mono - self._jobs_at >= self.slurm_refresh_s
+        if due or transient or seen != self._last_seen:
+            before = {j.job_id for j in self._jobs or ()}
+            if self._refresh_jobs(mono, warnings):
+                new = {j.job_id for j in self._jobs or ()} - before - set(reading.jobs)
+                if new:  # a job Slurm just reported: let the source look for it too
+                    reading = self._read(warnings)
+                    seen = frozenset(reading.jobs)
+        self._last_seen = seen
+        jobs = list(self._jobs or ())
+        slurm_ok = self._slurm_error is None and self._jobs is not None
+        if not slurm_ok:
+            warnings.append(self._slurm_error or "Slurm has not answered yet")
+            jobs = [j for j in jobs if j.job_id in reading.jobs]  # only jobs still alive
+        info = self._node_info(mono, warnings)
+        snaps: list[JobSnapshot] = []
+        for job in jobs:
+            snap, valid = self._job_snapshot(job, reading.jobs.get(job.job_id), mono, warnings)
+            snaps.append(snap)
+            if valid:
+                self.history.add(
+                    job.job_id,
+                    UsageSample(
+                        now,
+                        snap.cores_used,
+                        snap.memory_used_bytes,
+                        snap.cpu_pressure,
+                        snap.memory_pressure,
+                    ),
+                )
+        live = {j.job_id for j in jobs}
+        self.history.retain(live)
+        for state in (self._readings, self._peaks):
+            for job_id in [j for j in state if j not in live]:
+                del state[job_id]
+        node_ids = tuple(range(info.cpus))
+        if all(s.cpu_ids for s in snaps):
+            taken = {c for s in snaps for c in s.cpu_ids}
+            cores_free = len(set(node_ids) - taken)
+        else:
+            cores_free = max(0, info.cpus - sum(s.cores_allocated for s in snaps))
+        mem_free = max(0, info.real_memory_bytes - sum(s.memory_allocated_bytes for s in snaps))
+        cpu_p, mem_p = node_pressure(self.proc)
+        self._log(warnings, mono)
+        return NodeSnapshot(
+            node=self.node,
+            t=now,
+            cores_total=info.cpus,
+            cpu_ids=node_ids,
+            memory_total_bytes=info.real_memory_bytes,
+            cores_unallocated=cores_free,
+            memory_unallocated_bytes=mem_free,
+            jobs=tuple(snaps),
+            slurm_ok=slurm_ok,
+            warnings=tuple(dict.fromkeys(warnings)),
+            cpu_pressure=cpu_p,
+            memory_pressure=mem_p,
+            source=self.source.name,
+        )
+
+    def _read(self, warnings: list[str]) -> UsageReading:
+        try:
+            reading = self.source.read(self.node, self._jobs or ())
+        except OSError as exc:  # a source must not raise; if one does, keep sampling
+            warnings.append(f"usage source {self.source.name} failed: {exc}")
+            return UsageReading()
+        warnings.extend(reading.warnings)
+        return reading
+
+    def _log(self, warnings: Sequence[str], mono: float) -> None:
+        for w in warnings:
+            last = self._logged.get(w)
+            if last is None or mono - last >= self.warn_every_s:
+                log.warning("%s: %s", self.node, w)
+                self._logged[w] = mono
+        if len(self._logged) > 1000:
+            self._logged.clear()
+
+
+def default_source(
+    cgroup_root: str | Path = "/sys/fs/cgroup", proc: str | Path = "/proc"
+) -> UsageSource:
+    """The cgroup source this machine has (v1 or v2), with the psutil scan as fallback."""
+    from monitors.cgroup_v1 import CgroupV1Source
+    from monitors.cgroup_v2 import CgroupV2Source
+    from monitors.procscan import FallbackSource, ProcessScanSource
+
+    scan = ProcessScanSource(proc)
+    primary: UsageSource
+    if CgroupV2Source.detect(cgroup_root):
+        primary = CgroupV2Source(cgroup_root, proc)
+    elif CgroupV1Source.detect(cgroup_root):
+        primary = CgroupV1Source(cgroup_root, proc)
+    else:
+        return scan
+    return FallbackSource(primary, scan)
