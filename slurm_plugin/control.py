@@ -43,9 +43,8 @@ import struct
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 from colocate.errors import BackendUnavailable, BadRequest, ColocateError, ConfigError, Unauthorized
 
@@ -65,10 +64,10 @@ _COLOCATE_VALUES: dict[Any, Colocate | None] = {"allow": "allow", "deny": "deny"
 
 
 # --- values ---------------------------------------------------------------------------
+# NamedTuples, not dataclasses: ``dataclasses`` imports ``inspect``, a few ms on every prolog.
 
 
-@dataclass(frozen=True, slots=True)
-class PrologRequest:
+class PrologRequest(NamedTuple):
     """A job is starting on this node; its cores and memory must be free when we answer.
 
     ``colocate`` is the job's ``--colocate`` choice (None: the site default applies);
@@ -83,8 +82,7 @@ class PrologRequest:
     node: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class PrologResult:
+class PrologResult(NamedTuple):
     """What the agent did for a starting job.
 
     ``evicted``: lease ids taken back; ``waited_s``: seconds spent until they were gone;
@@ -97,16 +95,14 @@ class PrologResult:
     complete: bool = True
 
 
-@dataclass(frozen=True, slots=True)
-class EpilogRequest:
+class EpilogRequest(NamedTuple):
     """A job ended on this node; its cores and memory may be offered at once."""
 
     job_id: int
     node: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class EpilogResult:
+class EpilogResult(NamedTuple):
     """What the agent offers now that the job is gone (None: not known yet)."""
 
     offered_cores: int | None = None
@@ -209,8 +205,7 @@ def parse_epilog(message: Mapping[str, Any]) -> EpilogRequest:
 # --- peer credentials -----------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Peer:
+class Peer(NamedTuple):
     """The process at the other end of a Unix socket, as the kernel reports it."""
 
     pid: int
@@ -470,12 +465,11 @@ class ControlServer:
 # --- client ---------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class ControlReply:
+class ControlReply(NamedTuple):
     """An answer from the agent; ``ok`` False carries ``error``."""
 
     ok: bool
-    body: dict[str, Any] = field(default_factory=dict)
+    body: dict[str, Any]
 
     @property
     def error(self) -> str:

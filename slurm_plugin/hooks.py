@@ -29,7 +29,6 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from colocate.errors import BackendUnavailable
@@ -46,17 +45,22 @@ ANSWER_MARGIN_S = 0.5
 _SYSLOG_IDENT = "colocate-hook"
 
 
-@dataclass(slots=True)
 class HookOutcome:
     """What a hook run did. ``ok`` False means it gave up (and still exits 0)."""
 
-    hook: str
-    ok: bool
-    message: str
-    job_id: int | None = None
-    socket: str | None = None
-    elapsed_s: float = 0.0
-    reply: dict[str, Any] = field(default_factory=dict)
+    __slots__ = ("elapsed_s", "hook", "job_id", "message", "ok", "reply", "socket")
+
+    def __init__(self, hook: str, ok: bool = False, message: str = "") -> None:
+        self.hook = hook
+        self.ok = ok
+        self.message = message
+        self.job_id: int | None = None
+        self.socket: str | None = None
+        self.elapsed_s = 0.0
+        self.reply: dict[str, Any] = {}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
 def _config_socket(config_path: str | None) -> str | None:
@@ -226,7 +230,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     outcome = run_hook(args.hook, env, socket=args.socket, config=args.config, timeout_s=args.timeout)
     report(outcome, use_syslog=not args.no_syslog)
     if args.json:
-        print(json.dumps(asdict(outcome)))
+        print(json.dumps(outcome.as_dict()))
     return 0
 
 
