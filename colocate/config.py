@@ -32,6 +32,10 @@ class ExecutorConfig(_Section):
     max_payload_bytes: int = Field(16 * 1024**2, gt=0)
     hot_timeout_s: float = Field(0.005, ge=0, description="busy-poll this long before blocking")
     run_as_user: str = "nobody"
+    # Imported once by the fork server, before workers drop to run_as_user (who may not be
+    # allowed to read the Python installation, e.g. a pyenv under /root).
+    preload_modules: tuple[str, ...] = ()
+    eviction_notice_s: float = Field(0.02, ge=0, description="with no grace, time workers get to notify clients before SIGKILL")
 
 
 class BrokerConfig(_Section):
