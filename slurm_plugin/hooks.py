@@ -13,6 +13,11 @@ environment (no PATH), and **drains the node when it exits non-zero**. So these 
 - never exit non-zero for their own trouble (agent down, socket missing, timeout, a
   garbled answer, bad arguments): they log one line to stderr and syslog and exit 0.
 
+The prolog also leaves the job's choice in a small file next to the socket
+(``/run/colocate/jobs/<job_id>@<node>.json``, see :func:`read_job_choices`) before it calls the
+agent, and the epilog removes it: an agent that was down or restarted during a job's
+prolog still knows that the job said ``deny``.
+
 Run as ``colocate hook prolog``, ``python -m colocate.cli hook prolog`` or
 ``python -m slurm_plugin.hooks prolog`` (the last one imports the least).
 
@@ -24,12 +29,14 @@ exists), ``/run/colocate/agent.sock``. ``{node}`` in it becomes ``$SLURMD_NODENA
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 from colocate.errors import BackendUnavailable
 from slurm_plugin.control import DEFAULT_SOCKET, call, socket_path_for
@@ -48,7 +55,7 @@ _SYSLOG_IDENT = "colocate-hook"
 class HookOutcome:
     """What a hook run did. ``ok`` False means it gave up (and still exits 0)."""
 
-    __slots__ = ("elapsed_s", "hook", "job_id", "message", "ok", "reply", "socket")
+    __slots__ = ("elapsed_s", "hook", "job_id", "message", "ok", "reply", "socket", "warnings")
 
     def __init__(self, hook: str, ok: bool = False, message: str = "") -> None:
         self.hook = hook
@@ -58,9 +65,90 @@ class HookOutcome:
         self.socket: str | None = None
         self.elapsed_s = 0.0
         self.reply: dict[str, Any] = {}
+        self.warnings: list[str] = []
 
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}
+
+
+class JobChoice(NamedTuple):
+    """A job's ``--colocate`` choice as its prolog saw it; ``colocate`` None: site default.
+
+    ``recorded_at`` is seconds since the epoch.
+    """
+
+    job_id: int
+    colocate: str | None
+    uid: int | None
+    node: str | None
+    recorded_at: float
+
+
+def choice_dir_for(socket_path: str) -> Path:
+    """Where the hooks leave job choices: ``jobs/`` next to the agent's control socket."""
+    return Path(socket_path).parent / "jobs"
+
+
+def _choice_file(directory: Path, job_id: int, node: str | None) -> Path:
+    # One file per job and node: the dev cluster runs several nodes' prologs on one host.
+    return directory / f"{job_id}@{node or 'local'}.json"
+
+
+def record_job_choice(directory: Path, choice: JobChoice) -> Path:
+    """Write ``choice`` atomically (root only, 0600); return the file.
+
+    Creates ``directory`` but not its parent: that is the agent's runtime folder, and a
+    hook pointed at a folder that does not exist must not create it.
+    """
+    directory.mkdir(mode=0o755, exist_ok=True)
+    target = _choice_file(directory, choice.job_id, choice.node)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, json.dumps(choice._asdict()).encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, target)
+    return target
+
+
+def forget_job_choice(directory: Path, job_id: int, node: str | None) -> bool:
+    """Remove a job's choice file; True if there was one."""
+    try:
+        _choice_file(directory, job_id, node).unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def read_job_choices(directory: Path, node: str | None = None) -> dict[int, JobChoice]:
+    """Choices of the jobs whose prolog ran and epilog did not, by job id.
+
+    For the agent at start and for jobs it has not heard of. ``node`` keeps only that
+    node's files. Unreadable files are skipped with a warning on stderr.
+    """
+    choices: dict[int, JobChoice] = {}
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return choices
+    for name in names:
+        if name.startswith(".") or not name.endswith(".json"):
+            continue
+        try:
+            data = json.loads((directory / name).read_bytes())
+            choice = JobChoice(
+                job_id=int(data["job_id"]), colocate=data.get("colocate"), uid=data.get("uid"),
+                node=data.get("node"), recorded_at=float(data.get("recorded_at", 0.0)),
+            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            print(f"colocate: skipped unreadable job choice {directory / name}: {exc}", file=sys.stderr)
+            continue
+        if choice.colocate not in (None, "allow", "deny"):
+            choice = choice._replace(colocate="deny")  # unknown: the safe reading
+        if node is None or choice.node in (node, None):
+            choices[choice.job_id] = choice
+    return choices
 
 
 def _config_socket(config_path: str | None) -> str | None:
@@ -144,18 +232,32 @@ def run_hook(
     """
     started = time.monotonic()
     outcome = HookOutcome(hook=hook, ok=False, message="")
+    warnings: list[str] = []
     try:
         if timeout_s is None:
             timeout_s = DEFAULT_PROLOG_TIMEOUT_S if hook == "prolog" else DEFAULT_EPILOG_TIMEOUT_S
-        warning = None
         if hook == "prolog":
             request, warning = prolog_request(env, timeout_s)
+            warnings += filter(None, [warning])
         elif hook == "epilog":
             request = epilog_request(env)
         else:
             raise ValueError(f"unknown hook {hook!r}; expected prolog or epilog")
         outcome.job_id = request["job_id"]
         outcome.socket = resolve_socket(socket, config, env)
+        choices = choice_dir_for(outcome.socket)
+        if hook == "prolog":
+            try:
+                record_job_choice(choices, JobChoice(
+                    job_id=request["job_id"], colocate=request["colocate"], uid=request["uid"],
+                    node=request["node"], recorded_at=time.time(),
+                ))
+            except OSError as exc:
+                warnings.append(f"cannot record the job's choice in {choices}: {exc.strerror}")
+        else:
+            # A stale choice file names a finished job; the agent ignores it.
+            with contextlib.suppress(OSError):
+                forget_job_choice(choices, request["job_id"], request["node"])
         reply = call(outcome.socket, request, timeout_s + ANSWER_MARGIN_S)
         outcome.reply = reply.body
         outcome.ok = reply.ok
@@ -169,21 +271,21 @@ def run_hook(
                 outcome.message += "; evictions still running at the deadline"
         else:
             outcome.message = "the agent offers the job's resources again"
-        if warning:
-            outcome.message += f"; {warning}"
     except (BackendUnavailable, ValueError) as exc:
         outcome.message = str(exc)
     except Exception as exc:  # any trouble of our own must not fail the prolog
         outcome.message = f"{type(exc).__name__}: {exc}"
+    outcome.warnings = warnings
+    outcome.message = "; ".join([outcome.message, *warnings])
     outcome.elapsed_s = time.monotonic() - started
     return outcome
 
 
 def report(outcome: HookOutcome, *, use_syslog: bool = True) -> None:
-    """One line: to stderr when something went wrong, to syslog always."""
+    """One line: to stderr when something went wrong or needs a look, to syslog always."""
     job = outcome.job_id if outcome.job_id is not None else "?"
     line = f"colocate hook {outcome.hook} job {job}: {outcome.message} ({outcome.elapsed_s * 1000:.0f} ms)"
-    if not outcome.ok:
+    if not outcome.ok or outcome.warnings:
         print(line, file=sys.stderr)
     if use_syslog:
         try:

@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 
 from slurm_plugin.control import DEFAULT_SOCKET, ControlServer, PrologRequest
-from slurm_plugin.hooks import ANSWER_MARGIN_S, main, prolog_request, resolve_socket, run_hook
+from slurm_plugin.hooks import (
+    ANSWER_MARGIN_S,
+    JobChoice,
+    main,
+    prolog_request,
+    read_job_choices,
+    record_job_choice,
+    resolve_socket,
+    run_hook,
+)
 from tests.unit.test_control import RecordingHandler
 
 JOB_ENV = {
@@ -139,3 +148,35 @@ def test_main_never_fails_the_prolog(argv: list[str], tmp_path: Path, capsys: py
     assert time.monotonic() - started < 0.5
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("colocate hook ")
+
+
+def test_the_choice_survives_an_agent_that_was_down(tmp_path: Path) -> None:
+    # The prolog runs while no agent listens: the job's "deny" is left for the agent.
+    outcome = run_hook("prolog", JOB_ENV, socket=str(tmp_path / "agent.sock"))
+    assert not outcome.ok
+    choices = read_job_choices(tmp_path / "jobs", node="n1")
+    assert list(choices) == [42]
+    assert choices[42].colocate == "deny" and choices[42].uid == 1000
+    assert read_job_choices(tmp_path / "jobs", node="n2") == {}
+    # The epilog clears it, agent or not.
+    run_hook("epilog", JOB_ENV, socket=str(tmp_path / "agent.sock"))
+    assert read_job_choices(tmp_path / "jobs") == {}
+
+
+def test_a_hook_pointed_at_a_missing_folder_creates_nothing(tmp_path: Path) -> None:
+    outcome = run_hook("prolog", JOB_ENV, socket=str(tmp_path / "absent" / "agent.sock"))
+    assert "cannot record the job's choice" in outcome.message
+    assert not (tmp_path / "absent").exists()
+
+
+def test_unreadable_choices_are_skipped_and_unknown_values_read_as_deny(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    record_job_choice(jobs, JobChoice(job_id=1, colocate="allow", uid=0, node="n1", recorded_at=0.0))
+    (jobs / "2@n1.json").write_text("{garbage")
+    (jobs / "3@n1.json").write_text('{"job_id": 3, "colocate": "perhaps", "node": "n1"}')
+    choices = read_job_choices(jobs, node="n1")
+    assert {j: c.colocate for j, c in choices.items()} == {1: "allow", 3: "deny"}
+    assert "skipped unreadable job choice" in capsys.readouterr().err
