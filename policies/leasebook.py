@@ -248,8 +248,9 @@ class LeaseBook:
 
         ``generation`` is the agent's change counter when it built the report. Reported
         leases are taken as they are (the agent knows their cores, address and expiry);
-        booked leases missing from the report are dropped as evicted only if the agent had
-        confirmed them at a generation this report includes.
+        booked leases missing from the report are dropped (as expired if past their expiry,
+        else as evicted) only if the agent had confirmed them at a generation this report
+        includes.
         """
         self._offers[node] = NodeOffer(node, url, frozenset(cpu_ids), memory_bytes, now)
         reported = {r.lease_id: r for r in leases}
@@ -267,7 +268,9 @@ class LeaseBook:
             if record.node != node or record.lease_id in reported:
                 continue
             if record.generation is not None and record.generation <= generation:
-                self.remove(record.lease_id, LeaseEnd.EVICTED)
+                # Gone past its expiry: the agent expired it, not evicted it.
+                why = LeaseEnd.EXPIRED if record.expires_at <= now else LeaseEnd.EVICTED
+                self.remove(record.lease_id, why)
                 dropped.append(record)
         return ReportOutcome(tuple(learned), tuple(dropped))
 

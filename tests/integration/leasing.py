@@ -20,7 +20,7 @@ import httpx
 from colocate.broker.api import CONTROL_HEADER
 from colocate.broker.secret import control_token, load_or_create_secret
 
-_URL = re.compile(r"listening on (http://\S+)")
+_URL = re.compile(r"listening on (http://[^\s,]+)")
 
 
 @dataclass

@@ -109,6 +109,14 @@ def test_report_drops_confirmed_lease_the_agent_no_longer_runs() -> None:
     assert book.ended("l1") is LeaseEnd.EVICTED
 
 
+def test_lease_the_agent_dropped_after_its_expiry_counts_as_expired() -> None:
+    book = book_with(("a", 2, GiB))
+    record = grant(book, "l1", 1, GiB)
+    book.confirm("l1", "tcp://a:1", generation=1)
+    book.report("a", "http://a", range(2), GiB, [], generation=2, now=record.expires_at + 0.1)
+    assert book.ended("l1") is LeaseEnd.EXPIRED
+
+
 def test_report_keeps_a_lease_still_being_started() -> None:
     book = book_with(("a", 2, GiB))
     grant(book, "pending", 1, GiB)
