@@ -164,7 +164,7 @@ def test_executor_refuses_forged_altered_and_expired_tokens(cluster: tuple[Servi
     with Client(broker.url).lease(cores=1, memory="256MiB", duration="1m") as lease:
         claims = LeaseClaims(lease.lease_id, lease.node, lease.cpu_ids, lease.memory_bytes, lease.expires_at)
         forged = sign_lease(b"not the cluster secret" * 2, claims)
-        body, mac = lease.token.split(".")
+        _, mac = lease.token.split(".")
         other = sign_lease(secret, LeaseClaims("l-other", lease.node, lease.cpu_ids, lease.memory_bytes, lease.expires_at))
         spliced = other.split(".")[0] + "." + mac
         expired = sign_lease(secret, LeaseClaims(lease.lease_id, lease.node, lease.cpu_ids, lease.memory_bytes, time.time() - 1))
