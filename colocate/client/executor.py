@@ -19,10 +19,14 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import socket
+import sys
 import threading
+import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -72,9 +76,13 @@ def _error(status: int, body: bytes, lease_id: str) -> BaseException:
         return exc
     text = bytes(body).decode(errors="replace")
     if status == P.EVICTED:
-        return LeaseEvicted(f"the node took the lease back ({text or 'evicted'}); lease again", lease_id=lease_id)
+        return LeaseEvicted(
+            f"the node took the lease back ({text or 'evicted'}); lease again", lease_id=lease_id
+        )
     if status == P.EXPIRED:
-        return LeaseExpired(f"the lease expired ({text or 'expired'}); renew or lease again", lease_id=lease_id)
+        return LeaseExpired(
+            f"the lease expired ({text or 'expired'}); renew or lease again", lease_id=lease_id
+        )
     if status == P.UNAUTHORIZED:
         return Unauthorized(f"executor refused the lease token: {text}")
     if status == P.TOO_LARGE:
@@ -99,7 +107,12 @@ class _CallFuture(Future[Any]):
 
     def result(self, timeout: float | None = None) -> Any:
         conn = self._conn
-        if conn is not None and timeout is None and not self.done() and conn.read_lock.acquire(blocking=False):
+        if (
+            conn is not None
+            and timeout is None
+            and not self.done()
+            and conn.read_lock.acquire(blocking=False)
+        ):
             try:
                 while not self.done() and not conn.dead:
                     conn.pump(None)
@@ -108,6 +121,41 @@ class _CallFuture(Future[Any]):
             finally:
                 conn.read_lock.release()
         return super().result(timeout)
+
+
+def _installed_roots() -> tuple[str, ...]:
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    roots = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+    roots.add(str(Path(__file__).resolve().parents[1]))  # colocate itself is on every node
+    return tuple(sorted(roots))
+
+
+def _pickle_function(fn: Callable[..., Any]) -> bytes:
+    """cloudpickle of ``fn``; its module travels by value unless it is installed (stdlib,
+    site-packages, colocate), since the node need not have the user's own modules."""
+    import cloudpickle
+
+    module = sys.modules.get(getattr(fn, "__module__", None) or "")
+    file = getattr(module, "__file__", None)
+    by_value = (
+        module is not None
+        and isinstance(file, str)
+        and isinstance(fn, types.FunctionType)
+        and not os.path.realpath(file).startswith(_installed_roots())
+    )
+    if not by_value:
+        return bytes(cloudpickle.dumps(fn, protocol=5))
+    assert module is not None
+    already = module.__name__ in cloudpickle.list_registry_pickle_by_value()
+    if not already:
+        cloudpickle.register_pickle_by_value(module)
+    try:
+        return bytes(cloudpickle.dumps(fn, protocol=5))
+    finally:
+        if not already:
+            cloudpickle.unregister_pickle_by_value(module)
 
 
 def _connect(url: str, timeout: float) -> socket.socket:
@@ -121,7 +169,9 @@ def _connect(url: str, timeout: float) -> socket.socket:
             sock = socket.create_connection((parts.hostname, parts.port), timeout=timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         else:
-            raise BadRequest(f"executor address {url!r} must look like tcp://host:port or unix:///path")
+            raise BadRequest(
+                f"executor address {url!r} must look like tcp://host:port or unix:///path"
+            )
     except OSError as exc:
         raise ExecutorLost(f"cannot connect to executor at {url}: {exc.strerror or exc}") from None
     return sock
@@ -168,11 +218,16 @@ class _Connection:
                     break
                 data += chunk
             if len(data) < _HS:
-                raise ExecutorLost(f"executor at {self.url} closed the connection during the handshake", lease_id=self.lease_id)
+                raise ExecutorLost(
+                    f"executor at {self.url} closed the connection during the handshake",
+                    lease_id=self.lease_id,
+                )
             length, _kind, flags, status, _cid = _HDR.unpack(data)
             body = self.sock.recv(length, socket.MSG_WAITALL) if length else b""
         except OSError as exc:
-            raise ExecutorLost(f"executor at {self.url}: handshake failed: {exc}", lease_id=self.lease_id) from None
+            raise ExecutorLost(
+                f"executor at {self.url}: handshake failed: {exc}", lease_id=self.lease_id
+            ) from None
         return status, flags, body
 
     # -- I/O ------------------------------------------------------------------------------
@@ -191,7 +246,10 @@ class _Connection:
     def lost_error(self) -> BaseException:
         if self.notice:
             return _error(self.notice, self.notice_text, self.lease_id)
-        return ExecutorLost(f"worker at {self.url} went away (killed, out of memory or crashed)", lease_id=self.lease_id)
+        return ExecutorLost(
+            f"worker at {self.url} went away (killed, out of memory or crashed)",
+            lease_id=self.lease_id,
+        )
 
     def mark_dead(self) -> None:
         """Fail every call in flight: the worker will not answer them any more."""
@@ -293,7 +351,9 @@ class _Connection:
                 return fut
             self.pending[cid] = fut
             if self.reader is None:
-                self.reader = threading.Thread(target=self._read_loop, name=f"colocate-reader-{self.url}", daemon=True)
+                self.reader = threading.Thread(
+                    target=self._read_loop, name=f"colocate-reader-{self.url}", daemon=True
+                )
                 self.reader.start()
             else:
                 self.cond.notify()
@@ -361,7 +421,9 @@ class LeaseExecutor(Executor):
         self._rr = itertools.count()
         first = _Connection(_connect(address, connect_timeout_s), address, lease_id)
         welcome = first.hello(token)
-        self.max_payload_bytes = min(int(max_payload_bytes), int(welcome.get("max_payload_bytes", max_payload_bytes)))
+        self.max_payload_bytes = min(
+            int(max_payload_bytes), int(welcome.get("max_payload_bytes", max_payload_bytes))
+        )
         self._conns: list[_Connection] = [first]
         for url in self._other_workers(address, welcome)[: max(0, workers - 1)]:
             conn = _Connection(_connect(url, connect_timeout_s), url, lease_id)
@@ -382,7 +444,9 @@ class LeaseExecutor(Executor):
             return [f"unix://{p}" for i, p in enumerate(welcome.get("unix", [])) if i != me]
         host = urlsplit(address).hostname or "127.0.0.1"
         host = f"[{host}]" if ":" in host else host
-        return [f"tcp://{host}:{port}" for i, (_h, port) in enumerate(welcome.get("tcp", [])) if i != me]
+        return [
+            f"tcp://{host}:{port}" for i, (_h, port) in enumerate(welcome.get("tcp", [])) if i != me
+        ]
 
     @property
     def workers(self) -> int:
@@ -408,9 +472,7 @@ class LeaseExecutor(Executor):
                     raise BadRequest(f"function reference {fn!r} must look like 'module:function'")
                 flags, body = P.REFERENCE, fn.encode()
             elif callable(fn):
-                import cloudpickle
-
-                flags, body = P.PICKLED, cloudpickle.dumps(fn, protocol=5)
+                flags, body = P.PICKLED, _pickle_function(fn)
             else:
                 raise TypeError(f"{fn!r} is neither a callable nor a 'module:function' string")
             if len(body) > self.max_payload_bytes:
@@ -421,7 +483,9 @@ class LeaseExecutor(Executor):
             self._fn_index[key] = idx
             return idx
 
-    def _frame(self, fn: Callable[..., Any] | str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, int, int]:
+    def _frame(
+        self, fn: Callable[..., Any] | str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[bytes, int, int]:
         idx = self._index(fn)
         if not kwargs and len(args) == 1 and type(args[0]) is bytes:
             flags, body = _RAW, args[0]

@@ -34,6 +34,42 @@ from colocate.executor import worker
 
 _LEN = struct.Struct("<I")
 READY_TIMEOUT_S = 10.0
+# Standard modules user functions often import. Workers run as an unprivileged user who may
+# not be allowed to read the Python installation; what is imported here they already have.
+STDLIB_PRELOAD = (
+    "base64",
+    "bisect",
+    "collections",
+    "copy",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "enum",
+    "fractions",
+    "functools",
+    "gzip",
+    "hashlib",
+    "heapq",
+    "io",
+    "itertools",
+    "json",
+    "math",
+    "operator",
+    "pathlib",
+    "pickle",
+    "random",
+    "re",
+    "statistics",
+    "string",
+    "struct",
+    "textwrap",
+    "time",
+    "traceback",
+    "typing",
+    "uuid",
+    "zlib",
+)
 
 
 def send_msg(sock: socket.socket, obj: Any) -> None:
@@ -63,7 +99,9 @@ def _reap(_signum: int, _frame: Any) -> None:
             return
 
 
-def _listeners(host: str, lease_dir: str, count: int) -> tuple[list[socket.socket], list[socket.socket]]:
+def _listeners(
+    host: str, lease_dir: str, count: int
+) -> tuple[list[socket.socket], list[socket.socket]]:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     tcp: list[socket.socket] = []
     unix: list[socket.socket] = []
@@ -155,9 +193,11 @@ def serve(control: socket.socket) -> None:
 
 def main(argv: list[str]) -> int:
     control = socket.socket(fileno=int(argv[0]))
-    for name in argv[1:]:  # modules user functions commonly need, imported once here
-        with contextlib.suppress(ImportError):
+    for name in (*STDLIB_PRELOAD, *argv[1:]):  # imported once here, shared by every worker
+        try:
             importlib.import_module(name)
+        except ImportError as exc:
+            print(f"colocate fork server: cannot preload {name}: {exc}", file=sys.stderr)
     import cloudpickle  # noqa: F401
 
     send_msg(control, ("ready", os.getpid()))

@@ -36,10 +36,11 @@ from colocate.tokens import verify_lease
 
 log = logging.getLogger(__name__)
 
-NOTICE_S = 0.02  # with no grace, how long workers get to tell their clients before SIGKILL
 WATCHDOG_INTERVAL_S = 0.1
 _LEN = struct.Struct("<I")
-_FORKSERVER_MAIN = "import sys; from colocate.executor.forkserver import main; sys.exit(main(sys.argv[1:]))"
+_FORKSERVER_MAIN = (
+    "import sys; from colocate.executor.forkserver import main; sys.exit(main(sys.argv[1:]))"
+)
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,9 @@ class _Verifier:
         self._sel.register(self._listener, selectors.EVENT_READ)
         self._sel.register(self._wake_r, selectors.EVENT_READ)
         self._stop = False
-        self._thread = threading.Thread(target=self._run, name="colocate-token-verifier", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name="colocate-token-verifier", daemon=True
+        )
         self._thread.start()
 
     def answer(self, token: bytes) -> dict[str, Any]:
@@ -174,7 +177,8 @@ class ExecutorSupervisor:
     (default ``/sys/fs/cgroup``; leases go under ``colocate/<node>/<lease>``); pass ``""`` to
     force rlimits. ``state_dir`` holds Unix sockets and pid files; keep it across agent
     restarts so that ``adopt_or_cleanup`` can find a previous agent's executors (a private
-    temporary directory when None). ``preload`` names modules the fork server imports once.
+    temporary directory when None). ``preload`` adds to ``config.preload_modules``: modules
+    the fork server imports once, so workers have them without reading the installation.
     """
 
     def __init__(
@@ -191,11 +195,14 @@ class ExecutorSupervisor:
         self.config = config
         self.node = check_name(node, "node")
         self.host = host
+        self._usable_cpus = frozenset(os.sched_getaffinity(0))  # before anyone pins this process
         self._own_state_dir = state_dir is None
         self.state_dir = state_dir or tempfile.mkdtemp(prefix="colocate-executors-")
         os.makedirs(self.state_dir, exist_ok=True)
         os.chmod(self.state_dir, 0o755)  # clients of any user reach the workers' Unix sockets
-        self.confinement = Confinement(node, "/sys/fs/cgroup" if cgroup_root is None else cgroup_root or None)
+        self.confinement = Confinement(
+            node, "/sys/fs/cgroup" if cgroup_root is None else cgroup_root or None
+        )
         self._leases: dict[str, _Lease] = {}
         self._lock = threading.RLock()
         self._fork_lock = threading.Lock()
@@ -203,9 +210,18 @@ class ExecutorSupervisor:
         self._closed = False
         self._fork_sock, child = socket.socketpair()
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")) if p
+        )
         self._fork_proc = subprocess.Popen(
-            [sys.executable, "-c", _FORKSERVER_MAIN, str(child.fileno()), *preload],
+            [
+                sys.executable,
+                "-c",
+                _FORKSERVER_MAIN,
+                str(child.fileno()),
+                *config.preload_modules,
+                *preload,
+            ],
             pass_fds=(child.fileno(),),
             stdin=subprocess.DEVNULL,
             env=env,
@@ -217,11 +233,15 @@ class ExecutorSupervisor:
             raise BackendUnavailable("executor fork server did not start; see the agent's stderr")
         self._watchdog: threading.Thread | None = None
         if self.confinement.mode == "rlimit":
-            self._watchdog = threading.Thread(target=self._watch_rss, name="colocate-rss-watchdog", daemon=True)
+            self._watchdog = threading.Thread(
+                target=self._watch_rss, name="colocate-rss-watchdog", daemon=True
+            )
             self._watchdog.start()
 
     # -- start -------------------------------------------------------------------------------
-    def start(self, lease_id: str, cpu_ids: Sequence[int], memory_bytes: int, expires_at: float) -> ExecutorHandle:
+    def start(
+        self, lease_id: str, cpu_ids: Sequence[int], memory_bytes: int, expires_at: float
+    ) -> ExecutorHandle:
         """Start the lease's executor: one confined, pinned worker per core. Milliseconds.
 
         Raises BadRequest for a bad or duplicate lease id, unknown cores or no memory, and
@@ -229,9 +249,11 @@ class ExecutorSupervisor:
         """
         check_name(lease_id, "lease id")
         cpus = tuple(int(c) for c in cpu_ids)
-        usable = os.sched_getaffinity(0)
+        usable = self._usable_cpus
         if not cpus or len(set(cpus)) != len(cpus) or not set(cpus) <= usable:
-            raise BadRequest(f"lease {lease_id}: cores {list(cpus)} must be distinct cores of {sorted(usable)}")
+            raise BadRequest(
+                f"lease {lease_id}: cores {list(cpus)} must be distinct cores of {sorted(usable)}"
+            )
         if memory_bytes <= 0:
             raise BadRequest(f"lease {lease_id}: memory_bytes must be positive, got {memory_bytes}")
         with self._lock:
@@ -289,7 +311,13 @@ class ExecutorSupervisor:
         self._write_state(lease)
         with self._lock:
             self._leases[lease_id] = lease
-        log.info("lease %s: executor on cores %s, %d bytes, pids %s", lease_id, list(cpus), memory_bytes, list(pids))
+        log.info(
+            "lease %s: executor on cores %s, %d bytes, pids %s",
+            lease_id,
+            list(cpus),
+            memory_bytes,
+            list(pids),
+        )
         return handle
 
     def _state_file(self, lease_id: str) -> Path:
@@ -325,7 +353,7 @@ class ExecutorSupervisor:
         for pidfd in lease.pidfds.values():
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(pidfd, sig)
-        alive = _wait_exit(lease.pidfds, max(grace_s, NOTICE_S))
+        alive = _wait_exit(lease.pidfds, max(grace_s, self.config.eviction_notice_s))
         for pid in alive:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(lease.pidfds[pid], signal.SIGKILL)
@@ -395,7 +423,12 @@ class ExecutorSupervisor:
                     with contextlib.suppress(OSError, ValueError, IndexError):
                         rss += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
                 if rss > lease.handle.memory_bytes:
-                    log.warning("lease %s: RSS %d > limit %d bytes; killing its workers", lease.handle.lease_id, rss, lease.handle.memory_bytes)
+                    log.warning(
+                        "lease %s: RSS %d > limit %d bytes; killing its workers",
+                        lease.handle.lease_id,
+                        rss,
+                        lease.handle.memory_bytes,
+                    )
                     for fd in lease.pidfds.values():
                         with contextlib.suppress(ProcessLookupError, OSError):
                             signal.pidfd_send_signal(fd, signal.SIGKILL)

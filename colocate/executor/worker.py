@@ -204,7 +204,9 @@ class Worker:
             return
         sock.setblocking(True)
         with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", _SNDTIMEO_S, 0))
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", _SNDTIMEO_S, 0)
+            )
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = _Conn(sock)
@@ -212,7 +214,9 @@ class Worker:
         self.poller.register(sock.fileno(), select.POLLIN)
         if self.evicting:
             with contextlib.suppress(OSError):
-                sock.send(P.frame(P.REPLY, 0, self.evicting, 0, b"lease taken back"), socket.MSG_DONTWAIT)
+                sock.send(
+                    P.frame(P.REPLY, 0, self.evicting, 0, b"lease taken back"), socket.MSG_DONTWAIT
+                )
 
     def _close(self, conn: _Conn) -> None:
         fd = conn.sock.fileno()
@@ -261,10 +265,22 @@ class Worker:
             length, kind, flags, code, call_id = _HDR.unpack_from(buf, conn.start)
             if kind == P.CALL or kind == P.DEFINE:
                 if not conn.authed:
-                    out.append(P.frame(P.REPLY, 0, P.UNAUTHORIZED, call_id, b"send HELLO with a lease token first"))
+                    out.append(
+                        P.frame(
+                            P.REPLY,
+                            0,
+                            P.UNAUTHORIZED,
+                            call_id,
+                            b"send HELLO with a lease token first",
+                        )
+                    )
                     return False
                 if length > limit:  # answer now, discard the body as it arrives
-                    out.append(P.frame(P.REPLY, 0, P.TOO_LARGE, call_id, P.TOO_LARGE_BODY.pack(length, limit)))
+                    out.append(
+                        P.frame(
+                            P.REPLY, 0, P.TOO_LARGE, call_id, P.TOO_LARGE_BODY.pack(length, limit)
+                        )
+                    )
                     conn.start += _HS
                     conn.skip = length
                     continue
@@ -310,14 +326,19 @@ class Worker:
 
     def _hello(self, conn: _Conn, version: int, body: memoryview, out: list[bytes]) -> bool:
         if version != P.VERSION:
-            out.append(_malformed(0, f"protocol version {version} not supported (want {P.VERSION})"))
+            out.append(
+                _malformed(0, f"protocol version {version} not supported (want {P.VERSION})")
+            )
             return False
         answer = _verify_hello(self.verifier, bytes(body))
         status = answer.get("status")
         spec = self.spec
         if status == "ok":
             if answer.get("lease_id") != spec.lease_id or answer.get("node") != spec.node:
-                status, answer["message"] = "unauthorized", f"token is for another lease than {spec.lease_id}"
+                status, answer["message"] = (
+                    "unauthorized",
+                    f"token is for another lease than {spec.lease_id}",
+                )
             elif sorted(answer.get("cpu_ids", ())) != sorted(spec.cpu_ids):
                 status, answer["message"] = "unauthorized", "token cores do not match this executor"
         if status == "ok":
@@ -382,7 +403,9 @@ class Worker:
             except Exception as exc:
                 return P.frame(P.REPLY, 0, P.RAISED, call_id, P.encode_failure(exc))
         if len(data) > self.limit:
-            return P.frame(P.REPLY, 0, P.TOO_LARGE, call_id, P.TOO_LARGE_BODY.pack(len(data), self.limit))
+            return P.frame(
+                P.REPLY, 0, P.TOO_LARGE, call_id, P.TOO_LARGE_BODY.pack(len(data), self.limit)
+            )
         return _HDR.pack(len(data), P.REPLY, rflags, P.OK, call_id) + data
 
 

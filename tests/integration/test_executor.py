@@ -1,0 +1,250 @@
+"""Executors with real processes and sockets: invocations, errors, tokens, payload limits,
+privilege drop, pinning, pipelining, several workers, function references."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import wait
+
+import pytest
+
+from colocate import BadRequest, LeaseExpired, PayloadTooLarge, Unauthorized
+from colocate.client.executor import LeaseExecutor, RemoteError
+from colocate.config import ExecutorConfig
+from colocate.executor import ExecutorHandle, ExecutorSupervisor
+from colocate.tokens import LeaseClaims, sign_lease
+from tests.conftest import require
+
+SECRET = b"test-secret-for-executors-0123456789"
+LIMIT = 256 * 1024
+NODE = f"t{os.getpid()}"
+CORES = sorted(os.sched_getaffinity(0))
+
+
+class Unpicklable(Exception):
+    def __init__(self, a: int, b: int) -> None:  # pickles, but cannot be rebuilt from args
+        super().__init__(f"{a}/{b}")
+
+
+def echo(data: bytes) -> bytes:
+    return data
+
+
+def add(a: int, b: int = 0) -> int:
+    return a + b
+
+
+def whoami(_: object = None) -> tuple[int, int, list[int], int]:
+    return os.getuid(), os.getgid(), sorted(os.sched_getaffinity(0)), os.getpid()
+
+
+def divide(a: int, b: int) -> float:
+    return a / b
+
+
+def raise_unpicklable() -> None:
+    raise Unpicklable(1, 2)
+
+
+def nap(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+@pytest.fixture(scope="module")
+def supervisor() -> Iterator[ExecutorSupervisor]:
+    sup = ExecutorSupervisor(ExecutorConfig(max_payload_bytes=LIMIT), SECRET, node=NODE)
+    try:
+        yield sup
+    finally:
+        sup.close()
+
+
+class Leased:
+    """A started executor and a token for it, evicted at the end of the test."""
+
+    count = 0
+
+    def __init__(
+        self,
+        sup: ExecutorSupervisor,
+        cores: tuple[int, ...],
+        memory: int = 256 << 20,
+        ttl: float = 120,
+    ) -> None:
+        Leased.count += 1
+        self.sup = sup
+        self.lease_id = f"lease{Leased.count}"
+        self.expires_at = time.time() + ttl
+        self.claims = LeaseClaims(self.lease_id, NODE, cores, memory, self.expires_at)
+        self.token = sign_lease(SECRET, self.claims)
+        self.handle: ExecutorHandle = sup.start(self.lease_id, cores, memory, self.expires_at)
+
+    def executor(self, token: str | None = None, **kw: object) -> LeaseExecutor:
+        return LeaseExecutor(
+            self.handle.address,
+            self.token if token is None else token,
+            lease_id=self.lease_id,
+            workers=len(self.handle.cpu_ids),
+            **kw,  # type: ignore[arg-type]
+        )
+
+
+@pytest.fixture
+def lease(supervisor: ExecutorSupervisor) -> Iterator[Leased]:
+    leased = Leased(supervisor, (CORES[-1],))
+    try:
+        yield leased
+    finally:
+        supervisor.evict(leased.lease_id)
+
+
+def test_invoke_submit_and_map_return_results(lease: Leased) -> None:
+    with lease.executor() as ex:
+        assert ex.invoke(echo, b"x" * 64) == b"x" * 64
+        assert ex.invoke(add, 2, b=3) == 5
+        assert ex.submit(add, 40, 2).result(timeout=10) == 42
+        assert list(ex.map(add, range(100), range(100))) == [2 * i for i in range(100)]
+
+
+def test_many_calls_in_flight_on_one_connection(lease: Leased) -> None:
+    with lease.executor() as ex:
+        futures = [ex.submit(add, i, 1) for i in range(5000)]
+        _done, not_done = wait(futures, timeout=30)
+        assert not not_done
+        assert [f.result() for f in futures] == [i + 1 for i in range(5000)]
+
+
+def test_sync_and_future_calls_from_many_threads(lease: Leased) -> None:
+    errors: list[BaseException] = []
+    with lease.executor() as ex:
+
+        def hammer(k: int) -> None:
+            try:
+                for i in range(300):
+                    if i % 2:
+                        assert ex.invoke(add, k, i) == k + i
+                    else:
+                        assert ex.submit(add, k, i).result(timeout=10) == k + i
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=hammer, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    assert not errors
+
+
+def test_function_exception_is_reraised_with_remote_traceback(lease: Leased) -> None:
+    with lease.executor() as ex:
+        with pytest.raises(ZeroDivisionError) as info:
+            ex.invoke(divide, 1, 0)
+        assert "in divide" in info.value.remote_traceback  # type: ignore[attr-defined]
+        assert any("Remote traceback" in note for note in info.value.__notes__)
+        with pytest.raises(ZeroDivisionError):
+            ex.submit(divide, 1, 0).result(timeout=10)
+        with pytest.raises(RemoteError) as remote:
+            ex.invoke(raise_unpicklable)
+        assert "Unpicklable" in remote.value.type_name and "1/2" in remote.value.message
+        assert ex.invoke(add, 1, 1) == 2  # the worker lives on
+
+
+def test_payloads_at_the_limit_pass_and_above_are_refused(lease: Leased) -> None:
+    with lease.executor() as ex:
+        assert len(ex.invoke(echo, b"a" * LIMIT)) == LIMIT
+        with pytest.raises(PayloadTooLarge) as info:
+            ex.invoke(echo, b"a" * (LIMIT + 1))
+        assert (info.value.size, info.value.limit) == (LIMIT + 1, LIMIT)
+        with pytest.raises(PayloadTooLarge):
+            ex.submit(echo, b"a" * (LIMIT + 1)).result(timeout=10)
+        with pytest.raises(PayloadTooLarge):  # a result too large to send back
+            ex.invoke(bytes, LIMIT + 1)
+        assert ex.invoke(echo, b"ok") == b"ok"
+
+
+def test_forged_expired_and_foreign_tokens_are_refused(
+    supervisor: ExecutorSupervisor, lease: Leased
+) -> None:
+    forged = sign_lease(b"not-the-cluster-secret", lease.claims)
+    with pytest.raises(Unauthorized):
+        lease.executor(token=forged)
+    with pytest.raises(Unauthorized):
+        lease.executor(token="garbage.token")
+    expired = sign_lease(
+        SECRET,
+        LeaseClaims(
+            lease.lease_id, NODE, lease.claims.cpu_ids, lease.claims.memory_bytes, time.time() - 1
+        ),
+    )
+    with pytest.raises(LeaseExpired):
+        lease.executor(token=expired)
+    other = Leased(supervisor, (CORES[0],))
+    try:
+        with pytest.raises(Unauthorized, match="another lease"):
+            lease.executor(token=other.token)
+        wrong_cores = sign_lease(
+            SECRET,
+            LeaseClaims(
+                lease.lease_id, NODE, (0, 1, 2), lease.claims.memory_bytes, lease.expires_at
+            ),
+        )
+        with pytest.raises(Unauthorized, match="cores"):
+            lease.executor(token=wrong_cores)
+    finally:
+        supervisor.evict(other.lease_id)
+    with lease.executor() as ex:  # the real holder still gets in
+        assert ex.invoke(add, 1) == 1
+
+
+@pytest.mark.root
+def test_functions_run_unprivileged_on_the_leased_core(lease: Leased) -> None:
+    require(os.geteuid() == 0, "privilege drop needs the supervisor to run as root")
+    with lease.executor() as ex:
+        uid, gid, cores, pid = ex.invoke(whoami)
+    assert uid != 0 and gid != 0
+    assert cores == [CORES[-1]]
+    assert pid in lease.handle.pids
+
+
+def test_one_pinned_worker_per_leased_core(supervisor: ExecutorSupervisor) -> None:
+    require(len(CORES) >= 2, "needs two cores")
+    leased = Leased(supervisor, tuple(CORES[:2]))
+    try:
+        assert len(leased.handle.pids) == 2
+        with leased.executor() as ex:
+            assert ex.workers == 2
+            seen = {tuple(r[2]): r[3] for r in ex.map(whoami, range(200))}
+        assert sorted(seen) == [(CORES[0],), (CORES[1],)]
+        assert sorted(seen.values()) == sorted(leased.handle.pids)
+        with LeaseExecutor(
+            leased.handle.unix_address or "", leased.token, lease_id=leased.lease_id, workers=2
+        ) as ex:
+            assert ex.workers == 2 and ex.invoke(add, 2, 2) == 4
+    finally:
+        supervisor.evict(leased.lease_id)
+
+
+def test_module_function_references(lease: Leased) -> None:
+    with lease.executor(functions=["os:getpid", "json:dumps"]) as ex:
+        assert ex.invoke("os:getpid") in lease.handle.pids
+        assert ex.invoke("json:dumps", [1, 2]) == "[1, 2]"
+        with pytest.raises(BadRequest, match="cannot be loaded"):
+            ex.invoke("no_such_module_xyz:fn")
+        with pytest.raises(BadRequest):
+            ex.invoke("not a reference")
+        assert ex.invoke(nap, 0) == 0
+
+
+def test_start_refuses_bad_leases(supervisor: ExecutorSupervisor, lease: Leased) -> None:
+    with pytest.raises(BadRequest):
+        supervisor.start(lease.lease_id, [CORES[0]], 1 << 20, time.time() + 60)  # duplicate
+    with pytest.raises(BadRequest):
+        supervisor.start("../escape", [CORES[0]], 1 << 20, time.time() + 60)
+    with pytest.raises(BadRequest):
+        supervisor.start("nocores", [999], 1 << 20, time.time() + 60)
+    assert [h.lease_id for h in supervisor.handles()] == [lease.lease_id]
