@@ -95,34 +95,45 @@ class InterferenceGuard:
         if not limits.guard:
             return self.inner.decide(node, limits, now, previous.inner)
         full = self.inner.decide(node, limits, now, previous.inner)
-        notes = list(full.notes)
+        notes: list[str] = []
 
-        # 1. thresholds and hysteresis
-        since = dict(previous.pressure_since)
+        # 1. thresholds and hysteresis (the fast path allocates nothing when all is calm)
+        since = dict(previous.pressure_since) if previous.pressure_since else {}
         ratios: dict[str, float] = {}
-        memory_first: dict[str, bool] = {}
+        cpu_limit = limits.cpu_pressure_limit
+        memory_limit = limits.memory_pressure_limit
         for job in node.jobs:
-            cpu, mem = pressure_ratio(job, limits)
-            ratio = max(cpu, mem)
+            ratio = 0.0
+            if job.history:
+                sample = job.history[-1]
+                ratio = max(
+                    _ratio(sample.cpu_pressure, cpu_limit),
+                    _ratio(sample.memory_pressure, memory_limit),
+                )
             ratios[job.job_id] = ratio
-            memory_first[job.job_id] = mem > cpu
             if ratio > 1.0:
                 since.setdefault(job.job_id, now)
-            elif ratio < PRESSURE_CLEAR_RATIO:
+            elif since and ratio < PRESSURE_CLEAR_RATIO:
                 since.pop(job.job_id, None)
         if since:
             since = {job_id: t for job_id, t in since.items() if job_id in ratios}
-        cooldown = {
-            job_id: until
-            for job_id, until in previous.cooldown_until
-            if job_id in ratios and (now < until or ratios[job_id] >= PRESSURE_CLEAR_RATIO)
-        }
+        cooldown = (
+            {
+                job_id: until
+                for job_id, until in previous.cooldown_until
+                if job_id in ratios and (now < until or ratios[job_id] >= PRESSURE_CLEAR_RATIO)
+            }
+            if previous.cooldown_until
+            else {}
+        )
 
-        evicted = {e.lease_id for e in full.evictions}
-        kept = [
-            lease for lease in leases_oldest_first(node.leases) if lease.lease_id not in evicted
-        ]
-        evictions = list(full.evictions)
+        evictions = full.evictions
+        kept: list[LeaseView] = []
+        if node.leases:
+            evicted = {e.lease_id for e in evictions}
+            kept = [
+                lease for lease in leases_oldest_first(node.leases) if lease.lease_id not in evicted
+            ]
 
         # 2.-3. grace period, rank, evict at most one lease
         if since and kept:
@@ -134,10 +145,13 @@ class InterferenceGuard:
             if due:
                 _, job_id = min(due)
                 job = next(j for j in node.jobs if j.job_id == job_id)
-                victim = _pressure_victim(kept, job, memory_first[job_id])
+                victim = _pressure_victim(kept, job, limits)
                 kept.remove(victim)
                 reason = EvictionReason.PRESSURE
-                evictions.append(Eviction(victim.lease_id, reason, eviction_grace(reason, limits)))
+                evictions = (
+                    *evictions,
+                    Eviction(victim.lease_id, reason, eviction_grace(reason, limits)),
+                )
                 since[job_id] = now
                 cooldown[job_id] = now + limits.reoffer_cooldown_s
                 notes.append(
@@ -145,8 +159,11 @@ class InterferenceGuard:
                     f"{limits.pressure_grace_s:g} s: evicted lease {victim.lease_id}"
                 )
 
-        held_cpus: frozenset[int] = frozenset().union(*(lease.cpu_ids for lease in kept))
-        held_memory = sum(lease.memory_bytes for lease in kept)
+        held_cpus: frozenset[int] = frozenset()
+        held_memory = 0
+        for lease in kept:
+            held_cpus = held_cpus | lease.cpu_ids
+            held_memory += lease.memory_bytes
         cpu_ids = full.offer.cpu_ids
         memory = full.offer.memory_bytes
 
@@ -171,37 +188,51 @@ class InterferenceGuard:
             # 6. grow back only in steps of the minimum reclaim
             if last.memory_bytes < memory < last.memory_bytes + limits.min_reclaim_bytes:
                 memory = max(last.memory_bytes, held_memory)
-            added = cpu_ids - last.cpu_ids - held_cpus
-            if added and len(added) < limits.min_reclaim_cores:
-                cpu_ids = cpu_ids - added
+            if not cpu_ids <= last.cpu_ids:
+                added = cpu_ids - last.cpu_ids - held_cpus
+                if added and len(added) < limits.min_reclaim_cores:
+                    cpu_ids = cpu_ids - added
 
         # 7. share cap
-        cap_cores = math.floor(limits.max_function_share * len(node.cpu_ids) + 1e-9)
-        cap_memory = int(limits.max_function_share * node.memory_total_bytes)
+        share = limits.max_function_share
+        cap_cores = math.floor(share * len(node.cpu_ids) + 1e-9)
         if len(cpu_ids) > cap_cores:
             cpu_ids = _trim_cores(cpu_ids, cap_cores, kept)
-            notes.append(f"share cap: offer trimmed to {cap_cores} cores")
-        memory = min(memory, cap_memory)
-        memory_left = memory
-        for lease in kept:
-            if lease.cpu_ids <= cpu_ids and lease.memory_bytes <= memory_left:
-                memory_left -= lease.memory_bytes
-                continue
-            reason = EvictionReason.SHARE_CAP
-            evictions.append(Eviction(lease.lease_id, reason, eviction_grace(reason, limits)))
+        memory = min(memory, int(share * node.memory_total_bytes))
+        if kept:
+            memory_left = memory
+            over: list[Eviction] = []
+            for lease in kept:
+                if lease.cpu_ids <= cpu_ids and lease.memory_bytes <= memory_left:
+                    memory_left -= lease.memory_bytes
+                    continue
+                reason = EvictionReason.SHARE_CAP
+                over.append(Eviction(lease.lease_id, reason, eviction_grace(reason, limits)))
+                notes.append(f"share cap: lease {lease.lease_id} over {share:.0%} of the node")
+            if over:
+                evictions = (*evictions, *over)
 
-        offer = Offer(frozenset(cpu_ids), max(0, memory))
+        offer = (
+            full.offer
+            if memory == full.offer.memory_bytes and cpu_ids is full.offer.cpu_ids
+            else Offer(frozenset(cpu_ids), max(0, memory))
+        )
         new_state = GuardState(
             full.state,
             tuple(sorted(since.items())) if since else (),
             tuple(sorted(cooldown.items())) if cooldown else (),
             offer,
         )
-        return Decision(offer, tuple(evictions), new_state, tuple(notes))
+        return Decision(offer, evictions, new_state, (*full.notes, *notes) if notes else full.notes)
 
 
-def _pressure_victim(kept: list[LeaseView], job: JobView, memory_first: bool) -> LeaseView:
-    """The lease whose eviction relieves ``job`` most; newest, then smallest id, on ties."""
+def _pressure_victim(kept: list[LeaseView], job: JobView, limits: Limits) -> LeaseView:
+    """The lease whose eviction relieves ``job`` most; newest, then smallest id, on ties.
+
+    Memory pressure above cpu pressure (relative to their limits) ranks by memory held first.
+    """
+    cpu, mem = pressure_ratio(job, limits)
+    memory_first = mem > cpu
 
     def relief(lease: LeaseView) -> tuple[int, int, float, str]:
         on_job = len(lease.cpu_ids & job.cpu_ids)

@@ -19,11 +19,17 @@ sizing differs.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from collections.abc import Callable
+from operator import attrgetter
 
 from policies.eviction import CoreReasons, evict_leases
 from policies.limits import Limits
 from policies.model import Decision, EvictionReason, JobView, NodeView, Offer, UsageSample
+
+_TIME = attrgetter("t")
+_CORES_USED = attrgetter("cores_used")
+_MEMORY_USED = attrgetter("memory_used_bytes")
 
 JobSizer = Callable[[JobView, tuple[UsageSample, ...], Limits, float], tuple[float, int]]
 """Per-job sizing: (job, samples in the window, limits, now) -> (cores demanded, memory
@@ -40,11 +46,10 @@ def memory_margin(job: JobView, limits: Limits) -> int:
 
 def observed_peak(job: JobView) -> int:
     """The largest memory the job was seen using, bytes (reported peak or any sample)."""
-    peak = job.memory_peak_bytes
-    for sample in job.history:
-        if sample.memory_used_bytes > peak:
-            peak = sample.memory_used_bytes
-    return peak
+    if not job.history:
+        return job.memory_peak_bytes
+    most: int = max(map(_MEMORY_USED, job.history))
+    return max(job.memory_peak_bytes, most)
 
 
 def recent_samples(job: JobView, limits: Limits, now: float) -> tuple[UsageSample, ...]:
@@ -53,10 +58,7 @@ def recent_samples(job: JobView, limits: Limits, now: float) -> tuple[UsageSampl
     A monitor that fell silent leaves the job sized by its last known usage.
     """
     history = job.history
-    since = now - limits.history_window_s
-    i = len(history)
-    while i > 0 and history[i - 1].t >= since:
-        i -= 1
+    i = bisect_left(history, now - limits.history_window_s, key=_TIME)
     if i == len(history):
         return history[-1:]
     return history[i:] if i else history
@@ -123,10 +125,7 @@ def harvest(node: NodeView, limits: Limits, now: float, sizer: JobSizer) -> Deci
 def _size_by_recent_max(
     job: JobView, recent: tuple[UsageSample, ...], limits: Limits, now: float
 ) -> tuple[float, int]:
-    cores = 0.0
-    for sample in recent:
-        if sample.cores_used > cores:
-            cores = sample.cores_used
+    cores: float = max(map(_CORES_USED, recent))
     return cores, 0  # memory: the engine keeps peak + margin
 
 

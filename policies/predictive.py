@@ -3,7 +3,7 @@
 Follows Autopilot's vertical scaling: a job's limit is a moving-window percentile of its
 usage (``limits.percentile``, default p95, over ``limits.history_window_s``, default 300 s),
 so a rare spike no longer holds cores back the way ``headroom``'s window maximum does.
-Memory adds a linear trend (least squares over the window) extrapolated
+Memory adds a linear trend over the window (Wald's two-group slope) extrapolated
 ``limits.trend_horizon_s`` ahead (default 60 s), so a growing job stops lending memory
 before it reaches it.
 
@@ -17,17 +17,23 @@ by the trend: it lends less to growing jobs, never more.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from operator import attrgetter
 
 from policies.headroom import harvest
 from policies.limits import Limits
 from policies.model import Decision, JobView, NodeView, UsageSample
 
+_TIME = attrgetter("t")
+_CORES_USED = attrgetter("cores_used")
+_MEMORY_USED = attrgetter("memory_used_bytes")
 
-def percentile(values: list[float], p: float) -> float:
+
+def percentile(values: Iterable[float], p: float) -> float:
     """The ``p``-th percentile (0..100) with linear interpolation (numpy's default); 0 if empty."""
-    if not values:
-        return 0.0
     ordered = sorted(values)
+    if not ordered:
+        return 0.0
     k = (len(ordered) - 1) * p / 100.0
     lo = math.floor(k)
     hi = min(lo + 1, len(ordered) - 1)
@@ -35,39 +41,44 @@ def percentile(values: list[float], p: float) -> float:
 
 
 def memory_trend(samples: tuple[UsageSample, ...]) -> float:
-    """Least-squares slope of memory used over time, bytes per second (0 with < 2 instants)."""
+    """Memory growth over the samples, bytes per second (0 with fewer than 2 instants).
+
+    Wald's two-group slope: the line through the mean (time, memory) of the older half and
+    of the newer half. Robust to a single outlier like least squares is not, and it needs
+    only C-level sums (the replay calls this a million times).
+    """
     n = len(samples)
     if n < 2:
         return 0.0
-    mean_t = sum(s.t for s in samples) / n
-    mean_m = sum(s.memory_used_bytes for s in samples) / n
-    var = 0.0
-    cov = 0.0
-    for s in samples:
-        dt = s.t - mean_t
-        var += dt * dt
-        cov += dt * (s.memory_used_bytes - mean_m)
-    return cov / var if var > 0 else 0.0
+    half = n // 2
+    older, newer = samples[:half], samples[n - half :]
+    dt: float = (sum(map(_TIME, newer)) - sum(map(_TIME, older))) / half
+    if dt <= 0:
+        return 0.0
+    dm: float = sum(map(_MEMORY_USED, newer)) - sum(map(_MEMORY_USED, older))
+    return dm / half / dt
 
 
 def size_by_percentile(
     job: JobView, recent: tuple[UsageSample, ...], limits: Limits, now: float
 ) -> tuple[float, int]:
-    """(cores, bytes) a job is expected to need: window percentile, memory plus its trend."""
-    cores = percentile([s.cores_used for s in recent], limits.percentile)
-    memory = percentile([float(s.memory_used_bytes) for s in recent], limits.percentile)
+    """(cores, bytes) a job is expected to need: cores at the window percentile; memory at
+    its trend forecast (a memory percentile never exceeds the peak the engine keeps anyway).
+    """
+    cores = percentile(map(_CORES_USED, recent), limits.percentile)
     slope = memory_trend(recent)
-    if slope > 0:
-        ahead = max(0.0, now - recent[-1].t) + limits.trend_horizon_s
-        memory = max(memory, recent[-1].memory_used_bytes + slope * ahead)
-    return cores, math.ceil(memory)
+    if slope <= 0:
+        return cores, 0
+    last = recent[-1]
+    ahead = max(0.0, now - last.t) + limits.trend_horizon_s
+    return cores, math.ceil(last.memory_used_bytes + slope * ahead)
 
 
 class PredictivePolicy:
     """Autopilot-style sizing: p-th percentile of recent usage plus a memory trend.
 
     Cores: ``allocated - ceil(max(p95 of cores_used, latest cores_used) + core_margin)``.
-    Memory: ``allocation - max(observed peak, p95, trend forecast) - margin``.
+    Memory: ``allocation - max(observed peak, trend forecast) - margin``.
     """
 
     name = "predictive"
