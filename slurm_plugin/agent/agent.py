@@ -148,7 +148,8 @@ class Agent:
     # --- startup: executors left by a previous agent ----------------------------------------
 
     def recover(self) -> list[str]:
-        """Keep the executors a previous agent run left, if their leases are still valid.
+        """Call once before serving: keep the executors a previous agent run left if their
+        leases are still valid, and make the first offer.
 
         Lease details come from the state file; executors with no record or past their
         expiry are evicted. Returns the lease ids kept.
@@ -180,6 +181,8 @@ class Agent:
                 )
             kept.append(found.lease_id)
         self._save()
+        with self._lock:  # an offer before the first request, not one interval later
+            self._decide(now)
         return kept
 
     # --- the broker's requests ---------------------------------------------------------------

@@ -1,0 +1,170 @@
+"""``colocate agent --standalone`` as a real process: it waits for a broker, guards its API with
+the cluster secret, never starts more than it offers, and refuses bad options in one line."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.integration.leasing import (
+    Service,
+    control_headers,
+    node_registered,
+    services,
+    start_agent,
+    start_broker,
+    wait_until,
+)
+
+GiB = 1024**3
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[Service]:
+    """An agent offering 1 core and 1 GiB to a broker that is not there."""
+    service = start_agent(
+        tmp_path, f"http://127.0.0.1:{free_port()}", node="solo", cores=1, memory="1GiB"
+    )
+    yield service
+    service.stop()
+    assert "Traceback" not in service.logs(), service.logs()
+
+
+def start_body(lease_id: str, cpu_ids: list[int], memory: int) -> dict[str, object]:
+    return {
+        "lease_id": lease_id,
+        "cpu_ids": cpu_ids,
+        "memory_bytes": memory,
+        "granted_at": 0.0,
+        "expires_at": 4e9,
+    }
+
+
+def test_agent_registers_once_the_broker_comes_up(tmp_path: Path) -> None:
+    port = free_port()
+    agent = start_agent(
+        tmp_path, f"http://127.0.0.1:{port}", node="early", cores=1, memory="512MiB"
+    )
+    with services(agent):
+        broker = start_broker(tmp_path, listen=f"127.0.0.1:{port}")
+        with services(broker):
+            wait_until(
+                lambda: node_registered(broker.url, "early"), timeout_s=10, what="late registration"
+            )
+            node = httpx.get(f"{broker.url}/v1/status").json()["nodes"][0]
+            assert (len(node["cpu_ids"]), node["memory_bytes"]) == (1, 512 * 1024**2)
+            assert node["url"] == agent.url
+    assert "broker" in agent.logs() and "retrying" in agent.logs()
+
+
+def test_agent_api_needs_the_cluster_secret(agent: Service, tmp_path: Path) -> None:
+    assert httpx.get(f"{agent.url}/v1/status").status_code == 401
+    bad = httpx.post(
+        f"{agent.url}/v1/leases",
+        json=start_body("l-x", [0], GiB),
+        headers={"X-Colocate-Control": "f" * 64},
+    )
+    assert bad.status_code == 401 and "secret" in bad.json()["message"]
+    status = httpx.get(f"{agent.url}/v1/status", headers=control_headers(tmp_path)).json()
+    assert (status["node"], len(status["cpu_ids"]), status["memory_bytes"], status["leases"]) == (
+        "solo",
+        1,
+        GiB,
+        [],
+    )
+
+
+def test_agent_never_starts_more_than_it_offers(agent: Service, tmp_path: Path) -> None:
+    headers = control_headers(tmp_path)
+    offered = httpx.get(f"{agent.url}/v1/status", headers=headers).json()["cpu_ids"]
+    other_core = max(offered) + 1
+    for body in (
+        start_body("l-toomany", [*offered, other_core], GiB // 2),
+        start_body("l-elsewhere", [other_core], GiB // 2),
+        start_body("l-toobig", offered, 2 * GiB),
+    ):
+        reply = httpx.post(f"{agent.url}/v1/leases", json=body, headers=headers, timeout=10)
+        assert reply.status_code == 409, reply.text
+        assert reply.json()["error"] == "LeaseDenied" and "free now" in reply.json()["message"]
+    started = httpx.post(
+        f"{agent.url}/v1/leases",
+        json=start_body("l-fits", offered, GiB // 2),
+        headers=headers,
+        timeout=10,
+    )
+    assert started.status_code == 200, started.text
+    assert started.json()["address"].startswith("tcp://")
+    again = httpx.post(
+        f"{agent.url}/v1/leases",
+        json=start_body("l-second", offered, GiB // 4),
+        headers=headers,
+        timeout=10,
+    )
+    assert again.status_code == 409
+    released = httpx.delete(f"{agent.url}/v1/leases/l-fits", headers=headers, timeout=10)
+    assert released.status_code == 200 and released.json()["reason"] == "released"
+    assert httpx.get(f"{agent.url}/v1/status", headers=headers).json()["leases"] == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"nonsense",
+        b'{"lease_id": "../../etc", "cpu_ids": [0], "memory_bytes": 1, "granted_at": 0, "expires_at": 4e9}',
+        b'{"lease_id": "l", "cpu_ids": [-1], "memory_bytes": 1, "granted_at": 0, "expires_at": 4e9}',
+        b'{"lease_id": "l", "cpu_ids": [0], "memory_bytes": 1, "granted_at": 0, "expires_at": 1}',
+    ],
+    ids=["not-json", "path-in-lease-id", "negative-core", "already-expired"],
+)
+def test_agent_answers_bad_starts_with_4xx_and_keeps_running(
+    agent: Service, tmp_path: Path, body: bytes
+) -> None:
+    headers = {**control_headers(tmp_path), "content-type": "application/json"}
+    reply = httpx.post(f"{agent.url}/v1/leases", content=body, headers=headers, timeout=10)
+    assert 400 <= reply.status_code < 500, reply.text
+    assert len(reply.json()["message"]) > 10
+    assert agent.alive() and httpx.get(f"{agent.url}/healthz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["agent"], "--standalone"),
+        (["agent", "--standalone", "--cores", "999"], "--cores 999"),
+        (["agent", "--standalone", "--memory", "lots"], "lots"),
+        (["agent", "--standalone", "--listen", "127.0.0.1:notaport"], "listen address"),
+    ],
+)
+def test_bad_agent_options_fail_with_one_clear_line(
+    tmp_path: Path, argv: list[str], says: str
+) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "colocate",
+            *argv,
+            "--secret-file",
+            str(tmp_path / "secret"),
+            "--state-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0] and "Traceback" not in result.stderr
