@@ -1,4 +1,4 @@
-"""The --colocate SPANK plugin on the real dev cluster (colocate dev-cluster up): sbatch and
+"""The --colocate SPANK plugin on the real dev cluster (colocate dev-cluster up): sbatch, salloc and
 srun accept it, a bad value is refused at submission, and the choice reaches the prolog,
 whose hook forwards it to the agent's control socket (here a recording control server)."""
 
@@ -111,15 +111,20 @@ def test_the_choice_reaches_the_prolog_and_the_agent(plugin: Path, agent: Record
         # srun without an allocation: local context, the same path.
         srun = slurm("srun", "--colocate=deny", *SMALL_JOB, "true", timeout=JOB_WAIT_S)
         assert srun.returncode == 0, srun.stderr
-        prologs = wait_for(agent, {deny, allow, default}, "prolog")
+        salloc = slurm("salloc", "--colocate=allow", *SMALL_JOB, "true", timeout=JOB_WAIT_S)
+        assert salloc.returncode == 0, salloc.stderr
+        salloc_job = int(re.findall(r"Granted job allocation (\d+)", salloc.stderr)[0])
+        prologs = wait_for(agent, {deny, allow, default, salloc_job}, "prolog")
     finally:
         if jobs:
             slurm("scancel", *map(str, jobs))
     assert prologs[deny].colocate == "deny"
     assert prologs[allow].colocate == "allow"
     assert prologs[default].colocate is None  # the site default applies
+    assert prologs[salloc_job].colocate == "allow"
     srun_denied = [r for r, _ in agent.prologs if r.job_id not in prologs and r.colocate == "deny"]
     assert srun_denied, "the srun --colocate=deny allocation did not reach the prolog"
+    del prologs[salloc_job]
     for request in prologs.values():
         assert isinstance(request, PrologRequest)
         assert request.uid == 0 and request.node and request.cpus_per_node
