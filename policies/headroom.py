@@ -52,27 +52,6 @@ def observed_peak(job: JobView) -> int:
     return max(job.memory_peak_bytes, most)
 
 
-def recent_samples(job: JobView, limits: Limits, now: float) -> tuple[UsageSample, ...]:
-    """Samples of the last ``history_window_s`` seconds; the latest one alone if all are older.
-
-    A monitor that fell silent leaves the job sized by its last known usage.
-    """
-    history = job.history
-    i = bisect_left(history, now - limits.history_window_s, key=_TIME)
-    if i == len(history):
-        return history[-1:]
-    return history[i:] if i else history
-
-
-def withheld_reason(job: JobView, limits: Limits, now: float) -> EvictionReason | None:
-    """Why nothing of ``job`` may be offered (None: it may lend its idle resources)."""
-    if not job.colocate:
-        return EvictionReason.DENIED
-    if not job.history or now - job.start_time < limits.min_history_s:
-        return EvictionReason.JOB_START
-    return None
-
-
 def harvest(node: NodeView, limits: Limits, now: float, sizer: JobSizer) -> Decision:
     """Offer unallocated resources plus what each lending job does not need, per ``sizer``.
 
@@ -86,37 +65,49 @@ def harvest(node: NodeView, limits: Limits, now: float, sizer: JobSizer) -> Deci
     memory = node.memory_total_bytes - node.memory_reserved_bytes
     reasons: list[tuple[frozenset[int], EvictionReason]] = []
     job_started = False
+    # Read once: this loop runs about a million times in a replay.
+    core_margin = limits.core_margin
+    min_history = limits.min_history_s
+    since = now - limits.history_window_s
     for job in node.jobs:
         cpus = job.cpu_ids
         allocated.update(cpus)
         alloc = job.memory_allocated_bytes
+        history = job.history
         peak = observed_peak(job)
         margin = memory_margin(job, limits)
-        reason = withheld_reason(job, limits, now)
-        if reason is None:
-            recent = recent_samples(job, limits, now)
+        # Lends only with history, old enough, and allowed (else its leases go: JOB_START/DENIED).
+        if job.colocate and history and now - job.start_time >= min_history:
+            # the window; the latest sample alone when the monitor fell silent for longer
+            start = bisect_left(history, since, key=_TIME)
+            recent = history[start:] if start < len(history) else history[-1:]
             cores_demand, memory_demand = sizer(job, recent, limits, now)
-            cores_demand = max(cores_demand, recent[-1].cores_used)
-            need = max(0, math.ceil(cores_demand + limits.core_margin))
-            ordered = sorted(cpus)
-            lend = len(ordered) - need
+            latest = recent[-1].cores_used
+            need = math.ceil((cores_demand if cores_demand > latest else latest) + core_margin)
+            lend = len(cpus) - need
             if lend > 0:
-                spare.update(ordered[need:])
-                kept_cpus.update(ordered[:need])
+                ordered = sorted(cpus)
+                spare.update(ordered[need:] if need > 0 else ordered)
+                kept_cpus.update(ordered[:need] if need > 0 else ())
             else:
                 kept_cpus.update(cpus)
-            keep = max(peak, memory_demand) + margin
+            keep = (peak if peak > memory_demand else memory_demand) + margin
             memory -= keep if (keep < alloc or peak > alloc) else alloc
-            reason = EvictionReason.CPU_GROWTH
+            reasons.append((cpus, EvictionReason.CPU_GROWTH))
         else:
             kept_cpus.update(cpus)
             memory -= alloc if peak <= alloc else peak + margin
-            job_started = job_started or reason is EvictionReason.JOB_START
-        reasons.append((cpus, reason))
+            if job.colocate:
+                job_started = True
+                reasons.append((cpus, EvictionReason.JOB_START))
+            else:
+                reasons.append((cpus, EvictionReason.DENIED))
     cpu_ids = node.cpu_ids - allocated
     if spare:
         cpu_ids = cpu_ids | ((spare - kept_cpus) & node.cpu_ids)
-    offer = Offer(frozenset(cpu_ids), max(0, memory))
+    offer = Offer(frozenset(cpu_ids), memory if memory > 0 else 0)
+    if not node.leases:
+        return Decision(offer)
     memory_reason = EvictionReason.JOB_START if job_started else EvictionReason.MEMORY_GROWTH
     core_reasons: CoreReasons = tuple(reasons)
     return Decision(offer, evict_leases(node, offer, now, limits, core_reasons, memory_reason))

@@ -34,8 +34,6 @@ from policies import (
     NodeView,
     UsageSample,
     get_policy,
-    memory_margin,
-    observed_peak,
 )
 
 GIB = 1024**3
@@ -125,6 +123,16 @@ def nodes(draw: st.DrawFn, max_leases: int = 2, lending: bool = False) -> NodeVi
         jobs=tuple(jobs),
         leases=tuple(leases),
         memory_reserved_bytes=reserved,
+    )
+
+
+def observed_peak(job: JobView) -> int:
+    return max([job.memory_peak_bytes, *(s.memory_used_bytes for s in job.history)])
+
+
+def memory_margin(job: JobView, limits: Limits) -> int:
+    return max(
+        limits.memory_margin_bytes, int(limits.memory_margin_ratio * job.memory_allocated_bytes)
     )
 
 
