@@ -11,12 +11,13 @@ The agent (or broker) owns a registry, registers a :class:`NodeCollector` on it,
     metrics.update(NodeState(snapshot, offer=decision.offer, leases=..., executors=...))
     metrics.events(snapshot.node).record_invocation("ok", 0.0004)
 
-The pure parts (``accounting``, ``events``, ``state``) import no prometheus_client.
+The broker mounts a :class:`BrokerCollector` over its status the same way. The pure parts (``accounting``, ``events``, ``state``) import no prometheus_client.
 """
 
 from __future__ import annotations
 
 from colocate.metrics.accounting import CostAccount, cpu_efficiency, memory_efficiency
+from colocate.metrics.broker import BrokerCollector
 from colocate.metrics.collector import NODE_STATES, NodeCollector
 from colocate.metrics.events import InvocationResult, NodeEvents
 from colocate.metrics.exposition import MetricsServer, parse_listen, render, serve_metrics
@@ -32,6 +33,7 @@ __all__ = [
     "EXECUTOR_STATES",
     "LEASE_STATES",
     "NODE_STATES",
+    "BrokerCollector",
     "CostAccount",
     "ExecutorState",
     "InvocationResult",
