@@ -8,8 +8,10 @@ Scenarios, run round-robin so background load hits them alike:
 - the hook with an agent answering and nothing to evict (a ControlServer in this process
   whose handler answers at once);
 - the hook with one eviction: the handler SIGKILLs one real process and reaps it before
-  answering (a stand-in for an executor with one worker; ``--agent-socket`` measures a
-  real agent instead).
+  answering; and, where the executors can run (root, cgroups), the handler evicts a real
+  one-core executor lease (``colocate.executor.ExecutorSupervisor.evict``, no grace) that
+  was started before the run. Not included: the agent's own lookup of the job's cores
+  (``scontrol -o -d show job``, a few ms). ``--agent-socket`` measures a real agent.
 
 Usage: python benchmarks/prolog.py [--runs 200] [--agent-socket /run/colocate/agent.sock]
 Prints a table and writes benchmarks/results/prolog.json.
@@ -81,6 +83,32 @@ class KillOneHandler(InstantHandler):
         return PrologResult(evicted=(f"pid-{victim.pid}",), waited_s=time.monotonic() - started)
 
 
+class ExecutorEvictHandler(InstantHandler):
+    """Evicts every lease of a real executor supervisor before answering."""
+
+    def __init__(self) -> None:
+        import secrets
+
+        from colocate.config import ExecutorConfig
+        from colocate.executor.supervisor import ExecutorSupervisor
+
+        self.supervisor = ExecutorSupervisor(ExecutorConfig(), secrets.token_bytes(32), node="bench")
+        self.count = 0
+        self.evict_s: list[float] = []
+
+    def prepare(self) -> None:
+        self.count += 1
+        self.supervisor.start(f"bench-{self.count}", [0], 64 * 1024**2, time.time() + 600)
+
+    def on_prolog(self, request: PrologRequest, deadline: float) -> PrologResult:
+        started = time.monotonic()
+        evicted = tuple(h.lease_id for h in self.supervisor.handles())
+        for lease_id in evicted:
+            self.supervisor.evict(lease_id, 0.0, "job_start")
+        self.evict_s.append(time.monotonic() - started)
+        return PrologResult(evicted=evicted, waited_s=self.evict_s[-1])
+
+
 def timed(argv: list[str]) -> float:
     started = time.perf_counter()
     proc = subprocess.run(argv, env=SLURMD_ENV, stdin=subprocess.DEVNULL,
@@ -119,22 +147,39 @@ def main() -> int:
         "hook, agent up, nothing to evict": [*hook, "--socket", str(instant.path)],
         "hook, agent up, 1 process evicted": [*hook, "--socket", str(killer.path)],
     }
+    executor: ExecutorEvictHandler | None = None
+    executor_server: ControlServer | None = None
+    try:
+        executor = ExecutorEvictHandler()
+        executor_server = ControlServer(tmp / "executor.sock", executor)
+        executor_server.start()
+        scenarios["hook, agent up, 1 executor evicted"] = [*hook, "--socket", str(executor_server.path)]
+    except Exception as exc:  # not root, no cgroups: measure the rest
+        print(f"skipping the real-executor scenario: {exc}", file=sys.stderr)
     if args.agent_socket:
         scenarios["hook, real agent"] = [*hook, "--socket", args.agent_socket]
+
+    def prepare(name: str) -> None:
+        if "process evicted" in name:
+            killer_handler.victims.put(subprocess.Popen(["/bin/sleep", "1000"]))
+        if "executor evicted" in name and executor is not None:
+            executor.prepare()
     samples: dict[str, list[float]] = {name: [] for name in scenarios}
     try:
         for name, argv in scenarios.items():  # warm the page cache
-            if "evicted" in name:
-                killer_handler.victims.put(subprocess.Popen(["/bin/sleep", "1000"]))
+            prepare(name)
             timed(argv)
         for _ in range(args.runs):
             for name, argv in scenarios.items():
-                if "evicted" in name:
-                    killer_handler.victims.put(subprocess.Popen(["/bin/sleep", "1000"]))
+                prepare(name)
                 samples[name].append(timed(argv))
     finally:
         instant.close()
         killer.close()
+        if executor_server is not None:
+            executor_server.close()
+        if executor is not None:
+            executor.supervisor.close()
         while not killer_handler.victims.empty():
             killer_handler.victims.get().kill()
 
@@ -151,10 +196,16 @@ def main() -> int:
     for r in rows:
         print(f"{r['scenario']:40} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {r['mean_ms']:8.1f} "
               f"{r['p50_over_python_pass']:22.2f}")
+    extra: dict[str, Any] = {}
+    if executor is not None and executor.evict_s:
+        ev = executor.evict_s[1:]  # the first is the warm-up
+        extra["executor_evict_ms"] = {"p50": statistics.median(ev) * 1e3, "p99": pct(ev, 99) * 1e3}
+        print(f"inside the prolog: executor eviction p50 {extra['executor_evict_ms']['p50']:.1f} ms, "
+              f"p99 {extra['executor_evict_ms']['p99']:.1f} ms")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "benchmark": "prolog", "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "python": sys.version.split()[0], "cores": os.cpu_count(), "runs": args.runs, "rows": rows,
+        "python": sys.version.split()[0], "cores": os.cpu_count(), "runs": args.runs, "rows": rows, **extra,
     }, indent=2) + "\n")
     print(f"saved {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
     return 0
