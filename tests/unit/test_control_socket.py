@@ -181,3 +181,16 @@ def test_the_slurm_user_may_call(sock_dir: Path, handler: RecordingHandler) -> N
         got = _call_as(NOBODY, srv.path)
     assert got == {"ok": True, "error": ""}
     assert [r.job_id for r, _ in handler.prologs] == [99]
+
+
+def test_connection_cap_and_idle_timeout_keep_the_agent_reachable(sock_dir: Path, handler: RecordingHandler) -> None:
+    with ControlServer(sock_dir / "agent.sock", handler, max_connections=1, idle_timeout_s=0.3) as srv:
+        idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        idle.connect(str(srv.path))  # holds the only slot and says nothing
+        time.sleep(0.05)
+        busy = call(srv.path, {"op": "status"}, timeout_s=1)
+        assert not busy.ok and "too many control connections" in busy.error
+        time.sleep(0.4)  # the idle caller is hung up on, its slot freed
+        assert idle.recv(1) == b""
+        idle.close()
+        assert call(srv.path, {"op": "status"}, timeout_s=1).ok
