@@ -20,6 +20,7 @@ from colocate.metrics.accounting import CostAccount, cpu_efficiency, memory_effi
 from colocate.metrics.broker import BrokerCollector
 from colocate.metrics.collector import NODE_STATES, NodeCollector
 from colocate.metrics.events import InvocationResult, NodeEvents
+from colocate.metrics.executor_meter import ExecutorMeter
 from colocate.metrics.exposition import MetricsServer, parse_listen, render, serve_metrics
 from colocate.metrics.state import (
     EXECUTOR_STATES,
@@ -35,6 +36,7 @@ __all__ = [
     "NODE_STATES",
     "BrokerCollector",
     "CostAccount",
+    "ExecutorMeter",
     "ExecutorState",
     "InvocationResult",
     "LeaseState",

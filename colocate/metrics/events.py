@@ -14,7 +14,7 @@ import bisect
 import enum
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from policies.model import EvictionReason
@@ -119,6 +119,17 @@ class LatencyHistogram:
             self._over += 1
         self._sum += seconds
 
+    def add(self, counts: HistogramCounts) -> None:
+        """Add another histogram's observations (same bounds; e.g. a worker's increments)."""
+        if counts.bounds != self.bounds:
+            raise ValueError("histogram bounds differ; use the same bucket bounds on both sides")
+        previous = 0
+        for i, cumulative in enumerate(counts.buckets):
+            self._counts[i] += cumulative - previous
+            previous = cumulative
+        self._over += counts.count - previous
+        self._sum += counts.sum
+
     def counts(self) -> HistogramCounts:
         cumulative: list[int] = []
         running = 0
@@ -167,6 +178,18 @@ class NodeEvents:
             key = self._bounded(str(result), self._invocations, "invocation result")
             self._invocations[key] += 1
             self._invocation_duration.observe(max(0.0, duration_s))
+
+    def add_invocations(self, results: Mapping[str, int], durations: HistogramCounts) -> None:
+        """Add invocations counted elsewhere (an executor process): ``results`` by result and
+        their ``durations`` on ``INVOCATION_BUCKETS_S``, both increments since the last call.
+
+        ValueError if the histogram uses other bounds.
+        """
+        with self._lock:
+            self._invocation_duration.add(durations)
+            for result, n in results.items():
+                key = self._bounded(str(result), self._invocations, "invocation result")
+                self._invocations[key] += int(n)
 
     def record_eviction(self, reason: str, latency_s: float | None = None) -> None:
         """One lease taken back for ``reason`` (an ``EvictionReason``).

@@ -269,3 +269,23 @@ def test_alert_rules_use_only_exported_metrics(
     rules = (ROOT / "deploy" / "prometheus" / "colocate-rules.yml").read_text()
     used = {m for m in re.findall(r"\bcolocate_[a-z_]+\b", rules)} - {"colocate_"}
     assert used and used <= exported, used - exported
+
+
+def test_executor_counts_from_another_process_add_up() -> None:
+    from colocate.metrics.events import INVOCATION_BUCKETS_S, LatencyHistogram
+
+    registry = CollectorRegistry()
+    collector = NodeCollector(Prices(), registry=registry)
+    worker = LatencyHistogram(INVOCATION_BUCKETS_S)  # what an executor process keeps
+    for d in (0.0002, 0.003, 7.0):
+        worker.observe(d)
+    events = collector.events("n1")
+    events.record_invocation("ok", 0.0002)
+    events.add_invocations({"ok": 2, "error": 1}, worker.counts())
+    s = scrape(registry)
+    assert value(s, "colocate_invocations_total", result="ok") == 3
+    assert value(s, "colocate_invocation_duration_seconds_count") == 4
+    assert value(s, "colocate_invocation_duration_seconds_bucket", le="0.00025") == 2
+    assert value(s, "colocate_invocation_duration_seconds_bucket", le="5.0") == 3
+    with pytest.raises(ValueError, match="bounds"):
+        events.add_invocations({"ok": 1}, LatencyHistogram([1.0]).counts())
