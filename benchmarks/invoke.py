@@ -4,7 +4,8 @@
 
 Measures, in this order and on this machine:
 - baseline: raw Python TCP ping-pong of 64 bytes between two processes (TCP_NODELAY),
-  server pinned to the worker's core, client to the other one;
+  server pinned to the worker's core, client to the other one; once with the server
+  blocking in recv (the target's baseline) and once busy-polling (what a hot worker does);
 - colocate ``invoke`` (TCP and Unix socket) and ``submit().result()`` of an echo function
   with a 64-byte payload on a hot worker; pipelined throughput to one worker;
 - cold start: ``ExecutorSupervisor.start`` + connect + first result;
@@ -75,7 +76,7 @@ def timed(n: int, call: Callable[[], object], warmup: int = 500) -> list[float]:
 
 
 # -- baseline: raw TCP ping-pong -----------------------------------------------------------
-def _pong_server(port_queue: Any, cpu: int) -> None:
+def _pong_server(port_queue: Any, cpu: int, busy_poll: bool) -> None:
     os.sched_setaffinity(0, {cpu})
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
@@ -83,22 +84,30 @@ def _pong_server(port_queue: Any, cpu: int) -> None:
     port_queue.put(srv.getsockname()[1])
     conn, _ = srv.accept()
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conn.setblocking(not busy_poll)
     buf = bytearray(64)
     view = memoryview(buf)
     while True:
         got = 0
         while got < 64:
-            n = conn.recv_into(view[got:])
+            try:
+                n = conn.recv_into(view[got:])
+            except BlockingIOError:
+                continue
             if n == 0:
                 return
             got += n
+        conn.setblocking(True)
         conn.sendall(buf)
+        conn.setblocking(not busy_poll)
 
 
-def tcp_pingpong(n: int, cpu: int) -> list[float]:
+def tcp_pingpong(n: int, cpu: int, busy_poll: bool = False) -> list[float]:
+    """Round trips of 64 bytes to an echo process; ``busy_poll``: the server spins on a
+    non-blocking socket, like a hot worker, instead of sleeping in recv."""
     ctx = mp.get_context("fork")
     q = ctx.Queue()
-    proc = ctx.Process(target=_pong_server, args=(q, cpu), daemon=True)
+    proc = ctx.Process(target=_pong_server, args=(q, cpu, busy_poll), daemon=True)
     proc.start()
     sock = socket.create_connection(("127.0.0.1", q.get(timeout=10)))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -206,17 +215,34 @@ def _alive(pid: int) -> bool:
 
 
 # -- peers ---------------------------------------------------------------------------------
-def peer_pool(n: int) -> list[float]:
-    with mp.get_context("fork").Pool(1) as pool:
+class PeerStart:
+    """Start a peer's processes with every core (they inherit this process's affinity), then
+    pin the calling client back to its core."""
+
+    def __init__(self, cpus: list[int], client_cpu: int) -> None:
+        self.cpus, self.client_cpu = cpus, client_cpu
+
+    def __enter__(self) -> None:
+        os.sched_setaffinity(0, set(self.cpus))
+
+    def __exit__(self, *exc: object) -> None:
+        os.sched_setaffinity(0, {self.client_cpu})
+
+
+def peer_pool(n: int, start: PeerStart) -> list[float]:
+    with start:
+        pool = mp.get_context("fork").Pool(1)
+    with pool:
         return timed(n, lambda: pool.apply(echo, (PAYLOAD,)), warmup=200)
 
 
-def peer_ray(n: int) -> list[float] | str:
+def peer_ray(n: int, start: PeerStart) -> list[float] | str:
     try:
         import ray
     except ImportError:
         return "not installed (pip install ray)"
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    with start:
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
 
         @ray.remote
@@ -225,6 +251,7 @@ def peer_ray(n: int) -> list[float] | str:
                 return data
 
         actor = Echo.remote()  # type: ignore[attr-defined]
+        ray.get(actor.echo.remote(PAYLOAD))
         return timed(n, lambda: ray.get(actor.echo.remote(PAYLOAD)), warmup=200)
     finally:
         ray.shutdown()
@@ -262,6 +289,9 @@ def main() -> int:
     os.sched_setaffinity(0, {client_cpu})
     try:
         figures["tcp_pingpong"] = stats_us(tcp_pingpong(args.n, worker_cpu))
+        figures["tcp_pingpong_busypoll"] = stats_us(
+            tcp_pingpong(args.n, worker_cpu, busy_poll=True)
+        )
         hot = colocate_hot(sup, args.n, worker_cpu)
         for key in ("invoke_tcp", "invoke_unix", "submit_result_tcp"):
             figures[key] = stats_us(hot[key])
@@ -275,13 +305,14 @@ def main() -> int:
         confinement = sup.confinement.mode
     finally:
         sup.close()
-    peers["multiprocessing.Pool.apply"] = stats_us(peer_pool(args.n))
+    start = PeerStart(cpus, client_cpu)
+    peers["multiprocessing.Pool.apply"] = stats_us(peer_pool(args.n, start))
     if args.no_peers:
         peers["ray actor"] = peers["dask submit().result()"] = "skipped (--no-peers)"
     else:
         for name, fn in (("ray actor", peer_ray), ("dask submit().result()", peer_dask)):
             try:
-                got = fn(min(args.n, 2000))
+                got = fn(min(args.n, 2000), start)
             except Exception as exc:  # a peer that fails to start is reported, not fatal
                 got = f"failed: {exc!r}"
             peers[name] = stats_us(got) if isinstance(got, list) else got
@@ -291,6 +322,8 @@ def main() -> int:
         "invoke_tcp_over_pingpong": figures["invoke_tcp"]["p50_us"] / b50,
         "invoke_unix_over_pingpong": figures["invoke_unix"]["p50_us"] / b50,
         "submit_result_over_pingpong": figures["submit_result_tcp"]["p50_us"] / b50,
+        "invoke_tcp_over_busypoll_pingpong": figures["invoke_tcp"]["p50_us"]
+        / figures["tcp_pingpong_busypoll"]["p50_us"],
     }
     for name, value in peers.items():
         if isinstance(value, dict):

@@ -24,7 +24,7 @@ import socket
 import sys
 import threading
 import types
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import Any
@@ -395,6 +395,7 @@ class LeaseExecutor(Executor):
     one per worker). ``token`` is the lease token from the broker. Functions are callables
     (shipped with cloudpickle) or ``"module:function"`` strings importable on the node; each is
     shipped once per connection, ``functions`` at connect time, others on first use.
+    ``map`` (inherited) sends every call at once, so they are pipelined.
     ``max_payload_bytes`` caps the pickled arguments (or the bytes argument) of one call; the
     executor's own limit applies too. Raises Unauthorized / LeaseExpired for a bad token and
     ExecutorLost when the executor cannot be reached.
@@ -441,7 +442,9 @@ class LeaseExecutor(Executor):
     def _other_workers(address: str, welcome: dict[str, Any]) -> list[str]:
         me = int(welcome.get("worker", 0))
         if address.startswith("unix://"):
-            return [f"unix://{p}" for i, p in enumerate(welcome.get("unix", [])) if i != me]
+            paths = welcome.get("unix", [])
+            if all(paths):
+                return [f"unix://{p}" for i, p in enumerate(paths) if i != me]
         host = urlsplit(address).hostname or "127.0.0.1"
         host = f"[{host}]" if ":" in host else host
         return [
@@ -535,16 +538,6 @@ class LeaseExecutor(Executor):
             fut.set_exception(exc)
             return fut
         return conn.submit(data, cid, idx, self._fn_frames)
-
-    def map(
-        self,
-        fn: Callable[..., Any],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int = 1,
-    ) -> Iterator[Any]:
-        """Like ``Executor.map``: every call is sent at once (pipelined), results in order."""
-        return super().map(fn, *iterables, timeout=timeout, chunksize=chunksize)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting calls; with ``wait``, let the calls in flight finish, then disconnect.

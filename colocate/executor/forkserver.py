@@ -101,10 +101,10 @@ def _reap(_signum: int, _frame: Any) -> None:
 
 def _listeners(
     host: str, lease_dir: str, count: int
-) -> tuple[list[socket.socket], list[socket.socket]]:
+) -> tuple[list[socket.socket], list[socket.socket | None]]:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     tcp: list[socket.socket] = []
-    unix: list[socket.socket] = []
+    unix: list[socket.socket | None] = []
     for i in range(count):
         t = socket.socket(family, socket.SOCK_STREAM)
         t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -116,7 +116,13 @@ def _listeners(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         u = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        u.bind(path)
+        try:
+            u.bind(path)
+        except OSError as exc:  # e.g. a path over the 107-byte limit: TCP only, then
+            print(f"colocate fork server: no Unix socket at {path}: {exc}", file=sys.stderr)
+            u.close()
+            unix.append(None)
+            continue
         os.chmod(path, 0o666)  # any local user may connect; the lease token is the lock
         u.listen(128)
         u.setblocking(False)
@@ -128,7 +134,7 @@ def spawn(template: worker.WorkerSpec, host: str, lease_dir: str) -> tuple[Any, 
     cpus = template.cpu_ids
     tcp, unix = _listeners(host, lease_dir, len(cpus))
     tcp_addrs = tuple((host, int(t.getsockname()[1])) for t in tcp)
-    unix_paths = tuple(str(u.getsockname()) for u in unix)
+    unix_paths = tuple(str(u.getsockname()) if u is not None else "" for u in unix)
     pids: list[int] = []
     pipes: list[int] = []
     try:
@@ -138,13 +144,14 @@ def spawn(template: worker.WorkerSpec, host: str, lease_dir: str) -> tuple[Any, 
             pid = os.fork()
             if pid == 0:  # the worker; never returns
                 os.close(r)
-                worker.run(spec, [tcp[i], unix[i]], w)
+                worker.run(spec, [s for s in (tcp[i], unix[i]) if s is not None], w)
             os.close(w)
             pids.append(pid)
             pipes.append(r)
     finally:
-        for s in (*tcp, *unix):
-            s.close()
+        for sock in (*tcp, *unix):
+            if sock is not None:
+                sock.close()
     errors = _wait_ready(pipes)
     if errors:
         for pid in pids:

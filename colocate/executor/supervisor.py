@@ -69,6 +69,7 @@ class _Lease:
     cgroups: LeaseCgroups
     lease_dir: str
     pidfds: dict[int, int] = field(default_factory=dict)
+    baseline_rss: int = 0  # bytes the workers held right after start (shared with the fork server)
 
 
 def _tcp_url(host: str, port: int) -> str:
@@ -175,8 +176,8 @@ class ExecutorSupervisor:
     ``secret`` is the cluster secret the broker signs lease tokens with; ``node`` the name
     tokens carry; ``host`` the address workers listen on. ``cgroup_root`` is the cgroup mount
     (default ``/sys/fs/cgroup``; leases go under ``colocate/<node>/<lease>``); pass ``""`` to
-    force rlimits. ``state_dir`` holds Unix sockets and pid files; keep it across agent
-    restarts so that ``adopt_or_cleanup`` can find a previous agent's executors (a private
+    force rlimits. ``state_dir/executors-<node>/`` holds Unix sockets and pid files; keep it across
+    agent restarts so that ``adopt_or_cleanup`` can find a previous agent's executors (a private
     temporary directory when None). ``preload`` adds to ``config.preload_modules``: modules
     the fork server imports once, so workers have them without reading the installation.
     """
@@ -197,9 +198,13 @@ class ExecutorSupervisor:
         self.host = host
         self._usable_cpus = frozenset(os.sched_getaffinity(0))  # before anyone pins this process
         self._own_state_dir = state_dir is None
-        self.state_dir = state_dir or tempfile.mkdtemp(prefix="colocate-executors-")
+        base = state_dir or tempfile.mkdtemp(prefix="colocate-")
+        self._base_dir = base
+        # The agent keeps its own files in ``base``; agents of several nodes may share it.
+        self.state_dir = os.path.join(base, f"executors-{self.node}")
         os.makedirs(self.state_dir, exist_ok=True)
-        os.chmod(self.state_dir, 0o755)  # clients of any user reach the workers' Unix sockets
+        for d in (base, self.state_dir):  # clients of any user may reach the Unix sockets
+            os.chmod(d, os.stat(d).st_mode | 0o011)
         self.confinement = Confinement(
             node, "/sys/fs/cgroup" if cgroup_root is None else cgroup_root or None
         )
@@ -264,7 +269,7 @@ class ExecutorSupervisor:
         cgroups = self.confinement.create(lease_id, cpus, memory_bytes)
         lease_dir = os.path.join(self.state_dir, lease_id)
         os.makedirs(lease_dir, exist_ok=True)
-        os.chmod(lease_dir, 0o755)
+        os.chmod(lease_dir, 0o711)
         template = WorkerSpec(
             lease_id=lease_id,
             node=self.node,
@@ -299,7 +304,7 @@ class ExecutorSupervisor:
             cpu_ids=cpus,
             memory_bytes=int(memory_bytes),
             pids=tuple(pids),
-            unix_address=f"unix://{unix[0]}",
+            unix_address=f"unix://{unix[0]}" if unix[0] else None,
             worker_addresses=urls,
             expires_at=float(expires_at),
             confinement=cgroups.mode,
@@ -308,6 +313,8 @@ class ExecutorSupervisor:
         for pid in pids:
             with contextlib.suppress(OSError):
                 lease.pidfds[pid] = os.pidfd_open(pid)
+        if cgroups.mode == "rlimit":
+            lease.baseline_rss = _lease_rss(lease.handle.pids)
         self._write_state(lease)
         with self._lock:
             self._leases[lease_id] = lease
@@ -378,7 +385,8 @@ class ExecutorSupervisor:
     def adopt_or_cleanup(self) -> list[str]:
         """Kill and remove executors a previous agent on this node left behind.
 
-        Looks at the pid files in ``state_dir`` (a pid is only killed if its start time
+        Nothing is adopted: a previous agent's workers cannot reach this agent's token
+        verifier, so they could not admit new connections. Looks at the pid files in ``state_dir`` (a pid is only killed if its start time
         matches, so a recycled pid is safe) and at ``colocate/<node>/*`` cgroups. Returns
         the lease ids cleaned.
         """
@@ -388,8 +396,9 @@ class ExecutorSupervisor:
         for path in Path(self.state_dir).glob("*.json"):
             try:
                 record = json.loads(path.read_text())
-                lease_id = str(record["lease_id"])
-            except (OSError, ValueError, KeyError):
+                lease_id = check_name(str(record["lease_id"]), "lease id")
+            except (OSError, ValueError, KeyError, TypeError, BadRequest):
+                log.warning("ignoring unreadable executor record %s", path)
                 continue
             if lease_id in mine:
                 continue
@@ -412,26 +421,24 @@ class ExecutorSupervisor:
 
     # -- watchdog ----------------------------------------------------------------------------
     def _watch_rss(self) -> None:
-        page = os.sysconf("SC_PAGE_SIZE")
+        """Without cgroups, RLIMIT_AS bounds each worker; this bounds the lease as a whole:
+        the RSS its workers and their children added since start, every 0.1 s."""
         while not self._closed:
             time.sleep(WATCHDOG_INTERVAL_S)
             with self._lock:
                 leases = list(self._leases.values())
             for lease in leases:
-                rss = 0
-                for pid in lease.handle.pids:
-                    with contextlib.suppress(OSError, ValueError, IndexError):
-                        rss += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
-                if rss > lease.handle.memory_bytes:
+                added = _lease_rss(lease.handle.pids) - lease.baseline_rss
+                if added > lease.handle.memory_bytes:
                     log.warning(
-                        "lease %s: RSS %d > limit %d bytes; killing its workers",
+                        "lease %s: workers grew by %d bytes, over its %d; killing them",
                         lease.handle.lease_id,
-                        rss,
+                        added,
                         lease.handle.memory_bytes,
                     )
-                    for fd in lease.pidfds.values():
-                        with contextlib.suppress(ProcessLookupError, OSError):
-                            signal.pidfd_send_signal(fd, signal.SIGKILL)
+                    for pid in _with_children(lease.handle.pids):
+                        with contextlib.suppress(ProcessLookupError, PermissionError):
+                            os.kill(pid, signal.SIGKILL)
 
     def close(self) -> None:
         """Evict every executor, stop the fork server and the verifier."""
@@ -450,13 +457,33 @@ class ExecutorSupervisor:
             self._fork_proc.wait()
         self._verifier.close()
         if self._own_state_dir:
-            shutil.rmtree(self.state_dir, ignore_errors=True)
+            shutil.rmtree(self._base_dir, ignore_errors=True)
 
     def __enter__(self) -> ExecutorSupervisor:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _with_children(pids: Sequence[int]) -> list[int]:
+    import psutil
+
+    out: list[int] = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            out.extend([pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))])
+    return out
+
+
+def _lease_rss(pids: Sequence[int]) -> int:
+    import psutil
+
+    total = 0
+    for pid in _with_children(pids):
+        with contextlib.suppress(psutil.Error):
+            total += int(psutil.Process(pid).memory_info().rss)
+    return total
 
 
 def _wait_exit(pidfds: dict[int, int], timeout_s: float) -> list[int]:

@@ -314,6 +314,31 @@ def test_rlimit_fallback_limits_memory_without_cgroups(tmp_path: Path) -> None:
                 ex.invoke(hog, 1 << 30)
 
 
+def hog_and_hold(nbytes: int) -> int:
+    block = bytearray(nbytes)
+    for i in range(0, nbytes, 4096):
+        block[i] = 1
+    time.sleep(5)
+    return len(block)
+
+
+def test_rlimit_fallback_watchdog_bounds_the_whole_lease(tmp_path: Path) -> None:
+    cores = sorted(os.sched_getaffinity(0))
+    require(len(cores) >= 2, "needs two cores")
+    memory = 96 << 20
+    node = NODE + "w"
+    with ExecutorSupervisor(
+        ExecutorConfig(), SECRET, node=node, cgroup_root="", state_dir=str(tmp_path)
+    ) as sup:
+        expires = time.time() + 60
+        handle = sup.start("wd", cores[:2], memory, expires)
+        token = sign_lease(SECRET, LeaseClaims("wd", node, tuple(cores[:2]), memory, expires))
+        with LeaseExecutor(handle.address, token, lease_id="wd", workers=2) as ex:
+            # each worker stays under its own RLIMIT_AS; together they exceed the lease
+            futures = [ex.submit(hog_and_hold, 60 << 20) for _ in range(2)]
+            assert outcomes(futures, timeout=10) == {"ExecutorLost": 2}
+
+
 # -- restart and idle ------------------------------------------------------------------------
 def test_a_restarted_agent_cleans_executors_left_behind(tmp_path: Path) -> None:
     state = str(tmp_path / "state")
