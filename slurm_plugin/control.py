@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import socket
 import stat
@@ -405,7 +406,7 @@ class ControlServer:
                 if not line.endswith(b"\n"):
                     self._refuse(conn, "bad request: truncated line (input ended before a newline)")
                     return
-                conn.sendall(encode(self.answer(line, peer)))
+                conn.sendall(self._encode_answer(self.answer(line, peer)))
         except (OSError, ValueError):
             pass  # peer went away or timed out; nothing to tell it
         finally:
@@ -414,10 +415,18 @@ class ControlServer:
             conn.close()
             self._slots.release()
 
+    @staticmethod
+    def _encode_answer(answer: dict[str, Any]) -> bytes:
+        try:
+            return encode(answer)
+        except (BadRequest, ValueError, TypeError) as exc:
+            log.error("control answer to %s cannot be sent: %s", answer.get("op"), exc)
+            return encode({"ok": False, "op": answer.get("op"), "error": f"agent error: answer not sendable: {exc}"})
+
     def _unauthorized(self, peer: Peer) -> Unauthorized:
         return Unauthorized(
             f"uid {peer.uid} may not use the colocate control socket {self.path}; "
-            f"only root and uids {sorted(self.allowed_uids - {0})} may (agent.control_users)"
+            f"only root and uids {sorted(self.allowed_uids - {0})} may"
         )
 
     def answer(self, line: bytes, peer: Peer) -> dict[str, Any]:
@@ -437,7 +446,8 @@ class ControlServer:
                 )
                 return {
                     "ok": True, "op": op, "job_id": request.job_id,
-                    "evicted": list(result.evicted), "waited_s": result.waited_s,
+                    "evicted": [str(lease) for lease in result.evicted],
+                    "waited_s": result.waited_s if math.isfinite(result.waited_s) else None,
                     "complete": result.complete,
                 }
             if op == "epilog":

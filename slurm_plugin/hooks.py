@@ -265,7 +265,9 @@ def run_hook(
             outcome.message = f"the agent refused: {reply.error}"
         elif hook == "prolog":
             evicted = reply.body.get("evicted") or []
-            outcome.message = f"evicted {len(evicted)} lease(s) in {reply.body.get('waited_s', 0.0):.3f} s"
+            waited = reply.body.get("waited_s")
+            took = f"{waited:.3f} s" if isinstance(waited, int | float) else "unknown time"
+            outcome.message = f"evicted {len(evicted)} lease(s) in {took}"
             if reply.body.get("complete") is False:
                 outcome.ok = False
                 outcome.message += "; evictions still running at the deadline"

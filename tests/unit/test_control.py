@@ -166,3 +166,12 @@ def test_resolve_uids_by_name_and_number() -> None:
     assert resolve_uids(["root", "12", 34]) == frozenset({0, 12, 34})
     with pytest.raises(ConfigError, match="does not exist on this node"):
         resolve_uids(["no-such-user-colocate"])
+
+
+def test_an_unknown_eviction_time_still_goes_on_the_wire() -> None:
+    class NanHandler(RecordingHandler):
+        def on_prolog(self, request: PrologRequest, deadline: float) -> PrologResult:
+            return PrologResult(evicted=("l-1",), waited_s=float("nan"))
+
+    answer = ask(ControlServer("/nonexistent/agent.sock", NanHandler()), {"op": "prolog", "job_id": 3})
+    assert answer["ok"] is True and answer["waited_s"] is None and answer["evicted"] == ["l-1"]

@@ -194,3 +194,11 @@ def test_connection_cap_and_idle_timeout_keep_the_agent_reachable(sock_dir: Path
         assert idle.recv(1) == b""
         idle.close()
         assert call(srv.path, {"op": "status"}, timeout_s=1).ok
+
+
+def test_an_answer_too_big_for_the_wire_is_an_error_not_a_dead_connection(server: ControlServer, handler: RecordingHandler) -> None:
+    handler.status_value = {"blob": "x" * (MAX_LINE_BYTES + 1)}
+    reply = call(server.path, {"op": "status"}, timeout_s=2)
+    assert not reply.ok and "answer not sendable" in reply.error
+    handler.status_value = {}
+    assert call(server.path, {"op": "status"}, timeout_s=2).ok
