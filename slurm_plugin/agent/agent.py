@@ -356,6 +356,20 @@ class Agent:
         self._stop.set()
         self._wake.set()
 
+    def shutdown(self) -> None:
+        """The agent is going away: evict every lease (their calls end LeaseEvicted) and tell
+        the broker the node offers nothing, so it drops the leases now, not at expiry."""
+        self.stop()
+        for lease_id in list(self._leases):
+            with contextlib.suppress(LeaseError):
+                self.revoke(lease_id, grace_s=0.0, reason="agent_stopped")
+        with self._lock:
+            self._offer = Offer()
+            self._generation += 1
+        headers = {CONTROL_HEADER: control_token(self._secret)}
+        with httpx.Client(timeout=1.0, headers=headers) as http:
+            self.report_once(http)
+
     def status(self) -> AgentStatus:
         report = self.report()
         return AgentStatus(

@@ -49,6 +49,7 @@ def create_app(agent: Agent, *, run_loop: bool = True) -> FastAPI:
             agent.stop()
             if run_loop:
                 loop.join(timeout=5)
+            agent.shutdown()
 
     def control(token: str | None = Header(None, alias=CONTROL_HEADER)) -> None:
         if not agent.is_control(token):

@@ -6,12 +6,15 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import cloudpickle
 import httpx
 import pytest
 
+from colocate import Client, LeaseEvicted
 from tests.integration.leasing import (
     Service,
     control_headers,
@@ -23,6 +26,7 @@ from tests.integration.leasing import (
 )
 
 GiB = 1024**3
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers run as nobody
 
 
 def free_port() -> int:
@@ -168,3 +172,27 @@ def test_bad_agent_options_fail_with_one_clear_line(
     assert result.returncode == 1, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0] and "Traceback" not in result.stderr
+
+
+def nap(seconds: float) -> str:
+    time.sleep(seconds)
+    return "woke"
+
+
+def test_stopping_the_agent_evicts_its_leases_and_tells_the_broker(tmp_path: Path) -> None:
+    broker = start_broker(tmp_path)
+    agent = start_agent(tmp_path, broker.url, node="leaving", cores=1, memory="512MiB", interval_s=5)
+    with services(broker, agent):
+        wait_until(lambda: node_registered(broker.url, "leaving"), what="agent registration")
+        client = Client(broker.url)
+        lease = client.lease(cores=1, memory="256MiB", duration="5m")
+        running = lease.executor().submit(nap, 30)
+        agent.stop()
+        assert agent.process.returncode == 0
+        with pytest.raises(LeaseEvicted):
+            running.result(timeout=10)
+        # Told at once, not after the node timeout or the lease's expiry.
+        assert client.status().leases == []
+        with pytest.raises(LeaseEvicted):
+            lease.renew(duration=60)
+    assert "Traceback" not in agent.logs(), agent.logs()
