@@ -194,7 +194,8 @@ def _colocate(env: Mapping[str, str]) -> tuple[str | None, str | None]:
     value = raw.strip().lower()
     if value in ("allow", "deny"):
         return value, None
-    return None, f"ignored SPANK_COLOCATE={raw!r} (expected allow or deny); the site default applies"
+    # Only the colocate plugin sets it, to allow or deny: anything else is read the safe way.
+    return "deny", f"read SPANK_COLOCATE={raw!r} as deny (expected allow or deny)"
 
 
 def prolog_request(env: Mapping[str, str], timeout_s: float) -> tuple[dict[str, Any], str | None]:

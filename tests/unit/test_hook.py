@@ -47,7 +47,7 @@ def server(tmp_path: Path, handler: RecordingHandler) -> Iterator[ControlServer]
 @pytest.mark.parametrize(
     ("spank", "expected", "warns"),
     [("deny", "deny", False), ("allow", "allow", False), ("DENY", "deny", False),
-     (None, None, False), ("", None, False), ("sometimes", None, True)],
+     (None, None, False), ("", None, False), ("sometimes", "deny", True)],
 )
 def test_the_jobs_choice_from_the_spank_plugin(spank: str | None, expected: str | None, warns: bool) -> None:
     env = {k: v for k, v in JOB_ENV.items() if k != "SPANK_COLOCATE"}
