@@ -133,10 +133,13 @@ class Broker:
     def _denied(self, request: LeaseRequest, now: float) -> LeaseDenied:
         best = self.book.best_available(now)
         if best is None:
-            return LeaseDenied(
-                "no node agent is registered; start one with `colocate agent --standalone --broker URL`",
-                available={"cores": 0, "memory_bytes": 0, "nodes": 0},
+            silent = len(self.book.nodes())
+            message = (
+                f"none of the {silent} registered nodes reported in the last {self.config.node_timeout_s:g}s; check their agents"
+                if silent
+                else "no node agent is registered; start one with `colocate agent --standalone --broker URL`"
             )
+            return LeaseDenied(message, available={"cores": 0, "memory_bytes": 0, "nodes": 0})
         live = len(self.book.available(now))
         return LeaseDenied(
             f"no node has {request.cores} free cores and {_gib(request.memory)}; the best node "
