@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 _JOB_DIR = re.compile(r"^job_(\d+)$")
 # A SLUID: 's' and 13 Crockford base32 characters (no I, L, O, U).
+STEPD_DIRS = frozenset({"slurm"})  # step_*/slurm holds slurmstepd, not the job's processes
 SLUID = re.compile(r"^s[0-9A-HJKMNP-TV-Z]{13}$")
 
 
@@ -94,7 +95,7 @@ class CgroupV2Source:
         return out
 
     def _job_id_from_processes(self, job_dir: Path) -> str | None:
-        for pid in sorted(subtree_pids(job_dir)):
+        for pid in sorted(subtree_pids(job_dir, skip_dirs=STEPD_DIRS)):
             value = environ_value(pid, self.proc, "SLURM_JOB_ID")
             if value and value.isdigit():
                 return value
@@ -110,7 +111,7 @@ class CgroupV2Source:
             stat = read_flat_keyed(d / "memory.stat", local)
             peak = read_int(d / "memory.peak")  # optional: kernels < 5.19 have none
             ids = read_cpuset(d / "cpuset.cpus.effective") or read_cpuset(d / "cpuset.cpus")
-            pids = subtree_pids(d, local)
+            pids = subtree_pids(d, local, skip_dirs=STEPD_DIRS)
             if not d.exists():
                 continue  # ended while we read it
             skips.warnings.extend(f"job {job_id}: {w}" for w in local.warnings)

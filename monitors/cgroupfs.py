@@ -79,10 +79,14 @@ def read_cpuset(path: Path, skips: Skips | None = None) -> tuple[int, ...] | Non
         return None
 
 
-def subtree_pids(directory: Path, skips: Skips | None = None) -> set[int]:
-    """Pids in ``cgroup.procs`` of ``directory`` and every group below it."""
+def subtree_pids(
+    directory: Path, skips: Skips | None = None, skip_dirs: frozenset[str] = frozenset()
+) -> set[int]:
+    """Pids in ``cgroup.procs`` of ``directory`` and every group below it, except groups
+    named in ``skip_dirs`` (v2 keeps slurmstepd itself in ``step_*/slurm``)."""
     pids: set[int] = set()
-    for dirpath, _dirnames, filenames in os.walk(directory):
+    for dirpath, dirnames, filenames in os.walk(directory):
+        dirnames[:] = [d for d in dirnames if d not in skip_dirs]
         if "cgroup.procs" not in filenames:
             continue
         text = read_text(Path(dirpath) / "cgroup.procs", skips)

@@ -199,13 +199,12 @@ class Sampler:
         now = time.time() if now is None else now
         mono = self._mono()
         warnings: list[str] = []
-        if self._jobs is None:
-            self._refresh_jobs(mono, warnings)
+        refreshed = self._jobs is None and self._refresh_jobs(mono, warnings)
         reading = self._read(warnings)
         seen = frozenset(reading.jobs)
         transient = any(j.state is not JobState.RUNNING for j in self._jobs or ())
         due = mono - self._jobs_at >= self.slurm_refresh_s
-        if due or transient or seen != self._last_seen:
+        if not refreshed and (due or transient or seen != self._last_seen):
             before = {j.job_id for j in self._jobs or ()}
             if self._refresh_jobs(mono, warnings):
                 new = {j.job_id for j in self._jobs or ()} - before - set(reading.jobs)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -129,11 +130,13 @@ class DevCluster:
         conf_dir: Path = CONF_DIR,
         python: str = sys.executable,
         run: Runner = _run,
+        hook_timeout_s: float = HOOK_TIMEOUT_S,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.conf_dir = Path(conf_dir)
         self.python = python
         self.run = run
+        self.hook_timeout_s = hook_timeout_s
 
     # -- paths ---------------------------------------------------------------------------
     @property
@@ -232,22 +235,24 @@ class DevCluster:
             "#!/bin/sh\n"
             f"# colocate dev-cluster {phase} wrapper: never fails (a failing prolog drains the node).\n"
             f"export PATH={SAFE_PATH}\n"
-            f"timeout -k 2 {HOOK_TIMEOUT_S} {self.python} -m colocate.cli hook {phase} "
-            f'>>"{logfile}" 2>&1 </dev/null\n'
+            f"timeout -k 2 {self.hook_timeout_s:g} {shlex.quote(self.python)} -m colocate.cli hook {phase} "
+            f">>{shlex.quote(str(logfile))} 2>&1 </dev/null\n"
             "exit 0\n"
         )
 
-    def _write_if_changed(self, path: Path, text: str, mode: int = 0o644) -> bool:
+    def _write_if_changed(
+        self, path: Path, text: str, mode: int = 0o644, backup: bool = True
+    ) -> bool:
         try:
             if path.read_text() == text:
                 return False
         except OSError:
             pass
-        if path.exists() and MARKER not in path.read_text():
-            backup = path.with_suffix(path.suffix + ".before-colocate")
-            if not backup.exists():
-                shutil.copy2(path, backup)
-                log.warning("kept the previous %s as %s", path, backup)
+        if backup and path.exists() and MARKER not in path.read_text():
+            kept = path.with_suffix(path.suffix + ".before-colocate")
+            if not kept.exists():
+                shutil.copy2(path, kept)
+                log.warning("kept the previous %s as %s", path, kept)
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(text)
         tmp.chmod(mode)
@@ -402,7 +407,7 @@ class DevCluster:
         hooks_changed = False
         for phase in ("prolog", "epilog"):
             hooks_changed |= self._write_if_changed(
-                self.state_dir / f"{phase}.sh", self.render_hook(phase), 0o755
+                self.state_dir / f"{phase}.sh", self.render_hook(phase), 0o755, backup=False
             )
         changed = self._write_if_changed(
             self.conf_dir / "slurm.conf", self.render_slurm_conf(nodes)

@@ -16,6 +16,7 @@ from slurm_plugin.slurm.hostlist import expand_hostlist, format_cpu_ids, parse_c
 from slurm_plugin.slurm.pyslurm_backend import PyslurmSlurm
 from slurm_plugin.slurm.records import JobOnNode, NodeInfo, Parsed, ProcessEntry
 from slurm_plugin.slurm.states import JobState, NodeState, job_state, node_state
+from slurm_plugin.slurm.static import StaticSlurm
 
 BACKENDS: dict[str, Callable[[], SlurmClient]] = {
     "cli": CliSlurm,
@@ -47,6 +48,7 @@ __all__ = [
     "ProcessEntry",
     "PyslurmSlurm",
     "SlurmClient",
+    "StaticSlurm",
     "expand_hostlist",
     "format_cpu_ids",
     "job_state",

@@ -105,7 +105,9 @@ def _squeue_job(raw: Mapping[str, Any]) -> SqueueJob:
     cores: dict[str, int] = {}
     resources = raw.get("job_resources")
     if isinstance(resources, Mapping):
-        alloc = resources.get("allocated_nodes") or resources.get("nodes", {}).get("allocation")
+        alloc = resources.get("allocated_nodes")  # 22.05 .. 23.11
+        if not alloc and isinstance(resources.get("nodes"), Mapping):
+            alloc = resources["nodes"].get("allocation")  # 24.05+
         for entry in alloc if isinstance(alloc, list) else []:
             if not isinstance(entry, Mapping):
                 continue

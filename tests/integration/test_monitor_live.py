@@ -67,14 +67,15 @@ def settle(
 
 
 def job_cpu_seconds(job_id: str) -> float:
-    """CPU time of the job's processes now, from ``scontrol listpids`` and psutil."""
+    """CPU time of the job's processes now: those with SLURM_JOB_ID in their environment."""
     total = 0.0
-    for entry in CliSlurm().listpids(job_id).items:
+    for p in psutil.process_iter():
         try:
-            t = psutil.Process(entry.pid).cpu_times()
+            if p.environ().get("SLURM_JOB_ID") == job_id:
+                t = p.cpu_times()
+                total += t.user + t.system
         except psutil.Error:
             continue
-        total += t.user + t.system
     return total
 
 
