@@ -145,7 +145,11 @@ class Lease:
             self.handle.unix_address if unix and self.handle.unix_address else self.handle.address
         )
         return LeaseExecutor(
-            address, self.token, lease_id=self.lease_id, workers=len(self.handle.cpu_ids)
+            address,
+            self.token,
+            lease_id=self.lease_id,
+            workers=len(self.handle.cpu_ids),
+            prefer_unix=unix,
         )
 
 

@@ -24,6 +24,7 @@ import socket
 import sys
 import threading
 import types
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
 from pathlib import Path
@@ -387,6 +388,11 @@ class _Connection:
         self.sock.close()
 
 
+def _close_all(conns: list[_Connection]) -> None:
+    for conn in conns:
+        conn.close()
+
+
 class LeaseExecutor(Executor):
     """Runs functions on a lease's workers; a ``concurrent.futures.Executor``.
 
@@ -395,7 +401,9 @@ class LeaseExecutor(Executor):
     one per worker). ``token`` is the lease token from the broker. Functions are callables
     (shipped with cloudpickle) or ``"module:function"`` strings importable on the node; each is
     shipped once per connection, ``functions`` at connect time, others on first use.
-    ``map`` (inherited) sends every call at once, so they are pipelined.
+    ``map`` (inherited) sends every call at once, so they are pipelined. With
+    ``prefer_unix``, a client on the executor's node switches from TCP to the worker's Unix
+    socket (same worker, checked by pid) when it can reach it.
     ``max_payload_bytes`` caps the pickled arguments (or the bytes argument) of one call; the
     executor's own limit applies too. Raises Unauthorized / LeaseExpired for a bad token and
     ExecutorLost when the executor cannot be reached.
@@ -411,6 +419,7 @@ class LeaseExecutor(Executor):
         max_payload_bytes: int = P.DEFAULT_MAX_PAYLOAD_BYTES,
         functions: Sequence[Callable[..., Any] | str] = (),
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
+        prefer_unix: bool = True,
     ) -> None:
         self.lease_id = lease_id
         self._ids = itertools.count(1)
@@ -422,6 +431,17 @@ class LeaseExecutor(Executor):
         self._rr = itertools.count()
         first = _Connection(_connect(address, connect_timeout_s), address, lease_id)
         welcome = first.hello(token)
+        local = self._same_node_socket(address, welcome) if prefer_unix else None
+        if local is not None:  # same node: the worker's Unix socket is a shorter path
+            try:
+                unix = _Connection(_connect(local, connect_timeout_s), local, lease_id)
+                if unix.hello(token).get("pid") == welcome.get("pid"):
+                    first.close()
+                    first, address = unix, local
+                else:
+                    unix.close()
+            except ColocateError:
+                pass  # keep TCP
         self.max_payload_bytes = min(
             int(max_payload_bytes), int(welcome.get("max_payload_bytes", max_payload_bytes))
         )
@@ -437,6 +457,18 @@ class LeaseExecutor(Executor):
             self._conns.append(conn)
         for fn in functions:
             self._index(fn)
+        # reader threads hold their connections, not this object: close them when it goes
+        weakref.finalize(self, _close_all, list(self._conns))
+
+    @staticmethod
+    def _same_node_socket(address: str, welcome: dict[str, Any]) -> str | None:
+        if not address.startswith("tcp://"):
+            return None
+        paths = welcome.get("unix", [])
+        me = int(welcome.get("worker", 0))
+        if me < len(paths) and paths[me] and os.path.exists(paths[me]):
+            return f"unix://{paths[me]}"
+        return None
 
     @staticmethod
     def _other_workers(address: str, welcome: dict[str, Any]) -> list[str]:
@@ -455,6 +487,11 @@ class LeaseExecutor(Executor):
     def workers(self) -> int:
         """Connections (one per worker) still alive."""
         return sum(1 for c in self._conns if not c.dead)
+
+    @property
+    def addresses(self) -> list[str]:
+        """Where the live connections go (``tcp://...`` or ``unix://...``), one per worker."""
+        return [c.url for c in self._conns if not c.dead]
 
     # -- functions -----------------------------------------------------------------------
     def _index(self, fn: Callable[..., Any] | str) -> int:

@@ -213,20 +213,27 @@ class ExecutorSupervisor:
         self._fork_lock = threading.Lock()
         self._verifier = _Verifier(os.path.join(self.state_dir, "verifier.sock"), secret)
         self._closed = False
+        self._preload = (*config.preload_modules, *preload)
+        try:
+            self._spawn_fork_server()
+        except BackendUnavailable:
+            self._verifier.close()
+            raise
+        self._watchdog: threading.Thread | None = None
+        if self.confinement.mode == "rlimit":
+            self._watchdog = threading.Thread(
+                target=self._watch_rss, name="colocate-rss-watchdog", daemon=True
+            )
+            self._watchdog.start()
+
+    def _spawn_fork_server(self) -> None:
         self._fork_sock, child = socket.socketpair()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")) if p
         )
         self._fork_proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                _FORKSERVER_MAIN,
-                str(child.fileno()),
-                *config.preload_modules,
-                *preload,
-            ],
+            [sys.executable, "-c", _FORKSERVER_MAIN, str(child.fileno()), *self._preload],
             pass_fds=(child.fileno(),),
             stdin=subprocess.DEVNULL,
             env=env,
@@ -234,14 +241,32 @@ class ExecutorSupervisor:
         child.close()
         hello = recv_msg(self._fork_sock)
         if not hello or hello[0] != "ready":
-            self._verifier.close()
             raise BackendUnavailable("executor fork server did not start; see the agent's stderr")
-        self._watchdog: threading.Thread | None = None
-        if self.confinement.mode == "rlimit":
-            self._watchdog = threading.Thread(
-                target=self._watch_rss, name="colocate-rss-watchdog", daemon=True
-            )
-            self._watchdog.start()
+
+    def _ask_fork_server(self, request: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Send a request, restarting the fork server once if it died."""
+        with self._fork_lock:
+            for _attempt in range(2):
+                if self._fork_proc.poll() is not None:
+                    log.warning(
+                        "executor fork server exited (%s); starting a new one",
+                        self._fork_proc.returncode,
+                    )
+                    self._fork_sock.close()
+                    self._spawn_fork_server()
+                try:
+                    send_msg(self._fork_sock, request)
+                    answer = recv_msg(self._fork_sock)
+                except OSError:
+                    answer = None
+                if answer is not None:
+                    return tuple(answer)
+                try:  # it closed the socket: it is exiting
+                    self._fork_proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self._fork_proc.kill()
+                    self._fork_proc.wait()
+        return ("error", "fork server keeps exiting; see the agent's stderr")
 
     # -- start -------------------------------------------------------------------------------
     def start(
@@ -286,15 +311,13 @@ class ExecutorSupervisor:
             unix=(),
         )
         try:
-            with self._fork_lock:
-                send_msg(self._fork_sock, ("spawn", template, self.host, lease_dir))
-                answer = recv_msg(self._fork_sock)
-        except OSError as exc:
-            answer = ("error", f"fork server unreachable: {exc}")
-        if not answer or answer[0] != "ok":
+            answer = self._ask_fork_server(("spawn", template, self.host, lease_dir))
+        except BackendUnavailable as exc:
+            answer = ("error", str(exc))
+        if answer[0] != "ok":
             remove_dirs(cgroups.dirs)
             shutil.rmtree(lease_dir, ignore_errors=True)
-            why = answer[1] if answer else "fork server exited"
+            why = answer[1]
             raise BackendUnavailable(f"lease {lease_id}: executor did not start: {why}")
         _, pids, tcp, unix = answer
         urls = tuple(_tcp_url(h, p) for h, p in tcp)

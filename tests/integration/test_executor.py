@@ -248,3 +248,23 @@ def test_start_refuses_bad_leases(supervisor: ExecutorSupervisor, lease: Leased)
     with pytest.raises(BadRequest):
         supervisor.start("nocores", [999], 1 << 20, time.time() + 60)
     assert [h.lease_id for h in supervisor.handles()] == [lease.lease_id]
+
+
+def test_a_client_on_the_same_node_switches_to_the_unix_socket(lease: Leased) -> None:
+    with lease.executor() as ex:
+        assert ex.addresses == [lease.handle.unix_address]
+        assert ex.invoke(add, 1, 2) == 3
+    with lease.executor(prefer_unix=False) as ex:
+        assert ex.addresses == [lease.handle.address]
+        assert ex.invoke(add, 1, 2) == 3
+
+
+def test_a_dead_fork_server_is_replaced_on_the_next_start(supervisor: ExecutorSupervisor) -> None:
+    supervisor._fork_proc.kill()
+    supervisor._fork_proc.wait()
+    leased = Leased(supervisor, (CORES[0],))
+    try:
+        with leased.executor() as ex:
+            assert ex.invoke(add, 2, 3) == 5
+    finally:
+        supervisor.evict(leased.lease_id)
