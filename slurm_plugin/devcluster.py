@@ -237,6 +237,9 @@ class DevCluster:
             f"export PATH={SAFE_PATH}\n"
             f"timeout -k 2 {self.hook_timeout_s:g} {shlex.quote(self.python)} -m colocate.cli hook {phase} "
             f">>{shlex.quote(str(logfile))} 2>&1 </dev/null\n"
+            "rc=$?\n"
+            f'echo "$(date -u +%FT%TZ) {phase} job ${{SLURM_JOB_ID:-?}} on ${{SLURMD_NODENAME:-?}}: '
+            f'hook exit $rc" >>{shlex.quote(str(logfile))}\n'
             "exit 0\n"
         )
 
