@@ -261,17 +261,16 @@ def peer_ray(n: int, start: PeerStart) -> list[float] | str:
         ray.shutdown()
 
 
-def peer_dask(n: int) -> list[float] | str:
+def peer_dask(n: int, start: PeerStart) -> list[float] | str:
     try:
         from distributed import Client, LocalCluster
     except ImportError:
         return "not installed (pip install 'dask[distributed]')"
-    with (
-        LocalCluster(
+    with start:
+        cluster = LocalCluster(
             n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+        )
+    with cluster, Client(cluster) as client:
         return timed(n, lambda: client.submit(echo, PAYLOAD, pure=False).result(), warmup=200)
 
 

@@ -23,10 +23,11 @@ import os
 import socket
 import sys
 import threading
+import time
 import types
 import weakref
-from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, Future
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future, InvalidStateError
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -198,6 +199,7 @@ class _Connection:
         self.notice = 0  # EVICTED / EXPIRED once the worker said the lease is being taken back
         self.notice_text = b""
         self.reader: threading.Thread | None = None
+        self.reader_waiting = False
 
     # -- handshake -----------------------------------------------------------------------
     def hello(self, token: str) -> dict[str, Any]:
@@ -306,9 +308,13 @@ class _Connection:
                 fut = pending.pop(cid, None)
                 if fut is not None:
                     try:
-                        fut.set_result(_outcome(status, flags, body, self.lease_id))
+                        value = _outcome(status, flags, body, self.lease_id)
                     except BaseException as exc:
-                        fut.set_exception(exc)
+                        with contextlib.suppress(InvalidStateError):  # cancelled meanwhile
+                            fut.set_exception(exc)
+                    else:
+                        with contextlib.suppress(InvalidStateError):
+                            fut.set_result(value)
         if self.start == self.end:
             self.start = self.end = 0
         return mine
@@ -339,34 +345,45 @@ class _Connection:
                         return _outcome(got[0], got[1], got[2], self.lease_id)
             finally:
                 self.read_lock.release()
-        fut = self.submit(data, cid, fn, definitions)
-        return fut.result()
+        return self.submit(data, (cid,), fn, definitions)[0].result()
 
-    def submit(self, data: bytes, cid: int, fn: int, definitions: list[bytes]) -> Future[Any]:
-        fut = _CallFuture()
-        fut._conn = self
-        fut.set_running_or_notify_cancel()  # sent at once: too late to cancel
+    def submit(
+        self, data: bytes, cids: Sequence[int], fn: int, definitions: list[bytes]
+    ) -> list[Future[Any]]:
+        """Register one future per call id, then send ``data`` (the calls' frames) at once.
+
+        The futures stay PENDING: cancelling one only drops its result (the call was sent).
+        """
+        futures: list[Future[Any]] = []
+        for _ in cids:
+            call = _CallFuture()
+            call._conn = self
+            futures.append(call)
         with self.cond:
             if self.dead:
-                fut.set_exception(self.lost_error())
-                return fut
-            self.pending[cid] = fut
+                error = self.lost_error()
+                for fut in futures:
+                    fut.set_exception(error)
+                return futures
+            self.pending.update(zip(cids, futures, strict=True))
             if self.reader is None:
                 self.reader = threading.Thread(
                     target=self._read_loop, name=f"colocate-reader-{self.url}", daemon=True
                 )
                 self.reader.start()
-            else:
+            elif self.reader_waiting:
                 self.cond.notify()
-        with contextlib.suppress(ColocateError):  # mark_dead then failed the future
+        with contextlib.suppress(ColocateError):  # mark_dead then failed the futures
             self.send(data, fn, definitions)
-        return fut
+        return futures
 
     def _read_loop(self) -> None:
         while True:
             with self.cond:
                 while not self.pending and not self.dead:
+                    self.reader_waiting = True
                     self.cond.wait()
+                    self.reader_waiting = False
                 if self.dead:
                     return
             if not self.read_lock.acquire(timeout=0.002):
@@ -401,7 +418,7 @@ class LeaseExecutor(Executor):
     one per worker). ``token`` is the lease token from the broker. Functions are callables
     (shipped with cloudpickle) or ``"module:function"`` strings importable on the node; each is
     shipped once per connection, ``functions`` at connect time, others on first use.
-    ``map`` (inherited) sends every call at once, so they are pipelined. With
+    ``map`` sends every call at once, ``chunksize`` per write (pipelined). With
     ``prefer_unix``, a client on the executor's node switches from TCP to the worker's Unix
     socket (same worker, checked by pid) when it can reach it.
     ``max_payload_bytes`` caps the pickled arguments (or the bytes argument) of one call; the
@@ -571,17 +588,71 @@ class LeaseExecutor(Executor):
             conn = self._pick(False)
         except ColocateError as exc:
             fut: Future[Any] = Future()
-            fut.set_running_or_notify_cancel()
             fut.set_exception(exc)
             return fut
-        return conn.submit(data, cid, idx, self._fn_frames)
+        return conn.submit(data, (cid,), idx, self._fn_frames)[0]
+
+    def map(
+        self,
+        fn: Callable[..., Any] | str,
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 64,
+    ) -> Iterator[Any]:
+        """Like ``Executor.map``: every call is sent at once (pipelined), ``chunksize`` calls
+        per write; results in order. A call that fails raises when its result is reached."""
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        end = None if timeout is None else time.monotonic() + timeout
+        futures: list[Future[Any]] = []
+        calls = zip(*iterables, strict=False)
+        while chunk := list(itertools.islice(calls, max(1, chunksize))):
+            futures.extend(self._submit_chunk(fn, chunk))
+
+        def results() -> Iterator[Any]:
+            try:
+                futures.reverse()
+                while futures:
+                    fut = futures.pop()
+                    yield fut.result() if end is None else fut.result(end - time.monotonic())
+            finally:
+                for fut in futures:
+                    fut.cancel()
+
+        return results()
+
+    def _submit_chunk(
+        self, fn: Callable[..., Any] | str, chunk: list[tuple[Any, ...]]
+    ) -> list[Future[Any]]:
+        frames: list[bytes] = []
+        cids: list[int] = []
+        try:
+            idx = 0
+            for args in chunk:
+                data, cid, idx = self._frame(fn, args, {})
+                frames.append(data)
+                cids.append(cid)
+            conn = self._pick(False)
+        except ColocateError as exc:
+            failed: list[Future[Any]] = [Future() for _ in chunk]
+            for fut in failed:
+                fut.set_exception(exc)
+            return failed
+        return conn.submit(b"".join(frames), cids, idx, self._fn_frames)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting calls; with ``wait``, let the calls in flight finish, then disconnect.
 
-        Calls already sent cannot be cancelled (``cancel_futures`` has nothing to cancel).
+        ``cancel_futures`` cancels the futures still waiting for a result: the calls were
+        sent and may still run, their results are dropped.
         """
         self._shutdown = True
+        if cancel_futures:
+            for conn in self._conns:
+                with conn.cond:
+                    waiting = list(conn.pending.values())
+                for fut in waiting:
+                    fut.cancel()
         if not wait:
             threading.Thread(target=self._drain_and_close, daemon=True).start()
             return

@@ -268,3 +268,19 @@ def test_a_dead_fork_server_is_replaced_on_the_next_start(supervisor: ExecutorSu
             assert ex.invoke(add, 2, 3) == 5
     finally:
         supervisor.evict(leased.lease_id)
+
+
+def test_map_raises_at_the_failing_call_and_shutdown_can_cancel(lease: Leased) -> None:
+    with lease.executor() as ex:
+        results = ex.map(divide, [4, 6, 1], [2, 3, 0], chunksize=2)
+        assert next(results) == 2 and next(results) == 2
+        with pytest.raises(ZeroDivisionError):
+            next(results)
+    ex = lease.executor()
+    slow = [ex.submit(nap, 0.2) for _ in range(10)]
+    t = time.monotonic()
+    ex.shutdown(wait=True, cancel_futures=True)
+    assert time.monotonic() - t < 1.5  # did not wait for ten naps
+    assert all(f.cancelled() for f in slow)
+    with pytest.raises(RuntimeError):
+        ex.submit(add, 1)
