@@ -7,7 +7,8 @@ Slurm puts each job at ``<root>/<controller>/slurm[_<node>]/uid_<uid>/job_<id>/`
 
 PSI: v1 has none. Where the kernel also mounts cgroup2 (``<root>/unified``), per-job PSI
 exists only if the job's processes sit in their own v2 group; Slurm's v1 plugin leaves them
-at the v2 root, so pressure is None there (checked through one job process's ``0::`` path).
+at the v2 root, so pressure is None there (checked through one job process's ``0::`` path),
+unless ``psi_groups`` (opt-in, ``monitors.psi_groups``) gives each job such a group.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from monitors.cgroupfs import (
     unified_path,
 )
 from monitors.psi import read_some_avg10
+from monitors.psi_groups import PsiGroups
 from monitors.usage import JobUsage, UsageReading
 from slurm_plugin.slurm import JobOnNode
 
@@ -40,10 +42,14 @@ class CgroupV1Source:
     name = "cgroup-v1"
 
     def __init__(
-        self, cgroup_root: str | Path = "/sys/fs/cgroup", proc: str | Path = "/proc"
+        self,
+        cgroup_root: str | Path = "/sys/fs/cgroup",
+        proc: str | Path = "/proc",
+        psi_groups: PsiGroups | None = None,
     ) -> None:
         self.root = Path(cgroup_root)
         self.proc = Path(proc)
+        self.psi_groups = psi_groups
 
     @classmethod
     def detect(cls, cgroup_root: str | Path = "/sys/fs/cgroup") -> bool:
@@ -83,13 +89,23 @@ class CgroupV1Source:
         cpuset = self.job_dirs(node, "cpuset")
         jobs: dict[str, JobUsage] = {}
         for job_id in sorted(set(acct) | set(mem), key=lambda j: (len(j), j)):
-            usage = self._job(job_id, acct.get(job_id), mem.get(job_id), cpuset.get(job_id), skips)
+            usage = self._job(
+                node, job_id, acct.get(job_id), mem.get(job_id), cpuset.get(job_id), skips
+            )
             if usage is not None:
                 jobs[job_id] = usage
+        if self.psi_groups is not None:
+            self.psi_groups.prune(node, jobs)
         return UsageReading(jobs, tuple(skips.warnings))
 
     def _job(
-        self, job_id: str, acct: Path | None, mem: Path | None, cpuset: Path | None, skips: Skips
+        self,
+        node: str,
+        job_id: str,
+        acct: Path | None,
+        mem: Path | None,
+        cpuset: Path | None,
+        skips: Skips,
     ) -> JobUsage | None:
         local = Skips()
         ns = read_int(acct / "cpuacct.usage", local) if acct else None
@@ -106,12 +122,17 @@ class CgroupV1Source:
             return None
         working_set = max(0, (usage or 0) - stat.get("total_inactive_file", 0))
         cpu_p = mem_p = None
-        for pid in sorted(pids)[:1]:
-            path = unified_path(pid, self.proc)
-            if path and path != "/":
-                group = self.root / "unified" / path.lstrip("/")
-                cpu_p = read_some_avg10(group / "cpu.pressure")
-                mem_p = read_some_avg10(group / "memory.pressure")
+        group: Path | None = None
+        if self.psi_groups is not None and pids:
+            group = self.psi_groups.attach(node, job_id, pids, skips)
+        else:
+            for pid in sorted(pids)[:1]:
+                path = unified_path(pid, self.proc)
+                if path and path != "/":
+                    group = self.root / "unified" / path.lstrip("/")
+        if group is not None:
+            cpu_p = read_some_avg10(group / "cpu.pressure")
+            mem_p = read_some_avg10(group / "memory.pressure")
         return JobUsage(
             job_id=job_id,
             cpu_seconds_total=(ns or 0) / 1e9,

@@ -283,19 +283,26 @@ class Sampler:
 
 
 def default_source(
-    cgroup_root: str | Path = "/sys/fs/cgroup", proc: str | Path = "/proc"
+    cgroup_root: str | Path = "/sys/fs/cgroup", proc: str | Path = "/proc", psi_groups: bool = False
 ) -> UsageSource:
-    """The cgroup source this machine has (v1 or v2), with the psutil scan as fallback."""
+    """The cgroup source this machine has (v1 or v2), with the psutil scan as fallback.
+
+    ``psi_groups`` (v1 only, opt-in): give each job a tracking group in the unified
+    hierarchy so the kernel reports per-job PSI (see ``monitors.psi_groups``).
+    """
     from monitors.cgroup_v1 import CgroupV1Source
     from monitors.cgroup_v2 import CgroupV2Source
     from monitors.procscan import FallbackSource, ProcessScanSource
+    from monitors.psi_groups import PsiGroups
 
     scan = ProcessScanSource(proc)
     primary: UsageSource
     if CgroupV2Source.detect(cgroup_root):
         primary = CgroupV2Source(cgroup_root, proc)
     elif CgroupV1Source.detect(cgroup_root):
-        primary = CgroupV1Source(cgroup_root, proc)
+        unified = Path(cgroup_root) / "unified"
+        groups = PsiGroups(unified, proc) if psi_groups and PsiGroups.available(unified) else None
+        primary = CgroupV1Source(cgroup_root, proc, psi_groups=groups)
     else:
         return scan
     return FallbackSource(primary, scan)

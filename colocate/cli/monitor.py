@@ -14,6 +14,7 @@ import json
 import socket
 import sys
 import time
+from pathlib import Path
 
 from monitors.sampler import Sampler, default_source
 from monitors.snapshot import NodeSnapshot
@@ -41,6 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="where usage comes from (default: this machine's cgroups, psutil for the rest)",
     )
+    parser.add_argument(
+        "--psi-groups",
+        action="store_true",
+        help="cgroup v1: move each job into its own unified-hierarchy group to get per-job PSI",
+    )
     parser.add_argument("--slurm", choices=["cli", "pyslurm"], default="cli", help="Slurm backend")
     parser.add_argument("--cgroup-root", default="/sys/fs/cgroup", help=argparse.SUPPRESS)
     parser.add_argument("--proc", default="/proc", help=argparse.SUPPRESS)
@@ -49,8 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _source(args: argparse.Namespace) -> UsageSource:
     if args.source == "cgroup-v1":
         from monitors.cgroup_v1 import CgroupV1Source
+        from monitors.psi_groups import PsiGroups
 
-        return CgroupV1Source(args.cgroup_root, args.proc)
+        groups = (
+            PsiGroups(Path(args.cgroup_root) / "unified", args.proc) if args.psi_groups else None
+        )
+        return CgroupV1Source(args.cgroup_root, args.proc, psi_groups=groups)
     if args.source == "cgroup-v2":
         from monitors.cgroup_v2 import CgroupV2Source
 
@@ -59,7 +69,7 @@ def _source(args: argparse.Namespace) -> UsageSource:
         from monitors.procscan import ProcessScanSource
 
         return ProcessScanSource(args.proc)
-    return default_source(args.cgroup_root, args.proc)
+    return default_source(args.cgroup_root, args.proc, psi_groups=args.psi_groups)
 
 
 def _pct(value: float | None) -> str:
