@@ -266,8 +266,9 @@ class Sampler:
     def _read(self, warnings: list[str]) -> UsageReading:
         try:
             reading = self.source.read(self.node, self._jobs or ())
-        except OSError as exc:  # a source must not raise; if one does, keep sampling
-            warnings.append(f"usage source {self.source.name} failed: {exc}")
+        except Exception as exc:  # a source must not raise; if one does, keep sampling
+            log.debug("usage source %s failed", self.source.name, exc_info=True)
+            warnings.append(f"usage source {self.source.name} failed: {type(exc).__name__}: {exc}")
             return UsageReading()
         warnings.extend(reading.warnings)
         return reading

@@ -65,6 +65,8 @@ class CliSlurm:
             ) from None
         except subprocess.TimeoutExpired:
             raise SlurmUnavailable(f"`{cmd}` did not answer within {self.timeout_s:g} s") from None
+        except OSError as exc:  # not executable, too many open files, ...
+            raise SlurmUnavailable(f"`{cmd}` could not be run: {exc}") from None
         if proc.returncode != 0:
             err = (proc.stderr or proc.stdout or "").strip().splitlines()
             msg = err[-1] if err else f"exit status {proc.returncode}"

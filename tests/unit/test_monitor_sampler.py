@@ -286,3 +286,18 @@ def test_history_keeps_the_horizon() -> None:
     assert h.samples("1")[0].t == 19.0
     h.retain([])
     assert h.samples("1") == () and len(h) == 0
+
+
+class BrokenSource:
+    name = "broken"
+
+    def read(self, node: str, expected: object = ()) -> object:
+        raise RuntimeError("disk on fire")
+
+
+def test_a_failing_source_does_not_stop_sampling(tmp_path: Path) -> None:
+    node = Node(tmp_path)
+    node.sampler.source = BrokenSource()  # type: ignore[assignment]
+    snap = node.sampler.sample()
+    assert [j.job_id for j in snap.jobs] == ["10"] and snap.jobs[0].memory_used_bytes == 0
+    assert any("usage source broken failed: RuntimeError: disk on fire" in w for w in snap.warnings)

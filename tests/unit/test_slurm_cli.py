@@ -92,6 +92,7 @@ def test_a_job_that_ended_between_squeue_and_scontrol_is_not_an_outage() -> None
     [
         (FileNotFoundError(), "install slurm-client"),
         (subprocess.TimeoutExpired("squeue", 10), "did not answer within 10 s"),
+        (PermissionError(13, "Permission denied"), "could not be run: .*Permission denied"),
     ],
 )
 def test_slurm_not_answering_is_slurm_unavailable(failure: BaseException, message: str) -> None:
