@@ -177,6 +177,16 @@ class NodeCollector(Collector):
             "1 if the last sample reached Slurm, 0 if it did not",
             labels=["node"],
         )
+        cpu_psi = GaugeMetricFamily(
+            "colocate_node_cpu_pressure_ratio",
+            "node-wide PSI cpu some avg10 (/proc/pressure), 0..1",
+            labels=["node"],
+        )
+        mem_psi = GaugeMetricFamily(
+            "colocate_node_memory_pressure_ratio",
+            "node-wide PSI memory some avg10 (/proc/pressure), 0..1",
+            labels=["node"],
+        )
         sampled = GaugeMetricFamily(
             "colocate_node_sample_timestamp_seconds",
             "epoch seconds of the node's latest sample",
@@ -211,7 +221,11 @@ class NodeCollector(Collector):
             jobs.add_metric([name], float(len(snap.jobs)))
             slurm_up.add_metric([name], 1.0 if snap.slurm_ok else 0.0)
             sampled.add_metric([name], snap.t)
-        yield from (cores, memory, jobs, slurm_up, sampled)
+            if snap.cpu_pressure is not None:
+                cpu_psi.add_metric([name], snap.cpu_pressure / 100.0)
+            if snap.memory_pressure is not None:
+                mem_psi.add_metric([name], snap.memory_pressure / 100.0)
+        yield from (cores, memory, jobs, slurm_up, sampled, cpu_psi, mem_psi)
 
     def _job_families(self, entries: list[tuple[str, _NodeEntry]]) -> Iterator[Metric]:
         labels = ["node", "job_id"]

@@ -32,7 +32,7 @@ import psutil
 import pytest
 from prometheus_client import CollectorRegistry
 
-from colocate.metrics import ExecutorState, LeaseState, NodeCollector, NodeState, serve_metrics
+from colocate.metrics import ExecutorMeter, LeaseState, NodeCollector, NodeState, serve_metrics
 from colocate.metrics.dashboard import expand, load_dashboard, panel_queries
 from colocate.metrics.openmetrics import ReplaySample
 from colocate.metrics.replay_series import ReplaySeries, series_to_json
@@ -174,31 +174,35 @@ class Executor:
         return int(self.proc.stdout.readline())
 
 
-@dataclass
-class Driver:
-    """Feeds the collector like an agent; remembers what it measured for the hand computation."""
+class ProcessJob:
+    """A job that is a plain process on this node; the node is described from psutil."""
 
-    collector: NodeCollector
-    job: psutil.Process
-    node: str = "itest"
-    lease_s: float = 2.0
-    samples: list[tuple[float, float, int]] = field(default_factory=list)  # (t, cpu s, rss)
-    executors: dict[str, Executor] = field(default_factory=dict)
-    invocations: int = 0
-    evictions: int = 0
-    _peak: int = 0
-    _lease_no: int = 0
+    name = "process"
+
+    def __init__(self) -> None:
+        self.popen = subprocess.Popen([sys.executable, "-c", JOB_SCRIPT])
+        self.proc = psutil.Process(self.popen.pid)
+        self.job_id = JOB_ID
+        self.node = "itest"
+        self.cores = JOB_CORES
+        self.memory_bytes = JOB_MEMORY
+        self._last: tuple[float, float] | None = None
+        self._peak = 0
+
+    def usage(self) -> tuple[float, int]:
+        times = self.proc.cpu_times()
+        return times.user + times.system, self.proc.memory_info().rss
+
+    def start_time(self) -> float:
+        return float(self.proc.create_time())
 
     def snapshot(self, now: float) -> NodeSnapshot:
-        times = self.job.cpu_times()
-        cpu_s = times.user + times.system
-        rss = self.job.memory_info().rss
+        cpu_s, rss = self.usage()
         self._peak = max(self._peak, rss)
-        rate = 0.0
-        if self.samples:
-            t0, c0, _ = self.samples[-1]
-            rate = max(0.0, (cpu_s - c0) / (now - t0))
-        self.samples.append((now, cpu_s, rss))
+        rate = (
+            0.0 if self._last is None else max(0.0, (cpu_s - self._last[1]) / (now - self._last[0]))
+        )
+        self._last = (now, cpu_s)
         cores = os.cpu_count() or 1
         total = psutil.virtual_memory().total
         job = JobSnapshot(
@@ -214,7 +218,7 @@ class Driver:
             cpu_pressure=_psi("cpu"),
             memory_pressure=_psi("memory"),
             uid=os.getuid(),
-            start_time=self.job.create_time(),
+            start_time=self.start_time(),
             cpu_seconds_total=cpu_s,
         )
         return NodeSnapshot(
@@ -226,23 +230,120 @@ class Driver:
             cores_unallocated=cores - JOB_CORES,
             memory_unallocated_bytes=total - JOB_MEMORY,
             jobs=(job,),
+            cpu_pressure=_psi("cpu"),
+            memory_pressure=_psi("memory"),
         )
+
+    def close(self) -> None:
+        self.popen.kill()
+        self.popen.wait()
+
+
+class SlurmJob:
+    """A real batch job on the dev cluster, sampled by the real monitor (``monitors.Sampler``).
+
+    ``usage`` measures the job independently of the monitor: the CPU time and RSS of the
+    processes whose environment holds its SLURM_JOB_ID.
+    """
+
+    name = "slurm"
+
+    def __init__(self, node: str) -> None:
+        from monitors.sampler import Sampler, default_source
+        from slurm_plugin.slurm import CliSlurm
+        from tests.integration.conftest import JobSubmitter, python_job
+
+        self.submitter = JobSubmitter()
+        mem_mib = JOB_MEMORY // MIB
+        job = self.submitter.submit(
+            python_job(JOB_SCRIPT), f"-w{node}", f"-c{JOB_CORES}", f"--mem={mem_mib}M"
+        )
+        self.job_id = job.job_id
+        self.node = node
+        self.cores = JOB_CORES
+        self.memory_bytes = JOB_MEMORY
+        self.sampler = Sampler(node, CliSlurm(), default_source())
+        deadline = time.monotonic() + 20
+        while self.usage()[1] < 64 * MIB:  # past the prolog, buffer touched
+            assert time.monotonic() < deadline, f"job {self.job_id} never held its 64 MiB"
+            time.sleep(0.2)
+
+    def _processes(self) -> list[psutil.Process]:
+        found = []
+        for p in psutil.process_iter():
+            try:
+                if p.environ().get("SLURM_JOB_ID") == self.job_id and "slurmstepd" not in p.name():
+                    found.append(p)
+            except psutil.Error:
+                continue
+        return found
+
+    def usage(self) -> tuple[float, int]:
+        cpu, rss = 0.0, 0
+        for p in self._processes():
+            try:
+                t = p.cpu_times()
+                cpu += t.user + t.system
+                rss += p.memory_info().rss
+            except psutil.Error:
+                continue
+        return cpu, rss
+
+    def start_time(self) -> float:
+        # squeue --json of Slurm 22.05 ignores -j: pick the job out of the full list.
+        out = subprocess.run(["squeue", "--json"], capture_output=True, text=True, timeout=30)
+        job = next(j for j in json.loads(out.stdout)["jobs"] if str(j["job_id"]) == self.job_id)
+        start = job["start_time"]
+        return float(start["number"] if isinstance(start, dict) else start)
+
+    def snapshot(self, now: float) -> NodeSnapshot:
+        return self.sampler.sample(now)
+
+    def close(self) -> None:
+        self.submitter.cancel_all()
+
+
+JobSource = ProcessJob | SlurmJob
+
+
+@dataclass
+class Driver:
+    """Feeds the collector like an agent; remembers what it measured for the hand computation."""
+
+    collector: NodeCollector
+    job: JobSource
+    lease_s: float = 2.0
+    samples: list[tuple[float, float, int]] = field(
+        default_factory=list
+    )  # (t, cpu s, rss) of the job
+    executors: dict[str, Executor] = field(default_factory=dict)
+    invocations: int = 0
+    evictions: int = 0
+    meter: ExecutorMeter = field(default_factory=ExecutorMeter)
+    _lease_no: int = 0
+
+    @property
+    def node(self) -> str:
+        return self.job.node
 
     def cycle(self) -> None:
         now = time.time()
-        snap = self.snapshot(now)
+        snap = self.job.snapshot(now)
+        cpu_s, rss = self.job.usage()  # measured apart from the snapshot, for the hand computation
+        self.samples.append((now, cpu_s, rss))
         view = NodeView(
             node=self.node,
             cpu_ids=frozenset(snap.cpu_ids),
             memory_total_bytes=snap.memory_total_bytes,
-            jobs=(
+            jobs=tuple(
                 JobView(
-                    JOB_ID,
-                    frozenset({0}),
-                    JOB_MEMORY,
-                    self._peak,
-                    start_time=snap.jobs[0].start_time or 0.0,
-                ),
+                    j.job_id,
+                    frozenset(j.cpu_ids),
+                    j.memory_allocated_bytes,
+                    j.memory_peak_bytes,
+                    start_time=j.start_time or 0.0,
+                )
+                for j in snap.jobs
             ),
             leases=tuple(ex.lease for ex in self.executors.values()),
         )
@@ -280,23 +381,19 @@ class Driver:
                 ok = ex.invoke([1, 2, 3]) == 6
                 events.record_invocation("ok" if ok else "error", time.perf_counter() - started)
                 self.invocations += 1
-        executors = []
-        for ex in self.executors.values():
-            p = psutil.Process(ex.proc.pid)
-            executors.append(
-                ExecutorState(
-                    f"x-{ex.lease.lease_id}", ex.lease.lease_id, "idle", 0.0, p.memory_info().rss
-                )
-            )
+        executors = self.meter.measure(
+            [(ex.lease.lease_id, (ex.proc.pid,)) for ex in self.executors.values()], now
+        )
         leases = tuple(LeaseState.from_view(ex.lease) for ex in self.executors.values())
         self.collector.update(
-            NodeState(snap, offer=decision.offer, leases=leases, executors=tuple(executors))
+            NodeState(snap, offer=decision.offer, leases=leases, executors=executors)
         )
 
     def close(self) -> None:
         for ex in self.executors.values():
             ex.proc.kill()
             ex.proc.wait()
+        self.job.close()
 
 
 @dataclass
@@ -306,15 +403,23 @@ class Run:
     exporter_url: str
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+@pytest.fixture(
+    scope="module",
+    params=["process", pytest.param("slurm", marks=pytest.mark.slurm)],
+)
+def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     _have_prometheus()
+    job: JobSource
+    if request.param == "slurm":
+        cluster = request.getfixturevalue("slurm_cluster")
+        job = SlurmJob(cluster.nodes[0])
+    else:
+        job = ProcessJob()
     tmp = tmp_path_factory.mktemp("prometheus")
     registry = CollectorRegistry()
     collector = NodeCollector(PRICES, registry=registry)
     server = serve_metrics(registry, "127.0.0.1:0")
-    job = subprocess.Popen([sys.executable, "-c", JOB_SCRIPT])
-    driver = Driver(collector, psutil.Process(job.pid))
+    driver = Driver(collector, job)
     prom = start_prometheus(tmp, [f"127.0.0.1:{server.port}"])
     try:
         driver.cycle()
@@ -331,8 +436,6 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     finally:
         prom.stop()
         driver.close()
-        job.kill()
-        job.wait()
         server.close()
 
 
@@ -361,19 +464,25 @@ def test_job_wasted_cost_matches_the_hand_computation(run: Run) -> None:
     idle_byte_s = (JOB_MEMORY - mean_rss) * elapsed
     by_hand = idle_core_s / 3600 * PRICES.core_hour + idle_byte_s / GIB / 3600 * PRICES.gib_hour
     assert idle_core_s > 0.3 * elapsed  # the job really left about half its core idle
-    result = run.prom.query(f'sum(colocate_job_wasted_cost_total{{job_id="{JOB_ID}"}})')
+    job_id = run.driver.job.job_id
+    # The allocation the exporter saw is the one requested (sbatch -c1 --mem=512M for Slurm).
+    cores = run.prom.query(f'colocate_job_cores{{job_id="{job_id}", state="allocated"}}')
+    memory = run.prom.query(f'colocate_job_memory_bytes{{job_id="{job_id}", state="allocated"}}')
+    assert float(cores[0]["value"][1]) == JOB_CORES
+    assert float(memory[0]["value"][1]) == JOB_MEMORY
+    result = run.prom.query(f'sum(colocate_job_wasted_cost_total{{job_id="{job_id}"}})')
     stored = float(result[0]["value"][1])
     assert stored == pytest.approx(by_hand, rel=0.05)
     eff = float(
-        run.prom.query(f'colocate_job_cpu_efficiency_ratio{{job_id="{JOB_ID}"}}')[0]["value"][1]
+        run.prom.query(f'colocate_job_cpu_efficiency_ratio{{job_id="{job_id}"}}')[0]["value"][1]
     )
     # jobstats: CPU seconds / (elapsed since the job started x allocated cores), at the last sample.
-    assert eff == pytest.approx(cpu1 / ((t1 - run.driver.job.create_time()) * JOB_CORES), rel=0.05)
+    assert eff == pytest.approx(cpu1 / ((t1 - run.driver.job.start_time()) * JOB_CORES), rel=0.05)
 
 
 def test_promtool_finds_no_naming_problems_in_a_real_scrape(run: Run) -> None:
     text = httpx.get(run.exporter_url, timeout=10).text
-    assert f'job_id="{JOB_ID}"' in text
+    assert f'job_id="{run.driver.job.job_id}"' in text
     proc = subprocess.run(
         [PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
     )

@@ -60,6 +60,8 @@ def state(
         cores_total=4,
         cpu_ids=(0, 1, 2, 3),
         memory_total_bytes=16 * GIB,
+        cpu_pressure=30.0,
+        memory_pressure=1.0,
         cores_unallocated=4 - 2 * len(jobs),
         memory_unallocated_bytes=16 * GIB - 4 * GIB * len(jobs),
         jobs=jobs,
