@@ -10,6 +10,7 @@ the file walked line by line to name the bad line and field.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,20 @@ def _header_int(header: dict[str, str], key: str, path: str) -> int:
         ) from None
 
 
+def _eighteen_per_line(body: str, n_lines: int) -> bool:
+    """True when every line of ``body`` holds exactly 18 tokens (vectorised count)."""
+    if not n_lines:
+        return True
+    raw = np.frombuffer(body.encode("latin-1", "replace"), dtype=np.uint8)
+    space = raw <= 32  # space, tab, CR, LF (the body holds no other control bytes)
+    token_starts = np.flatnonzero(~space[1:] & space[:-1]) + 1
+    if raw.size and not space[0]:
+        token_starts = np.concatenate(([0], token_starts))
+    line_ends = np.append(np.flatnonzero(raw == 10), raw.size)
+    counts = np.diff(np.searchsorted(token_starts, line_ends), prepend=0)
+    return bool(counts.size == n_lines and np.all(counts == NFIELDS))
+
+
 def _locate_error(path: str, lines: list[str]) -> TraceFormatError:
     """Walk the lines to find the first that does not hold 18 numbers."""
     for number, line in enumerate(lines, start=1):
@@ -108,11 +123,14 @@ def read_swf(path: str | Path) -> JobTrace:
     body_lines = [line for line in lines if line.strip() and not line.lstrip().startswith(";")]
     if not body_lines and not header_lines:
         raise TraceFormatError("empty file, expected an SWF trace", path=p, expected_format="swf")
+    body = "\n".join(body_lines)
     try:
-        flat = np.array(" ".join(body_lines).split(), dtype=np.float64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # older numpy warns, newer raises
+            flat = np.fromstring(body, dtype=np.float64, sep=" ") if body_lines else np.zeros(0)
     except ValueError:
         raise _locate_error(p, lines) from None
-    if flat.size % NFIELDS:
+    if flat.size != len(body_lines) * NFIELDS or not _eighteen_per_line(body, len(body_lines)):
         raise _locate_error(p, lines)
     rows = flat.reshape(-1, NFIELDS)
     if not header_lines and rows.shape[0] == 0:

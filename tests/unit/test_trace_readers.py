@@ -211,3 +211,12 @@ def test_format_detection() -> None:
 def test_unknown_job_format_is_refused(tmp_path: Path) -> None:
     with pytest.raises(TraceFormatError, match="not a job trace I know"):
         read_jobs(write(tmp_path, "x.csv", "a,b,c\n1,2,3\n"))
+
+
+def test_swf_compensating_field_counts_are_caught(tmp_path: Path) -> None:
+    """17 fields on one line and 19 on the next add up to 36: still an error, not shifted jobs."""
+    lines = SWF.splitlines()
+    lines[5] = lines[5].rsplit(" ", 1)[0]  # 17 fields
+    lines[7] = lines[7] + " -1"  # 19 fields
+    with pytest.raises(TraceFormatError, match=r":6: 17 fields"):
+        read_swf(write(tmp_path, "c.swf", "\n".join(lines) + "\n"))
