@@ -7,7 +7,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import wait
+from concurrent.futures import as_completed, wait
 
 import pytest
 
@@ -132,7 +132,19 @@ def test_sync_and_future_calls_from_many_threads(lease: Leased) -> None:
             except BaseException as exc:
                 errors.append(exc)
 
+        def stream(k: int) -> None:  # many calls in flight, collected without result()
+            try:
+                futures = {ex.submit(add, k, i): i for i in range(2000)}
+                done = 0
+                for fut in as_completed(futures, timeout=30):
+                    assert fut.exception() is None and fut.result() == k + futures[fut]
+                    done += 1
+                assert done == 2000
+            except BaseException as exc:
+                errors.append(exc)
+
         threads = [threading.Thread(target=hammer, args=(k,)) for k in range(6)]
+        threads += [threading.Thread(target=stream, args=(k,)) for k in range(2)]
         for t in threads:
             t.start()
         for t in threads:
