@@ -201,6 +201,32 @@ def test_same_inputs_same_decision(name: str, node: NodeView, limits: Limits, no
     )
 
 
+def _deny(node: NodeView, job: JobView) -> NodeView:
+    """The node as it would be had ``job`` asked --colocate=deny."""
+    jobs = tuple(
+        JobView(
+            j.job_id,
+            j.cpu_ids,
+            j.memory_allocated_bytes,
+            j.memory_peak_bytes,
+            j.history,
+            False,
+            j.start_time,
+        )
+        if j is job
+        else j
+        for j in node.jobs
+    )
+    return NodeView(
+        node.node,
+        node.cpu_ids,
+        node.memory_total_bytes,
+        jobs,
+        node.leases,
+        node.memory_reserved_bytes,
+    )
+
+
 def _grow(job: JobView, t: float) -> JobView:
     """The job now uses all its cores and its whole allocation."""
     sample = UsageSample(t, float(len(job.cpu_ids)), job.memory_allocated_bytes)
@@ -253,12 +279,14 @@ def test_growing_memory_evicts_the_lease_holding_it(
     limits = limits.model_copy(update={"max_function_share": 1.0})
     policy = get_policy(name)
     before = policy.decide(node, limits, NOW)
+    # the job that lends memory: withholding it shrinks the offer
     job = next(
         (
             j
             for j in node.jobs
             if lends(j, limits, NOW + 1)
-            and j.memory_allocated_bytes - observed_peak(j) - memory_margin(j, limits) > 0
+            and policy.decide(_deny(node, j), limits, NOW).offer.memory_bytes
+            < before.offer.memory_bytes
         ),
         None,
     )
