@@ -8,6 +8,7 @@ import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -50,15 +51,19 @@ class Service:
             self.process.stdout.close()
 
 
-def _spawn(name: str, argv: list[str], log: Path, timeout_s: float = 20.0) -> Service:
+def _launch(argv: list[str], log: Path) -> subprocess.Popen[str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     with log.open("w") as err:
-        process = subprocess.Popen(
+        return subprocess.Popen(
             [sys.executable, "-m", "colocate", "-v", *argv],
             stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=root,
         )
+
+
+def _ready(name: str, process: subprocess.Popen[str], log: Path, timeout_s: float = 30.0) -> Service:
+    """Wait for the daemon's "listening on URL" line."""
     assert process.stdout is not None
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -74,29 +79,56 @@ def _spawn(name: str, argv: list[str], log: Path, timeout_s: float = 20.0) -> Se
     raise AssertionError(f"{name} did not start: exit {process.poll()}\n{log.read_text()}")
 
 
+def _broker_argv(tmp: Path, listen: str, placement: str) -> list[str]:
+    return ["broker", "--listen", listen, "--placement", placement, "--secret-file", str(tmp / "secret")]
+
+
+def _agent_argv(tmp: Path, broker_url: str, node: str, cores: int, memory: str, interval_s: float, listen: str) -> list[str]:
+    state = tmp / f"agent-{node}"
+    state.mkdir(exist_ok=True)
+    return [
+        "agent", "--standalone", "--broker", broker_url, "--listen", listen, "--node", node,
+        "--cores", str(cores), "--memory", memory, "--interval", str(interval_s),
+        "--secret-file", str(tmp / "secret"), "--state-dir", str(state),
+    ]
+
+
 def start_broker(tmp: Path, *, listen: str = "127.0.0.1:0", placement: str = "best_fit") -> Service:
-    return _spawn(
-        "broker",
-        ["broker", "--listen", listen, "--placement", placement, "--secret-file", str(tmp / "secret")],
-        tmp / f"broker-{time.monotonic_ns()}.log",
-    )
+    log = tmp / f"broker-{time.monotonic_ns()}.log"
+    return _ready("broker", _launch(_broker_argv(tmp, listen, placement), log), log)
 
 
 def start_agent(
     tmp: Path, broker_url: str, *, node: str = "node1", cores: int = 1, memory: str = "1GiB",
     interval_s: float = 0.2, listen: str = "127.0.0.1:0",
 ) -> Service:
-    state = tmp / f"agent-{node}"
-    state.mkdir(exist_ok=True)
-    return _spawn(
-        f"agent {node}",
-        [
-            "agent", "--standalone", "--broker", broker_url, "--listen", listen, "--node", node,
-            "--cores", str(cores), "--memory", memory, "--interval", str(interval_s),
-            "--secret-file", str(tmp / "secret"), "--state-dir", str(state),
-        ],
-        tmp / f"agent-{node}.log",
-    )
+    log = tmp / f"agent-{node}.log"
+    return _ready(f"agent {node}", _launch(_agent_argv(tmp, broker_url, node, cores, memory, interval_s, listen), log), log)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_cluster(
+    tmp: Path, nodes: dict[str, tuple[int, str]], *, placement: str = "best_fit", interval_s: float = 0.2
+) -> tuple[Service, list[Service]]:
+    """A broker and one agent per ``nodes`` entry (name -> (cores, memory)), started in
+    parallel (agents retry until the broker is up); returns once every node is registered."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    broker_log = tmp / f"broker-{time.monotonic_ns()}.log"
+    broker_proc = _launch(_broker_argv(tmp, f"127.0.0.1:{port}", placement), broker_log)
+    agent_procs = [
+        (node, _launch(_agent_argv(tmp, url, node, cores, memory, interval_s, "127.0.0.1:0"), tmp / f"agent-{node}.log"))
+        for node, (cores, memory) in nodes.items()
+    ]
+    broker = _ready("broker", broker_proc, broker_log)
+    agents = [_ready(f"agent {node}", proc, tmp / f"agent-{node}.log") for node, proc in agent_procs]
+    wait_until(lambda: all(node_registered(url, node) for node in nodes), what="agent registration")
+    return broker, agents
 
 
 def control_headers(tmp: Path) -> dict[str, str]:

@@ -3,7 +3,6 @@ the cluster secret, never starts more than it offers, and refuses bad options in
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -18,21 +17,17 @@ from colocate import Client, LeaseEvicted
 from tests.integration.leasing import (
     Service,
     control_headers,
+    free_port,
     node_registered,
     services,
     start_agent,
     start_broker,
+    start_cluster,
     wait_until,
 )
 
 GiB = 1024**3
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers run as nobody
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
@@ -180,10 +175,8 @@ def nap(seconds: float) -> str:
 
 
 def test_stopping_the_agent_evicts_its_leases_and_tells_the_broker(tmp_path: Path) -> None:
-    broker = start_broker(tmp_path)
-    agent = start_agent(tmp_path, broker.url, node="leaving", cores=1, memory="512MiB", interval_s=5)
+    broker, (agent,) = start_cluster(tmp_path, {"leaving": (1, "512MiB")}, interval_s=5)
     with services(broker, agent):
-        wait_until(lambda: node_registered(broker.url, "leaving"), what="agent registration")
         client = Client(broker.url)
         lease = client.lease(cores=1, memory="256MiB", duration="5m")
         running = lease.executor().submit(nap, 30)

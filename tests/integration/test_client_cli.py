@@ -10,14 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.leasing import (
-    Service,
-    node_registered,
-    services,
-    start_agent,
-    start_broker,
-    wait_until,
-)
+from tests.integration.leasing import Service, services, start_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -25,10 +18,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     tmp = tmp_path_factory.mktemp("cli")
-    broker = start_broker(tmp)
-    agent = start_agent(tmp, broker.url, node="cli1", cores=1, memory="1GiB")
+    broker, (agent,) = start_cluster(tmp, {"cli1": (1, "1GiB")})
     with services(broker, agent):
-        wait_until(lambda: node_registered(broker.url, "cli1"), what="agent registration")
         yield broker
 
 

@@ -18,15 +18,7 @@ from colocate import Client, LeaseDenied, LeaseEvicted, LeaseExpired, Unauthoriz
 from colocate.broker.secret import load_or_create_secret
 from colocate.client.executor import LeaseExecutor
 from colocate.tokens import LeaseClaims, sign_lease
-from tests.integration.leasing import (
-    Service,
-    control_headers,
-    node_registered,
-    services,
-    start_agent,
-    start_broker,
-    wait_until,
-)
+from tests.integration.leasing import Service, control_headers, services, start_cluster, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -51,10 +43,8 @@ def nap(seconds: float) -> str:
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[tuple[Service, Service]]:
     """A broker and one standalone agent offering 2 cores and 2 GiB, reporting every 0.2 s."""
-    broker = start_broker(tmp_path)
-    agent = start_agent(tmp_path, broker.url, node="n1", cores=2, memory="2GiB")
+    broker, (agent,) = start_cluster(tmp_path, {"n1": (2, "2GiB")})
     with services(broker, agent):
-        wait_until(lambda: node_registered(broker.url, "n1"), what="agent registration")
         yield broker, agent
     for service in (broker, agent):
         assert "Traceback" not in service.logs(), service.logs()
@@ -178,14 +168,10 @@ def test_executor_refuses_forged_altered_and_expired_tokens(cluster: tuple[Servi
 
 
 def test_best_fit_packs_a_small_lease_onto_the_smaller_node(tmp_path: Path) -> None:
-    broker = start_broker(tmp_path, placement="best_fit")
-    big = start_agent(tmp_path, broker.url, node="big", cores=2, memory="1GiB")
-    small = start_agent(tmp_path, broker.url, node="small", cores=1, memory="1GiB")
-    with services(broker, big, small):
-        wait_until(lambda: node_registered(broker.url, "big") and node_registered(broker.url, "small"))
-        with Client(broker.url).lease(cores=1, memory="256MiB", duration="1m") as lease:
-            assert lease.node == "small"
-            assert lease.executor().invoke(payload_size, b"xy") == 2
-            # The big node stays whole for a 2-core request.
-            with Client(broker.url).lease(cores=2, memory="256MiB", duration="1m") as pair:
-                assert pair.node == "big"
+    broker, (big, small) = start_cluster(tmp_path, {"big": (2, "1GiB"), "small": (1, "1GiB")}, placement="best_fit")
+    with services(broker, big, small), Client(broker.url).lease(cores=1, memory="256MiB", duration="1m") as lease:
+        assert lease.node == "small"
+        assert lease.executor().invoke(payload_size, b"xy") == 2
+        # The big node stays whole for a 2-core request.
+        with Client(broker.url).lease(cores=2, memory="256MiB", duration="1m") as pair:
+            assert pair.node == "big"
