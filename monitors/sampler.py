@@ -7,9 +7,11 @@ transient state (completing, configuring). Node totals come from Slurm every
 ``node_refresh_s``. This keeps the cost of sampling every second to a small fraction of
 one core (``benchmarks/monitor.py``).
 
-When Slurm does not answer (``SlurmUnavailable``) the sampler keeps producing snapshots
-with ``slurm_ok=False``, from the last known allocations of the jobs the source still sees,
-and retries with exponential backoff (1 s, 2 s, 4 s ... up to 30 s).
+Slurm is asked from one worker thread and the sampler waits at most ``slurm_wait_s`` for an
+answer, so a slow Slurm never stalls sampling. When Slurm does not answer in time or fails
+(``SlurmUnavailable``) the sampler keeps producing snapshots with ``slurm_ok=False``, from
+the last known allocations of the jobs the source still sees, and retries failures with
+exponential backoff (1 s, 2 s, 4 s ... up to 30 s).
 
 ``cores_used`` is CPU time over the last ``window_s`` seconds of readings: the first sample
 of a job has no window yet and reports 0.0 (psutil's ``cpu_percent()`` has the same quirk);
@@ -18,12 +20,14 @@ such samples are not added to the history.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import psutil
 
@@ -37,7 +41,12 @@ from slurm_plugin.slurm import JobOnNode, JobState, NodeInfo, NodeState, SlurmCl
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 MIN_WINDOW_S = 0.05  # readings closer than this give no meaningful rate
+
+
+class _Pending(Exception):
+    """Slurm has not answered yet; the question stays in flight."""
 
 
 class Backoff:
@@ -80,6 +89,7 @@ class Sampler:
         monotonic: Callable[[], float] = time.monotonic,
         backoff: Backoff | None = None,
         warn_every_s: float = 60.0,
+        slurm_wait_s: float = 2.0,
     ) -> None:
         self.node = node
         self.slurm = slurm
@@ -101,14 +111,44 @@ class Sampler:
         self._readings: dict[str, deque[tuple[float, float]]] = {}
         self._peaks: dict[str, int] = {}
         self._logged: dict[str, float] = {}
+        self.slurm_wait_s = slurm_wait_s
+        # Slurm is asked from one worker thread so a slow Slurm cannot stall sampling.
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="slurm"
+        )
+        self._inflight: dict[str, concurrent.futures.Future[Any]] = {}
 
     # -- Slurm -------------------------------------------------------------------------
+    def _ask(self, key: str, question: Callable[[], T]) -> T:
+        """Ask Slurm in the worker thread; wait at most ``slurm_wait_s`` for the answer.
+
+        Raises ``_Pending`` when Slurm is slower than that (the answer is collected by a
+        later call), and whatever the question raised (``SlurmUnavailable``).
+        """
+        future = self._inflight.get(key)
+        if future is None:
+            future = self._pool.submit(question)
+            self._inflight[key] = future
+        try:
+            answer: T = future.result(timeout=self.slurm_wait_s)
+            return answer
+        except concurrent.futures.TimeoutError:
+            raise _Pending from None
+        finally:
+            if future.done():
+                self._inflight.pop(key, None)
+
     def _refresh_jobs(self, mono: float, warnings: list[str]) -> bool:
         """Ask Slurm for the node's jobs unless backing off. True when the list was updated."""
-        if not self.backoff.ready(mono):
+        if not self.backoff.ready(mono) and "jobs" not in self._inflight:
             return False
         try:
-            parsed = self.slurm.jobs_on_node(self.node)
+            parsed = self._ask("jobs", lambda: self.slurm.jobs_on_node(self.node))
+        except _Pending:
+            self._slurm_error = (
+                f"Slurm slow: no answer within {self.slurm_wait_s:g} s; showing the last known jobs"
+            )
+            return False
         except SlurmUnavailable as exc:
             delay = self.backoff.failed(mono)
             self._slurm_error = f"Slurm unavailable ({exc}); retrying in {delay:g} s"
@@ -122,10 +162,12 @@ class Sampler:
 
     def _node_info(self, mono: float, warnings: list[str]) -> NodeInfo:
         stale = self._node is None or mono - self._node_at >= self.node_refresh_s
-        if stale and (self._node is None or self.backoff.ready(mono)):
+        if stale and (self._node is None or self.backoff.ready(mono) or "node" in self._inflight):
             try:
-                self._node = self.slurm.node_info(self.node)
+                self._node = self._ask("node", lambda: self.slurm.node_info(self.node))
                 self._node_at = mono
+            except _Pending:
+                warnings.append("node totals from Slurm: no answer yet")
             except SlurmUnavailable as exc:
                 warnings.append(f"node totals from Slurm unavailable ({exc})")
         if self._node is not None:
@@ -137,6 +179,10 @@ class Sampler:
             cpus=os.cpu_count() or 1,
             real_memory_bytes=psutil.virtual_memory().total,
         )
+
+    def close(self) -> None:
+        """Stop the Slurm worker thread (a question in flight is abandoned)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- usage -------------------------------------------------------------------------
     def _rate(self, job_id: str, cpu_total: float | None, mono: float) -> float | None:
@@ -204,7 +250,8 @@ class Sampler:
         seen = frozenset(reading.jobs)
         transient = any(j.state is not JobState.RUNNING for j in self._jobs or ())
         due = mono - self._jobs_at >= self.slurm_refresh_s
-        if not refreshed and (due or transient or seen != self._last_seen):
+        pending = "jobs" in self._inflight
+        if not refreshed and (pending or due or transient or seen != self._last_seen):
             before = {j.job_id for j in self._jobs or ()}
             if self._refresh_jobs(mono, warnings):
                 new = {j.job_id for j in self._jobs or ()} - before - set(reading.jobs)

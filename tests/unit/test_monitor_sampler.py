@@ -4,6 +4,7 @@ in-memory Slurm: rates, allocations, Slurm outages, jobs coming and going, the p
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from monitors.history import UsageHistory
 from monitors.sampler import Backoff, Sampler
 from monitors.view import MonitoredNode, node_view
 from policies.model import UsageSample
-from slurm_plugin.slurm import JobOnNode, JobState, NodeInfo, NodeState, StaticSlurm
+from slurm_plugin.slurm import JobOnNode, JobState, NodeInfo, NodeState, Parsed, StaticSlurm
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "cgroup"
 MIB = 1024**2
@@ -301,3 +302,27 @@ def test_a_failing_source_does_not_stop_sampling(tmp_path: Path) -> None:
     snap = node.sampler.sample()
     assert [j.job_id for j in snap.jobs] == ["10"] and snap.jobs[0].memory_used_bytes == 0
     assert any("usage source broken failed: RuntimeError: disk on fire" in w for w in snap.warnings)
+
+
+class SlowSlurm(StaticSlurm):
+    def __init__(self, delay_s: float, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.delay_s = delay_s
+
+    def jobs_on_node(self, node: str) -> Parsed[JobOnNode]:
+        time.sleep(self.delay_s)
+        return super().jobs_on_node(node)
+
+
+def test_a_slow_slurm_does_not_stall_sampling(tmp_path: Path) -> None:
+    node = Node(tmp_path)
+    slow = SlowSlurm(0.4, nodes=node.slurm.nodes.values(), jobs=node.slurm.jobs)
+    sampler = Sampler("n1", slow, node.sampler.source, slurm_wait_s=0.05, proc=FIX / "proc")
+    t0 = time.monotonic()
+    first = sampler.sample()
+    assert time.monotonic() - t0 < 0.3
+    assert not first.slurm_ok and any("Slurm slow" in w for w in first.warnings)
+    time.sleep(0.5)
+    second = sampler.sample()  # the answer arrived meanwhile
+    assert second.slurm_ok and [j.job_id for j in second.jobs] == ["10"]
+    sampler.close()
