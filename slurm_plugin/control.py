@@ -27,8 +27,9 @@ The agent implements :class:`ControlHandler` and embeds :class:`ControlServer`::
     ...
     server.close()        # stops serving, removes the socket file
 
-This module uses the standard library only: the prolog hook imports its client half
-(:func:`call`) on every job start.
+Standard library only. The client half (:func:`call`, the wire format) lives in
+:mod:`slurm_plugin.control_client`, which the prolog hook imports without this module's
+logging and threading; it is re-exported here.
 """
 
 from __future__ import annotations
@@ -48,13 +49,40 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple, Protocol
 
 from colocate.errors import BackendUnavailable, BadRequest, ColocateError, ConfigError, Unauthorized
+from slurm_plugin.control_client import (
+    DEFAULT_SOCKET,
+    MAX_LINE_BYTES,
+    ControlReply,
+    call,
+    decode,
+    encode,
+    socket_path_for,
+)
 
 log = logging.getLogger(__name__)
 
-#: Largest request or answer line, in bytes (newline included).
-MAX_LINE_BYTES = 64 * 1024
-#: Default socket path; the same as ``AgentConfig.control_socket`` (a unit test checks).
-DEFAULT_SOCKET = "/run/colocate/agent.sock"
+__all__ = [
+    "DEFAULT_SOCKET",
+    "MAX_LINE_BYTES",
+    "MAX_PROLOG_TIMEOUT_S",
+    "ControlHandler",
+    "ControlReply",
+    "ControlServer",
+    "EpilogRequest",
+    "EpilogResult",
+    "Peer",
+    "PrologRequest",
+    "PrologResult",
+    "call",
+    "decode",
+    "encode",
+    "parse_epilog",
+    "parse_prolog",
+    "peer_of",
+    "resolve_uids",
+    "socket_path_for",
+]
+
 #: Longest a prolog may ask the agent to wait, in seconds, whatever the request says.
 MAX_PROLOG_TIMEOUT_S = 60.0
 #: Prolog wait when the request names none, in seconds.
@@ -139,24 +167,6 @@ class ControlHandler(Protocol):
 # --- wire format ----------------------------------------------------------------------
 
 
-def encode(message: Mapping[str, Any]) -> bytes:
-    """One wire line for ``message``; raises BadRequest if it is too long."""
-    line = json.dumps(message, separators=(",", ":"), allow_nan=False).encode() + b"\n"
-    if len(line) > MAX_LINE_BYTES:
-        raise BadRequest(f"control message of {len(line)} bytes exceeds {MAX_LINE_BYTES} bytes")
-    return line
-
-
-def _decode(line: bytes) -> dict[str, Any]:
-    try:
-        message = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"not a JSON line ({exc})") from None
-    if not isinstance(message, dict):
-        raise BadRequest(f"expected a JSON object, got {type(message).__name__}")
-    return message
-
-
 def _job_id(message: Mapping[str, Any]) -> int:
     value = message.get("job_id")
     # bool is an int subclass; "true" is not a job id.
@@ -238,15 +248,6 @@ def resolve_uids(users: Iterable[str | int]) -> frozenset[int]:
                 key="control_users",
             ) from None
     return frozenset(uids)
-
-
-def socket_path_for(path: str, node: str | None) -> str:
-    """``path`` with ``{node}`` replaced by the node name.
-
-    Several slurmd on one machine (the dev cluster) need one agent socket each:
-    ``/run/colocate/{node}.sock``. Without a node name the placeholder becomes ``agent``.
-    """
-    return path.replace("{node}", node or "agent")
 
 
 # --- server ---------------------------------------------------------------------------
@@ -433,7 +434,7 @@ class ControlServer:
         """The answer to one request line from ``peer``; never raises."""
         op: Any = None
         try:
-            message = _decode(line)
+            message = decode(line)
             op = message.get("op")
             if op == "prolog":
                 request, timeout_s = parse_prolog(message)
@@ -472,60 +473,3 @@ class ControlServer:
             return {"ok": False, "op": op, "error": f"{kind}: {type(exc).__name__}: {exc}"}
 
 
-# --- client ---------------------------------------------------------------------------
-
-
-class ControlReply(NamedTuple):
-    """An answer from the agent; ``ok`` False carries ``error``."""
-
-    ok: bool
-    body: dict[str, Any]
-
-    @property
-    def error(self) -> str:
-        return str(self.body.get("error", ""))
-
-
-def call(path: str | os.PathLike[str], message: Mapping[str, Any], timeout_s: float) -> ControlReply:
-    """Send one request to the agent at ``path`` and wait at most ``timeout_s`` seconds.
-
-    Raises BackendUnavailable when the agent is not there (no socket, nobody listening),
-    does not answer in time, or answers garbage.
-    """
-    deadline = time.monotonic() + timeout_s
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(max(timeout_s, 0.001))
-        try:
-            sock.connect(os.fspath(path))
-            sock.sendall(encode(message))
-            chunks: list[bytes] = []
-            size = 0
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError
-                sock.settimeout(remaining)
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-                if chunk.endswith(b"\n") or size > MAX_LINE_BYTES:
-                    break
-        except FileNotFoundError:
-            raise BackendUnavailable(f"no agent control socket at {os.fspath(path)} (is colocate agent running?)") from None
-        except ConnectionRefusedError:
-            raise BackendUnavailable(f"nobody listens on {os.fspath(path)} (stale socket; is colocate agent running?)") from None
-        except TimeoutError:
-            raise BackendUnavailable(f"the agent at {os.fspath(path)} did not answer within {timeout_s:g} s") from None
-        except OSError as exc:
-            raise BackendUnavailable(f"cannot talk to the agent at {os.fspath(path)}: {exc.strerror or exc}") from None
-    finally:
-        sock.close()
-    raw = b"".join(chunks)
-    try:
-        body = _decode(raw.split(b"\n", 1)[0])
-    except BadRequest as exc:
-        raise BackendUnavailable(f"the agent at {os.fspath(path)} answered garbage: {exc}") from None
-    return ControlReply(ok=body.get("ok") is True, body=body)

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from colocate.errors import BackendUnavailable
-from slurm_plugin.control import DEFAULT_SOCKET, call, socket_path_for
+from slurm_plugin.control_client import DEFAULT_SOCKET, call, socket_path_for
 
 #: Where the hook looks for the agent config when ``--config`` is not given.
 DEFAULT_CONFIG = "/etc/colocate/agent.toml"

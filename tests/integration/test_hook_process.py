@@ -87,13 +87,16 @@ def test_a_hung_agent_holds_the_job_a_bounded_time(tmp_path: Path) -> None:
     assert elapsed < 0.3 + 0.5 + 1.5  # timeout + answer margin + interpreter start
 
 
-def test_the_prolog_path_imports_no_heavy_packages(tmp_path: Path) -> None:
-    proc, _ = run([sys.executable, "-X", "importtime", "-m", "colocate.cli", "hook", "prolog",
-                   "--socket", str(tmp_path / "no.sock")])
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_the_prolog_path_imports_no_heavy_packages(entry: str, tmp_path: Path) -> None:
+    python, *rest = ENTRY_POINTS[entry]
+    proc, _ = run([python, "-X", "importtime", *rest, "prolog", "--socket", str(tmp_path / "no.sock")])
     imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     heavy = {"pydantic", "psutil", "numpy", "httpx", "fastapi", "cloudpickle", "prometheus_client"}
-    assert "slurm_plugin.hooks" in imported
+    assert "slurm_plugin.control_client" in imported  # it did run the hook
     assert not imported & heavy
+    if entry == "slurm_plugin.hooks":  # the deploy wrappers' path: not even the server half
+        assert not imported & {"logging", "threading", "slurm_plugin.control"}
 
 
 @pytest.mark.parametrize("phase", ["prolog", "epilog"])
