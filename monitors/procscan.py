@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from monitors.cgroupfs import environ_value, read_text
+from monitors.cgroupfs import read_text
 from monitors.usage import JobUsage, UsageReading, UsageSource
 from slurm_plugin.slurm import JobOnNode, JobState
 
@@ -32,6 +32,14 @@ log = logging.getLogger(__name__)
 _CGROUP_JOB = re.compile(r"/job_(\d+)(?:/|$)")
 _CGROUP_NODE = re.compile(r"/slurm_([^/]+)/")
 _STEPD = re.compile(r"slurmstepd: \[(\d+)\.")
+
+
+def _env_value(environ: bytes, key: str) -> str | None:
+    prefix = key.encode() + b"="
+    for item in environ.split(b"\0"):
+        if item.startswith(prefix):
+            return item[len(prefix) :].decode(errors="replace")
+    return None
 
 
 class ProcessScanSource:
@@ -43,6 +51,7 @@ class ProcessScanSource:
     def __init__(self, proc: str | Path = "/proc") -> None:
         self.proc = Path(proc)
         self._owner: dict[tuple[int, float], str | None] = {}
+        self._denied: set[int] = set()  # pids whose environment we may not read
 
     def _by_files(self, pid: int, node: str) -> tuple[bool, str | None]:
         """(decided, job id) from the cgroup path, then the environment."""
@@ -55,9 +64,16 @@ class ProcessScanSource:
                 if other and other[1] != node:
                     return True, None
                 return True, m[1]
-        job = environ_value(pid, self.proc, "SLURM_JOB_ID")
+        try:
+            env = (self.proc / str(pid) / "environ").read_bytes()
+        except PermissionError:
+            self._denied.add(pid)
+            return False, None
+        except OSError:
+            return False, None
+        job = _env_value(env, "SLURM_JOB_ID")
         if job and job.isdigit():
-            where = environ_value(pid, self.proc, "SLURMD_NODENAME")
+            where = _env_value(env, "SLURMD_NODENAME")
             return True, job if where in (None, node) else None
         return False, None
 
@@ -94,7 +110,15 @@ class ProcessScanSource:
                 owner[pid] = job
         for key in [k for k in self._owner if k not in live_keys]:
             del self._owner[key]
-        return self._usage(owner, procs)
+        self._denied &= set(info)
+        reading = self._usage(owner, procs)
+        if self._denied:
+            note = (
+                f"could not read the environment of {len(self._denied)} process(es) (permission denied): "
+                "their jobs are found only through cgroups or slurmstepd ancestry; run as root"
+            )
+            return UsageReading(reading.jobs, (*reading.warnings, note))
+        return reading
 
     @staticmethod
     def _by_tree(
