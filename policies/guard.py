@@ -13,7 +13,10 @@ with Heracles' rule of not growing best-effort work while the primary is under p
    grace timer restarts, so the next eviction for it waits another grace period.
 4. **Re-offer cooldown**: after a pressure eviction nothing new of that job is offered for
    ``limits.reoffer_cooldown_s`` and until its pressure is below half the limits (leases
-   still on it are kept, only not replaced).
+   still on it are kept, only not replaced). Each further pressure eviction of the same job
+   multiplies its cooldown by ``limits.reoffer_backoff`` (default 2, at most
+   ``limits.reoffer_cooldown_max_s``): a job that suffers from every co-location, and whose
+   pressure vanishes as soon as the functions go, is left alone for longer and longer.
 5. **No growth under pressure**: while any job is under pressure the offer never grows.
 6. **Minimum reclaim**: the offer grows back only in steps of ``limits.min_reclaim_bytes``
    and ``limits.min_reclaim_cores``, so it does not flap around a boundary; it shrinks at once.
@@ -55,13 +58,15 @@ class GuardState:
 
     ``pressure_since``: job id -> time (s) its pressure crossed the limit (hysteresis held);
     ``cooldown_until``: job id -> time (s) before which nothing new of it is offered;
-    ``offer``: the previous offer; ``inner``: the wrapped policy's own state.
+    ``offer``: the previous offer; ``inner``: the wrapped policy's own state;
+    ``strikes``: job id -> pressure evictions so far (sets the next cooldown's length).
     """
 
     inner: object | None = None
     pressure_since: tuple[tuple[str, float], ...] = ()
     cooldown_until: tuple[tuple[str, float], ...] = ()
     offer: Offer | None = None
+    strikes: tuple[tuple[str, int], ...] = ()
 
 
 def pressure_ratio(job: JobView, limits: Limits) -> tuple[float, float]:
@@ -127,6 +132,7 @@ class InterferenceGuard:
             else {}
         )
 
+        strikes: dict[str, int] | None = None  # None: unchanged from the previous state
         evictions = full.evictions
         kept: list[LeaseView] = []
         if node.leases:
@@ -153,7 +159,13 @@ class InterferenceGuard:
                     Eviction(victim.lease_id, reason, eviction_grace(reason, limits)),
                 )
                 since[job_id] = now
-                cooldown[job_id] = now + limits.reoffer_cooldown_s
+                strikes = dict(previous.strikes)
+                struck = strikes.get(job_id, 0)
+                strikes[job_id] = struck + 1
+                cooldown[job_id] = now + min(
+                    limits.reoffer_cooldown_s * limits.reoffer_backoff**struck,
+                    limits.reoffer_cooldown_max_s,
+                )
                 notes.append(
                     f"pressure: job {job_id} at {ratios[job_id]:.2f}x its limit for "
                     f"{limits.pressure_grace_s:g} s: evicted lease {victim.lease_id}"
@@ -222,8 +234,19 @@ class InterferenceGuard:
             tuple(sorted(since.items())) if since else (),
             tuple(sorted(cooldown.items())) if cooldown else (),
             offer,
+            _strikes(previous.strikes if strikes is None else strikes, ratios),
         )
         return Decision(offer, evictions, new_state, (*full.notes, *notes) if notes else full.notes)
+
+
+def _strikes(
+    strikes: tuple[tuple[str, int], ...] | dict[str, int], on_node: dict[str, float]
+) -> tuple[tuple[str, int], ...]:
+    """Strikes of the jobs still on the node, sorted (a job that ended is forgotten)."""
+    if not strikes:
+        return ()
+    items = strikes.items() if isinstance(strikes, dict) else strikes
+    return tuple(sorted((job_id, n) for job_id, n in items if job_id in on_node))
 
 
 def _pressure_victim(kept: list[LeaseView], job: JobView, limits: Limits) -> LeaseView:

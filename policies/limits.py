@@ -27,3 +27,5 @@ class Limits(BaseModel):
     trend_horizon_s: float = Field(60.0, ge=0, description="predictive: how far ahead a job's memory trend is extrapolated, seconds")
     min_reclaim_bytes: int = Field(64 * 1024**2, ge=0, description="guard: the memory offer grows back only in steps of at least this, bytes")
     min_reclaim_cores: int = Field(1, ge=1, description="guard: the core offer grows back only in steps of at least this many cores")
+    reoffer_backoff: float = Field(2.0, ge=1, description="guard: each further pressure eviction of a job multiplies its cooldown by this")
+    reoffer_cooldown_max_s: float = Field(3600.0, ge=0, description="guard: the longest re-offer cooldown, seconds")

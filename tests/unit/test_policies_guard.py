@@ -124,6 +124,17 @@ def test_after_a_pressure_eviction_the_job_lends_nothing_new_until_cooldown_and_
     assert back.offer.cpu_ids & {0, 1, 2, 3} == {2, 3}
 
 
+def test_a_job_evicted_again_waits_twice_as_long() -> None:
+    run = Run(Limits(max_function_share=1.0, pressure_grace_s=0.0, reoffer_cooldown_s=60.0))
+    lent = {2, 3}
+    on_job = (lease("a", {3}),)
+    assert pressure_evictions(run.at(T0, node(lender(T0, 30.0), leases=on_job))) == ["a"]
+    assert run.at(T0 + 61, node(lender(T0 + 61, 0.0))).offer.cpu_ids >= lent  # 60 s cooldown
+    assert pressure_evictions(run.at(T0 + 62, node(lender(T0 + 62, 30.0), leases=on_job))) == ["a"]
+    assert not run.at(T0 + 123, node(lender(T0 + 123, 0.0))).offer.cpu_ids & lent  # now 120 s
+    assert run.at(T0 + 183, node(lender(T0 + 183, 0.0))).offer.cpu_ids >= lent
+
+
 def test_the_offer_does_not_grow_while_a_job_is_under_pressure() -> None:
     other = JobView("B", frozenset({4, 5}), 8 * GIB, GIB, (UsageSample(T0, 2.0, GIB),))
     run = Run(name="unallocated")
@@ -184,7 +195,8 @@ def test_guard_state_forgets_jobs_that_ended() -> None:
     run.at(T0 + 5, node(lender(T0 + 5, 30.0), leases=(lease("a", {3}),)))
     state = run.state
     assert isinstance(state, GuardState) and state.cooldown_until and state.pressure_since
+    assert state.strikes == (("A", 1),)
     run.at(T0 + 6, node())
     state = run.state
     assert isinstance(state, GuardState)
-    assert state.cooldown_until == () and state.pressure_since == ()
+    assert state.cooldown_until == () and state.pressure_since == () and state.strikes == ()
