@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import importlib
 import os
 import pickle
@@ -207,6 +208,9 @@ def main(argv: list[str]) -> int:
             print(f"colocate fork server: cannot preload {name}: {exc}", file=sys.stderr)
     import cloudpickle  # noqa: F401
 
+    # Objects that exist now are never collected: workers then do not touch (and copy) their
+    # pages when their garbage collector runs.
+    gc.freeze()
     send_msg(control, ("ready", os.getpid()))
     serve(control)
     return 0
