@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from policies.eviction import evict_leases
 from policies.limits import Limits
-from policies.model import Decision, Eviction, EvictionReason, NodeView, Offer
+from policies.model import Decision, EvictionReason, NodeView, Offer
 
 
 class UnallocatedPolicy:
@@ -34,22 +34,3 @@ class UnallocatedPolicy:
         return Decision(
             offer, evict_leases(node, offer, now, limits, reasons, EvictionReason.JOB_START)
         )
-
-
-def evict_outside(node: NodeView, offer: Offer, now: float) -> tuple[Eviction, ...]:
-    """Evictions for leases that expired, sit on cores outside the offer, or overflow its memory.
-
-    Leases are kept oldest first, so the newest lease is the one that loses memory.
-    """
-    evictions: list[Eviction] = []
-    memory_left = offer.memory_bytes
-    for lease in sorted(node.leases, key=lambda lease: (lease.granted_at, lease.lease_id)):
-        if lease.expires_at <= now:
-            evictions.append(Eviction(lease.lease_id, EvictionReason.EXPIRED))
-        elif not lease.cpu_ids <= offer.cpu_ids:
-            evictions.append(Eviction(lease.lease_id, EvictionReason.JOB_START))
-        elif lease.memory_bytes > memory_left:
-            evictions.append(Eviction(lease.lease_id, EvictionReason.MEMORY_GROWTH))
-        else:
-            memory_left -= lease.memory_bytes
-    return tuple(evictions)
