@@ -36,6 +36,9 @@ class ExecutorConfig(_Section):
     # allowed to read the Python installation, e.g. a pyenv under /root).
     preload_modules: tuple[str, ...] = ()
     eviction_notice_s: float = Field(0.02, ge=0, description="with no grace, time workers get to notify clients before SIGKILL")
+    # A uid of its own per lease, from [first, last] (group of run_as_user), so that one lease's
+    # functions cannot signal another lease's workers. None: every lease runs as run_as_user.
+    lease_uid_range: tuple[int, int] | None = None
 
 
 class BrokerConfig(_Section):
