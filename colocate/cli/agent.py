@@ -61,7 +61,12 @@ def run(args: argparse.Namespace) -> int:
         host = agent_config.advertise_host
     elif host in ("0.0.0.0", "::"):
         host = socket.getfqdn()
-    supervisor = ExecutorSupervisor(config.executor, secret, node=node, host=host, state_dir=agent_config.state_dir)
+    try:
+        supervisor = ExecutorSupervisor(config.executor, secret, node=node, host=host, state_dir=agent_config.state_dir)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot set up executors in {agent_config.state_dir} ({exc}); pass a short, writable --state-dir"
+        ) from None
     try:
         agent = Agent(
             source,

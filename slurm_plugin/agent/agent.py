@@ -350,7 +350,16 @@ class Agent:
                     self.report_once(http)
                 except Exception:
                     log.exception("agent loop iteration failed; continuing")
-                self._wake.wait(self.interval_s)
+                self._wake.wait(self._next_wait())
+
+    def _next_wait(self) -> float:
+        """Sleep until the next report, or until the next lease expires if that is sooner
+        (expired leases go at their expiry, not up to an interval later)."""
+        with self._lock:
+            next_expiry = min((held.expires_at for held in self._leases.values()), default=None)
+        if next_expiry is None:
+            return self.interval_s
+        return min(self.interval_s, max(0.0, next_expiry - self._clock()) + 0.001)
 
     def stop(self) -> None:
         self._stop.set()

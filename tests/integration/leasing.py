@@ -7,10 +7,12 @@ import contextlib
 import os
 import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -49,6 +51,9 @@ class Service:
                 self.process.wait(5)
         if self.process.stdout:
             self.process.stdout.close()
+        state = self.log.with_suffix(".state")
+        if state.exists():
+            shutil.rmtree(state.read_text(), ignore_errors=True)
 
 
 def _launch(argv: list[str], log: Path) -> subprocess.Popen[str]:
@@ -84,8 +89,10 @@ def _broker_argv(tmp: Path, listen: str, placement: str) -> list[str]:
 
 
 def _agent_argv(tmp: Path, broker_url: str, node: str, cores: int, memory: str, interval_s: float, listen: str) -> list[str]:
-    state = tmp / f"agent-{node}"
-    state.mkdir(exist_ok=True)
+    # Not under tmp: executors put Unix sockets in the state dir and pytest's paths can
+    # exceed the 108-byte AF_UNIX limit. Removed by Service.stop.
+    state = Path(tempfile.mkdtemp(prefix=f"colocate-{node}-"))
+    (tmp / f"agent-{node}.state").write_text(str(state))
     return [
         "agent", "--standalone", "--broker", broker_url, "--listen", listen, "--node", node,
         "--cores", str(cores), "--memory", memory, "--interval", str(interval_s),

@@ -13,7 +13,7 @@ import cloudpickle
 import httpx
 import pytest
 
-from colocate import Client, LeaseEvicted
+from colocate import Client, LeaseEvicted, LeaseExpired
 from tests.integration.leasing import (
     Service,
     control_headers,
@@ -189,3 +189,13 @@ def test_stopping_the_agent_evicts_its_leases_and_tells_the_broker(tmp_path: Pat
         with pytest.raises(LeaseEvicted):
             lease.renew(duration=60)
     assert "Traceback" not in agent.logs(), agent.logs()
+
+
+def test_a_lease_ends_at_its_expiry_not_at_the_next_report(tmp_path: Path) -> None:
+    broker, (agent,) = start_cluster(tmp_path, {"slow": (1, "512MiB")}, interval_s=30)
+    with services(broker, agent):
+        lease = Client(broker.url).lease(cores=1, memory="256MiB", duration=1.0)
+        running = lease.executor().submit(nap, 30)
+        with pytest.raises(LeaseExpired):
+            running.result(timeout=10)
+        assert time.time() - lease.expires_at < 1.0
