@@ -111,10 +111,11 @@ class InterferenceGuard:
             ratio = 0.0
             if job.history:
                 sample = job.history[-1]
-                ratio = max(
-                    _ratio(sample.cpu_pressure, cpu_limit),
-                    _ratio(sample.memory_pressure, memory_limit),
-                )
+                if sample.cpu_pressure or sample.memory_pressure:  # most samples: calm or none
+                    ratio = max(
+                        _ratio(sample.cpu_pressure, cpu_limit),
+                        _ratio(sample.memory_pressure, memory_limit),
+                    )
             ratios[job.job_id] = ratio
             if ratio > 1.0:
                 since.setdefault(job.job_id, now)
