@@ -92,7 +92,9 @@ class ExecutorEvictHandler(InstantHandler):
         from colocate.config import ExecutorConfig
         from colocate.executor.supervisor import ExecutorSupervisor
 
-        self.supervisor = ExecutorSupervisor(ExecutorConfig(), secrets.token_bytes(32), node="bench")
+        self.supervisor = ExecutorSupervisor(
+            ExecutorConfig(), secrets.token_bytes(32), node="bench"
+        )
         self.count = 0
         self.evict_s: list[float] = []
 
@@ -111,8 +113,14 @@ class ExecutorEvictHandler(InstantHandler):
 
 def timed(argv: list[str]) -> float:
     started = time.perf_counter()
-    proc = subprocess.run(argv, env=SLURMD_ENV, stdin=subprocess.DEVNULL,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
+    proc = subprocess.run(
+        argv,
+        env=SLURMD_ENV,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        check=False,
+    )
     elapsed = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"{argv} exited {proc.returncode}: {proc.stderr.decode()[:300]}")
@@ -142,8 +150,16 @@ def main() -> int:
         "/bin/true (baseline)": ["/bin/true"],
         "python -c pass (baseline)": [PY, "-c", "pass"],
         "hook, agent down": [*hook, "--socket", str(tmp / "absent.sock")],
-        "colocate.cli hook, agent down": [PY, "-m", "colocate.cli", "hook", "prolog", "--no-syslog",
-                                          "--socket", str(tmp / "absent.sock")],
+        "colocate.cli hook, agent down": [
+            PY,
+            "-m",
+            "colocate.cli",
+            "hook",
+            "prolog",
+            "--no-syslog",
+            "--socket",
+            str(tmp / "absent.sock"),
+        ],
         "hook, agent up, nothing to evict": [*hook, "--socket", str(instant.path)],
         "hook, agent up, 1 process evicted": [*hook, "--socket", str(killer.path)],
     }
@@ -153,7 +169,11 @@ def main() -> int:
         executor = ExecutorEvictHandler()
         executor_server = ControlServer(tmp / "executor.sock", executor)
         executor_server.start()
-        scenarios["hook, agent up, 1 executor evicted"] = [*hook, "--socket", str(executor_server.path)]
+        scenarios["hook, agent up, 1 executor evicted"] = [
+            *hook,
+            "--socket",
+            str(executor_server.path),
+        ]
     except Exception as exc:  # not root, no cgroups: measure the rest
         print(f"skipping the real-executor scenario: {exc}", file=sys.stderr)
     if args.agent_socket:
@@ -164,6 +184,7 @@ def main() -> int:
             killer_handler.victims.put(subprocess.Popen(["/bin/sleep", "1000"]))
         if "executor evicted" in name and executor is not None:
             executor.prepare()
+
     samples: dict[str, list[float]] = {name: [] for name in scenarios}
     try:
         for name, argv in scenarios.items():  # warm the page cache
@@ -187,26 +208,52 @@ def main() -> int:
     rows = []
     for name, values in samples.items():
         p50 = statistics.median(values)
-        rows.append({"scenario": name, "runs": len(values), "p50_ms": p50 * 1e3,
-                     "p99_ms": pct(values, 99) * 1e3, "mean_ms": statistics.fmean(values) * 1e3,
-                     "p50_over_python_pass": p50 / base})
-    print(f"prolog hook wall time, {args.runs} runs each, process start to exit ({platform.node()}, "
-          f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f})")
-    print(f"{'scenario':40} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8} {'p50 / python -c pass':>22}")
+        rows.append(
+            {
+                "scenario": name,
+                "runs": len(values),
+                "p50_ms": p50 * 1e3,
+                "p99_ms": pct(values, 99) * 1e3,
+                "mean_ms": statistics.fmean(values) * 1e3,
+                "p50_over_python_pass": p50 / base,
+            }
+        )
+    print(
+        f"prolog hook wall time, {args.runs} runs each, process start to exit ({platform.node()}, "
+        f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f})"
+    )
+    print(
+        f"{'scenario':40} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8} {'p50 / python -c pass':>22}"
+    )
     for r in rows:
-        print(f"{r['scenario']:40} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {r['mean_ms']:8.1f} "
-              f"{r['p50_over_python_pass']:22.2f}")
+        print(
+            f"{r['scenario']:40} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {r['mean_ms']:8.1f} "
+            f"{r['p50_over_python_pass']:22.2f}"
+        )
     extra: dict[str, Any] = {}
     if executor is not None and executor.evict_s:
         ev = executor.evict_s[1:]  # the first is the warm-up
         extra["executor_evict_ms"] = {"p50": statistics.median(ev) * 1e3, "p99": pct(ev, 99) * 1e3}
-        print(f"inside the prolog: executor eviction p50 {extra['executor_evict_ms']['p50']:.1f} ms, "
-              f"p99 {extra['executor_evict_ms']['p99']:.1f} ms")
+        print(
+            f"inside the prolog: executor eviction p50 {extra['executor_evict_ms']['p50']:.1f} ms, "
+            f"p99 {extra['executor_evict_ms']['p99']:.1f} ms"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "benchmark": "prolog", "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "python": sys.version.split()[0], "cores": os.cpu_count(), "runs": args.runs, "rows": rows, **extra,
-    }, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "benchmark": "prolog",
+                "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "python": sys.version.split()[0],
+                "cores": os.cpu_count(),
+                "runs": args.runs,
+                "rows": rows,
+                **extra,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"saved {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
     return 0
 

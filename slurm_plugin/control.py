@@ -303,7 +303,9 @@ class ControlServer:
                 f"cannot create the control socket {self.path}: {exc.strerror}; check the directory and permissions"
             ) from exc
         self._listener = listener
-        self._thread = threading.Thread(target=self._accept_loop, name="control-accept", daemon=True)
+        self._thread = threading.Thread(
+            target=self._accept_loop, name="control-accept", daemon=True
+        )
         self._thread.start()
         log.info("control socket listening on %s (uids %s)", self.path, sorted(self.allowed_uids))
 
@@ -372,7 +374,9 @@ class ControlServer:
             if not self._slots.acquire(blocking=False):
                 self._refuse(conn, "busy: too many control connections; retry")
                 continue
-            threading.Thread(target=self._serve, args=(conn,), name="control-conn", daemon=True).start()
+            threading.Thread(
+                target=self._serve, args=(conn,), name="control-conn", daemon=True
+            ).start()
 
     def _refuse(self, conn: socket.socket, error: str) -> None:
         """Answer ``error`` and hang up so that the caller can still read the answer."""
@@ -422,7 +426,13 @@ class ControlServer:
             return encode(answer)
         except (BadRequest, ValueError, TypeError) as exc:
             log.error("control answer to %s cannot be sent: %s", answer.get("op"), exc)
-            return encode({"ok": False, "op": answer.get("op"), "error": f"agent error: answer not sendable: {exc}"})
+            return encode(
+                {
+                    "ok": False,
+                    "op": answer.get("op"),
+                    "error": f"agent error: answer not sendable: {exc}",
+                }
+            )
 
     def _unauthorized(self, peer: Peer) -> Unauthorized:
         return Unauthorized(
@@ -442,11 +452,17 @@ class ControlServer:
                 result = self.handler.on_prolog(request, started + timeout_s)
                 log.info(
                     "prolog job %d (colocate=%s, uid %d): evicted %s in %.3f s%s",
-                    request.job_id, request.colocate, peer.uid, list(result.evicted),
-                    result.waited_s, "" if result.complete else " (incomplete)",
+                    request.job_id,
+                    request.colocate,
+                    peer.uid,
+                    list(result.evicted),
+                    result.waited_s,
+                    "" if result.complete else " (incomplete)",
                 )
                 return {
-                    "ok": True, "op": op, "job_id": request.job_id,
+                    "ok": True,
+                    "op": op,
+                    "job_id": request.job_id,
                     "evicted": [str(lease) for lease in result.evicted],
                     "waited_s": result.waited_s if math.isfinite(result.waited_s) else None,
                     "complete": result.complete,
@@ -456,7 +472,9 @@ class ControlServer:
                 offered = self.handler.on_epilog(epilog)
                 log.info("epilog job %d: offered %s cores", epilog.job_id, offered.offered_cores)
                 return {
-                    "ok": True, "op": op, "job_id": epilog.job_id,
+                    "ok": True,
+                    "op": op,
+                    "job_id": epilog.job_id,
                     "offered_cores": offered.offered_cores,
                     "offered_memory_bytes": offered.offered_memory_bytes,
                 }
@@ -471,5 +489,3 @@ class ControlServer:
             log.exception("control handler failed on %r", line[:200])
             kind = "agent error" if isinstance(exc, ColocateError) else "internal error"
             return {"ok": False, "op": op, "error": f"{kind}: {type(exc).__name__}: {exc}"}
-
-

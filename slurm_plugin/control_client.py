@@ -61,7 +61,9 @@ class ControlReply(NamedTuple):
         return str(self.body.get("error", ""))
 
 
-def call(path: str | os.PathLike[str], message: Mapping[str, Any], timeout_s: float) -> ControlReply:
+def call(
+    path: str | os.PathLike[str], message: Mapping[str, Any], timeout_s: float
+) -> ControlReply:
     """Send one request to the agent at ``path`` and wait at most ``timeout_s`` seconds.
 
     Raises BackendUnavailable when the agent is not there (no socket, nobody listening),
@@ -89,18 +91,28 @@ def call(path: str | os.PathLike[str], message: Mapping[str, Any], timeout_s: fl
                 if chunk.endswith(b"\n") or size > MAX_LINE_BYTES:
                     break
         except FileNotFoundError:
-            raise BackendUnavailable(f"no agent control socket at {os.fspath(path)} (is colocate agent running?)") from None
+            raise BackendUnavailable(
+                f"no agent control socket at {os.fspath(path)} (is colocate agent running?)"
+            ) from None
         except ConnectionRefusedError:
-            raise BackendUnavailable(f"nobody listens on {os.fspath(path)} (stale socket; is colocate agent running?)") from None
+            raise BackendUnavailable(
+                f"nobody listens on {os.fspath(path)} (stale socket; is colocate agent running?)"
+            ) from None
         except TimeoutError:
-            raise BackendUnavailable(f"the agent at {os.fspath(path)} did not answer within {timeout_s:g} s") from None
+            raise BackendUnavailable(
+                f"the agent at {os.fspath(path)} did not answer within {timeout_s:g} s"
+            ) from None
         except OSError as exc:
-            raise BackendUnavailable(f"cannot talk to the agent at {os.fspath(path)}: {exc.strerror or exc}") from None
+            raise BackendUnavailable(
+                f"cannot talk to the agent at {os.fspath(path)}: {exc.strerror or exc}"
+            ) from None
     finally:
         sock.close()
     raw = b"".join(chunks)
     try:
         body = decode(raw.split(b"\n", 1)[0])
     except BadRequest as exc:
-        raise BackendUnavailable(f"the agent at {os.fspath(path)} answered garbage: {exc}") from None
+        raise BackendUnavailable(
+            f"the agent at {os.fspath(path)} answered garbage: {exc}"
+        ) from None
     return ControlReply(ok=body.get("ok") is True, body=body)

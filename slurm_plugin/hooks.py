@@ -138,11 +138,17 @@ def read_job_choices(directory: Path, node: str | None = None) -> dict[int, JobC
         try:
             data = json.loads((directory / name).read_bytes())
             choice = JobChoice(
-                job_id=int(data["job_id"]), colocate=data.get("colocate"), uid=data.get("uid"),
-                node=data.get("node"), recorded_at=float(data.get("recorded_at", 0.0)),
+                job_id=int(data["job_id"]),
+                colocate=data.get("colocate"),
+                uid=data.get("uid"),
+                node=data.get("node"),
+                recorded_at=float(data.get("recorded_at", 0.0)),
             )
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            print(f"colocate: skipped unreadable job choice {directory / name}: {exc}", file=sys.stderr)
+            print(
+                f"colocate: skipped unreadable job choice {directory / name}: {exc}",
+                file=sys.stderr,
+            )
             continue
         if choice.colocate not in (None, "allow", "deny"):
             choice = choice._replace(colocate="deny")  # unknown: the safe reading
@@ -182,7 +188,9 @@ def resolve_socket(explicit: str | None, config_path: str | None, env: Mapping[s
 def _job_id(env: Mapping[str, str]) -> int:
     raw = env.get("SLURM_JOB_ID", "")
     if not raw.isdigit() or int(raw) <= 0:
-        raise ValueError(f"SLURM_JOB_ID is {raw!r}, not a job id; run this hook as slurmd's Prolog=/Epilog=")
+        raise ValueError(
+            f"SLURM_JOB_ID is {raw!r}, not a job id; run this hook as slurmd's Prolog=/Epilog="
+        )
     return int(raw)
 
 
@@ -249,10 +257,16 @@ def run_hook(
         choices = choice_dir_for(outcome.socket)
         if hook == "prolog":
             try:
-                record_job_choice(choices, JobChoice(
-                    job_id=request["job_id"], colocate=request["colocate"], uid=request["uid"],
-                    node=request["node"], recorded_at=time.time(),
-                ))
+                record_job_choice(
+                    choices,
+                    JobChoice(
+                        job_id=request["job_id"],
+                        colocate=request["colocate"],
+                        uid=request["uid"],
+                        node=request["node"],
+                        recorded_at=time.time(),
+                    ),
+                )
             except OSError as exc:
                 warnings.append(f"cannot record the job's choice in {choices}: {exc.strerror}")
         else:
@@ -309,10 +323,18 @@ class _HookParser(argparse.ArgumentParser):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("hook", choices=["prolog", "epilog"], help="which Slurm hook this is")
-    parser.add_argument("--socket", help=f"agent control socket (default: from the config, else {DEFAULT_SOCKET}); {{node}} becomes SLURMD_NODENAME")
-    parser.add_argument("--config", help=f"agent config to read control_socket from (default {DEFAULT_CONFIG} if present)")
     parser.add_argument(
-        "--timeout", type=float, default=None,
+        "--socket",
+        help=f"agent control socket (default: from the config, else {DEFAULT_SOCKET}); {{node}} becomes SLURMD_NODENAME",
+    )
+    parser.add_argument(
+        "--config",
+        help=f"agent config to read control_socket from (default {DEFAULT_CONFIG} if present)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
         help=f"seconds the agent may take (prolog default {DEFAULT_PROLOG_TIMEOUT_S:g}, epilog {DEFAULT_EPILOG_TIMEOUT_S:g})",
     )
     parser.add_argument("--json", action="store_true", help="print the outcome as JSON on stdout")
@@ -332,7 +354,9 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     except ValueError as exc:
         report(HookOutcome(hook="?", ok=False, message=str(exc)))
         return 0
-    outcome = run_hook(args.hook, env, socket=args.socket, config=args.config, timeout_s=args.timeout)
+    outcome = run_hook(
+        args.hook, env, socket=args.socket, config=args.config, timeout_s=args.timeout
+    )
     report(outcome, use_syslog=not args.no_syslog)
     if args.json:
         print(json.dumps(outcome.as_dict()))

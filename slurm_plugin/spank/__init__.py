@@ -51,7 +51,9 @@ class SpankBuildError(BackendUnavailable):
     """The plugin cannot be built here: a missing compiler or header, or a compile error."""
 
 
-def build(out_dir: Path, *, cc: str | None = None, include_dir: Path | None = None, force: bool = False) -> Path:
+def build(
+    out_dir: Path, *, cc: str | None = None, include_dir: Path | None = None, force: bool = False
+) -> Path:
     """Compile the plugin into ``out_dir/colocate_spank.so`` and return that path.
 
     Skips the compile when the library is newer than the source (unless ``force``). The
@@ -65,10 +67,14 @@ def build(out_dir: Path, *, cc: str | None = None, include_dir: Path | None = No
         return target
     compiler = cc or os.environ.get("CC") or "gcc"
     if shutil.which(compiler) is None:
-        raise SpankBuildError(f"no C compiler {compiler!r} to build the SPANK plugin; apt-get install gcc")
+        raise SpankBuildError(
+            f"no C compiler {compiler!r} to build the SPANK plugin; apt-get install gcc"
+        )
     header = (include_dir / "slurm" / "spank.h") if include_dir else SPANK_HEADER
     if not header.exists():
-        raise SpankBuildError(f"{header} is missing; apt-get install libslurm-dev (Slurm's headers)")
+        raise SpankBuildError(
+            f"{header} is missing; apt-get install libslurm-dev (Slurm's headers)"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".colocate_spank.", suffix=".so", dir=out_dir)
     os.close(fd)
@@ -97,7 +103,9 @@ def register(library: Path, conf_dir: Path = DEFAULT_CONF_DIR, *, required: bool
     """
     library = Path(library).resolve()
     if not library.is_file():
-        raise ColocateError(f"{library} does not exist; build it first (python -m slurm_plugin.spank build)")
+        raise ColocateError(
+            f"{library} does not exist; build it first (python -m slurm_plugin.spank build)"
+        )
     conf_dir = Path(conf_dir)
     try:
         conf_dir.mkdir(parents=True, exist_ok=True)
@@ -109,10 +117,14 @@ def register(library: Path, conf_dir: Path = DEFAULT_CONF_DIR, *, required: bool
         )
         os.replace(tmp, conf)
     except OSError as exc:
-        raise ColocateError(f"cannot write {conf_dir / CONF_NAME}: {exc.strerror}; run as root") from exc
+        raise ColocateError(
+            f"cannot write {conf_dir / CONF_NAME}: {exc.strerror}; run as root"
+        ) from exc
     plugstack = conf_dir.parent / "plugstack.conf"
     if plugstack.exists() and str(conf_dir) not in plugstack.read_text():
-        log.warning("%s does not include %s/*.conf; add: include %s/*.conf", plugstack, conf_dir, conf_dir)
+        log.warning(
+            "%s does not include %s/*.conf; add: include %s/*.conf", plugstack, conf_dir, conf_dir
+        )
     log.info("registered %s in %s", library, conf)
     return conf
 
@@ -142,7 +154,9 @@ def unregister(conf_dir: Path = DEFAULT_CONF_DIR) -> bool:
     return True
 
 
-def install(build_dir: Path = DEFAULT_BUILD_DIR, conf_dir: Path = DEFAULT_CONF_DIR, *, force: bool = False) -> Path:
+def install(
+    build_dir: Path = DEFAULT_BUILD_DIR, conf_dir: Path = DEFAULT_CONF_DIR, *, force: bool = False
+) -> Path:
     """Build the plugin into ``build_dir`` (if stale) and register it as optional; return the library.
 
     Idempotent; takes about 0.1 s when already built.

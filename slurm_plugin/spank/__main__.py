@@ -28,12 +28,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="action", required=True)
     p = sub.add_parser("build", help=f"compile {LIBRARY_NAME} into a folder")
-    p.add_argument("--out", type=Path, default=DEFAULT_BUILD_DIR, help=f"build folder (default {DEFAULT_BUILD_DIR})")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_BUILD_DIR,
+        help=f"build folder (default {DEFAULT_BUILD_DIR})",
+    )
     p.add_argument("--force", action="store_true", help="compile even if the library is up to date")
     p = sub.add_parser("register", help="name the library in plugstack.conf.d/colocate.conf")
-    p.add_argument("--so", type=Path, default=DEFAULT_BUILD_DIR / LIBRARY_NAME, help="the built library")
-    p.add_argument("--conf-dir", type=Path, default=DEFAULT_CONF_DIR, help=f"plugstack include folder (default {DEFAULT_CONF_DIR})")
-    p.add_argument("--required", action="store_true", help="fail every job when the library cannot be loaded")
+    p.add_argument(
+        "--so", type=Path, default=DEFAULT_BUILD_DIR / LIBRARY_NAME, help="the built library"
+    )
+    p.add_argument(
+        "--conf-dir",
+        type=Path,
+        default=DEFAULT_CONF_DIR,
+        help=f"plugstack include folder (default {DEFAULT_CONF_DIR})",
+    )
+    p.add_argument(
+        "--required", action="store_true", help="fail every job when the library cannot be loaded"
+    )
     p = sub.add_parser("unregister", help="remove plugstack.conf.d/colocate.conf")
     p.add_argument("--conf-dir", type=Path, default=DEFAULT_CONF_DIR)
     p = sub.add_parser("install", help="build (if stale) and register")

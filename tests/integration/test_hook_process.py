@@ -30,10 +30,18 @@ SLURMD_ENV = {
 }
 
 
-def run(argv: list[str], env: dict[str, str] | None = None, timeout: float = 30) -> tuple[subprocess.CompletedProcess[str], float]:
+def run(
+    argv: list[str], env: dict[str, str] | None = None, timeout: float = 30
+) -> tuple[subprocess.CompletedProcess[str], float]:
     started = time.monotonic()
-    proc = subprocess.run(argv, env=env if env is not None else SLURMD_ENV, capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        argv,
+        env=env if env is not None else SLURMD_ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
     return proc, time.monotonic() - started
 
 
@@ -58,12 +66,16 @@ def test_agent_down_exits_0_fast(entry: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("entry", list(ENTRY_POINTS))
-def test_prolog_exits_0_after_the_eviction(entry: str, server: ControlServer, handler: RecordingHandler) -> None:
+def test_prolog_exits_0_after_the_eviction(
+    entry: str, server: ControlServer, handler: RecordingHandler
+) -> None:
     proc, elapsed = run([*ENTRY_POINTS[entry], "prolog", "--socket", str(server.path)])
     assert proc.returncode == 0
     assert proc.stderr == ""  # nothing went wrong, nothing to say
     assert elapsed >= 0.2  # it waited for the agent's eviction
-    assert handler.prologs[0][0] == PrologRequest(job_id=314, colocate="deny", uid=1000, cpus_per_node="2", node="n2")
+    assert handler.prologs[0][0] == PrologRequest(
+        job_id=314, colocate="deny", uid=1000, cpus_per_node="2", node="n2"
+    )
 
 
 def test_epilog_reaches_the_agent(server: ControlServer, handler: RecordingHandler) -> None:
@@ -79,7 +91,9 @@ def test_a_hung_agent_holds_the_job_a_bounded_time(tmp_path: Path) -> None:
     hung.bind(str(path))
     hung.listen(8)
     try:
-        proc, elapsed = run([*ENTRY_POINTS["colocate.cli"], "prolog", "--socket", str(path), "--timeout", "0.3"])
+        proc, elapsed = run(
+            [*ENTRY_POINTS["colocate.cli"], "prolog", "--socket", str(path), "--timeout", "0.3"]
+        )
     finally:
         hung.close()
     assert proc.returncode == 0
@@ -90,8 +104,14 @@ def test_a_hung_agent_holds_the_job_a_bounded_time(tmp_path: Path) -> None:
 @pytest.mark.parametrize("entry", list(ENTRY_POINTS))
 def test_the_prolog_path_imports_no_heavy_packages(entry: str, tmp_path: Path) -> None:
     python, *rest = ENTRY_POINTS[entry]
-    proc, _ = run([python, "-X", "importtime", *rest, "prolog", "--socket", str(tmp_path / "no.sock")])
-    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    proc, _ = run(
+        [python, "-X", "importtime", *rest, "prolog", "--socket", str(tmp_path / "no.sock")]
+    )
+    imported = {
+        line.split("|")[-1].strip()
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:")
+    }
     heavy = {"pydantic", "psutil", "numpy", "httpx", "fastapi", "cloudpickle", "prometheus_client"}
     assert "slurm_plugin.control_client" in imported  # it did run the hook
     assert not imported & heavy
@@ -101,8 +121,11 @@ def test_the_prolog_path_imports_no_heavy_packages(entry: str, tmp_path: Path) -
 
 @pytest.mark.parametrize("phase", ["prolog", "epilog"])
 def test_deploy_wrapper_without_an_agent_exits_0_with_one_line(phase: str) -> None:
-    env = {**SLURMD_ENV, "COLOCATE_PYTHON": sys.executable,
-           "COLOCATE_AGENT__CONTROL_SOCKET": "/nonexistent/colocate/agent.sock"}
+    env = {
+        **SLURMD_ENV,
+        "COLOCATE_PYTHON": sys.executable,
+        "COLOCATE_AGENT__CONTROL_SOCKET": "/nonexistent/colocate/agent.sock",
+    }
     proc, elapsed = run(["/bin/sh", str(DEPLOY / f"colocate-{phase}")], env=env)
     assert proc.returncode == 0
     assert elapsed < 2.0

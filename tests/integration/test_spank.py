@@ -33,13 +33,17 @@ def slurm(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def cluster() -> None:
-    require(shutil.which("sbatch") is not None, "Slurm is not installed; run colocate dev-cluster up")
+    require(
+        shutil.which("sbatch") is not None, "Slurm is not installed; run colocate dev-cluster up"
+    )
     try:
         up = slurm("sinfo", "-h", "-o", "%t", timeout=15)
     except subprocess.TimeoutExpired:
         up = None
-    require(up is not None and up.returncode == 0 and up.stdout.strip() != "",
-            "the dev cluster does not answer; run colocate dev-cluster up --nodes 3")
+    require(
+        up is not None and up.returncode == 0 and up.stdout.strip() != "",
+        "the dev cluster does not answer; run colocate dev-cluster up --nodes 3",
+    )
     require(os.geteuid() == 0, "registering the SPANK plugin needs root")
     require(SPANK_HEADER.exists(), f"{SPANK_HEADER} missing; apt-get install libslurm-dev")
 
@@ -78,7 +82,11 @@ def wait_for(handler: RecordingHandler, job_ids: set[int], kind: str) -> None:
     """Wait until the agent heard the ``kind`` hook of every job in ``job_ids``."""
     deadline = time.monotonic() + JOB_WAIT_S
     while True:
-        heard = {r.job_id for r, _ in handler.prologs} if kind == "prolog" else {e.job_id for e in handler.epilogs}
+        heard = (
+            {r.job_id for r, _ in handler.prologs}
+            if kind == "prolog"
+            else {e.job_id for e in handler.epilogs}
+        )
         if job_ids <= heard:
             return
         if time.monotonic() > deadline:
@@ -95,7 +103,10 @@ def test_a_bad_value_is_refused_at_submission(plugin: Path) -> None:
     for cmd in (["sbatch", "--wrap", "true"], ["srun", "true"]):
         proc = slurm(cmd[0], "--colocate=sometimes", *SMALL_JOB, *cmd[1:])
         assert proc.returncode != 0
-        assert "invalid value 'sometimes' for --colocate; use --colocate=allow or --colocate=deny" in proc.stderr
+        assert (
+            "invalid value 'sometimes' for --colocate; use --colocate=allow or --colocate=deny"
+            in proc.stderr
+        )
         assert not re.search(r"Submitted batch job|^\d+$", proc.stdout, re.M)
 
 
@@ -122,8 +133,14 @@ def test_the_choice_reaches_the_prolog_and_the_agent(plugin: Path, agent: Record
     assert prologs[default].colocate is None  # the site default applies
     assert prologs[salloc_job].colocate == "allow"
     others = set(prologs) - {deny, allow, default, salloc_job}
-    assert any(prologs[j].colocate == "deny" for j in others), "srun --colocate=deny did not reach the prolog"
+    assert any(prologs[j].colocate == "deny" for j in others), (
+        "srun --colocate=deny did not reach the prolog"
+    )
     for job in (deny, allow, default):
-        assert prologs[job].uid == os.geteuid() and prologs[job].node and prologs[job].cpus_per_node == "1"
+        assert (
+            prologs[job].uid == os.geteuid()
+            and prologs[job].node
+            and prologs[job].cpus_per_node == "1"
+        )
     # When the jobs end the epilog tells the agent too.
     wait_for(agent, {deny, allow, default}, "epilog")

@@ -32,15 +32,25 @@ def toolchain() -> None:
 
 
 def exported(library: Path) -> set[str]:
-    out = subprocess.run(["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True, check=True
+    ).stdout
     return {line.split()[-1] for line in out.splitlines() if line.strip()}
 
 
-def test_builds_with_warnings_as_errors_and_exports_the_spank_entry_points(toolchain: None, tmp_path: Path) -> None:
+def test_builds_with_warnings_as_errors_and_exports_the_spank_entry_points(
+    toolchain: None, tmp_path: Path
+) -> None:
     library = build(tmp_path / "out")
     assert library == tmp_path / "out" / LIBRARY_NAME
     symbols = exported(library)
-    assert {"slurm_spank_init", "slurm_spank_init_post_opt", "plugin_name", "plugin_type", "plugin_version"} <= symbols
+    assert {
+        "slurm_spank_init",
+        "slurm_spank_init_post_opt",
+        "plugin_name",
+        "plugin_type",
+        "plugin_version",
+    } <= symbols
     assert b"colocate" in library.read_bytes()
     assert [p.name for p in (tmp_path / "out").iterdir()] == [LIBRARY_NAME]  # no temporary left
 
@@ -81,13 +91,23 @@ def test_register_and_unregister(tmp_path: Path) -> None:
 
 def test_command_line(toolchain: None, tmp_path: Path) -> None:
     def spank(*argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "slurm_plugin.spank", "--json", *argv],
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "slurm_plugin.spank", "--json", *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     proc = spank("install", "--out", str(tmp_path / "lib"), "--conf-dir", str(tmp_path / "conf"))
     assert proc.returncode == 0, proc.stderr
     library = json.loads(proc.stdout)["library"]
-    assert json.loads(spank("status", "--conf-dir", str(tmp_path / "conf")).stdout) == {"library": library, "exists": True}
+    assert json.loads(spank("status", "--conf-dir", str(tmp_path / "conf")).stdout) == {
+        "library": library,
+        "exists": True,
+    }
     bad = spank("register", "--so", str(tmp_path / "nope.so"), "--conf-dir", str(tmp_path / "conf"))
     assert bad.returncode == 1
-    assert bad.stderr.startswith("slurm_plugin.spank register: error:") and "Traceback" not in bad.stderr
+    assert (
+        bad.stderr.startswith("slurm_plugin.spank register: error:")
+        and "Traceback" not in bad.stderr
+    )

@@ -32,7 +32,9 @@ ROOT = Peer(pid=1, uid=0, gid=0)
 class RecordingHandler:
     """A ControlHandler that records calls; evicts the leases it is told to, after ``delay_s``."""
 
-    def __init__(self, evict: tuple[str, ...] = (), delay_s: float = 0.0, fail: Exception | None = None) -> None:
+    def __init__(
+        self, evict: tuple[str, ...] = (), delay_s: float = 0.0, fail: Exception | None = None
+    ) -> None:
         self.evict = evict
         self.delay_s = delay_s
         self.fail = fail
@@ -47,7 +49,9 @@ class RecordingHandler:
         if self.fail is not None:
             raise self.fail
         time.sleep(self.delay_s)
-        return PrologResult(evicted=self.evict, waited_s=self.delay_s, complete=time.monotonic() <= deadline)
+        return PrologResult(
+            evicted=self.evict, waited_s=self.delay_s, complete=time.monotonic() <= deadline
+        )
 
     def on_epilog(self, request: EpilogRequest) -> EpilogResult:
         self.epilogs.append(request)
@@ -75,24 +79,48 @@ def server(handler: RecordingHandler) -> ControlServer:
     return ControlServer("/nonexistent/agent.sock", handler)
 
 
-def test_prolog_reaches_the_handler_with_the_job_and_a_deadline(server: ControlServer, handler: RecordingHandler) -> None:
+def test_prolog_reaches_the_handler_with_the_job_and_a_deadline(
+    server: ControlServer, handler: RecordingHandler
+) -> None:
     before = time.monotonic()
-    answer = ask(server, {"op": "prolog", "job_id": 42, "colocate": "deny", "uid": 1000,
-                          "cpus_per_node": "2(x3)", "node": "n1", "timeout_s": 3})
-    assert answer == {"ok": True, "op": "prolog", "job_id": 42, "evicted": ["lease-1"],
-                      "waited_s": 0.0, "complete": True}
+    answer = ask(
+        server,
+        {
+            "op": "prolog",
+            "job_id": 42,
+            "colocate": "deny",
+            "uid": 1000,
+            "cpus_per_node": "2(x3)",
+            "node": "n1",
+            "timeout_s": 3,
+        },
+    )
+    assert answer == {
+        "ok": True,
+        "op": "prolog",
+        "job_id": 42,
+        "evicted": ["lease-1"],
+        "waited_s": 0.0,
+        "complete": True,
+    }
     request, deadline = handler.prologs[0]
-    assert request == PrologRequest(job_id=42, colocate="deny", uid=1000, cpus_per_node="2(x3)", node="n1")
+    assert request == PrologRequest(
+        job_id=42, colocate="deny", uid=1000, cpus_per_node="2(x3)", node="n1"
+    )
     assert before + 3 <= deadline <= time.monotonic() + 3
 
 
-def test_prolog_without_options_leaves_the_choice_to_the_site(server: ControlServer, handler: RecordingHandler) -> None:
+def test_prolog_without_options_leaves_the_choice_to_the_site(
+    server: ControlServer, handler: RecordingHandler
+) -> None:
     assert ask(server, {"op": "prolog", "job_id": "7"})["ok"] is True
     request, _ = handler.prologs[0]
     assert request == PrologRequest(job_id=7)
 
 
-def test_a_prolog_cannot_hold_the_agent_longer_than_the_cap(server: ControlServer, handler: RecordingHandler) -> None:
+def test_a_prolog_cannot_hold_the_agent_longer_than_the_cap(
+    server: ControlServer, handler: RecordingHandler
+) -> None:
     ask(server, {"op": "prolog", "job_id": 1, "timeout_s": 1e9})
     _, deadline = handler.prologs[0]
     assert deadline <= time.monotonic() + MAX_PROLOG_TIMEOUT_S
@@ -100,7 +128,11 @@ def test_a_prolog_cannot_hold_the_agent_longer_than_the_cap(server: ControlServe
 
 def test_epilog_and_status(server: ControlServer, handler: RecordingHandler) -> None:
     assert ask(server, {"op": "epilog", "job_id": 9, "node": "n2"}) == {
-        "ok": True, "op": "epilog", "job_id": 9, "offered_cores": 2, "offered_memory_bytes": 1 << 30,
+        "ok": True,
+        "op": "epilog",
+        "job_id": 9,
+        "offered_cores": 2,
+        "offered_memory_bytes": 1 << 30,
     }
     assert handler.epilogs == [EpilogRequest(job_id=9, node="n2")]
     assert ask(server, {"op": "status"}) == {"ok": True, "op": "status", "status": {"leases": 0}}
@@ -119,7 +151,10 @@ def test_epilog_and_status(server: ControlServer, handler: RecordingHandler) -> 
         (b'{"op": "prolog", "job_id": -3}\n', "job_id must be a positive integer"),
         (b'{"op": "prolog", "job_id": true}\n', "job_id must be a positive integer"),
         (b'{"op": "prolog", "job_id": 1.5}\n', "job_id must be a positive integer"),
-        (b'{"op": "prolog", "job_id": 1, "colocate": "maybe"}\n', "colocate must be 'allow', 'deny' or null"),
+        (
+            b'{"op": "prolog", "job_id": 1, "colocate": "maybe"}\n',
+            "colocate must be 'allow', 'deny' or null",
+        ),
         (b'{"op": "prolog", "job_id": 1, "timeout_s": -1}\n', "timeout_s must be a number"),
         (b'{"op": "prolog", "job_id": 1, "timeout_s": "5"}\n', "timeout_s must be a number"),
         (b'{"op": "prolog", "job_id": 1, "uid": "root"}\n', "uid must be an integer or null"),
@@ -143,10 +178,14 @@ def test_an_agent_failure_is_an_answer_not_a_crash(handler: RecordingHandler) ->
     assert answer["ok"] is False
     assert "LeaseError" in answer["error"] and "l-9" in answer["error"]
     handler.fail = RuntimeError("bug")
-    assert "internal error: RuntimeError: bug" in ask(server, {"op": "prolog", "job_id": 5})["error"]
+    assert (
+        "internal error: RuntimeError: bug" in ask(server, {"op": "prolog", "job_id": 5})["error"]
+    )
 
 
-def test_a_status_that_is_not_json_is_refused(server: ControlServer, handler: RecordingHandler) -> None:
+def test_a_status_that_is_not_json_is_refused(
+    server: ControlServer, handler: RecordingHandler
+) -> None:
     handler.status_value = {"when": object()}
     answer = ask(server, {"op": "status"})
     assert answer["ok"] is False and "TypeError" in answer["error"]
@@ -173,5 +212,7 @@ def test_an_unknown_eviction_time_still_goes_on_the_wire() -> None:
         def on_prolog(self, request: PrologRequest, deadline: float) -> PrologResult:
             return PrologResult(evicted=("l-1",), waited_s=float("nan"))
 
-    answer = ask(ControlServer("/nonexistent/agent.sock", NanHandler()), {"op": "prolog", "job_id": 3})
+    answer = ask(
+        ControlServer("/nonexistent/agent.sock", NanHandler()), {"op": "prolog", "job_id": 3}
+    )
     assert answer["ok"] is True and answer["waited_s"] is None and answer["evicted"] == ["l-1"]

@@ -70,7 +70,9 @@ def test_several_requests_on_one_connection(server: ControlServer) -> None:
     assert all(a["ok"] for a in answers)
 
 
-def test_garbage_never_takes_the_server_down(server: ControlServer, handler: RecordingHandler) -> None:
+def test_garbage_never_takes_the_server_down(
+    server: ControlServer, handler: RecordingHandler
+) -> None:
     for junk in (b"\x00\xff\xfe garbage\n", b"{not json\n", b"[]\n", b"\n"):
         answer = json.loads(raw_exchange(server.path, junk))
         assert answer["ok"] is False and answer["error"].startswith("bad request")
@@ -123,7 +125,9 @@ def test_agent_down_is_a_clear_error(sock_dir: Path) -> None:
         call(sock_dir / "stale.sock", {"op": "status"}, timeout_s=1)
 
 
-def test_restart_replaces_a_stale_socket_but_not_a_live_one(sock_dir: Path, handler: RecordingHandler) -> None:
+def test_restart_replaces_a_stale_socket_but_not_a_live_one(
+    sock_dir: Path, handler: RecordingHandler
+) -> None:
     path = sock_dir / "agent.sock"
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(path))
@@ -165,7 +169,9 @@ def _call_as(uid: int, path: Path) -> dict[str, object]:
 
 
 @pytest.mark.root
-def test_a_caller_that_is_not_root_or_slurm_is_refused(server: ControlServer, handler: RecordingHandler) -> None:
+def test_a_caller_that_is_not_root_or_slurm_is_refused(
+    server: ControlServer, handler: RecordingHandler
+) -> None:
     require(os.geteuid() == 0, "needs root to run a client as nobody")
     got = _call_as(NOBODY, server.path)
     assert got["ok"] is False
@@ -183,8 +189,12 @@ def test_the_slurm_user_may_call(sock_dir: Path, handler: RecordingHandler) -> N
     assert [r.job_id for r, _ in handler.prologs] == [99]
 
 
-def test_connection_cap_and_idle_timeout_keep_the_agent_reachable(sock_dir: Path, handler: RecordingHandler) -> None:
-    with ControlServer(sock_dir / "agent.sock", handler, max_connections=1, idle_timeout_s=0.3) as srv:
+def test_connection_cap_and_idle_timeout_keep_the_agent_reachable(
+    sock_dir: Path, handler: RecordingHandler
+) -> None:
+    with ControlServer(
+        sock_dir / "agent.sock", handler, max_connections=1, idle_timeout_s=0.3
+    ) as srv:
         idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         idle.connect(str(srv.path))  # holds the only slot and says nothing
         time.sleep(0.05)
@@ -196,7 +206,9 @@ def test_connection_cap_and_idle_timeout_keep_the_agent_reachable(sock_dir: Path
         assert call(srv.path, {"op": "status"}, timeout_s=1).ok
 
 
-def test_an_answer_too_big_for_the_wire_is_an_error_not_a_dead_connection(server: ControlServer, handler: RecordingHandler) -> None:
+def test_an_answer_too_big_for_the_wire_is_an_error_not_a_dead_connection(
+    server: ControlServer, handler: RecordingHandler
+) -> None:
     handler.status_value = {"blob": "x" * (MAX_LINE_BYTES + 1)}
     reply = call(server.path, {"op": "status"}, timeout_s=2)
     assert not reply.ok and "answer not sendable" in reply.error

@@ -46,26 +46,47 @@ def server(tmp_path: Path, handler: RecordingHandler) -> Iterator[ControlServer]
 
 @pytest.mark.parametrize(
     ("spank", "expected", "warns"),
-    [("deny", "deny", False), ("allow", "allow", False), ("DENY", "deny", False),
-     (None, None, False), ("", None, False), ("sometimes", "deny", True)],
+    [
+        ("deny", "deny", False),
+        ("allow", "allow", False),
+        ("DENY", "deny", False),
+        (None, None, False),
+        ("", None, False),
+        ("sometimes", "deny", True),
+    ],
 )
-def test_the_jobs_choice_from_the_spank_plugin(spank: str | None, expected: str | None, warns: bool) -> None:
+def test_the_jobs_choice_from_the_spank_plugin(
+    spank: str | None, expected: str | None, warns: bool
+) -> None:
     env = {k: v for k, v in JOB_ENV.items() if k != "SPANK_COLOCATE"}
     if spank is not None:
         env["SPANK_COLOCATE"] = spank
     request, warning = prolog_request(env, timeout_s=5)
     assert request["colocate"] == expected
     assert (warning is not None) == warns
-    assert request == {"op": "prolog", "job_id": 42, "colocate": expected, "uid": 1000,
-                       "cpus_per_node": "2", "node": "n1", "timeout_s": 5}
+    assert request == {
+        "op": "prolog",
+        "job_id": 42,
+        "colocate": expected,
+        "uid": 1000,
+        "cpus_per_node": "2",
+        "node": "n1",
+        "timeout_s": 5,
+    }
 
 
 def test_socket_lookup_order(tmp_path: Path) -> None:
     config = tmp_path / "agent.toml"
     config.write_text('[agent]\ncontrol_socket = "/run/colocate/{node}.sock"\n')
     env = {"SLURMD_NODENAME": "n3"}
-    assert resolve_socket("/x.sock", str(config), {**env, "COLOCATE_AGENT__CONTROL_SOCKET": "/y.sock"}) == "/x.sock"
-    assert resolve_socket(None, str(config), {**env, "COLOCATE_AGENT__CONTROL_SOCKET": "/y.sock"}) == "/y.sock"
+    assert (
+        resolve_socket("/x.sock", str(config), {**env, "COLOCATE_AGENT__CONTROL_SOCKET": "/y.sock"})
+        == "/x.sock"
+    )
+    assert (
+        resolve_socket(None, str(config), {**env, "COLOCATE_AGENT__CONTROL_SOCKET": "/y.sock"})
+        == "/y.sock"
+    )
     assert resolve_socket(None, str(config), env) == "/run/colocate/n3.sock"
     # An unreadable config still leaves the default socket to try.
     assert resolve_socket(None, str(tmp_path / "absent.toml"), env) == DEFAULT_SOCKET
@@ -73,12 +94,16 @@ def test_socket_lookup_order(tmp_path: Path) -> None:
     assert resolve_socket(None, str(config), env) == DEFAULT_SOCKET
 
 
-def test_prolog_returns_after_the_agent_evicted(server: ControlServer, handler: RecordingHandler) -> None:
+def test_prolog_returns_after_the_agent_evicted(
+    server: ControlServer, handler: RecordingHandler
+) -> None:
     outcome = run_hook("prolog", JOB_ENV, socket=str(server.path))
     assert outcome.ok, outcome.message
     assert outcome.elapsed_s >= 0.1
     assert outcome.message.startswith("evicted 1 lease(s)")
-    assert handler.prologs[0][0] == PrologRequest(job_id=42, colocate="deny", uid=1000, cpus_per_node="2", node="n1")
+    assert handler.prologs[0][0] == PrologRequest(
+        job_id=42, colocate="deny", uid=1000, cpus_per_node="2", node="n1"
+    )
 
 
 def test_epilog_tells_the_agent(server: ControlServer, handler: RecordingHandler) -> None:
@@ -139,11 +164,18 @@ def test_the_agent_refusing_is_reported(tmp_path: Path) -> None:
     "argv",
     [["prolog"], ["epilog"], ["reboot"], [], ["prolog", "--timeout", "abc"], ["prolog", "--bogus"]],
 )
-def test_main_never_fails_the_prolog(argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_main_never_fails_the_prolog(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     started = time.monotonic()
     # No SLURM_JOB_ID (run by hand), or a socket nobody serves.
     env = {"SLURMD_NODENAME": "n1"} if argv == ["epilog"] else dict(JOB_ENV)
-    rc = main([*argv, "--socket", str(tmp_path / "none.sock"), "--no-syslog"] if argv[:1] in (["prolog"], ["epilog"]) else argv, env=env)
+    rc = main(
+        [*argv, "--socket", str(tmp_path / "none.sock"), "--no-syslog"]
+        if argv[:1] in (["prolog"], ["epilog"])
+        else argv,
+        env=env,
+    )
     assert rc == 0
     assert time.monotonic() - started < 0.5
     err = capsys.readouterr().err
@@ -174,7 +206,9 @@ def test_unreadable_choices_are_skipped_and_unknown_values_read_as_deny(
 ) -> None:
     jobs = tmp_path / "jobs"
     jobs.mkdir()
-    record_job_choice(jobs, JobChoice(job_id=1, colocate="allow", uid=0, node="n1", recorded_at=0.0))
+    record_job_choice(
+        jobs, JobChoice(job_id=1, colocate="allow", uid=0, node="n1", recorded_at=0.0)
+    )
     (jobs / "2@n1.json").write_text("{garbage")
     (jobs / "3@n1.json").write_text('{"job_id": 3, "colocate": "perhaps", "node": "n1"}')
     choices = read_job_choices(jobs, node="n1")

@@ -24,12 +24,15 @@ def test_agent_config_loads_and_sets_the_site_choices() -> None:
 def test_broker_config_loads() -> None:
     config = load_config(DEPLOY / "broker.toml", env={})
     assert config.broker.listen.endswith(":8642")
-    assert config.broker.secret_file == load_config(DEPLOY / "agent.toml", env={}).broker.secret_file
+    assert (
+        config.broker.secret_file == load_config(DEPLOY / "agent.toml", env={}).broker.secret_file
+    )
 
 
 def test_slurm_snippet_names_the_wrappers_and_allocation_time_prolog() -> None:
     lines = dict(
-        line.split("=", 1) for line in (DEPLOY / "slurm.conf.snippet").read_text().splitlines()
+        line.split("=", 1)
+        for line in (DEPLOY / "slurm.conf.snippet").read_text().splitlines()
         if line and not line.startswith("#")
     )
     assert lines["PrologFlags"] == "Alloc"
@@ -49,4 +52,6 @@ def test_systemd_units_run_the_documented_commands() -> None:
     broker = (DEPLOY / "colocate-broker.service").read_text()
     assert "ExecStart=/opt/colocate/bin/colocate agent --config /etc/colocate/agent.toml" in agent
     assert "RuntimeDirectory=colocate" in agent  # /run/colocate for the control socket
-    assert "ExecStart=/opt/colocate/bin/colocate broker --config /etc/colocate/broker.toml" in broker
+    assert (
+        "ExecStart=/opt/colocate/bin/colocate broker --config /etc/colocate/broker.toml" in broker
+    )
