@@ -6,22 +6,26 @@ with Heracles' rule of not growing best-effort work while the primary is under p
 
 1. **Thresholds with hysteresis**: a job is *under pressure* once its latest PSI
    (``cpu_pressure`` or ``memory_pressure``, some avg10 %) exceeds ``limits.cpu_pressure_limit``
-   or ``limits.memory_pressure_limit``, and stays so until both fall below half their limit.
-2. **Grace period**: only pressure that lasted ``limits.pressure_grace_s`` evicts.
+   or ``limits.memory_pressure_limit`` (defaults 20 % and 5 %), and stays so until both
+   fall below half their limit (Heracles' 85 %/80 % band, wider because PSI is noisy).
+2. **Grace period**: only pressure that lasted ``limits.pressure_grace_s`` (5 s) evicts.
 3. **One eviction per cycle**: the most pressured job (pressure / limit) loses one lease:
    the one holding most of its cores (memory pressure: most memory), newest on ties. Its
    grace timer restarts, so the next eviction for it waits another grace period.
 4. **Re-offer cooldown**: after a pressure eviction nothing new of that job is offered for
-   ``limits.reoffer_cooldown_s`` and until its pressure is below half the limits (leases
+   ``limits.reoffer_cooldown_s`` (60 s) and until its pressure is below half the limits (leases
    still on it are kept, only not replaced). Each further pressure eviction of the same job
    multiplies its cooldown by ``limits.reoffer_backoff`` (default 2, at most
    ``limits.reoffer_cooldown_max_s``): a job that suffers from every co-location, and whose
    pressure vanishes as soon as the functions go, is left alone for longer and longer.
 5. **No growth under pressure**: while any job is under pressure the offer never grows.
 6. **Minimum reclaim**: the offer grows back only in steps of ``limits.min_reclaim_bytes``
-   and ``limits.min_reclaim_cores``, so it does not flap around a boundary; it shrinks at once.
+   (64 MiB) and ``limits.min_reclaim_cores`` (1), so it does not flap around a boundary; it shrinks at once.
 7. **Share cap**: functions never hold more than ``limits.max_function_share`` of the node's
    cores and memory (default 50 %); leases beyond it are evicted (``SHARE_CAP``), newest first.
+
+The guard only ever takes away from the wrapped policy's offer, never adds to it.
+Pressure evictions get ``limits.eviction_grace_s``; so do share-cap evictions.
 
 The guard's memory is an immutable :class:`GuardState` carried in ``Decision.state``; the
 caller passes it back on the next call for the same node. With ``limits.guard`` False the
@@ -102,7 +106,7 @@ class InterferenceGuard:
         full = self.inner.decide(node, limits, now, previous.inner)
         notes: list[str] = []
 
-        # 1. thresholds and hysteresis (the fast path allocates nothing when all is calm)
+        # 1. thresholds and hysteresis
         since = dict(previous.pressure_since) if previous.pressure_since else {}
         ratios: dict[str, float] = {}
         cpu_limit = limits.cpu_pressure_limit
