@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from colocate.config import ExecutorConfig
-from colocate.errors import BackendUnavailable, BadRequest, ColocateError
+from colocate.errors import BackendUnavailable, BadRequest, ColocateError, ConfigError
 from colocate.executor.confinement import Confinement, LeaseCgroups, check_name, remove_dirs
 from colocate.executor.forkserver import recv_msg, send_msg
 from colocate.executor.worker import WorkerSpec
@@ -69,6 +69,7 @@ class _Lease:
     cgroups: LeaseCgroups
     lease_dir: str
     pidfds: dict[int, int] = field(default_factory=dict)
+    uid: int | None = None
     baseline_rss: int = 0  # bytes the workers held right after start (shared with the fork server)
 
 
@@ -197,6 +198,17 @@ class ExecutorSupervisor:
         self.node = check_name(node, "node")
         self.host = host
         self._usable_cpus = frozenset(os.sched_getaffinity(0))  # before anyone pins this process
+        self._uids: range | None = None
+        if config.lease_uid_range is not None:
+            first, last = config.lease_uid_range
+            if not 0 < first <= last:
+                raise ConfigError(
+                    f"must be [first, last] with 0 < first <= last, got {[first, last]}",
+                    key="executor.lease_uid_range",
+                )
+            self._uids = range(first, last + 1)
+        self._starting_uids: set[int | None] = set()
+        self._starting_ids: set[str] = set()
         self._own_state_dir = state_dir is None
         base = state_dir or tempfile.mkdtemp(prefix="colocate-")
         self._base_dir = base
@@ -289,8 +301,26 @@ class ExecutorSupervisor:
         with self._lock:
             if self._closed:
                 raise BackendUnavailable("executor supervisor is closed")
-            if lease_id in self._leases:
+            if lease_id in self._leases or lease_id in self._starting_ids:
                 raise BadRequest(f"lease {lease_id} already has an executor on {self.node}")
+            self._starting_ids.add(lease_id)
+        uid: int | None = None
+        try:
+            uid = self._free_uid(lease_id)
+            return self._start(lease_id, cpus, int(memory_bytes), float(expires_at), uid)
+        finally:
+            with self._lock:
+                self._starting_uids.discard(uid)
+                self._starting_ids.discard(lease_id)
+
+    def _start(
+        self,
+        lease_id: str,
+        cpus: tuple[int, ...],
+        memory_bytes: int,
+        expires_at: float,
+        uid: int | None,
+    ) -> ExecutorHandle:
         cgroups = self.confinement.create(lease_id, cpus, memory_bytes)
         lease_dir = os.path.join(self.state_dir, lease_id)
         os.makedirs(lease_dir, exist_ok=True)
@@ -309,6 +339,7 @@ class ExecutorSupervisor:
             verifier_path=self._verifier.path,
             tcp=(),
             unix=(),
+            uid=uid,
         )
         try:
             answer = self._ask_fork_server(("spawn", template, self.host, lease_dir))
@@ -332,7 +363,7 @@ class ExecutorSupervisor:
             expires_at=float(expires_at),
             confinement=cgroups.mode,
         )
-        lease = _Lease(handle, cgroups, lease_dir)
+        lease = _Lease(handle, cgroups, lease_dir, uid=uid)
         for pid in pids:
             with contextlib.suppress(OSError):
                 lease.pidfds[pid] = os.pidfd_open(pid)
@@ -349,6 +380,19 @@ class ExecutorSupervisor:
             list(pids),
         )
         return handle
+
+    def _free_uid(self, lease_id: str) -> int | None:
+        if self._uids is None:
+            return None
+        with self._lock:
+            used = {lease.uid for lease in self._leases.values()} | self._starting_uids
+            for uid in self._uids:
+                if uid not in used:
+                    self._starting_uids.add(uid)  # until the lease is registered or fails
+                    return uid
+        raise BackendUnavailable(
+            f"lease {lease_id}: all {len(self._uids)} uids of executor.lease_uid_range are in use"
+        )
 
     def _state_file(self, lease_id: str) -> Path:
         return Path(self.state_dir) / f"{lease_id}.json"

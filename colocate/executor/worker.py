@@ -62,6 +62,7 @@ class WorkerSpec:
     verifier_path: str
     tcp: tuple[tuple[str, int], ...]  # every worker of the lease, by index
     unix: tuple[str, ...]
+    uid: int | None = None  # the lease's own uid (lease_uid_range), else run_as_user's
 
 
 class _LoadError:
@@ -94,17 +95,19 @@ def _prctl(option: int, arg: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0)
 
 
-def drop_privileges(user: str) -> None:
-    """Become ``user`` (groups, gid, uid) when running as root; no-op otherwise."""
+def drop_privileges(user: str, uid: int | None = None) -> None:
+    """Become ``user`` (no supplementary groups, its gid, its uid or ``uid``) when running as
+    root; no-op otherwise."""
     if os.getuid() != 0 and os.geteuid() != 0:
         return
     pw = pwd.getpwnam(user)
     os.setgroups([])
     os.setgid(pw.pw_gid)
-    os.setuid(pw.pw_uid)
+    os.setuid(pw.pw_uid if uid is None else uid)
     if os.getuid() == 0 or os.geteuid() == 0:
         raise PermissionError(f"still root after dropping to {user!r}")
-    os.environ.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name)
+    home = pw.pw_dir if uid is None else "/"
+    os.environ.update(HOME=home, USER=pw.pw_name, LOGNAME=pw.pw_name)
 
 
 def _verify_hello(verifier: socket.socket | None, token: bytes) -> dict[str, Any]:
@@ -434,7 +437,7 @@ def run(spec: WorkerSpec, listeners: list[socket.socket], ready_fd: int) -> NoRe
             resource.setrlimit(resource.RLIMIT_AS, (vsize + spec.memory_bytes,) * 2)
         verifier = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         verifier.connect(spec.verifier_path)  # as root: the verifier socket is root-only
-        drop_privileges(spec.run_as_user)
+        drop_privileges(spec.run_as_user, spec.uid)
         _prctl(_PR_SET_NO_NEW_PRIVS, 1)
         os.chdir("/")
         worker = Worker(spec, listeners, verifier)

@@ -8,10 +8,11 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import as_completed, wait
+from pathlib import Path
 
 import pytest
 
-from colocate import BadRequest, LeaseExpired, PayloadTooLarge, Unauthorized
+from colocate import BackendUnavailable, BadRequest, LeaseExpired, PayloadTooLarge, Unauthorized
 from colocate.client.executor import LeaseExecutor, RemoteError
 from colocate.config import ExecutorConfig
 from colocate.executor import ExecutorHandle, ExecutorSupervisor
@@ -296,3 +297,30 @@ def test_map_raises_at_the_failing_call_and_shutdown_can_cancel(lease: Leased) -
     assert all(f.cancelled() for f in slow)
     with pytest.raises(RuntimeError):
         ex.submit(add, 1)
+
+
+def signal_zero(pid: int) -> str:
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return "denied"
+    return "allowed"
+
+
+@pytest.mark.root
+def test_lease_uid_range_keeps_leases_from_signalling_each_other(tmp_path: Path) -> None:
+    require(os.geteuid() == 0, "distinct uids need the supervisor to run as root")
+    config = ExecutorConfig(lease_uid_range=(61000, 61001))
+    with ExecutorSupervisor(config, SECRET, node=NODE, state_dir=str(tmp_path)) as sup:
+        a, b = Leased(sup, (CORES[0],)), Leased(sup, (CORES[-1],))
+        with a.executor() as ea, b.executor() as eb:
+            uid_a, uid_b = ea.invoke(whoami)[0], eb.invoke(whoami)[0]
+            assert {uid_a, uid_b} == {61000, 61001}
+            assert ea.invoke(signal_zero, b.handle.pids[0]) == "denied"
+            assert ea.invoke(signal_zero, a.handle.pids[0]) == "allowed"
+        with pytest.raises(BackendUnavailable, match="lease_uid_range"):
+            Leased(sup, (CORES[0],))
+        sup.evict(a.lease_id)
+        c = Leased(sup, (CORES[0],))  # a's uid is free again
+        with c.executor() as ec:
+            assert ec.invoke(whoami)[0] == uid_a
