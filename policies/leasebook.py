@@ -158,17 +158,27 @@ class LeaseBook:
 
     # --- placement ---------------------------------------------------------------------
 
-    def place(self, cores: int, memory_bytes: int, now: float, placement: Placement = "best_fit") -> Slot | None:
+    def place(
+        self,
+        cores: int,
+        memory_bytes: int,
+        now: float,
+        placement: Placement = "best_fit",
+        exclude: frozenset[str] = frozenset(),
+    ) -> Slot | None:
         """A node and cores for a lease of ``cores`` and ``memory_bytes``, or None.
 
         ``first_fit``: the first live node by name that fits. ``best_fit``: the fitting node
         left with the fewest free cores, then the least free memory (packs leases, keeps
         whole nodes free for large requests). Within a node the lowest free core ids go.
+        Nodes in ``exclude`` are skipped (e.g. one whose agent just failed to start a lease).
         """
         if cores < 1 or memory_bytes < 0:
             raise ValueError("a lease needs at least one core and non-negative memory")
         fitting = [
-            f for f in self.available(now) if f.cores >= cores and f.memory_bytes >= memory_bytes
+            f
+            for f in self.available(now)
+            if f.node not in exclude and f.cores >= cores and f.memory_bytes >= memory_bytes
         ]
         if not fitting:
             return None

@@ -48,6 +48,8 @@ from policies.leasebook import LeaseBook, LeaseEnd, LeaseRecord
 
 log = logging.getLogger(__name__)
 
+START_ATTEMPTS = 3  # nodes tried for one lease request before giving up
+
 
 def _gib(n: int) -> str:
     return f"{n / 1024**3:.2f} GiB"
@@ -165,17 +167,34 @@ class Broker:
         )
 
     async def lease(self, request: LeaseRequest) -> LeaseGrant:
-        """Place, start on the node, sign. LeaseDenied when nothing fits (with what is free)."""
-        now = self._clock()
-        duration = min(request.duration, self.config.max_lease_s)
-        slot = self.book.place(request.cores, request.memory, now, self.config.placement)
-        if slot is None:
-            raise self._denied(request, now)
-        offer = self.book.node(slot.node)
+        """Place, start on the node, sign. LeaseDenied when nothing fits (with what is free).
+
+        A node whose agent cannot start the executor (down, or its offer shrank meanwhile)
+        is skipped and the next fitting node tried, up to ``START_ATTEMPTS`` nodes.
+        """
+        failed: set[str] = set()
+        last_error: Exception | None = None
+        for _ in range(START_ATTEMPTS):
+            now = self._clock()
+            slot = self.book.place(
+                request.cores, request.memory, now, self.config.placement, exclude=frozenset(failed)
+            )
+            if slot is None:
+                break
+            try:
+                return await self._start_on(slot.node, slot.cpu_ids, request, now)
+            except (BackendUnavailable, LeaseDenied) as exc:
+                failed.add(slot.node)
+                last_error = exc
+        if last_error is not None:
+            raise last_error
+        raise self._denied(request, self._clock())
+
+    async def _start_on(self, node: str, cpu_ids: tuple[int, ...], request: LeaseRequest, now: float) -> LeaseGrant:
+        offer = self.book.node(node)
         assert offer is not None
-        record = LeaseRecord(
-            f"l-{secrets.token_hex(8)}", slot.node, slot.cpu_ids, slot.memory_bytes, now, now + duration
-        )
+        duration = min(request.duration, self.config.max_lease_s)
+        record = LeaseRecord(f"l-{secrets.token_hex(8)}", node, cpu_ids, request.memory, now, now + duration)
         self.book.add(record)  # cores are taken now, before the agent answers
         start = StartRequest(
             lease_id=record.lease_id,
@@ -189,16 +208,16 @@ class Broker:
             started = StartReply.model_validate(data)
         except Exception as exc:
             self.book.remove(record.lease_id, LeaseEnd.START_FAILED)
-            log.warning("node %s could not start lease %s: %s", slot.node, record.lease_id, exc)
+            log.warning("node %s could not start lease %s: %s", node, record.lease_id, exc)
             if isinstance(exc, LeaseDenied | BackendUnavailable):
                 raise
-            raise BackendUnavailable(f"node {slot.node} could not start the executor: {exc}") from None
-        self._max_payload[slot.node] = started.max_payload_bytes
+            raise BackendUnavailable(f"node {node} could not start the executor: {exc}") from None
+        self._max_payload[node] = started.max_payload_bytes
         confirmed = self.book.confirm(record.lease_id, started.address, started.generation)
         if confirmed is None:  # expired or dropped while starting
             await self._release_on_agent(offer.url, record.lease_id)
             raise LeaseExpired("ended while its executor was starting; ask for a longer lease", lease_id=record.lease_id)
-        log.info("lease %s: %d cores on %s until %.0f", record.lease_id, record.cores, slot.node, record.expires_at)
+        log.info("lease %s: %d cores on %s until %.0f", record.lease_id, record.cores, node, record.expires_at)
         return self._grant(confirmed)
 
     def _gone(self, lease_id: str) -> LeaseError:

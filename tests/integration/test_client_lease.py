@@ -4,6 +4,7 @@ as subprocesses, the Python client in the test, invocations straight to the exec
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -175,3 +176,13 @@ def test_best_fit_packs_a_small_lease_onto_the_smaller_node(tmp_path: Path) -> N
         # The big node stays whole for a 2-core request.
         with Client(broker.url).lease(cores=2, memory="256MiB", duration="1m") as pair:
             assert pair.node == "big"
+
+
+def test_a_node_whose_agent_died_is_skipped_before_the_broker_notices(tmp_path: Path) -> None:
+    broker, (big, small) = start_cluster(tmp_path, {"big": (2, "1GiB"), "small": (1, "1GiB")}, placement="best_fit")
+    with services(broker, big, small):
+        small.stop(signal.SIGKILL)  # best fit would pick it; the broker still thinks it is up
+        assert [n.alive for n in Client(broker.url).status().nodes] == [True, True]
+        with Client(broker.url).lease(cores=1, memory="256MiB", duration="1m") as lease:
+            assert lease.node == "big"
+            assert lease.executor().invoke(payload_size, b"abc") == 3

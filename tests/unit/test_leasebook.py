@@ -38,6 +38,13 @@ def test_best_fit_packs_onto_the_tightest_node_first_fit_takes_the_first() -> No
     assert first.place(4, GiB, NOW, "first_fit") is None
 
 
+def test_excluded_nodes_are_skipped() -> None:
+    book = book_with(("a", 4, 8 * GiB), ("b", 2, 8 * GiB))
+    slot = book.place(1, GiB, NOW, "best_fit", exclude=frozenset({"b"}))
+    assert slot is not None and slot.node == "a"
+    assert book.place(1, GiB, NOW, "first_fit", exclude=frozenset({"a", "b"})) is None
+
+
 def test_best_fit_breaks_core_ties_by_leftover_memory() -> None:
     book = book_with(("a", 2, 8 * GiB), ("b", 2, 2 * GiB))
     assert grant(book, "l1", 1, GiB).node == "b"
