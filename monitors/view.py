@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from monitors.history import UsageHistory
 from monitors.sampler import Sampler
@@ -16,10 +16,17 @@ def node_view(
     history: UsageHistory | None = None,
     leases: Sequence[LeaseView] = (),
     memory_reserved_bytes: int = 0,
+    colocate: Mapping[str, bool] | None = None,
+    default_colocate: bool = True,
 ) -> NodeView:
     """The policy's view of a node. A job without CPU ids from Slurm or its cgroup gets none
     (the policy then treats none of its cores as known-idle); ``memory_peak_bytes`` is the
-    monitor's peak (kernel high-water mark where available)."""
+    monitor's peak (kernel high-water mark where available).
+
+    ``colocate`` maps job ids to their ``--colocate`` choice (the prolog hook tells the
+    agent); jobs not in it get ``default_colocate`` (the site's default).
+    """
+    choices = colocate or {}
     jobs = tuple(
         JobView(
             job_id=job.job_id,
@@ -27,7 +34,7 @@ def node_view(
             memory_allocated_bytes=job.memory_allocated_bytes,
             memory_peak_bytes=job.memory_peak_bytes,
             history=history.samples(job.job_id) if history is not None else (),
-            colocate=job.colocate,
+            colocate=choices.get(job.job_id, default_colocate),
             start_time=job.start_time or 0.0,
         )
         for job in snapshot.jobs
@@ -49,15 +56,46 @@ class MonitoredNode:
     came from stays in ``last_snapshot`` (for metrics and ``colocate monitor``).
     """
 
-    def __init__(self, sampler: Sampler, memory_reserved_bytes: int = 0) -> None:
+    def __init__(
+        self, sampler: Sampler, memory_reserved_bytes: int = 0, default_colocate: bool = True
+    ) -> None:
         self.sampler = sampler
         self.node = sampler.node
         self.memory_reserved_bytes = memory_reserved_bytes
+        self.default_colocate = default_colocate
+        self.colocate: dict[str, bool] = {}  # job id -> its --colocate choice (from the prolog)
         self.last_snapshot: NodeSnapshot | None = None
+        self._seen: set[str] = set()
+
+    @classmethod
+    def live(
+        cls,
+        node: str,
+        backend: str = "cli",
+        *,
+        psi_groups: bool = False,
+        memory_reserved_bytes: int = 0,
+        default_colocate: bool = True,
+    ) -> MonitoredNode:
+        """This machine's node ``node``: Slurm through ``backend``, usage from its cgroups."""
+        from monitors.sampler import default_source
+        from slurm_plugin.slurm import make_slurm
+
+        sampler = Sampler(node, make_slurm(backend), default_source(psi_groups=psi_groups))
+        return cls(sampler, memory_reserved_bytes, default_colocate)
 
     def view(self, now: float | None = None) -> NodeView:
         snapshot = self.sampler.sample(now if now is not None else time.time())
         self.last_snapshot = snapshot
+        live = {j.job_id for j in snapshot.jobs}
+        # Forget choices of jobs that ended; a choice may arrive (prolog) before its job is seen.
+        for job_id in [j for j in self.colocate if j in self._seen and j not in live]:
+            del self.colocate[job_id]
+        self._seen = live
         return node_view(
-            snapshot, self.sampler.history, memory_reserved_bytes=self.memory_reserved_bytes
+            snapshot,
+            self.sampler.history,
+            memory_reserved_bytes=self.memory_reserved_bytes,
+            colocate=self.colocate,
+            default_colocate=self.default_colocate,
         )

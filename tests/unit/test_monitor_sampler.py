@@ -326,3 +326,22 @@ def test_a_slow_slurm_does_not_stall_sampling(tmp_path: Path) -> None:
     second = sampler.sample()  # the answer arrived meanwhile
     assert second.slurm_ok and [j.job_id for j in second.jobs] == ["10"]
     sampler.close()
+
+
+def test_colocate_choices_reach_the_policy_view_and_are_forgotten_with_the_job(
+    tmp_path: Path,
+) -> None:
+    node = Node(tmp_path)
+    source = MonitoredNode(node.sampler, default_colocate=True)
+    source.colocate["10"] = False  # the prolog said --colocate=deny
+    source.colocate["99"] = False  # a job the monitor has not seen yet keeps its choice
+    assert [j.colocate for j in source.view(1.0).jobs] == [False]
+    node.slurm.jobs = []
+    node.end_job()
+    node.clock.t += 1
+    source.view(2.0)
+    assert source.colocate == {"99": False}
+    assert (
+        node_view(Node(tmp_path / "b").sampler.sample(), default_colocate=False).jobs[0].colocate
+        is False
+    )
