@@ -193,8 +193,8 @@ class InterferenceGuard:
                 ),
             )
             without = self.inner.decide(cooled, limits, now, previous.inner).offer
-            cpu_ids = without.cpu_ids | (cpu_ids & held_cpus)
-            memory = max(without.memory_bytes, min(memory, held_memory))
+            cpu_ids = cpu_ids & (without.cpu_ids | held_cpus)
+            memory = min(memory, max(without.memory_bytes, held_memory))
 
         last = previous.offer
         if last is not None:
