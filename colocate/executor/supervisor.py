@@ -423,6 +423,10 @@ class ExecutorSupervisor:
             lease = self._leases.pop(lease_id, None)
         if lease is None:
             return 0.0
+        # Without cgroups, processes the functions started are found through the workers.
+        offspring = (
+            set(_with_children(lease.handle.pids)) if lease.cgroups.mode == "rlimit" else set()
+        )
         sig = signal.SIGUSR1 if reason == "expired" else signal.SIGTERM
         for pidfd in lease.pidfds.values():
             with contextlib.suppress(ProcessLookupError):
@@ -435,6 +439,9 @@ class ExecutorSupervisor:
             log.error("lease %s: workers %s survived SIGKILL", lease_id, alive)
         for fd in lease.pidfds.values():
             os.close(fd)
+        for pid in offspring - set(lease.handle.pids):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         remove_dirs(lease.cgroups.dirs)
         shutil.rmtree(lease.lease_dir, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):

@@ -384,3 +384,30 @@ def test_hot_worker_spins_then_warm_worker_sleeps(tmp_path: Path) -> None:
         # on a loaded machine a spinning worker still gets a good share of its core
         assert hot >= 0.04, hot
         assert warm <= 0.02, warm
+
+
+def fork_sleeper(_: object = None) -> int:
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(60)
+        os._exit(0)
+    return pid
+
+
+@pytest.mark.parametrize("cgroup_root", [None, ""], ids=["cgroups", "rlimit"])
+def test_eviction_also_kills_processes_the_functions_started(
+    tmp_path: Path, cgroup_root: str | None
+) -> None:
+    node = NODE + "k"
+    with ExecutorSupervisor(
+        ExecutorConfig(), SECRET, node=node, cgroup_root=cgroup_root, state_dir=str(tmp_path)
+    ) as sup:
+        lease_id, token, address = start(sup, node=node)
+        with LeaseExecutor(address, token, lease_id=lease_id, workers=1) as ex:
+            child = ex.invoke(fork_sleeper)
+            assert _alive(child)
+            sup.evict(lease_id)
+        deadline = time.monotonic() + 2
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not _alive(child)
