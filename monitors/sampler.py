@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MIN_WINDOW_S = 0.05  # readings closer than this give no meaningful rate
+# States that end within seconds: while a job is in one, Slurm is asked every sample.
+_TRANSIENT = frozenset({JobState.COMPLETING, JobState.CONFIGURING})
 
 
 class _Pending(Exception):
@@ -248,7 +250,7 @@ class Sampler:
         refreshed = self._jobs is None and self._refresh_jobs(mono, warnings)
         reading = self._read(warnings)
         seen = frozenset(reading.jobs)
-        transient = any(j.state is not JobState.RUNNING for j in self._jobs or ())
+        transient = any(j.state in _TRANSIENT for j in self._jobs or ())
         due = mono - self._jobs_at >= self.slurm_refresh_s
         pending = "jobs" in self._inflight
         if not refreshed and (pending or due or transient or seen != self._last_seen):
