@@ -31,7 +31,7 @@ class ReplaySample:
     ``cores`` and ``memory_bytes``: values at ``t`` by node state (``NODE_STATES``; missing
     states are not written). ``wasted_cost`` (by (resource, state)), ``recovered_cost`` (by
     resource), ``evictions`` (by reason) and ``invocations`` (by result): increments over
-    the interval.
+    the interval, as are ``cold_starts``.
     """
 
     t: float
@@ -42,6 +42,7 @@ class ReplaySample:
     evictions: Mapping[str, float] = field(default_factory=dict)
     invocations: Mapping[str, float] = field(default_factory=dict)
     leases: float | None = None
+    cold_starts: float = 0.0
 
 
 _Labels = tuple[tuple[str, str], ...]
@@ -122,6 +123,9 @@ def write_openmetrics(
         "invocations": _Family(
             "colocate_invocations", "counter", "invocations by result (replayed)"
         ),
+        "cold_starts": _Family(
+            "colocate_cold_starts", "counter", "executors started for a lease (replayed)"
+        ),
         "price": _Family(
             "colocate_price", "info", "currency and charging model of every *_cost_total"
         ),
@@ -178,20 +182,27 @@ def _write_sample(
         accumulate(
             "recovered", (*base, ("resource", resource)), sample.recovered_cost.get(resource, 0.0)
         )
-    for reason in EVICTION_REASONS:
+    # Only the reasons and results the replay gives (unknown ones folded into "other"):
+    # writing every known label value as zeros would double a long replay's file.
+    for reason in _present(sample.evictions, EVICTION_REASONS):
         accumulate(
             "evictions",
             (*base, ("reason", reason)),
             _bounded_sum(sample.evictions, reason, EVICTION_REASONS),
         )
-    for result in INVOCATION_RESULTS:
+    for result in _present(sample.invocations, INVOCATION_RESULTS):
         accumulate(
             "invocations",
             (*base, ("result", result)),
             _bounded_sum(sample.invocations, result, INVOCATION_RESULTS),
         )
+    accumulate("cold_starts", base, sample.cold_starts)
     fam["price"].add((*base, ("charging", charging), ("currency", currency)), t, 1.0)
     return n + 1
+
+
+def _present(values: Mapping[str, float], known: Sequence[str]) -> list[str]:
+    return sorted({k if k in known else "other" for k in values})
 
 
 def _bounded_sum(values: Mapping[str, float], key: str, known: Sequence[str]) -> float:

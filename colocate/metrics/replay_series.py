@@ -8,10 +8,11 @@ Format (``colocate-replay-series/1``, JSON)::
         {"t": 1700000000, "cores": {"total": 64, "idle_allocated": 12.5, ...},
          "memory_bytes": {...}, "wasted_cost": {"cores:idle_allocated": 0.01, ...},
          "recovered_cost": {"cores": 0.002}, "evictions": {"pressure": 1},
-         "invocations": {"ok": 100}, "leases": 3}, ...]}}
+         "invocations": {"ok": 100}, "cold_starts": 2, "leases": 3}, ...]}}
 
 Gauges (``cores``, ``memory_bytes``, ``leases``) are values at ``t``; the others are
-increments over the interval ending at ``t``. ``wasted_cost`` keys are ``resource:state``.
+increments over the interval ending at ``t``. :func:`save_replay_series` writes it from a
+``traces.replay.ReplayResult``. ``wasted_cost`` keys are ``resource:state``.
 """
 
 from __future__ import annotations
@@ -23,12 +24,21 @@ from typing import Any
 
 from colocate.errors import TraceFormatError
 from colocate.metrics.openmetrics import ReplaySample
+from colocate.metrics.replay_adapter import ReplayResultLike, replay_samples
+from policies.prices import Prices
 
 FORMAT = "colocate-replay-series/1"
 #: The file name ``colocate metrics openmetrics --replay-out DIR`` looks for in DIR.
 SERIES_FILE = "metrics-series.json"
 
-__all__ = ["FORMAT", "SERIES_FILE", "ReplaySeries", "load_replay_series", "series_to_json"]
+__all__ = [
+    "FORMAT",
+    "SERIES_FILE",
+    "ReplaySeries",
+    "load_replay_series",
+    "save_replay_series",
+    "series_to_json",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +94,9 @@ def _sample(raw: Any, path: str, i: int, policy: str) -> ReplaySample:
         evictions=_numbers(raw.get("evictions"), f"{where}.evictions", path, i),
         invocations=_numbers(raw.get("invocations"), f"{where}.invocations", path, i),
         leases=float(leases) if isinstance(leases, int | float) else None,
+        cold_starts=float(cold)
+        if isinstance(cold := raw.get("cold_starts", 0.0), int | float)
+        else 0.0,
     )
 
 
@@ -141,6 +154,7 @@ def series_to_json(series: ReplaySeries) -> dict[str, Any]:
                     "recovered_cost": dict(s.recovered_cost),
                     "evictions": dict(s.evictions),
                     "invocations": dict(s.invocations),
+                    "cold_starts": s.cold_starts,
                     **({"leases": s.leases} if s.leases is not None else {}),
                 }
                 for s in samples
@@ -148,3 +162,28 @@ def series_to_json(series: ReplaySeries) -> dict[str, Any]:
             for policy, samples in series.policies.items()
         },
     }
+
+
+def save_replay_series(
+    result: ReplayResultLike,
+    prices: Prices,
+    directory: str | Path,
+    *,
+    node: str = "replay",
+    step_s: float | None = None,
+) -> Path:
+    """Write ``directory/metrics-series.json`` from a ``traces.replay.ReplayResult``.
+
+    The replay's ``--out`` directory then works with ``colocate metrics openmetrics
+    --replay-out DIR``. ``step_s`` as in :func:`replay_samples` (default: at most 2000
+    points per series). Returns the path written.
+    """
+    series = ReplaySeries(
+        node, prices.currency, prices.charging, replay_samples(result, prices, step_s=step_s)
+    )
+    path = Path(directory) / SERIES_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(series_to_json(series)))
+    tmp.replace(path)
+    return path

@@ -623,3 +623,69 @@ def test_a_replayed_history_loads_with_promtool_and_feeds_the_dashboard(tmp_path
         assert checked >= 8
     finally:
         prom.stop()
+
+
+def test_a_real_replay_shows_in_prometheus_with_the_money_it_reported(tmp_path: Path) -> None:
+    _have_prometheus()
+    replay_mod = pytest.importorskip("traces.replay")
+    from colocate.metrics.replay_series import save_replay_series
+    from traces.azure import read_azure2019
+    from traces.bundled import AZURE2019, HPC2N_CORES_PER_NODE, HPC2N_EXCERPT, HPC2N_MEMORY_PER_NODE
+    from traces.placement import Cluster
+    from traces.swf import read_swf
+
+    prices = Prices()
+    result = replay_mod.replay(
+        read_swf(HPC2N_EXCERPT).head(200),  # 6 days: promtool writes one block per 2 h
+        read_azure2019(AZURE2019),
+        Cluster(120, HPC2N_CORES_PER_NODE, HPC2N_MEMORY_PER_NODE),
+        prices=prices,
+    )
+    out_dir = tmp_path / "replay-out"
+    save_replay_series(result, prices, out_dir, node="hpc2n")
+    om = tmp_path / "replay.om"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "colocate",
+            "metrics",
+            "openmetrics",
+            "--replay-out",
+            str(out_dir),
+            "--end-at",
+            "now",
+            "-o",
+            str(om),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    storage = tmp_path / "data"
+    proc = subprocess.run(
+        [PROMTOOL, "tsdb", "create-blocks-from", "openmetrics", str(om), str(storage)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    prom = start_prometheus(tmp_path, [], storage=storage)
+    try:
+        span_h = math.ceil((result.t[-1] - result.t[0] + result.step_s) / 3600) + 1
+        for name, series in result.policies.items():
+            stored = prom.query(
+                f'sum(max_over_time(colocate_recovered_cost_total{{policy="{name}"}}[{span_h}h]))'
+            )
+            assert float(stored[0]["value"][1]) == pytest.approx(
+                series.summary["recovered_cost"], rel=0.01
+            )
+        wasted = prom.query(
+            f"sum by (policy) (max_over_time(colocate_wasted_cost_total[{span_h}h]))"
+        )
+        assert {r["metric"]["policy"] for r in wasted} == set(result.policies)
+        for r in wasted:
+            assert float(r["value"][1]) == pytest.approx(float(result.wasted_cost.sum()), rel=0.01)
+    finally:
+        prom.stop()

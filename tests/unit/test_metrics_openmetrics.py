@@ -6,14 +6,23 @@ import io
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from colocate.errors import TraceFormatError
 from colocate.metrics.openmetrics import ReplaySample, write_openmetrics
-from colocate.metrics.replay_series import ReplaySeries, load_replay_series, series_to_json
+from colocate.metrics.replay_adapter import auto_step_s, replay_samples
+from colocate.metrics.replay_series import (
+    ReplaySeries,
+    load_replay_series,
+    save_replay_series,
+    series_to_json,
+)
+from policies.prices import Prices
 
 
 def samples(n: int, t0: float = 1_600_000_000.0) -> list[ReplaySample]:
@@ -147,3 +156,88 @@ def test_a_bad_series_file_is_a_clear_one_line_error(
     )
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and str(path) in proc.stderr
+
+
+@dataclass
+class _Cluster:
+    nodes: int = 2
+    cores_per_node: int = 4
+    memory_per_node_bytes: int = 8 * 2**30
+    memory_reserved_bytes: int = 0
+
+
+@dataclass
+class _Policy:
+    offered_cores: np.ndarray
+    offered_memory_bytes: np.ndarray
+    harvested_cores: np.ndarray
+    harvested_memory_bytes: np.ndarray
+    recovered_cost: np.ndarray
+    invocations_served: np.ndarray
+    evictions: np.ndarray
+    cold_starts: np.ndarray
+
+
+@dataclass
+class _Result:
+    """The shape of traces.replay.ReplayResult (minute series), small enough to check by hand."""
+
+    t: np.ndarray
+    step_s: float
+    cluster: _Cluster
+    allocated_cores: np.ndarray
+    used_cores: np.ndarray
+    allocated_memory_bytes: np.ndarray
+    used_memory_bytes: np.ndarray
+    wasted_idle_cost: np.ndarray
+    wasted_unallocated_cost: np.ndarray
+    policies: dict[str, _Policy]
+
+
+def _result(minutes: int) -> _Result:
+    ones = np.ones(minutes)
+    return _Result(
+        t=1_600_000_000.0 + 60.0 * np.arange(minutes),
+        step_s=60.0,
+        cluster=_Cluster(),
+        allocated_cores=6 * ones,
+        used_cores=2 * ones,
+        allocated_memory_bytes=12 * 2**30 * ones,
+        used_memory_bytes=3 * 2**30 * ones,
+        wasted_idle_cost=np.zeros(minutes),  # not used with resource charging
+        wasted_unallocated_cost=np.zeros(minutes),
+        policies={
+            "headroom": _Policy(
+                3 * ones,
+                2**30 * ones,
+                2 * ones,
+                2**29 * ones,
+                np.zeros(minutes),
+                100 * ones,
+                (np.arange(minutes) % 10 == 0) * 1.0,
+                0.5 * ones,
+            )
+        },
+    )
+
+
+def test_a_replay_result_becomes_samples_with_money_at_the_given_prices() -> None:
+    prices = Prices()
+    samples = replay_samples(_result(120), prices, step_s=600)  # 2 h of minutes, 10-minute samples
+    s = samples["headroom"]
+    assert len(s) == 12 and s[0].t == 1_600_000_000.0 + 600
+    assert s[0].cores["idle_allocated"] == 4 and s[0].cores["unallocated"] == 2
+    assert s[0].memory_bytes["idle_allocated"] == 9 * 2**30
+    # 10 minutes of 4 idle cores at 0.015 per core-hour; of 2 harvested cores likewise.
+    assert s[0].wasted_cost[("cores", "idle_allocated")] == pytest.approx(4 * 600 / 3600 * 0.015)
+    assert s[0].recovered_cost["cores"] == pytest.approx(2 * 600 / 3600 * 0.015)
+    assert sum(x.evictions["other"] for x in s) == 12
+    assert s[0].invocations["ok"] == 1000
+    assert auto_step_s(_result(5000)) == 180.0  # at most 2000 points
+
+
+def test_save_replay_series_round_trips(tmp_path: Path) -> None:
+    path = save_replay_series(_result(30), Prices(), tmp_path, node="hpc2n")
+    loaded = load_replay_series(path)
+    assert loaded.node == "hpc2n" and list(loaded.policies) == ["headroom"]
+    assert loaded.policies["headroom"] == replay_samples(_result(30), Prices())["headroom"]
