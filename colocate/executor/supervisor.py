@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 WATCHDOG_INTERVAL_S = 0.1
 _LEN = struct.Struct("<I")
+_SOCKET_DIR_MAX = 60  # leaves room for "/<lease id>/w<i>.sock" under 107 bytes
 _FORKSERVER_MAIN = (
     "import sys; from colocate.executor.forkserver import main; sys.exit(main(sys.argv[1:]))"
 )
@@ -223,7 +224,13 @@ class ExecutorSupervisor:
         self._leases: dict[str, _Lease] = {}
         self._lock = threading.RLock()
         self._fork_lock = threading.Lock()
-        self._verifier = _Verifier(os.path.join(self.state_dir, "verifier.sock"), secret)
+        # Unix socket paths are limited to 107 bytes: sockets go to a short private directory
+        # when the state directory is deep (pid files stay in the state directory).
+        self._socket_dir = self.state_dir
+        if len(self.state_dir) > _SOCKET_DIR_MAX:
+            self._socket_dir = tempfile.mkdtemp(prefix="colocate-sock-")
+            os.chmod(self._socket_dir, 0o711)
+        self._verifier = _Verifier(os.path.join(self._socket_dir, "verifier.sock"), secret)
         self._closed = False
         self._preload = (*config.preload_modules, *preload)
         try:
@@ -322,7 +329,7 @@ class ExecutorSupervisor:
         uid: int | None,
     ) -> ExecutorHandle:
         cgroups = self.confinement.create(lease_id, cpus, memory_bytes)
-        lease_dir = os.path.join(self.state_dir, lease_id)
+        lease_dir = os.path.join(self._socket_dir, lease_id)
         os.makedirs(lease_dir, exist_ok=True)
         os.chmod(lease_dir, 0o711)
         template = WorkerSpec(
@@ -482,7 +489,9 @@ class ExecutorSupervisor:
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.kill(pid, signal.SIGKILL)
             remove_dirs(tuple(record.get("cgroups", ())))
-            shutil.rmtree(str(record.get("lease_dir", "")), ignore_errors=True)
+            lease_dir = str(record.get("lease_dir", ""))
+            if os.path.basename(lease_dir) == lease_id:  # never remove anything else
+                shutil.rmtree(lease_dir, ignore_errors=True)
             path.unlink(missing_ok=True)
             cleaned.add(lease_id)
         for lease_id, dirs in self.confinement.lease_dirs().items():
@@ -532,6 +541,8 @@ class ExecutorSupervisor:
         self._verifier.close()
         if self._own_state_dir:
             shutil.rmtree(self._base_dir, ignore_errors=True)
+        if self._socket_dir != self.state_dir:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     def __enter__(self) -> ExecutorSupervisor:
         return self

@@ -324,3 +324,15 @@ def test_lease_uid_range_keeps_leases_from_signalling_each_other(tmp_path: Path)
         c = Leased(sup, (CORES[0],))  # a's uid is free again
         with c.executor() as ec:
             assert ec.invoke(whoami)[0] == uid_a
+
+
+def test_a_deep_state_directory_still_gets_unix_sockets(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    with ExecutorSupervisor(ExecutorConfig(), SECRET, node=NODE, state_dir=str(deep)) as sup:
+        leased = Leased(sup, (CORES[0],))
+        assert leased.handle.unix_address and len(leased.handle.unix_address) < 107
+        with LeaseExecutor(
+            leased.handle.unix_address, leased.token, lease_id=leased.lease_id, workers=1
+        ) as ex:
+            assert ex.invoke(add, 20, 22) == 42
+        assert (deep / f"executors-{NODE}" / f"{leased.lease_id}.json").exists()
