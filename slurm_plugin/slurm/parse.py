@@ -118,13 +118,10 @@ def _squeue_job(raw: Mapping[str, Any]) -> SqueueJob:
             if name and m is not None:
                 mem[name] = int(m) * MIB
             c = _allocated_cores(entry)
-            if c is None:
-                c_num = number(
-                    entry.get("cpus", {}).get("count")
-                    if isinstance(entry.get("cpus"), Mapping)
-                    else None
-                )
-                c = int(c_num) if c_num is not None else None
+            cpus = entry.get("cpus")
+            if c is None and isinstance(cpus, Mapping):  # 24.05+: {"count": N, "used": M}
+                count = number(cpus.get("count"))
+                c = int(count) if count is not None else None
             if name and c is not None:
                 cores[name] = c
     per_node = number(raw.get("memory_per_node"))

@@ -53,9 +53,10 @@ def load_pyslurm(slurm_version: str | None = None) -> ModuleType:
             "or use the cli backend",
             key="slurm.backend",
         ) from None
-    built = str(getattr(mod, "__version__", getattr(mod, "version", lambda: "unknown")))
-    if callable(getattr(mod, "version", None)) and built == "unknown":
-        built = str(mod.version())
+    raw = getattr(mod, "__version__", None)
+    if raw is None and callable(getattr(mod, "version", None)):
+        raw = mod.version()
+    built = str(raw or "unknown")
     want, have = _major_minor(built), _major_minor(slurm_version)
     if want is None or have is None or want != have:
         raise ConfigError(
