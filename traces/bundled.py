@@ -11,5 +11,6 @@ DAINT_UTILIZATION = DATA / "daint-utilization-2022-03.csv.gz"
 
 # The HPC2N "Seth" cluster: 120 dual-CPU nodes (header MaxNodes/MaxProcs 240). Node memory is
 # not in the trace; jobs used up to 900 MB per processor, so 2 GiB per node is assumed.
+HPC2N_NODES = 120
 HPC2N_CORES_PER_NODE = 2
 HPC2N_MEMORY_PER_NODE = 2 * 1024**3

@@ -145,7 +145,7 @@ class _Piece:
     ramp_memory: int
     steady_memory: int
     sensitivity: float
-    views: list[JobView | None]  # [start-up, steady], built on first use
+    views: dict[tuple[bool, int], JobView]  # (steady phase, lease cores) -> view, on first use
 
 
 @dataclass(slots=True)
@@ -156,7 +156,8 @@ class _Memo:
     new_state: object | None
     evicted: bool
     old_state: object | None  # kept alive so its id is not reused within the minute
-    leases: dict[tuple[int, int], tuple[LeaseView, int]]  # (cores, bytes) -> lease, violating jobs
+    # (cores, bytes) -> lease, violating jobs, the lease's memo key
+    leases: dict[tuple[int, int], tuple[LeaseView, int, tuple[frozenset[int], int, float]]]
 
 
 def replay_policy(
@@ -198,6 +199,8 @@ def replay_policy(
     running: list[dict[int, _Piece]] = [{} for _ in range(cluster.nodes)]
     state: list[object | None] = [None] * cluster.nodes
     lease: list[LeaseView | None] = [None] * cluster.nodes
+    lease_key: list[tuple[frozenset[int], int, float] | None] = [None] * cluster.nodes
+    node_signature: list[tuple[tuple[int, int, int], ...]] = [()] * cluster.nodes
     offer_c = [0] * cluster.nodes
     offer_m = [0] * cluster.nodes
     viol_since = [0.0] * cluster.nodes
@@ -227,26 +230,25 @@ def replay_policy(
         # interference time since this node's last decision
         if viol_count[node]:
             violation_s += (now - viol_since[node]) * viol_count[node]
+        changed = False
         for i in range(bounds[g], bounds[g + 1]):
             kind = ev_kind[i]
             if kind == _START:
                 piece = ev_piece[i]
                 jobs_here[piece] = pieces_static(piece)
+                changed = True
             elif kind == _END:
                 del jobs_here[ev_piece[i]]
+                changed = True
+        if changed:
+            node_signature[node] = tuple([p.signature for p in jobs_here.values()])
         current = lease[node]
         old_state = state[node]
         # Nodes in the same situation (the pieces of one parallel job, same lease, same
         # policy state object) get the same decision: decide is pure, so it is asked once a
         # minute. The memo holds the old state, so its id cannot be reused within the minute.
-        signature = tuple([p.signature for p in jobs_here.values()])
-        key = (
-            signature,
-            (current.cpu_ids, current.memory_bytes, current.granted_at)
-            if current is not None
-            else None,
-            id(old_state),
-        )
+        signature = node_signature[node]
+        key = (signature, lease_key[node], id(old_state))
         if minute != memo_minute:
             memo.clear()
             interned.clear()
@@ -305,12 +307,14 @@ def replay_policy(
                 outcome = (
                     LeaseView(str(lease_serial), ids, lease_memory, now, math.inf),
                     sum(1 for p in jobs_here.values() if p.sensitivity * share > budget),
+                    (ids, lease_memory, now),
                 )
                 entry.leases[(cores, lease_memory)] = outcome
-            lease[node], viol_count[node] = outcome
+            lease[node], viol_count[node], lease_key[node] = outcome
         else:
             lease[node] = None
             viol_count[node] = 0
+            lease_key[node] = None
         viol_since[node] = now
         if progress is not None and not g & 4095:
             done = bounds[g + 1]
@@ -333,60 +337,47 @@ def _node_view(
 ) -> NodeView:
     """The node as the agent would report it: jobs with their modelled usage history.
 
-    Usage is piecewise constant, so the history holds one sample per phase change (a
-    denser one would say the same); a sample at ``now`` is added only to carry the pressure
-    the node's functions cause.
+    Usage is piecewise constant, so the history holds one sample per phase (start, end of
+    the start-up phase); a denser one would say the same. The latest sample carries the
+    pressure the node's functions cause now.
     """
-    share = len(current.cpu_ids) / cpn if current is not None else 0.0
-    views = []
-    for p in jobs_here.values():
-        steady = now >= p.ramp_t
-        if share:
-            pressure = cpu_pressure(p.sensitivity * share)
-            base = _job_view(p, steady)
-            memory = base.memory_peak_bytes
-            history = (*base.history, UsageSample(now, p.cores_used, memory, pressure))
-            views.append(
-                JobView(p.job_id, p.cpu_ids, p.memory_allocated, memory, history, True, p.start_t)
-            )
-        else:
-            views.append(_job_view(p, steady))
+    lease_cores = len(current.cpu_ids) if current is not None else 0
+    views = tuple([_job_view(p, now >= p.ramp_t, lease_cores, cpn) for p in jobs_here.values()])
     return NodeView(
-        str(node),
-        node_cpus,
-        mem_total,
-        tuple(views),
-        (current,) if current is not None else (),
-        reserved,
+        str(node), node_cpus, mem_total, views, (current,) if current is not None else (), reserved
     )
 
 
-def _job_view(p: _Piece, steady: bool) -> JobView:
-    """The job as seen in its start-up or steady phase (built once per piece and phase)."""
-    cached = p.views[steady]
-    if cached is not None:
-        return cached
-    start = UsageSample(p.start_t, p.cores_used, p.ramp_memory)
+def _job_view(p: _Piece, steady: bool, lease_cores: int, cpn: int) -> JobView:
+    """The job in its start-up or steady phase next to ``lease_cores`` function cores (cached)."""
+    key = (steady, lease_cores)
+    view = p.views.get(key)
+    if view is not None:
+        return view
+    pressure = cpu_pressure(p.sensitivity * lease_cores / cpn) if lease_cores else None
     if steady:
-        history: tuple[UsageSample, ...] = (
-            start,
-            UsageSample(p.ramp_t, p.cores_used, p.steady_memory),
-        )
         memory = p.steady_memory
+        history: tuple[UsageSample, ...] = (
+            UsageSample(p.start_t, p.cores_used, p.ramp_memory),
+            UsageSample(p.ramp_t, p.cores_used, memory, pressure),
+        )
     else:
-        history = (start,)
         memory = p.ramp_memory
+        history = (UsageSample(p.start_t, p.cores_used, memory, pressure),)
     view = JobView(p.job_id, p.cpu_ids, p.memory_allocated, memory, history, True, p.start_t)
-    p.views[steady] = view
+    p.views[key] = view
     return view
 
 
 def build_events(
-    placement: Placement, ramp_minutes: npt.NDArray[np.int64], history_minutes: int
+    placement: Placement, ramp_minutes: npt.NDArray[np.int64], history_minutes: int, nodes: int
 ) -> tuple[
     npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]
 ]:
-    """Events (minute, node, piece, kind) sorted by minute, then node."""
+    """Events (minute, node, piece, kind) sorted by minute, then node.
+
+    Every node also gets a tick at minute 0, so idle nodes offer from the start.
+    """
     n = placement.job.size
     idx = np.arange(n, dtype=np.int64)
     start, end = placement.start, placement.end
@@ -404,7 +395,10 @@ def build_events(
             np.full(int(has_ramp.sum()), _RAMP),
         ]
     ).astype(np.int64)
-    node = placement.node[piece]
+    node = np.concatenate([placement.node[piece], np.arange(nodes, dtype=np.int64)])
+    t = np.concatenate([t, np.zeros(nodes, dtype=np.int64)])
+    piece = np.concatenate([piece, np.full(nodes, -1, dtype=np.int64)])
+    kind = np.concatenate([kind, np.full(nodes, _TICK, dtype=np.int64)])
     order = np.lexsort((kind, node, t))
     return t[order], node[order], piece[order], kind[order]
 
@@ -444,7 +438,7 @@ def replay(
     ramp_memory = steady * job_usage.ramp_memory_level
     ramp_min = np.ceil(job_usage.ramp_s[pj] / STEP_S).astype(np.int64)
     history_min = max(1, math.ceil(limits.min_history_s / STEP_S))
-    events = build_events(placement, ramp_min, history_min)
+    events = build_events(placement, ramp_min, history_min, cluster.nodes)
     timings = {"place_s": setup_s}
 
     t0 = placement.t0
@@ -477,7 +471,7 @@ def replay(
             int(ramp_mem_l[p]),
             int(steady_l[p]),
             sens_l[p],
-            [None, None],
+            {},
         )
 
     # policy-independent cluster series

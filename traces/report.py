@@ -1,0 +1,361 @@
+"""The replay's report: ``report.json`` (a contract other tools read), ``report.md`` and PNG plots.
+
+``report.json`` top level: ``cluster``, ``jobs_trace``, ``faas_trace``, ``policies`` (policy
+name -> ``recovered_core_hours``, ``recovered_memory_gib_hours``, ``wasted_cost``,
+``recovered_cost``, ``faas_invocations_total``, ``faas_invocations_served``,
+``faas_invocations_rejected``, ``evictions``, ``interference_violation_hours``,
+``replay_seconds`` and more), plus ``wasted``, ``prices``, ``limits``, ``models``,
+``measured_vs_modelled`` and ``assumptions``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from policies.limits import Limits
+from policies.prices import GIB, Prices
+from traces.interference import InterferenceModel
+from traces.replay import ReplayResult
+from traces.usage import UsageModel
+
+log = logging.getLogger(__name__)
+
+CITATIONS = (
+    "Parallel Workloads Archive: D. G. Feitelson, D. Tsafrir, D. Krakov, 'Experience with using the "
+    "Parallel Workloads Archive', JPDC 74(10), 2014 (acknowledge the log's provider, see its header).",
+    "Azure Functions 2019: M. Shahrad et al., 'Serverless in the Wild', USENIX ATC 2020 (CC-BY 4.0); "
+    "the bundled slice is In-Vitro's (D. Ustiugov et al., 2023).",
+    "Azure Functions 2021: Y. Zhang et al., 'Faster and Cheaper Serverless Computing on Harvested "
+    "Resources', SOSP 2021 (CC-BY 4.0).",
+    "Co-location slowdowns and Piz Daint utilization: M. Copik et al., 'Software Resource "
+    "Disaggregation for HPC with Serverless Computing', IPDPS 2024.",
+)
+
+
+def report_dict(
+    result: ReplayResult,
+    *,
+    jobs_path: str,
+    jobs_format: str,
+    faas_path: str,
+    faas_format: str,
+    prices: Prices,
+    limits: Limits,
+    usage: UsageModel,
+    interference: InterferenceModel,
+) -> dict[str, Any]:
+    """Everything report.json holds (see the module docstring)."""
+    info = result.info
+    cluster = result.cluster
+    wasted_idle = float(result.wasted_idle_cost.sum())
+    wasted_unalloc = float(result.wasted_unallocated_cost.sum())
+    hours = result.step_s / 3600.0
+    return {
+        "cluster": {
+            "nodes": cluster.nodes,
+            "cores_per_node": cluster.cores_per_node,
+            "memory_per_node_bytes": cluster.memory_per_node_bytes,
+            "memory_reserved_bytes": cluster.memory_reserved_bytes,
+            "cores": cluster.cores,
+            "memory_bytes": cluster.memory_bytes,
+        },
+        "jobs_trace": {
+            "path": jobs_path,
+            "format": jobs_format,
+            "jobs": info["jobs_in_trace"],
+            "jobs_placed": info["jobs_placed"],
+            "job_pieces": info["job_pieces"],
+            "skipped_by_reader": info["jobs_skipped_by_reader"],
+            "skipped_by_placement": info["jobs_skipped_by_placement"],
+            "span_days": info["span_days"],
+            "start_epoch_s": float(result.t[0]) if result.t.size else 0.0,
+        },
+        "faas_trace": {
+            "path": faas_path,
+            "format": faas_format,
+            "functions": info["faas_functions"],
+            "trace_minutes": info["faas_trace_minutes"],
+            "repeats": info["faas_repeats"],
+            "scale": info["faas_scale"],
+            "invocations_total": float(result.demand.invocations.sum()),
+            "mean_demand_cores": float(result.demand.cores.mean()) if result.t.size else 0.0,
+            "mean_demand_memory_gib": float(result.demand.memory_bytes.mean() / GIB)
+            if result.t.size
+            else 0.0,
+            "notes": info["faas_notes"],
+        },
+        "wasted": {
+            "idle_in_allocations_cost": wasted_idle,
+            "unallocated_cost": wasted_unalloc,
+            "total_cost": wasted_idle + wasted_unalloc,
+            "idle_in_allocations_core_hours": float(
+                (result.allocated_cores - result.used_cores).sum() * hours
+            ),
+            "unallocated_core_hours": float((cluster.cores - result.allocated_cores).sum() * hours),
+            "idle_in_allocations_memory_gib_hours": float(
+                (result.allocated_memory_bytes - result.used_memory_bytes).sum() * hours / GIB
+            ),
+            "unallocated_memory_gib_hours": float(
+                (
+                    cluster.nodes * (cluster.memory_per_node_bytes - cluster.memory_reserved_bytes)
+                    - result.allocated_memory_bytes
+                ).sum()
+                * hours
+                / GIB
+            ),
+        },
+        "policies": {name: dict(series.summary) for name, series in result.policies.items()},
+        "prices": prices.model_dump(),
+        "limits": limits.model_dump(),
+        "models": {
+            "usage": usage.model_dump(),
+            "interference": interference.model_dump(),
+            "seed": info["seed"],
+        },
+        "measured_vs_modelled": {
+            "jobs_placed": info["jobs_placed"],
+            "cpu_use_measured_jobs": info["cpu_use_measured_jobs"],
+            "memory_use_measured_jobs": info["memory_use_measured_jobs"],
+            "cpu_use_modelled_jobs": _int(info["jobs_placed"])
+            - _int(info["cpu_use_measured_jobs"]),
+            "memory_use_modelled_jobs": _int(info["jobs_placed"])
+            - _int(info["memory_use_measured_jobs"]),
+            "memory_bound_jobs_modelled": info["memory_bound_jobs"],
+        },
+        "assumptions": assumptions(result),
+        "citations": list(CITATIONS),
+    }
+
+
+def _int(value: object) -> int:
+    return int(value) if isinstance(value, int | float) else 0
+
+
+def _float(value: object) -> float:
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
+def assumptions(result: ReplayResult) -> list[str]:
+    """What the replay assumed, in words, for the report."""
+    info = result.info
+    return [
+        "Jobs run at their recorded start times, placed first fit on identical nodes; times are "
+        "snapped to a 1-minute grid (jobs rounding to zero length are not placed).",
+        "Where a trace has no memory allocation, a job gets a core-proportional share of node memory.",
+        "Job usage is measured where the trace has it (SWF fields 6/7, sacct TotalCPU/MaxRSS), else "
+        "drawn from distributions fitted to the HPC2N log (traces/usage.py); memory is at half its "
+        "steady level during a start-up phase (10 % of the run, at most 30 min).",
+        f"The FaaS trace ({info['faas_trace_minutes']} minutes) is repeated back to back "
+        f"{_float(info['faas_repeats']):.1f} times to cover the job trace"
+        + (
+            " (the Azure 2019 window is 8 h, so it repeats three times a day and the rest of the daily cycle is not modelled)"
+            if info["faas_trace_minutes"] == 480
+            else ""
+        )
+        + f", scaled by {info['faas_scale']}.",
+        "FaaS demand is a fluid per minute: each running invocation holds one core and its "
+        "function's instance memory; the served share is min(1, offered/demanded) over cores and memory.",
+        "Each node's lease is its share of the cluster-wide FaaS load (offer x utilisation); evicted "
+        "instances restart elsewhere (counted as cold starts).",
+        "Interference: slowdown = class sensitivity x function share of the node's cores (LULESH "
+        "-1.1..+3.1 %, MILC +3.0..+12.4 % at half the node, Copik et al. 2024); violation hours "
+        "count job-node time above limits.slowdown_budget.",
+    ]
+
+
+def comparison_table(report: dict[str, Any]) -> str:
+    """A fixed-width table of the policies for the terminal."""
+    currency = report["prices"]["currency"]
+    head = (
+        f"{'policy':<12} {'offered core-h':>15} {'recovered core-h':>17} {'recovered GiB-h':>16} "
+        f"{'recovered ' + currency:>14} {'% of wasted':>11} {'served %':>9} {'evictions':>10} {'violation h':>12}"
+    )
+    lines = [head, "-" * len(head)]
+    wasted = report["wasted"]["total_cost"]
+    for name, s in report["policies"].items():
+        total = s["faas_invocations_total"]
+        served = 100.0 * s["faas_invocations_served"] / total if total else 0.0
+        share = 100.0 * s["recovered_cost"] / wasted if wasted else 0.0
+        lines.append(
+            f"{name:<12} {s['offered_core_hours']:>15,.0f} {s['recovered_core_hours']:>17,.0f} "
+            f"{s['recovered_memory_gib_hours']:>16,.0f} {s['recovered_cost']:>14,.2f} {share:>10.2f}% "
+            f"{served:>8.1f}% {s['evictions']:>10,.0f} {s['interference_violation_hours']:>12,.1f}"
+        )
+    w = report["wasted"]
+    lines.append(
+        f"wasted: {w['total_cost']:,.2f} {currency} "
+        f"({w['idle_in_allocations_cost']:,.2f} idle inside allocations, {w['unallocated_cost']:,.2f} unallocated)"
+    )
+    return "\n".join(lines)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """report.md: tables, what was measured and what modelled, assumptions, citations."""
+    c, j, f, w = report["cluster"], report["jobs_trace"], report["faas_trace"], report["wasted"]
+    currency = report["prices"]["currency"]
+    out = [
+        "# colocate replay report",
+        "",
+        f"Cluster: {c['nodes']} nodes x {c['cores_per_node']} cores, "
+        f"{c['memory_per_node_bytes'] / GIB:.1f} GiB per node.",
+        f"Jobs: `{j['path']}` ({j['format']}), {j['jobs']} jobs, {j['jobs_placed']} placed, "
+        f"{j['span_days']:.1f} days. Skipped: {j['skipped_by_reader'] or 'none'} (reader), "
+        f"{j['skipped_by_placement'] or 'none'} (placement).",
+        f"FaaS: `{f['path']}` ({f['format']}), {f['functions']} functions, {f['trace_minutes']} minutes "
+        f"repeated {f['repeats']:.1f} times, scale {f['scale']}; mean demand {f['mean_demand_cores']:.1f} cores, "
+        f"{f['mean_demand_memory_gib']:.2f} GiB.",
+        "",
+        "## Policies",
+        "",
+        "| policy | offered core-h | offered GiB-h | recovered core-h | recovered GiB-h | recovered "
+        f"{currency} | wasted {currency} | invocations served | rejected | evictions | cold starts | "
+        "violation h | replay s |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for name, s in report["policies"].items():
+        out.append(
+            f"| {name} | {s['offered_core_hours']:,.0f} | {s['offered_memory_gib_hours']:,.0f} | "
+            f"{s['recovered_core_hours']:,.0f} | {s['recovered_memory_gib_hours']:,.0f} | "
+            f"{s['recovered_cost']:,.2f} | {s['wasted_cost']:,.2f} | {s['faas_invocations_served']:,.0f} | "
+            f"{s['faas_invocations_rejected']:,.0f} | {s['evictions']:,.0f} | {s['cold_starts']:,.0f} | "
+            f"{s['interference_violation_hours']:,.1f} | {s['replay_seconds']:.2f} |"
+        )
+    mm = report["measured_vs_modelled"]
+    out += [
+        "",
+        "## Money wasted (policy-independent)",
+        "",
+        "| | core-h | GiB-h | cost |",
+        "|---|--:|--:|--:|",
+        f"| idle inside allocations | {w['idle_in_allocations_core_hours']:,.0f} | "
+        f"{w['idle_in_allocations_memory_gib_hours']:,.0f} | {w['idle_in_allocations_cost']:,.2f} |",
+        f"| unallocated | {w['unallocated_core_hours']:,.0f} | {w['unallocated_memory_gib_hours']:,.0f} | "
+        f"{w['unallocated_cost']:,.2f} |",
+        "",
+        "## Measured and modelled",
+        "",
+        f"- Measured from the trace: job times and allocations; CPU use of {mm['cpu_use_measured_jobs']} "
+        f"jobs, memory use of {mm['memory_use_measured_jobs']} jobs (of {mm['jobs_placed']} placed).",
+        f"- Modelled: CPU use of {mm['cpu_use_modelled_jobs']} jobs and memory use of "
+        f"{mm['memory_use_modelled_jobs']} jobs (traces/usage.py), the start-up phase of every job, "
+        f"the interference class of every job ({mm['memory_bound_jobs_modelled']} memory-bound), "
+        "FaaS placement and cold starts.",
+        f"- Seed {report['models']['seed']}; prices: {report['prices']}.",
+        "",
+        "## Assumptions",
+        "",
+        *[f"- {a}" for a in report["assumptions"]],
+        "",
+        "## Plots",
+        "",
+        "![harvestable and harvested](harvest.png)",
+        "![wasted and recovered money](money.png)",
+        "![evictions](evictions.png)",
+        "",
+        "## Citations",
+        "",
+        *[f"- {c}" for c in report["citations"]],
+        "",
+    ]
+    return "\n".join(out)
+
+
+def _hourly(
+    values: np.ndarray[Any, np.dtype[np.float64]], per: int
+) -> np.ndarray[Any, np.dtype[np.float64]]:
+    n = values.size // per * per
+    if n == 0:
+        return values
+    return np.asarray(values[:n].reshape(-1, per).mean(axis=1), dtype=np.float64)
+
+
+def plots(result: ReplayResult, report: dict[str, Any], out: Path) -> list[Path]:
+    """harvest.png, money.png and evictions.png in ``out`` (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per = max(1, result.t.size // 1500)  # at most ~1500 points per line
+    days = _hourly((result.t - result.t[0]) / 86400.0, per) if result.t.size else result.t
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    ax.plot(
+        days,
+        _hourly(result.cluster.cores - result.used_cores, per),
+        color="0.6",
+        lw=0.8,
+        label="wasted cores (idle + unallocated)",
+    )
+    for name, s in result.policies.items():
+        line = ax.plot(days, _hourly(s.offered_cores, per), lw=0.9, label=f"{name}: offered")[0]
+        ax.plot(
+            days,
+            _hourly(s.harvested_cores, per),
+            lw=0.9,
+            ls="--",
+            color=line.get_color(),
+            label=f"{name}: harvested",
+        )
+    ax.set_xlabel("days since trace start")
+    ax.set_ylabel("cores")
+    ax.set_title("Harvestable (offered) and harvested cores")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    paths.append(out / "harvest.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = list(report["policies"])
+    recovered = [report["policies"][n]["recovered_cost"] for n in names]
+    ax.bar(
+        ["wasted"],
+        [report["wasted"]["idle_in_allocations_cost"]],
+        color="0.5",
+        label="idle inside allocations",
+    )
+    ax.bar(
+        ["wasted"],
+        [report["wasted"]["unallocated_cost"]],
+        bottom=[report["wasted"]["idle_in_allocations_cost"]],
+        color="0.75",
+        label="unallocated",
+    )
+    ax.bar(names, recovered, color="tab:green", label="recovered by functions")
+    ax.set_ylabel(report["prices"]["currency"])
+    ax.set_title("Money wasted and recovered")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "money.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for name, s in result.policies.items():
+        ax.plot((result.t - result.t[0]) / 86400.0, np.cumsum(s.evictions), lw=1.0, label=name)
+    ax.set_xlabel("days since trace start")
+    ax.set_ylabel("evictions (cumulative)")
+    ax.set_title("Lease evictions")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "evictions.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def write_report(result: ReplayResult, report: dict[str, Any], out: Path) -> list[Path]:
+    """Write report.json, report.md and the plots into ``out`` (created); the paths written."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out / "report.md").write_text(markdown(report))
+    written = [out / "report.json", out / "report.md", *plots(result, report, out)]
+    log.info("wrote %s", ", ".join(str(p) for p in written))
+    return written
