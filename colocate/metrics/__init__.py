@@ -1,7 +1,8 @@
 """colocate's Prometheus metrics: utilization, leases, invocations, evictions, wasted and
 recovered money.
 
-The agent (or broker) owns a registry, registers a :class:`NodeCollector` on it, feeds it a
+An agent uses :class:`AgentMetrics` (four calls, see its module). Underneath, the agent (or
+broker) owns a registry, registers a :class:`NodeCollector` on it, feeds it a
 :class:`NodeState` per cycle and records events; :func:`serve_metrics` exposes it::
 
     registry = CollectorRegistry()
@@ -17,6 +18,7 @@ The broker mounts a :class:`BrokerCollector` over its status the same way. The p
 from __future__ import annotations
 
 from colocate.metrics.accounting import CostAccount, cpu_efficiency, memory_efficiency
+from colocate.metrics.agent_metrics import AgentMetrics
 from colocate.metrics.broker import BrokerCollector
 from colocate.metrics.collector import NODE_STATES, NodeCollector
 from colocate.metrics.events import InvocationResult, NodeEvents
@@ -34,6 +36,7 @@ __all__ = [
     "EXECUTOR_STATES",
     "LEASE_STATES",
     "NODE_STATES",
+    "AgentMetrics",
     "BrokerCollector",
     "CostAccount",
     "ExecutorMeter",

@@ -291,3 +291,29 @@ def test_executor_counts_from_another_process_add_up() -> None:
     assert value(s, "colocate_invocation_duration_seconds_bucket", le="5.0") == 3
     with pytest.raises(ValueError, match="bounds"):
         events.add_invocations({"ok": 1}, LatencyHistogram([1.0]).counts())
+
+
+def test_public_api_is_locked() -> None:
+    assert sorted(metrics.__all__) == sorted(
+        [
+            "AgentMetrics",
+            "BrokerCollector",
+            "CostAccount",
+            "EXECUTOR_STATES",
+            "ExecutorMeter",
+            "ExecutorState",
+            "InvocationResult",
+            "LEASE_STATES",
+            "LeaseState",
+            "MetricsServer",
+            "NODE_STATES",
+            "NodeCollector",
+            "NodeEvents",
+            "NodeState",
+            "cpu_efficiency",
+            "memory_efficiency",
+            "parse_listen",
+            "render",
+            "serve_metrics",
+        ]
+    )
