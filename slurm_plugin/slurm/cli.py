@@ -125,8 +125,10 @@ class CliSlurm:
             f"Slurm has no node {node!r} (known: {known}); pass --node with one of them"
         )
 
-    def listpids(self, job_id: str) -> Parsed[ProcessEntry]:
+    def listpids(self, job_id: str, node: str | None = None) -> Parsed[ProcessEntry]:
         try:
-            return parse_listpids(self.run(["scontrol", "listpids", job_id]))
+            return parse_listpids(
+                self.run(["scontrol", "listpids", job_id, *([node] if node else [])])
+            )
         except LookupError:
             return Parsed()

@@ -29,8 +29,9 @@ class SlurmClient(Protocol):
         """Slurm's view of ``node``; ConfigError when Slurm does not know it."""
         ...
 
-    def listpids(self, job_id: str) -> Parsed[ProcessEntry]:
-        """Processes Slurm tracks for ``job_id`` on this host (empty when none)."""
+    def listpids(self, job_id: str, node: str | None = None) -> Parsed[ProcessEntry]:
+        """Processes Slurm tracks for ``job_id`` on this host (empty when none); ``node``
+        picks the slurmd where one host runs several (``slurmd -N``)."""
         ...
 
     def version(self) -> str:

@@ -133,7 +133,7 @@ class PyslurmSlurm:
             partitions=tuple(getattr(n, "partitions", ()) or ()),
         )
 
-    def listpids(self, job_id: str) -> Parsed[ProcessEntry]:
+    def listpids(self, job_id: str, node: str | None = None) -> Parsed[ProcessEntry]:
         job = self._call(f"Job.load({job_id})", self._m.Job.load, int(job_id))
         pids = self._call("Job.get_pids", getattr(job, "get_pids", lambda: {}))
         entries = [

@@ -40,7 +40,7 @@ class StaticSlurm:
                 f"Slurm has no node {node!r} (known: {', '.join(sorted(self.nodes))})"
             ) from None
 
-    def listpids(self, job_id: str) -> Parsed[ProcessEntry]:
+    def listpids(self, job_id: str, node: str | None = None) -> Parsed[ProcessEntry]:
         self._ask("listpids")
         return Parsed()
 

@@ -49,6 +49,10 @@ class CapturedSlurm:
                     argv, 1, "", "slurm_load_jobs error: Invalid job id specified\n"
                 )
             return subprocess.CompletedProcess(argv, 0, lines[0] + "\n", "")
+        if cmd == "scontrol listpids 133 n2":
+            return subprocess.CompletedProcess(
+                argv, 0, (FIX / "scontrol_listpids_n2.txt").read_text(), ""
+            )
         if cmd.startswith("scontrol listpids "):  # as the real one answers on this host
             header = (FIX / "scontrol_listpids.txt").read_text()
             return subprocess.CompletedProcess(
@@ -129,6 +133,9 @@ def test_node_info_and_an_unknown_node() -> None:
 def test_listpids_and_version() -> None:
     slurm = CliSlurm(CapturedSlurm())
     assert slurm.listpids("6").items == ()  # not on this host: empty, not an outage
+    pids = slurm.listpids("133", node="n2")  # several slurmd on one host: name the node
+    assert len(pids.items) == 3 and {e.job_id for e in pids.items} == {"133"}
+    assert {e.step for e in pids.items} == {"batch"}
     assert slurm.listpids("12345").items == ()
     assert slurm.version() == "22.05.8"
 
