@@ -47,6 +47,7 @@ class NodeOffer:
     cpu_ids: frozenset[int]
     memory_bytes: int
     reported_at: float
+    instance: str = ""  # changes when the agent restarts
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +254,7 @@ class LeaseBook:
         leases: Iterable[LeaseRecord],
         generation: int,
         now: float,
+        instance: str = "",
     ) -> ReportOutcome:
         """Replace ``node``'s offer and reconcile its leases with the agent's list.
 
@@ -260,9 +262,12 @@ class LeaseBook:
         leases are taken as they are (the agent knows their cores, address and expiry);
         booked leases missing from the report are dropped (as expired if past their expiry,
         else as evicted) only if the agent had confirmed them at a generation this report
-        includes.
+        includes, or if the agent restarted (``instance`` changed: its counter started over
+        and its executors are gone).
         """
-        self._offers[node] = NodeOffer(node, url, frozenset(cpu_ids), memory_bytes, now)
+        previous = self._offers.get(node)
+        restarted = previous is not None and previous.instance != instance
+        self._offers[node] = NodeOffer(node, url, frozenset(cpu_ids), memory_bytes, now, instance)
         reported = {r.lease_id: r for r in leases}
         learned: list[str] = []
         for lease_id, record in reported.items():
@@ -277,7 +282,7 @@ class LeaseBook:
         for record in list(self._leases.values()):
             if record.node != node or record.lease_id in reported:
                 continue
-            if record.generation is not None and record.generation <= generation:
+            if record.generation is not None and (restarted or record.generation <= generation):
                 # Gone past its expiry: the agent expired it, not evicted it.
                 why = LeaseEnd.EXPIRED if record.expires_at <= now else LeaseEnd.EVICTED
                 self.remove(record.lease_id, why)

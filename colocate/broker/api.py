@@ -134,6 +134,7 @@ class NodeReport(_Message):
     cpu_ids: CpuIds
     memory_bytes: int = Field(ge=0)
     generation: int = Field(ge=0, description="the agent's change counter when it built this report")
+    instance: str = Field("", max_length=64, description="random per agent run: a new value means the agent restarted")
     leases: list[ReportedLease] = Field(default_factory=list, max_length=4096)
 
 

@@ -104,7 +104,8 @@ class Broker:
             if r.lease_id not in release
         ]
         outcome = self.book.report(
-            node, report.url, report.cpu_ids, report.memory_bytes, reported, report.generation, self._clock()
+            node, report.url, report.cpu_ids, report.memory_bytes, reported, report.generation, self._clock(),
+            report.instance,
         )
         if outcome.learned:
             log.info("node %s: learned live leases %s", node, ", ".join(outcome.learned))

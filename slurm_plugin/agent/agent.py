@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -133,6 +134,7 @@ class Agent:
         self._lock = threading.RLock()
         self._leases: dict[str, HeldLease] = {}
         self._generation = 0
+        self.instance = secrets.token_hex(8)  # tells the broker when this agent restarted
         self._offer = Offer()
         self._policy_state: object | None = None
         self._wake = threading.Event()
@@ -199,7 +201,7 @@ class Agent:
                 if held.cpu_ids != cpu_ids or held.memory_bytes != request.memory_bytes:
                     raise BadRequest(f"lease {request.lease_id} already runs here with other resources")
                 return self._start_reply(held)
-            if self._generation == 0 or not self._offer.cpu_ids:
+            if not self._offer.cpu_ids:
                 self._decide(now)
             self._admit(request.lease_id, cpu_ids, request.memory_bytes)
             handle = self.executors.start(request.lease_id, cpu_ids, request.memory_bytes, request.expires_at)
@@ -337,6 +339,7 @@ class Agent:
                 cpu_ids=sorted(self._offer.cpu_ids),
                 memory_bytes=self._offer.memory_bytes,
                 generation=self._generation,
+                instance=self.instance,
                 leases=[held.reported() for held in self._leases.values()],
             )
 

@@ -41,7 +41,7 @@ class Service:
     def logs(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
 
-    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> None:
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10.0, keep_state: bool = False) -> None:
         if self.process.poll() is None:
             self.process.send_signal(sig)
             try:
@@ -51,9 +51,10 @@ class Service:
                 self.process.wait(5)
         if self.process.stdout:
             self.process.stdout.close()
-        state = self.log.with_suffix(".state")
-        if state.exists():
-            shutil.rmtree(state.read_text(), ignore_errors=True)
+        marker = self.log.with_suffix(".state")
+        if marker.exists() and not keep_state:
+            shutil.rmtree(marker.read_text(), ignore_errors=True)
+            marker.unlink()
 
 
 def _launch(argv: list[str], log: Path) -> subprocess.Popen[str]:
@@ -90,9 +91,11 @@ def _broker_argv(tmp: Path, listen: str, placement: str) -> list[str]:
 
 def _agent_argv(tmp: Path, broker_url: str, node: str, cores: int, memory: str, interval_s: float, listen: str) -> list[str]:
     # Not under tmp: executors put Unix sockets in the state dir and pytest's paths can
-    # exceed the 108-byte AF_UNIX limit. Removed by Service.stop.
-    state = Path(tempfile.mkdtemp(prefix=f"colocate-{node}-"))
-    (tmp / f"agent-{node}.state").write_text(str(state))
+    # exceed the 108-byte AF_UNIX limit. Removed by Service.stop; a restarted agent of the
+    # same node (stopped with keep_state) finds its predecessor's.
+    marker = tmp / f"agent-{node}.state"
+    state = Path(marker.read_text()) if marker.exists() else Path(tempfile.mkdtemp(prefix=f"colocate-{node}-"))
+    marker.write_text(str(state))
     return [
         "agent", "--standalone", "--broker", broker_url, "--listen", listen, "--node", node,
         "--cores", str(cores), "--memory", memory, "--interval", str(interval_s),
@@ -132,9 +135,15 @@ def start_cluster(
         (node, _launch(_agent_argv(tmp, url, node, cores, memory, interval_s, "127.0.0.1:0"), tmp / f"agent-{node}.log"))
         for node, (cores, memory) in nodes.items()
     ]
-    broker = _ready("broker", broker_proc, broker_log)
-    agents = [_ready(f"agent {node}", proc, tmp / f"agent-{node}.log") for node, proc in agent_procs]
-    wait_until(lambda: all(node_registered(url, node) for node in nodes), what="agent registration")
+    try:
+        broker = _ready("broker", broker_proc, broker_log)
+        agents = [_ready(f"agent {node}", proc, tmp / f"agent-{node}.log") for node, proc in agent_procs]
+        wait_until(lambda: all(node_registered(url, node) for node in nodes), what="agent registration")
+    except BaseException:
+        for proc in (broker_proc, *(p for _, p in agent_procs)):
+            proc.kill()
+            proc.wait(5)
+        raise
     return broker, agents
 
 

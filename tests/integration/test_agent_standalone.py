@@ -3,6 +3,7 @@ the cluster secret, never starts more than it offers, and refuses bad options in
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ import cloudpickle
 import httpx
 import pytest
 
-from colocate import Client, LeaseEvicted, LeaseExpired
+from colocate import Client, ExecutorLost, LeaseEvicted, LeaseExpired
 from tests.integration.leasing import (
     Service,
     control_headers,
@@ -199,3 +200,23 @@ def test_a_lease_ends_at_its_expiry_not_at_the_next_report(tmp_path: Path) -> No
         with pytest.raises(LeaseExpired):
             running.result(timeout=10)
         assert time.time() - lease.expires_at < 1.0
+
+
+def test_restarted_agent_cleans_up_and_the_broker_drops_its_old_leases(tmp_path: Path) -> None:
+    broker, (agent,) = start_cluster(tmp_path, {"phoenix": (1, "512MiB")}, interval_s=0.2)
+    with services(broker):
+        client = Client(broker.url)
+        lease = client.lease(cores=1, memory="256MiB", duration="5m")
+        running = lease.executor().submit(nap, 30)
+        agent.stop(signal.SIGKILL, keep_state=True)  # crash: no goodbye to the broker
+        reborn = start_agent(tmp_path, broker.url, node="phoenix", cores=1, memory="512MiB")
+        with services(reborn):
+            # The new agent kills what the old one left; the broker learns at the first report.
+            with pytest.raises((LeaseEvicted, ExecutorLost)):
+                running.result(timeout=10)
+            wait_until(lambda: client.status().leases == [], timeout_s=5, what="broker to drop the old lease")
+            with pytest.raises(LeaseEvicted):
+                lease.renew(duration=60)
+            with client.lease(cores=1, memory="256MiB", duration="1m") as fresh:
+                assert fresh.executor().invoke(nap, 0) == "woke"
+        assert "Traceback" not in reborn.logs(), reborn.logs()

@@ -124,6 +124,18 @@ def test_lease_the_agent_dropped_after_its_expiry_counts_as_expired() -> None:
     assert book.ended("l1") is LeaseEnd.EXPIRED
 
 
+def test_restarted_agent_counter_starting_over_still_drops_its_old_leases() -> None:
+    book = LeaseBook()
+    book.report("a", "http://a", range(2), GiB, [], generation=0, now=NOW, instance="first")
+    grant(book, "l1", 1, GiB)
+    book.confirm("l1", "tcp://a:1", generation=40)
+    book.report("a", "http://a", range(2), GiB, [], generation=39, now=NOW, instance="first")
+    assert book.lease("l1") is not None  # same agent, older report: kept
+    outcome = book.report("a", "http://a:2", range(2), GiB, [], generation=1, now=NOW, instance="second")
+    assert [r.lease_id for r in outcome.dropped] == ["l1"]
+    assert book.ended("l1") is LeaseEnd.EVICTED
+
+
 def test_report_keeps_a_lease_still_being_started() -> None:
     book = book_with(("a", 2, GiB))
     grant(book, "pending", 1, GiB)
