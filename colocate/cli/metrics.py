@@ -5,6 +5,7 @@ Examples::
     colocate metrics openmetrics --replay-out out/ --end-at now > replay.om
     promtool tsdb create-blocks-from openmetrics replay.om /var/lib/prometheus/metrics2
     colocate metrics queries --json
+    colocate metrics serve --node n1 --listen 0.0.0.0:9642   # waste only, no harvesting
 """
 
 from __future__ import annotations
@@ -42,6 +43,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="shift all timestamps so the replay ends at this time (keeps old traces inside retention)",
     )
     om.add_argument("--json", action="store_true", help="print a JSON summary on stderr")
+    sv = sub.add_parser(
+        "serve",
+        help="serve this node's utilization and wasted money on /metrics, without harvesting",
+        description="Sample this node with the monitor and serve the colocate_* metrics (no offers, "
+        "no leases): what a site wastes, before it deploys the agent.",
+    )
+    sv.add_argument("--node", help="Slurm node name (default: this host's short name)")
+    sv.add_argument("--listen", help="host:port (default: [agent] metrics_listen of the config)")
+    sv.add_argument(
+        "--config", metavar="FILE", help="colocate TOML config (prices, listen address)"
+    )
+    sv.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between samples (default 1)"
+    )
+    sv.add_argument(
+        "--count", type=int, default=0, help="stop after this many samples (0: until ^C)"
+    )
+    sv.add_argument("--slurm", choices=["cli", "pyslurm"], default="cli", help="Slurm backend")
+    sv.add_argument(
+        "--json", action="store_true", help="print the bound address as JSON once serving"
+    )
     q = sub.add_parser("queries", help="list every PromQL query of the Grafana dashboard")
     q.add_argument(
         "--dashboard", metavar="FILE", help="dashboard JSON (default: deploy/grafana/colocate.json)"
@@ -55,7 +77,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.action == "openmetrics":
         return _openmetrics(args)
+    if args.action == "serve":
+        return _serve(args)
     return _queries(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import socket
+
+    from colocate.config import load_config
+    from colocate.metrics.agent_metrics import AgentMetrics
+    from monitors.sampler import Sampler, default_source
+    from policies.model import Offer
+    from slurm_plugin.slurm import make_slurm
+
+    config = load_config(args.config)
+    node = args.node or config.agent.node or socket.gethostname().split(".")[0]
+    interval = max(0.05, args.interval)
+    sampler = Sampler(
+        node, make_slurm(args.slurm), default_source(), window_s=max(interval * 3, 1.0)
+    )
+    sampler.slurm.node_info(node)  # fail early, naming the known nodes, on a wrong --node
+    metrics = AgentMetrics(node, config.prices, listen=args.listen or config.agent.metrics_listen)
+    assert metrics.server is not None
+    if args.json:
+        print(json.dumps({"node": node, "url": metrics.server.url}), flush=True)
+    else:
+        print(f"serving {node} on {metrics.server.url}", file=sys.stderr, flush=True)
+    samples = 0
+    try:
+        while not args.count or samples < args.count:
+            now = time.time()
+            metrics.observe(sampler.sample(now), Offer(), (), now=now)
+            samples += 1
+            time.sleep(max(0.0, interval - (time.time() - now)))
+    finally:
+        metrics.close()
+    return 0
 
 
 def _openmetrics(args: argparse.Namespace) -> int:
