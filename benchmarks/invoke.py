@@ -13,7 +13,7 @@ Measures, in this order and on this machine:
 - peers doing the same call: ``multiprocessing.Pool.apply``, Ray (actor method) and Dask
   distributed (``submit().result()``), each skipped with a reason when not installed.
 
-Prints a table and saves JSON to ``benchmarks/results/invoke-<UTC time>.json``. Needs root for
+Prints a table and saves JSON to ``benchmarks/results/invoke.json`` (the last run). Needs root for
 cgroups and the privilege drop (it runs without, confined by rlimits).
 """
 
@@ -364,7 +364,7 @@ def main() -> int:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    out = RESULTS / f"invoke-{stamp}.json"
+    out = RESULTS / "invoke.json"
     out.write_text(
         json.dumps(
             {

@@ -21,12 +21,13 @@ A ``REPLY`` for call 0 with status ``EVICTED`` or ``EXPIRED`` is a notice: the e
 taken back and every call on this connection without a reply yet ends with that error once the
 connection closes.
 
-This module is pure (no sockets): encoding and decoding of frames and of error bodies.
+This module is pure apart from ``keepalive``: encoding and decoding of frames and error bodies.
 """
 
 from __future__ import annotations
 
 import pickle
+import socket
 import struct
 import traceback
 from typing import Any, Final
@@ -142,3 +143,20 @@ def decode_failure(body: bytes | memoryview) -> tuple[BaseException | None, str,
         except Exception:
             exc = None
     return exc, str(kind), str(message), str(tb_text)
+
+
+KEEPALIVE_IDLE_S: Final = 5
+KEEPALIVE_INTERVAL_S: Final = 2
+KEEPALIVE_PROBES: Final = 3
+
+
+def keepalive(sock: socket.socket) -> None:
+    """TCP keepalive so that a peer whose machine vanished is noticed in about 11 s."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE_S),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+        ("TCP_KEEPCNT", KEEPALIVE_PROBES),
+    ):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)

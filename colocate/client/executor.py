@@ -175,6 +175,7 @@ def _connect(url: str, timeout: float) -> socket.socket:
         elif parts.scheme == "tcp" and parts.hostname and parts.port:
             sock = socket.create_connection((parts.hostname, parts.port), timeout=timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            P.keepalive(sock)  # a node that dies silently fails the calls in ~10 s, no hang
         else:
             raise BadRequest(
                 f"executor address {url!r} must look like tcp://host:port or unix:///path"

@@ -212,6 +212,7 @@ class Worker:
             )
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            P.keepalive(sock)
         conn = _Conn(sock)
         self.conns[sock.fileno()] = conn
         self.poller.register(sock.fileno(), select.POLLIN)
