@@ -1,0 +1,202 @@
+"""The replay: money identities, hand-computed scenarios, determinism and the report contract."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from policies import POLICIES
+from policies.limits import Limits
+from policies.prices import GIB, Prices
+from traces import bundled
+from traces.azure import FaasTrace, read_azure2019
+from traces.placement import Cluster
+from traces.replay import ReplayResult, replay
+from traces.report import report_dict
+from traces.swf import read_swf
+from traces.usage import UsageModel
+
+MIB = 1024**2
+CONTRACT = {
+    "recovered_core_hours",
+    "recovered_memory_gib_hours",
+    "wasted_cost",
+    "recovered_cost",
+    "faas_invocations_total",
+    "faas_invocations_served",
+    "faas_invocations_rejected",
+    "evictions",
+    "interference_violation_hours",
+    "replay_seconds",
+}
+
+
+def swf(tmp_path: Path, rows: list[tuple[int, int, int, int, float, int]]) -> Path:
+    """SWF lines from (id, start s, run s, cores, cpu time per core s, used KB per core)."""
+    body = "\n".join(
+        f"{i} {start} 0 {run} {cores} {cpu} {mem} {cores} {run} -1 1 1 1 -1 1 1 -1 -1"
+        for i, start, run, cores, cpu, mem in rows
+    )
+    path = tmp_path / "jobs.swf"
+    path.write_text("; UnixStartTime: 1000020\n; MaxNodes: 1\n; MaxProcs: 8\n" + body + "\n")
+    return path
+
+
+def faas(per_minute: int, duration_s: float, memory_bytes: float) -> FaasTrace:
+    return FaasTrace(
+        path="synthetic",
+        format="azure2019",
+        function_ids=("f",),
+        invocations=np.array([[per_minute]], dtype=np.int64),
+        duration_s=np.array([duration_s]),
+        memory_bytes=np.array([memory_bytes]),
+    )
+
+
+@pytest.fixture(scope="module")
+def bundled_result() -> ReplayResult:
+    return replay(
+        read_swf(bundled.HPC2N_EXCERPT),
+        read_azure2019(bundled.AZURE2019),
+        Cluster(bundled.HPC2N_NODES, bundled.HPC2N_CORES_PER_NODE, bundled.HPC2N_MEMORY_PER_NODE),
+        seed=11,
+    )
+
+
+def test_every_registered_policy_is_replayed(bundled_result: ReplayResult) -> None:
+    assert set(bundled_result.policies) == set(POLICIES)
+    for series in bundled_result.policies.values():
+        assert set(series.summary) >= CONTRACT
+        assert series.offered_cores.shape == bundled_result.t.shape
+
+
+def test_recovered_never_exceeds_wasted(bundled_result: ReplayResult) -> None:
+    r = bundled_result
+    wasted_cores = r.cluster.cores - r.used_cores
+    for name, s in r.policies.items():
+        assert np.all(s.harvested_cores <= s.offered_cores + 1e-6), name
+        assert np.all(s.offered_cores <= wasted_cores + 1e-6), name
+        assert np.all(s.recovered_cost <= r.wasted_cost + 1e-9), name
+        assert s.summary["recovered_cost"] <= s.summary["wasted_cost"]
+        served, rejected = (
+            s.summary["faas_invocations_served"],
+            s.summary["faas_invocations_rejected"],
+        )
+        assert served + rejected == pytest.approx(s.summary["faas_invocations_total"])
+
+
+def test_lending_inside_jobs_offers_at_least_what_is_unallocated(
+    bundled_result: ReplayResult,
+) -> None:
+    plain = bundled_result.policies["unallocated"].summary
+    for name in ("headroom", "predictive"):
+        if name not in bundled_result.policies:
+            continue
+        s = bundled_result.policies[name].summary
+        assert s["offered_memory_gib_hours"] > plain["offered_memory_gib_hours"]
+        assert s["offered_core_hours"] >= plain["offered_core_hours"]
+        assert s["recovered_cost"] >= plain["recovered_cost"]
+
+
+def test_same_seed_same_figures() -> None:
+    args = (
+        read_swf(bundled.HPC2N_EXCERPT).head(400),
+        read_azure2019(bundled.AZURE2019),
+        Cluster(bundled.HPC2N_NODES, bundled.HPC2N_CORES_PER_NODE, bundled.HPC2N_MEMORY_PER_NODE),
+        ["unallocated"],
+    )
+    a, b = replay(*args, seed=4), replay(*args, seed=4)
+    for name in a.policies:
+        sa = {k: v for k, v in a.policies[name].summary.items() if k != "replay_seconds"}
+        sb = {k: v for k, v in b.policies[name].summary.items() if k != "replay_seconds"}
+        assert sa == sb
+
+
+def test_one_job_one_node_by_hand(tmp_path: Path) -> None:
+    """4 of 8 cores busy for 10 h, 2 GiB used of 8 GiB; functions want 2 cores, 200 MiB."""
+    jobs = read_swf(swf(tmp_path, [(1, 0, 36000, 4, 36000.0, 512 * 1024)]))
+    result = replay(
+        jobs,
+        faas(120, 1.0, 100 * MIB),
+        Cluster(1, 8, 16 * GIB),
+        ["unallocated"],
+        limits=Limits(guard=False),
+        usage=UsageModel(ramp_max_s=1800),
+    )
+    s = result.policies["unallocated"].summary
+    minutes = 601  # minutes 0..600; the job ends at minute 600
+    hours = minutes / 60
+    assert s["recovered_core_hours"] == pytest.approx(2 * hours)
+    assert s["recovered_memory_gib_hours"] == pytest.approx(200 / 1024 * hours)
+    assert s["recovered_cost"] == pytest.approx(2 * hours * 0.015 + 200 / 1024 * hours * 0.0015)
+    assert s["faas_invocations_served"] == s["faas_invocations_total"] == 120 * minutes
+    assert s["evictions"] == 0
+    assert result.policies["unallocated"].offered_cores[:600].tolist() == [4.0] * 600
+    # wasted: 4 unallocated cores and 8 GiB for 600 min, all 8 cores and 16 GiB in minute 600;
+    # inside the job, memory idle is 8 - 1 GiB during the 30-min start-up, 8 - 2 GiB after
+    unallocated = (4 * 600 + 8) / 60 * 0.015 + (8 * 600 + 16) / 60 * 0.0015
+    idle_inside = (7 * 30 + 6 * 570) / 60 * 0.0015
+    assert s["wasted_cost"] == pytest.approx(unallocated + idle_inside)
+
+
+def test_headroom_lends_the_memory_a_busy_job_does_not_use(tmp_path: Path) -> None:
+    if "headroom" not in POLICIES:
+        pytest.skip("headroom policy not registered")
+    jobs = read_swf(swf(tmp_path, [(1, 0, 36000, 4, 36000.0, 512 * 1024)]))
+    result = replay(
+        jobs,
+        faas(0, 1.0, MIB),
+        Cluster(1, 8, 16 * GIB),
+        ["unallocated", "headroom"],
+        limits=Limits(guard=False),
+    )
+    plain = result.policies["unallocated"].offered_memory_bytes[100]
+    lent = result.policies["headroom"].offered_memory_bytes[100] - plain
+    # 8 GiB allocated, 2 GiB used, margin max(256 MiB, 10 % of 8 GiB)
+    assert lent == pytest.approx(8 * GIB - 2 * GIB - 0.8 * GIB, rel=1e-6)
+    assert result.policies["headroom"].offered_cores[100] == 4  # busy cores are not lent
+
+
+def test_a_job_taking_leased_cores_evicts_the_lease(tmp_path: Path) -> None:
+    jobs = read_swf(
+        swf(tmp_path, [(1, 0, 3600, 1, 3600.0, 1024), (2, 7200, 3600, 2, 3600.0, 1024)])
+    )
+    result = replay(
+        jobs,
+        faas(600, 1.0, MIB),
+        Cluster(1, 2, 4 * GIB),
+        ["unallocated"],
+        limits=Limits(guard=False),
+    )
+    s = result.policies["unallocated"].summary
+    assert s["evictions"] == 1  # job 2 starts on the cores functions held since job 1 ended
+    assert s["evicted_function_cores"] == 2
+    assert result.policies["unallocated"].evictions[120] == 1
+
+
+def test_report_json_contract(bundled_result: ReplayResult) -> None:
+    from policies.limits import Limits as L
+    from traces.interference import InterferenceModel
+
+    report = report_dict(
+        bundled_result,
+        jobs_path="jobs",
+        jobs_format="swf",
+        faas_path="faas",
+        faas_format="azure2019",
+        prices=Prices(),
+        limits=L(),
+        usage=UsageModel(),
+        interference=InterferenceModel(),
+    )
+    assert {"cluster", "jobs_trace", "faas_trace", "policies"} <= set(report)
+    for summary in report["policies"].values():
+        assert set(summary) >= CONTRACT
+    mm = report["measured_vs_modelled"]
+    assert (
+        mm["cpu_use_measured_jobs"] + mm["cpu_use_modelled_jobs"]
+        == report["jobs_trace"]["jobs_placed"]
+    )
+    assert any("repeated" in a for a in report["assumptions"])
