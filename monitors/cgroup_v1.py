@@ -34,6 +34,12 @@ from slurm_plugin.slurm import JobOnNode
 log = logging.getLogger(__name__)
 
 _JOB_DIR = re.compile(r"^job_(\d+)$")
+UNLIMITED = 1 << 62  # v1 reports "no limit" as a huge page-rounded number
+
+
+def _uid_of(job_dir: Path | None) -> int | None:
+    name = job_dir.parent.name if job_dir is not None else ""
+    return int(name[4:]) if name.startswith("uid_") and name[4:].isdigit() else None
 
 
 class CgroupV1Source:
@@ -111,6 +117,7 @@ class CgroupV1Source:
         ns = read_int(acct / "cpuacct.usage", local) if acct else None
         usage = read_int(mem / "memory.usage_in_bytes", local) if mem else None
         peak = read_int(mem / "memory.max_usage_in_bytes", local) if mem else None
+        limit = read_int(mem / "memory.limit_in_bytes") if mem else None
         stat = read_flat_keyed(mem / "memory.stat", local) if mem else {}
         ids = read_cpuset(cpuset / "cpuset.cpus", local) if cpuset else None
         pids = subtree_pids(acct or mem or Path("/nonexistent"), local)
@@ -143,4 +150,6 @@ class CgroupV1Source:
             cpu_pressure=cpu_p,
             memory_pressure=mem_p,
             source=self.name,
+            memory_limit_bytes=limit if limit is not None and limit < UNLIMITED else None,
+            uid=_uid_of(acct or mem),
         )

@@ -110,6 +110,7 @@ class CgroupV2Source:
             current = read_int(d / "memory.current", local)
             stat = read_flat_keyed(d / "memory.stat", local)
             peak = read_int(d / "memory.peak")  # optional: kernels < 5.19 have none
+            limit = read_int(d / "memory.max")  # "max" (no limit) reads as None
             ids = read_cpuset(d / "cpuset.cpus.effective") or read_cpuset(d / "cpuset.cpus")
             pids = subtree_pids(d, local, skip_dirs=STEPD_DIRS)
             if not d.exists():
@@ -127,5 +128,6 @@ class CgroupV2Source:
                 cpu_pressure=read_some_avg10(d / "cpu.pressure"),
                 memory_pressure=read_some_avg10(d / "memory.pressure"),
                 source=self.name,
+                memory_limit_bytes=limit,
             )
         return UsageReading(jobs, tuple(skips.warnings))

@@ -266,6 +266,7 @@ class Sampler:
         if not slurm_ok:
             warnings.append(self._slurm_error or "Slurm has not answered yet")
             jobs = [j for j in jobs if j.job_id in reading.jobs]  # only jobs still alive
+            jobs += self._unknown_jobs(reading, {j.job_id for j in jobs}, warnings)
         info = self._node_info(mono, warnings)
         snaps: list[JobSnapshot] = []
         for job in jobs:
@@ -311,6 +312,34 @@ class Sampler:
             memory_pressure=mem_p,
             source=self.source.name,
         )
+
+    def _unknown_jobs(
+        self, reading: UsageReading, known: set[str], warnings: list[str]
+    ) -> list[JobOnNode]:
+        """Jobs the cgroups show but Slurm could not tell us about (started while it was
+        down): their cpuset and memory limit stand in for the allocation, so their cores
+        and memory are not taken for unallocated."""
+        out = []
+        for job_id, usage in reading.jobs.items():
+            if job_id in known or not usage.source.startswith("cgroup"):
+                continue
+            ids = usage.cpu_ids or ()
+            out.append(
+                JobOnNode(
+                    job_id=job_id,
+                    user=f"uid {usage.uid}" if usage.uid is not None else "?",
+                    uid=usage.uid,
+                    node=self.node,
+                    state=JobState.RUNNING,
+                    cores=len(ids),
+                    cpu_ids=ids,
+                    memory_bytes=usage.memory_limit_bytes or usage.memory_bytes,
+                )
+            )
+            warnings.append(
+                f"job {job_id}: allocation read from its cgroup (Slurm did not list it)"
+            )
+        return out
 
     def _read(self, warnings: list[str]) -> UsageReading:
         try:

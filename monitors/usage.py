@@ -34,6 +34,8 @@ class JobUsage:
     cpu_pressure: float | None = None
     memory_pressure: float | None = None
     source: str = ""
+    memory_limit_bytes: int | None = None  # the cgroup's memory limit (the allocation), if any
+    uid: int | None = None  # the job owner's uid, where the layout shows it (v1: uid_<uid>)
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,6 +50,8 @@ def test_v1_reads_the_captured_job() -> None:
     assert job.cpu_ids == (0, 1)
     assert job.processes == 2  # the batch script and its python; slurmstepd is not in cpuacct
     assert job.cpu_pressure is None  # v1: no per-job PSI
+    assert job.memory_limit_bytes == first_int(v1_file("memory", "memory.limit_in_bytes"))
+    assert job.uid == 0
 
 
 def test_v1_other_nodes_jobs_are_not_ours() -> None:

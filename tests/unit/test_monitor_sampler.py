@@ -192,13 +192,24 @@ def test_slurm_down_keeps_live_jobs_and_backs_off(tmp_path: Path) -> None:
     assert node.sampler.sample().slurm_ok
 
 
-def test_slurm_never_answered_still_gives_a_snapshot(tmp_path: Path) -> None:
+def test_slurm_never_answered_still_gives_a_snapshot_with_cgroup_allocations(
+    tmp_path: Path,
+) -> None:
     node = Node(tmp_path)
     node.slurm.available = False
     snap = node.sampler.sample()
-    assert not snap.slurm_ok and snap.jobs == ()
+    assert not snap.slurm_ok
     assert snap.cores_total >= 1 and snap.memory_total_bytes > 0
     assert any("taken from this machine" in w for w in snap.warnings)
+    # job 10 started while Slurm was down: its cgroup's cpuset and limit stand in
+    (job,) = snap.jobs
+    assert (job.job_id, job.user, job.cpu_ids, job.memory_allocated_bytes) == (
+        "10",
+        "uid 0",
+        (0, 1),
+        GIB,
+    )
+    assert any("allocation read from its cgroup" in w for w in snap.warnings)
 
 
 def test_a_running_job_without_usage_is_named(tmp_path: Path) -> None:
