@@ -75,7 +75,14 @@ class Backoff:
 
 
 class Sampler:
-    """Samples one node. Not thread-safe: one caller (the agent loop or the CLI)."""
+    """Samples one node. Not thread-safe: one caller (the agent loop or the CLI).
+
+    ``window_s``: seconds of readings ``cores_used`` is averaged over. ``slurm_refresh_s``:
+    ask Slurm for the node's jobs at least this often (seconds), besides on changes.
+    ``node_refresh_s``: node totals are re-read this often. ``slurm_wait_s``: the longest a
+    sample waits for Slurm. ``monotonic`` is injectable (tests); wall time comes in as
+    ``sample(now)``. Call ``close()`` when done (stops the Slurm worker thread).
+    """
 
     def __init__(
         self,
