@@ -83,7 +83,9 @@ class AgentMetrics:
             measured = self._meter.measure(executors, now, stopping=evicting)
             self.collector.update(NodeState(snapshot, offer, lease_states, measured), now=now)
         except Exception as exc:  # a metrics bug must not stop the agent's loop
-            log.warning("metrics: could not take this cycle's state (%r); keeping the previous one", exc)
+            log.warning(
+                "metrics: could not take this cycle's state (%r); keeping the previous one", exc
+            )
             log.debug("metrics: cycle state error", exc_info=True)
 
     def evicted(self, reason: str, latency_s: float | None = None) -> None:

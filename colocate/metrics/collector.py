@@ -29,12 +29,11 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from colocate.metrics.accounting import (
-    WASTE_STATES,
     CostAccount,
-    cpu_efficiency,
-    memory_efficiency,
 )
 from colocate.metrics.events import EventCounts, HistogramCounts, NodeEvents
+from colocate.metrics.job_series import job_families
+from colocate.metrics.money_series import money_families
 from colocate.metrics.state import EXECUTOR_STATES, LEASE_STATES, OTHER, NodeState, bounded_state
 from policies.prices import GIB, Prices
 
@@ -122,10 +121,10 @@ class NodeCollector(Collector):
                 *self._build_info(),
                 *self._prices(),
                 *self._node_families(entries),
-                *self._job_families(entries),
+                *job_families([(e.state.snapshot, e.account) for _, e in entries]),
                 *self._lease_families(entries),
                 *self._event_families(events),
-                *self._money_families(entries),
+                *money_families([(name, e.account) for name, e in entries]),
             ]
         yield from families
 
@@ -227,130 +226,6 @@ class NodeCollector(Collector):
                 mem_psi.add_metric([name], snap.memory_pressure / 100.0)
         yield from (cores, memory, jobs, slurm_up, sampled, cpu_psi, mem_psi)
 
-    def _job_families(self, entries: list[tuple[str, _NodeEntry]]) -> Iterator[Metric]:
-        labels = ["node", "job_id"]
-        info = InfoMetricFamily(
-            "colocate_job", "a running batch job (uid: colocate_job_uid)", labels=labels
-        )
-        uid = GaugeMetricFamily("colocate_job_uid", "numeric uid of the job's owner", labels=labels)
-        cores = GaugeMetricFamily(
-            "colocate_job_cores",
-            "job cores: allocated, used (CPU-seconds per second), idle",
-            labels=[*labels, "state"],
-        )
-        memory = GaugeMetricFamily(
-            "colocate_job_memory_bytes",
-            "job memory: allocated, used, peak, idle (allocated - used)",
-            labels=[*labels, "state"],
-        )
-        cpu_seconds = CounterMetricFamily(
-            "colocate_job_cpu_seconds",
-            "CPU time the job used on this node since it started",
-            labels=labels,
-        )
-        start = GaugeMetricFamily(
-            "colocate_job_start_time_seconds", "job start, epoch seconds", labels=labels
-        )
-        elapsed = GaugeMetricFamily(
-            "colocate_job_elapsed_seconds", "seconds since the job started", labels=labels
-        )
-        cpu_eff = GaugeMetricFamily(
-            "colocate_job_cpu_efficiency_ratio",
-            "jobstats/seff CPU efficiency: CPU seconds / (elapsed x allocated cores)",
-            labels=labels,
-        )
-        mem_eff = GaugeMetricFamily(
-            "colocate_job_memory_efficiency_ratio",
-            "seff memory efficiency: peak / allocated memory",
-            labels=labels,
-        )
-        cpu_psi = GaugeMetricFamily(
-            "colocate_job_cpu_pressure_ratio",
-            "PSI cpu some avg10 of the job's cgroup, 0..1",
-            labels=labels,
-        )
-        mem_psi = GaugeMetricFamily(
-            "colocate_job_memory_pressure_ratio",
-            "PSI memory some avg10 of the job's cgroup, 0..1",
-            labels=labels,
-        )
-        idle_core_s = CounterMetricFamily(
-            "colocate_job_idle_core_seconds",
-            "allocated core-seconds the job did not use, since colocate first saw it",
-            labels=labels,
-        )
-        idle_mem_bs = CounterMetricFamily(
-            "colocate_job_idle_memory_byte_seconds",
-            "allocated byte-seconds the job did not use, since colocate first saw it",
-            labels=labels,
-        )
-        wasted = CounterMetricFamily(
-            "colocate_job_wasted_cost",
-            "cost of the job's idle allocation since colocate first saw it (currency: colocate_price_info)",
-            labels=[*labels, "resource"],
-        )
-        for name, entry in entries:
-            snap = entry.state.snapshot
-            for job in snap.jobs:
-                key = [name, job.job_id]
-                info.add_metric(
-                    key, {"user": job.user, "colocate": "allow" if job.colocate else "deny"}
-                )
-                if job.uid is not None:
-                    uid.add_metric(key, float(job.uid))
-                cores.add_metric([*key, "allocated"], float(job.cores_allocated))
-                cores.add_metric([*key, "used"], job.cores_used)
-                cores.add_metric([*key, "idle"], job.cores_idle)
-                memory.add_metric([*key, "allocated"], float(job.memory_allocated_bytes))
-                memory.add_metric([*key, "used"], float(job.memory_used_bytes))
-                memory.add_metric([*key, "peak"], float(job.memory_peak_bytes))
-                memory.add_metric([*key, "idle"], float(job.memory_unused_bytes))
-                account = entry.account.jobs.get(job.job_id)
-                eff: float | None = None
-                if job.start_time is not None:
-                    age = max(0.0, snap.t - job.start_time)
-                    start.add_metric(key, job.start_time)
-                    elapsed.add_metric(key, age)
-                    if job.cpu_seconds_total is not None:
-                        eff = cpu_efficiency(job.cpu_seconds_total, age, job.cores_allocated)
-                if eff is None and account is not None:
-                    # No cumulative CPU time from the monitor: use what colocate observed.
-                    eff = cpu_efficiency(
-                        account.cpu_seconds, account.observed_s, job.cores_allocated
-                    )
-                if eff is not None:
-                    cpu_eff.add_metric(key, eff)
-                if job.cpu_seconds_total is not None:
-                    cpu_seconds.add_metric(key, job.cpu_seconds_total)
-                meff = memory_efficiency(job.memory_peak_bytes, job.memory_allocated_bytes)
-                if meff is not None:
-                    mem_eff.add_metric(key, meff)
-                if job.cpu_pressure is not None:
-                    cpu_psi.add_metric(key, job.cpu_pressure / 100.0)
-                if job.memory_pressure is not None:
-                    mem_psi.add_metric(key, job.memory_pressure / 100.0)
-                if account is not None:
-                    idle_core_s.add_metric(key, account.idle_core_seconds)
-                    idle_mem_bs.add_metric(key, account.idle_memory_byte_seconds)
-                    for resource, cost in sorted(account.wasted_cost.items()):
-                        wasted.add_metric([*key, resource], cost)
-        yield from (
-            info,
-            uid,
-            cores,
-            memory,
-            cpu_seconds,
-            start,
-            elapsed,
-            cpu_eff,
-            mem_eff,
-            cpu_psi,
-            mem_psi,
-            idle_core_s,
-            idle_mem_bs,
-            wasted,
-        )
-
     def _lease_families(self, entries: list[tuple[str, _NodeEntry]]) -> Iterator[Metric]:
         leases = GaugeMetricFamily(
             "colocate_leases", "leases on the node by state", labels=["node", "state"]
@@ -413,60 +288,6 @@ class NodeCollector(Collector):
             ):
                 _add_histogram(family, name, hist)
         yield from (invocations, evictions, cold, inv_hist, ev_hist, cold_hist)
-
-    def _money_families(self, entries: list[tuple[str, _NodeEntry]]) -> Iterator[Metric]:
-        wasted = CounterMetricFamily(
-            "colocate_wasted_cost",
-            "cost of idle resources (idle inside allocations, unallocated), currency: colocate_price_info",
-            labels=["node", "resource", "state"],
-        )
-        recovered = CounterMetricFamily(
-            "colocate_recovered_cost",
-            "worth of the resources leased to functions at the same prices",
-            labels=["node", "resource"],
-        )
-        wasted_core_s = CounterMetricFamily(
-            "colocate_wasted_core_seconds", "idle core-seconds by state", labels=["node", "state"]
-        )
-        wasted_mem_bs = CounterMetricFamily(
-            "colocate_wasted_memory_byte_seconds",
-            "idle memory byte-seconds by state",
-            labels=["node", "state"],
-        )
-        rec_core_s = CounterMetricFamily(
-            "colocate_recovered_core_seconds", "core-seconds leased to functions", labels=["node"]
-        )
-        rec_mem_bs = CounterMetricFamily(
-            "colocate_recovered_memory_byte_seconds",
-            "memory byte-seconds leased to functions",
-            labels=["node"],
-        )
-        skipped = CounterMetricFamily(
-            "colocate_accounting_skipped_seconds",
-            "sampling gaps longer than max_gap_s, not accounted (agent paused, node down)",
-            labels=["node"],
-        )
-        for name, entry in entries:
-            m = entry.account
-            for (resource, state), cost in sorted(m.wasted_cost.items()):
-                wasted.add_metric([name, resource, state], cost)
-            for resource, cost in sorted(m.recovered_cost.items()):
-                recovered.add_metric([name, resource], cost)
-            for state in WASTE_STATES:
-                wasted_core_s.add_metric([name, state], m.wasted_core_seconds[state])
-                wasted_mem_bs.add_metric([name, state], m.wasted_memory_byte_seconds[state])
-            rec_core_s.add_metric([name], m.recovered_core_seconds)
-            rec_mem_bs.add_metric([name], m.recovered_memory_byte_seconds)
-            skipped.add_metric([name], m.skipped_s)
-        yield from (
-            wasted,
-            recovered,
-            wasted_core_s,
-            wasted_mem_bs,
-            rec_core_s,
-            rec_mem_bs,
-            skipped,
-        )
 
 
 def _add_histogram(family: HistogramMetricFamily, node: str, hist: HistogramCounts) -> None:
