@@ -10,6 +10,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import socket
 import sys
@@ -108,12 +109,23 @@ def render_table(snap: NodeSnapshot) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from colocate.errors import SlurmUnavailable
     from slurm_plugin.slurm import make_slurm
 
     node = args.node or socket.gethostname().split(".")[0]
     interval = max(0.05, args.interval)
     sampler = Sampler(node, make_slurm(args.slurm), _source(args), window_s=max(interval * 3, 1.0))
-    sampler.slurm.node_info(node)  # fail early, with the known node names, on a wrong --node
+    # Fail early, naming the known nodes, on a wrong --node; if Slurm is down, keep going:
+    # snapshots say slurm_ok=false until it answers.
+    with contextlib.suppress(SlurmUnavailable):
+        sampler.slurm.node_info(node)
+    try:
+        return _loop(sampler, args, interval)
+    finally:
+        sampler.close()
+
+
+def _loop(sampler: Sampler, args: argparse.Namespace, interval: float) -> int:
     if args.once:
         sampler.sample()  # the first reading has no CPU window yet
         time.sleep(interval)
