@@ -317,3 +317,23 @@ def test_public_api_is_locked() -> None:
             "serve_metrics",
         ]
     )
+
+
+def test_dashboard_layout_is_importable() -> None:
+    dashboard = load_dashboard(ROOT / "deploy" / "grafana" / "colocate.json")
+    panels = dashboard["panels"]
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    boxes = []
+    for p in panels:
+        g = p["gridPos"]
+        assert g["x"] >= 0 and g["w"] > 0 and g["x"] + g["w"] <= 24, p["title"]
+        boxes.append((g["x"], g["y"], g["x"] + g["w"], g["y"] + g["h"], p["title"]))
+        if p["type"] != "row":
+            assert p["datasource"]["uid"] == "${datasource}", p["title"]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            overlap = a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+            assert not overlap, f"{a[4]} overlaps {b[4]}"
+    assert {"datasource", "node", "job_id", "policy"} <= set(template_variables(dashboard))
+    assert [p["title"] for p in panels if p["type"] == "row"] == ["Cluster overview", "Node", "Job"]
