@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ import pytest
 from monitors.sampler import Sampler, default_source
 from monitors.snapshot import JobSnapshot, NodeSnapshot
 from slurm_plugin.slurm import CliSlurm
+from tests.conftest import require
 from tests.integration.conftest import JobSubmitter, SlurmCluster, python_job
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -253,3 +255,32 @@ def test_monitor_names_known_nodes_for_a_wrong_node(slurm_cluster: SlurmCluster)
     assert proc.returncode == 1
     assert "no-such-node" in proc.stderr and slurm_cluster.nodes[0] in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_monitor_keeps_answering_when_slurm_is_down(tmp_path: Path) -> None:
+    require(shutil.which("squeue") is not None, "Slurm's tools are not installed")
+    broken = tmp_path / "slurm.conf"
+    broken.write_text("not a slurm.conf\n")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "colocate.cli",
+            "monitor",
+            "--node",
+            "n1",
+            "--once",
+            "--json",
+            "--interval",
+            "0.2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "SLURM_CONF": str(broken)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["slurm_ok"] is False and data["cores_total"] >= 1
+    assert any("Slurm unavailable" in w for w in data["warnings"])
