@@ -182,6 +182,7 @@ class ExecutorSupervisor:
     agent restarts so that ``adopt_or_cleanup`` can find a previous agent's executors (a private
     temporary directory when None). ``preload`` adds to ``config.preload_modules``: modules
     the fork server imports once, so workers have them without reading the installation.
+    Workers close connections that present no valid token within ``hello_timeout_s``.
     """
 
     def __init__(
@@ -194,10 +195,12 @@ class ExecutorSupervisor:
         cgroup_root: str | None = None,
         state_dir: str | None = None,
         preload: Sequence[str] = (),
+        hello_timeout_s: float = 10.0,
     ) -> None:
         self.config = config
         self.node = check_name(node, "node")
         self.host = host
+        self.hello_timeout_s = hello_timeout_s
         self._usable_cpus = frozenset(os.sched_getaffinity(0))  # before anyone pins this process
         self._uids: range | None = None
         if config.lease_uid_range is not None:
@@ -347,6 +350,7 @@ class ExecutorSupervisor:
             tcp=(),
             unix=(),
             uid=uid,
+            hello_timeout_s=self.hello_timeout_s,
         )
         try:
             answer = self._ask_fork_server(("spawn", template, self.host, lease_dir))

@@ -42,6 +42,8 @@ _HS = P.HEADER_SIZE
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_PDEATHSIG = 1
 
+_MAX_CONNECTIONS = 1024
+
 IDLE, IO, RUNNING = 0, 1, 2
 
 
@@ -63,6 +65,7 @@ class WorkerSpec:
     tcp: tuple[tuple[str, int], ...]  # every worker of the lease, by index
     unix: tuple[str, ...]
     uid: int | None = None  # the lease's own uid (lease_uid_range), else run_as_user's
+    hello_timeout_s: float = 10.0  # a connection without a valid HELLO by then is closed
 
 
 class _LoadError:
@@ -137,6 +140,7 @@ class Worker:
         self.listeners = {s.fileno(): s for s in listeners}
         self.verifier = verifier
         self.conns: dict[int, _Conn] = {}
+        self.unauthed: dict[int, float] = {}  # fd -> monotonic deadline for its HELLO
         self.poller = select.poll()
         for fd in self.listeners:
             self.poller.register(fd, select.POLLIN)
@@ -144,6 +148,7 @@ class Worker:
         self.evicting = 0  # status code of the notice once evicted or expired
         self.noticed = False
         self.limit = spec.max_payload_bytes
+        self.sweep_ms = max(10, min(1000, int(spec.hello_timeout_s * 500)))
         welcome = {
             "lease_id": spec.lease_id,
             "worker": spec.index,
@@ -188,8 +193,10 @@ class Worker:
             if not events:
                 if monotonic() < hot_until:
                     continue
-                events = poll(None)
+                events = poll(self.sweep_ms if self.unauthed else None)
             self.phase = IO
+            if self.unauthed:
+                self._sweep_unauthenticated(monotonic())
             for fd, ev in events:
                 conn = self.conns.get(fd)
                 if conn is not None:
@@ -213,8 +220,12 @@ class Worker:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             P.keepalive(sock)
+        if len(self.conns) >= _MAX_CONNECTIONS:
+            sock.close()
+            return
         conn = _Conn(sock)
         self.conns[sock.fileno()] = conn
+        self.unauthed[sock.fileno()] = time.monotonic() + self.spec.hello_timeout_s
         self.poller.register(sock.fileno(), select.POLLIN)
         if self.evicting:
             with contextlib.suppress(OSError):
@@ -226,7 +237,14 @@ class Worker:
         fd = conn.sock.fileno()
         if self.conns.pop(fd, None) is not None:
             self.poller.unregister(fd)
+        self.unauthed.pop(fd, None)
         conn.sock.close()
+
+    def _sweep_unauthenticated(self, now: float) -> None:
+        """Close connections that did not present a valid token in time (they hold fds)."""
+        for fd, deadline in list(self.unauthed.items()):
+            if now > deadline and fd in self.conns:
+                self._close(self.conns[fd])
 
     def _send(self, conn: _Conn, data: bytes) -> bool:
         try:
@@ -347,6 +365,7 @@ class Worker:
                 status, answer["message"] = "unauthorized", "token cores do not match this executor"
         if status == "ok":
             conn.authed = True
+            self.unauthed.pop(conn.sock.fileno(), None)
             out.append(self.welcome)
             return True
         code = P.EXPIRED if status == "expired" else P.UNAUTHORIZED

@@ -411,3 +411,18 @@ def test_eviction_also_kills_processes_the_functions_started(
         while _alive(child) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert not _alive(child)
+
+
+def test_connections_without_a_token_are_closed_after_the_hello_timeout(tmp_path: Path) -> None:
+    node = NODE + "s"
+    with ExecutorSupervisor(
+        ExecutorConfig(), SECRET, node=node, state_dir=str(tmp_path), hello_timeout_s=0.3
+    ) as sup:
+        lease_id, token, address = start(sup, node=node)
+        idle = [_raw(address) for _ in range(5)]
+        with LeaseExecutor(address, token, lease_id=lease_id, workers=1) as ex:
+            time.sleep(0.8)
+            for sock in idle:
+                assert sock.recv(1) == b""  # closed by the worker
+                sock.close()
+            assert ex.invoke(add, 1, 1) == 2  # the authenticated one stays
