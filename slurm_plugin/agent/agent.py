@@ -212,8 +212,9 @@ class Agent:
             )
             self._leases[held.lease_id] = held
             self._save()
+        # No early report: the broker learns the start from this answer (and a report now
+        # would compete with the client's first connection for the CPU).
         log.info("lease %s: executor at %s on cores %s", held.lease_id, held.address, list(cpu_ids))
-        self._wake.set()
         return self._start_reply(held)
 
     def _start_reply(self, held: HeldLease) -> StartReply:
@@ -264,7 +265,8 @@ class Agent:
         grace = self.eviction_grace_s if grace_s is None else grace_s
         seconds = self._evict_executor(lease_id, grace, reason)
         log.info("lease %s %s (grace %.3fs, gone after %.3fs)", lease_id, reason, grace, seconds)
-        self._wake.set()
+        if reason != "released":  # the broker asked for a release; it must hear of anything else now
+            self._wake.set()
         return Revoked(lease_id=lease_id, reason=reason, seconds=seconds)
 
     def _evict_executor(self, lease_id: str, grace_s: float, reason: str) -> float:
