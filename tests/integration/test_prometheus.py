@@ -453,6 +453,25 @@ def test_every_dashboard_query_returns_data(run: Run) -> None:
     assert run.driver.invocations > 0 and run.driver.evictions > 0
 
 
+def test_the_dashboard_variables_list_the_node_and_the_job(run: Run) -> None:
+    # Grafana's label_values(metric{...}, label) is the series API's label values.
+    dashboard = load_dashboard(ROOT / "deploy" / "grafana" / "colocate.json")
+    found = {}
+    for var in dashboard["templating"]["list"]:
+        m = re.fullmatch(r"label_values\((.+), (\w+)\)", var.get("definition", ""))
+        if not m:
+            continue
+        reply = httpx.get(
+            f"{run.prom.url}/api/v1/label/{m.group(2)}/values",
+            params={"match[]": expand(m.group(1))},
+            timeout=10,
+        ).json()
+        found[var["name"]] = reply["data"]
+    assert run.driver.node in found["node"]
+    assert run.driver.job.job_id in found["job_id"]
+    assert found["policy"] == []  # live data has no policy label; replays do
+
+
 def test_job_wasted_cost_matches_the_hand_computation(run: Run) -> None:
     # By hand, from the allocation (1 core, 512 MiB), what /proc said the job used between the
     # first and last sample, and the prices: idle core-seconds and idle byte-seconds.
