@@ -12,11 +12,9 @@ import contextlib
 import json
 import logging
 import os
-import selectors
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -28,16 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from colocate.config import ExecutorConfig
-from colocate.errors import BackendUnavailable, BadRequest, ColocateError, ConfigError
+from colocate.errors import BackendUnavailable, BadRequest, ConfigError
 from colocate.executor.confinement import Confinement, LeaseCgroups, check_name, remove_dirs
 from colocate.executor.forkserver import recv_msg, send_msg
+from colocate.executor.verifier import TokenVerifier
 from colocate.executor.worker import WorkerSpec
-from colocate.tokens import verify_lease
 
 log = logging.getLogger(__name__)
 
 WATCHDOG_INTERVAL_S = 0.1
-_LEN = struct.Struct("<I")
 _SOCKET_DIR_MAX = 60  # leaves room for "/<lease id>/w<i>.sock" under 107 bytes
 _FORKSERVER_MAIN = (
     "import sys; from colocate.executor.forkserver import main; sys.exit(main(sys.argv[1:]))"
@@ -85,91 +82,6 @@ def _create_time(pid: int) -> float | None:
         return float(psutil.Process(pid).create_time())
     except Exception:
         return None
-
-
-class _Verifier:
-    """Answers workers' token checks on a root-only Unix socket, in a thread."""
-
-    def __init__(self, path: str, secret: bytes) -> None:
-        self.path = path
-        self._secret = secret
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            self._listener.bind(path)
-        finally:
-            os.umask(old)
-        self._listener.listen(128)
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._sel = selectors.DefaultSelector()
-        self._sel.register(self._listener, selectors.EVENT_READ)
-        self._sel.register(self._wake_r, selectors.EVENT_READ)
-        self._stop = False
-        self._thread = threading.Thread(
-            target=self._run, name="colocate-token-verifier", daemon=True
-        )
-        self._thread.start()
-
-    def answer(self, token: bytes) -> dict[str, Any]:
-        try:
-            claims = verify_lease(self._secret, token.decode(), time.time())
-        except ColocateError as exc:
-            status = "expired" if type(exc).__name__ == "LeaseExpired" else "unauthorized"
-            return {"status": status, "message": str(exc)}
-        except UnicodeDecodeError:
-            return {"status": "unauthorized", "message": "lease token is not text"}
-        return {
-            "status": "ok",
-            "lease_id": claims.lease_id,
-            "node": claims.node,
-            "cpu_ids": list(claims.cpu_ids),
-            "expires_at": claims.expires_at,
-        }
-
-    def _run(self) -> None:
-        while not self._stop:
-            for key, _ in self._sel.select():
-                sock = key.fileobj
-                assert isinstance(sock, socket.socket)
-                if sock is self._wake_r:
-                    return
-                if sock is self._listener:
-                    with contextlib.suppress(OSError):
-                        conn, _ = self._listener.accept()
-                        conn.settimeout(1.0)
-                        self._sel.register(conn, selectors.EVENT_READ)
-                    continue
-                self._serve_one(sock)
-
-    def _serve_one(self, conn: socket.socket) -> None:
-        try:
-            head = conn.recv(4, socket.MSG_WAITALL)
-            if len(head) == 4:
-                (length,) = _LEN.unpack(head)
-                if length <= 64 * 1024:
-                    token = conn.recv(length, socket.MSG_WAITALL)
-                    reply = json.dumps(self.answer(token)).encode()
-                    conn.sendall(_LEN.pack(len(reply)) + reply)
-                    return
-        except OSError:
-            pass
-        self._sel.unregister(conn)
-        conn.close()
-
-    def close(self) -> None:
-        self._stop = True
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"x")
-        self._thread.join(timeout=2)
-        for key in list(self._sel.get_map().values()):
-            with contextlib.suppress(Exception):
-                key.fileobj.close()  # type: ignore[union-attr]
-        self._sel.close()
-        self._wake_w.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
 
 
 class ExecutorSupervisor:
@@ -233,7 +145,7 @@ class ExecutorSupervisor:
         if len(self.state_dir) > _SOCKET_DIR_MAX:
             self._socket_dir = tempfile.mkdtemp(prefix="colocate-sock-")
             os.chmod(self._socket_dir, 0o711)
-        self._verifier = _Verifier(os.path.join(self._socket_dir, "verifier.sock"), secret)
+        self._verifier = TokenVerifier(os.path.join(self._socket_dir, "verifier.sock"), secret)
         self._closed = False
         self._preload = (*config.preload_modules, *preload)
         try:

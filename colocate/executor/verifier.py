@@ -1,0 +1,111 @@
+"""The token verifier: workers ask the supervisor whether a client's lease token is valid.
+
+Workers run user code, so they must not hold the cluster secret (it would let one lease forge
+tokens for others). A worker connects to this root-only Unix socket before it drops
+privileges and keeps the connection; per client it sends ``u32 length + token`` and gets
+``u32 length + JSON`` back: ``{"status": "ok", "lease_id", "node", "cpu_ids", "expires_at"}``,
+or ``{"status": "unauthorized" | "expired", "message"}``. The verifier only answers yes or no.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import socket
+import struct
+import threading
+import time
+from typing import Any
+
+from colocate.errors import ColocateError, LeaseExpired
+from colocate.tokens import verify_lease
+
+_LEN = struct.Struct("<I")
+MAX_TOKEN_BYTES = 64 * 1024
+
+
+class TokenVerifier:
+    """Answers workers' token checks on a root-only Unix socket at ``path``, in a thread."""
+
+    def __init__(self, path: str, secret: bytes) -> None:
+        self.path = path
+        self._secret = secret
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            self._listener.bind(path)
+        finally:
+            os.umask(old)
+        self._listener.listen(128)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self._listener, selectors.EVENT_READ)
+        self._sel.register(self._wake_r, selectors.EVENT_READ)
+        self._stop = False
+        self._thread = threading.Thread(
+            target=self._run, name="colocate-token-verifier", daemon=True
+        )
+        self._thread.start()
+
+    def answer(self, token: bytes) -> dict[str, Any]:
+        try:
+            claims = verify_lease(self._secret, token.decode(), time.time())
+        except ColocateError as exc:
+            status = "expired" if isinstance(exc, LeaseExpired) else "unauthorized"
+            return {"status": status, "message": str(exc)}
+        except UnicodeDecodeError:
+            return {"status": "unauthorized", "message": "lease token is not text"}
+        return {
+            "status": "ok",
+            "lease_id": claims.lease_id,
+            "node": claims.node,
+            "cpu_ids": list(claims.cpu_ids),
+            "expires_at": claims.expires_at,
+        }
+
+    def _run(self) -> None:
+        while not self._stop:
+            for key, _ in self._sel.select():
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                if sock is self._wake_r:
+                    return
+                if sock is self._listener:
+                    with contextlib.suppress(OSError):
+                        conn, _ = self._listener.accept()
+                        conn.settimeout(1.0)
+                        self._sel.register(conn, selectors.EVENT_READ)
+                    continue
+                self._serve_one(sock)
+
+    def _serve_one(self, conn: socket.socket) -> None:
+        try:
+            head = conn.recv(4, socket.MSG_WAITALL)
+            if len(head) == 4:
+                (length,) = _LEN.unpack(head)
+                if length <= MAX_TOKEN_BYTES:
+                    token = conn.recv(length, socket.MSG_WAITALL)
+                    reply = json.dumps(self.answer(token)).encode()
+                    conn.sendall(_LEN.pack(len(reply)) + reply)
+                    return
+        except OSError:
+            pass
+        self._sel.unregister(conn)
+        conn.close()
+
+    def close(self) -> None:
+        self._stop = True
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+        self._thread.join(timeout=2)
+        for key in list(self._sel.get_map().values()):
+            with contextlib.suppress(Exception):
+                key.fileobj.close()  # type: ignore[union-attr]
+        self._sel.close()
+        self._wake_w.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
