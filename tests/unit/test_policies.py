@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 import policies
@@ -225,3 +230,45 @@ def test_predictive_never_offers_below_peak_plus_margin() -> None:
     history = (UsageSample(10.0, 1.0, 12 * GIB), *steady(1.0, GIB, since=500.0))
     decision = PredictivePolicy().decide(node(job(history=history)), BARE, NOW)
     assert decision.offer.memory_bytes == (64 - 2 - 16) * GIB + 16 * GIB - 12 * GIB - int(1.6 * GIB)
+
+
+# --- determinism across processes -------------------------------------------------------
+
+_SCRIPT = """
+from policies import POLICIES, JobView, LeaseView, Limits, NodeView, UsageSample, get_policy
+GIB = 1024**3
+out = []
+for name in sorted(POLICIES):
+    policy, state = get_policy(name), None
+    for step in range(6):
+        t = 1000.0 + 10 * step
+        jobs = tuple(
+            JobView(f"job-{k}", frozenset(range(4 * k, 4 * k + 4)), 8 * GIB, GIB,
+                    tuple(UsageSample(s, 1.0 + k, GIB, 30.0 * (step % 3 == k), 0.0)
+                          for s in range(0, int(t) + 1, 50)))
+            for k in range(2)
+        )
+        leases = tuple(LeaseView(f"lease-{i}", frozenset({3 + 4 * i}), GIB, 900.0 + i, 5000.0)
+                       for i in range(2))
+        d = policy.decide(NodeView("n", frozenset(range(8)), 64 * GIB, jobs, leases), Limits(pressure_grace_s=0), t, state)
+        state = d.state
+        out.append(repr((sorted(d.offer.cpu_ids), d.offer.memory_bytes, d.evictions, d.state)))
+print("\\n".join(out))
+"""
+
+
+def test_decisions_do_not_depend_on_the_process_hash_seed() -> None:
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", _SCRIPT],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            cwd=Path(__file__).resolve().parents[2],
+            check=True,
+        ).stdout
+        for seed in ("1", "2")
+    ]
+    assert "EvictionReason.PRESSURE" in runs[0]  # the script reaches the guard's eviction path
+    assert runs[0] == runs[1]
