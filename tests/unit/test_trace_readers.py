@@ -220,3 +220,41 @@ def test_swf_compensating_field_counts_are_caught(tmp_path: Path) -> None:
     lines[7] = lines[7] + " -1"  # 19 fields
     with pytest.raises(TraceFormatError, match=r":6: 17 fields"):
         read_swf(write(tmp_path, "c.swf", "\n".join(lines) + "\n"))
+
+
+def test_sacct_json_newer_number_objects(tmp_path: Path) -> None:
+    """Slurm 23.02+ wraps numbers as {"set": true, "number": N}; both shapes read alike."""
+    import json
+
+    def num(n: int) -> dict[str, object]:
+        return {"set": True, "infinite": False, "number": n}
+
+    doc = {
+        "jobs": [
+            {
+                "job_id": 7,
+                "time": {
+                    "submission": num(100),
+                    "start": num(160),
+                    "end": num(760),
+                    "total": {"seconds": 600, "microseconds": 0},
+                },
+                "required": {"CPUs": num(2), "memory_per_node": num(1024)},
+                "tres": {
+                    "allocated": [{"type": "cpu", "count": 2}, {"type": "mem", "count": 2048}]
+                },
+                "steps": [],
+            }
+        ]
+    }
+    trace = read_sacct_json(write(tmp_path, "new.json", json.dumps(doc)))
+    assert trace.job_id.tolist() == [7]
+    assert (trace.start_s - trace.submit_s).tolist() == [60]
+    assert trace.memory_alloc_bytes.tolist() == [2048 * MIB]
+    assert trace.cpu_used_ratio[0] == pytest.approx(0.5)
+
+
+def test_sacct_json_job_without_time_is_named(tmp_path: Path) -> None:
+    with pytest.raises(TraceFormatError) as err:
+        read_sacct_json(write(tmp_path, "j.json", '{"jobs": [{"job_id": 1}]}'))
+    assert err.value.field == "jobs[0]"
