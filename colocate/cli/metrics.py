@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -79,7 +80,11 @@ def run(args: argparse.Namespace) -> int:
         return _openmetrics(args)
     if args.action == "serve":
         return _serve(args)
-    return _queries(args)
+    try:
+        return _queries(args)
+    except BrokenPipeError:  # `colocate metrics queries | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
