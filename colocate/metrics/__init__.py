@@ -20,13 +20,14 @@ from __future__ import annotations
 from colocate.metrics.accounting import CostAccount, cpu_efficiency, memory_efficiency
 from colocate.metrics.agent_metrics import AgentMetrics
 from colocate.metrics.broker import BrokerCollector
-from colocate.metrics.collector import NODE_STATES, NodeCollector
+from colocate.metrics.collector import NodeCollector
 from colocate.metrics.events import InvocationResult, NodeEvents
 from colocate.metrics.executor_meter import ExecutorMeter
 from colocate.metrics.exposition import MetricsServer, parse_listen, render, serve_metrics
 from colocate.metrics.state import (
     EXECUTOR_STATES,
     LEASE_STATES,
+    NODE_STATES,
     ExecutorState,
     LeaseState,
     NodeState,

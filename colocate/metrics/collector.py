@@ -34,21 +34,18 @@ from colocate.metrics.accounting import (
 from colocate.metrics.events import EventCounts, HistogramCounts, NodeEvents
 from colocate.metrics.job_series import job_families
 from colocate.metrics.money_series import money_families
-from colocate.metrics.state import EXECUTOR_STATES, LEASE_STATES, OTHER, NodeState, bounded_state
+from colocate.metrics.state import (
+    EXECUTOR_STATES,
+    LEASE_STATES,
+    NODE_STATES,
+    OTHER,
+    NodeState,
+    bounded_state,
+)
 from policies.prices import GIB, Prices
 
 log = logging.getLogger(__name__)
 
-NODE_STATES: tuple[str, ...] = (
-    "total",
-    "allocated",
-    "used_by_jobs",
-    "idle_allocated",
-    "unallocated",
-    "offered",
-    "leased",
-    "used_by_functions",
-)
 Metric = GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily | InfoMetricFamily
 
 
@@ -306,4 +303,4 @@ def _package_version() -> str:
     return __version__
 
 
-__all__ = ["NODE_STATES", "NodeCollector"]
+__all__ = ["NodeCollector"]

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from colocate.metrics.accounting import WASTE_STATES
-from colocate.metrics.collector import NODE_STATES
 from colocate.metrics.events import EVICTION_REASONS, INVOCATION_RESULTS
+from colocate.metrics.state import NODE_STATES
 
 __all__ = ["ReplaySample", "write_openmetrics"]
 

@@ -15,6 +15,18 @@ from dataclasses import dataclass, field
 from monitors.snapshot import JobSnapshot, NodeSnapshot
 from policies.model import LeaseView, NodeView, Offer
 
+#: States of ``colocate_node_cores`` / ``colocate_node_memory_bytes``; they overlap:
+#: allocated = used_by_jobs + idle_allocated, total = allocated + unallocated, leased <= offered.
+NODE_STATES: tuple[str, ...] = (
+    "total",
+    "allocated",
+    "used_by_jobs",
+    "idle_allocated",
+    "unallocated",
+    "offered",
+    "leased",
+    "used_by_functions",
+)
 LEASE_STATES: tuple[str, ...] = ("starting", "active", "evicting")
 EXECUTOR_STATES: tuple[str, ...] = ("starting", "idle", "busy", "stopping")
 OTHER = "other"

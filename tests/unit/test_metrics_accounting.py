@@ -174,3 +174,33 @@ def test_waste_never_decreases_and_never_exceeds_the_allocation(
     acc = account.jobs["42"]
     assert acc.idle_core_seconds <= 2 * t + 1e-6
     assert acc.idle_memory_byte_seconds <= 4 * GIB * t + 1e-3
+
+
+PURE = ["accounting.py", "events.py", "state.py", "openmetrics.py", "replay_adapter.py"]
+NO_IO = {
+    "os",
+    "time",
+    "socket",
+    "psutil",
+    "prometheus_client",
+    "subprocess",
+    "pathlib",
+    "http",
+    "urllib",
+    "httpx",
+}
+
+
+@pytest.mark.parametrize("name", PURE)
+def test_the_accounting_side_does_no_io_and_reads_no_clock(name: str) -> None:
+    import ast
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "colocate" / "metrics" / name
+    imported: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            imported.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            imported.add(node.module.split(".")[0])
+    assert not imported & NO_IO, f"{name} imports {imported & NO_IO}"
