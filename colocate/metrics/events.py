@@ -219,3 +219,56 @@ class NodeEvents:
                 cold_starts=self._cold_starts,
                 cold_start_duration=self._cold_start_duration.counts(),
             )
+
+
+class InvocationTally:
+    """What an executor process counts of its own invocations, to hand to its agent.
+
+    The worker calls :meth:`record` per call; every so often it sends :meth:`drain` (the
+    increments since the last drain, as JSON-ready data) to the agent, which passes them to
+    :meth:`NodeEvents.add_invocations` via :meth:`from_json`. Not thread-safe: one per worker
+    thread, or guard it.
+    """
+
+    def __init__(self) -> None:
+        self._results: dict[str, int] = {}
+        self._durations = LatencyHistogram(INVOCATION_BUCKETS_S)
+
+    def record(self, result: str, duration_s: float) -> None:
+        self._results[str(result)] = self._results.get(str(result), 0) + 1
+        self._durations.observe(max(0.0, duration_s))
+
+    def drain(self) -> dict[str, object]:
+        """Increments since the last drain: ``{"results": {...}, "buckets": [...], "count", "sum"}``."""
+        counts = self._durations.counts()
+        data: dict[str, object] = {
+            "results": dict(self._results),
+            "buckets": list(counts.buckets),
+            "count": counts.count,
+            "sum": counts.sum,
+        }
+        self._results.clear()
+        self._durations = LatencyHistogram(INVOCATION_BUCKETS_S)
+        return data
+
+    @staticmethod
+    def from_json(data: Mapping[str, object]) -> tuple[dict[str, int], HistogramCounts]:
+        """``(results, durations)`` for ``NodeEvents.add_invocations``; ValueError if malformed."""
+        results = data.get("results")
+        buckets = data.get("buckets")
+        count, total = data.get("count"), data.get("sum")
+        if (
+            not isinstance(results, dict)
+            or not all(isinstance(v, int) and v >= 0 for v in results.values())
+            or not isinstance(buckets, list)
+            or len(buckets) != len(INVOCATION_BUCKETS_S)
+            or not all(isinstance(b, int) for b in buckets)
+            or buckets != sorted(buckets)
+            or not isinstance(count, int)
+            or (buckets and count < buckets[-1])
+            or not isinstance(total, int | float)
+        ):
+            raise ValueError("not an invocation tally (results, buckets, count, sum)")
+        return {str(k): int(v) for k, v in results.items()}, HistogramCounts(
+            INVOCATION_BUCKETS_S, tuple(buckets), count, float(total)
+        )

@@ -337,3 +337,27 @@ def test_dashboard_layout_is_importable() -> None:
             assert not overlap, f"{a[4]} overlaps {b[4]}"
     assert {"datasource", "node", "job_id", "policy"} <= set(template_variables(dashboard))
     assert [p["title"] for p in panels if p["type"] == "row"] == ["Cluster overview", "Node", "Job"]
+
+
+def test_an_executor_tally_reaches_the_node_counters_through_json() -> None:
+    import json
+
+    from colocate.metrics.events import InvocationTally
+
+    registry = CollectorRegistry()
+    events = NodeCollector(Prices(), registry=registry).events("n1")
+    tally = InvocationTally()  # in the worker process
+    for result, d in (("ok", 0.0001), ("ok", 0.002), ("error", 0.5)):
+        tally.record(result, d)
+    wire = json.loads(json.dumps(tally.drain()))  # as it crosses to the agent
+    events.add_invocations(*InvocationTally.from_json(wire))
+    events.add_invocations(
+        *InvocationTally.from_json(json.loads(json.dumps(tally.drain())))
+    )  # empty drain
+    s = scrape(registry)
+    assert value(s, "colocate_invocations_total", result="ok") == 2
+    assert value(s, "colocate_invocations_total", result="error") == 1
+    assert value(s, "colocate_invocation_duration_seconds_count") == 3
+    assert value(s, "colocate_invocation_duration_seconds_sum") == pytest.approx(0.5021)
+    with pytest.raises(ValueError, match="tally"):
+        InvocationTally.from_json({"results": {"ok": -1}, "buckets": [], "count": 0, "sum": 0})
