@@ -138,6 +138,7 @@ class Agent:
         self._offer = Offer()
         self._policy_state: object | None = None
         self._wake = threading.Event()
+        self._report_due = threading.Event()
         self._stop = threading.Event()
         self._broker_down_since: float | None = None
         self._state_file = Path(state_dir) / f"agent-{self.node}-leases.json" if state_dir else None
@@ -212,9 +213,11 @@ class Agent:
             )
             self._leases[held.lease_id] = held
             self._save()
-        # No early report: the broker learns the start from this answer (and a report now
-        # would compete with the client's first connection for the CPU).
+        # Wake the loop to watch the new expiry, but report only at the next interval: the
+        # broker learns the start from this answer (and a report now would compete with the
+        # client's first connection for the CPU).
         log.info("lease %s: executor at %s on cores %s", held.lease_id, held.address, list(cpu_ids))
+        self._wake.set()
         return self._start_reply(held)
 
     def _start_reply(self, held: HeldLease) -> StartReply:
@@ -266,6 +269,7 @@ class Agent:
         seconds = self._evict_executor(lease_id, grace, reason)
         log.info("lease %s %s (grace %.3fs, gone after %.3fs)", lease_id, reason, grace, seconds)
         if reason != "released":  # the broker asked for a release; it must hear of anything else now
+            self._report_due.set()
             self._wake.set()
         return Revoked(lease_id=lease_id, reason=reason, seconds=seconds)
 
@@ -346,25 +350,30 @@ class Agent:
             )
 
     def run(self) -> None:
-        """Loop until :meth:`stop`: decide, evict, report; wake early after any change."""
+        """Loop until :meth:`stop`: decide and evict at every wake-up (each interval, each
+        lease expiry, each change); report every interval and right after any lease ended."""
+        next_report = 0.0
         with httpx.Client(timeout=max(1.0, self.interval_s), headers={CONTROL_HEADER: control_token(self._secret)}) as http:
             while not self._stop.is_set():
                 self._wake.clear()
                 try:
-                    self.tick()
-                    self.report_once(http)
+                    ended = self.tick()
+                    if ended or self._report_due.is_set() or time.monotonic() >= next_report:
+                        self._report_due.clear()
+                        self.report_once(http)
+                        next_report = time.monotonic() + self.interval_s
                 except Exception:
                     log.exception("agent loop iteration failed; continuing")
-                self._wake.wait(self._next_wait())
+                self._wake.wait(self._next_wait(next_report - time.monotonic()))
 
-    def _next_wait(self) -> float:
-        """Sleep until the next report, or until the next lease expires if that is sooner
-        (expired leases go at their expiry, not up to an interval later)."""
+    def _next_wait(self, until_report_s: float) -> float:
+        """Sleep until the next report or the next lease expiry, whichever comes first."""
         with self._lock:
             next_expiry = min((held.expires_at for held in self._leases.values()), default=None)
-        if next_expiry is None:
-            return self.interval_s
-        return min(self.interval_s, max(0.0, next_expiry - self._clock()) + 0.001)
+        wait = max(0.0, until_report_s)
+        if next_expiry is not None:
+            wait = min(wait, max(0.0, next_expiry - self._clock()) + 0.001)
+        return wait
 
     def stop(self) -> None:
         self._stop.set()
