@@ -35,7 +35,7 @@ class ExecutorConfig(_Section):
     # Imported once by the fork server, before workers drop to run_as_user (who may not be
     # allowed to read the Python installation, e.g. a pyenv under /root).
     preload_modules: tuple[str, ...] = ()
-    eviction_notice_s: float = Field(0.02, ge=0, description="with no grace, time workers get to notify clients before SIGKILL")
+    eviction_notice_s: float = Field(0.1, ge=0, description="with no grace, longest wait for workers to notify clients and exit before SIGKILL")
     # A uid of its own per lease, from [first, last] (group of run_as_user), so that one lease's
     # functions cannot signal another lease's workers. None: every lease runs as run_as_user.
     lease_uid_range: tuple[int, int] | None = None

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -30,7 +31,7 @@ from colocate.errors import BackendUnavailable, BadRequest, ConfigError
 from colocate.executor.confinement import Confinement, LeaseCgroups, check_name, remove_dirs
 from colocate.executor.forkserver import recv_msg, send_msg
 from colocate.executor.verifier import TokenVerifier
-from colocate.executor.worker import WorkerSpec
+from colocate.executor.worker import WorkerSpec, eviction_signal
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +340,9 @@ class ExecutorSupervisor:
 
         Workers get a notice at once (their clients' unanswered calls end with LeaseEvicted,
         or LeaseExpired when ``reason == "expired"``), may finish the running call within
-        ``grace_s``, then are killed. Unknown lease: 0.0.
+        ``grace_s``, then are killed. With no grace they exit right after the notice; a worker
+        that is not scheduled within ``config.eviction_notice_s`` is killed without one (its
+        clients then see ExecutorLost). Unknown lease: 0.0.
         """
         t0 = time.monotonic()
         with self._lock:
@@ -350,7 +353,7 @@ class ExecutorSupervisor:
         offspring = (
             set(_with_children(lease.handle.pids)) if lease.cgroups.mode == "rlimit" else set()
         )
-        sig = signal.SIGUSR1 if reason == "expired" else signal.SIGTERM
+        sig = eviction_signal(expired=reason == "expired", now=grace_s <= 0)
         for pidfd in lease.pidfds.values():
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(pidfd, sig)
@@ -377,6 +380,21 @@ class ExecutorSupervisor:
         """Executors running now (a worker that died on its own still counts until evicted)."""
         with self._lock:
             return [lease.handle for lease in self._leases.values()]
+
+    def exited(self) -> dict[str, tuple[int, ...]]:
+        """Leases with workers that ended on their own (crash, OOM kill): lease id -> pids.
+
+        Their clients got ExecutorLost; the agent may evict the lease and free its cores.
+        """
+        with self._lock:
+            leases = list(self._leases.values())
+        out: dict[str, tuple[int, ...]] = {}
+        for lease in leases:
+            alive = _wait_exit(lease.pidfds, 0.0)
+            gone = tuple(sorted(set(lease.pidfds) - set(alive)))
+            if gone:
+                out[lease.handle.lease_id] = gone
+        return out
 
     # -- restart cleanup ---------------------------------------------------------------------
     def adopt_or_cleanup(self) -> list[str]:
@@ -488,9 +506,8 @@ def _lease_rss(pids: Sequence[int]) -> int:
 
 
 def _wait_exit(pidfds: dict[int, int], timeout_s: float) -> list[int]:
-    """Wait until the processes exit or ``timeout_s`` passes; the pids still alive."""
-    import select
-
+    """Wait until the processes exit or ``timeout_s`` passes (0: just look); the pids still
+    alive. A pidfd is readable once its process has exited."""
     deadline = time.monotonic() + timeout_s
     alive = dict(pidfds)
     poller = select.poll()
@@ -498,11 +515,10 @@ def _wait_exit(pidfds: dict[int, int], timeout_s: float) -> list[int]:
     for fd in by_fd:
         poller.register(fd, select.POLLIN)
     while alive:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
+        left = max(0.0, deadline - time.monotonic())
         for fd, _ in poller.poll(left * 1000):
-            pid = by_fd[fd]
-            alive.pop(pid, None)
+            alive.pop(by_fd[fd], None)
             poller.unregister(fd)
+        if time.monotonic() >= deadline:
+            break
     return sorted(alive)

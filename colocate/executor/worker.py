@@ -9,9 +9,10 @@ Robustness: a malformed frame gets a MALFORMED reply and, when the stream cannot
 any more, the connection is closed; a vanished client only closes its connection. Nothing a
 client sends ends the worker.
 
-Eviction: SIGTERM (evicted) or SIGUSR1 (expired) make the worker send a notice on every
-connection, finish the call it is running (the supervisor kills it after the grace period),
-run nothing more and exit.
+Eviction (signals in ``EVICTION_SIGNALS``): the worker sends a notice (evicted or expired) on
+every connection, then either exits at once (no grace) or finishes the call it is running
+(the supervisor kills it after the grace period); it runs nothing more. A plain SIGTERM is an
+eviction with grace.
 """
 
 from __future__ import annotations
@@ -45,6 +46,20 @@ _PR_SET_PDEATHSIG = 1
 _MAX_CONNECTIONS = 1024
 
 IDLE, IO, RUNNING = 0, 1, 2
+
+# signal -> (notice status, exit without finishing the running call)
+EVICTION_SIGNALS: dict[int, tuple[int, bool]] = {
+    signal.SIGTERM: (P.EVICTED, False),
+    signal.SIGRTMIN: (P.EVICTED, False),
+    signal.SIGRTMIN + 1: (P.EXPIRED, False),
+    signal.SIGRTMIN + 2: (P.EVICTED, True),
+    signal.SIGRTMIN + 3: (P.EXPIRED, True),
+}
+
+
+def eviction_signal(expired: bool, now: bool) -> int:
+    """The signal that evicts a worker (``now``: without finishing its running call)."""
+    return int(signal.SIGRTMIN) + int(expired) + 2 * int(now)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,11 +177,12 @@ class Worker:
 
     # -- eviction -------------------------------------------------------------------------
     def on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        self.evicting = P.EXPIRED if signum == signal.SIGUSR1 else P.EVICTED
+        self.evicting, now = EVICTION_SIGNALS.get(signum, (P.EVICTED, False))
         if self.phase != IO:  # no frame is half written: safe to write the notices now
             self._send_notices()
-            if self.phase == IDLE:
+            if self.phase == IDLE or now:
                 os._exit(0)
+        # in the middle of I/O: the loop sends the notices and exits once the write is done
 
     def _send_notices(self) -> None:
         if self.noticed:
@@ -444,7 +460,7 @@ def run(spec: WorkerSpec, listeners: list[socket.socket], ready_fd: int) -> NoRe
     """Body of a freshly forked worker: confine, pin, drop privileges, report ready, serve."""
     verifier: socket.socket | None = None
     try:
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
+        for sig in (signal.SIGCHLD, signal.SIGHUP, *EVICTION_SIGNALS):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         _close_other_fds({ready_fd, *(s.fileno() for s in listeners)})
@@ -461,8 +477,8 @@ def run(spec: WorkerSpec, listeners: list[socket.socket], ready_fd: int) -> NoRe
         _prctl(_PR_SET_NO_NEW_PRIVS, 1)
         os.chdir("/")
         worker = Worker(spec, listeners, verifier)
-        signal.signal(signal.SIGTERM, worker.on_signal)
-        signal.signal(signal.SIGUSR1, worker.on_signal)
+        for sig in EVICTION_SIGNALS:
+            signal.signal(sig, worker.on_signal)
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.write(ready_fd, f"worker {spec.index} setup failed: {exc!r}".encode())

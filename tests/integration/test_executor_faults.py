@@ -110,6 +110,10 @@ def test_worker_killed_mid_invocation_fails_every_pending_call(
     assert outcomes([running, *queued], timeout=10) == {"ExecutorLost": 51}
     with pytest.raises(ExecutorLost):
         ex.invoke(add, 1)
+    deadline = time.monotonic() + 5  # the socket closes a moment before the process is gone
+    while not supervisor.exited() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert supervisor.exited() == {lease_id: (pid,)}
     assert supervisor.evict(lease_id) < 1.0
 
 
