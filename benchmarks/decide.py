@@ -11,8 +11,8 @@ round-robin ``--rounds`` times so background load hits them alike; medians are q
 
 Rates are per CPU second of this process (the machine is shared; wall rates are saved too).
 
-Usage: python benchmarks/policies.py [--calls 5000] [--rounds 15]
-Prints a table and writes benchmarks/results/policies.json.
+Usage: python benchmarks/decide.py [--calls 5000] [--rounds 15]
+Prints a table and writes benchmarks/results/decide.json.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine); baseline: unallocated with the guard off, same history length, same run"
     )
 
-    out = ROOT / "benchmarks" / "results" / "policies.json"
+    out = ROOT / "benchmarks" / "results" / "decide.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(

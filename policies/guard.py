@@ -21,8 +21,9 @@ with Heracles' rule of not growing best-effort work while the primary is under p
 5. **No growth under pressure**: while any job is under pressure the offer never grows.
 6. **Minimum reclaim**: the offer grows back only in steps of ``limits.min_reclaim_bytes``
    (64 MiB) and ``limits.min_reclaim_cores`` (1), so it does not flap around a boundary; it shrinks at once.
-7. **Share cap**: functions never hold more than ``limits.max_function_share`` of the node's
-   cores and memory (default 50 %); leases beyond it are evicted (``SHARE_CAP``), newest first.
+7. **Share cap**: on a node where batch jobs run, functions never hold more than
+   ``limits.max_function_share`` of the node's cores and memory (default 50 %); leases beyond
+   it are evicted (``SHARE_CAP``), newest first. An idle node is not capped.
 
 The guard only ever takes away from the wrapped policy's offer, never adds to it.
 Pressure evictions get ``limits.eviction_grace_s``; so do share-cap evictions.
@@ -210,13 +211,15 @@ class InterferenceGuard:
                 if added and len(added) < limits.min_reclaim_cores:
                     cpu_ids = cpu_ids - added
 
-        # 7. share cap
+        # 7. share cap, only where batch jobs run: an empty node has nobody to protect, and
+        # capping it would halve the scavenger baseline on idle nodes.
         share = limits.max_function_share
-        cap_cores = math.floor(share * len(node.cpu_ids) + 1e-9)
-        if len(cpu_ids) > cap_cores:
-            cpu_ids = _trim_cores(cpu_ids, cap_cores, kept)
-        memory = min(memory, int(share * node.memory_total_bytes))
-        if kept:
+        if node.jobs:
+            cap_cores = math.floor(share * len(node.cpu_ids) + 1e-9)
+            if len(cpu_ids) > cap_cores:
+                cpu_ids = _trim_cores(cpu_ids, cap_cores, kept)
+            memory = min(memory, int(share * node.memory_total_bytes))
+        if kept and node.jobs:
             memory_left = memory
             over: list[Eviction] = []
             for lease in kept:

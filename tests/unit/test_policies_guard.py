@@ -164,17 +164,25 @@ def test_memory_offer_grows_back_only_in_minimum_reclaim_steps() -> None:
 def test_share_cap_trims_the_offer_keeping_held_leases_and_evicts_the_newest_beyond() -> None:
     limits = Limits(max_function_share=0.5)
     run = Run(limits, name="unallocated")
-    empty = run.at(T0, node())
-    assert empty.offer.cpu_ids == {4, 5, 6, 7}  # highest ids first
-    assert empty.offer.memory_bytes == 32 * GIB
+    small = JobView("S", frozenset({0}), 16 * GIB, GIB, (UsageSample(T0, 1.0, GIB),))
+    capped = run.at(T0, node(small))
+    assert capped.offer.cpu_ids == {4, 5, 6, 7}  # 7 free cores, capped at half of 8: highest ids
+    assert capped.offer.memory_bytes == 32 * GIB  # 48 GiB free, capped at half of 64
     leases = (
-        lease("first", {0, 1}, granted=100.0),
-        lease("second", {2}, granted=200.0),
-        lease("third", {3, 4}, granted=300.0),
+        lease("first", {1, 2}, granted=100.0),
+        lease("second", {3}, granted=200.0),
+        lease("third", {4, 5}, granted=300.0),
     )
-    decision = run.at(T0 + 1, node(leases=leases))
-    assert decision.offer.cpu_ids == {0, 1, 2, 7}
+    decision = run.at(T0 + 1, node(small, leases=leases))
+    assert decision.offer.cpu_ids == {1, 2, 3, 7}
     assert {e.lease_id: e.reason for e in decision.evictions} == {"third": EvictionReason.SHARE_CAP}
+
+
+def test_share_cap_leaves_a_node_without_batch_jobs_whole() -> None:
+    run = Run(Limits(max_function_share=0.5), name="unallocated")
+    idle = run.at(T0, node())
+    assert idle.offer.cpu_ids == frozenset(range(8))
+    assert idle.offer.memory_bytes == 64 * GIB
 
 
 def test_guard_off_gives_the_bare_policy_decision() -> None:
