@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 
 
@@ -23,9 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per report is noise
-    from colocate.broker.secret import load_or_create_secret
+    from colocate.broker.secret import default_secret_file, load_or_create_secret
     from colocate.broker.service import bind, serve, url_of
-    from colocate.config import load_config
+    from colocate.config import AgentConfig, load_config
     from colocate.errors import ConfigError
     from colocate.units import parse_size
 
@@ -44,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
     agent_config = config.agent.model_copy(update=updates)
     if agent_config.interval_s <= 0:
         raise ConfigError("--interval must be positive")
+    if os.geteuid() != 0 and args.state_dir is None and agent_config.state_dir == AgentConfig().state_dir:
+        # A user's laptop: /var/lib is root's; keep the state next to the user's secret.
+        agent_config = agent_config.model_copy(update={"state_dir": str(default_secret_file().parent / "agent")})
     secret = load_or_create_secret(args.secret_file or config.broker.secret_file)
     node = agent_config.node or socket.gethostname().split(".")[0]
     memory = parse_size(agent_config.offer_memory) if agent_config.offer_memory is not None else None
