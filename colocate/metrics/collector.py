@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from prometheus_client.core import (
@@ -28,9 +27,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from colocate.metrics.accounting import (
-    CostAccount,
-)
+from colocate.metrics.accounting import CostAccount
 from colocate.metrics.events import EventCounts, HistogramCounts, NodeEvents
 from colocate.metrics.job_series import job_families
 from colocate.metrics.money_series import money_families
@@ -56,20 +53,22 @@ class _NodeEntry:
 
 
 class NodeCollector(Collector):
-    """Exports ``colocate_*`` metrics of the nodes it is fed (see ``docs`` in the module)."""
+    """Exports the ``colocate_*`` metrics of the nodes it is fed, plus prices and build info.
+
+    ``max_gap_s``: sampling gaps longer than this accrue no money (see ``CostAccount``).
+    ``version`` defaults to the installed colocate version.
+    """
 
     def __init__(
         self,
         prices: Prices,
         *,
         registry: CollectorRegistry | None = None,
-        clock: Callable[[], float] = time.time,
         max_gap_s: float = 60.0,
         version: str = "",
     ) -> None:
         self.prices = prices
         self.max_gap_s = max_gap_s
-        self._clock = clock
         self._version = version or _package_version()
         self._lock = threading.Lock()
         self._nodes: dict[str, _NodeEntry] = {}
@@ -94,7 +93,8 @@ class NodeCollector(Collector):
                 self._nodes[node] = entry
             entry.account.advance(state.snapshot, state.cores_leased, state.memory_leased_bytes, t)
             entry.state = state
-            self._events.setdefault(node, NodeEvents())
+            if node not in self._events:
+                self._events[node] = NodeEvents()
 
     def events(self, node: str) -> NodeEvents:
         """The event counters of ``node`` (created on first use); record on them directly."""
