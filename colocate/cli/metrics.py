@@ -130,6 +130,12 @@ def _openmetrics(args: argparse.Namespace) -> int:
         raise ConfigError(
             "not a directory; pass the --out directory of colocate replay", path=args.replay_out
         )
+    if args.replay_out and not path.exists():
+        raise ConfigError(
+            f"no {SERIES_FILE} here; run colocate replay --out {args.replay_out} again "
+            "(or write it with colocate.metrics.replay_series.save_replay_series)",
+            path=args.replay_out,
+        )
     series = load_replay_series(path)
     shift = 0.0
     if args.end_at is not None:
