@@ -71,6 +71,18 @@ def job_memory(trace: JobTrace, cluster: Cluster) -> npt.NDArray[np.float64]:
     return np.where(np.isfinite(recorded) & (recorded > 0), recorded, share)
 
 
+def _first_fit(by_free: list[list[int]], free_c: list[int], need: int) -> int:
+    """Lowest node id with at least ``need`` free cores, or -1 (cleans stale heap entries)."""
+    best = -1
+    for c in range(need, len(by_free)):
+        heap = by_free[c]
+        while heap and free_c[heap[0]] != c:
+            heapq.heappop(heap)
+        if heap and (best < 0 or heap[0] < best):
+            best = heap[0]
+    return best
+
+
 def place(trace: JobTrace, cluster: Cluster, memory: npt.NDArray[np.float64]) -> Placement:
     """First-fit placement of every job at its recorded start (see the module docstring)."""
     cpn = cluster.cores_per_node
@@ -84,14 +96,17 @@ def place(trace: JobTrace, cluster: Cluster, memory: npt.NDArray[np.float64]) ->
         "no room at recorded start": 0,
     }
     clipped = 0
-    # Scalars live in Python lists (fast item access); the numpy copy of free cores serves
-    # the first-fit scans; fully idle nodes sit in a min-heap (lazy deletion) for whole-node
-    # pieces, the common case of parallel jobs.
+    # Scalars live in Python lists (fast item access); heaps per free-core count give the
+    # first fit of one-node pieces; the numpy copies serve the rarer multi-node scans.
     free_c = [cpn] * cluster.nodes
     free_m = [float(usable)] * cluster.nodes
     free_c_np = np.full(cluster.nodes, cpn, dtype=np.int64)
     free_m_np = np.full(cluster.nodes, float(usable))
-    idle = list(range(cluster.nodes))
+    # by_free[c]: min-heap of nodes with c free cores (lazy: an entry counts only while the
+    # node still has exactly c free); by_free[cpn] holds the idle nodes
+    by_free: list[list[int]] = [[] for _ in range(cpn + 1)]
+    by_free[cpn] = list(range(cluster.nodes))
+    idle = by_free[cpn]
     full_mask = (1 << cpn) - 1
     masks = [0] * cluster.nodes
     out_job: list[int] = []
@@ -122,8 +137,7 @@ def place(trace: JobTrace, cluster: Cluster, memory: npt.NDArray[np.float64]) ->
             free_m[n] = fm
             free_m_np[n] = fm
             masks[n] &= ~out_mask[p]
-            if fc == cpn:
-                heappush(idle, n)
+            heappush(by_free[fc], n)
         c = cores_all[j]
         n_nodes = nodes_all[j] if nodes_all[j] > 0 else -(-c // cpn)
         if c > cluster.cores or n_nodes > cluster.nodes or -(-c // n_nodes) > cpn:
@@ -145,9 +159,7 @@ def place(trace: JobTrace, cluster: Cluster, memory: npt.NDArray[np.float64]) ->
                 skipped["no room at recorded start"] += 1
                 continue
         elif (
-            n_nodes == 1
-            and free_c[k := int(np.argmax(free_c_np >= need_c))] >= need_c
-            and free_m[k] >= need_m
+            n_nodes == 1 and (k := _first_fit(by_free, free_c, need_c)) >= 0 and free_m[k] >= need_m
         ):
             chosen = [k]
         else:
@@ -177,8 +189,11 @@ def place(trace: JobTrace, cluster: Cluster, memory: npt.NDArray[np.float64]) ->
             if mem > fm:
                 mem = fm
             masks[n] = mask | bits
-            free_c[n] -= k
-            free_c_np[n] = free_c[n]
+            fc = free_c[n] - k
+            free_c[n] = fc
+            free_c_np[n] = fc
+            if fc:
+                heappush(by_free[fc], n)
             free_m[n] = fm - mem
             free_m_np[n] = fm - mem
             heappush(ends, (e, len(out_job)))

@@ -222,6 +222,10 @@ def replay_policy(
     bounds = [*group_start.tolist(), n_events]
     group_minute = t_arr[group_start].tolist()
     group_node = node_arr[group_start].tolist()
+    is_change = (events[3] == _START) | (events[3] == _END)
+    group_changes = (
+        np.add.reduceat(is_change.astype(np.int64), group_start).tolist() if n_events else []
+    )
     for g in range(len(group_minute)):
         minute = group_minute[g]
         node = group_node[g]
@@ -230,17 +234,14 @@ def replay_policy(
         # interference time since this node's last decision
         if viol_count[node]:
             violation_s += (now - viol_since[node]) * viol_count[node]
-        changed = False
-        for i in range(bounds[g], bounds[g + 1]):
-            kind = ev_kind[i]
-            if kind == _START:
-                piece = ev_piece[i]
-                jobs_here[piece] = pieces_static(piece)
-                changed = True
-            elif kind == _END:
-                del jobs_here[ev_piece[i]]
-                changed = True
-        if changed:
+        if group_changes[g]:  # starts or ends here (ticks and phase ends change no job set)
+            for i in range(bounds[g], bounds[g + 1]):
+                kind = ev_kind[i]
+                if kind == _START:
+                    piece = ev_piece[i]
+                    jobs_here[piece] = pieces_static(piece)
+                elif kind == _END:
+                    del jobs_here[ev_piece[i]]
             node_signature[node] = tuple([p.signature for p in jobs_here.values()])
         current = lease[node]
         old_state = state[node]
