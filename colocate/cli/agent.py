@@ -83,13 +83,12 @@ def run(args: argparse.Namespace) -> int:
             interval_s=agent_config.interval_s,
             eviction_grace_s=agent_config.eviction_grace_s,
             max_payload_bytes=config.executor.max_payload_bytes,
-            state_dir=agent_config.state_dir,
         )
-        kept = agent.recover()
+        cleaned = agent.recover()
         print(
             f"colocate agent: node {node} listening on {url}, offering {len(source.cpu_ids)} cores and "
             f"{source.memory_bytes} bytes to {agent_config.broker_url}"
-            + (f"; kept leases {', '.join(kept)}" if kept else ""),
+            + (f"; cleaned up {len(cleaned)} executors of a previous run" if cleaned else ""),
             flush=True,
         )
         serve(create_app(agent), sock)

@@ -17,14 +17,12 @@ current offer, so a stale broker can never make it overcommit.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import httpx
@@ -116,7 +114,6 @@ class Agent:
         interval_s: float = 1.0,
         eviction_grace_s: float = 1.0,
         max_payload_bytes: int = 16 * 1024**2,
-        state_dir: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.source = source
@@ -141,52 +138,27 @@ class Agent:
         self._report_due = threading.Event()
         self._stop = threading.Event()
         self._broker_down_since: float | None = None
-        self._state_file = Path(state_dir) / f"agent-{self.node}-leases.json" if state_dir else None
 
     # --- identity -------------------------------------------------------------------------
 
     def is_control(self, presented: str | None) -> bool:
         return control_token_ok(self._secret, presented)
 
-    # --- startup: executors left by a previous agent ----------------------------------------
+    # --- startup ----------------------------------------------------------------------------
 
     def recover(self) -> list[str]:
-        """Call once before serving: keep the executors a previous agent run left if their
-        leases are still valid, and make the first offer.
-
-        Lease details come from the state file; executors with no record or past their
-        expiry are evicted. Returns the lease ids kept.
-        """
+        """Call once before serving: clean up the executors a previous agent run left (their
+        clients get LeaseEvicted or ExecutorLost; the broker drops those leases at the first
+        report, seeing a new ``instance``) and make the first offer. Returns the lease ids
+        cleaned."""
         cleaned = self.executors.adopt_or_cleanup()
         if cleaned:
-            log.info("cleaned up leftovers of leases %s", ", ".join(cleaned))
-        saved: dict[str, HeldLease] = {}
-        if self._state_file is not None and self._state_file.exists():
-            try:
-                for item in json.loads(self._state_file.read_text()):
-                    item["cpu_ids"] = tuple(item["cpu_ids"])
-                    item["pids"] = tuple(item.get("pids", ()))
-                    held = HeldLease(**item)
-                    saved[held.lease_id] = held
-            except (OSError, ValueError, TypeError, KeyError) as exc:
-                log.warning("ignoring unreadable lease state %s: %s", self._state_file, exc)
-        now = self._clock()
-        kept: list[str] = []
-        for handle in list(self.executors.handles()):
-            found = saved.get(handle.lease_id)
-            if found is None or found.expires_at <= now:
-                self._evict_executor(handle.lease_id, 0.0, "expired" if found else "unknown")
-                continue
-            with self._lock:
-                self._generation += 1
-                self._leases[found.lease_id] = replace(
-                    found, address=handle.address, pids=tuple(handle.pids), generation=self._generation
-                )
-            kept.append(found.lease_id)
-        self._save()
+            log.info("cleaned up executors of leases %s left by a previous agent", ", ".join(cleaned))
+        for handle in list(self.executors.handles()):  # a backend that adopted instead
+            self._evict_executor(handle.lease_id, 0.0, "evicted")
         with self._lock:  # an offer before the first request, not one interval later
-            self._decide(now)
-        return kept
+            self._decide(self._clock())
+        return cleaned
 
     # --- the broker's requests ---------------------------------------------------------------
 
@@ -212,7 +184,6 @@ class Agent:
                 request.expires_at, handle.address, self._generation, tuple(handle.pids),
             )
             self._leases[held.lease_id] = held
-            self._save()
         # Wake the loop to watch the new expiry, but report only at the next interval: the
         # broker learns the start from this answer (and a report now would compete with the
         # client's first connection for the CPU).
@@ -246,7 +217,6 @@ class Agent:
                 raise LeaseError(f"does not run on node {self.node}", lease_id=lease_id)
             held = replace(held, expires_at=expires_at)
             self._leases[lease_id] = held
-            self._save()
         renew = getattr(self.executors, "renew", None)
         if callable(renew):
             renew(lease_id, expires_at)
@@ -264,7 +234,6 @@ class Agent:
             if held is None:
                 raise LeaseError(f"does not run on node {self.node}", lease_id=lease_id)
             self._generation += 1
-            self._save()
         grace = self.eviction_grace_s if grace_s is None else grace_s
         seconds = self._evict_executor(lease_id, grace, reason)
         log.info("lease %s %s (grace %.3fs, gone after %.3fs)", lease_id, reason, grace, seconds)
@@ -310,8 +279,6 @@ class Agent:
                 ended.append(eviction.lease_id)
             except LeaseError:
                 pass  # released meanwhile
-        if ended:
-            self._save()
         return ended
 
     def report_once(self, http: httpx.Client) -> ReportReply | None:
@@ -399,16 +366,3 @@ class Agent:
             node=self.node, broker_url=self.broker_url, cpu_ids=report.cpu_ids,
             memory_bytes=report.memory_bytes, generation=report.generation, leases=report.leases,
         )
-
-    def _save(self) -> None:
-        if self._state_file is None:
-            return
-        with self._lock:
-            items = [asdict(held) for held in self._leases.values()]
-        try:
-            self._state_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._state_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(items))
-            tmp.replace(self._state_file)
-        except OSError as exc:
-            log.warning("cannot save lease state to %s: %s", self._state_file, exc)
