@@ -199,7 +199,7 @@ def test_a_lease_ends_at_its_expiry_not_at_the_next_report(tmp_path: Path) -> No
         running = lease.executor().submit(nap, 30)
         with pytest.raises(LeaseExpired):
             running.result(timeout=10)
-        assert time.time() - lease.expires_at < 1.0
+        assert time.time() - lease.expires_at < 3.0  # not the 30 s report interval
 
 
 def test_restarted_agent_cleans_up_and_the_broker_drops_its_old_leases(tmp_path: Path) -> None:
