@@ -201,7 +201,8 @@ def evictions(
         t = time.perf_counter()
         reported.append(sup.evict(lease.lease_id))
         wall.append(time.perf_counter() - t)
-        assert not any(os.path.exists(f"/proc/{p}") and _alive(p) for p in lease.handle.pids)
+        assert not any(_alive(p) for p in lease.handle.pids)
+        assert not list(Path("/sys/fs/cgroup").glob(f"*/colocate/{NODE}/{lease.lease_id}"))
         for f in futures:
             exc = f.exception(timeout=10)
             if exc is not None and type(exc).__name__ != "LeaseEvicted":

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import pwd
 import select
 import shutil
 import signal
@@ -115,6 +116,19 @@ class ExecutorSupervisor:
         self.host = host
         self.hello_timeout_s = hello_timeout_s
         self._usable_cpus = frozenset(os.sched_getaffinity(0))  # before anyone pins this process
+        if os.geteuid() == 0:
+            try:
+                user = pwd.getpwnam(config.run_as_user)
+            except KeyError:
+                raise ConfigError(
+                    f"no user {config.run_as_user!r} on this node; name an unprivileged user",
+                    key="executor.run_as_user",
+                ) from None
+            if user.pw_uid == 0:
+                raise ConfigError(
+                    "functions never run as root; name an unprivileged user",
+                    key="executor.run_as_user",
+                )
         self._uids: range | None = None
         if config.lease_uid_range is not None:
             first, last = config.lease_uid_range

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from colocate import BackendUnavailable, BadRequest, LeaseExpired, PayloadTooLarge, Unauthorized
+from colocate import (
+    BackendUnavailable,
+    BadRequest,
+    ConfigError,
+    LeaseExpired,
+    PayloadTooLarge,
+    Unauthorized,
+)
 from colocate.client.executor import LeaseExecutor, RemoteError
 from colocate.config import ExecutorConfig
 from colocate.executor import ExecutorHandle, ExecutorSupervisor
@@ -251,6 +258,15 @@ def test_module_function_references(lease: Leased) -> None:
         with pytest.raises(BadRequest):
             ex.invoke("not a reference")
         assert ex.invoke(nap, 0) == 0
+
+
+@pytest.mark.root
+def test_a_supervisor_refuses_to_run_functions_as_root_or_a_missing_user() -> None:
+    require(os.geteuid() == 0, "the user check applies when the agent runs as root")
+    with pytest.raises(ConfigError, match="never run as root"):
+        ExecutorSupervisor(ExecutorConfig(run_as_user="root"), SECRET, node=NODE)
+    with pytest.raises(ConfigError, match="no user"):
+        ExecutorSupervisor(ExecutorConfig(run_as_user="no-such-user-xyz"), SECRET, node=NODE)
 
 
 def test_start_refuses_bad_leases(supervisor: ExecutorSupervisor, lease: Leased) -> None:
