@@ -107,7 +107,8 @@ class Confinement:
             base.mkdir(exist_ok=True)
         with contextlib.suppress(OSError):
             _write(base / "cgroup.subtree_control", "+memory +cpuset")
-        if not (base / "cgroup.subtree_control").read_text().split().count("memory"):
+        enabled = {c.lstrip("+") for c in (base / "cgroup.subtree_control").read_text().split()}
+        if "memory" not in enabled:
             raise OSError(errno.EPERM, "memory controller not delegated", str(base))
         return base
 
