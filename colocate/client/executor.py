@@ -46,6 +46,8 @@ from colocate.errors import (
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0
+_MAX_FUNCTIONS = 0xFFFF  # function indexes are 16 bits on the wire
+_MAX_FUNCTION_KEYS = 4096  # callables remembered by identity
 CORK_DEPTH = 16  # calls waiting on a worker before further asynchronous calls are batched
 CORK_FRAMES = 64  # writes held back at most
 _HDR = P.HEADER
@@ -492,6 +494,7 @@ class LeaseExecutor(Executor):
         self._fn_index: dict[Any, int] = {}
         self._fn_frames: list[bytes] = []
         self._fn_keep: list[Any] = []
+        self._fn_by_body: dict[tuple[int, bytes], int] = {}
         self._fn_lock = threading.Lock()
         self._shutdown = False
         self._rr = itertools.count()
@@ -555,6 +558,11 @@ class LeaseExecutor(Executor):
         return sum(1 for c in self._conns if not c.dead)
 
     @property
+    def shipped_functions(self) -> int:
+        """Distinct functions shipped so far (each goes once per connection)."""
+        return len(self._fn_frames)
+
+    @property
     def addresses(self) -> list[str]:
         """Where the live connections go (``tcp://...`` or ``unix://...``), one per worker."""
         return [c.url for c in self._conns if not c.dead]
@@ -583,10 +591,20 @@ class LeaseExecutor(Executor):
                 raise TypeError(f"{fn!r} is neither a callable nor a 'module:function' string")
             if len(body) > self.max_payload_bytes:
                 raise PayloadTooLarge(len(body), self.max_payload_bytes)
-            idx = len(self._fn_frames)
-            self._fn_frames.append(P.frame(P.DEFINE, flags, idx, 0, body))
-            self._fn_keep.append(fn)
-            self._fn_index[key] = idx
+            idx = self._fn_by_body.get((flags, body))
+            if idx is None:  # a new function (a fresh but identical lambda reuses its index)
+                if len(self._fn_frames) > _MAX_FUNCTIONS:
+                    raise BadRequest(
+                        f"more than {_MAX_FUNCTIONS} distinct functions on one executor; "
+                        "define functions once and pass data as arguments"
+                    )
+                idx = len(self._fn_frames)
+                self._fn_frames.append(P.frame(P.DEFINE, flags, idx, 0, body))
+                self._fn_by_body[(flags, body)] = idx
+            if len(self._fn_index) < _MAX_FUNCTION_KEYS:  # past that: pickled on every call
+                self._fn_index[key] = idx
+                if isinstance(key, tuple):
+                    self._fn_keep.append(fn)  # keeps id(fn) from being reused
             return idx
 
     def _frame(

@@ -352,3 +352,10 @@ def test_a_deep_state_directory_still_gets_unix_sockets(tmp_path: Path) -> None:
         ) as ex:
             assert ex.invoke(add, 20, 22) == 42
         assert (deep / f"executors-{NODE}" / f"{leased.lease_id}.json").exists()
+
+
+def test_a_fresh_but_identical_lambda_is_shipped_once(lease: Leased) -> None:
+    with lease.executor() as ex:
+        results = [ex.invoke(lambda x: x * 2, i) for i in range(300)]
+        assert results == [2 * i for i in range(300)]
+        assert ex.shipped_functions == 1
