@@ -62,6 +62,7 @@ class ExecutorBackend(Protocol):
     def start(self, lease_id: str, cpu_ids: Sequence[int], memory_bytes: int, expires_at: float) -> ExecutorHandleLike: ...
     def evict(self, lease_id: str, grace_s: float = 0.0, reason: str = "evicted") -> float: ...
     def handles(self) -> Sequence[ExecutorHandleLike]: ...
+    def exited(self) -> dict[str, tuple[int, ...]]: ...
     def adopt_or_cleanup(self) -> list[str]: ...
     def close(self) -> None: ...
 
@@ -272,6 +273,15 @@ class Agent:
                 self._generation += 1
                 ended.append(lease_id)
             evictions = self._decide(now)
+        # A worker that died on its own (crash, OOM kill): its calls ended ExecutorLost; take
+        # the whole lease back so its cores and memory are free and the broker hears of it.
+        for lease_id in self.executors.exited():
+            if lease_id not in self._leases:
+                continue
+            log.warning("lease %s: a worker exited on its own; evicting the lease", lease_id)
+            with contextlib.suppress(LeaseError):
+                self.revoke(lease_id, 0.0, "executor_lost")
+                ended.append(lease_id)
         for eviction in evictions:
             grace = 0.0 if eviction.reason is EvictionReason.EXPIRED else eviction.grace_s
             try:

@@ -15,7 +15,7 @@ import cloudpickle
 import httpx
 import pytest
 
-from colocate import Client, LeaseDenied, LeaseEvicted, LeaseExpired, Unauthorized
+from colocate import Client, ExecutorLost, LeaseDenied, LeaseEvicted, LeaseExpired, Unauthorized
 from colocate.broker.secret import load_or_create_secret
 from colocate.client.executor import LeaseExecutor
 from colocate.tokens import LeaseClaims, sign_lease
@@ -186,3 +186,21 @@ def test_a_node_whose_agent_died_is_skipped_before_the_broker_notices(tmp_path: 
         with Client(broker.url).lease(cores=1, memory="256MiB", duration="1m") as lease:
             assert lease.node == "big"
             assert lease.executor().invoke(payload_size, b"abc") == 3
+
+
+def exit_worker() -> None:
+    os._exit(3)
+
+
+def test_a_crashed_worker_frees_its_lease(cluster: tuple[Service, Service]) -> None:
+    broker, _ = cluster
+    client = Client(broker.url)
+    lease = client.lease(cores=2, memory="512MiB", duration="1m")
+    with pytest.raises(ExecutorLost):
+        lease.executor(workers=1).invoke(exit_worker)
+    # The agent notices, evicts the lease and tells the broker: the cores are free again.
+    wait_until(lambda: client.status().leases == [], timeout_s=5, what="broker to drop the lease")
+    with pytest.raises(LeaseEvicted):
+        lease.renew(duration=60)
+    with client.lease(cores=2, memory="512MiB", duration="1m") as fresh:
+        assert fresh.executor().invoke(payload_size, b"ok") == 2
