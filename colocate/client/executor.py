@@ -303,18 +303,20 @@ class _Connection:
             lease_id=self.lease_id,
         )
 
-    def mark_dead(self) -> None:
-        """Fail every call in flight: the worker will not answer them any more."""
+    def mark_dead(self, error: BaseException | None = None) -> None:
+        """Fail every call in flight (with ``error``, else the loss error): the worker will
+        not answer them any more."""
         with self.cond:
             if self.dead:
                 return
             self.dead = True
             pending, self.pending = self.pending, {}
+            self.outbox.clear()
             self.cond.notify_all()
         for fut in pending.values():
             if not fut.done():
                 with contextlib.suppress(Exception):
-                    fut.set_exception(self.lost_error())
+                    fut.set_exception(error or self.lost_error())
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
 
@@ -448,17 +450,36 @@ class _Connection:
                 self.read_lock.release()
 
     def close(self) -> None:
-        with self.cond:
-            self.dead = True
-            self.cond.notify_all()
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+        """Disconnect; calls still waiting for a reply fail with ExecutorLost."""
+        self.mark_dead(
+            ExecutorLost(
+                f"the client closed its connection to {self.url} before the reply came",
+                lease_id=self.lease_id,
+            )
+        )
         self.sock.close()
 
 
-def _close_all(conns: list[_Connection]) -> None:
+def _drain_and_close(conns: list[_Connection]) -> None:
+    """Wait for the calls in flight, then disconnect."""
     for conn in conns:
+        with contextlib.suppress(ColocateError):
+            conn.flush()
+        with conn.cond:
+            waiting = list(conn.pending.values())
+        for fut in waiting:
+            with contextlib.suppress(BaseException):
+                fut.exception()
         conn.close()
+
+
+def _close_when_done(conns: list[_Connection]) -> None:
+    """An executor that was dropped: its calls in flight still complete, then it disconnects."""
+    if any(conn.pending for conn in conns):
+        threading.Thread(target=_drain_and_close, args=(conns,), daemon=True).start()
+    else:
+        for conn in conns:
+            conn.close()
 
 
 class LeaseExecutor(Executor):
@@ -526,8 +547,9 @@ class LeaseExecutor(Executor):
             self._conns.append(conn)
         for fn in functions:
             self._index(fn)
-        # reader threads hold their connections, not this object: close them when it goes
-        weakref.finalize(self, _close_all, list(self._conns))
+        # reader threads hold their connections, not this object: when it is dropped, the
+        # calls in flight still complete, then the connections close
+        weakref.finalize(self, _close_when_done, list(self._conns))
 
     @staticmethod
     def _same_node_socket(address: str, welcome: dict[str, Any]) -> str | None:
@@ -721,17 +743,6 @@ class LeaseExecutor(Executor):
                 for fut in waiting:
                     fut.cancel()
         if not wait:
-            threading.Thread(target=self._drain_and_close, daemon=True).start()
+            threading.Thread(target=_drain_and_close, args=(self._conns,), daemon=True).start()
             return
-        self._drain_and_close()
-
-    def _drain_and_close(self) -> None:
-        for conn in self._conns:
-            with contextlib.suppress(ColocateError):
-                conn.flush()
-            with conn.cond:
-                waiting = list(conn.pending.values())
-            for fut in waiting:
-                with contextlib.suppress(BaseException):
-                    fut.exception()
-            conn.close()
+        _drain_and_close(self._conns)

@@ -359,3 +359,13 @@ def test_a_fresh_but_identical_lambda_is_shipped_once(lease: Leased) -> None:
         results = [ex.invoke(lambda x: x * 2, i) for i in range(300)]
         assert results == [2 * i for i in range(300)]
         assert ex.shipped_functions == 1
+
+
+def test_futures_outliving_their_executor_still_complete(lease: Leased) -> None:
+    import gc
+
+    ex = lease.executor()
+    futures = [ex.submit(nap, 0.1) for _ in range(3)]
+    del ex
+    gc.collect()
+    assert [f.result(timeout=10) for f in futures] == [0.1] * 3
