@@ -59,7 +59,7 @@ class ErrorReply(_Message):
 
 class LeaseRequest(_Message):
     cores: int = Field(1, ge=1, le=4096)
-    memory: Bytes = 512 * 1024**2
+    memory: Annotated[Bytes, Field(gt=0)] = 512 * 1024**2
     duration: Seconds = 300.0
 
 

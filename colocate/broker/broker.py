@@ -210,7 +210,7 @@ class Broker:
         except Exception as exc:
             self.book.remove(record.lease_id, LeaseEnd.START_FAILED)
             log.warning("node %s could not start lease %s: %s", node, record.lease_id, exc)
-            if isinstance(exc, LeaseDenied | BackendUnavailable):
+            if isinstance(exc, LeaseDenied | BackendUnavailable | BadRequest):
                 raise
             raise BackendUnavailable(f"node {node} could not start the executor: {exc}") from None
         self._max_payload[node] = started.max_payload_bytes

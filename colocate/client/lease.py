@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import httpx
+from pydantic import ValidationError
 
 from colocate.broker.api import API_PREFIX, BrokerStatus, LeaseGrant, LeaseRequest, RenewRequest
 from colocate.broker.service import raise_for_reply
@@ -33,6 +34,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_BROKER = "http://127.0.0.1:8642"
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    return f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
 
 
 class Client:
@@ -74,7 +80,10 @@ class Client:
         """
         if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
             raise ConfigError(f"cores={cores!r}: ask for a whole number of cores, at least 1")
-        request = LeaseRequest(cores=cores, memory=parse_size(memory), duration=parse_duration(duration))
+        try:
+            request = LeaseRequest(cores=cores, memory=parse_size(memory), duration=parse_duration(duration))
+        except ValidationError as exc:
+            raise ConfigError(f"lease request: {_first_error(exc)}") from None
         grant = LeaseGrant.model_validate(self._call("POST", "/leases", request.model_dump()))
         return Lease(self, grant)
 
@@ -183,7 +192,10 @@ class Lease:
 
         Raises LeaseExpired / LeaseEvicted if the lease is already over.
         """
-        request = RenewRequest(duration=parse_duration(duration))
+        try:
+            request = RenewRequest(duration=parse_duration(duration))
+        except ValidationError as exc:
+            raise ConfigError(f"renew of {self.lease_id}: {_first_error(exc)}") from None
         data = self._client._call("POST", f"/leases/{self.lease_id}/renew", request.model_dump())
         self._grant = LeaseGrant.model_validate(data)
         return self

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from colocate import BackendUnavailable, Client, LeaseDenied, LeaseError
+from colocate import BackendUnavailable, Client, ConfigError, LeaseDenied, LeaseError
 from tests.integration.leasing import Service, control_headers, start_broker
 
 GiB = 1024**3
@@ -48,6 +48,7 @@ GARBAGE: list[tuple[str, str, bytes, dict[str, str]]] = [
     ("POST", "/v1/leases", b'{"cores": -1}', {"content-type": "application/json"}),
     ("POST", "/v1/leases", b'{"cores": 1e400}', {"content-type": "application/json"}),
     ("POST", "/v1/leases", b'{"cores": 1, "memory": "lots"}', {"content-type": "application/json"}),
+    ("POST", "/v1/leases", b'{"cores": 1, "memory": 0}', {"content-type": "application/json"}),
     ("POST", "/v1/leases", b'{"cores": 1, "duration": "forever"}', {"content-type": "application/json"}),
     ("POST", "/v1/leases", b'{"cores": 1, "gpus": 4}', {"content-type": "application/json"}),
     ("POST", "/v1/leases", b"[1, 2, 3]", {"content-type": "application/json"}),
@@ -128,7 +129,7 @@ def test_status_lists_registered_nodes_and_marks_silent_ones(tmp_path: Path) -> 
         time.sleep(0.7)
         assert [n.alive for n in Client(service.url).status().nodes] == [False]
         with pytest.raises(LeaseDenied):
-            Client(service.url).lease(cores=1, memory=0, duration=10)
+            Client(service.url).lease(cores=1, memory=1, duration=10)
     finally:
         service.stop()
 
@@ -138,6 +139,16 @@ def test_unknown_lease_is_a_lease_error_naming_it(broker: Service) -> None:
     assert reply.status_code == 404 and reply.json()["lease_id"] == "l-nosuch"
     with pytest.raises(LeaseError, match="l-nosuch"):
         Client(broker.url)._call("POST", "/leases/l-nosuch/renew", {"duration": 10})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "says"),
+    [({"cores": 0}, "cores=0"), ({"memory": 0}, "memory: Input should be greater than 0"),
+     ({"memory": "lots"}, "cannot read size"), ({"duration": 0}, "duration: Input should be greater than 0")],
+)
+def test_client_refuses_bad_requests_before_sending(kwargs: dict[str, object], says: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        Client("http://127.0.0.1:9").lease(**kwargs)
 
 
 def test_unreachable_broker_names_its_url() -> None:
