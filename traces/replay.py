@@ -9,7 +9,11 @@ How it runs (all on a one-minute grid, see :mod:`traces.placement`):
    start-up phase (memory steps up, :mod:`traces.usage`), and its end.
 3. Per policy, events are processed in time order; every node with an event in a minute gets
    one ``policy.decide(node_view, limits, now, state)`` call, the same call the live agent
-   makes. There is no periodic ticking: between events nothing on a node changes.
+   makes. There is no periodic ticking: between events nothing on a node changes. Nodes
+   whose views differ only in their name and lease id (the pieces of one parallel job) share
+   one call per minute: ``decide`` is pure and, like the policies here, must not depend on
+   the node's name. Consequence: a guard reacting to pressure only sees it at the node's
+   next event (under the default limits the modelled pressure never reaches them).
 4. The node view holds the running jobs with a modelled usage history (piecewise constant)
    and the node's one lease: the functions placed on it. After each decision the lease is
    resized to the node's share of the cluster-wide FaaS load (``offer x utilisation``, cores
@@ -148,6 +152,10 @@ class _Piece:
     views: dict[tuple[bool, int], JobView]  # (steady phase, lease cores) -> view, on first use
 
 
+_LeaseOutcome = tuple[LeaseView, int, tuple[frozenset[int], int, float]]
+"""A node's lease, its jobs above the slowdown budget, and the lease's memo key."""
+
+
 @dataclass(slots=True)
 class _Memo:
     """One decision of a minute, shared by every node in the same situation."""
@@ -156,8 +164,7 @@ class _Memo:
     new_state: object | None
     evicted: bool
     old_state: object | None  # kept alive so its id is not reused within the minute
-    # (cores, bytes) -> lease, violating jobs, the lease's memo key
-    leases: dict[tuple[int, int], tuple[LeaseView, int, tuple[frozenset[int], int, float]]]
+    leases: dict[tuple[int, int], _LeaseOutcome]  # (cores, bytes) -> outcome
 
 
 def replay_policy(
@@ -198,13 +205,12 @@ def replay_policy(
     decisions = 0
     running: list[dict[int, _Piece]] = [{} for _ in range(cluster.nodes)]
     state: list[object | None] = [None] * cluster.nodes
-    lease: list[LeaseView | None] = [None] * cluster.nodes
-    lease_key: list[tuple[frozenset[int], int, float] | None] = [None] * cluster.nodes
+    # per node: (its lease, jobs above the slowdown budget, the lease's memo key) or None
+    lease: list[_LeaseOutcome | None] = [None] * cluster.nodes
     node_signature: list[tuple[tuple[int, int, int], ...]] = [()] * cluster.nodes
     offer_c = [0] * cluster.nodes
     offer_m = [0] * cluster.nodes
     viol_since = [0.0] * cluster.nodes
-    viol_count = [0] * cluster.nodes
     total_c = 0
     total_m = 0
     change_t: list[int] = []
@@ -231,9 +237,10 @@ def replay_policy(
         node = group_node[g]
         now = t0 + minute * STEP_S
         jobs_here = running[node]
+        held = lease[node]
         # interference time since this node's last decision
-        if viol_count[node]:
-            violation_s += (now - viol_since[node]) * viol_count[node]
+        if held is not None and held[1]:
+            violation_s += (now - viol_since[node]) * held[1]
         if group_changes[g]:  # starts or ends here (ticks and phase ends change no job set)
             for i in range(bounds[g], bounds[g + 1]):
                 kind = ev_kind[i]
@@ -243,13 +250,13 @@ def replay_policy(
                 elif kind == _END:
                     del jobs_here[ev_piece[i]]
             node_signature[node] = tuple([p.signature for p in jobs_here.values()])
-        current = lease[node]
+        current = held[0] if held is not None else None
         old_state = state[node]
         # Nodes in the same situation (the pieces of one parallel job, same lease, same
         # policy state object) get the same decision: decide is pure, so it is asked once a
         # minute. The memo holds the old state, so its id cannot be reused within the minute.
         signature = node_signature[node]
-        key = (signature, lease_key[node], id(old_state))
+        key = (signature, held[2] if held is not None else None, id(old_state))
         if minute != memo_minute:
             memo.clear()
             interned.clear()
@@ -290,15 +297,16 @@ def replay_policy(
             offer_m[node] = om
         # the functions this node carries now: its share of the cluster-wide load, cores
         # rounded with a draw shared by equal nodes of a minute, so they stay equal
-        m = minute if minute < minutes else minutes - 1
-        u_c = min(1.0, demand_c[m] / total_c) if total_c > 0 else 0.0
-        u_m = min(1.0, demand_m[m] / total_m) if total_m > 0 else 0.0
-        first = signature[0][0] if signature else -1
-        draw = (
-            (minute * 1_000_003 + first * 7919 + salt) * 2_654_435_761 % 4_294_967_296
-        ) / 4_294_967_296
-        cores = int(oc * u_c + draw) if oc and om else 0
+        cores = 0
+        if oc and om and total_c > 0:
+            u_c = demand_c[minute] / total_c
+            first = signature[0][0] if signature else -1
+            draw = (
+                (minute * 1_000_003 + first * 7919 + salt) * 2_654_435_761 % 4_294_967_296
+            ) / 4_294_967_296
+            cores = int(oc * (u_c if u_c < 1.0 else 1.0) + draw)
         if cores > 0:
+            u_m = min(1.0, demand_m[minute] / total_m) if total_m > 0 else 0.0
             lease_memory = int(om * u_m)
             outcome = entry.leases.get((cores, lease_memory))
             if outcome is None:
@@ -311,11 +319,9 @@ def replay_policy(
                     (ids, lease_memory, now),
                 )
                 entry.leases[(cores, lease_memory)] = outcome
-            lease[node], viol_count[node], lease_key[node] = outcome
+            lease[node] = outcome
         else:
             lease[node] = None
-            viol_count[node] = 0
-            lease_key[node] = None
         viol_since[node] = now
         if progress is not None and not g & 4095:
             done = bounds[g + 1]
@@ -323,6 +329,12 @@ def replay_policy(
             done_mark = done
     if progress is not None:
         progress(n_events - done_mark)
+    end = t0 + minutes * STEP_S  # violations still running when the trace ends
+    violation_s += sum(
+        (end - since) * held[1]
+        for since, held in zip(viol_since, lease, strict=True)
+        if held is not None
+    )
     return change_t, change_c, change_m, evict_t, violation_s / 3600.0, evicted_cores, decisions
 
 
@@ -400,7 +412,7 @@ def build_events(
     t = np.concatenate([t, np.zeros(nodes, dtype=np.int64)])
     piece = np.concatenate([piece, np.full(nodes, -1, dtype=np.int64)])
     kind = np.concatenate([kind, np.full(nodes, _TICK, dtype=np.int64)])
-    order = np.lexsort((kind, node, t))
+    order = np.argsort(t * (int(node.max()) + 1 if node.size else 1) + node, kind="stable")
     return t[order], node[order], piece[order], kind[order]
 
 

@@ -127,7 +127,15 @@ def report_dict(
             - _int(info["memory_use_measured_jobs"]),
             "memory_bound_jobs_modelled": info["memory_bound_jobs"],
         },
-        "assumptions": assumptions(result),
+        "assumptions": [
+            *assumptions(result),
+            f"Policies decide under the limits in report.json; with the guard on, functions hold at most "
+            f"{limits.max_function_share:.0%} of a node's cores and memory, so even an idle node offers only that share."
+            if limits.guard
+            else "Policies decide under the limits in report.json, without the interference guard.",
+            "headroom and predictive differ only where usage grows (predictive's memory trend): the "
+            "modelled usage is piecewise constant, so their windowed maximum and percentile agree.",
+        ],
         "citations": list(CITATIONS),
     }
 
