@@ -10,12 +10,17 @@ import argparse
 import json
 import logging
 import sys
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from colocate.errors import ConfigError
 from colocate.units import parse_size
+from traces.interference import InterferenceModel
+from traces.usage import UsageModel
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +76,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--config",
         metavar="TOML",
         help="colocate config file: [policy.limits] and [prices] are used",
+    )
+    parser.add_argument(
+        "--models",
+        metavar="TOML",
+        help="usage and interference model settings: [usage] and [interference] tables "
+        "(fields of traces.usage.UsageModel and traces.interference.InterferenceModel)",
     )
     parser.add_argument("--currency", help="currency of the prices (default EUR)")
     parser.add_argument(
@@ -155,6 +166,35 @@ def _cluster(args: argparse.Namespace, jobs: object, bundled_default: bool) -> o
     return Cluster(nodes=int(nodes), cores_per_node=int(cpn), memory_per_node_bytes=int(memory))
 
 
+def _models(path: str | None) -> tuple[UsageModel, InterferenceModel]:
+    """The usage and interference models, defaults overridden by a TOML file's tables."""
+    if not path:
+        return UsageModel(), InterferenceModel()
+    try:
+        with open(path, "rb") as fh:
+            doc = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", path=path) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not TOML: {exc}", path=path) from None
+    unknown = sorted(set(doc) - {"usage", "interference"})
+    if unknown:
+        raise ConfigError(
+            f"unknown table {unknown[0]!r}; expected [usage] and [interference]",
+            path=path,
+            key=unknown[0],
+        )
+    models: dict[str, Any] = {}
+    for table, model in (("usage", UsageModel), ("interference", InterferenceModel)):
+        try:
+            models[table] = model(**doc.get(table, {}))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            key = ".".join([table, *(str(p) for p in first["loc"])])
+            raise ConfigError(first["msg"], path=path, key=key) from None
+    return models["usage"], models["interference"]
+
+
 def run(args: argparse.Namespace) -> int:
     from colocate.config import load_config
     from policies import POLICIES
@@ -162,11 +202,9 @@ def run(args: argparse.Namespace) -> int:
     from policies.prices import Prices
     from traces import bundled
     from traces.formats import detect_faas_format, detect_jobs_format, read_faas, read_jobs
-    from traces.interference import InterferenceModel
     from traces.placement import Cluster
     from traces.replay import replay
     from traces.report import comparison_table, report_dict, write_report
-    from traces.usage import UsageModel
 
     names = args.policy or list(POLICIES)
     unknown = [n for n in names if n not in POLICIES]
@@ -208,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{jobs_path}: no job in the trace ever ran; nothing to replay")
     cluster = _cluster(args, jobs, bundled_default=not args.jobs)
     assert isinstance(cluster, Cluster)
-    usage, interference = UsageModel(), InterferenceModel()
+    usage, interference = _models(args.models)
     progress = not args.json and sys.stderr.isatty()
     result = replay(
         jobs,

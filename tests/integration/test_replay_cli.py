@@ -98,3 +98,19 @@ def test_bad_input_is_one_line_and_exit_1(args: tuple[str, ...], says: str) -> N
     assert len(lines) == 1, proc.stderr
     assert says in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_model_settings_come_from_a_toml_file(tmp_path: Path) -> None:
+    models = tmp_path / "models.toml"
+    models.write_text("[usage]\nramp_fraction = 0.3\n[interference]\nmemory_bound_fraction = 0.2\n")
+    proc = colocate("--models", str(models), "--policy", "unallocated", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["models"]["usage"]["ramp_fraction"] == 0.3
+    assert report["models"]["interference"]["memory_bound_fraction"] == 0.2
+    models.write_text("[usage]\nramp_fraction = 3\n")
+    proc = colocate("--models", str(models))
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        f"colocate replay: error: {models}:usage.ramp_fraction: Input should be less than or equal to 1"
+    )
