@@ -200,3 +200,34 @@ def test_report_json_contract(bundled_result: ReplayResult) -> None:
         == report["jobs_trace"]["jobs_placed"]
     )
     assert any("repeated" in a for a in report["assumptions"])
+
+
+def test_node_charging_bills_the_larger_share_of_a_node(tmp_path: Path) -> None:
+    jobs = read_swf(swf(tmp_path, [(1, 0, 36000, 4, 36000.0, 512 * 1024)]))
+    prices = Prices(charging="node", node_hour=1.0)
+    result = replay(
+        jobs,
+        faas(120, 1.0, 100 * MIB),
+        Cluster(1, 8, 16 * GIB),
+        ["unallocated"],
+        limits=Limits(guard=False),
+        prices=prices,
+    )
+    s = result.policies["unallocated"].summary
+    assert s["recovered_cost"] == pytest.approx(
+        2 / 8 * 601 / 60
+    )  # 2 of 8 cores > 200 MiB of 16 GiB
+    assert s["recovered_cost"] <= s["wasted_cost"]
+
+
+def test_azure2021_records_replay_end_to_end(tmp_path: Path) -> None:
+    from traces.azure import read_azure2021
+
+    records = tmp_path / "a21.csv"
+    rows = [f"app,f{i % 3},{60.0 * i + 30},{5.0 + i % 7}" for i in range(120)]
+    records.write_text("app,func,end_timestamp,duration\n" + "\n".join(rows) + "\n")
+    jobs = read_swf(swf(tmp_path, [(1, 0, 7200, 2, 7200.0, 1024)]))
+    result = replay(jobs, read_azure2021(records), Cluster(1, 8, 16 * GIB), ["unallocated"])
+    s = result.policies["unallocated"].summary
+    assert s["faas_invocations_total"] == pytest.approx(121)  # 120 records, tiled over 121 minutes
+    assert s["faas_invocations_served"] == pytest.approx(s["faas_invocations_total"])
