@@ -37,6 +37,7 @@ from colocate.executor.worker import WorkerSpec, eviction_signal
 log = logging.getLogger(__name__)
 
 WATCHDOG_INTERVAL_S = 0.1
+_MAX_TALLIES = 10_000
 _SOCKET_DIR_MAX = 60  # leaves room for "/<lease id>/w<i>.sock" under 107 bytes
 _FORKSERVER_MAIN = (
     "import sys; from colocate.executor.forkserver import main; sys.exit(main(sys.argv[1:]))"
@@ -160,7 +161,10 @@ class ExecutorSupervisor:
         if len(self.state_dir) > _SOCKET_DIR_MAX:
             self._socket_dir = tempfile.mkdtemp(prefix="colocate-sock-")
             os.chmod(self._socket_dir, 0o711)
-        self._verifier = TokenVerifier(os.path.join(self._socket_dir, "verifier.sock"), secret)
+        self._tallies: list[dict[str, Any]] = []
+        self._verifier = TokenVerifier(
+            os.path.join(self._socket_dir, "verifier.sock"), secret, self._on_tally
+        )
         self._closed = False
         self._preload = (*config.preload_modules, *preload)
         try:
@@ -394,6 +398,21 @@ class ExecutorSupervisor:
         """Executors running now (a worker that died on its own still counts until evicted)."""
         with self._lock:
             return [lease.handle for lease in self._leases.values()]
+
+    def _on_tally(self, data: dict[str, Any]) -> None:
+        with self._lock:
+            if len(self._tallies) >= _MAX_TALLIES:  # nobody drains: keep the newest
+                del self._tallies[: len(self._tallies) // 2]
+            self._tallies.append(data)
+
+    def drain_invocations(self) -> list[dict[str, Any]]:
+        """Invocation counts the workers reported since the last call (each at most
+        ``TALLY_INTERVAL_S`` late, and once more when a worker is evicted): dicts as
+        ``colocate.metrics.events.InvocationTally.drain()`` makes them, plus ``lease_id``.
+        Feed each to ``NodeEvents.add_invocations(*InvocationTally.from_json(d))``."""
+        with self._lock:
+            out, self._tallies = self._tallies, []
+        return out
 
     def exited(self) -> dict[str, tuple[int, ...]]:
         """Leases with workers that ended on their own (crash, OOM kill): lease id -> pids.

@@ -2,36 +2,46 @@
 
 Workers run user code, so they must not hold the cluster secret (it would let one lease forge
 tokens for others). A worker connects to this root-only Unix socket before it drops
-privileges and keeps the connection; per client it sends ``u32 length + token`` and gets
-``u32 length + JSON`` back: ``{"status": "ok", "lease_id", "node", "cpu_ids", "expires_at"}``,
-or ``{"status": "unauthorized" | "expired", "message"}``. The verifier only answers yes or no.
+privileges and keeps the connection. Messages are ``u32 length + kind byte + body``:
+
+- ``V`` + token: the answer is ``u32 length + JSON``: ``{"status": "ok", "lease_id", "node",
+  "cpu_ids", "expires_at"}`` or ``{"status": "unauthorized" | "expired", "message"}``. The
+  verifier only answers yes or no.
+- ``T`` + JSON: the worker's invocation counts since its last report
+  (``colocate.metrics.events.InvocationTally.drain()`` plus ``lease_id``); no answer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import selectors
 import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from colocate.errors import ColocateError, LeaseExpired
 from colocate.tokens import verify_lease
 
 _LEN = struct.Struct("<I")
-MAX_TOKEN_BYTES = 64 * 1024
+MAX_MESSAGE_BYTES = 64 * 1024
+log = logging.getLogger(__name__)
 
 
 class TokenVerifier:
     """Answers workers' token checks on a root-only Unix socket at ``path``, in a thread."""
 
-    def __init__(self, path: str, secret: bytes) -> None:
+    def __init__(
+        self, path: str, secret: bytes, on_tally: Callable[[dict[str, Any]], None] | None = None
+    ) -> None:
         self.path = path
         self._secret = secret
+        self._on_tally = on_tally
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -87,15 +97,29 @@ class TokenVerifier:
             head = conn.recv(4, socket.MSG_WAITALL)
             if len(head) == 4:
                 (length,) = _LEN.unpack(head)
-                if length <= MAX_TOKEN_BYTES:
-                    token = conn.recv(length, socket.MSG_WAITALL)
-                    reply = json.dumps(self.answer(token)).encode()
-                    conn.sendall(_LEN.pack(len(reply)) + reply)
-                    return
+                if 0 < length <= MAX_MESSAGE_BYTES:
+                    body = conn.recv(length, socket.MSG_WAITALL)
+                    kind, payload = body[:1], body[1:]
+                    if kind == b"V":
+                        reply = json.dumps(self.answer(payload)).encode()
+                        conn.sendall(_LEN.pack(len(reply)) + reply)
+                        return
+                    if kind == b"T":
+                        self._tally(payload)
+                        return
         except OSError:
             pass
         self._sel.unregister(conn)
         conn.close()
+
+    def _tally(self, payload: bytes) -> None:
+        try:
+            data = json.loads(payload)
+        except ValueError:
+            log.warning("ignoring an unreadable invocation tally from a worker")
+            return
+        if isinstance(data, dict) and self._on_tally is not None:
+            self._on_tally(data)
 
     def close(self) -> None:
         self._stop = True

@@ -30,11 +30,13 @@ import struct
 import sys
 import time
 from dataclasses import dataclass
+from time import perf_counter
 from types import FrameType
 from typing import Any, NoReturn
 
 from colocate import protocol as P
 from colocate.executor.confinement import LeaseCgroups, join
+from colocate.metrics.events import InvocationTally
 
 _SNDTIMEO_S = 10  # a client that stops reading loses its connection, not the worker
 _BUF = 256 * 1024
@@ -44,6 +46,7 @@ _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_PDEATHSIG = 1
 
 _MAX_CONNECTIONS = 1024
+TALLY_INTERVAL_S = 1.0  # invocation counts reach the supervisor at most this late
 
 IDLE, IO, RUNNING = 0, 1, 2
 
@@ -133,7 +136,7 @@ def _verify_hello(verifier: socket.socket | None, token: bytes) -> dict[str, Any
     if verifier is None:
         return {"status": "unauthorized", "message": "executor lost its token verifier"}
     try:
-        verifier.sendall(struct.pack("<I", len(token)) + token)
+        verifier.sendall(struct.pack("<I", 1 + len(token)) + b"V" + token)
         head = verifier.recv(4, socket.MSG_WAITALL)
         (length,) = struct.unpack("<I", head)
         answer: dict[str, Any] = json.loads(verifier.recv(length, socket.MSG_WAITALL))
@@ -163,6 +166,8 @@ class Worker:
         self.evicting = 0  # status code of the notice once evicted or expired
         self.noticed = False
         self.limit = spec.max_payload_bytes
+        self.tally = InvocationTally()
+        self.tally_due = 0.0  # monotonic time of the next report when calls were counted
         self.sweep_ms = max(10, min(1000, int(spec.hello_timeout_s * 500)))
         welcome = {
             "lease_id": spec.lease_id,
@@ -181,8 +186,27 @@ class Worker:
         if self.phase != IO:  # no frame is half written: safe to write the notices now
             self._send_notices()
             if self.phase == IDLE or now:
+                self._report_tally()
                 os._exit(0)
         # in the middle of I/O: the loop sends the notices and exits once the write is done
+
+    def _report_tally(self) -> None:
+        """Send the invocation counts since the last report to the supervisor (best effort)."""
+        self.tally_due = 0.0
+        data = self.tally.drain()
+        if self.verifier is None or not data.get("count"):
+            return
+        data["lease_id"] = self.spec.lease_id
+        body = b"T" + json.dumps(data).encode()
+        try:
+            self.verifier.sendall(struct.pack("<I", len(body)) + body)
+        except OSError:
+            self.verifier = None  # the supervisor is gone: tokens cannot be checked either
+
+    def _count(self, result: str, seconds: float) -> None:
+        self.tally.record(result, seconds)
+        if not self.tally_due:
+            self.tally_due = time.monotonic() + TALLY_INTERVAL_S
 
     def _send_notices(self) -> None:
         if self.noticed:
@@ -204,13 +228,16 @@ class Worker:
             self.phase = IDLE
             if self.evicting:
                 self._send_notices()
+                self._report_tally()
                 os._exit(0)
             events = poll(0)
             if not events:
                 if monotonic() < hot_until:
                     continue
-                events = poll(self.sweep_ms if self.unauthed else None)
+                events = poll(self._block_ms(monotonic()))
             self.phase = IO
+            if self.tally_due and monotonic() >= self.tally_due:
+                self._report_tally()
             if self.unauthed:
                 self._sweep_unauthenticated(monotonic())
             for fd, ev in events:
@@ -219,7 +246,17 @@ class Worker:
                     self._on_readable(conn, ev)
                 elif fd in self.listeners:
                     self._accept(self.listeners[fd])
-            hot_until = monotonic() + hot
+            if events:  # a timer wake-up (sweep, tally) does not make the worker hot again
+                hot_until = monotonic() + hot
+
+    def _block_ms(self, now: float) -> int | None:
+        """How long poll may block: until the next sweep or tally report, else forever."""
+        waits = []
+        if self.unauthed:
+            waits.append(self.sweep_ms)
+        if self.tally_due:
+            waits.append(max(0, int((self.tally_due - now) * 1000) + 1))
+        return min(waits) if waits else None
 
     def _accept(self, listener: socket.socket) -> None:
         try:
@@ -413,11 +450,13 @@ class Worker:
 
     def _call(self, conn: _Conn, flags: int, index: int, call_id: int, body: memoryview) -> bytes:
         if self.evicting:
+            self._count("evicted", 0.0)
             return P.frame(P.REPLY, 0, self.evicting, call_id, b"lease taken back")
         fns = conn.fns
         fn = fns[index] if index < len(fns) else None
         if fn is None or type(fn) is _LoadError:
             msg = fn.message if fn is not None else f"function index {index} was never defined"
+            self._count("rejected", 0.0)
             return _malformed(call_id, msg)
         if flags == P.RAW:
             args: tuple[Any, ...] = (bytes(body),)
@@ -426,14 +465,18 @@ class Worker:
             try:
                 args, kwargs = P.decode_args(flags, body)
             except ValueError as exc:
+                self._count("rejected", 0.0)
                 return _malformed(call_id, str(exc))
         self.phase = RUNNING
+        t0 = perf_counter()
         try:
             result = fn(*args, **kwargs)
         except BaseException as exc:
             self.phase = IO
+            self._count("error", perf_counter() - t0)
             return P.frame(P.REPLY, 0, P.RAISED, call_id, P.encode_failure(exc))
         self.phase = IO
+        self._count("ok", perf_counter() - t0)
         if type(result) is bytes:
             rflags, data = P.RAW, result
         else:

@@ -369,3 +369,31 @@ def test_futures_outliving_their_executor_still_complete(lease: Leased) -> None:
     del ex
     gc.collect()
     assert [f.result(timeout=10) for f in futures] == [0.1] * 3
+
+
+def test_workers_report_their_invocation_counts(supervisor: ExecutorSupervisor) -> None:
+    from colocate.metrics.events import InvocationTally
+
+    supervisor.drain_invocations()
+    leased = Leased(supervisor, (CORES[0],))
+    try:
+        with leased.executor() as ex:
+            for i in range(5):
+                ex.invoke(add, i)
+            with pytest.raises(ZeroDivisionError):
+                ex.invoke(divide, 1, 0)
+            with pytest.raises(BadRequest):
+                ex.invoke("no_such_module_xyz:fn")
+            totals: dict[str, int] = {}
+            deadline = time.monotonic() + 5
+            while totals.get("ok", 0) < 5 and time.monotonic() < deadline:
+                for tally in supervisor.drain_invocations():
+                    assert tally["lease_id"] == leased.lease_id
+                    results, durations = InvocationTally.from_json(tally)
+                    assert durations.count == sum(results.values())
+                    for key, n in results.items():
+                        totals[key] = totals.get(key, 0) + n
+                time.sleep(0.05)
+        assert totals == {"ok": 5, "error": 1, "rejected": 1}
+    finally:
+        supervisor.evict(leased.lease_id)
