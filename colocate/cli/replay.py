@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--memory-per-node",
         metavar="SIZE",
-        help="memory per node, e.g. 64GiB (default: from the trace, else 2 GiB per core)",
+        help="memory per node, e.g. 64GiB (default: enough for the 99th percentile of requested memory per core, at least 2 GiB per core; a warning says what was assumed)",
     )
     parser.add_argument(
         "--policy",
