@@ -12,8 +12,11 @@ How it runs (all on a one-minute grid, see :mod:`traces.placement`):
    makes. There is no periodic ticking: between events nothing on a node changes. Nodes
    whose views differ only in their name and lease id (the pieces of one parallel job) share
    one call per minute: ``decide`` is pure and, like the policies here, must not depend on
-   the node's name. Consequence: a guard reacting to pressure only sees it at the node's
-   next event (under the default limits the modelled pressure never reaches them).
+   the node's name. Ticks are added only where the guard needs them: while a job's modelled
+   pressure reaches ``limits.cpu_pressure_limit``, the node is decided again every
+   ``pressure_grace_s`` (at least a minute), and after a pressure eviction every
+   ``reoffer_cooldown_s`` until functions get a lease there again. Under the default limits the modelled pressure stays below
+   the limit, so no such tick happens.
 4. The node view holds the running jobs with a modelled usage history (piecewise constant)
    and the node's one lease: the functions placed on it. After each decision the lease is
    resized to the node's share of the cluster-wide FaaS load (``offer x utilisation``, cores
@@ -30,6 +33,7 @@ How it runs (all on a one-minute grid, see :mod:`traces.placement`):
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import math
 import random
@@ -43,7 +47,7 @@ import numpy.typing as npt
 
 from policies import POLICIES
 from policies.limits import Limits
-from policies.model import JobView, LeaseView, NodeView, Offer, UsageSample
+from policies.model import EvictionReason, JobView, LeaseView, NodeView, Offer, UsageSample
 from policies.prices import GIB, Prices
 from traces.azure import FaasTrace
 from traces.demand import STEP_S, Demand, demand
@@ -152,8 +156,9 @@ class _Piece:
     views: dict[tuple[bool, int], JobView]  # (steady phase, lease cores) -> view, on first use
 
 
-_LeaseOutcome = tuple[LeaseView, int, tuple[frozenset[int], int, float]]
-"""A node's lease, its jobs above the slowdown budget, and the lease's memo key."""
+_LeaseOutcome = tuple[LeaseView, int, tuple[frozenset[int], int, float], bool]
+"""A node's lease, its jobs above the slowdown budget, the lease's memo key, and whether a
+job's modelled pressure reaches the guard's limit."""
 
 
 @dataclass(slots=True)
@@ -163,6 +168,7 @@ class _Memo:
     offer: Offer
     new_state: object | None
     evicted: bool
+    pressure_evicted: bool
     old_state: object | None  # kept alive so its id is not reused within the minute
     leases: dict[tuple[int, int], _LeaseOutcome]  # (cores, bytes) -> outcome
 
@@ -205,7 +211,7 @@ def replay_policy(
     decisions = 0
     running: list[dict[int, _Piece]] = [{} for _ in range(cluster.nodes)]
     state: list[object | None] = [None] * cluster.nodes
-    # per node: (its lease, jobs above the slowdown budget, the lease's memo key) or None
+    # per node: its lease outcome (see _LeaseOutcome) or None
     lease: list[_LeaseOutcome | None] = [None] * cluster.nodes
     node_signature: list[tuple[tuple[int, int, int], ...]] = [()] * cluster.nodes
     offer_c = [0] * cluster.nodes
@@ -221,6 +227,18 @@ def replay_policy(
     evicted_cores = 0
     lease_serial = 0
     done_mark = 0
+    # "Periodic ticks only if needed": the guard acts on pressure only after a grace period
+    # and re-offers after a cooldown, so those moments get a decision of their own.
+    guard_on = limits.guard
+    grace_min = max(1, math.ceil(limits.pressure_grace_s / STEP_S))
+    cooldown_min = max(1, math.ceil(limits.reoffer_cooldown_s / STEP_S))
+    limit = limits.cpu_pressure_limit
+    pressure_slowdown = (
+        limit / (100.0 - limit) if limit < 100.0 else math.inf
+    )  # inverse of cpu_pressure
+    follow_ups: list[tuple[int, int]] = []  # (minute, node)
+    last_decided = [-1] * cluster.nodes
+    cooling = [False] * cluster.nodes
     t_arr, node_arr = events[0], events[1]
     first_of_group = np.ones(n_events, dtype=bool)
     first_of_group[1:] = (t_arr[1:] != t_arr[:-1]) | (node_arr[1:] != node_arr[:-1])
@@ -232,17 +250,29 @@ def replay_policy(
     group_changes = (
         np.add.reduceat(is_change.astype(np.int64), group_start).tolist() if n_events else []
     )
-    for g in range(len(group_minute)):
-        minute = group_minute[g]
-        node = group_node[g]
+    n_groups = len(group_minute)
+    g = 0
+    while g < n_groups or follow_ups:
+        if follow_ups and (g >= n_groups or follow_ups[0] < (group_minute[g], group_node[g])):
+            minute, node = heapq.heappop(follow_ups)
+            if last_decided[node] >= minute:
+                continue
+            changes = 0
+        else:
+            minute = group_minute[g]
+            node = group_node[g]
+            changes = group_changes[g]
+            first_event, last_event = bounds[g], bounds[g + 1]
+            g += 1
+        last_decided[node] = minute
         now = t0 + minute * STEP_S
         jobs_here = running[node]
         held = lease[node]
         # interference time since this node's last decision
         if held is not None and held[1]:
             violation_s += (now - viol_since[node]) * held[1]
-        if group_changes[g]:  # starts or ends here (ticks and phase ends change no job set)
-            for i in range(bounds[g], bounds[g + 1]):
+        if changes:  # starts or ends here (ticks and phase ends change no job set)
+            for i in range(first_event, last_event):
                 kind = ev_kind[i]
                 if kind == _START:
                     piece = ev_piece[i]
@@ -272,12 +302,15 @@ def replay_policy(
             evicted = current is not None and any(
                 e.lease_id == current.lease_id for e in decision.evictions
             )
+            pressure_evicted = evicted and any(
+                e.reason is EvictionReason.PRESSURE for e in decision.evictions
+            )
             new_state = decision.state
             # equal states become one object, so equal nodes keep meeting in the memo;
             # an unhashable state just does not share
             with contextlib.suppress(TypeError):
                 new_state = interned.setdefault(new_state, new_state)
-            entry = _Memo(decision.offer, new_state, evicted, old_state, {})
+            entry = _Memo(decision.offer, new_state, evicted, pressure_evicted, old_state, {})
             memo[key] = entry
             decisions += 1
         offer = entry.offer
@@ -285,6 +318,8 @@ def replay_policy(
         if entry.evicted and current is not None:
             evict_t.append(minute)
             evicted_cores += len(current.cpu_ids)
+            if entry.pressure_evicted and guard_on:
+                cooling[node] = True
         oc = len(offer.cpu_ids)
         om = offer.memory_bytes
         if oc != offer_c[node] or om != offer_m[node]:
@@ -317,14 +352,24 @@ def replay_policy(
                     LeaseView(str(lease_serial), ids, lease_memory, now, math.inf),
                     sum(1 for p in jobs_here.values() if p.sensitivity * share > budget),
                     (ids, lease_memory, now),
+                    any(p.sensitivity * share >= pressure_slowdown for p in jobs_here.values()),
                 )
                 entry.leases[(cores, lease_memory)] = outcome
             lease[node] = outcome
+            cooling[node] = False
+            # a job under pressure: the guard needs another decision after its grace period
+            # (so while pressure lasts, the node is decided every grace period)
+            if outcome[3] and guard_on and minute + grace_min < minutes:
+                heapq.heappush(follow_ups, (minute + grace_min, node))
         else:
             lease[node] = None
+            if cooling[node] and minute + cooldown_min < minutes:
+                # after a pressure eviction: ask again every cooldown period until the guard
+                # offers to functions again (its cooldown may grow with repeated evictions)
+                heapq.heappush(follow_ups, (minute + cooldown_min, node))
         viol_since[node] = now
         if progress is not None and not g & 4095:
-            done = bounds[g + 1]
+            done = bounds[g]
             progress(done - done_mark)
             done_mark = done
     if progress is not None:

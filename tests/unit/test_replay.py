@@ -231,3 +231,39 @@ def test_azure2021_records_replay_end_to_end(tmp_path: Path) -> None:
     s = result.policies["unallocated"].summary
     assert s["faas_invocations_total"] == pytest.approx(121)  # 120 records, tiled over 121 minutes
     assert s["faas_invocations_served"] == pytest.approx(s["faas_invocations_total"])
+
+
+def test_the_guard_gets_ticks_to_act_on_pressure(tmp_path: Path) -> None:
+    """Functions on a job's idle core slow it down: with a low pressure limit the guard takes
+    the lease back after its grace period and keeps the core for the job during its cooldown,
+    so the job spends far less time above its slowdown budget."""
+    from traces.interference import InterferenceModel
+
+    if "headroom" not in POLICIES:
+        pytest.skip("headroom policy not registered")
+    # 4 cores allocated, 2 busy: headroom lends 1 core (2 + 0.25 margin rounds up to 3)
+    jobs = read_swf(swf(tmp_path, [(1, 0, 36000, 4, 18000.0, 1024)]))
+    sensitive = InterferenceModel(memory_bound_fraction=1.0, memory_bound_range=(0.2, 0.2))
+    runs = {}
+    for guard in (False, True):
+        limits = Limits(
+            guard=guard, cpu_pressure_limit=5.0, pressure_grace_s=5.0, reoffer_cooldown_s=600.0
+        )
+        result = replay(
+            jobs,
+            faas(6000, 1.0, MIB),
+            Cluster(1, 4, 4 * GIB),
+            ["headroom"],
+            limits=limits,
+            interference=sensitive,
+        )
+        runs[guard] = result.policies["headroom"].summary
+    # without the guard: functions on 1 of 4 cores from minute 1 on, 0.2 x 0.25 / 0.5 = 10 %
+    assert runs[False]["interference_violation_hours"] == pytest.approx(10.0 - 1 / 60, abs=0.05)
+    assert runs[False]["evictions"] == 0
+    assert runs[True]["evictions"] >= 10  # evicted, cooled down, re-offered, evicted again
+    assert (
+        runs[True]["interference_violation_hours"]
+        < 0.5 * runs[False]["interference_violation_hours"]
+    )
+    assert runs[True]["decisions"] > runs[False]["decisions"]  # the ticks it needed
