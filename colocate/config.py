@@ -63,6 +63,13 @@ class AgentConfig(_Section):
     offer_memory: str | None = None  # standalone: memory offered, e.g. "4GiB" (default half of RAM)
     eviction_grace_s: float = Field(1.0, ge=0, description="revocations: executor grace period, seconds")
     state_dir: str = "/var/lib/colocate"
+    # Besides root, who may use the control socket (the prolog/epilog run as SlurmUser). A
+    # missing "slurm" user (SlurmUser=root sites, the dev cluster) is skipped; other names
+    # must exist.
+    control_users: tuple[str, ...] = ("slurm",)
+    # v1 only: give each job a tracking group in the unified hierarchy so PSI evictions see
+    # the job's own pressure (node-wide PSI otherwise).
+    psi_groups: bool = False
 
 
 class Config(_Section):

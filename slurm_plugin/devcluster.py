@@ -12,8 +12,11 @@ daemons. ``down`` stops only the daemons whose pid files sit in the state direct
 munged someone else started is left alone.
 
 The prolog and epilog are small wrapper scripts in the state directory that run
-``<python> -m colocate.cli hook prolog|epilog`` with PATH set, under a timeout, and always
-exit 0: a failing prolog drains the node.
+``<python> -m slurm_plugin.hooks prolog|epilog --socket /run/colocate/{node}.sock`` with PATH
+set, under a timeout, and always exit 0: a failing prolog drains the node. Each fake node
+has its own agent control socket (:data:`CONTROL_SOCKET`, ``{node}`` becomes the node name):
+run one agent per node with ``agent.control_socket`` set to it. ``up`` also builds and
+registers the colocate SPANK plugin (``--colocate=allow|deny``).
 
 Needs root (packages, /etc/slurm, cgroups, daemons). No systemd needed.
 """
@@ -43,7 +46,9 @@ DEFAULT_STATE_DIR = Path(
     os.environ.get("COLOCATE_DEV_CLUSTER_DIR", "/var/lib/colocate/dev-cluster")
 )
 CONF_DIR = Path("/etc/slurm")
-PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
+PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge", "gcc", "libc6-dev", "libslurm-dev")
+#: The agent control socket of each fake node, as the hook wrappers call it.
+CONTROL_SOCKET = "/run/colocate/{node}.sock"
 CLUSTER_NAME = "colocate-dev"
 PARTITION = "debug"
 CTLD_PORT = 6817
@@ -235,7 +240,8 @@ class DevCluster:
             "#!/bin/sh\n"
             f"# colocate dev-cluster {phase} wrapper: never fails (a failing prolog drains the node).\n"
             f"export PATH={SAFE_PATH}\n"
-            f"timeout -k 2 {self.hook_timeout_s:g} {shlex.quote(self.python)} -m colocate.cli hook {phase} "
+            f"timeout -k 2 {self.hook_timeout_s:g} {shlex.quote(self.python)} -m slurm_plugin.hooks {phase} "
+            f"--socket {shlex.quote(CONTROL_SOCKET)} "
             f">>{shlex.quote(str(logfile))} 2>&1 </dev/null\n"
             "rc=$?\n"
             f'echo "$(date -u +%FT%TZ) {phase} job ${{SLURM_JOB_ID:-?}} on ${{SLURMD_NODENAME:-?}}: '
@@ -425,6 +431,7 @@ class DevCluster:
         for n in names:
             self._start(["slurmd", "-N", n], self._slurmd_pidfile(n), "slurmd", f"slurmd -N {n}")
         notes = self._wait_nodes_ready(names)
+        notes += self._install_spank()
         if hooks_changed:
             notes.append("prolog/epilog wrappers rewritten")
         status = self.status()
@@ -436,6 +443,17 @@ class DevCluster:
             up_seconds=round(time.monotonic() - t0, 3),
             notes=tuple(notes),
         )
+
+    def _install_spank(self) -> list[str]:
+        """Build and register the SPANK plugin; a failure is a note, not a dead cluster."""
+        from slurm_plugin.spank import install
+
+        try:
+            install(self.state_dir / "spank", self.conf_dir / "plugstack.conf.d")
+        except Exception as exc:
+            log.warning("SPANK plugin not installed: %s", exc)
+            return [f"--colocate unavailable: SPANK plugin not installed ({exc})"]
+        return []
 
     def _stop_slurm(self, nodes: Sequence[str]) -> None:
         for n in nodes:

@@ -1,4 +1,11 @@
-"""``colocate agent``: run the node agent (``--standalone`` offers this machine without Slurm)."""
+"""``colocate agent``: run the node agent.
+
+Slurm mode (default): one agent per compute node samples the node every ``interval_s``,
+runs the configured policy (``[policy] name``, guard included) and leases the idle cores and
+unused memory of running jobs; the prolog/epilog hooks reach it on ``agent.control_socket``
+(``{node}`` in the path becomes the node name). ``--standalone`` offers a fixed share of this
+machine without Slurm.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interval", type=float, help="seconds between reports to the broker (default 1)")
     parser.add_argument("--secret-file", help="cluster secret shared with the broker (default broker.secret_file)")
     parser.add_argument("--state-dir", help="where the agent keeps lease state and executor files")
+    parser.add_argument("--control-socket", help="Slurm mode: the hooks' Unix socket (default agent.control_socket; {node} becomes the node)")
+    parser.add_argument("--metrics-listen", help="Slurm mode: HOST:PORT for Prometheus /metrics (default agent.metrics_listen; port 0 picks one)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,14 +40,13 @@ def run(args: argparse.Namespace) -> int:
     from colocate.units import parse_size
 
     config = load_config(args.config)
-    if not args.standalone:
-        raise ConfigError("the Slurm-integrated agent is not available in this build; run `colocate agent --standalone`")
     updates = {
         key: value
         for key, value in (
             ("broker_url", args.broker), ("listen", args.listen), ("advertise_host", args.advertise_host),
             ("node", args.node), ("offer_cores", args.cores), ("offer_memory", args.memory),
             ("interval_s", args.interval), ("state_dir", args.state_dir),
+            ("control_socket", args.control_socket), ("metrics_listen", args.metrics_listen),
         )
         if value is not None
     }
@@ -50,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
         agent_config = agent_config.model_copy(update={"state_dir": str(default_secret_file().parent / "agent")})
     secret = load_or_create_secret(args.secret_file or config.broker.secret_file)
     node = agent_config.node or socket.gethostname().split(".")[0]
+    if not args.standalone:
+        from slurm_plugin.agent.daemon import run_slurm_agent
+
+        return run_slurm_agent(config, agent_config, secret, node)
     memory = parse_size(agent_config.offer_memory) if agent_config.offer_memory is not None else None
 
     from colocate.executor import ExecutorSupervisor

@@ -21,9 +21,10 @@ import logging
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from typing import Protocol
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
@@ -44,7 +45,13 @@ from policies.limits import Limits
 from policies.model import Eviction, EvictionReason, LeaseView, Offer, Policy
 from slurm_plugin.agent.node_source import NodeSource
 
+if TYPE_CHECKING:
+    from colocate.metrics import AgentMetrics
+
 log = logging.getLogger(__name__)
+
+#: How many past evictions the agent's status lists.
+EVICTION_LOG_SIZE = 100
 
 
 class ExecutorHandleLike(Protocol):
@@ -96,6 +103,26 @@ class HeldLease:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class EvictionRecord:
+    """One lease taken back: why (an ``EvictionReason`` value, ``executor_lost`` or
+    ``agent_stopped``), when (epoch seconds) and how long until its executor was gone and its
+    memory free (seconds; NaN if the eviction failed)."""
+
+    lease_id: str
+    reason: str
+    at: float
+    seconds: float
+    cpu_ids: tuple[int, ...] = ()
+    memory_bytes: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["cpu_ids"] = list(self.cpu_ids)
+        data["seconds"] = self.seconds if self.seconds == self.seconds else None
+        return data
+
+
 class Agent:
     """The node agent's state and loop; thread-safe (HTTP handlers run in a thread pool).
 
@@ -116,6 +143,7 @@ class Agent:
         eviction_grace_s: float = 1.0,
         max_payload_bytes: int = 16 * 1024**2,
         clock: Callable[[], float] = time.time,
+        metrics: AgentMetrics | None = None,
     ) -> None:
         self.source = source
         self.node = source.node
@@ -139,6 +167,8 @@ class Agent:
         self._report_due = threading.Event()
         self._stop = threading.Event()
         self._broker_down_since: float | None = None
+        self.metrics = metrics
+        self.evictions: deque[EvictionRecord] = deque(maxlen=EVICTION_LOG_SIZE)
 
     # --- identity -------------------------------------------------------------------------
 
@@ -178,7 +208,10 @@ class Agent:
             if not self._offer.cpu_ids:
                 self._decide(now)
             self._admit(request.lease_id, cpu_ids, request.memory_bytes)
+            started = time.monotonic()
             handle = self.executors.start(request.lease_id, cpu_ids, request.memory_bytes, request.expires_at)
+            if self.metrics is not None:
+                self.metrics.cold_start(time.monotonic() - started)
             self._generation += 1
             held = HeldLease(
                 request.lease_id, cpu_ids, request.memory_bytes, request.granted_at,
@@ -238,6 +271,11 @@ class Agent:
         grace = self.eviction_grace_s if grace_s is None else grace_s
         seconds = self._evict_executor(lease_id, grace, reason)
         log.info("lease %s %s (grace %.3fs, gone after %.3fs)", lease_id, reason, grace, seconds)
+        self.evictions.append(
+            EvictionRecord(lease_id, reason, self._clock(), seconds, held.cpu_ids, held.memory_bytes)
+        )
+        if self.metrics is not None:
+            self.metrics.evicted(reason, seconds if seconds == seconds else None)
         if reason != "released":  # the broker asked for a release; it must hear of anything else now
             self._report_due.set()
             self._wake.set()
@@ -252,17 +290,48 @@ class Agent:
 
     # --- the loop ------------------------------------------------------------------------
 
-    def _decide(self, now: float) -> tuple[Eviction, ...]:
-        view = self.source.view(now)
+    def _decide(self, now: float, sample: bool = True) -> tuple[Eviction, ...]:
+        recent = getattr(self.source, "recent_view", None)
+        view = self.source.view(now) if sample or not callable(recent) else recent(now)
         view = replace(view, leases=tuple(held.view() for held in self._leases.values()))
         decision = self.policy.decide(view, self.limits, now, self._policy_state)
         self._policy_state = decision.state
         self._offer = decision.offer
+        self._observe(view, now)
         return decision.evictions
 
-    def tick(self) -> list[str]:
+    def _observe(self, view: Any, now: float) -> None:
+        """Feed the metrics with this decision (the monitor's snapshot where there is one)."""
+        if self.metrics is None:
+            return
+        snapshot = getattr(self.source, "last_snapshot", None)
+        try:
+            handles = list(self.executors.handles())
+            drain = getattr(self.executors, "drain_invocations", None)
+            tallies = drain() if callable(drain) else []
+        except Exception:
+            log.debug("metrics: executors unreadable", exc_info=True)
+            handles, tallies = [], []
+        self.metrics.observe(
+            snapshot if snapshot is not None and snapshot.node == self.node else view,
+            self._offer,
+            view.leases,
+            executors=[(h.lease_id, tuple(h.pids)) for h in handles],
+            now=now,
+        )
+        if tallies:
+            from colocate.metrics.events import InvocationTally
+
+            for tally in tallies:
+                try:
+                    self.metrics.events.add_invocations(*InvocationTally.from_json(tally))
+                except (ValueError, TypeError):
+                    log.debug("metrics: bad invocation tally %r", tally)
+
+    def tick(self, sample: bool = True) -> list[str]:
         """One decision: drop leases whose executor died, apply the policy's evictions.
-        Returns the lease ids that ended."""
+        Returns the lease ids that ended. ``sample=False`` decides on the node source's most
+        recent view plus what the hooks said since (no sampling: the prolog's fast path)."""
         now = self._clock()
         ended: list[str] = []
         with self._lock:  # a start holds the lock: handles() and the table agree
@@ -272,7 +341,7 @@ class Agent:
                 del self._leases[lease_id]
                 self._generation += 1
                 ended.append(lease_id)
-            evictions = self._decide(now)
+            evictions = self._decide(now, sample)
         # A worker that died on its own (crash, OOM kill): its calls ended ExecutorLost; take
         # the whole lease back so its cores and memory are free and the broker hears of it.
         for lease_id in self.executors.exited():
@@ -369,6 +438,15 @@ class Agent:
         headers = {CONTROL_HEADER: control_token(self._secret)}
         with httpx.Client(timeout=1.0, headers=headers) as http:
             self.report_once(http)
+
+    def recent_evictions(self) -> list[dict[str, Any]]:
+        """The last evictions, oldest first, as JSON objects (see :class:`EvictionRecord`)."""
+        return [record.to_json() for record in list(self.evictions)]
+
+    def request_report(self) -> None:
+        """Report to the broker now (the offer changed outside the loop: epilog)."""
+        self._report_due.set()
+        self._wake.set()
 
     def status(self) -> AgentStatus:
         report = self.report()

@@ -3,7 +3,7 @@
 Every call but ``/healthz`` needs the control header (derived from the cluster secret):
 ``POST /v1/leases`` start an executor, ``PUT /v1/leases/{id}`` new expiry,
 ``DELETE /v1/leases/{id}`` release, ``POST /v1/leases/{id}/revoke`` take back with a grace
-period, ``GET /v1/status``.
+period, ``GET /v1/status``, ``GET /v1/evictions`` (the last leases taken back and why).
 """
 
 from __future__ import annotations
@@ -90,5 +90,10 @@ def create_app(agent: Agent, *, run_loop: bool = True) -> FastAPI:
     @app.get(f"{API_PREFIX}/status", response_model=AgentStatus, dependencies=guarded)
     def status() -> AgentStatus:
         return agent.status()
+
+    @app.get(f"{API_PREFIX}/evictions", dependencies=guarded)
+    def evictions() -> list[dict[str, object]]:
+        """The last leases taken back, oldest first: lease_id, reason, at, seconds, cpu_ids."""
+        return agent.recent_evictions()
 
     return app

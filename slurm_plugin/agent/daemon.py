@@ -1,0 +1,110 @@
+"""The Slurm-integrated agent as a process (``colocate agent`` without ``--standalone``).
+
+Wires the parts together: the live monitor (:class:`~slurm_plugin.agent.slurm_node.SlurmNode`),
+the configured policy with its guard, the executor supervisor (lease cgroups under the
+agent's own ``colocate/<node>/`` subtree), the metrics (:class:`colocate.metrics.AgentMetrics`
+on ``agent.metrics_listen``), the control socket for the hooks
+(:class:`~slurm_plugin.agent.slurm_control.SlurmControl`) and the HTTP API for the broker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+
+from colocate.config import AgentConfig, Config
+from colocate.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def control_uids(users: tuple[str, ...]) -> frozenset[int]:
+    """Uids besides root allowed on the control socket; a missing default ``slurm`` user
+    (SlurmUser=root) is skipped, any other unknown name is a ConfigError."""
+    import pwd
+
+    from slurm_plugin.control import resolve_uids
+
+    present: list[str] = []
+    for user in users:
+        if user == "slurm":
+            try:
+                pwd.getpwnam(user)
+            except KeyError:
+                log.info("no user 'slurm' on this node; the control socket serves root only")
+                continue
+        present.append(user)
+    return resolve_uids(present)
+
+
+def run_slurm_agent(config: Config, agent_config: AgentConfig, secret: bytes, node: str) -> int:
+    """Run until SIGTERM/SIGINT; on exit every lease is evicted and the broker told."""
+    from colocate.broker.service import bind, serve, url_of
+    from colocate.executor import ExecutorSupervisor
+    from colocate.metrics import AgentMetrics
+    from monitors.view import MonitoredNode
+    from policies import get_policy
+    from slurm_plugin.agent.agent import Agent
+    from slurm_plugin.agent.app import create_app
+    from slurm_plugin.agent.slurm_control import SlurmControl
+    from slurm_plugin.agent.slurm_node import SlurmNode
+    from slurm_plugin.control import ControlServer, socket_path_for
+    from slurm_plugin.hooks import choice_dir_for
+    from slurm_plugin.slurm.cli import CliSlurm
+
+    try:
+        policy = get_policy(config.policy.name)
+    except ValueError as exc:
+        raise ConfigError(str(exc), key="policy.name") from None
+    uids = control_uids(agent_config.control_users)
+    control_path = socket_path_for(agent_config.control_socket, node)
+    sock = bind(agent_config.listen, 8643)
+    url = url_of(sock)
+    host = sock.getsockname()[0]
+    if agent_config.advertise_host:
+        host = agent_config.advertise_host
+    elif host in ("0.0.0.0", "::"):
+        host = socket.getfqdn()
+    with contextlib.ExitStack() as stack:
+        monitored = MonitoredNode.live(
+            node, psi_groups=agent_config.psi_groups, default_colocate=agent_config.default_colocate == "allow"
+        )
+        source = SlurmNode(monitored)
+        stack.callback(source.close)
+        try:
+            supervisor = ExecutorSupervisor(config.executor, secret, node=node, host=host, state_dir=agent_config.state_dir)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot set up executors in {agent_config.state_dir} ({exc}); pass a short, writable --state-dir"
+            ) from None
+        stack.callback(supervisor.close)
+        metrics = AgentMetrics(node, config.prices, listen=agent_config.metrics_listen)
+        stack.callback(metrics.close)
+        agent = Agent(
+            source,
+            policy,
+            supervisor,
+            secret=secret,
+            url=url.replace(sock.getsockname()[0], host) if agent_config.advertise_host else url,
+            broker_url=agent_config.broker_url,
+            limits=config.policy.limits,
+            interval_s=agent_config.interval_s,
+            eviction_grace_s=agent_config.eviction_grace_s,
+            max_payload_bytes=config.executor.max_payload_bytes,
+            metrics=metrics,
+        )
+        handler = SlurmControl(agent, source, CliSlurm(), choice_dir_for(control_path))
+        control = ControlServer(control_path, handler, allowed_uids=uids)
+        control.start()
+        stack.callback(control.close)
+        cleaned = agent.recover()
+        metrics_url = metrics.server.url if metrics.server is not None else "(not served)"
+        print(
+            f"colocate agent: node {node} listening on {url}, control socket {control_path}, "
+            f"metrics {metrics_url}, policy {config.policy.name}, reporting to {agent_config.broker_url}"
+            + (f"; cleaned up {len(cleaned)} executors of a previous run" if cleaned else ""),
+            flush=True,
+        )
+        serve(create_app(agent), sock)
+    return 0
