@@ -207,6 +207,7 @@ def evictions(
             exc = f.exception(timeout=10)
             if exc is not None and type(exc).__name__ != "LeaseEvicted":
                 not_evicted += 1
+                print(f"  eviction round: a call ended with {exc!r}", file=sys.stderr)
         ex.shutdown()
     return wall, reported, not_evicted
 

@@ -210,6 +210,7 @@ class _Connection:
         self.reader_waiting = False
         self.outbox: list[bytes] = []  # held-back asynchronous calls (see send)
         self.corked = 0
+        self.write_failed = False
 
     # -- handshake -----------------------------------------------------------------------
     def hello(self, token: str) -> dict[str, Any]:
@@ -274,11 +275,7 @@ class _Connection:
                 data = b"".join(self.outbox)
                 self.outbox.clear()
                 self.corked = 0
-            try:
-                self.sock.sendall(data)
-            except OSError:
-                self.mark_dead()
-                raise self.lost_error() from None
+            self._write(data)
 
     def flush(self) -> None:
         """Send the calls held back by ``send``."""
@@ -289,11 +286,20 @@ class _Connection:
                 data = b"".join(self.outbox)
                 self.outbox.clear()
                 self.corked = 0
-                try:
-                    self.sock.sendall(data)
-                except OSError:
-                    self.mark_dead()
-                    raise self.lost_error() from None
+                self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        """sendall under send_lock. A failed write does not fail the calls here: the worker
+        may have sent an eviction notice that is still unread, so the reading side (which
+        soon sees the end of the stream) decides between LeaseEvicted and ExecutorLost."""
+        if self.write_failed:
+            return
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            self.write_failed = True
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_WR)
 
     def lost_error(self) -> BaseException:
         if self.notice:
@@ -426,8 +432,7 @@ class _Connection:
                 self.reader.start()
             elif self.reader_waiting:
                 self.cond.notify()
-        with contextlib.suppress(ColocateError):  # mark_dead then failed the futures
-            self.send(data, fn, definitions, calls=len(cids))
+        self.send(data, fn, definitions, calls=len(cids))
         return futures
 
     def _read_loop(self) -> None:

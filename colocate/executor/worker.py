@@ -46,6 +46,7 @@ _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_PDEATHSIG = 1
 
 _MAX_CONNECTIONS = 1024
+_NOTICE_SEND_S = 0.05  # per connection, for the eviction notice
 TALLY_INTERVAL_S = 1.0  # invocation counts reach the supervisor at most this late
 
 IDLE, IO, RUNNING = 0, 1, 2
@@ -186,8 +187,7 @@ class Worker:
         if self.phase != IO:  # no frame is half written: safe to write the notices now
             self._send_notices()
             if self.phase == IDLE or now:
-                self._report_tally()
-                os._exit(0)
+                self._exit()
         # in the middle of I/O: the loop sends the notices and exits once the write is done
 
     def _report_tally(self) -> None:
@@ -215,8 +215,22 @@ class Worker:
         what = "expired" if self.evicting == P.EXPIRED else "evicted"
         note = P.frame(P.REPLY, 0, self.evicting, 0, f"lease {self.spec.lease_id} {what}".encode())
         for conn in list(self.conns.values()):
+            # Whole frame or nothing, and never stuck behind a client that stopped reading.
             with contextlib.suppress(OSError):
-                conn.sock.send(note, socket.MSG_DONTWAIT)
+                conn.sock.settimeout(_NOTICE_SEND_S)
+                conn.sock.sendall(note)
+            with contextlib.suppress(OSError):
+                conn.sock.settimeout(None)
+
+    def _exit(self) -> NoReturn:
+        """Leave after an eviction: notices out, counts reported, streams closed in order
+        (a FIN after the notice, before the kernel may reset connections with unread data)."""
+        self._send_notices()
+        self._report_tally()
+        for conn in list(self.conns.values()):
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_WR)
+        os._exit(0)
 
     # -- loop ------------------------------------------------------------------------------
     def serve(self) -> NoReturn:
@@ -227,9 +241,7 @@ class Worker:
         while True:
             self.phase = IDLE
             if self.evicting:
-                self._send_notices()
-                self._report_tally()
-                os._exit(0)
+                self._exit()
             events = poll(0)
             if not events:
                 if monotonic() < hot_until:

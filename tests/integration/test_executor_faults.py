@@ -430,3 +430,18 @@ def test_connections_without_a_token_are_closed_after_the_hello_timeout(tmp_path
                 assert sock.recv(1) == b""  # closed by the worker
                 sock.close()
             assert ex.invoke(add, 1, 1) == 2  # the authenticated one stays
+
+
+def test_evicting_a_worker_with_a_backlog_ends_every_call_with_lease_evicted(
+    supervisor: ExecutorSupervisor,
+) -> None:
+    # Many calls queued client-side: writes to the departed worker fail before the notice
+    # is read; the notice must still decide the error.
+    for _ in range(10):
+        lease_id, ex = executor(supervisor)
+        ex.invoke(add, 1)
+        futures = [ex.submit(time.sleep, 0.001) for _ in range(200)]
+        supervisor.evict(lease_id)
+        counts = outcomes(futures)
+        assert set(counts) <= {"ok", "LeaseEvicted"}, counts
+        ex.shutdown()
