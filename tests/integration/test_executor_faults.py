@@ -437,7 +437,7 @@ def test_evicting_a_worker_with_a_backlog_ends_every_call_with_lease_evicted(
 ) -> None:
     # Many calls queued client-side: writes to the departed worker fail before the notice
     # is read; the notice must still decide the error.
-    for _ in range(10):
+    for _ in range(20):
         lease_id, ex = executor(supervisor)
         ex.invoke(add, 1)
         futures = [ex.submit(time.sleep, 0.001) for _ in range(200)]
