@@ -247,9 +247,10 @@ def replay_policy(
     group_minute = t_arr[group_start].tolist()
     group_node = node_arr[group_start].tolist()
     is_change = (events[3] == _START) | (events[3] == _END)
-    group_changes = (
-        np.add.reduceat(is_change.astype(np.int64), group_start).tolist() if n_events else []
-    )
+    # per group: 1 = jobs start or end, 2 = a start-up phase ends (the job views change)
+    flags = is_change.astype(np.int64) | ((events[3] == _RAMP).astype(np.int64) << 1)
+    group_changes = np.bitwise_or.reduceat(flags, group_start).tolist() if n_events else []
+    node_views: list[tuple[int, tuple[JobView, ...]] | None] = [None] * cluster.nodes
     n_groups = len(group_minute)
     g = 0
     while g < n_groups or follow_ups:
@@ -271,7 +272,9 @@ def replay_policy(
         # interference time since this node's last decision
         if held is not None and held[1]:
             violation_s += (now - viol_since[node]) * held[1]
-        if changes:  # starts or ends here (ticks and phase ends change no job set)
+        if changes:
+            node_views[node] = None
+        if changes & 1:  # starts or ends here (ticks and phase ends change no job set)
             for i in range(first_event, last_event):
                 kind = ev_kind[i]
                 if kind == _START:
@@ -293,12 +296,24 @@ def replay_policy(
             memo_minute = minute
         entry = memo.get(key)
         if entry is None:
-            decision = decide(
-                _node_view(node, node_cpus, mem_total, reserved, jobs_here, current, now, cpn),
-                limits,
-                now,
-                old_state,
+            lease_cores = len(current.cpu_ids) if current is not None else 0
+            cached_views = node_views[node]
+            if cached_views is not None and cached_views[0] == lease_cores:
+                views = cached_views[1]
+            else:
+                views = tuple(
+                    [_job_view(p, now >= p.ramp_t, lease_cores, cpn) for p in jobs_here.values()]
+                )
+                node_views[node] = (lease_cores, views)
+            view = NodeView(
+                str(node),
+                node_cpus,
+                mem_total,
+                views,
+                (current,) if current is not None else (),
+                reserved,
             )
+            decision = decide(view, limits, now, old_state)
             evicted = current is not None and any(
                 e.lease_id == current.lease_id for e in decision.evictions
             )
@@ -383,31 +398,14 @@ def replay_policy(
     return change_t, change_c, change_m, evict_t, violation_s / 3600.0, evicted_cores, decisions
 
 
-def _node_view(
-    node: int,
-    node_cpus: frozenset[int],
-    mem_total: int,
-    reserved: int,
-    jobs_here: dict[int, _Piece],
-    current: LeaseView | None,
-    now: float,
-    cpn: int,
-) -> NodeView:
-    """The node as the agent would report it: jobs with their modelled usage history.
+def _job_view(p: _Piece, steady: bool, lease_cores: int, cpn: int) -> JobView:
+    """The job as the agent would report it, in its start-up or steady phase, next to
+    ``lease_cores`` function cores (built once per piece and situation).
 
     Usage is piecewise constant, so the history holds one sample per phase (start, end of
     the start-up phase); a denser one would say the same. The latest sample carries the
-    pressure the node's functions cause now.
+    pressure the node's functions cause.
     """
-    lease_cores = len(current.cpu_ids) if current is not None else 0
-    views = tuple([_job_view(p, now >= p.ramp_t, lease_cores, cpn) for p in jobs_here.values()])
-    return NodeView(
-        str(node), node_cpus, mem_total, views, (current,) if current is not None else (), reserved
-    )
-
-
-def _job_view(p: _Piece, steady: bool, lease_cores: int, cpn: int) -> JobView:
-    """The job in its start-up or steady phase next to ``lease_cores`` function cores (cached)."""
     key = (steady, lease_cores)
     view = p.views.get(key)
     if view is not None:
