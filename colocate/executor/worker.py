@@ -13,6 +13,9 @@ Eviction (signals in ``EVICTION_SIGNALS``): the worker sends a notice (evicted o
 every connection, then either exits at once (no grace) or finishes the call it is running
 (the supervisor kills it after the grace period); it runs nothing more. A plain SIGTERM is an
 eviction with grace.
+
+Invocation counts and durations (``InvocationTally``) go to the supervisor over the verifier
+connection at most ``TALLY_INTERVAL_S`` after a call, and once more on eviction.
 """
 
 from __future__ import annotations
