@@ -50,7 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="multiply FaaS demand (default 1)",
     )
     parser.add_argument(
-        "--nodes", type=int, metavar="N", help="nodes (default: the trace header's MaxNodes)"
+        "--nodes",
+        type=int,
+        metavar="N",
+        help="nodes (default: the trace header's MaxProcs / cores per node, else MaxNodes)",
     )
     parser.add_argument(
         "--cores-per-node",
