@@ -129,8 +129,9 @@ def report_dict(
         },
         "assumptions": [
             *assumptions(result),
-            f"Policies decide under the limits in report.json; with the guard on, functions hold at most "
-            f"{limits.max_function_share:.0%} of a node's cores and memory, so even an idle node offers only that share."
+            f"Policies decide under the limits in report.json; with the guard on, functions may hold "
+            f"at most {limits.max_function_share:.0%} of a node's cores and memory, and modelled "
+            f"pressure reaching {limits.cpu_pressure_limit:g} % makes it take leases back."
             if limits.guard
             else "Policies decide under the limits in report.json, without the interference guard.",
             "headroom and predictive differ only where usage grows (predictive's memory trend): the "
