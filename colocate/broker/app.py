@@ -2,7 +2,7 @@
 
 Clients: ``POST /v1/leases``, ``GET /v1/leases/{id}``, ``POST /v1/leases/{id}/renew``,
 ``DELETE /v1/leases/{id}``, ``GET /v1/status``. Agents (with the control header):
-``PUT /v1/nodes/{node}``.
+``PUT /v1/nodes/{node}``. Prometheus: ``GET /metrics`` (cluster-wide ``colocate_broker_*``).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Header, Path
+from prometheus_client import CollectorRegistry, make_asgi_app
 
 from colocate.broker.api import (
     API_PREFIX,
@@ -28,7 +29,8 @@ from colocate.broker.api import (
 )
 from colocate.broker.broker import Broker
 from colocate.broker.service import install_error_handlers
-from colocate.errors import Unauthorized
+from colocate.errors import LeaseDenied, LeaseError, Unauthorized
+from colocate.metrics.broker import BrokerCollector
 
 NodeName = Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
 LeaseId = Path(min_length=1, max_length=128)
@@ -58,6 +60,10 @@ def create_app(broker: Broker) -> FastAPI:
         responses=_ERRORS,
     )
     install_error_handlers(app)
+    registry = CollectorRegistry()
+    metrics = BrokerCollector(broker.status, registry=registry)
+    app.mount("/metrics", make_asgi_app(registry))
+
     @app.get("/healthz")
     async def healthz() -> dict[str, bool]:
         return {"ok": True}
@@ -65,7 +71,16 @@ def create_app(broker: Broker) -> FastAPI:
     @app.post(f"{API_PREFIX}/leases", response_model=LeaseGrant)
     async def request_lease(request: LeaseRequest) -> LeaseGrant:
         """Ask for ``cores`` and ``memory`` for ``duration``; 409 LeaseDenied says what is free."""
-        return await broker.lease(request)
+        try:
+            grant = await broker.lease(request)
+        except LeaseDenied:
+            metrics.record_lease_request("denied")
+            raise
+        except LeaseError:
+            metrics.record_lease_request("failed")
+            raise
+        metrics.record_lease_request("granted")
+        return grant
 
     @app.get(f"{API_PREFIX}/leases/{{lease_id}}", response_model=LeaseInfo)
     async def get_lease(lease_id: str = LeaseId) -> LeaseInfo:

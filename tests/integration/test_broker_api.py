@@ -162,3 +162,13 @@ def test_openapi_describes_the_lease_api(broker: Service) -> None:
     assert {"/v1/leases", "/v1/leases/{lease_id}/renew", "/v1/status", "/v1/nodes/{node}"} <= set(spec["paths"])
     request = spec["components"]["schemas"]["LeaseRequest"]
     assert request["additionalProperties"] is False and set(request["properties"]) == {"cores", "memory", "duration"}
+
+
+def test_broker_exports_its_view_and_lease_requests_to_prometheus(broker: Service, tmp_path: Path) -> None:
+    register(broker, tmp_path, "n1", 2, 4 * GiB)
+    with pytest.raises(LeaseDenied):
+        Client(broker.url).lease(cores=8, memory="1GiB", duration="1m").__enter__()
+    text = httpx.get(f"{broker.url}/metrics/").text
+    assert 'colocate_broker_cores{node="n1",state="offered"} 2.0' in text
+    assert 'colocate_broker_lease_requests_total{result="denied"} 1.0' in text
+    assert 'colocate_broker_nodes{state="alive"} 1.0' in text
