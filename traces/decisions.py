@@ -1,0 +1,348 @@
+"""The per-node decision loop of the replay: events in time order, one ``decide`` per node
+and minute, leases sized to the FaaS load, interference time counted.
+
+See :mod:`traces.replay` for the whole procedure; this module is its hot loop, so it uses
+plain lists, tuples and slots classes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from policies import POLICIES
+from policies.limits import Limits
+from policies.model import EvictionReason, JobView, LeaseView, NodeView, Offer, UsageSample
+from traces.demand import STEP_S, Demand
+from traces.interference import cpu_pressure
+from traces.placement import Cluster, Placement
+
+Progress = Callable[[int], None]
+Events = tuple[
+    npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]
+]
+
+END, START, TICK, RAMP = 0, 1, 2, 3  # event kinds
+
+
+@dataclass(slots=True)
+class Piece:
+    """Static facts of one running job piece, built at its start (hot loop: plain slots)."""
+
+    job_id: str
+    signature: tuple[int, int, int]  # (job index, core mask, memory): equal pieces decide alike
+    cpu_ids: frozenset[int]
+    memory_allocated: int
+    start_t: float
+    ramp_t: float
+    cores_used: float
+    ramp_memory: int
+    steady_memory: int
+    sensitivity: float
+    views: dict[tuple[bool, int], JobView]  # (steady phase, lease cores) -> view, on first use
+
+
+_LeaseOutcome = tuple[LeaseView, int, tuple[frozenset[int], int, float], bool]
+"""A node's lease, its jobs above the slowdown budget, the lease's memo key, and whether a
+job's modelled pressure reaches the guard's limit."""
+
+
+@dataclass(slots=True)
+class _Memo:
+    """One decision of a minute, shared by every node in the same situation."""
+
+    offer: Offer
+    new_state: object | None
+    evicted: bool
+    pressure_evicted: bool
+    old_state: object | None  # kept alive so its id is not reused within the minute
+    leases: dict[tuple[int, int], _LeaseOutcome]  # (cores, bytes) -> outcome
+
+
+def drive_policy(
+    name: str,
+    placement: Placement,
+    pieces_static: Callable[[int], Piece],
+    events: Events,
+    cluster: Cluster,
+    limits: Limits,
+    dem: Demand,
+    seed: int,
+    progress: Progress | None = None,
+) -> tuple[list[int], list[int], list[int], list[int], float, int, int]:
+    """Drive one policy through the events.
+
+    Returns offer-change minutes, core deltas, memory deltas, eviction minutes, violation
+    job-node-hours, evicted function cores and the number of ``decide`` calls.
+    """
+    policy = POLICIES[name]()
+    decide = policy.decide
+    ev_piece, ev_kind = events[2].tolist(), events[3].tolist()
+    n_events = len(ev_kind)
+    t0 = placement.t0
+    cpn = cluster.cores_per_node
+    node_cpus = frozenset(range(cpn))
+    mem_total = cluster.memory_per_node_bytes
+    reserved = cluster.memory_reserved_bytes
+    budget = limits.slowdown_budget
+    demand_c = dem.cores.tolist()
+    demand_m = dem.memory_bytes.tolist()
+    minutes = len(demand_c)
+    salt = random.Random(seed).randrange(1 << 30)
+    memo: dict[object, _Memo] = {}
+    interned: dict[object, object] = {}
+    memo_minute = -1
+    decisions = 0
+    running: list[dict[int, Piece]] = [{} for _ in range(cluster.nodes)]
+    state: list[object | None] = [None] * cluster.nodes
+    # per node: its lease outcome (see _LeaseOutcome) or None
+    lease: list[_LeaseOutcome | None] = [None] * cluster.nodes
+    node_signature: list[tuple[tuple[int, int, int], ...]] = [()] * cluster.nodes
+    offer_c = [0] * cluster.nodes
+    offer_m = [0] * cluster.nodes
+    viol_since = [0.0] * cluster.nodes
+    total_c = 0
+    total_m = 0
+    change_t: list[int] = []
+    change_c: list[int] = []
+    change_m: list[int] = []
+    evict_t: list[int] = []
+    violation_s = 0.0
+    evicted_cores = 0
+    lease_serial = 0
+    done_mark = 0
+    # "Periodic ticks only if needed": the guard acts on pressure only after a grace period
+    # and re-offers after a cooldown, so those moments get a decision of their own.
+    guard_on = limits.guard
+    grace_min = max(1, math.ceil(limits.pressure_grace_s / STEP_S))
+    cooldown_min = max(1, math.ceil(limits.reoffer_cooldown_s / STEP_S))
+    limit = limits.cpu_pressure_limit
+    pressure_slowdown = (
+        limit / (100.0 - limit) if limit < 100.0 else math.inf
+    )  # inverse of cpu_pressure
+    follow_ups: list[tuple[int, int]] = []  # (minute, node)
+    last_decided = [-1] * cluster.nodes
+    cooling = [False] * cluster.nodes
+    t_arr, node_arr = events[0], events[1]
+    first_of_group = np.ones(n_events, dtype=bool)
+    first_of_group[1:] = (t_arr[1:] != t_arr[:-1]) | (node_arr[1:] != node_arr[:-1])
+    group_start = np.flatnonzero(first_of_group)
+    bounds = [*group_start.tolist(), n_events]
+    group_minute = t_arr[group_start].tolist()
+    group_node = node_arr[group_start].tolist()
+    is_change = (events[3] == START) | (events[3] == END)
+    # per group: 1 = jobs start or end, 2 = a start-up phase ends (the job views change)
+    flags = is_change.astype(np.int64) | ((events[3] == RAMP).astype(np.int64) << 1)
+    group_changes = np.bitwise_or.reduceat(flags, group_start).tolist() if n_events else []
+    node_views: list[tuple[int, tuple[JobView, ...]] | None] = [None] * cluster.nodes
+    n_groups = len(group_minute)
+    g = 0
+    while g < n_groups or follow_ups:
+        if follow_ups and (g >= n_groups or follow_ups[0] < (group_minute[g], group_node[g])):
+            minute, node = heapq.heappop(follow_ups)
+            if last_decided[node] >= minute:
+                continue
+            changes = 0
+        else:
+            minute = group_minute[g]
+            node = group_node[g]
+            changes = group_changes[g]
+            first_event, last_event = bounds[g], bounds[g + 1]
+            g += 1
+        last_decided[node] = minute
+        now = t0 + minute * STEP_S
+        jobs_here = running[node]
+        held = lease[node]
+        # interference time since this node's last decision
+        if held is not None and held[1]:
+            violation_s += (now - viol_since[node]) * held[1]
+        if changes:
+            node_views[node] = None
+        if changes & 1:  # starts or ends here (ticks and phase ends change no job set)
+            for i in range(first_event, last_event):
+                kind = ev_kind[i]
+                if kind == START:
+                    piece = ev_piece[i]
+                    jobs_here[piece] = pieces_static(piece)
+                elif kind == END:
+                    del jobs_here[ev_piece[i]]
+            node_signature[node] = tuple([p.signature for p in jobs_here.values()])
+        current = held[0] if held is not None else None
+        old_state = state[node]
+        # Nodes in the same situation (the pieces of one parallel job, same lease, same
+        # policy state object) get the same decision: decide is pure, so it is asked once a
+        # minute. The memo holds the old state, so its id cannot be reused within the minute.
+        signature = node_signature[node]
+        key = (signature, held[2] if held is not None else None, id(old_state))
+        if minute != memo_minute:
+            memo.clear()
+            interned.clear()
+            memo_minute = minute
+        entry = memo.get(key)
+        if entry is None:
+            lease_cores = len(current.cpu_ids) if current is not None else 0
+            cached_views = node_views[node]
+            if cached_views is not None and cached_views[0] == lease_cores:
+                views = cached_views[1]
+            else:
+                views = tuple(
+                    [_job_view(p, now >= p.ramp_t, lease_cores, cpn) for p in jobs_here.values()]
+                )
+                node_views[node] = (lease_cores, views)
+            view = NodeView(
+                str(node),
+                node_cpus,
+                mem_total,
+                views,
+                (current,) if current is not None else (),
+                reserved,
+            )
+            decision = decide(view, limits, now, old_state)
+            evicted = current is not None and any(
+                e.lease_id == current.lease_id for e in decision.evictions
+            )
+            pressure_evicted = evicted and any(
+                e.reason is EvictionReason.PRESSURE for e in decision.evictions
+            )
+            new_state = decision.state
+            # equal states become one object, so equal nodes keep meeting in the memo;
+            # an unhashable state just does not share
+            with contextlib.suppress(TypeError):
+                new_state = interned.setdefault(new_state, new_state)
+            entry = _Memo(decision.offer, new_state, evicted, pressure_evicted, old_state, {})
+            memo[key] = entry
+            decisions += 1
+        offer = entry.offer
+        state[node] = entry.new_state
+        if entry.evicted and current is not None:
+            evict_t.append(minute)
+            evicted_cores += len(current.cpu_ids)
+            if entry.pressure_evicted and guard_on:
+                cooling[node] = True
+        oc = len(offer.cpu_ids)
+        om = offer.memory_bytes
+        if oc != offer_c[node] or om != offer_m[node]:
+            total_c += oc - offer_c[node]
+            total_m += om - offer_m[node]
+            change_t.append(minute)
+            change_c.append(oc - offer_c[node])
+            change_m.append(om - offer_m[node])
+            offer_c[node] = oc
+            offer_m[node] = om
+        # the functions this node carries now: its share of the cluster-wide load, cores
+        # rounded with a draw shared by equal nodes of a minute, so they stay equal
+        cores = 0
+        if oc and om and total_c > 0:
+            u_c = demand_c[minute] / total_c
+            first = signature[0][0] if signature else -1
+            draw = (
+                (minute * 1_000_003 + first * 7919 + salt) * 2_654_435_761 % 4_294_967_296
+            ) / 4_294_967_296
+            cores = int(oc * (u_c if u_c < 1.0 else 1.0) + draw)
+        if cores > 0:
+            u_m = min(1.0, demand_m[minute] / total_m) if total_m > 0 else 0.0
+            lease_memory = int(om * u_m)
+            outcome = entry.leases.get((cores, lease_memory))
+            if outcome is None:
+                lease_serial += 1
+                ids = frozenset(sorted(offer.cpu_ids)[-cores:])
+                share = cores / cpn
+                outcome = (
+                    LeaseView(str(lease_serial), ids, lease_memory, now, math.inf),
+                    sum(1 for p in jobs_here.values() if p.sensitivity * share > budget),
+                    (ids, lease_memory, now),
+                    any(p.sensitivity * share >= pressure_slowdown for p in jobs_here.values()),
+                )
+                entry.leases[(cores, lease_memory)] = outcome
+            lease[node] = outcome
+            cooling[node] = False
+            # a job under pressure: the guard needs another decision after its grace period
+            # (so while pressure lasts, the node is decided every grace period)
+            if outcome[3] and guard_on and minute + grace_min < minutes:
+                heapq.heappush(follow_ups, (minute + grace_min, node))
+        else:
+            lease[node] = None
+            if cooling[node] and minute + cooldown_min < minutes:
+                # after a pressure eviction: ask again every cooldown period until the guard
+                # offers to functions again (its cooldown may grow with repeated evictions)
+                heapq.heappush(follow_ups, (minute + cooldown_min, node))
+        viol_since[node] = now
+        if progress is not None and not g & 4095:
+            done = bounds[g]
+            progress(done - done_mark)
+            done_mark = done
+    if progress is not None:
+        progress(n_events - done_mark)
+    end = t0 + minutes * STEP_S  # violations still running when the trace ends
+    violation_s += sum(
+        (end - since) * held[1]
+        for since, held in zip(viol_since, lease, strict=True)
+        if held is not None
+    )
+    return change_t, change_c, change_m, evict_t, violation_s / 3600.0, evicted_cores, decisions
+
+
+def _job_view(p: Piece, steady: bool, lease_cores: int, cpn: int) -> JobView:
+    """The job as the agent would report it, in its start-up or steady phase, next to
+    ``lease_cores`` function cores (built once per piece and situation).
+
+    Usage is piecewise constant, so the history holds one sample per phase (start, end of
+    the start-up phase); a denser one would say the same. The latest sample carries the
+    pressure the node's functions cause.
+    """
+    key = (steady, lease_cores)
+    view = p.views.get(key)
+    if view is not None:
+        return view
+    pressure = cpu_pressure(p.sensitivity * lease_cores / cpn) if lease_cores else None
+    if steady:
+        memory = p.steady_memory
+        history: tuple[UsageSample, ...] = (
+            UsageSample(p.start_t, p.cores_used, p.ramp_memory),
+            UsageSample(p.ramp_t, p.cores_used, memory, pressure),
+        )
+    else:
+        memory = p.ramp_memory
+        history = (UsageSample(p.start_t, p.cores_used, memory, pressure),)
+    view = JobView(p.job_id, p.cpu_ids, p.memory_allocated, memory, history, True, p.start_t)
+    p.views[key] = view
+    return view
+
+
+def build_events(
+    placement: Placement, ramp_minutes: npt.NDArray[np.int64], history_minutes: int, nodes: int
+) -> Events:
+    """Events (minute, node, piece, kind) sorted by minute, then node.
+
+    Every node also gets a tick at minute 0, so idle nodes offer from the start.
+    """
+    n = placement.job.size
+    idx = np.arange(n, dtype=np.int64)
+    start, end = placement.start, placement.end
+    ramp_end = start + ramp_minutes
+    tick = start + history_minutes
+    has_tick = (tick < end) & (tick < ramp_end)
+    has_ramp = (ramp_end > start) & (ramp_end < end)
+    t = np.concatenate([end, start, tick[has_tick], ramp_end[has_ramp]])
+    piece = np.concatenate([idx, idx, idx[has_tick], idx[has_ramp]])
+    kind = np.concatenate(
+        [
+            np.full(n, END),
+            np.full(n, START),
+            np.full(int(has_tick.sum()), TICK),
+            np.full(int(has_ramp.sum()), RAMP),
+        ]
+    ).astype(np.int64)
+    node = np.concatenate([placement.node[piece], np.arange(nodes, dtype=np.int64)])
+    t = np.concatenate([t, np.zeros(nodes, dtype=np.int64)])
+    piece = np.concatenate([piece, np.full(nodes, -1, dtype=np.int64)])
+    kind = np.concatenate([kind, np.full(nodes, TICK, dtype=np.int64)])
+    order = np.argsort(t * (int(node.max()) + 1 if node.size else 1) + node, kind="stable")
+    return t[order], node[order], piece[order], kind[order]
