@@ -16,7 +16,7 @@ class Limits(BaseModel):
     history_window_s: float = Field(300.0, gt=0, description="usage history a policy looks at, seconds")
     min_history_s: float = Field(30.0, ge=0, description="a job younger than this offers nothing of its own")
     percentile: float = Field(95.0, ge=0, le=100, description="predictive: usage percentile sized for")
-    cpu_pressure_limit: float = Field(20.0, ge=0, le=100, description="PSI cpu some avg10 (%) that triggers eviction")
+    cpu_pressure_limit: float = Field(5.0, ge=0, le=100, description="PSI cpu some avg10 (%) that triggers eviction")
     memory_pressure_limit: float = Field(5.0, ge=0, le=100, description="PSI memory some avg10 (%) that triggers eviction")
     pressure_grace_s: float = Field(5.0, ge=0, description="pressure must last this long before eviction")
     reoffer_cooldown_s: float = Field(60.0, ge=0, description="after a pressure eviction, offer nothing of that job for this long")

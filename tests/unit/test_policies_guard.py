@@ -21,7 +21,7 @@ from policies import (
 GIB = 1024**3
 T0 = 1000.0
 # Share cap off unless a test is about it, so offers are easy to reason about.
-LIMITS = Limits(max_function_share=1.0, pressure_grace_s=5.0, reoffer_cooldown_s=60.0)
+LIMITS = Limits(max_function_share=1.0, cpu_pressure_limit=20.0, pressure_grace_s=5.0, reoffer_cooldown_s=60.0)
 
 
 def lender(t: float, cpu_pressure: float = 0.0, job_id: str = "A") -> JobView:
@@ -96,7 +96,7 @@ def test_pressure_between_half_and_the_limit_keeps_the_grace_clock_running() -> 
 
 
 def test_no_pressure_eviction_without_pressure_or_without_leases() -> None:
-    run = Run(Limits(max_function_share=1.0, pressure_grace_s=0.0))
+    run = Run(Limits(max_function_share=1.0, cpu_pressure_limit=20.0, pressure_grace_s=0.0))
     calm = run.at(T0, node(lender(T0, 19.0), leases=(lease("a", {3}),)))
     assert calm.evictions == ()
     pressured = run.at(T0 + 1, node(lender(T0 + 1, 90.0)))
