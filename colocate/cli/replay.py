@@ -278,6 +278,10 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         try:
             written = write_report(result, report, Path(args.out))
+            # the same metric names as the live agent, for `colocate metrics openmetrics`
+            from colocate.metrics.replay_series import save_replay_series
+
+            written.append(save_replay_series(result, prices, Path(args.out)))
         except OSError as exc:
             raise ConfigError(f"cannot write the report: {exc.strerror}", path=args.out) from None
     if args.json:

@@ -51,11 +51,18 @@ def test_no_arguments_compares_every_policy_on_the_bundled_traces(tmp_path: Path
         assert name in proc.stdout
     assert "wasted:" in proc.stdout
     assert "\r" not in proc.stderr  # no progress bar when stderr is not a terminal
-    for name in ("report.json", "report.md", "harvest.png", "money.png", "evictions.png"):
+    for name in ("report.json", "report.md", "harvest.png", "money.png", "evictions.png", "metrics-series.json"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     assert (tmp_path / "out" / "harvest.png").read_bytes()[:4] == b"\x89PNG"
     md = (tmp_path / "out" / "report.md").read_text()
     assert "Measured and modelled" in md and "Citations" in md
+    # the what-if history loads into Prometheus under the live agent's metric names
+    om = subprocess.run(
+        [sys.executable, "-m", "colocate", "metrics", "openmetrics", "--replay-out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert om.returncode == 0, om.stderr
+    assert "colocate_recovered_cost" in om.stdout and om.stdout.rstrip().endswith("# EOF")
 
 
 @pytest.mark.slow
