@@ -1,0 +1,403 @@
+"""The Slurm-integrated agent on the dev cluster (real slurmctld/slurmd, prolog/epilog hooks,
+SPANK, cgroups): a broker and ``colocate agent --config`` for one fake node run as
+subprocesses; jobs are submitted with sbatch to that node.
+
+The fake nodes share this machine's 2 cores: "idle" means idle as Slurm and the job's
+cgroup see it. Timing assertions leave margins for a loaded machine.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import httpx
+import pytest
+
+from colocate import ExecutorLost, LeaseDenied, LeaseEvicted
+from colocate.client.lease import Client, Lease
+from slurm_plugin.control_client import call
+from slurm_plugin.devcluster import CONTROL_SOCKET
+from slurm_plugin.slurm.parse import parse_scontrol_job_detail
+from tests.conftest import require
+from tests.integration.conftest import JobSubmitter, SlurmCluster, slurm
+from tests.integration.leasing import (
+    Service,
+    _launch,
+    _ready,
+    control_headers,
+    start_broker,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.slurm, pytest.mark.root, pytest.mark.slow]
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers run as nobody
+
+MiB = 1024**2
+INTERVAL_S = 0.5
+MIN_HISTORY_S = 2.0
+PYTHON = sys.executable
+
+# A job that keeps its first core half busy (50 ms on, 50 ms off) and leaves the rest idle.
+HALF_BUSY = (
+    "import os, time\n"
+    "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+    "while True:\n"
+    "    t = time.time()\n"
+    "    while time.time() - t < 0.05: pass\n"
+    "    time.sleep(0.05)\n"
+)
+
+
+def job_script(code: str) -> str:
+    return f"{PYTHON} -c {shlex.quote(code)}"
+
+
+@dataclass
+class SlurmAgent:
+    node: str
+    service: Service
+    broker: Service
+    tmp: Path
+    state_dir: str
+    config: Path
+
+    @property
+    def socket(self) -> str:
+        return CONTROL_SOCKET.replace("{node}", self.node)
+
+    def status(self) -> dict[str, Any]:
+        reply = call(self.socket, {"op": "status"}, 5.0)
+        assert reply.ok, reply
+        return dict(reply.body["status"])
+
+    def evictions(self) -> list[dict[str, Any]]:
+        reply = httpx.get(f"{self.service.url}/v1/evictions", headers=control_headers(self.tmp), timeout=5)
+        reply.raise_for_status()
+        return list(reply.json())
+
+    def offer(self) -> tuple[list[int], int]:
+        nodes = httpx.get(f"{self.broker.url}/v1/status", timeout=5).json()["nodes"]
+        for node in nodes:
+            if node["node"] == self.node:
+                return list(node["cpu_ids"]), int(node["memory_bytes"])
+        return [], 0
+
+
+def _write_config(tmp: Path) -> Path:
+    path = tmp / "agent.toml"
+    path.write_text(
+        "[agent]\n"
+        f"interval_s = {INTERVAL_S}\n"
+        f'control_socket = "{CONTROL_SOCKET}"\n'
+        'metrics_listen = "127.0.0.1:0"\n'
+        'listen = "127.0.0.1:0"\n'
+        "[policy.limits]\n"
+        f"min_history_s = {MIN_HISTORY_S}\n"
+    )
+    return path
+
+
+def start_slurm_agent(tmp: Path, broker: Service, node: str, state_dir: str | None = None) -> SlurmAgent:
+    state = state_dir or tempfile.mkdtemp(prefix=f"colocate-{node}-")
+    config = _write_config(tmp)
+    argv = [
+        "agent", "--config", str(config), "--node", node, "--broker", broker.url,
+        "--secret-file", str(tmp / "secret"), "--state-dir", state,
+    ]
+    log = tmp / f"agent-{node}-{time.monotonic_ns()}.log"
+    service = _ready(f"agent {node}", _launch(argv, log), log)
+    return SlurmAgent(node, service, broker, tmp, state, config)
+
+
+def idle_node(cluster: SlurmCluster, cpus: int = 2, timeout_s: float = 120.0) -> str:
+    """A node with ``cpus`` idle CPUs and no agent socket yet (others run tests too)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        out = slurm("sinfo", "-h", "-N", "-o", "%N %C").stdout
+        # Last nodes first: standalone-agent tests elsewhere name their nodes n1 and n2, and
+        # agents of one node name share the colocate/<node> cgroups.
+        for line in reversed(out.splitlines()):
+            name, _, counts = line.partition(" ")
+            parts = counts.split("/")
+            if (
+                name in cluster.nodes and len(parts) == 4 and int(parts[1]) >= cpus
+                and not os.path.exists(CONTROL_SOCKET.replace("{node}", name))
+            ):
+                return name
+        time.sleep(1.0)
+    require(False, f"no dev-cluster node with {cpus} idle CPUs within {timeout_s:g} s")
+    raise AssertionError("unreachable")
+
+
+def job_cpus(job_id: str, node: str) -> frozenset[int]:
+    text = slurm("scontrol", "-o", "-d", "show", "job", job_id).stdout
+    for layout in parse_scontrol_job_detail(text).items:
+        if layout.node == node:
+            return frozenset(layout.cpu_ids)
+    raise AssertionError(f"job {job_id}: no CPU_IDs on {node} in {text!r}")
+
+
+def job_field(job_id: str, name: str) -> str:
+    text = slurm("scontrol", "-o", "show", "job", job_id).stdout
+    match = re.search(rf"\b{name}=(\S+)", text)
+    return match.group(1) if match else ""
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Service]:
+    service = start_broker(tmp_path)
+    yield service
+    service.stop()
+
+
+@pytest.fixture
+def agent_on(tmp_path: Path, broker: Service, slurm_cluster: SlurmCluster) -> Iterator[dict[str, SlurmAgent]]:
+    require(os.geteuid() == 0, "the Slurm agent needs root (cgroups, control socket under /run)")
+    started: dict[str, SlurmAgent] = {}
+    yield started
+    for agent in started.values():
+        agent.service.stop()
+        shutil.rmtree(agent.state_dir, ignore_errors=True)
+        assert "Traceback" not in agent.service.logs(), agent.service.logs()
+
+
+@pytest.fixture
+def jobs() -> Iterator[JobSubmitter]:
+    submitter = JobSubmitter()
+    yield submitter
+    submitter.cancel_all()
+
+
+def lease_when_offered(broker: Service, agent: SlurmAgent, cores: int = 1, memory: int = 128 * MiB, timeout_s: float = 30.0) -> Lease:
+    """The first lease the broker grants on ``agent``'s node once it offers ``cores``."""
+    wait_until(lambda: len(agent.offer()[0]) >= cores, timeout_s, f"{agent.node} to offer {cores} core(s)")
+    lease = Client(broker.url).lease(cores, memory, "5m")
+    assert lease.node == agent.node
+    return lease
+
+
+def affinity() -> tuple[list[int], int]:
+    import os as _os
+
+    return sorted(_os.sched_getaffinity(0)), _os.getuid()
+
+
+def sleep_for(seconds: float) -> str:
+    import time as _time
+
+    _time.sleep(seconds)
+    return "finished"
+
+
+# --- 1. a lease on exactly the idle cores of a job ---------------------------------------------
+
+
+def test_lease_runs_on_the_idle_core_of_a_running_job(
+    tmp_path: Path, broker: Service, agent_on: dict[str, SlurmAgent], jobs: JobSubmitter, slurm_cluster: SlurmCluster
+) -> None:
+    node = idle_node(slurm_cluster)
+    agent = agent_on[node] = start_slurm_agent(tmp_path, broker, node)
+    job = jobs.submit(job_script(HALF_BUSY), "-w", node, "-c2", "--mem=300M")
+    allocated = job_cpus(job.job_id, node)
+    busy = min(allocated)
+    assert len(allocated) == 2
+    # The job holds the whole node: whatever is offered now comes from inside it.
+    wait_until(lambda: agent.offer()[0] == sorted(allocated - {busy}), 30, "the job's idle core offered")
+    lease = lease_when_offered(broker, agent)
+    try:
+        assert set(lease.cpu_ids) == allocated - {busy}
+        with lease.executor() as executor:
+            cores, uid = executor.invoke(affinity)
+        assert cores == sorted(lease.cpu_ids)
+        assert uid != 0
+        status = agent.status()
+        job_row = next(j for j in status["jobs"] if j["job_id"] == job.job_id)
+        assert job_row["colocate"] is True
+    finally:
+        lease.release()
+
+
+# --- 2. a new job takes the leased core back through its prolog ---------------------------------
+
+
+def test_prolog_evicts_the_lease_on_a_starting_jobs_core(
+    tmp_path: Path, broker: Service, agent_on: dict[str, SlurmAgent], jobs: JobSubmitter, slurm_cluster: SlurmCluster
+) -> None:
+    node = idle_node(slurm_cluster)
+    agent = agent_on[node] = start_slurm_agent(tmp_path, broker, node)
+    first = jobs.submit(job_script(HALF_BUSY), "-w", node, "-c1", "--mem=200M")
+    free_core = sorted({0, 1} - job_cpus(first.job_id, node))
+    wait_until(lambda: agent.offer()[0] == free_core, 30, "the unallocated core offered")
+    lease = lease_when_offered(broker, agent)
+    assert list(lease.cpu_ids) == free_core
+    out = tmp_path / "second.out"
+    with lease.executor() as executor:
+        assert executor.invoke(affinity)[0] == free_core
+        in_flight = executor.submit(sleep_for, 60)
+        time.sleep(0.3)  # the call runs in the worker
+        submitted = time.time()
+        proc = slurm(
+            "sbatch", "--parsable", "-w", node, "-c1", "--mem=100M", "-o", str(out),
+            "--wrap", "date +%s.%N; sleep 5",
+        )
+        assert proc.returncode == 0, proc.stderr
+        second = proc.stdout.strip()
+        jobs.submitted.append(second)
+        with pytest.raises(LeaseEvicted):
+            in_flight.result(timeout=30)
+    wait_until(lambda: out.exists() and out.read_text().strip(), 30, "the second job's first line")
+    started = float(out.read_text().split()[0])
+    assert job_cpus(second, node) == frozenset(free_core)
+    # On time: the scheduler, the prolog (with the eviction) and the job's first line.
+    assert started - submitted < 10.0, f"second job started {started - submitted:.2f} s after sbatch"
+    record = next(e for e in agent.evictions() if e["lease_id"] == lease.lease_id)
+    assert record["reason"] == "job_start"
+    assert isinstance(record["seconds"], float) and record["seconds"] < 1.0
+    hook_log = Path("/var/lib/colocate/dev-cluster/log/hook.log").read_text()
+    assert f"prolog job {second} on {node}: hook exit 0" in hook_log
+    assert f"prolog job {second}" in agent.service.logs() and lease.lease_id in agent.service.logs()
+
+
+# --- 3. memory growth evicts before the job needs the memory --------------------------------
+
+
+GROWER = """
+import os, sys, time
+out, go, step, top, hold = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+blocks = [bytearray(os.urandom(1)) * (16 << 20)]
+with open(out, "a") as log:
+    print("ready", time.time(), flush=True, file=log)
+    while not os.path.exists(go):
+        time.sleep(0.05)
+    while sum(map(len, blocks)) < top:
+        blocks.append(bytearray(step))
+        for i in range(0, step, 4096):
+            blocks[-1][i] = 1
+        print("size", time.time(), sum(map(len, blocks)), flush=True, file=log)
+        time.sleep(0.2)
+    time.sleep(hold)
+    print("done", time.time(), flush=True, file=log)
+"""
+
+
+@pytest.mark.parametrize("attempt", [1, 2, 3])
+def test_memory_growth_evicts_before_the_job_runs_out(
+    attempt: int, tmp_path: Path, broker: Service, agent_on: dict[str, SlurmAgent], jobs: JobSubmitter, slurm_cluster: SlurmCluster
+) -> None:
+    node = idle_node(slurm_cluster)
+    agent = agent_on[node] = start_slurm_agent(tmp_path, broker, node)
+    script = tmp_path / "grower.py"
+    script.write_text(GROWER)
+    out, go = tmp_path / "grower.out", tmp_path / "go"
+    limit = 3000 * MiB
+    job = jobs.submit(
+        f"{PYTHON} {script} {out} {go} {64 * MiB} {2500 * MiB} 2", "-w", node, "-c1", "--mem=3000M",
+        "-o", str(tmp_path / "slurm.out"),
+    )
+    wait_until(lambda: out.exists() and "ready" in out.read_text(), 30, "the job to start")
+    # Until the job has history it keeps its whole allocation; then it lends what it does not use.
+    node_memory = 4096 * MiB
+    wait_until(
+        lambda: node_memory - limit + 512 * MiB < agent.offer()[1] < node_memory, 30, "the job's unused memory offered"
+    )
+    offered = agent.offer()[1]
+    lease = lease_when_offered(broker, agent, memory=offered - 100 * MiB)
+    with lease.executor() as executor:
+        assert executor.invoke(affinity)[0] == sorted(lease.cpu_ids)
+        go.touch()
+        # The job grows 64 MiB every 0.2 s to 2500 MiB (its limit is 3000 MiB).
+        wait_until(lambda: any(e["lease_id"] == lease.lease_id for e in agent.evictions()), 60, "the eviction")
+    evicted = next(e for e in agent.evictions() if e["lease_id"] == lease.lease_id)
+    assert evicted["reason"] == "memory_growth"
+    wait_until(lambda: "done" in out.read_text(), 60, "the job to finish")
+    sizes = [(float(t), int(n)) for kind, t, *rest in (line.split() for line in out.read_text().splitlines()) if kind == "size" for n in rest]
+    assert sizes[-1][1] >= 2500 * MiB - 64 * MiB
+    at_eviction = max((n for t, n in sizes if t <= float(evicted["at"])), default=0)
+    # Evicted while the job still had room; and the job never got near its own limit.
+    assert at_eviction < limit - 256 * MiB, (at_eviction, evicted)
+    assert float(evicted["at"]) < sizes[-1][0], "evicted only after the job had grown to its peak"
+    wait_until(lambda: job_field(job.job_id, "JobState") in {"COMPLETED", "FAILED", "OUT_OF_MEMORY"}, 30, "job end")
+    assert job_field(job.job_id, "JobState") == "COMPLETED"
+    assert job_field(job.job_id, "ExitCode") == "0:0"
+
+
+# --- 4. --colocate=deny: nothing of the job is ever lent -----------------------------------------
+
+
+def test_deny_job_lends_nothing(
+    tmp_path: Path, broker: Service, agent_on: dict[str, SlurmAgent], jobs: JobSubmitter, slurm_cluster: SlurmCluster
+) -> None:
+    node = idle_node(slurm_cluster)
+    agent = agent_on[node] = start_slurm_agent(tmp_path, broker, node)
+    job = jobs.submit(job_script(HALF_BUSY), "-w", node, "-c2", "--mem=500M", "--colocate=deny")
+    allocated = job_cpus(job.job_id, node)
+    assert allocated == frozenset({0, 1})
+    # The broker may still hold the node's report from before the job; from the next one on
+    # nothing of the job is offered, over many intervals and past the history the policy needs.
+    wait_until(lambda: agent.offer()[0] == [], 10, "the job's cores withdrawn")
+    deadline = time.monotonic() + MIN_HISTORY_S + 6 * INTERVAL_S + 2.0
+    offers = []
+    while time.monotonic() < deadline:
+        offers.append(agent.offer())
+        time.sleep(INTERVAL_S / 2)
+    assert offers and all(cores == [] for cores, _ in offers), offers
+    status = agent.status()
+    row = next(j for j in status["jobs"] if j["job_id"] == job.job_id)
+    assert row["colocate"] is False
+    with pytest.raises(LeaseDenied):
+        Client(broker.url).lease(1, 64 * MiB, "1m")
+
+
+# --- 5. SIGKILL: the next agent cleans up and the broker forgets the leases ---------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_agent_killed_and_restarted_leaves_no_orphans(
+    tmp_path: Path, broker: Service, agent_on: dict[str, SlurmAgent], jobs: JobSubmitter, slurm_cluster: SlurmCluster
+) -> None:
+    node = idle_node(slurm_cluster)
+    agent = agent_on[node] = start_slurm_agent(tmp_path, broker, node)
+    jobs.submit(job_script(HALF_BUSY), "-w", node, "-c1", "--mem=200M")
+    lease = lease_when_offered(broker, agent)
+    executor = lease.executor()
+    worker_pid = executor.invoke(os.getpid)
+    cgroups = [Path(f"/sys/fs/cgroup/{c}/colocate/{node}/{lease.lease_id}") for c in ("cpuset", "memory")]
+    assert all(c.is_dir() for c in cgroups)
+    agent.service.process.send_signal(signal.SIGKILL)
+    agent.service.process.wait(10)
+    assert _alive(worker_pid), "the worker outlives a SIGKILLed agent until the next one cleans up"
+    restarted = agent_on[node] = start_slurm_agent(tmp_path, broker, node, agent.state_dir)
+    assert f"cleaned executors left by a previous agent: ['{lease.lease_id}']" in restarted.service.logs()
+    assert not _alive(worker_pid)
+    assert not any(c.exists() for c in cgroups)
+    wait_until(lambda: not httpx.get(f"{broker.url}/v1/status", timeout=5).json()["leases"], 15, "the broker to drop the lease")
+    with pytest.raises((LeaseEvicted, ExecutorLost, OSError)):
+        executor.invoke(os.getpid)
+    executor.shutdown(wait=False)
+    again = lease_when_offered(broker, restarted)
+    try:
+        with again.executor() as fresh:
+            assert fresh.invoke(affinity)[0] == sorted(again.cpu_ids)
+    finally:
+        again.release()
+    assert subprocess.run(["pgrep", "-f", f"colocate.*{lease.lease_id}"], capture_output=True).returncode == 1
