@@ -182,9 +182,18 @@ def jobs() -> Iterator[JobSubmitter]:
 
 
 def lease_when_offered(broker: Service, agent: SlurmAgent, cores: int = 1, memory: int = 128 * MiB, timeout_s: float = 30.0) -> Lease:
-    """The first lease the broker grants on ``agent``'s node once it offers ``cores``."""
+    """The first lease the broker grants on ``agent``'s node once it offers ``cores``. The
+    broker may still hold a report from before the last job started: the agent then denies
+    and the lease is asked again after the next report."""
     wait_until(lambda: len(agent.offer()[0]) >= cores, timeout_s, f"{agent.node} to offer {cores} core(s)")
-    lease = Client(broker.url).lease(cores, memory, "5m")
+    for _ in range(5):
+        try:
+            lease = Client(broker.url).lease(cores, memory, "5m")
+            break
+        except LeaseDenied:
+            time.sleep(2 * INTERVAL_S)
+    else:
+        raise AssertionError(f"{agent.node} kept denying a lease of {cores} core(s), {memory} bytes")
     assert lease.node == agent.node
     return lease
 
@@ -377,7 +386,9 @@ def test_agent_killed_and_restarted_leaves_no_orphans(
 ) -> None:
     node = idle_node(slurm_cluster)
     agent = agent_on[node] = start_slurm_agent(tmp_path, broker, node)
-    jobs.submit(job_script(HALF_BUSY), "-w", node, "-c1", "--mem=200M")
+    job = jobs.submit(job_script(HALF_BUSY), "-w", node, "-c1", "--mem=200M")
+    free_core = sorted({0, 1} - job_cpus(job.job_id, node))
+    wait_until(lambda: agent.offer()[0] == free_core, 30, "the unallocated core offered")
     lease = lease_when_offered(broker, agent)
     executor = lease.executor()
     worker_pid = executor.invoke(os.getpid)
