@@ -132,12 +132,13 @@ class SlurmNode:
                 continue
             starting = self._starting.get(job.job_id)
             if starting is not None:
-                # Seen by the monitor now; until it has history it lends nothing anyway. Keep
-                # the prolog's allocation where the monitor does not know the cores yet.
-                if not job.cpu_ids:
-                    job = replace(job, cpu_ids=starting[0].cpu_ids)
-                if job.history:
-                    del self._starting[job.job_id]
+                prolog = starting[0]
+                if job.history and job.history[-1].t > prolog.start_time:
+                    del self._starting[job.job_id]  # the monitor has seen it run since its prolog
+                else:
+                    # Not sampled since its prolog (or a requeued job's old history): it lends
+                    # nothing yet, and holds at least what the prolog said.
+                    job = replace(job, cpu_ids=job.cpu_ids | prolog.cpu_ids, history=(), start_time=prolog.start_time)
             jobs.append(job)
         for job_id, (job, _) in self._starting.items():
             if job_id not in live:
