@@ -172,6 +172,10 @@ class Agent:
 
     # --- identity -------------------------------------------------------------------------
 
+    def now(self) -> float:
+        """The agent's clock (epoch seconds)."""
+        return self._clock()
+
     def is_control(self, presented: str | None) -> bool:
         return control_token_ok(self._secret, presented)
 

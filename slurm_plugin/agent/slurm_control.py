@@ -77,20 +77,17 @@ class SlurmControl:
         before = {lease.lease_id for lease in self.agent.report().leases}
         with self._lock:
             if layout is None:
-                self.source.job_starting(job_id, frozenset(), 0, self.agent_now())
+                self.source.job_starting(job_id, frozenset(), 0, self.agent.now())
                 for lease_id in sorted(before):
                     with contextlib.suppress(LeaseError):  # released meanwhile
                         self.agent.revoke(lease_id, grace_s=0.0, reason="job_start")
             else:
                 cpu_ids, memory = layout
-                self.source.job_starting(job_id, cpu_ids, memory, self.agent_now())
+                self.source.job_starting(job_id, cpu_ids, memory, self.agent.now())
             self.agent.tick(sample=False)  # evicts what conflicts, synchronously
         after = {lease.lease_id for lease in self.agent.report().leases}
         waited = time.monotonic() - started
         return PrologResult(evicted=tuple(sorted(before - after)), waited_s=waited, complete=time.monotonic() <= deadline)
-
-    def agent_now(self) -> float:
-        return time.time()
 
     def on_epilog(self, request: EpilogRequest) -> EpilogResult:
         if request.node is not None and request.node != self.agent.node:
