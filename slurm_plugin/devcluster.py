@@ -46,7 +46,9 @@ DEFAULT_STATE_DIR = Path(
     os.environ.get("COLOCATE_DEV_CLUSTER_DIR", "/var/lib/colocate/dev-cluster")
 )
 CONF_DIR = Path("/etc/slurm")
-PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge", "gcc", "libc6-dev", "libslurm-dev")
+PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
+#: What building the SPANK plugin needs (installed by ``up`` after the cluster runs).
+SPANK_PACKAGES = ("gcc", "libc6-dev", "libslurm-dev")
 #: The agent control socket of each fake node, as the hook wrappers call it.
 CONTROL_SOCKET = "/run/colocate/{node}.sock"
 CLUSTER_NAME = "colocate-dev"
@@ -269,16 +271,16 @@ class DevCluster:
         return True
 
     # -- packages ------------------------------------------------------------------------
-    def missing_packages(self) -> list[str]:
+    def missing_packages(self, packages: Sequence[str] = PACKAGES) -> list[str]:
         missing = []
-        for pkg in PACKAGES:
+        for pkg in packages:
             res = self.run(["dpkg-query", "-W", "-f=${Status}", pkg])
             if res.returncode != 0 or "install ok installed" not in res.stdout:
                 missing.append(pkg)
         return missing
 
-    def install_packages(self) -> None:
-        missing = self.missing_packages()
+    def install_packages(self, packages: Sequence[str] = PACKAGES) -> None:
+        missing = self.missing_packages(packages)
         if not missing:
             return
         log.warning("installing %s (apt, --no-install-recommends)", " ".join(missing))
@@ -449,6 +451,7 @@ class DevCluster:
         from slurm_plugin.spank import install
 
         try:
+            self.install_packages(SPANK_PACKAGES)
             install(self.state_dir / "spank", self.conf_dir / "plugstack.conf.d")
         except Exception as exc:
             log.warning("SPANK plugin not installed: %s", exc)

@@ -38,6 +38,24 @@ def control_uids(users: tuple[str, ...]) -> frozenset[int]:
     return resolve_uids(present)
 
 
+def check_node(node: str) -> None:
+    """ConfigError when this machine has no Slurm or Slurm has no node ``node``; a Slurm
+    that does not answer now is only a warning (the monitor retries)."""
+    import shutil
+
+    from colocate.errors import SlurmUnavailable
+    from slurm_plugin.slurm.cli import CliSlurm
+
+    if shutil.which("sinfo") is None:
+        raise ConfigError("Slurm's sinfo is not installed here; run `colocate agent --standalone` on a machine without Slurm")
+    try:
+        CliSlurm(timeout_s=5.0).node_info(node)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}, or --standalone to run without Slurm") from None
+    except SlurmUnavailable as exc:
+        log.warning("Slurm does not answer yet (%s); the agent offers nothing until it does", exc)
+
+
 def run_slurm_agent(config: Config, agent_config: AgentConfig, secret: bytes, node: str) -> int:
     """Run until SIGTERM/SIGINT; on exit every lease is evicted and the broker told."""
     from colocate.broker.service import bind, serve, url_of
@@ -57,6 +75,7 @@ def run_slurm_agent(config: Config, agent_config: AgentConfig, secret: bytes, no
         policy = get_policy(config.policy.name)
     except ValueError as exc:
         raise ConfigError(str(exc), key="policy.name") from None
+    check_node(node)
     uids = control_uids(agent_config.control_users)
     control_path = socket_path_for(agent_config.control_socket, node)
     sock = bind(agent_config.listen, 8643)
