@@ -38,6 +38,7 @@ from tests.integration.leasing import (
     _launch,
     _ready,
     control_headers,
+    free_port,
     start_broker,
     wait_until,
 )
@@ -73,6 +74,10 @@ class SlurmAgent:
     tmp: Path
     state_dir: str
     config: Path
+    metrics_port: int
+
+    def metrics(self) -> str:
+        return httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
 
     @property
     def socket(self) -> str:
@@ -96,14 +101,15 @@ class SlurmAgent:
         return [], 0
 
 
-def _write_config(tmp: Path) -> Path:
+def _write_config(tmp: Path, metrics_port: int) -> Path:
     path = tmp / "agent.toml"
     path.write_text(
         "[agent]\n"
         f"interval_s = {INTERVAL_S}\n"
         f'control_socket = "{CONTROL_SOCKET}"\n'
-        'metrics_listen = "127.0.0.1:0"\n'
+        f'metrics_listen = "127.0.0.1:{metrics_port}"\n'
         'listen = "127.0.0.1:0"\n'
+        "psi_groups = true\n"
         "[policy.limits]\n"
         f"min_history_s = {MIN_HISTORY_S}\n"
     )
@@ -112,14 +118,15 @@ def _write_config(tmp: Path) -> Path:
 
 def start_slurm_agent(tmp: Path, broker: Service, node: str, state_dir: str | None = None) -> SlurmAgent:
     state = state_dir or tempfile.mkdtemp(prefix=f"colocate-{node}-")
-    config = _write_config(tmp)
+    metrics_port = free_port()
+    config = _write_config(tmp, metrics_port)
     argv = [
         "agent", "--config", str(config), "--node", node, "--broker", broker.url,
         "--secret-file", str(tmp / "secret"), "--state-dir", state,
     ]
     log = tmp / f"agent-{node}-{time.monotonic_ns()}.log"
     service = _ready(f"agent {node}", _launch(argv, log), log)
-    return SlurmAgent(node, service, broker, tmp, state, config)
+    return SlurmAgent(node, service, broker, tmp, state, config, metrics_port)
 
 
 def idle_node(cluster: SlurmCluster, cpus: int = 2, timeout_s: float = 120.0) -> str:
@@ -235,6 +242,10 @@ def test_lease_runs_on_the_idle_core_of_a_running_job(
         status = agent.status()
         job_row = next(j for j in status["jobs"] if j["job_id"] == job.job_id)
         assert job_row["colocate"] is True
+        assert isinstance(job_row["cpu_pressure"], float)  # per-job PSI reaches the policy
+        # Prometheus sees the node as the monitor does: the lease, the job's cores.
+        text = agent.metrics()
+        assert f'colocate_node_cores{{node="{node}",state="leased"}} 1.0' in text, text
     finally:
         lease.release()
 
@@ -274,6 +285,7 @@ def test_prolog_evicts_the_lease_on_a_starting_jobs_core(
     assert started - submitted < 10.0, f"second job started {started - submitted:.2f} s after sbatch"
     record = next(e for e in agent.evictions() if e["lease_id"] == lease.lease_id)
     assert record["reason"] == "job_start"
+    assert f'colocate_evictions_total{{node="{node}",reason="job_start"}} 1.0' in agent.metrics()
     assert isinstance(record["seconds"], float) and record["seconds"] < 1.0
     hook_log = Path("/var/lib/colocate/dev-cluster/log/hook.log").read_text()
     assert f"prolog job {second} on {node}: hook exit 0" in hook_log
@@ -338,6 +350,12 @@ def test_memory_growth_evicts_before_the_job_runs_out(
     # Evicted while the job still had room; and the job never got near its own limit.
     assert at_eviction < limit - 256 * MiB, (at_eviction, evicted)
     assert float(evicted["at"]) < sizes[-1][0], "evicted only after the job had grown to its peak"
+    # Detection: the lease stops fitting once peak + margin (300 MiB here) + lease > node memory.
+    threshold = node_memory - 300 * MiB - lease.memory_bytes
+    crossed = min(t for t, n in sizes if n > threshold)
+    lag = float(evicted["at"]) - crossed
+    print(f"memory growth: crossed at {threshold / MiB:.0f} MiB, evicted {lag * 1e3:.0f} ms later")
+    assert -0.1 < lag < 2.0 + INTERVAL_S, lag
     wait_until(lambda: job_field(job.job_id, "JobState") in {"COMPLETED", "FAILED", "OUT_OF_MEMORY"}, 30, "job end")
     assert job_field(job.job_id, "JobState") == "COMPLETED"
     assert job_field(job.job_id, "ExitCode") == "0:0"
