@@ -425,6 +425,10 @@ class Agent:
             wait = min(wait, max(0.0, next_expiry - self._clock()) + 0.001)
         return wait
 
+    def wake(self) -> None:
+        """Decide now instead of at the next interval (a job's memory grew)."""
+        self._wake.set()
+
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()

@@ -65,6 +65,7 @@ def run_slurm_agent(config: Config, agent_config: AgentConfig, secret: bytes, no
     from policies import get_policy
     from slurm_plugin.agent.agent import Agent
     from slurm_plugin.agent.app import create_app
+    from slurm_plugin.agent.memory_watch import MemoryWatch
     from slurm_plugin.agent.slurm_control import SlurmControl
     from slurm_plugin.agent.slurm_node import SlurmNode
     from slurm_plugin.control import ControlServer, socket_path_for
@@ -113,6 +114,8 @@ def run_slurm_agent(config: Config, agent_config: AgentConfig, secret: bytes, no
             max_payload_bytes=config.executor.max_payload_bytes,
             metrics=metrics,
         )
+        watch = MemoryWatch.for_node(node, agent.wake).start()
+        stack.callback(watch.close)
         handler = SlurmControl(agent, source, CliSlurm(), choice_dir_for(control_path))
         control = ControlServer(control_path, handler, allowed_uids=uids)
         control.start()
