@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -112,10 +113,103 @@ def submit_job(node: str) -> str:
     raise SystemExit(f"job {out} did not start on {node}; is the dev cluster up and {node} idle?")
 
 
+GROWER = """
+import os, sys, time
+step, go = int(sys.argv[1]), sys.argv[2]
+blocks = [bytearray(1700 << 20)]
+for i in range(0, len(blocks[0]), 4096):
+    blocks[0][i] = 1
+print("ready", flush=True)
+n = 0
+while True:
+    if os.path.exists(f"{go}-{n}"):
+        block = bytearray(step)
+        for i in range(0, step, 4096):
+            block[i] = 1
+        blocks.append(block)
+        n += 1
+    time.sleep(0.002)
+"""
+
+
+def live_memory_runs(node: str, runs: int, tmp: Path, secret: bytes, limits: Limits) -> tuple[list[float], list[str]]:
+    """Memory growth on a live node: a real job grows by 64 MiB on command; the agent's loop
+    runs with its memory watch (cgroup v1 threshold eventfd). Latency: from the notification
+    that led to the eviction to the lease gone (executor killed, cgroups removed)."""
+    from slurm_plugin.agent.memory_watch import MemoryWatch
+
+    script = tmp / "grower.py"
+    script.write_text(GROWER)
+    go = tmp / "grow"
+    job = subprocess.run(
+        ["sbatch", "--parsable", "-w", node, "-c2", "--mem=3500M", "-o", str(tmp / "grower.out"), "--wrap", f"{PY} {script} {64 * MiB} {go}"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    source = SlurmNode(MonitoredNode.live(node))
+    supervisor = ExecutorSupervisor(ExecutorConfig(), secret, node=node, state_dir=str(tmp / "live"))
+    agent = Agent(source, get_policy("headroom"), supervisor, secret=secret, url=NOWHERE, broker_url=NOWHERE, limits=limits, interval_s=1.0)
+    fired: list[float] = []
+
+    def wake() -> None:
+        fired.append(time.time())
+        agent.wake()
+
+    watch = MemoryWatch.for_node(node, wake)
+    loop = threading.Thread(target=agent.run, daemon=True)
+    latencies: list[float] = []
+    failures: list[str] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not ((tmp / "grower.out").exists() and "ready" in (tmp / "grower.out").read_text()):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the growing job {job} did not start on {node}")
+            time.sleep(0.1)
+        time.sleep(limits.min_history_s + 1.5)
+        watch.start()
+        loop.start()
+        for i in range(runs):
+            for _ in range(100):
+                report = agent.report()
+                if report.cpu_ids and report.memory_bytes > 128 * MiB:
+                    break
+                time.sleep(0.05)
+            else:
+                failures.append(f"live memory run {i}: nothing offered")
+                break
+            now = time.time()
+            lease_id = f"live-{i}"
+            agent.start_lease(StartRequest(
+                lease_id=lease_id, cpu_ids=[max(report.cpu_ids)], memory_bytes=report.memory_bytes - 16 * MiB,
+                granted_at=now, expires_at=now + 600,
+            ))
+            (tmp / f"grow-{i}").touch()
+            end = time.monotonic() + 10
+            record = None
+            while time.monotonic() < end and record is None:
+                record = next((r for r in list(agent.evictions) if r.lease_id == lease_id), None)
+                time.sleep(0.005)
+            if record is None or record.reason != "memory_growth":
+                failures.append(f"live memory run {i}: {record}")
+                continue
+            before = [t for t in fired if t <= record.at]
+            if before:
+                latencies.append(record.at - before[-1])
+    finally:
+        agent.stop()
+        watch.close()
+        loop.join(5)
+        agent.shutdown()
+        supervisor.close()
+        source.close()
+        subprocess.run(["scancel", job], check=False)
+    return latencies, failures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=100, help="runs per scenario")
-    parser.add_argument("--node", default="n3", help="dev-cluster node for the prolog runs")
+    parser.add_argument("--node", default="n3", help="dev-cluster node for the prolog and live memory runs")
+    parser.add_argument("--live-runs", type=int, default=25, help="live memory-growth runs (one job grows 64 MiB per run)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "eviction.json")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -205,6 +299,10 @@ def main() -> int:
         mem_supervisor.close()
         source.close()
         subprocess.run(["scancel", job_id], check=False)
+    time.sleep(2.0)  # the job's cores are free again
+    live, live_failures = live_memory_runs(args.node, args.live_runs, tmp, secret, limits)
+    samples["memory, live: threshold notification to lease gone"] = live
+    failures += live_failures
 
     rows = []
     for name, values in samples.items():
