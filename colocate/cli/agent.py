@@ -28,7 +28,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--secret-file", help="cluster secret shared with the broker (default broker.secret_file)")
     parser.add_argument("--state-dir", help="where the agent keeps lease state and executor files")
     parser.add_argument("--control-socket", help="Slurm mode: the hooks' Unix socket (default agent.control_socket; {node} becomes the node)")
+    parser.add_argument("--status", action="store_true", help="ask the running agent of --node over its control socket (leases, jobs, evictions and why) and exit")
+    parser.add_argument("--json", action="store_true", help="with --status: print the JSON answer")
     parser.add_argument("--metrics-listen", help="Slurm mode: HOST:PORT for Prometheus /metrics (default agent.metrics_listen; port 0 picks one)")
+
+
+def _status(control_socket: str, node: str, as_json: bool) -> int:
+    import json
+
+    from colocate.errors import BackendUnavailable
+    from slurm_plugin.control_client import call, socket_path_for
+
+    path = socket_path_for(control_socket, node)
+    reply = call(path, {"op": "status"}, 5.0)
+    if not reply.ok:
+        raise BackendUnavailable(f"agent at {path}: {reply.error}")
+    status = reply.body.get("status", {})
+    if as_json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(f"node {status.get('node')}: offering cores {status.get('cpu_ids')} and {status.get('memory_bytes')} bytes")
+    for job in status.get("jobs", []):
+        print(
+            f"  job {job['job_id']}: cores {job['cpu_ids']}, {job['cores_used']:.2f} used, "
+            f"memory {job['memory_used_bytes']}/{job['memory_allocated_bytes']} bytes, "
+            f"{'shares' if job['colocate'] else 'colocate=deny'}"
+        )
+    for lease in status.get("leases", []):
+        print(f"  lease {lease['lease_id']}: cores {lease['cpu_ids']}, {lease['memory_bytes']} bytes")
+    for ev in status.get("evictions", [])[-10:]:
+        took = f"{ev['seconds'] * 1e3:.1f} ms" if ev.get("seconds") is not None else "failed"
+        print(f"  evicted {ev['lease_id']} ({ev['reason']}), gone in {took}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,8 +87,10 @@ def run(args: argparse.Namespace) -> int:
     if os.geteuid() != 0 and args.state_dir is None and agent_config.state_dir == AgentConfig().state_dir:
         # A user's laptop: /var/lib is root's; keep the state next to the user's secret.
         agent_config = agent_config.model_copy(update={"state_dir": str(default_secret_file().parent / "agent")})
-    secret = load_or_create_secret(args.secret_file or config.broker.secret_file)
     node = agent_config.node or socket.gethostname().split(".")[0]
+    if args.status:
+        return _status(agent_config.control_socket, node, args.json)
+    secret = load_or_create_secret(args.secret_file or config.broker.secret_file)
     if not args.standalone:
         from slurm_plugin.agent.daemon import run_slurm_agent
 

@@ -286,6 +286,12 @@ def test_prolog_evicts_the_lease_on_a_starting_jobs_core(
     record = next(e for e in agent.evictions() if e["lease_id"] == lease.lease_id)
     assert record["reason"] == "job_start"
     assert f'colocate_evictions_total{{node="{node}",reason="job_start"}} 1.0' in agent.metrics()
+    shown = subprocess.run(
+        [PYTHON, "-m", "colocate", "agent", "--status", "--node", node, "--control-socket", CONTROL_SOCKET],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert f"evicted {lease.lease_id} (job_start)" in shown.stdout, shown.stdout
     assert isinstance(record["seconds"], float) and record["seconds"] < 1.0
     hook_log = Path("/var/lib/colocate/dev-cluster/log/hook.log").read_text()
     assert f"prolog job {second} on {node}: hook exit 0" in hook_log
