@@ -44,8 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 from colocate.broker.api import StartRequest  # noqa: E402
 from colocate.config import ExecutorConfig  # noqa: E402
+from colocate.errors import LeaseDenied  # noqa: E402
 from colocate.executor.supervisor import ExecutorSupervisor  # noqa: E402
-from monitors.view import MonitoredNode  # noqa: E402
 from policies import get_policy  # noqa: E402
 from policies.limits import Limits  # noqa: E402
 from policies.model import JobView, NodeView, UsageSample  # noqa: E402
@@ -127,6 +127,7 @@ while True:
         for i in range(0, step, 4096):
             block[i] = 1
         blocks.append(block)
+        print("grown", n, flush=True)
         n += 1
     time.sleep(0.002)
 """
@@ -145,7 +146,7 @@ def live_memory_runs(node: str, runs: int, tmp: Path, secret: bytes, limits: Lim
         ["sbatch", "--parsable", "-w", node, "-c2", "--mem=3500M", "-o", str(tmp / "grower.out"), "--wrap", f"{PY} {script} {64 * MiB} {go}"],
         capture_output=True, text=True, check=True,
     ).stdout.strip()
-    source = SlurmNode(MonitoredNode.live(node))
+    source = SlurmNode.live(node)
     supervisor = ExecutorSupervisor(ExecutorConfig(), secret, node=node, state_dir=str(tmp / "live"))
     agent = Agent(source, get_policy("headroom"), supervisor, secret=secret, url=NOWHERE, broker_url=NOWHERE, limits=limits, interval_s=1.0)
     fired: list[float] = []
@@ -167,7 +168,7 @@ def live_memory_runs(node: str, runs: int, tmp: Path, secret: bytes, limits: Lim
         time.sleep(limits.min_history_s + 1.5)
         watch.start()
         loop.start()
-        for i in range(runs):
+        for i in range(min(runs, 22)):  # from 3150 MiB on, the job keeps its whole 3500 MiB
             for _ in range(100):
                 report = agent.report()
                 if report.cpu_ids and report.memory_bytes > 128 * MiB:
@@ -178,10 +179,18 @@ def live_memory_runs(node: str, runs: int, tmp: Path, secret: bytes, limits: Lim
                 break
             now = time.time()
             lease_id = f"live-{i}"
-            agent.start_lease(StartRequest(
-                lease_id=lease_id, cpu_ids=[max(report.cpu_ids)], memory_bytes=report.memory_bytes - 16 * MiB,
-                granted_at=now, expires_at=now + 600,
-            ))
+            for held in report.leases:  # a run that did not evict leaves its lease
+                agent.revoke(held.lease_id, 0.0, "released")
+            report = agent.report()
+            try:
+                agent.start_lease(StartRequest(
+                    lease_id=lease_id, cpu_ids=[max(report.cpu_ids)], memory_bytes=report.memory_bytes - 16 * MiB,
+                    granted_at=now, expires_at=now + 600,
+                ))
+            except LeaseDenied as exc:
+                failures.append(f"live memory run {i}: {exc}")
+                continue
+            touched = time.time()
             (tmp / f"grow-{i}").touch()
             end = time.monotonic() + 10
             record = None
@@ -191,9 +200,18 @@ def live_memory_runs(node: str, runs: int, tmp: Path, secret: bytes, limits: Lim
             if record is None or record.reason != "memory_growth":
                 failures.append(f"live memory run {i}: {record}")
                 continue
-            before = [t for t in fired if t <= record.at]
-            if before:
+            # The next run starts once this growth is over and the watch re-armed.
+            grown = f"grown {i}\n"
+            while time.monotonic() < end and grown not in (tmp / "grower.out").read_text():
+                time.sleep(0.01)
+            time.sleep(0.2)
+            before = [t for t in fired if touched <= t <= record.at]
+            if not before:
+                failures.append(f"live memory run {i}: evicted without a notification (at the interval)")
+            else:
                 latencies.append(record.at - before[-1])
+                if os.environ.get("EVICTION_DEBUG"):
+                    print(i, f"{(record.at - before[-1]) * 1e3:.1f} ms evict {record.seconds * 1e3:.1f} ms", [round(t - record.at, 3) for t in fired[-4:]], file=sys.stderr)
     finally:
         agent.stop()
         watch.close()
@@ -209,7 +227,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=100, help="runs per scenario")
     parser.add_argument("--node", default="n3", help="dev-cluster node for the prolog and live memory runs")
-    parser.add_argument("--live-runs", type=int, default=25, help="live memory-growth runs (one job grows 64 MiB per run)")
+    parser.add_argument("--live-runs", type=int, default=22, help="live memory-growth runs (one job grows 64 MiB per run; at most 22)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "eviction.json")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -219,7 +237,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="colocate-evb-"))
     limits = Limits(min_history_s=2.0)
     job_id = submit_job(args.node)
-    source = SlurmNode(MonitoredNode.live(args.node))
+    source = SlurmNode.live(args.node)
     supervisor = ExecutorSupervisor(ExecutorConfig(), secret, node=args.node, state_dir=str(tmp / "s"))
     agent = Agent(source, get_policy("headroom"), supervisor, secret=secret, url=NOWHERE, broker_url=NOWHERE, limits=limits)
     control = ControlServer(tmp / "agent.sock", SlurmControl(agent, source, CliSlurm()))

@@ -3,7 +3,7 @@
 cgroup v1 memory threshold notifications: an eventfd registered in ``cgroup.event_control``
 of Slurm's node group (``/sys/fs/cgroup/memory/slurm_<node>``, the parent of every job group)
 fires when ``memory.usage_in_bytes`` crosses a threshold. The watch keeps the threshold at
-the current usage plus ``step_bytes`` (re-armed after each event and every ``rearm_s``, so it
+the current usage plus ``step_bytes`` (16 MiB; re-armed after each event and every ``rearm_s``, so it
 follows the usage down too) and calls ``wake`` when it fires: the agent then samples and
 decides at once, so a lease whose memory a growing job needs is evicted milliseconds after
 the job crossed the step, instead of up to one interval later.
@@ -25,8 +25,14 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-#: Growth (bytes) of the node's jobs together that wakes the agent.
-DEFAULT_STEP_BYTES = 32 * 1024**2
+#: Growth (bytes) of the node's jobs together that wakes the agent. Growth that stops short
+#: of a step is seen at the next interval; the policies' memory margin (256 MiB) covers it.
+DEFAULT_STEP_BYTES = 16 * 1024**2
+#: Least time between two wake-ups (seconds): a job growing fast wakes the agent at most
+#: 1 / MIN_WAKE_GAP_S times a second.
+MIN_WAKE_GAP_S = 0.02
+#: Growth below this during a gap counts as none (allocator noise), bytes.
+GROWTH_NOISE_BYTES = 1024**2
 
 
 class MemoryWatch:
@@ -84,6 +90,24 @@ class MemoryWatch:
             return None
         return efd, ufd
 
+    def _usage(self) -> int | None:
+        try:
+            return int((self.group / "memory.usage_in_bytes").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _wake_while_growing(self) -> None:
+        """Wake the agent, then again after each gap in which the usage kept growing (the
+        threshold is re-armed only once the growth pauses, so none of it goes unseen)."""
+        seen = self._usage()
+        self.wake()
+        while not self._stop.wait(MIN_WAKE_GAP_S):
+            now = self._usage()
+            if now is None or seen is None or now <= seen + GROWTH_NOISE_BYTES:
+                return
+            seen = now
+            self.wake()
+
     def _run(self) -> None:
         fds: tuple[int, int] | None = None
         try:
@@ -99,7 +123,7 @@ class MemoryWatch:
                         os.eventfd_read(fds[0])
                     self.fired += 1
                     self.last_fired = time.monotonic()
-                    self.wake()
+                    self._wake_while_growing()
                 for fd in fds:  # closing the eventfd unregisters it
                     os.close(fd)
                 fds = None
