@@ -61,7 +61,6 @@ def run_slurm_agent(config: Config, agent_config: AgentConfig, secret: bytes, no
     from colocate.broker.service import bind, serve, url_of
     from colocate.executor import ExecutorSupervisor
     from colocate.metrics import AgentMetrics
-    from monitors.view import MonitoredNode
     from policies import get_policy
     from slurm_plugin.agent.agent import Agent
     from slurm_plugin.agent.app import create_app
@@ -87,10 +86,9 @@ def run_slurm_agent(config: Config, agent_config: AgentConfig, secret: bytes, no
     elif host in ("0.0.0.0", "::"):
         host = socket.getfqdn()
     with contextlib.ExitStack() as stack:
-        monitored = MonitoredNode.live(
+        source = SlurmNode.live(
             node, psi_groups=agent_config.psi_groups, default_colocate=agent_config.default_colocate == "allow"
         )
-        source = SlurmNode(monitored)
         stack.callback(source.close)
         try:
             supervisor = ExecutorSupervisor(config.executor, secret, node=node, host=host, state_dir=agent_config.state_dir)
