@@ -16,7 +16,8 @@ import pytest
 
 from colocate.errors import ConfigError
 from slurm_plugin.control import ControlServer
-from slurm_plugin.hooks import resolve_socket
+from slurm_plugin.control_client import socket_path_for
+from slurm_plugin.devcluster import CONTROL_SOCKET, node_names
 from slurm_plugin.spank import DEFAULT_CONF_DIR, SPANK_HEADER, install, registered_library
 from tests.conftest import require
 from tests.unit.test_control import RecordingHandler
@@ -60,16 +61,20 @@ def plugin(cluster: None) -> Path:
 def agent() -> Iterator[RecordingHandler]:
     """A recording control server on the socket the dev cluster's prolog wrapper talks to."""
     handler = RecordingHandler()
-    path = resolve_socket(None, None, {})
-    server = ControlServer(path, handler)
+    # The dev cluster's wrappers call one socket per node (CONTROL_SOCKET, {node} = node name).
+    servers = [ControlServer(socket_path_for(CONTROL_SOCKET, node), handler) for node in node_names(3)]
     try:
-        server.start()
+        for server in servers:
+            server.start()
     except ConfigError as exc:
+        for server in servers:
+            server.close()
         require(False, f"cannot stand in for the agent: {exc}")
     try:
         yield handler
     finally:
-        server.close()
+        for server in servers:
+            server.close()
 
 
 def submit(*argv: str) -> int:
