@@ -46,7 +46,7 @@ from policies import POLICIES
 from policies.limits import Limits
 from policies.prices import GIB, Prices
 from traces.azure import FaasTrace
-from traces.decisions import Piece, build_events, drive_policy
+from traces.decisions import Piece, build_events, drive_policy, gc_paused
 from traces.demand import STEP_S, Demand, demand
 from traces.interference import InterferenceModel
 from traces.jobs import JobTrace
@@ -155,7 +155,8 @@ def replay(
     names = list(policies) if policies else list(POLICIES)
     started = time.perf_counter()
     memory = job_memory(jobs, cluster)
-    placement = place(jobs, cluster, memory)
+    with gc_paused():
+        placement = place(jobs, cluster, memory)
     job_usage = usage.sample(jobs, memory, seed)
     sensitivity, memory_bound = interference.sensitivity(len(jobs), seed)
     minutes = placement.minutes
@@ -246,17 +247,20 @@ def replay(
     series: dict[str, PolicySeries] = {}
     for name in names:
         t_policy = time.perf_counter()
-        change_t, change_c, change_m, evict_t, violation_h, evicted_cores, decisions = drive_policy(
-            name,
-            placement,
-            pieces_static,
-            events,
-            cluster,
-            limits,
-            dem,
-            seed,
-            bar.update if bar else None,
-        )
+        with gc_paused():
+            change_t, change_c, change_m, evict_t, violation_h, evicted_cores, decisions = (
+                drive_policy(
+                    name,
+                    placement,
+                    pieces_static,
+                    events,
+                    cluster,
+                    limits,
+                    dem,
+                    seed,
+                    bar.update if bar else None,
+                )
+            )
         timings[f"{name}_loop_s"] = time.perf_counter() - t_policy
         when = np.asarray(change_t, dtype=np.int64)
         off_c = _level(minutes, when, np.asarray(change_c, dtype=np.float64))
