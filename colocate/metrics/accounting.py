@@ -128,10 +128,13 @@ class CostAccount:
     ) -> None:
         """Accrue the interval from the previous sample to ``now`` (normally ``snapshot.t``).
 
-        A sample not later than the previous one is ignored (clock step, duplicate).
+        A sample not later than the previous one is ignored (clock step, duplicate), and so
+        is the previous sample handed in again (an agent deciding without sampling, as in a
+        prolog): accruing it up to ``now`` and again from its own time at the next sample
+        would count that stretch twice.
         """
         held = self._held
-        if held is not None and now <= held.snapshot.t:
+        if held is not None and (now <= held.snapshot.t or snapshot.t <= held.snapshot.t):
             return
         if held is not None:
             dt = now - held.snapshot.t
