@@ -69,13 +69,22 @@ def harvest(node: NodeView, limits: Limits, now: float, sizer: JobSizer) -> Deci
     core_margin = limits.core_margin
     min_history = limits.min_history_s
     since = now - limits.history_window_s
+    margin_bytes = limits.memory_margin_bytes
+    margin_ratio = limits.memory_margin_ratio
     for job in node.jobs:
         cpus = job.cpu_ids
         allocated.update(cpus)
         alloc = job.memory_allocated_bytes
         history = job.history
-        peak = observed_peak(job)
-        margin = memory_margin(job, limits)
+        # observed_peak(job) and memory_margin(job, limits), inlined (same max() ties)
+        peak = job.memory_peak_bytes
+        if history:
+            most = max(map(_MEMORY_USED, history))
+            if most > peak:
+                peak = most
+        margin = int(margin_ratio * alloc)
+        if not margin > margin_bytes:
+            margin = margin_bytes
         # Lends only with history, old enough, and allowed (else its leases go: JOB_START/DENIED).
         if job.colocate and history and now - job.start_time >= min_history:
             # the window; the latest sample alone when the monitor fell silent for longer
