@@ -211,7 +211,11 @@ def drive_policy(
                 views = cached_views[1]
             else:
                 views = tuple(
-                    [_job_view(p, now >= p.ramp_t, lease_cores, cpn) for p in jobs_here.values()]
+                    [
+                        p.views.get((now >= p.ramp_t, lease_cores))
+                        or _job_view(p, now >= p.ramp_t, lease_cores, cpn)
+                        for p in jobs_here.values()
+                    ]
                 )
                 node_views[node] = (lease_cores, views)
             view = NodeView(
@@ -223,17 +227,22 @@ def drive_policy(
                 reserved,
             )
             decision = decide(view, limits, now, old_state)
-            evicted = current is not None and any(
-                e.lease_id == current.lease_id for e in decision.evictions
+            evictions = decision.evictions
+            evicted = (
+                current is not None
+                and bool(evictions)
+                and any(e.lease_id == current.lease_id for e in evictions)
             )
             pressure_evicted = evicted and any(
-                e.reason is EvictionReason.PRESSURE for e in decision.evictions
+                e.reason is EvictionReason.PRESSURE for e in evictions
             )
             new_state = decision.state
             # equal states become one object, so equal nodes keep meeting in the memo;
             # an unhashable state just does not share
-            with contextlib.suppress(TypeError):
+            try:
                 new_state = interned.setdefault(new_state, new_state)
+            except TypeError:
+                new_state = decision.state  # (a try costs less than suppress() per call)
             entry = _Memo(decision.offer, new_state, evicted, pressure_evicted, old_state, {})
             memo[key] = entry
             decisions += 1
