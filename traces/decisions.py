@@ -33,9 +33,13 @@ Events = tuple[
 END, START, TICK, RAMP = 0, 1, 2, 3  # event kinds
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, weakref_slot=True)
 class Piece:
-    """Static facts of one running job piece, built at its start (hot loop: plain slots)."""
+    """Static facts of one running job piece, built at its start (hot loop: plain slots).
+
+    Equal pieces (one job's pieces with the same cores and memory) may be one object while
+    any of them runs (see :func:`traces.replay.replay`), so their job views are built once.
+    """
 
     job_id: str
     signature: tuple[int, int, int]  # (job index, core mask, memory): equal pieces decide alike

@@ -36,6 +36,7 @@ import logging
 import math
 import sys
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -184,18 +185,29 @@ def replay(
     steady_l = steady.tolist()
     sens_l = sensitivity[pj].tolist()
     cpu_sets: dict[int, frozenset[int]] = {}
+    # One job's pieces with the same cores and memory (a parallel job's full nodes) are equal
+    # in every field: while one runs, the others share it and its cached job views; it is
+    # dropped when the last of them ends.
+    running: weakref.WeakValueDictionary[tuple[int, int, float], Piece] = (
+        weakref.WeakValueDictionary()
+    )
 
     def pieces_static(p: int) -> Piece:
         mask = masks[p]
+        job = pj_l[p]
+        mem = mem_alloc_l[p]
+        piece = running.get((job, mask, mem))
+        if piece is not None:
+            return piece
         ids = cpu_sets.get(mask)
         if ids is None:
             ids = frozenset(b for b in range(mask.bit_length()) if (mask >> b) & 1)
             cpu_sets[mask] = ids
-        return Piece(
-            str(job_ids[pj_l[p]]),
-            (pj_l[p], mask, int(mem_alloc_l[p])),
+        piece = Piece(
+            str(job_ids[job]),
+            (job, mask, int(mem)),
             ids,
-            int(mem_alloc_l[p]),
+            int(mem),
             t0 + start_l[p] * STEP_S,
             t0 + ramp_l[p] * STEP_S,
             cores_used_l[p],
@@ -204,6 +216,8 @@ def replay(
             sens_l[p],
             {},
         )
+        running[(job, mask, mem)] = piece
+        return piece
 
     # policy-independent cluster series
     start, end = placement.start, placement.end
