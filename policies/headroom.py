@@ -78,10 +78,9 @@ def harvest(node: NodeView, limits: Limits, now: float, sizer: JobSizer) -> Deci
         history = job.history
         # observed_peak(job) and memory_margin(job, limits), inlined (same max() ties)
         peak = job.memory_peak_bytes
-        if history:
-            most = max(map(_MEMORY_USED, history))
-            if most > peak:
-                peak = most
+        for sample in history:  # a short tuple: a loop beats max(map(...))
+            if sample.memory_used_bytes > peak:
+                peak = sample.memory_used_bytes
         margin = int(margin_ratio * alloc)
         if not margin > margin_bytes:
             margin = margin_bytes
