@@ -1,13 +1,22 @@
-"""A real Prometheus (Debian package) scrapes colocate's exporter fed with real data of this node.
+"""A real Prometheus (Debian package) scrapes colocate's metrics fed with real data of this node.
 
-The exporter is the library an agent mounts (``NodeCollector`` + ``serve_metrics``), fed
-here by a small driver that does what the agent does each cycle: a real job process (burns
-half a core, holds 64 MiB) measured from /proc, node PSI, the real ``unallocated`` policy
-deciding the offer and the expiry evictions, and real executor processes (started, invoked
-over a pipe, terminated) for the leases. Prometheus scrapes every second; then every
-dashboard query must return data, the job's wasted-cost counter must match the hand
-computation from its allocation, its measured use and the prices, and promtool must accept
-the scrape, the rules and the config.
+Three runs (the ``run`` fixture):
+
+- "process" and "slurm": the exporter library an agent mounts (``NodeCollector`` +
+  ``serve_metrics``), fed by a small driver that does what the agent does each cycle: a real
+  job (a plain process, or a batch job on the dev cluster sampled by the real monitor;
+  burns half a core, holds 64 MiB), node PSI, the real ``unallocated`` policy deciding the
+  offer and the expiry evictions, and real executor processes for the leases;
+- "agent": the real thing on the dev cluster. A broker and ``colocate agent --config``
+  for one node run as subprocesses; a batch job (-c2 --mem=1G, one core half busy, 200 MiB)
+  runs there; a client leases its idle core and keeps invoking functions; the first lease
+  is released (an eviction) and a second one taken. Prometheus scrapes the agent's
+  ``metrics_listen`` port.
+
+Prometheus scrapes every second; then every dashboard query must return data, the job's
+wasted-cost counter must match the hand computation from its allocation, its measured use
+(read from /proc apart from the agent) and the prices, and promtool must accept the
+scrape, the rules and the config.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +84,12 @@ class Prometheus:
     proc: subprocess.Popen[bytes]
     log: Path
 
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        reply = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10)
+    def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
+        """The instant query ``expr``, evaluated now or at ``at`` (epoch seconds)."""
+        params: dict[str, str | float] = {"query": expr}
+        if at is not None:
+            params["time"] = at
+        reply = httpx.get(f"{self.url}/api/v1/query", params=params, timeout=10)
         body = reply.json()
         assert reply.status_code == 200 and body["status"] == "success", f"{expr}: {body}"
         result = body["data"]["result"]
@@ -248,27 +262,38 @@ class SlurmJob:
 
     name = "slurm"
 
-    def __init__(self, node: str) -> None:
+    def __init__(
+        self,
+        node: str,
+        code: str = JOB_SCRIPT,
+        cores: int = JOB_CORES,
+        memory_bytes: int = JOB_MEMORY,
+        holds: int = 64 * MIB,
+    ) -> None:
         from monitors.sampler import Sampler, default_source
         from slurm_plugin.slurm import CliSlurm
         from tests.integration.conftest import JobSubmitter, python_job
 
         self.submitter = JobSubmitter()
-        mem_mib = JOB_MEMORY // MIB
+        mem_mib = memory_bytes // MIB
         job = self.submitter.submit(
-            python_job(JOB_SCRIPT), f"-w{node}", f"-c{JOB_CORES}", f"--mem={mem_mib}M"
+            python_job(code), f"-w{node}", f"-c{cores}", f"--mem={mem_mib}M"
         )
         self.job_id = job.job_id
         self.node = node
-        self.cores = JOB_CORES
-        self.memory_bytes = JOB_MEMORY
+        self.cores = cores
+        self.memory_bytes = memory_bytes
         self.sampler = Sampler(node, CliSlurm(), default_source())
+        self._found: list[psutil.Process] = []
         deadline = time.monotonic() + 20
-        while self.usage()[1] < 64 * MIB:  # past the prolog, buffer touched
-            assert time.monotonic() < deadline, f"job {self.job_id} never held its 64 MiB"
+        while self.usage()[1] < holds:  # past the prolog, buffer touched
+            assert time.monotonic() < deadline, f"job {self.job_id} never held its {holds} bytes"
             time.sleep(0.2)
+        self._found = self._processes()  # the job's processes are fixed from here on
 
     def _processes(self) -> list[psutil.Process]:
+        if self._found and all(p.is_running() for p in self._found):
+            return self._found
         found = []
         for p in psutil.process_iter():
             try:
@@ -320,6 +345,7 @@ class Driver:
     invocations: int = 0
     evictions: int = 0
     meter: ExecutorMeter = field(default_factory=ExecutorMeter)
+    scraped_from: float = 0.0  # epoch seconds Prometheus had scraped the exporter by
     _lease_no: int = 0
 
     @property
@@ -396,19 +422,166 @@ class Driver:
         self.job.close()
 
 
+# --- the real agent on the dev cluster -------------------------------------------------------
+
+AGENT_JOB_CORES = 2
+AGENT_JOB_MEMORY = 1024 * MIB
+AGENT_JOB_HOLDS = 200 * MIB
+# The first CPU of the job half busy, the other idle; holds 200 MiB. The policy keeps the
+# job's peak use over its history window plus a margin of 0.25 core: a fully busy core, or a
+# slow start that burns a core while filling its memory, would keep both cores.
+AGENT_JOB_SCRIPT = textwrap.dedent(
+    """
+    import os, time
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    blocks = []
+    for _ in range(20):  # 10 MiB at a time, gently
+        blocks.append(bytearray(b"\\x01") * (10 * 1024 * 1024))
+        time.sleep(0.05)
+    time.sleep(0.5)
+    while True:
+        end = time.perf_counter() + 0.05
+        while time.perf_counter() < end:
+            pass
+        time.sleep(0.05)
+    """
+)
+
+
+class AgentRun:
+    """A broker, the real Slurm agent of one dev-cluster node, a batch job there and a client
+    invoking functions on the job's idle core. Samples the job's CPU time and RSS from /proc
+    (apart from the agent) for the hand computation."""
+
+    def __init__(self, tmp: Path, cluster: Any) -> None:
+        from tests.integration.leasing import start_broker
+        from tests.integration.slurm_agent import idle_node, start_slurm_agent
+
+        self.samples: list[tuple[float, float, int]] = []  # (t, cpu s, rss) of the job
+        self.invocations = 0
+        self.evictions = 0
+        self.scraped_from = 0.0
+        self._held: list[tuple[Any, Any]] = []  # (lease, executor)
+        self.broker = start_broker(tmp)
+        self.agent: Any = None
+        self._job: SlurmJob | None = None
+        try:
+            node = idle_node(cluster)  # n3 first: standalone-agent tests name theirs n1, n2
+            self.agent = start_slurm_agent(tmp, self.broker, node, prices=PRICES)
+            self._job = SlurmJob(
+                node, AGENT_JOB_SCRIPT, AGENT_JOB_CORES, AGENT_JOB_MEMORY, AGENT_JOB_HOLDS
+            )
+            self.sample()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def node(self) -> str:
+        return str(self.agent.node)
+
+    @property
+    def job(self) -> SlurmJob:
+        assert self._job is not None
+        return self._job
+
+    @property
+    def exporter_url(self) -> str:
+        return str(self.agent.metrics_url)
+
+    def sample(self) -> None:
+        cpu_s, rss = self.job.usage()
+        self.samples.append((time.time(), cpu_s, rss))
+
+    def lease(self) -> None:
+        """Lease the job's idle core once the agent offers it; start its executor."""
+        from tests.integration.slurm_agent import lease_when_offered
+
+        lease = lease_when_offered(self.broker, self.agent)
+        self._held.append((lease, lease.executor()))
+
+    def release(self) -> None:
+        """Give the oldest lease back: the agent evicts its executor (reason ``released``)."""
+        lease, executor = self._held.pop(0)
+        executor.shutdown()
+        lease.release()
+        self.evictions += 1
+
+    def work(self, seconds: float) -> None:
+        """Invoke functions on every held lease for ``seconds``, sampling the job meanwhile."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for _, executor in self._held:
+                for _ in range(5):
+                    assert executor.invoke(sum, [1, 2, 3]) == 6
+                    self.invocations += 1
+            self.sample()
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        for lease, executor in self._held:
+            executor.shutdown(wait=False)
+            lease.release()
+        self._held.clear()
+        if self._job is not None:
+            self._job.close()
+        if self.agent is not None:
+            self.agent.service.stop()
+            shutil.rmtree(self.agent.state_dir, ignore_errors=True)
+        self.broker.stop()
+        if self.agent is not None:
+            assert "Traceback" not in self.agent.service.logs(), self.agent.service.logs()
+
+
 @dataclass
 class Run:
     prom: Prometheus
-    driver: Driver
+    driver: Driver | AgentRun
     exporter_url: str
+
+
+def _wait_scraped(prom: Prometheus, step: Any) -> None:
+    deadline = time.monotonic() + 20
+    while not prom.query('up{job="colocate"} == 1') and time.monotonic() < deadline:
+        step()
+        time.sleep(0.5)
+    assert prom.query('up{job="colocate"} == 1'), prom.log.read_text()[-2000:]
+
+
+def _agent_run(tmp: Path, cluster: Any) -> Iterator[Run]:
+    require(os.geteuid() == 0, "the Slurm agent needs root (cgroups, control socket under /run)")
+    run = AgentRun(tmp, cluster)
+    prom: Prometheus | None = None
+    try:
+        prom = start_prometheus(tmp, [run.exporter_url.removeprefix("http://").split("/")[0]])
+        _wait_scraped(prom, run.sample)
+        run.scraped_from = time.time()
+        run.lease()
+        run.work(3.0)
+        run.release()  # the eviction, seen by Prometheus before and after
+        run.lease()
+        run.work(6.0)
+        yield Run(prom, run, run.exporter_url)
+    finally:
+        if prom is not None:
+            prom.stop()
+        run.close()
 
 
 @pytest.fixture(
     scope="module",
-    params=["process", pytest.param("slurm", marks=pytest.mark.slurm)],
+    params=[
+        "process",
+        pytest.param("slurm", marks=pytest.mark.slurm),
+        pytest.param("agent", marks=[pytest.mark.slurm, pytest.mark.root]),
+    ],
 )
 def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     _have_prometheus()
+    if request.param == "agent":
+        cluster = request.getfixturevalue("slurm_cluster")
+        yield from _agent_run(tmp_path_factory.mktemp("prometheus-agent"), cluster)
+        return
     job: JobSource
     if request.param == "slurm":
         cluster = request.getfixturevalue("slurm_cluster")
@@ -423,11 +596,8 @@ def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     prom = start_prometheus(tmp, [f"127.0.0.1:{server.port}"])
     try:
         driver.cycle()
-        deadline = time.monotonic() + 20
-        while not prom.query('up{job="colocate"} == 1') and time.monotonic() < deadline:
-            driver.cycle()
-            time.sleep(0.5)
-        assert prom.query('up{job="colocate"} == 1'), prom.log.read_text()[-2000:]
+        _wait_scraped(prom, driver.cycle)
+        driver.scraped_from = time.time()
         for _ in range(16):  # 8 s of cycles, scraped every second
             driver.cycle()
             time.sleep(0.5)
@@ -451,6 +621,15 @@ def test_every_dashboard_query_returns_data(run: Run) -> None:
             empty.append(f"{q.row} / {q.panel} / {q.ref_id}: {expr} -> {values}")
     assert not empty, "\n".join(empty)
     assert run.driver.invocations > 0 and run.driver.evictions > 0
+    # The counters behind those panels count what really happened (a rate of 0 has data too).
+    node = f'node="{run.driver.node}"'
+    invoked = float(
+        run.prom.query(f'sum(colocate_invocations_total{{{node}, result="ok"}})')[0]["value"][1]
+    )
+    evicted = float(run.prom.query(f"sum(colocate_evictions_total{{{node}}})")[0]["value"][1])
+    started = float(run.prom.query(f"sum(colocate_cold_starts_total{{{node}}})")[0]["value"][1])
+    assert 0 < invoked <= run.driver.invocations  # an agent's executors report in batches
+    assert evicted >= 1 and started >= 1
 
 
 def test_the_dashboard_variables_list_the_node_and_the_job(run: Run) -> None:
@@ -472,31 +651,52 @@ def test_the_dashboard_variables_list_the_node_and_the_job(run: Run) -> None:
     assert found["policy"] == []  # live data has no policy label; replays do
 
 
+def _cpu_at(samples: list[tuple[float, float, int]], t: float) -> float:
+    """The job's CPU seconds at ``t``, interpolated between the two samples around it."""
+    for (ta, ca, _), (tb, cb, _) in pairwise(samples):
+        if ta <= t <= tb:
+            return ca if tb == ta else ca + (cb - ca) * (t - ta) / (tb - ta)
+    raise AssertionError(f"no samples around {t} (from {samples[0][0]} to {samples[-1][0]})")
+
+
 def test_job_wasted_cost_matches_the_hand_computation(run: Run) -> None:
-    # By hand, from the allocation (1 core, 512 MiB), what /proc said the job used between the
-    # first and last sample, and the prices: idle core-seconds and idle byte-seconds.
-    samples = run.driver.samples
-    (t0, cpu0, _), (t1, cpu1, _) = samples[0], samples[-1]
-    elapsed = t1 - t0
-    idle_core_s = JOB_CORES * elapsed - (cpu1 - cpu0)
-    mean_rss = sum(r for _, _, r in samples) / len(samples)
-    idle_byte_s = (JOB_MEMORY - mean_rss) * elapsed
+    job, samples = run.driver.job, run.driver.samples
+    node, job_id = run.driver.node, job.job_id
+
+    def stored(at: float) -> tuple[float, float]:
+        """(the exporter's sample time, the job's wasted cost) of the last scrape before ``at``."""
+        cost = run.prom.query(f'sum(colocate_job_wasted_cost_total{{job_id="{job_id}"}})', at)
+        t = run.prom.query(f'colocate_node_sample_timestamp_seconds{{node="{node}"}}', at)
+        return float(t[0]["value"][1]), float(cost[0]["value"][1])
+
+    # The counter as Prometheus stored it, at two scrapes some seconds apart; each scrape also
+    # says when the exporter sampled the node, which is where the interval starts and ends.
+    (s0, cost0), (s1, cost1) = stored(run.driver.scraped_from + 2.0), stored(samples[-1][0])
+    elapsed = s1 - s0
+    assert elapsed > 4.0, (s0, s1)
+    # By hand, from the allocation, what /proc said the job used in between (apart from
+    # the exporter's monitor), and the prices: idle core-seconds and idle byte-seconds.
+    cpu0, cpu1 = _cpu_at(samples, s0), _cpu_at(samples, s1)
+    idle_core_s = job.cores * elapsed - (cpu1 - cpu0)
+    rss = [r for t, _, r in samples if s0 <= t <= s1]
+    idle_byte_s = (job.memory_bytes - sum(rss) / len(rss)) * elapsed
     by_hand = idle_core_s / 3600 * PRICES.core_hour + idle_byte_s / GIB / 3600 * PRICES.gib_hour
-    assert idle_core_s > 0.3 * elapsed  # the job really left about half its core idle
-    job_id = run.driver.job.job_id
-    # The allocation the exporter saw is the one requested (sbatch -c1 --mem=512M for Slurm).
+    assert idle_core_s > 0.3 * elapsed  # the job really left part of its cores idle
+    # The allocation the exporter saw is the one requested (sbatch -c/--mem for Slurm).
     cores = run.prom.query(f'colocate_job_cores{{job_id="{job_id}", state="allocated"}}')
     memory = run.prom.query(f'colocate_job_memory_bytes{{job_id="{job_id}", state="allocated"}}')
-    assert float(cores[0]["value"][1]) == JOB_CORES
-    assert float(memory[0]["value"][1]) == JOB_MEMORY
-    result = run.prom.query(f'sum(colocate_job_wasted_cost_total{{job_id="{job_id}"}})')
-    stored = float(result[0]["value"][1])
-    assert stored == pytest.approx(by_hand, rel=0.05)
-    eff = float(
-        run.prom.query(f'colocate_job_cpu_efficiency_ratio{{job_id="{job_id}"}}')[0]["value"][1]
+    assert float(cores[0]["value"][1]) == job.cores
+    assert float(memory[0]["value"][1]) == job.memory_bytes
+    print(
+        f"job {job_id}: {elapsed:.2f} s, idle {idle_core_s:.2f} core-s, wasted "
+        f"{cost1 - cost0:.4g} {PRICES.currency} stored vs {by_hand:.4g} by hand "
+        f"({(cost1 - cost0) / by_hand - 1:+.2%})"
     )
-    # jobstats: CPU seconds / (elapsed since the job started x allocated cores), at the last sample.
-    assert eff == pytest.approx(cpu1 / ((t1 - run.driver.job.start_time()) * JOB_CORES), rel=0.05)
+    assert cost1 - cost0 == pytest.approx(by_hand, rel=0.05)
+    eff = run.prom.query(f'colocate_job_cpu_efficiency_ratio{{job_id="{job_id}"}}', samples[-1][0])
+    # jobstats: CPU seconds / (elapsed since the job started x allocated cores), at s1.
+    expected = cpu1 / ((s1 - job.start_time()) * job.cores)
+    assert float(eff[0]["value"][1]) == pytest.approx(expected, rel=0.05)
 
 
 def test_promtool_finds_no_naming_problems_in_a_real_scrape(run: Run) -> None:
