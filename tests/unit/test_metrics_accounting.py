@@ -204,3 +204,13 @@ def test_the_accounting_side_does_no_io_and_reads_no_clock(name: str) -> None:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             imported.add(node.module.split(".")[0])
     assert not imported & NO_IO, f"{name} imports {imported & NO_IO}"
+
+
+def test_the_same_snapshot_handed_in_again_is_not_accrued_twice() -> None:
+    # the agent's prolog/epilog decide without sampling and hand the last snapshot in again
+    account = CostAccount(PRICES)
+    account.advance(node(0.0, job(0.0)), 0, 0, now=0.0)
+    account.advance(node(0.0, job(0.0)), 0, 0, now=0.3)
+    account.advance(node(0.5, job(0.25)), 0, 0, now=0.5)
+    assert account.accounted_s == pytest.approx(0.5)
+    assert account.jobs["42"].idle_core_seconds == pytest.approx(2 * 0.5 - 0.25)
