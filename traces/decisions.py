@@ -33,12 +33,12 @@ Events = tuple[
 END, START, TICK, RAMP = 0, 1, 2, 3  # event kinds
 
 
-@dataclass(slots=True, weakref_slot=True)
+@dataclass(slots=True)
 class Piece:
     """Static facts of one running job piece, built at its start (hot loop: plain slots).
 
-    Equal pieces (one job's pieces with the same cores and memory) may be one object while
-    any of them runs (see :func:`traces.replay.replay`), so their job views are built once.
+    Equal pieces (one job's pieces with the same cores and memory) may be one object (see
+    :func:`traces.replay.replay`), so their job views are built once.
     """
 
     job_id: str

@@ -36,7 +36,6 @@ import logging
 import math
 import sys
 import time
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -186,19 +185,19 @@ def replay(
     sens_l = sensitivity[pj].tolist()
     cpu_sets: dict[int, frozenset[int]] = {}
     # One job's pieces with the same cores and memory (a parallel job's full nodes) are equal
-    # in every field: while one runs, the others share it and its cached job views; it is
-    # dropped when the last of them ends.
-    running: weakref.WeakValueDictionary[tuple[int, int, float], Piece] = (
-        weakref.WeakValueDictionary()
-    )
+    # in every field and start in the same minute: they share one Piece and its cached job
+    # views. The table only needs the recent starts; it is emptied when it grows large.
+    recent: dict[tuple[int, int, float], Piece] = {}
 
     def pieces_static(p: int) -> Piece:
         mask = masks[p]
         job = pj_l[p]
         mem = mem_alloc_l[p]
-        piece = running.get((job, mask, mem))
+        piece = recent.get((job, mask, mem))
         if piece is not None:
             return piece
+        if len(recent) >= 4096:
+            recent.clear()
         ids = cpu_sets.get(mask)
         if ids is None:
             ids = frozenset(b for b in range(mask.bit_length()) if (mask >> b) & 1)
@@ -216,7 +215,7 @@ def replay(
             sens_l[p],
             {},
         )
-        running[(job, mask, mem)] = piece
+        recent[(job, mask, mem)] = piece
         return piece
 
     # policy-independent cluster series
