@@ -65,7 +65,6 @@ def _status(control_socket: str, node: str, as_json: bool) -> int:
 def run(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per report is noise
     from colocate.broker.secret import default_secret_file, load_or_create_secret
-    from colocate.broker.service import bind, serve, url_of
     from colocate.config import AgentConfig, load_config
     from colocate.errors import ConfigError
     from colocate.units import parse_size
@@ -97,46 +96,8 @@ def run(args: argparse.Namespace) -> int:
         return run_slurm_agent(config, agent_config, secret, node)
     memory = parse_size(agent_config.offer_memory) if agent_config.offer_memory is not None else None
 
-    from colocate.executor import ExecutorSupervisor
-    from policies.unallocated import UnallocatedPolicy
-    from slurm_plugin.agent import Agent, StandaloneNode
-    from slurm_plugin.agent.app import create_app
+    from slurm_plugin.agent import StandaloneNode
+    from slurm_plugin.agent.daemon import run_standalone_agent
 
     source = StandaloneNode.from_machine(node, agent_config.offer_cores, memory)
-    sock = bind(agent_config.listen, 8643)
-    url = url_of(sock)
-    host = sock.getsockname()[0]
-    if agent_config.advertise_host:
-        host = agent_config.advertise_host
-    elif host in ("0.0.0.0", "::"):
-        host = socket.getfqdn()
-    try:
-        supervisor = ExecutorSupervisor(config.executor, secret, node=node, host=host, state_dir=agent_config.state_dir)
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot set up executors in {agent_config.state_dir} ({exc}); pass a short, writable --state-dir"
-        ) from None
-    try:
-        agent = Agent(
-            source,
-            UnallocatedPolicy(),
-            supervisor,
-            secret=secret,
-            url=url.replace(sock.getsockname()[0], host) if agent_config.advertise_host else url,
-            broker_url=agent_config.broker_url,
-            limits=config.policy.limits,
-            interval_s=agent_config.interval_s,
-            eviction_grace_s=agent_config.eviction_grace_s,
-            max_payload_bytes=config.executor.max_payload_bytes,
-        )
-        cleaned = agent.recover()
-        print(
-            f"colocate agent: node {node} listening on {url}, offering {len(source.cpu_ids)} cores and "
-            f"{source.memory_bytes} bytes to {agent_config.broker_url}"
-            + (f"; cleaned up {len(cleaned)} executors of a previous run" if cleaned else ""),
-            flush=True,
-        )
-        serve(create_app(agent), sock)
-    finally:
-        supervisor.close()
-    return 0
+    return run_standalone_agent(config, agent_config, secret, node, source)

@@ -12,9 +12,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+from typing import TYPE_CHECKING
 
 from colocate.config import AgentConfig, Config
 from colocate.errors import ConfigError
+
+if TYPE_CHECKING:
+    from colocate.metrics import AgentMetrics
+    from policies.model import Policy
+    from slurm_plugin.agent.agent import Agent
+    from slurm_plugin.agent.node_source import NodeSource, StandaloneNode
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +63,76 @@ def check_node(node: str) -> None:
         log.warning("Slurm does not answer yet (%s); the agent offers nothing until it does", exc)
 
 
+def open_agent(
+    stack: contextlib.ExitStack,
+    config: Config,
+    agent_config: AgentConfig,
+    secret: bytes,
+    node: str,
+    source: NodeSource,
+    policy: Policy,
+    metrics: AgentMetrics | None = None,
+) -> tuple[Agent, socket.socket, str]:
+    """Bind the agent's API, start its executor supervisor (closed by ``stack``) and build the
+    :class:`Agent` over ``source`` and ``policy``: the wiring both agent modes share."""
+    from colocate.broker.service import bind, url_of
+    from colocate.executor import ExecutorSupervisor
+    from slurm_plugin.agent.agent import Agent
+
+    sock = bind(agent_config.listen, 8643)
+    url = url_of(sock)
+    host = sock.getsockname()[0]
+    if agent_config.advertise_host:
+        host = agent_config.advertise_host
+    elif host in ("0.0.0.0", "::"):
+        host = socket.getfqdn()
+    try:
+        supervisor = ExecutorSupervisor(config.executor, secret, node=node, host=host, state_dir=agent_config.state_dir)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot set up executors in {agent_config.state_dir} ({exc}); pass a short, writable --state-dir"
+        ) from None
+    stack.callback(supervisor.close)
+    agent = Agent(
+        source,
+        policy,
+        supervisor,
+        secret=secret,
+        url=url.replace(sock.getsockname()[0], host) if agent_config.advertise_host else url,
+        broker_url=agent_config.broker_url,
+        limits=config.policy.limits,
+        interval_s=agent_config.interval_s,
+        eviction_grace_s=agent_config.eviction_grace_s,
+        max_payload_bytes=config.executor.max_payload_bytes,
+        metrics=metrics,
+    )
+    return agent, sock, url
+
+
+def run_standalone_agent(config: Config, agent_config: AgentConfig, secret: bytes, node: str, source: StandaloneNode) -> int:
+    """Offer ``source`` (a share of this machine) with the ``unallocated`` policy, no Slurm."""
+    from colocate.broker.service import serve
+    from policies.unallocated import UnallocatedPolicy
+    from slurm_plugin.agent.app import create_app
+
+    with contextlib.ExitStack() as stack:
+        agent, sock, url = open_agent(stack, config, agent_config, secret, node, source, UnallocatedPolicy())
+        cleaned = agent.recover()
+        print(
+            f"colocate agent: node {node} listening on {url}, offering {len(source.cpu_ids)} cores and "
+            f"{source.memory_bytes} bytes to {agent_config.broker_url}"
+            + (f"; cleaned up {len(cleaned)} executors of a previous run" if cleaned else ""),
+            flush=True,
+        )
+        serve(create_app(agent), sock)
+    return 0
+
+
 def run_slurm_agent(config: Config, agent_config: AgentConfig, secret: bytes, node: str) -> int:
     """Run until SIGTERM/SIGINT; on exit every lease is evicted and the broker told."""
-    from colocate.broker.service import bind, serve, url_of
-    from colocate.executor import ExecutorSupervisor
+    from colocate.broker.service import serve
     from colocate.metrics import AgentMetrics
     from policies import get_policy
-    from slurm_plugin.agent.agent import Agent
     from slurm_plugin.agent.app import create_app
     from slurm_plugin.agent.memory_watch import MemoryWatch
     from slurm_plugin.agent.slurm_control import SlurmControl
@@ -78,40 +148,14 @@ def run_slurm_agent(config: Config, agent_config: AgentConfig, secret: bytes, no
     check_node(node)
     uids = control_uids(agent_config.control_users)
     control_path = socket_path_for(agent_config.control_socket, node)
-    sock = bind(agent_config.listen, 8643)
-    url = url_of(sock)
-    host = sock.getsockname()[0]
-    if agent_config.advertise_host:
-        host = agent_config.advertise_host
-    elif host in ("0.0.0.0", "::"):
-        host = socket.getfqdn()
     with contextlib.ExitStack() as stack:
         source = SlurmNode.live(
             node, psi_groups=agent_config.psi_groups, default_colocate=agent_config.default_colocate == "allow"
         )
         stack.callback(source.close)
-        try:
-            supervisor = ExecutorSupervisor(config.executor, secret, node=node, host=host, state_dir=agent_config.state_dir)
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot set up executors in {agent_config.state_dir} ({exc}); pass a short, writable --state-dir"
-            ) from None
-        stack.callback(supervisor.close)
         metrics = AgentMetrics(node, config.prices, listen=agent_config.metrics_listen)
         stack.callback(metrics.close)
-        agent = Agent(
-            source,
-            policy,
-            supervisor,
-            secret=secret,
-            url=url.replace(sock.getsockname()[0], host) if agent_config.advertise_host else url,
-            broker_url=agent_config.broker_url,
-            limits=config.policy.limits,
-            interval_s=agent_config.interval_s,
-            eviction_grace_s=agent_config.eviction_grace_s,
-            max_payload_bytes=config.executor.max_payload_bytes,
-            metrics=metrics,
-        )
+        agent, sock, url = open_agent(stack, config, agent_config, secret, node, source, policy, metrics)
         watch = MemoryWatch.for_node(node, agent.wake).start()
         stack.callback(watch.close)
         handler = SlurmControl(agent, source, CliSlurm(timeout_s=2.0), choice_dir_for(control_path))  # within the prolog's wait
