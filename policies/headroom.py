@@ -71,6 +71,8 @@ def harvest(node: NodeView, limits: Limits, now: float, sizer: JobSizer) -> Deci
     since = now - limits.history_window_s
     margin_bytes = limits.memory_margin_bytes
     margin_ratio = limits.memory_margin_ratio
+    # eviction reasons matter only when there are leases to evict (most decisions have none)
+    leases = bool(node.leases)
     for job in node.jobs:
         cpus = job.cpu_ids
         allocated.update(cpus)
@@ -101,20 +103,22 @@ def harvest(node: NodeView, limits: Limits, now: float, sizer: JobSizer) -> Deci
                 kept_cpus.update(cpus)
             keep = (peak if peak > memory_demand else memory_demand) + margin
             memory -= keep if (keep < alloc or peak > alloc) else alloc
-            reasons.append((cpus, EvictionReason.CPU_GROWTH))
+            if leases:
+                reasons.append((cpus, EvictionReason.CPU_GROWTH))
         else:
             kept_cpus.update(cpus)
             memory -= alloc if peak <= alloc else peak + margin
             if job.colocate:
                 job_started = True
-                reasons.append((cpus, EvictionReason.JOB_START))
-            else:
+                if leases:
+                    reasons.append((cpus, EvictionReason.JOB_START))
+            elif leases:
                 reasons.append((cpus, EvictionReason.DENIED))
     cpu_ids = node.cpu_ids - allocated
     if spare:
         cpu_ids = cpu_ids | ((spare - kept_cpus) & node.cpu_ids)
     offer = Offer(frozenset(cpu_ids), memory if memory > 0 else 0)
-    if not node.leases:
+    if not leases:
         return Decision(offer)
     memory_reason = EvictionReason.JOB_START if job_started else EvictionReason.MEMORY_GROWTH
     core_reasons: CoreReasons = tuple(reasons)
