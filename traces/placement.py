@@ -100,8 +100,11 @@ def place(trace: JobTrace, cluster: Cluster, memory: npt.NDArray[np.float64]) ->
     # first fit of one-node pieces; the numpy copies serve the rarer multi-node scans.
     free_c = [cpn] * cluster.nodes
     free_m = [float(usable)] * cluster.nodes
+    # numpy copies for the multi-node scans, rebuilt from the lists only when a scan needs
+    # them after a change (element-wise numpy writes on every start and end cost more)
     free_c_np = np.full(cluster.nodes, cpn, dtype=np.int64)
     free_m_np = np.full(cluster.nodes, float(usable))
+    stale = False
     # by_free[c]: min-heap of nodes with c free cores (lazy: an entry counts only while the
     # node still has exactly c free); by_free[cpn] holds the idle nodes
     by_free: list[list[int]] = [[] for _ in range(cpn + 1)]
@@ -132,10 +135,8 @@ def place(trace: JobTrace, cluster: Cluster, memory: npt.NDArray[np.float64]) ->
             n = out_node[p]
             fc = free_c[n] + out_cores[p]
             free_c[n] = fc
-            free_c_np[n] = fc
-            fm = free_m[n] + out_mem[p]
-            free_m[n] = fm
-            free_m_np[n] = fm
+            free_m[n] = free_m[n] + out_mem[p]
+            stale = True
             masks[n] &= ~out_mask[p]
             heappush(by_free[fc], n)
         c = cores_all[j]
@@ -163,6 +164,10 @@ def place(trace: JobTrace, cluster: Cluster, memory: npt.NDArray[np.float64]) ->
         ):
             chosen = [k]
         else:
+            if stale:
+                free_c_np = np.array(free_c, dtype=np.int64)
+                free_m_np = np.array(free_m, dtype=np.float64)
+                stale = False
             fits = (free_c_np >= need_c) & (free_m_np >= need_m)
             chosen = np.flatnonzero(fits)[:n_nodes].tolist()
             if len(chosen) < n_nodes:
@@ -191,11 +196,10 @@ def place(trace: JobTrace, cluster: Cluster, memory: npt.NDArray[np.float64]) ->
             masks[n] = mask | bits
             fc = free_c[n] - k
             free_c[n] = fc
-            free_c_np[n] = fc
             if fc:
                 heappush(by_free[fc], n)
             free_m[n] = fm - mem
-            free_m_np[n] = fm - mem
+            stale = True
             heappush(ends, (e, len(out_job)))
             out_job.append(j)
             out_node.append(n)
