@@ -7,6 +7,7 @@ instants), cores; core ids are kernel CPU numbers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
@@ -18,22 +19,22 @@ API_PREFIX = "/v1"
 CONTROL_HEADER = "X-Colocate-Control"  # HMAC of the cluster secret: agents <-> broker only
 
 
-def _size(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            return parse_size(value)
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
-    return value
+def _text_via(parse: Callable[[str], Any]) -> Callable[[Any], Any]:
+    """A pydantic before-validator reading strings with ``parse`` (a units parser)."""
+
+    def validate(value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return parse(value)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    return validate
 
 
-def _duration(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            return parse_duration(value)
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
-    return value
+_size = _text_via(parse_size)
+_duration = _text_via(parse_duration)
 
 
 Bytes = Annotated[int, BeforeValidator(_size), Field(ge=0, description='bytes, or a size like "512MiB"')]

@@ -168,6 +168,27 @@ JOB_SCRIPT = textwrap.dedent(
 EXECUTOR_SCRIPT = "import sys\nfor line in sys.stdin:\n    sys.stdout.write(str(sum(map(int, line.split()))) + '\\n'); sys.stdout.flush()\n"
 
 
+def load_replay(tmp_path: Path, source_flag: str, source: Path) -> Prometheus:
+    """``colocate metrics openmetrics`` on a replay, loaded with promtool into a fresh Prometheus."""
+    om = tmp_path / "replay.om"
+    proc = subprocess.run(
+        [sys.executable, "-m", "colocate", "metrics", "openmetrics", source_flag, str(source), "--end-at", "now", "-o", str(om)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    storage = tmp_path / "data"
+    proc = subprocess.run(
+        [PROMTOOL, "tsdb", "create-blocks-from", "openmetrics", str(om), str(storage)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return start_prometheus(tmp_path, [], storage=storage)
+
+
 def _psi(kind: str) -> float | None:
     try:
         first = Path(f"/proc/pressure/{kind}").read_text().splitlines()[0]
@@ -784,35 +805,7 @@ def test_a_replayed_history_loads_with_promtool_and_feeds_the_dashboard(tmp_path
     series_file.write_text(
         json.dumps(series_to_json(ReplaySeries("replay", "EUR", "resources", policies)))
     )
-    om = tmp_path / "replay.om"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "colocate",
-            "metrics",
-            "openmetrics",
-            "--from-replay",
-            str(series_file),
-            "--end-at",
-            "now",
-            "-o",
-            str(om),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr
-    storage = tmp_path / "data"
-    proc = subprocess.run(
-        [PROMTOOL, "tsdb", "create-blocks-from", "openmetrics", str(om), str(storage)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    prom = start_prometheus(tmp_path, [], storage=storage)
+    prom = load_replay(tmp_path, "--from-replay", series_file)
     try:
         # The money panels over the replayed 6 hours: headroom recovers more than unallocated.
         recovered = {
@@ -862,35 +855,7 @@ def test_a_real_replay_shows_in_prometheus_with_the_money_it_reported(tmp_path: 
     )
     out_dir = tmp_path / "replay-out"
     save_replay_series(result, prices, out_dir, node="hpc2n")
-    om = tmp_path / "replay.om"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "colocate",
-            "metrics",
-            "openmetrics",
-            "--replay-out",
-            str(out_dir),
-            "--end-at",
-            "now",
-            "-o",
-            str(om),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    storage = tmp_path / "data"
-    proc = subprocess.run(
-        [PROMTOOL, "tsdb", "create-blocks-from", "openmetrics", str(om), str(storage)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    prom = start_prometheus(tmp_path, [], storage=storage)
+    prom = load_replay(tmp_path, "--replay-out", out_dir)
     try:
         span_h = math.ceil((result.t[-1] - result.t[0] + result.step_s) / 3600) + 1
         for name, series in result.policies.items():
