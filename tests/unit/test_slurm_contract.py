@@ -1,15 +1,18 @@
 """Every Slurm backend answers the same questions the same way, for the same cluster state:
 the CLI backend over captured 22.05 outputs, the in-memory StaticSlurm, and the pyslurm
-backend over a stand-in module shaped like pyslurm's object API (pyslurm cannot be
-installed against Slurm 22.05 here)."""
+backend over a stand-in module shaped like pyslurm 22.5.3's object API (the real one is
+compared with the CLI backend on the live cluster in
+tests/integration/test_slurm_pyslurm.py)."""
 
 from __future__ import annotations
 
+import sys
 import types
 from typing import Any
 
 import pytest
 
+from colocate.errors import ConfigError, SlurmUnavailable
 from slurm_plugin.slurm import (
     CliSlurm,
     JobOnNode,
@@ -51,7 +54,7 @@ def fake_pyslurm() -> types.ModuleType:
             self, jid: str, hosts: tuple[str, ...], layout: dict[str, tuple[str, int]]
         ) -> None:
             self.id = int(jid)
-            self.nodes = ",".join(hosts)
+            self.allocated_nodes = ",".join(hosts)
             self.state = "RUNNING"
             self.user_name = "root"
             self.user_id = 0
@@ -70,6 +73,8 @@ def fake_pyslurm() -> types.ModuleType:
     class Node:
         @staticmethod
         def load(name: str) -> Any:
+            if name not in ("n1", "n2", "n3"):
+                raise RuntimeError(f"Node '{name}' does not exist")  # pyslurm's RPCError
             return types.SimpleNamespace(
                 state="IDLE",
                 total_cpus=2,
@@ -81,7 +86,8 @@ def fake_pyslurm() -> types.ModuleType:
             )
 
     mod = types.ModuleType("pyslurm")
-    mod.__version__ = "22.05.0"  # type: ignore[attr-defined]
+    mod.__version__ = "22.5.3"  # type: ignore[attr-defined]
+    mod.Job = Job  # type: ignore[attr-defined]  # no get_pids, as in 22.5
     mod.Jobs = Jobs  # type: ignore[attr-defined]
     mod.Node = Node  # type: ignore[attr-defined]
     return mod
@@ -90,7 +96,9 @@ def fake_pyslurm() -> types.ModuleType:
 BACKENDS = {
     "cli": lambda: CliSlurm(CapturedSlurm()),
     "static": static,
-    "pyslurm": lambda: PyslurmSlurm(module=fake_pyslurm(), slurm_version="22.05.8"),
+    "pyslurm": lambda: PyslurmSlurm(
+        module=fake_pyslurm(), slurm_version="22.05.8", cli=CliSlurm(CapturedSlurm())
+    ),
 }
 
 
@@ -115,3 +123,36 @@ def test_jobs_on_a_node(backend: SlurmClient) -> None:
 def test_node_totals(backend: SlurmClient) -> None:
     info = backend.node_info("n3")
     assert (info.name, info.cpus, info.real_memory_bytes) == ("n3", 2, 4096 * MIB)
+
+
+def test_an_unknown_node_is_a_config_error_naming_it(backend: SlurmClient) -> None:
+    with pytest.raises(ConfigError, match="no node 'vm'"):
+        backend.node_info("vm")
+
+
+def test_pyslurm_22_5_answers_listpids_through_scontrol() -> None:
+    """pyslurm 22.5 has no binding for slurm_list_pids: the CLI backend answers instead."""
+    runner = CapturedSlurm()
+    py = PyslurmSlurm(module=fake_pyslurm(), slurm_version="22.05.8", cli=CliSlurm(runner))
+    assert py.listpids("133", node="n2") == CliSlurm(CapturedSlurm()).listpids("133", node="n2")
+    assert len(py.listpids("133", node="n2").items) == 3
+    assert "scontrol listpids 133 n2" in runner.calls
+
+
+def test_pyslurm_failing_rpc_is_slurm_unavailable_not_a_crash() -> None:
+    mod = fake_pyslurm()
+
+    def down() -> None:
+        raise RuntimeError("Unable to contact slurm controller (connect failure)")
+
+    mod.Jobs.load = down  # type: ignore[attr-defined]
+    with pytest.raises(SlurmUnavailable, match="connect failure"):
+        PyslurmSlurm(module=mod, slurm_version="22.05.8").jobs_on_node("n1")
+
+
+def test_pyslurm_without_the_object_api_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    old = types.ModuleType("pyslurm")
+    old.__version__ = "22.5.0"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pyslurm", old)
+    with pytest.raises(ConfigError, match=r"pyslurm 22\.5\.0 predates the object API"):
+        PyslurmSlurm(slurm_version="22.05.8")
