@@ -7,6 +7,7 @@ chosen module is imported, so ``colocate hook prolog`` starts fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
@@ -39,7 +40,17 @@ def _top_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run one subcommand; its exit code. A closed stdout (``| head -1``) ends it quietly."""
+    try:
+        try:
+            return _main(list(sys.argv[1:] if argv is None else argv))
+        finally:  # also after argparse's SystemExit: a closed pipe shows here, not at exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        return _closed_pipe()
+
+
+def _main(argv: list[str]) -> int:
     top = _top_parser()
     # Split global options from the subcommand so only its module is imported.
     idx = next((i for i, a in enumerate(argv) if a in SUBCOMMANDS), None)
@@ -73,3 +84,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _closed_pipe() -> int:
+    """The reader of our output went away (``colocate ... | head -1``): exit quietly, as
+    ``cat`` does. stdout is pointed at /dev/null so the interpreter's final flush of what is
+    still buffered does not raise again and print a traceback."""
+    import os
+
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141  # 128 + SIGPIPE, what a shell reports for a killed writer
