@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from monitors.cgroupfs import (
     read_cpuset,
     read_flat_keyed,
     read_int,
+    read_int_list,
     subtree_pids,
     unified_path,
 )
@@ -115,6 +117,8 @@ class CgroupV1Source:
     ) -> JobUsage | None:
         local = Skips()
         ns = read_int(acct / "cpuacct.usage", local) if acct else None
+        per_cpu = read_int_list(acct / "cpuacct.usage_percpu") if acct else None
+        read_at = time.monotonic()  # rates are timed at the read, not at the sample's start
         usage = read_int(mem / "memory.usage_in_bytes", local) if mem else None
         peak = read_int(mem / "memory.max_usage_in_bytes", local) if mem else None
         limit = read_int(mem / "memory.limit_in_bytes") if mem else None
@@ -152,4 +156,6 @@ class CgroupV1Source:
             source=self.name,
             memory_limit_bytes=limit if limit is not None and limit < UNLIMITED else None,
             uid=_uid_of(acct or mem),
+            cpu_seconds_per_cpu=tuple(n / 1e9 for n in per_cpu) if per_cpu else None,
+            read_at=read_at if ns is not None else None,
         )

@@ -54,6 +54,19 @@ def read_int(path: Path, skips: Skips | None = None) -> int | None:
         return None
 
 
+def read_int_list(path: Path, skips: Skips | None = None) -> tuple[int, ...] | None:
+    """Space-separated integers on one line (``cpuacct.usage_percpu``); None if unreadable."""
+    text = read_text(path, skips)
+    if text is None:
+        return None
+    try:
+        return tuple(int(word) for word in text.split())
+    except ValueError:
+        if skips is not None:
+            skips.note(str(path), ValueError(f"not numbers: {text[:40]!r}"))
+        return None
+
+
 def read_flat_keyed(path: Path, skips: Skips | None = None) -> dict[str, int]:
     """``key value`` lines (``memory.stat``, ``cpu.stat``) as a dict; bad lines are ignored."""
     text = read_text(path, skips)

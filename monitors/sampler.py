@@ -15,7 +15,9 @@ exponential backoff (1 s, 2 s, 4 s ... up to 30 s).
 
 ``cores_used`` is CPU time over the last ``window_s`` seconds of readings: the first sample
 of a job has no window yet and reports 0.0 (psutil's ``cpu_percent()`` has the same quirk);
-such samples are not added to the history.
+such samples are not added to the history. Where the source has per-CPU accounting (cgroup
+v1's ``cpuacct.usage_percpu``), each sample also says how busy each of the job's CPUs was
+over the same window (``cpu_busy``): the policy lends the cores a job leaves idle.
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ class Sampler:
         self._node: NodeInfo | None = None
         self._node_at = -1e18
         self._last_seen: frozenset[str] | None = None
-        self._readings: dict[str, deque[tuple[float, float]]] = {}
+        self._readings: dict[str, deque[tuple[float, float, tuple[float, ...] | None]]] = {}
         self._peaks: dict[str, int] = {}
         self._logged: dict[str, float] = {}
         self.slurm_wait_s = slurm_wait_s
@@ -194,30 +196,48 @@ class Sampler:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- usage -------------------------------------------------------------------------
-    def _rate(self, job_id: str, cpu_total: float | None, mono: float) -> float | None:
-        """Cores used over the window, or None when there is no window yet."""
-        if cpu_total is None:
-            return None
+    def _rate(
+        self, job_id: str, usage: JobUsage | None, mono: float, cpu_ids: Sequence[int]
+    ) -> tuple[float | None, tuple[tuple[int, float], ...]]:
+        """(cores used over the window, busy share of each of ``cpu_ids`` over the same
+        window); (None, ()) when there is no window yet. Per-CPU shares need a source with
+        per-CPU accounting (cgroup v1), else they are ()."""
+        if usage is None:
+            return None, ()
+        cpu_total = usage.cpu_seconds_total
+        per_cpu = usage.cpu_seconds_per_cpu
+        # Timed at the read when the source stamped it (a sampler preempted between its
+        # clock and the read would otherwise see 1.1 cores in a job that uses 1.0).
+        if usage.read_at is not None and self._mono is time.monotonic:
+            mono = usage.read_at
         readings = self._readings.setdefault(job_id, deque())
         if readings and cpu_total < readings[-1][1]:
             readings.clear()  # a process scan lost exited processes: start a new window
-        readings.append((mono, cpu_total))
+        readings.append((mono, cpu_total, per_cpu))
         while len(readings) > 2 and mono - readings[1][0] >= self.window_s:
             readings.popleft()
-        t0, c0 = readings[0]
+        t0, c0, p0 = readings[0]
         if mono - t0 < MIN_WINDOW_S:
-            return None
-        return max(0.0, (cpu_total - c0) / (mono - t0))
+            return None, ()
+        dt = mono - t0
+        busy: tuple[tuple[int, float], ...] = ()
+        if per_cpu is not None and p0 is not None:
+            busy = tuple(
+                (cpu, round(min(1.0, max(0.0, (per_cpu[cpu] - p0[cpu]) / dt)), 4))
+                for cpu in cpu_ids
+                if cpu < len(per_cpu) and cpu < len(p0)
+            )
+        return max(0.0, (cpu_total - c0) / dt), busy
 
     def _job_snapshot(
         self, job: JobOnNode, usage: JobUsage | None, mono: float, warnings: list[str]
     ) -> tuple[JobSnapshot, bool]:
-        rate = self._rate(job.job_id, usage.cpu_seconds_total if usage else None, mono)
         cpu_ids = job.cpu_ids
         # The cgroup's cpuset has the kernel's CPU numbers; trust it only when it is the
         # allocation (ConstrainCores=no leaves the whole node in it).
         if usage and usage.cpu_ids and (not job.cores or len(usage.cpu_ids) == job.cores):
             cpu_ids = usage.cpu_ids
+        rate, busy = self._rate(job.job_id, usage, mono, cpu_ids)
         cores = job.cores or len(cpu_ids)
         memory = usage.memory_bytes if usage else 0
         peak = max(
@@ -245,6 +265,7 @@ class Sampler:
             cpu_seconds_total=usage.cpu_seconds_total if usage else None,
             state=job.state.value,
             nodes=job.nodes,
+            cpu_busy=busy,
         )
         return snap, rate is not None
 
@@ -288,6 +309,7 @@ class Sampler:
                         snap.memory_used_bytes,
                         snap.cpu_pressure,
                         snap.memory_pressure,
+                        snap.cpu_busy,
                     ),
                 )
         live = {j.job_id for j in jobs}

@@ -34,6 +34,9 @@ class JobSnapshot:
     cpu_seconds_total: float | None = None  # cumulative CPU time of the job on this node
     state: str = "RUNNING"  # Slurm's job state (RUNNING, SUSPENDED, COMPLETING, ...)
     nodes: tuple[str, ...] = ()  # every node of the job (multi-node jobs)
+    # (CPU id, busy share 0..1 over the window) for each of the job's CPUs; () where the
+    # source has no per-CPU accounting (cgroup v2, process scan) or no window yet.
+    cpu_busy: tuple[tuple[int, float], ...] = ()
 
     @property
     def cores_idle(self) -> float:
@@ -47,6 +50,7 @@ class JobSnapshot:
         data = asdict(self)
         data["cpu_ids"] = list(self.cpu_ids)
         data["nodes"] = list(self.nodes)
+        data["cpu_busy"] = {str(cpu): busy for cpu, busy in self.cpu_busy}
         data["cores_idle"] = self.cores_idle
         data["memory_unused_bytes"] = self.memory_unused_bytes
         return data

@@ -21,7 +21,8 @@ class JobUsage:
     ``cpu_seconds_total`` is cumulative CPU time (user + system) of the job on this node;
     rates come from two readings. Memory is the working set in bytes (usage minus inactive
     page cache, as kubelet counts it); ``memory_peak_bytes`` is the kernel's high-water mark
-    where the source has one, else None. ``cpu_ids`` are the kernel CPU numbers of the job's
+    where the source has one, else None. ``cpu_seconds_per_cpu`` is the same time split by
+CPU (per-core busy time: which of the job's cores it really uses). ``cpu_ids`` are the kernel CPU numbers of the job's
     cpuset (None when the source cannot tell). Pressure is PSI ``some avg10`` in percent.
     """
 
@@ -36,6 +37,10 @@ class JobUsage:
     source: str = ""
     memory_limit_bytes: int | None = None  # the cgroup's memory limit (the allocation), if any
     uid: int | None = None  # the job owner's uid, where the layout shows it (v1: uid_<uid>)
+    # Cumulative CPU time per CPU, indexed by the kernel's CPU number (v1: cpuacct.usage_percpu);
+    # None where the source has no per-CPU accounting (cgroup v2, the process scan).
+    cpu_seconds_per_cpu: tuple[float, ...] | None = None
+    read_at: float | None = None  # time.monotonic() right after the CPU counters were read
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,8 @@ class UsageSample:
     """One observation of a job; ``cores_used`` is CPU-seconds per second over the sample window.
 
     Pressure is the PSI ``some avg10`` share in percent (0..100), None where unavailable.
+    ``cpu_busy``: (CPU id, busy share 0..1) for each of the job's CPUs over the same window;
+    empty where the monitor has no per-CPU accounting (then only the total is known).
     """
 
     t: float
@@ -25,6 +27,7 @@ class UsageSample:
     memory_used_bytes: int
     cpu_pressure: float | None = None
     memory_pressure: float | None = None
+    cpu_busy: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

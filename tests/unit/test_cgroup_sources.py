@@ -52,6 +52,10 @@ def test_v1_reads_the_captured_job() -> None:
     assert job.cpu_pressure is None  # v1: no per-job PSI
     assert job.memory_limit_bytes == first_int(v1_file("memory", "memory.limit_in_bytes"))
     assert job.uid == 0
+    # cpuacct.usage_percpu: the same CPU time split by CPU (which cores the job keeps busy)
+    per_cpu = [int(n) / 1e9 for n in v1_file("cpuacct", "cpuacct.usage_percpu").read_text().split()]
+    assert job.cpu_seconds_per_cpu == pytest.approx(tuple(per_cpu))
+    assert sum(per_cpu) == pytest.approx(job.cpu_seconds_total)
 
 
 def test_v1_other_nodes_jobs_are_not_ours() -> None:

@@ -69,9 +69,17 @@ class Node:
     def job_dir(self, ctrl: str, job_id: str = "10") -> Path:
         return self.root / ctrl / "slurm_n1" / "uid_0" / f"job_{job_id}"
 
-    def burn(self, cpu_seconds: float) -> None:
+    def burn(self, cpu_seconds: float, on: tuple[int, ...] = (0, 1)) -> None:
+        """The job spends ``cpu_seconds`` more, spread evenly over CPUs ``on``."""
         f = self.job_dir("cpuacct") / "cpuacct.usage"
         f.write_text(str(int(f.read_text()) + int(cpu_seconds * 1e9)) + "\n")
+        per_cpu_file = self.job_dir("cpuacct") / "cpuacct.usage_percpu"
+        if not per_cpu_file.exists():
+            return
+        per_cpu = [int(n) for n in per_cpu_file.read_text().split()]
+        for cpu in on:
+            per_cpu[cpu] += int(cpu_seconds / len(on) * 1e9)
+        per_cpu_file.write_text(" ".join(map(str, per_cpu)) + " \n")
 
     def set_memory(self, used: int, peak: int) -> None:
         (self.job_dir("memory") / "memory.usage_in_bytes").write_text(f"{used}\n")
@@ -96,9 +104,34 @@ def test_cores_used_is_cpu_time_over_the_window_and_the_first_sample_has_none(
     job = second.jobs[0]
     assert job.cores_used == pytest.approx(1.5)
     assert job.cores_idle == pytest.approx(0.5)
+    assert job.cpu_busy == ((0, pytest.approx(0.75)), (1, pytest.approx(0.75)))
     assert node.sampler.history.samples("10") == (
-        UsageSample(2.0, job.cores_used, job.memory_used_bytes),
+        UsageSample(2.0, job.cores_used, job.memory_used_bytes, cpu_busy=job.cpu_busy),
     )
+
+
+def test_per_cpu_busy_shows_which_core_a_job_keeps_busy(tmp_path: Path) -> None:
+    # One busy core of two (cpuacct.usage_percpu): the total alone (1.0 of 2) cannot say
+    # which core is idle; the per-CPU shares can, and reach the history and the JSON.
+    node = Node(tmp_path)
+    node.sampler.sample(now=1.0)
+    node.burn(1.0, on=(1,))
+    node.clock.t += 1.0
+    job = node.sampler.sample(now=2.0).jobs[0]
+    assert job.cores_used == pytest.approx(1.0)
+    assert job.cpu_busy == ((0, 0.0), (1, pytest.approx(1.0)))
+    assert node.sampler.history.samples("10")[-1].cpu_busy == job.cpu_busy
+    assert job.to_json()["cpu_busy"] == {"0": 0.0, "1": pytest.approx(1.0)}
+
+
+def test_without_per_cpu_accounting_only_the_total_is_known(tmp_path: Path) -> None:
+    node = Node(tmp_path)
+    (node.job_dir("cpuacct") / "cpuacct.usage_percpu").unlink()
+    node.sampler.sample(now=1.0)
+    node.burn(0.0)
+    node.clock.t += 1.0
+    job = node.sampler.sample(now=2.0).jobs[0]
+    assert job.cpu_busy == () and node.sampler.history.samples("10")[-1].cpu_busy == ()
 
 
 def test_the_window_averages_over_window_s(tmp_path: Path) -> None:
