@@ -8,10 +8,12 @@
     ├── BackendUnavailable         a service is down: retry later (Slurm, broker, agent)
     │   └── SlurmUnavailable
     ├── BadRequest                 the request itself is wrong: change it, do not retry
-    │   ├── Unauthorized           forged or expired lease token
+    │   ├── Unauthorized           no, forged or expired credentials or lease token (401)
+    │   ├── Forbidden              authenticated, but not allowed: not your lease (403)
     │   └── PayloadTooLarge
     └── LeaseError                 about a lease (lease_id)
         ├── LeaseDenied            no capacity now; carries what was available
+        │   └── QuotaExceeded      a user or account limit; names the limit and the use (429)
         ├── LeaseEvicted           the node took the resources back
         ├── LeaseExpired           the lease ran past its expiry
         └── ExecutorLost           the executor vanished (crash, node down)
@@ -72,6 +74,10 @@ class Unauthorized(BadRequest):
     pass
 
 
+class Forbidden(BadRequest):
+    """The caller is known but may not do this (another user's lease, an account not theirs)."""
+
+
 class PayloadTooLarge(BadRequest):
     def __init__(self, size: int, limit: int) -> None:
         self.size = size
@@ -103,3 +109,16 @@ class LeaseExpired(LeaseError):
 
 class ExecutorLost(LeaseError):
     pass
+
+
+class QuotaExceeded(LeaseDenied):
+    """A user or account limit: ``limit`` names it, ``used``/``wanted``/``allowed`` the figures."""
+
+    def __init__(
+        self, message: str, *, limit: str = "", used: float = 0, wanted: float = 0, allowed: float = 0
+    ) -> None:
+        self.limit = limit
+        self.used = used
+        self.wanted = wanted
+        self.allowed = allowed
+        super().__init__(message)

@@ -10,36 +10,63 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, WithJsonSchema
 
 from colocate.errors import ConfigError
 from colocate.units import parse_duration, parse_size
 
 API_PREFIX = "/v1"
 CONTROL_HEADER = "X-Colocate-Control"  # HMAC of the cluster secret: agents <-> broker only
+Account = Annotated[str, Field(max_length=64, pattern=r"^[A-Za-z0-9_.\-]*$")]
 
 
-def _text_via(parse: Callable[[str], Any]) -> Callable[[Any], Any]:
-    """A pydantic before-validator reading strings with ``parse`` (a units parser)."""
+def _text_via(parse: Callable[[str], Any], kind: str) -> Callable[[Any], Any]:
+    """A pydantic before-validator reading strings with ``parse`` (a units parser); booleans
+    are refused (JSON ``true`` is not a size or a duration)."""
 
     def validate(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f"a {kind} cannot be true or false")
         if isinstance(value, str):
+            if len(value) > 64:
+                raise ValueError(f"a {kind} is at most 64 characters")
             try:
                 return parse(value)
-            except ConfigError as exc:
+            except (ConfigError, OverflowError, ValueError) as exc:
                 raise ValueError(str(exc)) from None
         return value
 
     return validate
 
 
-_size = _text_via(parse_size)
-_duration = _text_via(parse_duration)
+_size = _text_via(parse_size, "size")
+_duration = _text_via(parse_duration, "duration")
 
+MAX_BYTES = 2**50  # 1 PiB: more is a typo, and stays far from float/int64 overflow
+MAX_SECONDS = 10 * 365 * 86400.0
 
-Bytes = Annotated[int, BeforeValidator(_size), Field(ge=0, description='bytes, or a size like "512MiB"')]
-Seconds = Annotated[float, BeforeValidator(_duration), Field(gt=0, description='seconds, or a duration like "5m"')]
-CpuIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=4096)]
+Bytes = Annotated[
+    int,
+    BeforeValidator(_size),
+    Field(ge=0, le=MAX_BYTES),
+    WithJsonSchema(
+        {"anyOf": [{"type": "integer", "minimum": 0, "maximum": MAX_BYTES},
+                   {"type": "string", "pattern": r"^\s*[0-9]+(\.[0-9]+)?\s*([KMGTP]i?B?|[kmgtp]i?b?|B|b)?\s*$", "maxLength": 64}],
+         "description": 'bytes, or a size like "512MiB"'}
+    ),
+]
+Seconds = Annotated[
+    float,
+    BeforeValidator(_duration),
+    Field(ge=1.0, le=MAX_SECONDS, allow_inf_nan=False),
+    WithJsonSchema(
+        {"anyOf": [{"type": "number", "minimum": 1, "maximum": MAX_SECONDS},
+                   {"type": "string", "pattern": r"^\s*[0-9]+(\.[0-9]+)?\s*(ms|s|m|h|d)?\s*$", "maxLength": 64}],
+         "description": 'seconds (at least 1), or a duration like "5m"'}
+    ),
+]
+CpuIds = Annotated[list[Annotated[StrictInt, Field(ge=0, le=1_000_000)]], Field(max_length=4096)]
+Epoch = Annotated[float, Field(ge=0, le=1e11, allow_inf_nan=False)]
 
 
 class _Message(BaseModel):
@@ -53,15 +80,19 @@ class ErrorReply(_Message):
     message: str
     lease_id: str | None = None
     available: dict[str, int] | None = None
+    limit: str | None = Field(None, description="QuotaExceeded: the limit (cores, memory, leases, duration_s, core_hours_per_day)")
+    used: float | None = None
+    allowed: float | None = None
 
 
 # --- client <-> broker ---------------------------------------------------------------------
 
 
 class LeaseRequest(_Message):
-    cores: int = Field(1, ge=1, le=4096)
+    cores: StrictInt = Field(1, ge=1, le=4096)
     memory: Annotated[Bytes, Field(gt=0)] = 512 * 1024**2
     duration: Seconds = 300.0
+    account: Account = Field("", description="Slurm account to charge; empty: the user's default")
 
 
 class RenewRequest(_Message):
@@ -69,7 +100,8 @@ class RenewRequest(_Message):
 
 
 class LeaseGrant(_Message):
-    """A granted lease: talk to ``address`` with ``token`` until ``expires_at``."""
+    """A granted lease: talk to ``address`` with ``token`` until ``expires_at``; the executor
+    proves it is the one placed by answering the client's nonce with HMAC(``lease_key``)."""
 
     lease_id: str
     node: str
@@ -80,6 +112,9 @@ class LeaseGrant(_Message):
     expires_at: float
     token: str
     max_payload_bytes: int
+    user: str = ""
+    account: str = ""
+    lease_key: str = Field("", description="hex; the executor's proof key (empty: the executor cannot prove itself)")
 
 
 class LeaseInfo(_Message):
@@ -89,6 +124,17 @@ class LeaseInfo(_Message):
     cpu_ids: list[int]
     memory_bytes: int
     granted_at: float
+    expires_at: float
+    user: str = ""
+    account: str = ""
+
+
+class OtherLease(_Message):
+    """Another user's lease in ``/v1/status``: where and how much, never its id or address."""
+
+    node: str
+    cores: int
+    memory_bytes: int
     expires_at: float
 
 
@@ -107,7 +153,38 @@ class BrokerStatus(_Message):
     placement: str
     now: float
     nodes: list[NodeInfo]
+    leases: list[LeaseInfo] = Field(description="the caller's leases (every lease for an admin)")
+    others: list[OtherLease] = Field(default_factory=list, description="other users' leases, without ids")
+
+
+class LeaseList(_Message):
     leases: list[LeaseInfo]
+
+
+class UsageRecord(_Message):
+    lease_id: str
+    user: str
+    uid: int
+    account: str
+    node: str
+    cores: int
+    memory_bytes: int
+    start: float
+    expires_at: float
+    last_seen: float
+    end: float | None
+    end_reason: str | None
+    core_seconds: float
+    gib_seconds: float
+    money: float
+
+
+class UsageReport(_Message):
+    """Ledger rows that ran since ``since``; open leases count to when they were last seen."""
+
+    since: float | None
+    currency: str
+    records: list[UsageRecord]
 
 
 class Released(_Message):
@@ -121,20 +198,20 @@ class Released(_Message):
 class ReportedLease(_Message):
     lease_id: str = Field(min_length=1, max_length=128)
     cpu_ids: CpuIds
-    memory_bytes: int = Field(ge=0)
-    granted_at: float
-    expires_at: float
+    memory_bytes: StrictInt = Field(ge=0, le=MAX_BYTES)
+    granted_at: Epoch
+    expires_at: Epoch
     address: str = Field(max_length=512)
-    generation: int = Field(ge=0)
+    generation: StrictInt = Field(ge=0, le=2**62)
 
 
 class NodeReport(_Message):
     """An agent's periodic report: its control URL, current offer and live leases."""
 
-    url: str = Field(min_length=1, max_length=512)
+    url: str = Field(min_length=1, max_length=512, pattern=r"^https?://")
     cpu_ids: CpuIds
-    memory_bytes: int = Field(ge=0)
-    generation: int = Field(ge=0, description="the agent's change counter when it built this report")
+    memory_bytes: StrictInt = Field(ge=0, le=MAX_BYTES)
+    generation: StrictInt = Field(ge=0, le=2**62, description="the agent's change counter when it built this report")
     instance: str = Field("", max_length=64, description="random per agent run: a new value means the agent restarted")
     leases: list[ReportedLease] = Field(default_factory=list, max_length=4096)
 
@@ -146,12 +223,22 @@ class ReportReply(_Message):
     release: list[str] = Field(description="leases the broker released: the agent should stop them")
 
 
+class LeaseOwner(_Message):
+    """Who a lease runs for (see :class:`colocate.owner.Owner`)."""
+
+    uid: StrictInt = Field(ge=0, le=2**32 - 1)
+    gid: StrictInt = Field(ge=0, le=2**32 - 1)
+    user: str = Field(min_length=1, max_length=64)
+    account: Account = ""
+
+
 class StartRequest(_Message):
     lease_id: str = Field(min_length=1, max_length=128)
     cpu_ids: CpuIds
-    memory_bytes: int = Field(ge=0)
-    granted_at: float
-    expires_at: float
+    memory_bytes: StrictInt = Field(ge=0, le=MAX_BYTES)
+    granted_at: Epoch
+    expires_at: Epoch
+    owner: LeaseOwner | None = None
 
 
 class StartReply(_Message):
@@ -163,11 +250,11 @@ class StartReply(_Message):
 
 
 class ExpiryRequest(_Message):
-    expires_at: float
+    expires_at: Epoch
 
 
 class RevokeRequest(_Message):
-    grace_s: float | None = Field(None, ge=0, le=3600, description="default: the agent's eviction_grace_s")
+    grace_s: float | None = Field(None, ge=0, le=3600, allow_inf_nan=False, description="default: the agent's eviction_grace_s")
     reason: str = Field("revoked", max_length=64)
 
 

@@ -1,19 +1,25 @@
 """The broker's HTTP/JSON API (FastAPI; the description is at ``/openapi.json``).
 
-Clients: ``POST /v1/leases``, ``GET /v1/leases/{id}``, ``POST /v1/leases/{id}/renew``,
-``DELETE /v1/leases/{id}``, ``GET /v1/status``. Agents (with the control header):
-``PUT /v1/nodes/{node}``. Prometheus: ``GET /metrics`` (cluster-wide ``colocate_broker_*``).
+Clients (``Authorization: MUNGE <credential>`` or ``Bearer <Slurm JWT>``, see
+:mod:`colocate.auth`): ``POST /v1/leases``, ``GET /v1/leases``, ``GET /v1/leases/{id}``,
+``POST /v1/leases/{id}/renew``, ``DELETE /v1/leases/{id}``, ``GET /v1/status``,
+``GET /v1/usage``. Agents (with the control header): ``PUT /v1/nodes/{node}``. Prometheus:
+``GET /metrics`` (cluster-wide ``colocate_broker_*`` and per-account ledger totals).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import datetime
+from collections.abc import AsyncIterator, Iterable
 
-from fastapi import FastAPI, Header, Path
+from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from prometheus_client import CollectorRegistry, make_asgi_app
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
+from colocate.auth.identity import AUTH_HEADER, Authenticator, Identity
 from colocate.broker.api import (
     API_PREFIX,
     CONTROL_HEADER,
@@ -21,26 +27,64 @@ from colocate.broker.api import (
     ErrorReply,
     LeaseGrant,
     LeaseInfo,
+    LeaseList,
     LeaseRequest,
     NodeReport,
     Released,
     RenewRequest,
     ReportReply,
+    UsageRecord,
+    UsageReport,
 )
 from colocate.broker.broker import Broker
+from colocate.broker.ledger import Ledger
 from colocate.broker.service import install_error_handlers
-from colocate.errors import LeaseDenied, LeaseError, Unauthorized
+from colocate.errors import BadRequest, Forbidden, LeaseDenied, LeaseError, Unauthorized
 from colocate.metrics.broker import BrokerCollector
 
 NodeName = Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
 LeaseId = Path(min_length=1, max_length=128)
 _ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorReply} for code in (400, 401, 404, 409, 410, 503)
+    code: {"model": ErrorReply} for code in (400, 401, 403, 404, 409, 410, 413, 429, 503)
 }
 
 
-def create_app(broker: Broker) -> FastAPI:
-    """The ASGI app serving ``broker``; starts its HTTP client and expiry sweep on startup."""
+class LedgerCollector(Collector):
+    """Per-account totals of closed leases (not per user: Slurm's PrivateData spirit)."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        leases = CounterMetricFamily("colocate_account_leases", "Closed leases per Slurm account", labels=["account"])
+        cores = CounterMetricFamily("colocate_account_core_seconds", "Core-seconds of closed leases per account", labels=["account"])
+        gib = CounterMetricFamily("colocate_account_memory_gib_seconds", "GiB-seconds of closed leases per account", labels=["account"])
+        money = CounterMetricFamily("colocate_account_recovered_money", "Money recovered by closed leases per account", labels=["account"])
+        for account, n, core_s, gib_s, value in self.ledger.account_totals():
+            leases.add_metric([account], n)
+            cores.add_metric([account], core_s)
+            gib.add_metric([account], gib_s)
+            money.add_metric([account], value)
+        yield from (leases, cores, gib, money)
+
+
+def _since(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise BadRequest(f"since={text!r}: write a date like 2026-01-31 or 2026-01-31T08:00") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return when.timestamp()
+
+
+def create_app(broker: Broker, authenticator: Authenticator | None = None) -> FastAPI:
+    """The ASGI app serving ``broker``; starts its HTTP client and expiry sweep on startup.
+
+    ``authenticator`` checks every client request (default: MUNGE only)."""
+    auth = authenticator or Authenticator()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -62,17 +106,30 @@ def create_app(broker: Broker) -> FastAPI:
     install_error_handlers(app)
     registry = CollectorRegistry()
     metrics = BrokerCollector(broker.status, registry=registry)
+    if broker.ledger is not None:
+        registry.register(LedgerCollector(broker.ledger))
     app.mount("/metrics", make_asgi_app(registry))
+
+    async def caller(  # munged answers in ~0.1 ms: not worth a thread hop
+        request: Request,
+        authorization: str | None = Header(
+            None, alias=AUTH_HEADER, description="`MUNGE <credential>` (payload `colocate/1 METHOD PATH`) or `Bearer <Slurm JWT>`"
+        ),
+    ) -> Identity:
+        return auth.authenticate(authorization, request.method, request.url.path)
+
+    Caller = Depends(caller)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, bool]:
         return {"ok": True}
 
     @app.post(f"{API_PREFIX}/leases", response_model=LeaseGrant)
-    async def request_lease(request: LeaseRequest) -> LeaseGrant:
-        """Ask for ``cores`` and ``memory`` for ``duration``; 409 LeaseDenied says what is free."""
+    async def request_lease(request: LeaseRequest, who: Identity = Caller) -> LeaseGrant:
+        """Ask for ``cores`` and ``memory`` for ``duration``; 409 LeaseDenied says what is free,
+        429 QuotaExceeded names the limit."""
         try:
-            grant = await broker.lease(request)
+            grant = await broker.lease(request, who)
         except LeaseDenied:
             metrics.record_lease_request("denied")
             raise
@@ -82,22 +139,52 @@ def create_app(broker: Broker) -> FastAPI:
         metrics.record_lease_request("granted")
         return grant
 
+    @app.get(f"{API_PREFIX}/leases", response_model=LeaseList)
+    async def list_leases(
+        who: Identity = Caller, node: str | None = Query(None, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
+    ) -> LeaseList:
+        """The caller's live leases (every lease for an admin), optionally on one node."""
+        return LeaseList(leases=broker.leases(who, node))
+
     @app.get(f"{API_PREFIX}/leases/{{lease_id}}", response_model=LeaseInfo)
-    async def get_lease(lease_id: str = LeaseId) -> LeaseInfo:
-        return broker.info(lease_id)
+    async def get_lease(lease_id: str = LeaseId, who: Identity = Caller) -> LeaseInfo:
+        return broker.info(lease_id, who)
 
     @app.post(f"{API_PREFIX}/leases/{{lease_id}}/renew", response_model=LeaseGrant)
-    async def renew_lease(request: RenewRequest, lease_id: str = LeaseId) -> LeaseGrant:
-        """Extend the lease to now + ``duration``; the answer carries a new token."""
-        return await broker.renew(lease_id, request)
+    async def renew_lease(request: RenewRequest, lease_id: str = LeaseId, who: Identity = Caller) -> LeaseGrant:
+        """Extend the lease to now + ``duration``; the answer carries a new token and the
+        executor refuses the old one."""
+        return await broker.renew(lease_id, request, who)
 
     @app.delete(f"{API_PREFIX}/leases/{{lease_id}}", response_model=Released)
-    async def release_lease(lease_id: str = LeaseId) -> Released:
-        return await broker.release(lease_id)
+    async def release_lease(lease_id: str = LeaseId, who: Identity = Caller) -> Released:
+        return await broker.release(lease_id, who)
 
     @app.get(f"{API_PREFIX}/status", response_model=BrokerStatus)
-    async def status() -> BrokerStatus:
-        return broker.status()
+    async def status(who: Identity = Caller) -> BrokerStatus:
+        """Nodes and free capacity; the caller's leases in full, others' without ids."""
+        return broker.status(who)
+
+    @app.get(f"{API_PREFIX}/usage", response_model=UsageReport)
+    async def usage(
+        who: Identity = Caller,
+        user: str | None = Query(None, max_length=64),
+        account: str | None = Query(None, max_length=64),
+        since: str | None = Query(None, max_length=40, description="ISO date or time (UTC unless it names a zone)"),
+    ) -> UsageReport:
+        """Ledger records (like ``sreport``): a user sees their own, an admin everyone's."""
+        if broker.ledger is None:
+            raise BadRequest("this broker keeps no ledger (broker.ledger is empty)")
+        if not who.admin:
+            if user is not None and user != who.user:
+                raise Forbidden(f"{who.user} may not see the usage of {user}; only admins may")
+            user = who.user
+        rows = broker.ledger.rows(user=user, account=account, since=_since(since))
+        return UsageReport(
+            since=_since(since),
+            currency=broker.ledger.prices.currency,
+            records=[UsageRecord(**row.to_json()) for row in rows],
+        )
 
     @app.put(f"{API_PREFIX}/nodes/{{node}}", response_model=ReportReply)
     async def report(

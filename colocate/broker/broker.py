@@ -8,14 +8,18 @@ pass through here: clients talk to the executor at the address a grant names.
 from __future__ import annotations
 
 import asyncio
+import calendar
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 
+from colocate.auth.identity import Identity
+from colocate.broker import quotas
 from colocate.broker.api import (
     API_PREFIX,
     CONTROL_HEADER,
@@ -23,32 +27,38 @@ from colocate.broker.api import (
     ExpiryRequest,
     LeaseGrant,
     LeaseInfo,
+    LeaseOwner,
     LeaseRequest,
     NodeInfo,
     NodeReport,
+    OtherLease,
     Released,
     RenewRequest,
     ReportReply,
     StartReply,
     StartRequest,
 )
+from colocate.broker.ledger import Ledger
 from colocate.broker.secret import control_token, control_token_ok
 from colocate.broker.service import raise_for_reply
 from colocate.config import BrokerConfig
 from colocate.errors import (
     BackendUnavailable,
     BadRequest,
+    Forbidden,
     LeaseDenied,
     LeaseError,
     LeaseEvicted,
     LeaseExpired,
 )
-from colocate.tokens import LeaseClaims, sign_lease
+from colocate.owner import Owner
+from colocate.tokens import LeaseClaims, lease_key, sign_lease
 from policies.leasebook import LeaseBook, LeaseEnd, LeaseRecord
 
 log = logging.getLogger(__name__)
 
 START_ATTEMPTS = 3  # nodes tried for one lease request before giving up
+ENDED_OWNERS_KEPT = 8192  # owners of ended leases remembered (who may hear how it ended)
 
 
 def _gib(n: int) -> str:
@@ -61,7 +71,14 @@ class Broker:
     ``clock`` returns epoch seconds (injectable for tests); the book itself never reads it.
     """
 
-    def __init__(self, config: BrokerConfig, secret: bytes, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        config: BrokerConfig,
+        secret: bytes,
+        *,
+        clock: Callable[[], float] = time.time,
+        ledger: Ledger | None = None,
+    ) -> None:
         self.config = config
         self.book = LeaseBook(node_timeout_s=config.node_timeout_s)
         self._secret = secret
@@ -69,6 +86,14 @@ class Broker:
         self._clock = clock
         self._http: httpx.AsyncClient | None = None
         self._max_payload: dict[str, int] = {}
+        self.ledger = ledger
+        # Owners of live leases; after a restart, those of open leases come back from the ledger.
+        self._owners: dict[str, Owner] = {}
+        self._ended_order: deque[str] = deque()
+        self._started_at = clock()
+        if ledger is not None:
+            for row in ledger.open_rows():
+                self._owners[row.lease_id] = row.owner
 
     def is_control(self, presented: str | None) -> bool:
         """True when ``presented`` is the control token (the caller is an agent of this cluster)."""
@@ -85,10 +110,40 @@ class Broker:
 
     async def sweep_forever(self, interval_s: float = 0.25) -> None:
         """Drop expired leases from the book (the agents evict the executors themselves)."""
+        next_reconcile = 0.0
         while True:
-            for record in self.book.expire(self._clock()):
+            now = self._clock()
+            for record in self.book.expire(now):
                 log.info("lease %s on %s expired", record.lease_id, record.node)
+                self._ended(record.lease_id, record.expires_at, "expired")
+            if now >= next_reconcile:
+                self._reconcile(now)
+                next_reconcile = now + 5.0
             await asyncio.sleep(interval_s)
+
+    def _ended(self, lease_id: str, end: float, reason: str) -> None:
+        # The owner is kept a while after the end: the owner hears "expired", others "forbidden".
+        self._ended_order.append(lease_id)
+        while len(self._ended_order) > ENDED_OWNERS_KEPT:
+            old = self._ended_order.popleft()
+            if self.book.lease(old) is None:
+                self._owners.pop(old, None)
+        if self.ledger is not None:
+            self.ledger.close(lease_id, end, reason)
+
+    def _reconcile(self, now: float) -> None:
+        """Close ledger rows of leases no agent reports any more (the broker was down when
+        they ended): at their expiry if past it, else as lost at the last time seen."""
+        if self.ledger is None:
+            return
+        settled = now - self._started_at > 2 * self.config.node_timeout_s
+        for row in self.ledger.open_rows():
+            if self.book.lease(row.lease_id) is not None:
+                continue
+            if row.expires_at <= now:
+                self._ended(row.lease_id, row.expires_at, "expired")
+            elif settled:
+                self._ended(row.lease_id, row.last_seen, "lost")
 
     # --- agents ---------------------------------------------------------------------------
 
@@ -107,10 +162,14 @@ class Broker:
             node, report.url, report.cpu_ids, report.memory_bytes, reported, report.generation, self._clock(),
             report.instance,
         )
+        now = self._clock()
         if outcome.learned:
             log.info("node %s: learned live leases %s", node, ", ".join(outcome.learned))
         for record in outcome.dropped:
             log.info("node %s: lease %s is gone (evicted on the node)", node, record.lease_id)
+            self._ended(record.lease_id, min(now, record.expires_at), "expired" if record.expires_at <= now else "evicted")
+        if self.ledger is not None:
+            self.ledger.seen((r.lease_id for r in reported), now)
         return ReportReply(
             node=node,
             learned=list(outcome.learned),
@@ -151,9 +210,11 @@ class Broker:
         )
 
     def _grant(self, record: LeaseRecord) -> LeaseGrant:
+        owner = self._owners.get(record.lease_id)
         token = sign_lease(
             self._secret,
-            LeaseClaims(record.lease_id, record.node, record.cpu_ids, record.memory_bytes, record.expires_at),
+            LeaseClaims(record.lease_id, record.node, record.cpu_ids, record.memory_bytes, record.expires_at,
+                        owner.user if owner else ""),
         )
         return LeaseGrant(
             lease_id=record.lease_id,
@@ -165,14 +226,79 @@ class Broker:
             expires_at=record.expires_at,
             token=token,
             max_payload_bytes=self._max_payload.get(record.node, 16 * 1024**2),
+            user=owner.user if owner else "",
+            account=owner.account if owner else "",
+            lease_key=lease_key(self._secret, record.lease_id).hex(),
         )
 
-    async def lease(self, request: LeaseRequest) -> LeaseGrant:
-        """Place, start on the node, sign. LeaseDenied when nothing fits (with what is free).
+    # --- who may do what --------------------------------------------------------------------
+
+    def owner_for(self, who: Identity, account: str) -> Owner:
+        """The owner a new lease of ``who`` gets: the account checked against ``broker.accounts``."""
+        allowed = self.config.accounts.get(who.user, self.config.accounts.get("*"))
+        if allowed is None:
+            if self.config.accounts and not who.admin:
+                raise Forbidden(f"user {who.user} has no Slurm account in broker.accounts; ask your site to add one")
+            return Owner(who.uid, who.gid, who.user, account or self.config.default_account)
+        if not account:
+            return Owner(who.uid, who.gid, who.user, allowed[0] if allowed else self.config.default_account)
+        if account not in allowed and not who.admin:
+            raise Forbidden(f"user {who.user} may not charge account {account!r}; allowed: {', '.join(allowed) or 'none'}")
+        return Owner(who.uid, who.gid, who.user, account)
+
+    def _use(self, now: float, *, uid: int | None = None, account: str | None = None) -> quotas.Use:
+        cores = memory = count = 0
+        for record in self.book.leases():
+            owner = self._owners.get(record.lease_id)
+            if owner is None or (uid is not None and owner.uid != uid) or (account is not None and owner.account != account):
+                continue
+            cores += record.cores
+            memory += record.memory_bytes
+            count += 1
+        today = 0.0
+        if self.ledger is not None:
+            midnight = float(calendar.timegm((*time.gmtime(now)[:3], 0, 0, 0)))
+            if uid is not None:
+                user = next((o.user for o in self._owners.values() if o.uid == uid), None)
+                today = self.ledger.core_seconds_since(midnight, now, user=user) if user else 0.0
+            else:
+                today = self.ledger.core_seconds_since(midnight, now, account=account)
+        return quotas.Use(cores, memory, count, today)
+
+    def _check_quotas(self, owner: Owner, cores: int, memory: int, duration: float, now: float, *, new: bool) -> None:
+        config = self.config.quotas
+        user_quota = quotas.quota_for(config, user=owner.user)
+        quotas.check(
+            user_quota, self._use(now, uid=owner.uid), f"user {owner.user}",
+            cores=cores, memory_bytes=memory, duration_s=duration, new_lease=new,
+        )
+        account_quota = quotas.quota_for(config, account=owner.account)
+        quotas.check(
+            account_quota, self._use(now, account=owner.account), f"account {owner.account or '(none)'}",
+            cores=cores, memory_bytes=memory, duration_s=duration, new_lease=new,
+        )
+
+    def _duration(self, duration: float) -> float:
+        if duration > self.config.max_lease_s:
+            raise BadRequest(
+                f"duration {duration:g}s exceeds this broker's longest lease of {self.config.max_lease_s:g}s "
+                "(broker.max_lease_s); ask for less and renew"
+            )
+        return duration
+
+    # --- clients --------------------------------------------------------------------------
+
+    async def lease(self, request: LeaseRequest, who: Identity | None = None) -> LeaseGrant:
+        """Place, start on the node, sign. LeaseDenied when nothing fits (with what is free),
+        QuotaExceeded past a user or account limit, Forbidden for an account not the user's.
 
         A node whose agent cannot start the executor (down, or its offer shrank meanwhile)
         is skipped and the next fitting node tried, up to ``START_ATTEMPTS`` nodes.
         """
+        self._duration(request.duration)
+        owner = self.owner_for(who, request.account) if who is not None else None
+        if owner is not None:
+            self._check_quotas(owner, request.cores, request.memory, request.duration, self._clock(), new=True)
         failed: set[str] = set()
         last_error: Exception | None = None
         for _ in range(START_ATTEMPTS):
@@ -183,7 +309,7 @@ class Broker:
             if slot is None:
                 break
             try:
-                return await self._start_on(slot.node, slot.cpu_ids, request, now)
+                return await self._start_on(slot.node, slot.cpu_ids, request, now, owner)
             except (BackendUnavailable, LeaseDenied) as exc:
                 failed.add(slot.node)
                 last_error = exc
@@ -191,24 +317,29 @@ class Broker:
             raise last_error
         raise self._denied(request, self._clock())
 
-    async def _start_on(self, node: str, cpu_ids: tuple[int, ...], request: LeaseRequest, now: float) -> LeaseGrant:
+    async def _start_on(
+        self, node: str, cpu_ids: tuple[int, ...], request: LeaseRequest, now: float, owner: Owner | None
+    ) -> LeaseGrant:
         offer = self.book.node(node)
         assert offer is not None
-        duration = min(request.duration, self.config.max_lease_s)
-        record = LeaseRecord(f"l-{secrets.token_hex(8)}", node, cpu_ids, request.memory, now, now + duration)
+        record = LeaseRecord(f"l-{secrets.token_hex(8)}", node, cpu_ids, request.memory, now, now + request.duration)
         self.book.add(record)  # cores are taken now, before the agent answers
+        if owner is not None:
+            self._owners[record.lease_id] = owner
         start = StartRequest(
             lease_id=record.lease_id,
             cpu_ids=list(record.cpu_ids),
             memory_bytes=record.memory_bytes,
             granted_at=record.granted_at,
             expires_at=record.expires_at,
+            owner=LeaseOwner(uid=owner.uid, gid=owner.gid, user=owner.user, account=owner.account) if owner else None,
         )
         try:
             data = await self._agent("POST", f"{offer.url}{API_PREFIX}/leases", start.model_dump())
             started = StartReply.model_validate(data)
         except Exception as exc:
             self.book.remove(record.lease_id, LeaseEnd.START_FAILED)
+            self._owners.pop(record.lease_id, None)
             log.warning("node %s could not start lease %s: %s", node, record.lease_id, exc)
             if isinstance(exc, LeaseDenied | BackendUnavailable | BadRequest):
                 raise
@@ -216,9 +347,15 @@ class Broker:
         self._max_payload[node] = started.max_payload_bytes
         confirmed = self.book.confirm(record.lease_id, started.address, started.generation)
         if confirmed is None:  # expired or dropped while starting
+            self._owners.pop(record.lease_id, None)
             await self._release_on_agent(offer.url, record.lease_id)
             raise LeaseExpired("ended while its executor was starting; ask for a longer lease", lease_id=record.lease_id)
-        log.info("lease %s: %d cores on %s until %.0f", record.lease_id, record.cores, node, record.expires_at)
+        if owner is not None and self.ledger is not None:
+            self.ledger.open(
+                record.lease_id, owner, node, record.cores, record.memory_bytes, record.granted_at, record.expires_at
+            )
+        log.info("lease %s: %d cores on %s until %.0f for %s", record.lease_id, record.cores, node,
+                 record.expires_at, owner.label() if owner else "?")
         return self._grant(confirmed)
 
     def _gone(self, lease_id: str) -> LeaseError:
@@ -231,15 +368,28 @@ class Broker:
             return LeaseExpired("was released; ask for a new lease", lease_id=lease_id)
         return LeaseError("is not known to this broker; ask for a new lease", lease_id=lease_id)
 
-    def info(self, lease_id: str) -> LeaseInfo:
+    def _record(self, lease_id: str, who: Identity | None, action: str) -> LeaseRecord | None:
+        """The lease (None once ended), after checking ``who`` may act on it. A lease nobody
+        knows is "not known"; another user's, live or ended, is Forbidden without details."""
         record = self.book.lease(lease_id)
+        if who is not None and not who.admin:
+            owner = self._owners.get(lease_id)
+            if owner is None and record is None and self.book.ended(lease_id) is None:
+                raise self._gone(lease_id)
+            if owner is None or owner.uid != who.uid:
+                raise Forbidden(f"lease {lease_id}: {who.user} may not {action} it (not the owner, not an admin)")
+        return record
+
+    def info(self, lease_id: str, who: Identity | None = None) -> LeaseInfo:
+        record = self._record(lease_id, who, "see")
         if record is None:
             raise self._gone(lease_id)
-        return _info(record)
+        return self._info(record)
 
-    async def renew(self, lease_id: str, request: RenewRequest) -> LeaseGrant:
-        """Extend to now + duration (capped); the agent learns the new expiry first."""
-        record = self.book.lease(lease_id)
+    async def renew(self, lease_id: str, request: RenewRequest, who: Identity | None = None) -> LeaseGrant:
+        """Extend to now + duration; the agent learns the new expiry first. The grant carries
+        a new token, and the executor refuses the old one from then on."""
+        record = self._record(lease_id, who, "renew")
         if record is None:
             raise self._gone(lease_id)
         if not record.address:
@@ -247,7 +397,11 @@ class Broker:
         now = self._clock()
         if record.expires_at <= now:
             raise LeaseExpired("has expired; ask for a new lease", lease_id=lease_id)
-        expires_at = now + min(request.duration, self.config.max_lease_s)
+        duration = self._duration(request.duration)
+        owner = self._owners.get(lease_id)
+        if owner is not None and who is not None:
+            self._check_quotas(owner, record.cores, record.memory_bytes, duration, now, new=False)
+        expires_at = now + duration
         offer = self.book.node(record.node)
         if offer is None:
             raise BackendUnavailable(f"node {record.node} of lease {lease_id} is not registered")
@@ -257,20 +411,25 @@ class Broker:
             )
         except LeaseError:
             self.book.remove(lease_id, LeaseEnd.EVICTED)
+            self._ended(lease_id, now, "evicted")
             raise LeaseEvicted("its node no longer runs it; ask for a new lease", lease_id=lease_id) from None
         renewed = self.book.renew(lease_id, expires_at)
         if renewed is None:
             raise self._gone(lease_id)
+        if self.ledger is not None:
+            self.ledger.renew(lease_id, expires_at, now)
         return self._grant(renewed)
 
-    async def release(self, lease_id: str) -> Released:
+    async def release(self, lease_id: str, who: Identity | None = None) -> Released:
         """Give the lease back; idempotent. The executor is stopped now (or at expiry if the
         agent cannot be reached)."""
+        self._record(lease_id, who, "release")
         record = self.book.remove(lease_id, LeaseEnd.RELEASED)
         if record is None:
             if self.book.ended(lease_id) is LeaseEnd.RELEASED:
                 return Released(lease_id=lease_id, released=False)
             raise self._gone(lease_id)
+        self._ended(lease_id, self._clock(), "released")
         offer = self.book.node(record.node)
         if offer is not None:
             await self._release_on_agent(offer.url, lease_id)
@@ -282,7 +441,15 @@ class Broker:
         except (BackendUnavailable, LeaseError) as exc:
             log.info("release of %s on %s: %s (the agent reports it later)", lease_id, url, exc)
 
-    def status(self) -> BrokerStatus:
+    def leases(self, who: Identity | None = None, node: str | None = None) -> list[LeaseInfo]:
+        """The caller's live leases (every lease for an admin), optionally on one node."""
+        return [
+            self._info(r)
+            for r in self.book.leases(node)
+            if who is None or who.admin or (self._owners.get(r.lease_id) or _NOBODY).uid == who.uid
+        ]
+
+    def status(self, who: Identity | None = None) -> BrokerStatus:
         now = self._clock()
         nodes = []
         for offer in self.book.nodes():
@@ -299,21 +466,32 @@ class Broker:
                     reported_at=offer.reported_at,
                 )
             )
+        mine = {info.lease_id for info in self.leases(who)}
         return BrokerStatus(
             placement=self.config.placement,
             now=now,
             nodes=nodes,
-            leases=[_info(r) for r in self.book.leases()],
+            leases=[self._info(r) for r in self.book.leases() if r.lease_id in mine],
+            others=[
+                OtherLease(node=r.node, cores=r.cores, memory_bytes=r.memory_bytes, expires_at=r.expires_at)
+                for r in self.book.leases()
+                if r.lease_id not in mine
+            ],
+        )
+
+    def _info(self, record: LeaseRecord) -> LeaseInfo:
+        owner = self._owners.get(record.lease_id)
+        return LeaseInfo(
+            lease_id=record.lease_id,
+            node=record.node,
+            address=record.address,
+            cpu_ids=list(record.cpu_ids),
+            memory_bytes=record.memory_bytes,
+            granted_at=record.granted_at,
+            expires_at=record.expires_at,
+            user=owner.user if owner else "",
+            account=owner.account if owner else "",
         )
 
 
-def _info(record: LeaseRecord) -> LeaseInfo:
-    return LeaseInfo(
-        lease_id=record.lease_id,
-        node=record.node,
-        address=record.address,
-        cpu_ids=list(record.cpu_ids),
-        memory_bytes=record.memory_bytes,
-        granted_at=record.granted_at,
-        expires_at=record.expires_at,
-    )
+_NOBODY = Owner(-1, -1, "")

@@ -68,4 +68,7 @@ def control_token(secret: bytes) -> str:
 
 
 def control_token_ok(secret: bytes, presented: str | None) -> bool:
-    return presented is not None and hmac.compare_digest(presented, control_token(secret))
+    """True when ``presented`` is the control token; False for anything else, non-ASCII included."""
+    if presented is None or not presented.isascii():
+        return False
+    return hmac.compare_digest(presented.encode(), control_token(secret).encode())

@@ -9,7 +9,9 @@ sends can crash the process (unexpected errors become 500 and are logged).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import resource
 import signal
 import socket
 import threading
@@ -17,10 +19,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from colocate import errors
 from colocate.errors import (
@@ -28,8 +32,10 @@ from colocate.errors import (
     BadRequest,
     ColocateError,
     ConfigError,
+    Forbidden,
     LeaseDenied,
     LeaseError,
+    QuotaExceeded,
     Unauthorized,
 )
 
@@ -38,8 +44,11 @@ log = logging.getLogger(__name__)
 # Most specific first: the first matching class decides the HTTP status.
 _STATUS: tuple[tuple[type[ColocateError], int], ...] = (
     (Unauthorized, 401),
+    (Forbidden, 403),
+    (errors.PayloadTooLarge, 413),
     (BadRequest, 400),
     (ConfigError, 400),
+    (QuotaExceeded, 429),
     (LeaseDenied, 409),
     (errors.LeaseExpired, 410),
     (errors.LeaseEvicted, 410),
@@ -105,9 +114,39 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def serve(app: FastAPI, sock: socket.socket) -> None:
-    """Serve ``app`` on ``sock`` until SIGINT/SIGTERM, then return (shutdown hooks have run)."""
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=2)
+class _Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for the request head: a client that opens a
+    connection and sends nothing (or half a request line) is closed after
+    ``timeout_keep_alive`` seconds instead of holding a file descriptor forever."""
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft open-files limit to its hard limit (returns the new soft
+    limit): a common 1,024 is too few for a service that many clients and agents reach."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft
+
+
+def serve(app: FastAPI, sock: socket.socket, *, max_connections: int | None = None) -> None:
+    """Serve ``app`` on ``sock`` until SIGINT/SIGTERM, then return (shutdown hooks have run).
+
+    ``max_connections`` (default: 90 % of the open-files limit) caps the connections served at
+    once; requests beyond get 503 instead of the process running out of descriptors."""
+    limit = raise_fd_limit()
+    if max_connections is None:
+        max_connections = max(64, int(limit * 0.9) - 64)
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=2,
+        http=_Protocol, limit_concurrency=min(max_connections, max(64, limit - 64)), timeout_keep_alive=5,
+    )
     _Server(config).run(sockets=[sock])
 
 
@@ -118,6 +157,8 @@ def error_reply(exc: ColocateError) -> JSONResponse:
         body["lease_id"] = exc.lease_id
     if isinstance(exc, LeaseDenied):
         body["available"] = exc.available
+    if isinstance(exc, QuotaExceeded):
+        body.update(limit=exc.limit, used=exc.used, allowed=exc.allowed)
     return JSONResponse(body, status_code=status)
 
 
@@ -135,19 +176,50 @@ def _validation_message(exc: RequestValidationError) -> str:
 MAX_BODY_BYTES = 1024**2  # control messages are small; a larger body is a mistake or an attack
 
 
+class BodyLimit:
+    """Refuse request bodies over ``max_body_bytes`` with 413: by the declared Content-Length
+    before reading, and by counting what arrives (chunked bodies declare none)."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_body_bytes
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and (not value.isdigit() or len(value) > 12 or int(value) > limit):
+                await _too_large(send, value.decode("latin-1")[:20], limit)
+                return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise HTTPException(413, f"body exceeds the limit of {limit} bytes; send less")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+async def _too_large(send: Send, declared: str, limit: int) -> None:
+    message = f"body of {declared!r} bytes exceeds the limit of {limit} bytes; send less"
+    body = json.dumps({"error": "PayloadTooLarge", "message": message}).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
 def install_error_handlers(app: FastAPI, max_body_bytes: int = MAX_BODY_BYTES) -> None:
     """Map colocate errors, bad bodies and crashes to :class:`ErrorReply` bodies; refuse
     bodies over ``max_body_bytes`` (413) before reading them."""
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Any) -> Any:
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > max_body_bytes):
-            return JSONResponse(
-                {"error": "BadRequest", "message": f"body of {declared} bytes exceeds the limit of {max_body_bytes} bytes"},
-                status_code=413,
-            )
-        return await call_next(request)
+    app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)
 
     async def on_colocate(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ColocateError)
@@ -159,7 +231,7 @@ def install_error_handlers(app: FastAPI, max_body_bytes: int = MAX_BODY_BYTES) -
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        name = "Unauthorized" if exc.status_code == 401 else "BadRequest"
+        name = {401: "Unauthorized", 403: "Forbidden", 413: "PayloadTooLarge"}.get(exc.status_code, "BadRequest")
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         return JSONResponse({"error": name, "message": f"{request.method} {request.url.path}: {detail}"}, status_code=exc.status_code)
 
@@ -188,6 +260,11 @@ def raise_for_reply(status: int, body: Any, where: str) -> None:
     cls = getattr(errors, name, None) if isinstance(name, str) else None
     if isinstance(cls, type) and issubclass(cls, ColocateError):
         # Messages already carry "lease X:"; keep the id as a field without repeating it.
+        if cls is QuotaExceeded and isinstance(body, dict):
+            raise QuotaExceeded(
+                message, limit=str(body.get("limit") or ""), used=_number(body.get("used")),
+                allowed=_number(body.get("allowed")),
+            )
         if cls is LeaseDenied:
             available = body.get("available") if isinstance(body, dict) else None
             raise LeaseDenied(message, available=available if isinstance(available, dict) else None)
@@ -203,3 +280,7 @@ def raise_for_reply(status: int, body: Any, where: str) -> None:
     if status >= 500:
         raise BackendUnavailable(f"{where}: {message}")
     raise BadRequest(f"{where}: {message}")
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0

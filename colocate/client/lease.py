@@ -23,7 +23,18 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from pydantic import ValidationError
 
-from colocate.broker.api import API_PREFIX, BrokerStatus, LeaseGrant, LeaseRequest, RenewRequest
+from colocate.auth.identity import ClientAuth
+from colocate.broker.api import (
+    API_PREFIX,
+    BrokerStatus,
+    LeaseGrant,
+    LeaseInfo,
+    LeaseList,
+    LeaseRequest,
+    Released,
+    RenewRequest,
+    UsageReport,
+)
 from colocate.broker.service import raise_for_reply
 from colocate.errors import BackendUnavailable, ConfigError, LeaseError, LeaseExpired
 from colocate.units import parse_duration, parse_size
@@ -44,19 +55,21 @@ def _first_error(exc: ValidationError) -> str:
 class Client:
     """A connection to the lease broker at ``broker_url``.
 
+    Every call carries the caller's identity: a fresh MUNGE credential from the local munged,
+    or the Slurm JWT in ``jwt`` (default ``$SLURM_JWT``, as ``scontrol token`` prints it).
     ``timeout_s`` bounds every broker call (seconds). Thread-safe; close it (or use it as a
     context manager) to free its connections.
     """
 
-    def __init__(self, broker_url: str = DEFAULT_BROKER, *, timeout_s: float = 10.0) -> None:
+    def __init__(self, broker_url: str = DEFAULT_BROKER, *, timeout_s: float = 10.0, jwt: str | None = None) -> None:
         if not broker_url.startswith(("http://", "https://")):
             raise ConfigError(f"broker URL {broker_url!r} must start with http:// or https://")
         self.broker_url = broker_url.rstrip("/")
-        self._http = httpx.Client(base_url=self.broker_url, timeout=timeout_s)
+        self._http = httpx.Client(base_url=self.broker_url, timeout=timeout_s, auth=ClientAuth(jwt))
 
-    def _call(self, method: str, path: str, body: Any | None = None) -> Any:
+    def _call(self, method: str, path: str, body: Any | None = None, params: dict[str, str] | None = None) -> Any:
         try:
-            reply = self._http.request(method, f"{API_PREFIX}{path}", json=body)
+            reply = self._http.request(method, f"{API_PREFIX}{path}", json=body, params=params)
         except httpx.HTTPError as exc:
             raise BackendUnavailable(
                 f"broker {self.broker_url} did not answer ({type(exc).__name__}); "
@@ -70,26 +83,57 @@ class Client:
         return data
 
     def lease(
-        self, cores: int = 1, memory: str | int = "512MiB", duration: str | float = "5m"
+        self, cores: int = 1, memory: str | int = "512MiB", duration: str | float = "5m", *, account: str = ""
     ) -> Lease:
         """Ask for ``cores`` cores and ``memory`` (bytes or "512MiB") for ``duration``
-        (seconds or "5m"). The lease is granted now; use it as a context manager to release it.
+        (seconds or "5m"), charged to Slurm ``account`` (default: yours). The lease is granted
+        now; use it as a context manager to release it.
 
-        Raises LeaseDenied when no node has that much free, BackendUnavailable when the
-        broker cannot be reached, ConfigError for an unreadable size or duration.
+        Raises LeaseDenied when no node has that much free, QuotaExceeded past a user or
+        account limit, Unauthorized without credentials, Forbidden for an account not yours,
+        BackendUnavailable when the broker cannot be reached, ConfigError for an unreadable
+        size or duration.
         """
         if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
             raise ConfigError(f"cores={cores!r}: ask for a whole number of cores, at least 1")
         try:
-            request = LeaseRequest(cores=cores, memory=parse_size(memory), duration=parse_duration(duration))
+            request = LeaseRequest(
+                cores=cores, memory=parse_size(memory), duration=parse_duration(duration), account=account
+            )
         except ValidationError as exc:
             raise ConfigError(f"lease request: {_first_error(exc)}") from None
         grant = LeaseGrant.model_validate(self._call("POST", "/leases", request.model_dump()))
         return Lease(self, grant)
 
     def status(self) -> BrokerStatus:
-        """The broker's nodes, their offers and free capacity, and the leases it knows."""
+        """The broker's nodes, their offers and free capacity; your leases in full (every
+        lease for an admin), other users' in ``others`` without ids."""
         return BrokerStatus.model_validate(self._call("GET", "/status"))
+
+    def leases(self, node: str | None = None) -> list[LeaseInfo]:
+        """Your live leases (every lease for an admin), optionally only those on ``node``."""
+        params = {"node": node} if node else None
+        return LeaseList.model_validate(self._call("GET", "/leases", params=params)).leases
+
+    def release(self, lease_id: str) -> bool:
+        """Give back a lease by id (yours, or any for an admin): True if it was live, False
+        if it had been released already. Raises Forbidden for another user's lease,
+        LeaseExpired / LeaseEvicted / LeaseError when it ended otherwise or is unknown."""
+        return Released.model_validate(self._call("DELETE", f"/leases/{lease_id}")).released
+
+    def renew(self, lease_id: str, duration: str | float = "5m") -> LeaseGrant:
+        """Extend a lease by id to now + ``duration``; the grant carries the new token (the
+        executor refuses the old one)."""
+        try:
+            request = RenewRequest(duration=parse_duration(duration))
+        except ValidationError as exc:
+            raise ConfigError(f"renew of {lease_id}: {_first_error(exc)}") from None
+        return LeaseGrant.model_validate(self._call("POST", f"/leases/{lease_id}/renew", request.model_dump()))
+
+    def usage(self, *, user: str | None = None, account: str | None = None, since: str | None = None) -> UsageReport:
+        """Ledger records since ``since`` (ISO date/time, UTC): yours, or anyone's for an admin."""
+        params = {k: v for k, v in (("user", user), ("account", account), ("since", since)) if v}
+        return UsageReport.model_validate(self._call("GET", "/usage", params=params or None))
 
     def close(self) -> None:
         self._http.close()
@@ -192,12 +236,7 @@ class Lease:
 
         Raises LeaseExpired / LeaseEvicted if the lease is already over.
         """
-        try:
-            request = RenewRequest(duration=parse_duration(duration))
-        except ValidationError as exc:
-            raise ConfigError(f"renew of {self.lease_id}: {_first_error(exc)}") from None
-        data = self._client._call("POST", f"/leases/{self.lease_id}/renew", request.model_dump())
-        self._grant = LeaseGrant.model_validate(data)
+        self._grant = self._client.renew(self.lease_id, duration)
         return self
 
     def release(self) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 
+from colocate.auth import ClientAuth
 from colocate.broker.api import CONTROL_HEADER
 from colocate.broker.secret import control_token, load_or_create_secret
 
@@ -163,7 +164,7 @@ def wait_until(condition: Callable[[], object], timeout_s: float = 10.0, what: s
 
 
 def node_registered(broker_url: str, node: str) -> bool:
-    nodes = httpx.get(f"{broker_url}/v1/status", timeout=2).json()["nodes"]
+    nodes = httpx.get(f"{broker_url}/v1/status", timeout=2, auth=ClientAuth()).json()["nodes"]
     return any(n["node"] == node and n["alive"] for n in nodes)
 
 

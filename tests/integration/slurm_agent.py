@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 
 from colocate import LeaseDenied
+from colocate.auth import ClientAuth
 from colocate.client.lease import Client, Lease
 from policies.prices import Prices
 from slurm_plugin.control_client import call
@@ -95,7 +96,7 @@ class SlurmAgent:
 
     def offer(self) -> tuple[list[int], int]:
         """The node's offer as the broker holds it: (CPU ids, memory bytes)."""
-        nodes = httpx.get(f"{self.broker.url}/v1/status", timeout=5).json()["nodes"]
+        nodes = httpx.get(f"{self.broker.url}/v1/status", timeout=5, auth=ClientAuth()).json()["nodes"]
         for node in nodes:
             if node["node"] == self.node:
                 return list(node["cpu_ids"]), int(node["memory_bytes"])

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from colocate import Client, ExecutorLost, LeaseEvicted, LeaseExpired
+from colocate.auth import ClientAuth
 from tests.integration.leasing import (
     Service,
     control_headers,
@@ -63,7 +64,7 @@ def test_agent_registers_once_the_broker_comes_up(tmp_path: Path) -> None:
             wait_until(
                 lambda: node_registered(broker.url, "early"), timeout_s=10, what="late registration"
             )
-            node = httpx.get(f"{broker.url}/v1/status").json()["nodes"][0]
+            node = httpx.get(f"{broker.url}/v1/status", auth=ClientAuth()).json()["nodes"][0]
             assert (len(node["cpu_ids"]), node["memory_bytes"]) == (1, 512 * 1024**2)
             assert node["url"] == agent.url
     assert "broker" in agent.logs() and "retrying" in agent.logs()

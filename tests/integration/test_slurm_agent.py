@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from colocate import ExecutorLost, LeaseDenied, LeaseEvicted
+from colocate.auth import ClientAuth
 from colocate.client.lease import Client
 from slurm_plugin.devcluster import CONTROL_SOCKET
 from tests.conftest import require
@@ -296,7 +297,7 @@ def test_agent_killed_and_restarted_leaves_no_orphans(
     assert f"cleaned executors left by a previous agent: ['{lease.lease_id}']" in restarted.service.logs()
     assert not _alive(worker_pid)
     assert not any(c.exists() for c in cgroups)
-    wait_until(lambda: not httpx.get(f"{broker.url}/v1/status", timeout=5).json()["leases"], 15, "the broker to drop the lease")
+    wait_until(lambda: not httpx.get(f"{broker.url}/v1/status", timeout=5, auth=ClientAuth()).json()["leases"], 15, "the broker to drop the lease")
     with pytest.raises((LeaseEvicted, ExecutorLost, OSError)):
         executor.invoke(os.getpid)
     executor.shutdown(wait=False)
