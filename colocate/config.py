@@ -10,9 +10,9 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from colocate.errors import ConfigError
 from policies.limits import Limits
@@ -31,6 +31,10 @@ class PolicyConfig(_Section):
 class ExecutorConfig(_Section):
     max_payload_bytes: int = Field(16 * 1024**2, gt=0)
     hot_timeout_s: float = Field(0.005, ge=0, description="busy-poll this long before blocking")
+    # "owner": a lease's workers run as its owner's uid, gid and groups (like a Slurm job step);
+    # "pool": as a uid of their own from lease_uid_range. A lease without an owner (standalone
+    # agent without authentication) or owned by root runs as the pool uid or run_as_user.
+    run_as: Literal["owner", "pool"] = "owner"
     run_as_user: str = "nobody"
     # Imported once by the fork server, before workers drop to run_as_user (who may not be
     # allowed to read the Python installation, e.g. a pyenv under /root).
@@ -39,6 +43,50 @@ class ExecutorConfig(_Section):
     # A uid of its own per lease, from [first, last] (group of run_as_user), so that one lease's
     # functions cannot signal another lease's workers. None: every lease runs as run_as_user.
     lease_uid_range: tuple[int, int] | None = None
+    # The sandbox per lease (Linux namespaces): private /tmp and /dev/shm, /proc of the lease only,
+    # no host loopback. "outbound" keeps the host's network (and so its loopback): sites that
+    # allow it must firewall 127.0.0.1 themselves.
+    sandbox: bool = True
+    network: Literal["none", "outbound"] = "none"
+    pids_max: int = Field(256, ge=8, description="processes and threads per lease (cgroup pids, RLIMIT_NPROC)")
+    fsize_max_bytes: int = Field(1024**3, gt=0, description="largest file a function may write (RLIMIT_FSIZE)")
+    tmp_max_bytes: int | None = Field(None, gt=0, description="size of /tmp and /dev/shm each (default: the lease's memory)")
+    expiry_grace_s: float = Field(2.0, ge=0, description="a worker ends itself this long after its lease expired")
+    adopt_window_s: float = Field(30.0, ge=0, description="after the agent dies, how long executors wait for a restarted agent")
+    hello_timeout_s: float = Field(2.0, gt=0, description="a connection without a valid lease token is closed after this")
+    max_pending_connections: int = Field(64, ge=1, description="per worker, connections that have not presented a token")
+
+
+def _size_or_none(value: Any) -> Any:
+    from colocate.units import parse_size
+
+    return parse_size(value) if isinstance(value, str) else value
+
+
+class AuthConfig(_Section):
+    """Who may call the broker: MUNGE (the cluster's munged) and/or Slurm JWT (HS256)."""
+
+    methods: tuple[Literal["munge", "jwt"], ...] = Field(("munge",), min_length=1)
+    jwt_key_file: str | None = None  # Slurm's AuthAltParameters=jwt_key= file
+    admin_users: tuple[str, ...] = ()  # besides root: may see, renew and release every lease
+    admin_groups: tuple[str, ...] = ()
+
+
+class Quota(_Section):
+    """Limits for one user or one account; None: unlimited."""
+
+    cores: int | None = Field(None, ge=0, description="cores held at once")
+    memory: Annotated[int | None, BeforeValidator(_size_or_none), Field(ge=0, description="bytes held at once")] = None
+    leases: int | None = Field(None, ge=0, description="concurrent leases")
+    duration_s: float | None = Field(None, gt=0, description="longest lease, seconds")
+    core_hours_per_day: float | None = Field(None, ge=0, description="core-hours granted since midnight UTC")
+
+
+class QuotaConfig(_Section):
+    default_user: Quota = Quota()  # every user without an entry in ``users``
+    users: dict[str, Quota] = Field(default_factory=dict)
+    default_account: Quota = Quota()
+    accounts: dict[str, Quota] = Field(default_factory=dict)
 
 
 class BrokerConfig(_Section):
@@ -48,6 +96,16 @@ class BrokerConfig(_Section):
     node_timeout_s: float = Field(10.0, gt=0, description="a node silent this long gets no new leases")
     max_lease_s: float = Field(86400.0, gt=0, description="longest lease duration granted, seconds")
     agent_timeout_s: float = Field(5.0, gt=0, description="how long the broker waits for an agent, seconds")
+    auth: AuthConfig = AuthConfig()
+    # user -> Slurm accounts they may charge (the first is their default); "*" matches every
+    # user. Empty: any account name is accepted (like Slurm without slurmdbd).
+    accounts: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    default_account: str = ""  # when the user names none and has no entry in ``accounts``
+    quotas: QuotaConfig = QuotaConfig()
+    # The accounting ledger: a SQLite file (WAL) or a postgresql:// URL; "" disables it.
+    # None: ledger.db next to the cluster secret (/var/lib/colocate/ledger.db for root).
+    ledger: str | None = None
+    max_connections: int = Field(900, ge=1, description="open HTTP connections served at once; more get 503")
 
 
 class AgentConfig(_Section):
