@@ -10,13 +10,21 @@ socketpair between two root processes of the same agent):
 
 - ``("spawn", WorkerSpec template, host, lease_dir)`` -> ``("ok", pids, tcp, unix)`` or
   ``("error", message)``; workers are listening and confined when the answer comes.
-- end of file: the supervisor is gone; the fork server exits (running workers stay, so that a
-  restarted agent can find and clean them).
+- ``("adoption", path, window_s)``: where and how long to wait for a restarted agent; no answer.
+- end of file: the supervisor is gone. With live workers, the fork server listens on ``path``
+  (root only) for ``window_s`` seconds: a restarted agent's supervisor that connects gets
+  ``("ready", pid, "adopted")`` and becomes its supervisor (it adopts the workers). Otherwise,
+  or without workers, the fork server exits, and its workers die with it (PR_SET_PDEATHSIG).
+
+Sandboxed leases: worker 0 is forked into a new pid namespace (the fork server unshares
+CLONE_NEWPID for its next child, then returns to its own with setns), the lease's other workers
+into that one; they stay the fork server's children, so their parent-death signal works.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import gc
 import importlib
@@ -90,6 +98,45 @@ def recv_msg(sock: socket.socket) -> Any:
     return pickle.loads(data)
 
 
+_CLONE_NEWPID = 0x20000000
+_libc = ctypes.CDLL(None, use_errno=True)
+_own_pidns = -1  # this process's pid namespace, to come back to after forking into another
+
+
+def _pidns_for_next_child(leader: int) -> None:
+    """The next fork lands in a new pid namespace (``leader`` 0) or in ``leader``'s."""
+    global _own_pidns
+    if _own_pidns < 0:
+        _own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY)
+    if leader == 0:
+        result = _libc.unshare(_CLONE_NEWPID)
+    else:
+        fd = os.open(f"/proc/{leader}/ns/pid", os.O_RDONLY)
+        try:
+            result = _libc.setns(fd, _CLONE_NEWPID)
+        finally:
+            os.close(fd)
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"pid namespace: {os.strerror(err)}")
+
+
+def _own_pidns_for_next_child() -> None:
+    if _own_pidns >= 0 and _libc.setns(_own_pidns, _CLONE_NEWPID) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"back to the fork server's pid namespace: {os.strerror(err)}")
+
+
+def _has_children() -> bool:
+    try:
+        while True:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                return True
+    except ChildProcessError:
+        return False
+
+
 def _reap(_signum: int, _frame: Any) -> None:
     while True:
         try:
@@ -138,22 +185,41 @@ def spawn(template: worker.WorkerSpec, host: str, lease_dir: str) -> tuple[Any, 
     unix_paths = tuple(str(u.getsockname()) if u is not None else "" for u in unix)
     pids: list[int] = []
     pipes: list[int] = []
+    errors: list[str] = []
     try:
         for i, cpu in enumerate(cpus):
-            spec = dataclasses.replace(template, index=i, cpu=cpu, tcp=tcp_addrs, unix=unix_paths)
+            leader = pids[0] if pids and template.sandbox else 0
+            spec = dataclasses.replace(
+                template, index=i, cpu=cpu, tcp=tcp_addrs, unix=unix_paths, leader_pid=leader
+            )
             r, w = os.pipe()
-            pid = os.fork()
+            if template.sandbox:
+                _pidns_for_next_child(leader)
+            try:
+                pid = os.fork()
+            except OSError:
+                if template.sandbox:
+                    _own_pidns_for_next_child()
+                raise
             if pid == 0:  # the worker; never returns
                 os.close(r)
                 worker.run(spec, [s for s in (tcp[i], unix[i]) if s is not None], w)
+            if template.sandbox:
+                _own_pidns_for_next_child()
             os.close(w)
             pids.append(pid)
-            pipes.append(r)
+            if template.sandbox and i == 0 and len(cpus) > 1:
+                # the others join worker 0's namespaces once it has made them
+                errors = _wait_ready([r])
+                if errors:
+                    break
+            else:
+                pipes.append(r)
     finally:
         for sock in (*tcp, *unix):
             if sock is not None:
                 sock.close()
-    errors = _wait_ready(pipes)
+    errors += _wait_ready(pipes)
     if errors:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
@@ -182,13 +248,55 @@ def _wait_ready(pipes: list[int]) -> list[str]:
     return errors
 
 
+def _await_adopter(path: str, window_s: float) -> socket.socket | None:
+    """Wait up to ``window_s`` for a restarted supervisor on ``path`` while workers live."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        listener.bind(path)
+    except OSError as exc:
+        print(f"colocate fork server: cannot wait for adoption at {path}: {exc}", file=sys.stderr)
+        return None
+    finally:
+        os.umask(old)
+    listener.listen(4)
+    deadline = time.monotonic() + window_s
+    try:
+        while time.monotonic() < deadline and _has_children():
+            ready = select.select(
+                [listener], [], [], min(0.2, max(0.0, deadline - time.monotonic()))
+            )[0]
+            if ready:
+                conn, _ = listener.accept()
+                send_msg(conn, ("ready", os.getpid(), "adopted"))
+                return conn
+        return None
+    finally:
+        listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
 def serve(control: socket.socket) -> None:
     signal.signal(signal.SIGCHLD, _reap)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    adoption: tuple[str, float] | None = None
     while True:
         msg = recv_msg(control)
         if msg is None:
-            return
+            control.close()
+            if adoption is None or not _has_children():
+                return
+            adopter = _await_adopter(*adoption)
+            if adopter is None:
+                return  # the workers die with us (parent-death signal)
+            control = adopter
+            continue
+        if msg[0] == "adoption":
+            adoption = (str(msg[1]), float(msg[2]))
+            continue
         try:
             if msg[0] == "spawn":
                 answer = spawn(*msg[1:])

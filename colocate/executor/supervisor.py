@@ -9,6 +9,7 @@ are not available.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from colocate.executor.confinement import Confinement, LeaseCgroups, check_name,
 from colocate.executor.forkserver import recv_msg, send_msg
 from colocate.executor.verifier import TokenVerifier
 from colocate.executor.worker import WorkerSpec, eviction_signal
+from colocate.owner import Owner
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,9 @@ class ExecutorHandle:
     worker_addresses: tuple[str, ...] = ()
     expires_at: float = 0.0
     confinement: str = "rlimit"  # "v1", "v2" (cgroups) or "rlimit" (rlimit + RSS watchdog)
+    uid: int | None = None  # the workers' uid (None: not root, so they run as the agent)
+    sandboxed: bool = False
+    adopted: bool = False  # started by a previous agent on this node and adopted at its restart
 
 
 @dataclass
@@ -110,12 +115,18 @@ class ExecutorSupervisor:
         cgroup_root: str | None = None,
         state_dir: str | None = None,
         preload: Sequence[str] = (),
-        hello_timeout_s: float = 10.0,
+        hello_timeout_s: float | None = None,
     ) -> None:
         self.config = config
         self.node = check_name(node, "node")
         self.host = host
-        self.hello_timeout_s = hello_timeout_s
+        self.hello_timeout_s = (
+            config.hello_timeout_s if hello_timeout_s is None else hello_timeout_s
+        )
+        self.root = os.geteuid() == 0
+        self.sandbox = config.sandbox and self.root
+        if config.sandbox and not self.root:
+            log.warning("executors are not sandboxed: the agent does not run as root")
         self._usable_cpus = frozenset(os.sched_getaffinity(0))  # before anyone pins this process
         if os.geteuid() == 0:
             try:
@@ -139,6 +150,11 @@ class ExecutorSupervisor:
                     key="executor.lease_uid_range",
                 )
             self._uids = range(first, last + 1)
+        if config.run_as == "pool" and self._uids is None:
+            raise ConfigError(
+                'run_as = "pool" needs executor.lease_uid_range = [first, last]',
+                key="executor.run_as",
+            )
         self._starting_uids: set[int | None] = set()
         self._starting_ids: set[str] = set()
         self._own_state_dir = state_dir is None
@@ -167,6 +183,9 @@ class ExecutorSupervisor:
         )
         self._closed = False
         self._preload = (*config.preload_modules, *preload)
+        self._adopted_forkservers: list[socket.socket] = []
+        self._lease_verifiers: dict[str, TokenVerifier] = {}
+        self._secret = secret
         try:
             self._spawn_fork_server()
         except BackendUnavailable:
@@ -195,6 +214,8 @@ class ExecutorSupervisor:
         hello = recv_msg(self._fork_sock)
         if not hello or hello[0] != "ready":
             raise BackendUnavailable("executor fork server did not start; see the agent's stderr")
+        path = os.path.join(self.state_dir, f"forkserver-{hello[1]}.sock")
+        send_msg(self._fork_sock, ("adoption", path, self.config.adopt_window_s))
 
     def _ask_fork_server(self, request: tuple[Any, ...]) -> tuple[Any, ...]:
         """Send a request, restarting the fork server once if it died."""
@@ -223,9 +244,19 @@ class ExecutorSupervisor:
 
     # -- start -------------------------------------------------------------------------------
     def start(
-        self, lease_id: str, cpu_ids: Sequence[int], memory_bytes: int, expires_at: float
+        self,
+        lease_id: str,
+        cpu_ids: Sequence[int],
+        memory_bytes: int,
+        expires_at: float,
+        owner: Owner | None = None,
     ) -> ExecutorHandle:
-        """Start the lease's executor: one confined, pinned worker per core. Milliseconds.
+        """Start the lease's executor: one confined, pinned, sandboxed worker per core.
+        Milliseconds.
+
+        Workers run as ``owner`` (uid, gid and the groups initgroups gives) with
+        ``run_as = "owner"``; as a uid of ``lease_uid_range`` of their own with ``"pool"``, for a
+        lease without an owner, or for one owned by root; else as ``run_as_user``.
 
         Raises BadRequest for a bad or duplicate lease id, unknown cores or no memory, and
         BackendUnavailable when workers cannot be started.
@@ -247,8 +278,10 @@ class ExecutorSupervisor:
             self._starting_ids.add(lease_id)
         uid: int | None = None
         try:
-            uid = self._free_uid(lease_id)
-            return self._start(lease_id, cpus, int(memory_bytes), float(expires_at), uid)
+            identity = self._owner_identity(owner)
+            if identity is None:
+                uid = self._free_uid(lease_id)
+            return self._start(lease_id, cpus, int(memory_bytes), float(expires_at), uid, identity)
         finally:
             with self._lock:
                 self._starting_uids.discard(uid)
@@ -261,11 +294,16 @@ class ExecutorSupervisor:
         memory_bytes: int,
         expires_at: float,
         uid: int | None,
+        identity: tuple[int, int, tuple[int, ...], str, str] | None = None,
     ) -> ExecutorHandle:
-        cgroups = self.confinement.create(lease_id, cpus, memory_bytes)
+        cfg = self.config
+        cgroups = self.confinement.create(lease_id, cpus, memory_bytes, cfg.pids_max)
         lease_dir = os.path.join(self._socket_dir, lease_id)
         os.makedirs(lease_dir, exist_ok=True)
         os.chmod(lease_dir, 0o711)
+        _write_expiry(lease_dir, expires_at)
+        dedicated = identity is None and uid is not None  # a pool uid: only this lease's
+        nproc = cfg.pids_max if dedicated else cfg.pids_max * 16
         template = WorkerSpec(
             lease_id=lease_id,
             node=self.node,
@@ -282,6 +320,16 @@ class ExecutorSupervisor:
             unix=(),
             uid=uid,
             hello_timeout_s=self.hello_timeout_s,
+            identity=identity,
+            sandbox=self.sandbox,
+            network=cfg.network,
+            tmp_bytes=cfg.tmp_max_bytes or 0,
+            nproc=nproc if self.root else 0,
+            fsize=cfg.fsize_max_bytes,
+            deadline=float(expires_at) + cfg.expiry_grace_s,
+            expiry_grace_s=cfg.expiry_grace_s,
+            lease_dir=lease_dir,
+            max_pending=cfg.max_pending_connections,
         )
         try:
             answer = self._ask_fork_server(("spawn", template, self.host, lease_dir))
@@ -304,6 +352,8 @@ class ExecutorSupervisor:
             worker_addresses=urls,
             expires_at=float(expires_at),
             confinement=cgroups.mode,
+            uid=(identity[0] if identity else uid if uid is not None else self._run_as_uid()),
+            sandboxed=self.sandbox,
         )
         lease = _Lease(handle, cgroups, lease_dir, uid=uid)
         for pid in pids:
@@ -323,6 +373,39 @@ class ExecutorSupervisor:
         )
         return handle
 
+    def _run_as_uid(self) -> int | None:
+        if not self.root:
+            return None
+        return pwd.getpwnam(self.config.run_as_user).pw_uid
+
+    def _owner_identity(
+        self, owner: Owner | None
+    ) -> tuple[int, int, tuple[int, ...], str, str] | None:
+        """(uid, gid, groups, name, home) for ``owner`` in owner mode; None: pool or fallback
+        (no owner, or root's own lease: functions never run as root)."""
+        if owner is None or owner.uid == 0 or self.config.run_as != "owner":
+            return None
+        try:
+            pw = pwd.getpwuid(owner.uid)
+            name, home = pw.pw_name, pw.pw_dir
+            groups = tuple(os.getgrouplist(name, owner.gid))
+        except KeyError:  # a uid only the cluster's directory knows: its own group only
+            name, home, groups = owner.user or str(owner.uid), "/", (owner.gid,)
+        if 0 in groups or owner.gid == 0:
+            groups = tuple(g for g in groups if g != 0)  # root's group gives root's files
+        gid = owner.gid if owner.gid != 0 else (groups[0] if groups else 65534)
+        return owner.uid, gid, groups, name, home
+
+    def renew(self, lease_id: str, expires_at: float) -> None:
+        """The lease now ends at ``expires_at``: workers move their own deadline at theirs."""
+        with self._lock:
+            lease = self._leases.get(lease_id)
+            if lease is None:
+                return
+            lease.handle = dataclasses.replace(lease.handle, expires_at=float(expires_at))
+        _write_expiry(lease.lease_dir, expires_at)
+        self._write_state(lease)
+
     def _free_uid(self, lease_id: str) -> int | None:
         if self._uids is None:
             return None
@@ -340,12 +423,23 @@ class ExecutorSupervisor:
         return Path(self.state_dir) / f"{lease_id}.json"
 
     def _write_state(self, lease: _Lease) -> None:
+        h = lease.handle
         record = {
-            "lease_id": lease.handle.lease_id,
+            "lease_id": h.lease_id,
             "node": self.node,
-            "pids": {str(p): _create_time(p) for p in lease.handle.pids},
+            "pids": {str(p): _create_time(p) for p in h.pids},
             "cgroups": list(lease.cgroups.dirs),
+            "cgroup_mode": lease.cgroups.mode,
             "lease_dir": lease.lease_dir,
+            "address": h.address,
+            "unix_address": h.unix_address,
+            "worker_addresses": list(h.worker_addresses),
+            "cpu_ids": list(h.cpu_ids),
+            "memory_bytes": h.memory_bytes,
+            "expires_at": h.expires_at,
+            "uid": h.uid,
+            "pool_uid": lease.uid,
+            "sandboxed": h.sandboxed,
         }
         path = self._state_file(lease.handle.lease_id)
         tmp = path.with_suffix(".tmp")
@@ -387,6 +481,9 @@ class ExecutorSupervisor:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         remove_dirs(lease.cgroups.dirs)
+        verifier = self._lease_verifiers.pop(lease_id, None)
+        if verifier is not None:
+            verifier.close()
         shutil.rmtree(lease.lease_dir, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             self._state_file(lease_id).unlink()
@@ -430,17 +527,23 @@ class ExecutorSupervisor:
         return out
 
     # -- restart cleanup ---------------------------------------------------------------------
-    def adopt_or_cleanup(self) -> list[str]:
-        """Kill and remove executors a previous agent on this node left behind.
+    def adopt_or_cleanup(self, keep: Callable[[ExecutorHandle], bool] | None = None) -> list[str]:
+        """Adopt the executors a previous agent on this node left running, clean up the rest.
 
-        Nothing is adopted: a previous agent's workers cannot reach this agent's token
-        verifier, so they could not admit new connections. Looks at the pid files in ``state_dir`` (a pid is only killed if its start time
-        matches, so a recycled pid is safe) and at ``colocate/<node>/*`` cgroups. Returns
-        the lease ids cleaned.
+        A previous agent's fork server waits ``adopt_window_s`` for its successor; this
+        supervisor connects to it and adopts every lease whose workers still run (pid and start
+        time match its record), whose lease has not expired, and that ``keep`` accepts (the
+        agent refuses leases on cores a job holds now). Adopted executors appear in
+        :meth:`handles` with ``adopted=True``; their clients see no error, and their workers
+        reconnect to a token verifier of this supervisor for new connections. Everything else
+        (records, pids, ``colocate/<node>/*`` cgroups) is killed and removed. Returns the lease
+        ids cleaned.
         """
+        self._reach_previous_forkservers()
         with self._lock:
             mine = set(self._leases)
         cleaned: set[str] = set()
+        now = time.time()
         for path in Path(self.state_dir).glob("*.json"):
             try:
                 record = json.loads(path.read_text())
@@ -449,6 +552,9 @@ class ExecutorSupervisor:
                 log.warning("ignoring unreadable executor record %s", path)
                 continue
             if lease_id in mine:
+                continue
+            if self._adopt(lease_id, record, now, keep):
+                mine.add(lease_id)
                 continue
             for pid_text, created in dict(record.get("pids", {})).items():
                 pid = int(pid_text)
@@ -468,6 +574,87 @@ class ExecutorSupervisor:
         if cleaned:
             log.warning("cleaned executors left by a previous agent: %s", sorted(cleaned))
         return sorted(cleaned)
+
+    def _reach_previous_forkservers(self) -> None:
+        """Connect to fork servers of previous agents that wait for adoption (their workers
+        die with them, so this supervisor keeps them alive until it closes)."""
+        own = os.path.join(self.state_dir, f"forkserver-{self._fork_proc.pid}.sock")
+        for path in Path(self.state_dir).glob("forkserver-*.sock"):
+            if str(path) == own:
+                continue
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(2.0)
+            try:
+                sock.connect(str(path))
+                hello = recv_msg(sock)
+            except OSError:
+                hello = None
+            if not hello or hello[0] != "ready":
+                sock.close()
+                path.unlink(missing_ok=True)
+                continue
+            sock.settimeout(None)
+            log.info("adopted the fork server %s of a previous agent", hello[1])
+            self._adopted_forkservers.append(sock)
+
+    def _adopt(
+        self,
+        lease_id: str,
+        record: dict[str, Any],
+        now: float,
+        keep: Callable[[ExecutorHandle], bool] | None,
+    ) -> bool:
+        try:
+            pids = {int(p): c for p, c in dict(record["pids"]).items()}
+            expires_at = float(record["expires_at"])
+            cpus = tuple(int(c) for c in record["cpu_ids"])
+            handle = ExecutorHandle(
+                lease_id=lease_id,
+                address=str(record["address"]),
+                cpu_ids=cpus,
+                memory_bytes=int(record["memory_bytes"]),
+                pids=tuple(sorted(pids)),
+                unix_address=record.get("unix_address"),
+                worker_addresses=tuple(record.get("worker_addresses", ())),
+                expires_at=expires_at,
+                confinement=str(record.get("cgroup_mode", self.confinement.mode)),
+                uid=record.get("uid"),
+                sandboxed=bool(record.get("sandboxed")),
+                adopted=True,
+            )
+        except (KeyError, TypeError, ValueError):
+            return False  # a record of an older agent: cleaned up
+        if not self._adopted_forkservers or expires_at <= now or not set(cpus) <= self._usable_cpus:
+            return False
+        if any(c is None or _create_time(p) != c for p, c in pids.items()):
+            return False
+        if keep is not None and not keep(handle):
+            return False
+        dirs = tuple(str(d) for d in record.get("cgroups", ()))
+        mode = handle.confinement if handle.confinement in ("v1", "v2", "rlimit") else "rlimit"
+        cgroups = LeaseCgroups(mode, dirs, handle.memory_bytes)  # type: ignore[arg-type]
+        lease = _Lease(handle, cgroups, str(record["lease_dir"]), uid=record.get("pool_uid"))
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                lease.pidfds[pid] = os.pidfd_open(pid)
+        path = os.path.join(lease.lease_dir, "verifier.sock")
+        if len(path) < 100 and os.path.isdir(lease.lease_dir):
+            try:
+                verifier = TokenVerifier(path, self._secret, self._on_tally)
+                if handle.uid is not None:
+                    os.chown(path, handle.uid, -1)
+                self._lease_verifiers[lease_id] = verifier
+            except OSError as exc:
+                log.warning("lease %s: adopted without a token verifier: %s", lease_id, exc)
+        with self._lock:
+            self._leases[lease_id] = lease
+        log.warning(
+            "lease %s: adopted the executor a previous agent started (cores %s, pids %s)",
+            lease_id,
+            list(cpus),
+            list(pids),
+        )
+        return True
 
     # -- watchdog ----------------------------------------------------------------------------
     def _watch_rss(self) -> None:
@@ -500,6 +687,8 @@ class ExecutorSupervisor:
         for lease_id in leases:
             self.evict(lease_id)
         self._fork_sock.close()
+        for sock in self._adopted_forkservers:  # no workers left: they exit
+            sock.close()
         try:
             self._fork_proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -516,6 +705,14 @@ class ExecutorSupervisor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _write_expiry(lease_dir: str, expires_at: float) -> None:
+    tmp = os.path.join(lease_dir, ".expires_at")
+    with open(tmp, "w") as fh:
+        fh.write(repr(float(expires_at)))
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, os.path.join(lease_dir, "expires_at"))
 
 
 def _with_children(pids: Sequence[int]) -> list[int]:

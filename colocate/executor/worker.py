@@ -1,9 +1,22 @@
 """One worker process: pinned to one leased core, serving clients over the wire protocol.
 
-A worker is forked by the fork server, joins the lease's cgroups, pins itself, connects to the
-supervisor's token verifier, drops to the unprivileged user and only then serves connections.
+A worker is forked by the fork server (worker 0 of a lease as pid 1 of a new pid namespace, the
+others inside it), joins the lease's cgroups, pins itself, connects to the supervisor's token
+verifier, enters the lease's sandbox (:func:`enter_sandbox`: its own mount, IPC and network
+namespaces with private /tmp, /dev/shm and /proc), takes its limits (RLIMIT_NPROC, RLIMIT_FSIZE,
+no core dumps), becomes the lease's owner (uid, gid and groups) or a pool uid, arms its
+parent-death signal and its own deadline (lease expiry plus grace), and only then serves.
 It is single-threaded: a poll loop over its listeners and connections. After each batch it
 busy-polls for ``hot_timeout_s`` (a hot worker) before it blocks in ``poll`` (a warm one).
+
+Never outliving the lease: the worker ends itself at its deadline (it first re-reads
+``expires_at`` in the lease directory, which the supervisor rewrites on renewal), dies with the
+fork server (PR_SET_PDEATHSIG), and when worker 0 (pid 1) exits the kernel kills everything
+else in the lease's pid namespace.
+
+Connections that have not presented a valid token get a small buffer, at most
+``hello_timeout_s`` seconds, and at most ``max_pending`` of them at once (the oldest is dropped
+for a new one), so a flood of idle connections neither locks the holder out nor grows the worker.
 
 Robustness: a malformed frame gets a MALFORMED reply and, when the stream cannot be trusted
 any more, the connection is closed; a vanished client only closes its connection. Nothing a
@@ -43,10 +56,16 @@ from colocate.metrics.events import InvocationTally
 
 _SNDTIMEO_S = 10  # a client that stops reading loses its connection, not the worker
 _BUF = 256 * 1024
+_PENDING_BUF = 4096  # a connection without a token yet: enough for a HELLO, grown as needed
 _HDR = P.HEADER
 _HS = P.HEADER_SIZE
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_PDEATHSIG = 1
+_CLONE_NEWNS = 0x00020000
+_CLONE_NEWIPC = 0x08000000
+_CLONE_NEWNET = 0x40000000
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
+_MS_REC, _MS_PRIVATE = 0x4000, 1 << 18
 
 _MAX_CONNECTIONS = 1024
 _NOTICE_SEND_S = 0.05  # per connection, for the eviction notice
@@ -88,6 +107,18 @@ class WorkerSpec:
     unix: tuple[str, ...]
     uid: int | None = None  # the lease's own uid (lease_uid_range), else run_as_user's
     hello_timeout_s: float = 10.0  # a connection without a valid HELLO by then is closed
+    # (uid, gid, groups, user name, home) to run as; None: run_as_user / uid as before
+    identity: tuple[int, int, tuple[int, ...], str, str] | None = None
+    sandbox: bool = False
+    network: str = "none"  # "none": a network namespace of its own; "outbound": the host's
+    leader_pid: int = 0  # host pid of worker 0, whose namespaces the other workers join
+    tmp_bytes: int = 0  # size of the private /tmp and /dev/shm (0: the lease's memory)
+    nproc: int = 0  # RLIMIT_NPROC (0: unchanged)
+    fsize: int = 0  # RLIMIT_FSIZE in bytes (0: unchanged)
+    deadline: float = 0.0  # epoch seconds: the worker ends itself then (0: never)
+    expiry_grace_s: float = 0.0
+    lease_dir: str = ""  # holds ``expires_at`` (renewals move the deadline)
+    max_pending: int = 1024  # connections without a token yet
 
 
 class _LoadError:
@@ -100,9 +131,9 @@ class _LoadError:
 class _Conn:
     __slots__ = ("authed", "buf", "end", "fns", "skip", "sock", "start", "view")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, size: int = _BUF) -> None:
         self.sock = sock
-        self.buf = bytearray(_BUF)
+        self.buf = bytearray(size)
         self.view = memoryview(self.buf)
         self.start = 0
         self.end = 0
@@ -135,6 +166,102 @@ def drop_privileges(user: str, uid: int | None = None) -> None:
     os.environ.update(HOME=home, USER=pw.pw_name, LOGNAME=pw.pw_name)
 
 
+def become(identity: tuple[int, int, tuple[int, ...], str, str]) -> None:
+    """Become ``identity`` (uid, gid, supplementary groups as initgroups gives them, name,
+    home), the way slurmstepd starts a job step. Never uid 0."""
+    uid, gid, groups, name, home = identity
+    if uid == 0:
+        raise PermissionError("functions never run as root")
+    if os.getuid() != 0 and os.geteuid() != 0:
+        return
+    os.setgroups(list(groups))
+    os.setgid(gid)
+    os.setuid(uid)
+    if os.getuid() == 0 or os.geteuid() == 0:
+        raise PermissionError(f"still root after dropping to {name!r}")
+    os.environ.update(HOME=home, USER=name, LOGNAME=name)
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _mount(
+    libc: ctypes.CDLL,
+    source: str | None,
+    target: str,
+    fstype: str | None,
+    flags: int,
+    data: str | None,
+) -> None:
+    def enc(value: str | None) -> bytes | None:
+        return value.encode() if value is not None else None
+
+    _check(
+        libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
+        f"mount {target}",
+    )
+
+
+def enter_sandbox(spec: WorkerSpec) -> None:
+    """Put this process (as root) into the lease's sandbox.
+
+    Worker 0 (already pid 1 of the lease's pid namespace, made by the fork server) unshares
+    mount, IPC and (``network == "none"``) network namespaces, and mounts fresh tmpfs on /tmp
+    and /dev/shm (sized ``tmp_bytes``; their pages count against the lease's memory cgroup and
+    vanish with the namespace) and the namespace's own /proc. The other workers join worker
+    0's namespaces. The listening sockets were made before, in the host's network namespace:
+    clients still reach them, the functions reach neither the host's loopback nor the network.
+    """
+    libc = _libc()
+    if spec.leader_pid:
+        kinds = ["ipc", "mnt"] + (["net"] if spec.network == "none" else [])
+        fds = [os.open(f"/proc/{spec.leader_pid}/ns/{kind}", os.O_RDONLY) for kind in kinds]
+        try:
+            for kind, fd in zip(kinds, fds, strict=True):
+                _check(libc.setns(fd, 0), f"setns {kind}")
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return
+    flags = _CLONE_NEWNS | _CLONE_NEWIPC | (_CLONE_NEWNET if spec.network == "none" else 0)
+    _check(libc.unshare(flags), "unshare")
+    _mount(libc, None, "/", None, _MS_REC | _MS_PRIVATE, None)
+    size = spec.tmp_bytes or spec.memory_bytes
+    for target, mode in (("/tmp", "1777"), ("/dev/shm", "1777")):
+        if os.path.isdir(target):
+            _mount(
+                libc, "tmpfs", target, "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={size},mode={mode}"
+            )
+    _mount(libc, "proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None)
+
+
+def _set_limits(spec: WorkerSpec) -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if spec.nproc:
+        resource.setrlimit(resource.RLIMIT_NPROC, (spec.nproc, spec.nproc))
+    if spec.fsize:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (spec.fsize, spec.fsize))
+
+
+def read_expiry(dir_fd: int) -> float | None:
+    """The lease's current expiry (epoch seconds) from ``expires_at`` in the lease directory."""
+    try:
+        fd = os.open("expires_at", os.O_RDONLY, dir_fd=dir_fd)
+        try:
+            return float(os.read(fd, 64).decode())
+        finally:
+            os.close(fd)
+    except (OSError, ValueError):
+        return None
+
+
 def _verify_hello(verifier: socket.socket | None, token: bytes) -> dict[str, Any]:
     """Ask the supervisor whether ``token`` is valid; its answer as a dict."""
     if verifier is None:
@@ -161,6 +288,8 @@ class Worker:
         self.spec = spec
         self.listeners = {s.fileno(): s for s in listeners}
         self.verifier = verifier
+        self.verifier_fd = -1
+        self.reconnect_due = 0.0  # monotonic time to look for a restarted agent's verifier
         self.conns: dict[int, _Conn] = {}
         self.unauthed: dict[int, float] = {}  # fd -> monotonic deadline for its HELLO
         self.poller = select.poll()
@@ -173,6 +302,11 @@ class Worker:
         self.tally = InvocationTally()
         self.tally_due = 0.0  # monotonic time of the next report when calls were counted
         self.sweep_ms = max(10, min(1000, int(spec.hello_timeout_s * 500)))
+        self.lease_dir_fd = -1
+        self.deadline = spec.deadline
+        if verifier is not None:  # its end of file means the agent is gone (maybe restarting)
+            self.verifier_fd = verifier.fileno()
+            self.poller.register(self.verifier_fd, select.POLLIN)
         welcome = {
             "lease_id": spec.lease_id,
             "worker": spec.index,
@@ -193,6 +327,44 @@ class Worker:
                 self._exit()
         # in the middle of I/O: the loop sends the notices and exits once the write is done
 
+    def arm_deadline(self) -> None:
+        """SIGALRM at the deadline (it also interrupts a function that runs past it)."""
+        if self.deadline:
+            signal.setitimer(signal.ITIMER_REAL, max(0.001, self.deadline - time.time()))
+
+    def on_deadline(self, _signum: int, _frame: FrameType | None) -> None:
+        expiry = read_expiry(self.lease_dir_fd) if self.lease_dir_fd >= 0 else None
+        if expiry is not None and expiry + self.spec.expiry_grace_s > time.time() + 0.001:
+            self.deadline = expiry + self.spec.expiry_grace_s  # renewed
+            self.arm_deadline()
+            return
+        self.on_signal(eviction_signal(expired=True, now=True), None)
+
+    def _verifier_lost(self) -> None:
+        if self.verifier_fd >= 0:
+            with contextlib.suppress(KeyError, ValueError):
+                self.poller.unregister(self.verifier_fd)
+            self.verifier_fd = -1
+        if self.verifier is not None:
+            self.verifier.close()
+            self.verifier = None
+        if self.lease_dir_fd >= 0:
+            self.reconnect_due = time.monotonic() + 0.2
+
+    def _reconnect_verifier(self) -> None:
+        """A restarted agent that adopted this lease serves a verifier in the lease directory."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(f"/proc/self/fd/{self.lease_dir_fd}/verifier.sock")
+        except OSError:
+            sock.close()
+            self.reconnect_due = time.monotonic() + 0.5
+            return
+        self.reconnect_due = 0.0
+        self.verifier = sock
+        self.verifier_fd = sock.fileno()
+        self.poller.register(self.verifier_fd, select.POLLIN)
+
     def _report_tally(self) -> None:
         """Send the invocation counts since the last report to the supervisor (best effort)."""
         self.tally_due = 0.0
@@ -204,7 +376,7 @@ class Worker:
         try:
             self.verifier.sendall(struct.pack("<I", len(body)) + body)
         except OSError:
-            self.verifier = None  # the supervisor is gone: tokens cannot be checked either
+            self._verifier_lost()  # the supervisor is gone: tokens cannot be checked either
 
     def _count(self, result: str, seconds: float) -> None:
         self.tally.record(result, seconds)
@@ -233,6 +405,8 @@ class Worker:
         for conn in list(self.conns.values()):
             with contextlib.suppress(OSError):
                 conn.sock.shutdown(socket.SHUT_WR)
+        if self.spec.sandbox and len(self.spec.cpu_ids) > 1 and os.getpid() == 1:
+            _wait_siblings(0.1)
         os._exit(0)
 
     # -- loop ------------------------------------------------------------------------------
@@ -255,12 +429,16 @@ class Worker:
                 self._report_tally()
             if self.unauthed:
                 self._sweep_unauthenticated(monotonic())
+            if self.reconnect_due and monotonic() >= self.reconnect_due:
+                self._reconnect_verifier()
             for fd, ev in events:
                 conn = self.conns.get(fd)
                 if conn is not None:
                     self._on_readable(conn, ev)
                 elif fd in self.listeners:
                     self._accept(self.listeners[fd])
+                elif fd == self.verifier_fd:
+                    self._verifier_lost()
             if events:  # a timer wake-up (sweep, tally) does not make the worker hot again
                 hot_until = monotonic() + hot
 
@@ -271,6 +449,8 @@ class Worker:
             waits.append(self.sweep_ms)
         if self.tally_due:
             waits.append(max(0, int((self.tally_due - now) * 1000) + 1))
+        if self.reconnect_due:
+            waits.append(max(0, int((self.reconnect_due - now) * 1000) + 1))
         return min(waits) if waits else None
 
     def _accept(self, listener: socket.socket) -> None:
@@ -291,7 +471,15 @@ class Worker:
         if len(self.conns) >= _MAX_CONNECTIONS:
             sock.close()
             return
-        conn = _Conn(sock)
+        if len(self.unauthed) >= self.spec.max_pending:  # the oldest one without a token goes
+            oldest = min(self.unauthed, key=self.unauthed.__getitem__)
+            if oldest in self.conns:
+                self._close(self.conns[oldest])
+            else:
+                self.unauthed.pop(oldest, None)
+        if self.verifier is None and self.reconnect_due:  # a new client: look for one now
+            self._reconnect_verifier()
+        conn = _Conn(sock, _PENDING_BUF)
         self.conns[sock.fileno()] = conn
         self.unauthed[sock.fileno()] = time.monotonic() + self.spec.hello_timeout_s
         self.poller.register(sock.fileno(), select.POLLIN)
@@ -434,6 +622,8 @@ class Worker:
         if status == "ok":
             conn.authed = True
             self.unauthed.pop(conn.sock.fileno(), None)
+            if len(conn.buf) < _BUF:  # a holder's connection: the full buffer from now on
+                self._make_room(conn, _BUF)
             out.append(self.welcome)
             return True
         code = P.EXPIRED if status == "expired" else P.UNAUTHORIZED
@@ -506,6 +696,23 @@ class Worker:
         return _HDR.pack(len(data), P.REPLY, rflags, P.OK, call_id) + data
 
 
+def _wait_siblings(timeout_s: float) -> None:
+    """Worker 0 is pid 1 of the lease: its exit kills the other workers at once. Let them send
+    their own eviction notices first (at most ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                pass
+        try:
+            others = [n for n in os.listdir("/proc") if n.isdigit() and n != "1"]
+        except OSError:
+            return
+        if not others:
+            return
+        time.sleep(0.002)
+
+
 def _close_other_fds(keep: set[int]) -> None:
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
@@ -531,12 +738,25 @@ def run(spec: WorkerSpec, listeners: list[socket.socket], ready_fd: int) -> NoRe
             resource.setrlimit(resource.RLIMIT_AS, (vsize + spec.memory_bytes,) * 2)
         verifier = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         verifier.connect(spec.verifier_path)  # as root: the verifier socket is root-only
-        drop_privileges(spec.run_as_user, spec.uid)
+        lease_dir_fd = (
+            os.open(spec.lease_dir, os.O_RDONLY | os.O_DIRECTORY) if spec.lease_dir else -1
+        )
+        if spec.sandbox:
+            enter_sandbox(spec)
+        _set_limits(spec)
+        if spec.identity is not None:
+            become(spec.identity)
+        else:
+            drop_privileges(spec.run_as_user, spec.uid)
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # after the uid change, which clears it
         _prctl(_PR_SET_NO_NEW_PRIVS, 1)
-        os.chdir("/")
+        os.chdir("/tmp" if spec.sandbox else "/")
         worker = Worker(spec, listeners, verifier)
+        worker.lease_dir_fd = lease_dir_fd
         for sig in EVICTION_SIGNALS:
             signal.signal(sig, worker.on_signal)
+        signal.signal(signal.SIGALRM, worker.on_deadline)
+        worker.arm_deadline()
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.write(ready_fd, f"worker {spec.index} setup failed: {exc!r}".encode())

@@ -271,7 +271,8 @@ def test_garbage_truncated_frames_and_vanishing_clients_do_not_hurt_the_worker(
         s.sendall(P.frame(P.CALL, P.PICKLED, 0, 1, P.encode_args((0.2,), {})[1]))
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
     # after all that, a real client still gets answers from the same worker
-    pid = supervisor.handles()[-1].pids[0]
+    handle = supervisor.handles()[-1]
+    pid = 1 if handle.sandboxed else handle.pids[0]  # pid 1 of the lease's own namespace
     with LeaseExecutor(address, token, lease_id=lease_id, workers=1) as ex:
         assert [ex.invoke(add, i, 1) for i in range(10)] == list(range(1, 11))
         assert ex.invoke(os.getpid) == pid
@@ -344,25 +345,61 @@ def test_rlimit_fallback_watchdog_bounds_the_whole_lease(tmp_path: Path) -> None
 
 
 # -- restart and idle ------------------------------------------------------------------------
-def test_a_restarted_agent_cleans_executors_left_behind(tmp_path: Path) -> None:
+def _die_without_evicting(sup: ExecutorSupervisor) -> None:
+    """What an agent SIGKILL leaves: its fork server sees end of file, its workers run on."""
+    sup._fork_sock.close()
+    sup._leases.clear()
+    sup._verifier.close()
+
+
+def test_a_restarted_agent_adopts_valid_executors_and_cleans_expired_ones(tmp_path: Path) -> None:
     state = str(tmp_path / "state")
-    old = ExecutorSupervisor(ExecutorConfig(), SECRET, node=NODE + "x", state_dir=state)
-    lease_id, _token, _address = start(old, node=NODE + "x")
+    node = NODE + "x"
+    old = ExecutorSupervisor(ExecutorConfig(), SECRET, node=node, state_dir=state)
+    lease_id, token, address = start(old, node=node)
+    expired = "fault-expiring"
+    old.start(expired, [CORE], 64 << 20, time.time() + 0.5)
     pids = old.handles()[0].pids
-    # the old agent dies without evicting: its fork server exits, the workers stay
-    old._fork_sock.close()
-    old._fork_proc.wait(timeout=5)
-    old._leases.clear()
+    client = LeaseExecutor(address, token, lease_id=lease_id, workers=1)
+    assert client.invoke(add, 1, 2) == 3
+    _die_without_evicting(old)
+    time.sleep(0.6)  # the second lease expires while no agent runs
     assert all(_alive(p) for p in pids)
-    with ExecutorSupervisor(ExecutorConfig(), SECRET, node=NODE + "x", state_dir=state) as new:
-        assert new.adopt_or_cleanup() == [lease_id]
+    with ExecutorSupervisor(ExecutorConfig(), SECRET, node=node, state_dir=state) as new:
+        assert new.adopt_or_cleanup() == [expired]
+        (handle,) = new.handles()
+        assert handle.lease_id == lease_id and handle.adopted and handle.pids == pids
+        # the client of the old agent sees no error, and a new client gets in too
+        assert client.invoke(add, 2, 3) == 5
+        with LeaseExecutor(address, token, lease_id=lease_id, workers=1) as fresh:
+            assert fresh.invoke(add, 3, 4) == 7
+        assert not list(Path("/sys/fs/cgroup").glob(f"*/colocate/{node}/{expired}"))
+        new.evict(lease_id)
         deadline = time.monotonic() + 2
         while any(_alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert not any(_alive(p) for p in pids)
-        assert not list(Path("/sys/fs/cgroup").glob(f"*/colocate/{NODE}x/{lease_id}"))
-        assert new.adopt_or_cleanup() == []
-    old._verifier.close()
+    client.shutdown(wait=False)
+    old._fork_proc.wait(timeout=5)  # adopted, then released: it exits
+
+
+def test_without_a_restarted_agent_executors_die_after_the_adoption_window(
+    tmp_path: Path,
+) -> None:
+    node = NODE + "y"
+    config = ExecutorConfig(adopt_window_s=0.5)
+    old = ExecutorSupervisor(config, SECRET, node=node, state_dir=str(tmp_path))
+    start(old, node=node)
+    pids = old.handles()[0].pids
+    _die_without_evicting(old)
+    old._fork_proc.wait(timeout=5)
+    deadline = time.monotonic() + 2
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(_alive(p) for p in pids)  # the parent-death signal
+    with ExecutorSupervisor(config, SECRET, node=node, state_dir=str(tmp_path)) as new:
+        assert len(new.adopt_or_cleanup()) == 1  # only the record and cgroups were left
+        assert not [p for p in Path("/sys/fs/cgroup").glob(f"*/colocate/{node}/*") if p.is_dir()]
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -403,8 +440,14 @@ def test_eviction_also_kills_processes_the_functions_started(
     tmp_path: Path, cgroup_root: str | None
 ) -> None:
     node = NODE + "k"
+    # without the sandbox (whose pid namespace dies with worker 0 anyway; see
+    # test_executor_sandbox), so that the child's pid is the host's and the kill is the cgroup's
     with ExecutorSupervisor(
-        ExecutorConfig(), SECRET, node=node, cgroup_root=cgroup_root, state_dir=str(tmp_path)
+        ExecutorConfig(sandbox=False),
+        SECRET,
+        node=node,
+        cgroup_root=cgroup_root,
+        state_dir=str(tmp_path),
     ) as sup:
         lease_id, token, address = start(sup, node=node)
         with LeaseExecutor(address, token, lease_id=lease_id, workers=1) as ex:
