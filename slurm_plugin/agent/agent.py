@@ -182,17 +182,32 @@ class Agent:
     # --- startup ----------------------------------------------------------------------------
 
     def recover(self) -> list[str]:
-        """Call once before serving: clean up the executors a previous agent run left (their
-        clients get LeaseEvicted or ExecutorLost; the broker drops those leases at the first
-        report, seeing a new ``instance``) and make the first offer. Returns the lease ids
-        cleaned."""
+        """Call once before serving: adopt the executors a previous agent run left that are still
+        valid (lease not expired, cores not held by a job now: their clients see no error) and
+        clean up the rest (their clients get LeaseEvicted or ExecutorLost), then make the first
+        offer. Returns the lease ids cleaned."""
         cleaned = self.executors.adopt_or_cleanup()
         if cleaned:
             log.info("cleaned up executors of leases %s left by a previous agent", ", ".join(cleaned))
-        for handle in list(self.executors.handles()):  # a backend that adopted instead
-            self._evict_executor(handle.lease_id, 0.0, "evicted")
+        now = self._clock()
+        view = self.source.view(now)
+        job_cpus = {c for job in view.jobs for c in job.cpu_ids}
+        for handle in list(self.executors.handles()):  # executors the backend adopted
+            cpus = tuple(sorted(getattr(handle, "cpu_ids", ())))
+            expires_at = float(getattr(handle, "expires_at", 0.0))
+            valid = getattr(handle, "adopted", False) and expires_at > now and cpus
+            if not valid or job_cpus & set(cpus) or not set(cpus) <= view.cpu_ids:
+                self._evict_executor(handle.lease_id, 0.0, "evicted")  # a job holds its cores now
+                continue
+            with self._lock:  # its clients keep working; the broker hears of it at the next report
+                self._generation += 1
+                self._leases[handle.lease_id] = HeldLease(
+                    handle.lease_id, cpus, int(getattr(handle, "memory_bytes", 0)), now, expires_at,
+                    handle.address, self._generation, tuple(handle.pids),
+                )
+            log.info("lease %s: adopted its executor on cores %s", handle.lease_id, list(cpus))
         with self._lock:  # an offer before the first request, not one interval later
-            self._decide(self._clock())
+            self._decide(now)
         return cleaned
 
     # --- the broker's requests ---------------------------------------------------------------
