@@ -35,7 +35,7 @@ from colocate.broker.api import (
     RenewRequest,
     UsageReport,
 )
-from colocate.broker.service import raise_for_reply
+from colocate.broker.replies import raise_for_reply
 from colocate.errors import BackendUnavailable, ConfigError, LeaseError, LeaseExpired
 from colocate.units import parse_duration, parse_size
 
