@@ -32,7 +32,14 @@ def quota_for(config: QuotaConfig, *, user: str | None = None, account: str | No
 
 
 def check(
-    quota: Quota, use: Use, who: str, *, cores: int, memory_bytes: int, duration_s: float, new_lease: bool = True
+    quota: Quota,
+    use: Use,
+    who: str,
+    *,
+    cores: int,
+    memory_bytes: int,
+    duration_s: float,
+    new_lease: bool = True,
 ) -> None:
     """Raise QuotaExceeded when granting ``cores``/``memory_bytes`` for ``duration_s`` would pass
     a limit of ``quota``; ``who`` is e.g. ``"user alice"`` or ``"account physics"``.
@@ -41,23 +48,35 @@ def check(
     if quota.duration_s is not None and duration_s > quota.duration_s:
         raise QuotaExceeded(
             f"{who}: lease of {duration_s:g}s exceeds the limit of {quota.duration_s:g}s per lease; ask for less",
-            limit="duration_s", used=0, wanted=duration_s, allowed=quota.duration_s,
+            limit="duration_s",
+            used=0,
+            wanted=duration_s,
+            allowed=quota.duration_s,
         )
     if new_lease and quota.leases is not None and use.leases + 1 > quota.leases:
         raise QuotaExceeded(
-            f"{who}: holds {use.leases} of {quota.leases} allowed leases; release one first",
-            limit="leases", used=use.leases, wanted=1, allowed=quota.leases,
+            f"{who}: holds {use.leases} leases, one more would pass the limit of {quota.leases} at once; release one first",
+            limit="leases",
+            used=use.leases,
+            wanted=1,
+            allowed=quota.leases,
         )
     if new_lease and quota.cores is not None and use.cores + cores > quota.cores:
         raise QuotaExceeded(
             f"{who}: holds {use.cores} cores, {cores} more would pass the limit of {quota.cores}",
-            limit="cores", used=use.cores, wanted=cores, allowed=quota.cores,
+            limit="cores",
+            used=use.cores,
+            wanted=cores,
+            allowed=quota.cores,
         )
     if new_lease and quota.memory is not None and use.memory_bytes + memory_bytes > quota.memory:
         raise QuotaExceeded(
             f"{who}: holds {use.memory_bytes / gib:.2f} GiB, {memory_bytes / gib:.2f} GiB more would pass "
             f"the limit of {quota.memory / gib:.2f} GiB",
-            limit="memory", used=use.memory_bytes, wanted=memory_bytes, allowed=quota.memory,
+            limit="memory",
+            used=use.memory_bytes,
+            wanted=memory_bytes,
+            allowed=quota.memory,
         )
     if quota.core_hours_per_day is not None:
         used_h = use.core_seconds_today / 3600.0
@@ -66,5 +85,8 @@ def check(
             raise QuotaExceeded(
                 f"{who}: used {used_h:.2f} core-hours today, {wanted_h:.2f} more would pass the limit of "
                 f"{quota.core_hours_per_day:g} per day (resets at 00:00 UTC)",
-                limit="core_hours_per_day", used=used_h, wanted=wanted_h, allowed=quota.core_hours_per_day,
+                limit="core_hours_per_day",
+                used=used_h,
+                wanted=wanted_h,
+                allowed=quota.core_hours_per_day,
             )

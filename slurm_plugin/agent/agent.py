@@ -41,6 +41,7 @@ from colocate.broker.api import (
 )
 from colocate.broker.secret import control_token, control_token_ok
 from colocate.errors import BadRequest, LeaseDenied, LeaseError, LeaseExpired
+from colocate.owner import Owner
 from policies.limits import Limits
 from policies.model import Eviction, EvictionReason, LeaseView, Offer, Policy
 from slurm_plugin.agent.node_source import NodeSource
@@ -228,7 +229,9 @@ class Agent:
                 self._decide(now)
             self._admit(request.lease_id, cpu_ids, request.memory_bytes)
             started = time.monotonic()
-            handle = self.executors.start(request.lease_id, cpu_ids, request.memory_bytes, request.expires_at)
+            # The lease's owner (issue 12), for backends that run workers as that user.
+            owned = {"owner": _owner(request)} if request.owner is not None and _takes_owner(self.executors) else {}
+            handle = self.executors.start(request.lease_id, cpu_ids, request.memory_bytes, request.expires_at, **owned)
             if self.metrics is not None:
                 self.metrics.cold_start(time.monotonic() - started)
             self._generation += 1
@@ -477,3 +480,19 @@ class Agent:
             node=self.node, broker_url=self.broker_url, cpu_ids=report.cpu_ids,
             memory_bytes=report.memory_bytes, generation=report.generation, leases=report.leases,
         )
+
+
+def _owner(request: StartRequest) -> Owner:
+    assert request.owner is not None
+    o = request.owner
+    return Owner(o.uid, o.gid, o.user, o.account)
+
+
+def _takes_owner(backend: object) -> bool:
+    """Whether ``backend.start`` accepts ``owner=`` (every backend does once issue 14 lands)."""
+    import inspect
+
+    try:
+        return "owner" in inspect.signature(backend.start).parameters  # type: ignore[attr-defined]
+    except (TypeError, ValueError, AttributeError):
+        return False

@@ -86,8 +86,9 @@ def _ready(name: str, process: subprocess.Popen[str], log: Path, timeout_s: floa
     raise AssertionError(f"{name} did not start: exit {process.poll()}\n{log.read_text()}")
 
 
-def _broker_argv(tmp: Path, listen: str, placement: str) -> list[str]:
-    return ["broker", "--listen", listen, "--placement", placement, "--secret-file", str(tmp / "secret")]
+def _broker_argv(tmp: Path, listen: str, placement: str, config: Path | None = None) -> list[str]:
+    extra = ["--config", str(config)] if config is not None else []
+    return ["broker", "--listen", listen, "--placement", placement, "--secret-file", str(tmp / "secret"), *extra]
 
 
 def _agent_argv(tmp: Path, broker_url: str, node: str, cores: int, memory: str, interval_s: float, listen: str) -> list[str]:
@@ -104,9 +105,12 @@ def _agent_argv(tmp: Path, broker_url: str, node: str, cores: int, memory: str, 
     ]
 
 
-def start_broker(tmp: Path, *, listen: str = "127.0.0.1:0", placement: str = "best_fit") -> Service:
+def start_broker(
+    tmp: Path, *, listen: str = "127.0.0.1:0", placement: str = "best_fit", config: Path | None = None
+) -> Service:
+    """``config``: a TOML file (quotas, accounts, auth); the ledger defaults to tmp/ledger.db."""
     log = tmp / f"broker-{time.monotonic_ns()}.log"
-    return _ready("broker", _launch(_broker_argv(tmp, listen, placement), log), log)
+    return _ready("broker", _launch(_broker_argv(tmp, listen, placement, config), log), log)
 
 
 def start_agent(
