@@ -41,7 +41,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "colocate.broker.replies",
     ),
     "slurm_plugin.spank": ("colocate",),
-    "slurm_plugin": ("colocate", "slurm_plugin.spank"),  # hooks, control socket, dev cluster
+    # hooks, control socket, dev cluster; the prolog frees a lease's cgroups itself
+    "slurm_plugin": ("colocate", "colocate.executor.confinement", "slurm_plugin.spank"),
     "slurm_plugin.agent": (
         "colocate",
         "colocate.auth",
