@@ -13,6 +13,12 @@ environment (no PATH), and **drains the node when it exits non-zero**. So these 
 - never exit non-zero for their own trouble (agent down, socket missing, timeout, a
   garbled answer, bad arguments): they log one line to stderr and syslog and exit 0.
 
+When the agent does not answer within the deadline (dead, hung, or its socket flooded), the
+prolog retries until the deadline and then frees the job's cores itself: it kills every task in
+the lease cgroups (``colocate/<node>/<lease>``) whose cores meet the job's (from
+``scontrol -o -d show job``; every lease of the node when Slurm cannot say) and removes them,
+so no function ever runs on a core a new job was given.
+
 The prolog also leaves the job's choice in a small file next to the socket
 (``/run/colocate/jobs/<job_id>@<node>.json``, see :func:`read_job_choices`) before it calls the
 agent, and the epilog removes it: an agent that was down or restarted during a job's
@@ -46,10 +52,21 @@ DEFAULT_CONFIG = "/etc/colocate/agent.toml"
 #: Seconds the agent may spend evicting before the prolog returns anyway.
 DEFAULT_PROLOG_TIMEOUT_S = 5.0
 DEFAULT_EPILOG_TIMEOUT_S = 2.0
+#: Pause between two calls when the agent is busy or does not answer, seconds (doubling).
+RETRY_PAUSE_S = 0.02
+#: How long the prolog retries an agent whose socket is missing or refuses, seconds (none:
+#: a restart takes longer than a job start may wait; the hook frees the cores itself).
+DEAD_AGENT_RETRY_S = 0.0
+SCONTROL = "/usr/bin/scontrol"  # slurmd gives the prolog no PATH
+CGROUP_ROOT = "/sys/fs/cgroup"
 #: Extra seconds the hook waits for the agent's answer beyond the agent's own deadline.
 ANSWER_MARGIN_S = 0.5
 
 _SYSLOG_IDENT = "colocate-hook"
+
+
+class _Handled(Exception):
+    """The hook already wrote its outcome."""
 
 
 class HookOutcome:
@@ -227,6 +244,121 @@ def epilog_request(env: Mapping[str, str]) -> dict[str, Any]:
     return {"op": "epilog", "job_id": _job_id(env), "node": env.get("SLURMD_NODENAME") or None}
 
 
+def _call_with_retries(path: str, request: Mapping[str, Any], timeout_s: float) -> Any:
+    """The agent's answer, retrying a busy or silent agent until ``timeout_s`` has passed;
+    raises the last BackendUnavailable."""
+    started = time.monotonic()
+    deadline = started + timeout_s
+    pause = RETRY_PAUSE_S
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            reply = call(path, request, max(left, 0.05))
+        except BackendUnavailable as exc:
+            # no socket or nobody listening: an agent restart takes a moment, not the deadline
+            # only a silent agent is worth another try: one with no socket is down, one that
+            # answers garbage will again
+            if (
+                "did not answer" not in str(exc)
+                and time.monotonic() - started >= DEAD_AGENT_RETRY_S
+            ):
+                raise
+            if deadline - time.monotonic() <= pause:
+                raise
+        else:
+            if reply.ok or "busy" not in reply.error or deadline - time.monotonic() <= pause:
+                return reply
+        time.sleep(pause)
+        pause = min(pause * 2, 0.5)
+
+
+def _run(argv: list[str], timeout_s: float) -> tuple[int, str]:
+    """(exit status, stdout and stderr) of ``argv``; -1 on a timeout. Without ``subprocess``,
+    which imports threading (the prolog path stays light)."""
+    import select
+    import signal
+
+    r, w = os.pipe()
+    try:
+        pid = os.posix_spawn(
+            argv[0],
+            argv,
+            {"LC_ALL": "C", **{k: v for k, v in os.environ.items() if k.startswith("SLURM_CONF")}},
+            file_actions=[(os.POSIX_SPAWN_DUP2, w, 1), (os.POSIX_SPAWN_DUP2, w, 2)],
+        )
+    finally:
+        os.close(w)
+    deadline = time.monotonic() + timeout_s
+    chunks: list[bytes] = []
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([r], [], [], left)[0]:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return -1, ""
+            chunk = os.read(r, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(r)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), b"".join(chunks).decode(errors="replace")
+
+
+def job_cpus_here(job_id: int, node: str | None, timeout_s: float = 2.0) -> frozenset[int] | None:
+    """The job's CPU ids on ``node`` from ``scontrol -o -d show job``: None when Slurm cannot
+    say (every lease goes), empty when Slurm does not know the job (nothing to free)."""
+    from colocate.executor.cgroupkill import parse_cpu_list
+
+    try:
+        code, out = _run([SCONTROL, "-o", "-d", "show", "job", str(job_id)], timeout_s)
+    except OSError:
+        return None
+    if code != 0:
+        return frozenset() if "invalid job id" in out.lower() else None
+    cpus: set[int] = set()
+    found = False
+    for field_nodes, field_cpus in _node_cpu_fields(out):
+        if node is not None and field_nodes != node:
+            if "[" in field_nodes or "," in field_nodes:
+                return None  # a host list we do not expand here: the safe side
+            continue
+        try:
+            cpus |= parse_cpu_list(field_cpus)
+        except ValueError:
+            return None
+        found = True
+    return frozenset(cpus) if found else None
+
+
+def _node_cpu_fields(text: str) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    words = text.split()
+    for i, word in enumerate(words):
+        if word.startswith("Nodes=") and i + 1 < len(words) and words[i + 1].startswith("CPU_IDs="):
+            out.append((word.removeprefix("Nodes="), words[i + 1].removeprefix("CPU_IDs=")))
+    return out
+
+
+def free_cores_without_agent(
+    job_id: int, node: str | None, cgroup_root: str = CGROUP_ROOT
+) -> list[str]:
+    """Kill and remove the lease cgroups on the job's cores (every lease of the node when the
+    job's cores are unknown); the lease ids freed."""
+    from colocate.executor.cgroupkill import lease_cgroups_on, remove_dirs
+
+    name = node or os.uname().nodename.split(".")[0]
+    cpus = job_cpus_here(job_id, node)
+    if cpus is not None and not cpus:
+        return []
+    freed = lease_cgroups_on(name, cpus, cgroup_root)
+    for dirs in freed.values():
+        remove_dirs(dirs, timeout_s=1.0)
+    return sorted(freed)
+
+
 def run_hook(
     hook: str,
     env: Mapping[str, str],
@@ -273,7 +405,15 @@ def run_hook(
             # A stale choice file names a finished job; the agent ignores it.
             with contextlib.suppress(OSError):
                 forget_job_choice(choices, request["job_id"], request["node"])
-        reply = call(outcome.socket, request, timeout_s + ANSWER_MARGIN_S)
+        try:
+            reply = _call_with_retries(outcome.socket, request, timeout_s + ANSWER_MARGIN_S)
+        except BackendUnavailable as exc:
+            if hook != "prolog":
+                raise
+            freed = free_cores_without_agent(request["job_id"], request["node"])
+            outcome.reply = {"freed_without_agent": freed}
+            outcome.message = f"{exc}; killed {len(freed)} lease(s) on the job's cores itself"
+            raise _Handled from None
         outcome.reply = reply.body
         outcome.ok = reply.ok
         if not reply.ok:
@@ -288,6 +428,8 @@ def run_hook(
                 outcome.message += "; evictions still running at the deadline"
         else:
             outcome.message = "the agent offers the job's resources again"
+    except _Handled:
+        pass
     except (BackendUnavailable, ValueError) as exc:
         outcome.message = str(exc)
     except Exception as exc:  # any trouble of our own must not fail the prolog
