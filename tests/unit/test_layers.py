@@ -29,7 +29,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "traces": ("policies", "colocate.errors", "colocate.units"),
     "traces.data": (),  # bundled trace excerpts (a package so they ship with the wheel)
     "slurm_plugin.slurm": ("colocate",),
-    "monitors": ("policies", "colocate", "slurm_plugin.slurm"),
+    "monitors": ("policies", "colocate.errors", "slurm_plugin.slurm"),
     "colocate.auth": ("colocate",),
     "colocate.metrics": ("colocate", "policies", "monitors.snapshot"),
     "colocate.executor": ("colocate", "colocate.metrics.events", "policies"),
