@@ -7,6 +7,11 @@ server (the Slurm user) may call it: the server reads the caller's uid from the 
 world-connectable (mode 0666) on purpose, so that a refused caller gets that error instead
 of a bare ``EACCES``.
 
+Floods: a caller that may not use the socket is answered (or, past
+:data:`REFUSALS_PER_S` per uid, just hung up on) by the accept loop itself, without a thread
+or a connection slot, so any number of them cannot keep root's prolog out; each allowed uid
+but root is held to :data:`CALLS_PER_S` connections per second (burst twice that).
+
 Wire format, one request and one answer per line (UTF-8 JSON objects, at most
 :data:`MAX_LINE_BYTES` each); a connection may carry several requests in turn::
 
@@ -87,6 +92,31 @@ __all__ = [
 MAX_PROLOG_TIMEOUT_S = 60.0
 #: Prolog wait when the request names none, in seconds.
 DEFAULT_PROLOG_TIMEOUT_S = 5.0
+#: Refusals answered per second per refused uid; more are closed without an answer.
+REFUSALS_PER_S = 5.0
+#: Connections per second per allowed uid other than root (burst: twice as many).
+CALLS_PER_S = 50.0
+
+
+class _Buckets:
+    """A token bucket per uid: ``allow(uid, now)`` spends one token if there is one."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._state: dict[int, tuple[float, float]] = {}
+
+    def allow(self, uid: int, now: float) -> bool:
+        tokens, last = self._state.get(uid, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if len(self._state) > 4096:  # many uids: forget the full buckets
+            self._state = {u: v for u, v in self._state.items() if v[0] < self.burst}
+        if tokens < 1.0:
+            self._state[uid] = (tokens, now)
+            return False
+        self._state[uid] = (tokens - 1.0, now)
+        return True
+
 
 Colocate = Literal["allow", "deny"]
 _COLOCATE_VALUES: dict[Any, Colocate | None] = {"allow": "allow", "deny": "deny", None: None}
@@ -282,6 +312,8 @@ class ControlServer:
         self._closing = threading.Event()
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self._refusals = _Buckets(REFUSALS_PER_S, 2 * REFUSALS_PER_S)
+        self._calls = _Buckets(CALLS_PER_S, 2 * CALLS_PER_S)
 
     # lifecycle
 
@@ -297,7 +329,7 @@ class ControlServer:
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             listener.bind(str(self.path))
             os.chmod(self.path, self.socket_mode)
-            listener.listen(64)
+            listener.listen(1024)
         except OSError as exc:
             raise BackendUnavailable(
                 f"cannot create the control socket {self.path}: {exc.strerror}; check the directory and permissions"
@@ -371,12 +403,47 @@ class ControlServer:
                 log.warning("control socket accept failed; retrying", exc_info=True)
                 time.sleep(0.05)
                 continue
+            if not self._admit(conn):
+                continue
             if not self._slots.acquire(blocking=False):
-                self._refuse(conn, "busy: too many control connections; retry")
+                self._refuse_now(conn, "busy: too many control connections; retry")
                 continue
             threading.Thread(
                 target=self._serve, args=(conn,), name="control-conn", daemon=True
             ).start()
+
+    def _admit(self, conn: socket.socket) -> bool:
+        """In the accept loop: False (connection answered and closed) for a caller that may not
+        use the socket or calls too often; no thread, no slot, never blocks."""
+        try:
+            peer = peer_of(conn)
+        except OSError:
+            conn.close()
+            return False
+        now = time.monotonic()
+        if peer.uid in self.allowed_uids:
+            if peer.uid == 0 or self._calls.allow(peer.uid, now):
+                return True
+            self._refuse_now(
+                conn, f"busy: uid {peer.uid} calls more than {CALLS_PER_S:g} times a second; retry"
+            )
+            return False
+        if self._refusals.allow(peer.uid, now):
+            log.warning("control socket: refused uid %d (pid %d)", peer.uid, peer.pid)
+            self._refuse_now(conn, str(self._unauthorized(peer)))
+        else:
+            conn.close()
+        return False
+
+    @staticmethod
+    def _refuse_now(conn: socket.socket, error: str) -> None:
+        """Answer ``error`` without waiting for anything and hang up."""
+        with contextlib.suppress(OSError):
+            conn.send(encode({"ok": False, "error": error}), socket.MSG_DONTWAIT)
+            conn.shutdown(socket.SHUT_WR)
+            while conn.recv(MAX_LINE_BYTES, socket.MSG_DONTWAIT):  # what the caller already sent
+                pass
+        conn.close()
 
     def _refuse(self, conn: socket.socket, error: str) -> None:
         """Answer ``error`` and hang up so that the caller can still read the answer."""

@@ -159,6 +159,8 @@ def run_slurm_agent(config: Config, agent_config: AgentConfig, secret: bytes, no
         watch = MemoryWatch.for_node(node, agent.wake).start()
         stack.callback(watch.close)
         handler = SlurmControl(agent, source, CliSlurm(timeout_s=2.0), choice_dir_for(control_path))  # within the prolog's wait
+        handler.watch_choices(agent_config.interval_s)
+        stack.callback(handler.close)
         control = ControlServer(control_path, handler, allowed_uids=uids)
         control.start()
         stack.callback(control.close)

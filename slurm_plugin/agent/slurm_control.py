@@ -11,8 +11,10 @@ cores the job got, every lease goes (the safe side).
 Epilog: the job's resources are offered at once (a decision right away and a report to the
 broker), without waiting for Slurm to forget the job.
 
-Each job's ``--colocate`` choice comes with its prolog (SPANK) and, after an agent restart,
-from the hooks' job-choice files; jobs without one get ``agent.default_colocate``.
+Each job's ``--colocate`` choice comes with its prolog (SPANK) and from the hooks' job-choice
+files, which the agent re-reads every interval (:meth:`SlurmControl.watch_choices`): a prolog
+that never reached the agent (agent restarting, socket flooded) still leaves its ``deny``,
+which the next decision enforces. Jobs without one get ``agent.default_colocate``.
 """
 
 from __future__ import annotations
@@ -48,10 +50,46 @@ class SlurmControl:
         self.source = source
         self.slurm = slurm
         self._lock = threading.Lock()  # one prolog decision at a time
-        if choices_dir is not None:
-            for choice in read_job_choices(choices_dir, agent.node).values():
-                if choice.colocate is not None:
-                    source.set_choice(str(choice.job_id), choice.colocate == "allow")
+        self.choices_dir = choices_dir
+        self._known: dict[int, str | None] = {}
+        self._stop = threading.Event()
+        self._watch: threading.Thread | None = None
+        self.refresh_choices()
+
+    def refresh_choices(self) -> list[int]:
+        """Read the job-choice files again; the jobs whose choice this agent had not heard."""
+        if self.choices_dir is None:
+            return []
+        learned: list[int] = []
+        choices = read_job_choices(self.choices_dir, self.agent.node)
+        for job_id, choice in choices.items():
+            if choice.colocate is not None and self._known.get(job_id) != choice.colocate:
+                self.source.set_choice(str(job_id), choice.colocate == "allow")
+                learned.append(job_id)
+            self._known[job_id] = choice.colocate
+        for job_id in set(self._known) - set(choices):  # epilog removed it
+            del self._known[job_id]
+        return learned
+
+    def watch_choices(self, interval_s: float) -> None:
+        """Re-read the choice files every ``interval_s`` in a thread; a newly seen ``deny``
+        wakes the agent loop (it evicts leases on that job's cores). Stopped by :meth:`close`."""
+
+        def loop() -> None:
+            while not self._stop.wait(interval_s):
+                try:
+                    if self.refresh_choices():
+                        self.agent.wake()
+                except Exception:
+                    log.warning("re-reading job choices failed", exc_info=True)
+
+        self._watch = threading.Thread(target=loop, name="job-choices", daemon=True)
+        self._watch.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._watch is not None:
+            self._watch.join(timeout=2.0)
 
     def _layout(self, job_id: int) -> tuple[frozenset[int], int] | None:
         """The job's cores and memory (bytes) on this node; None when Slurm cannot tell."""
@@ -73,6 +111,7 @@ class SlurmControl:
         job_id = str(request.job_id)
         if request.colocate is not None:
             self.source.set_choice(job_id, request.colocate == "allow")
+            self._known[request.job_id] = request.colocate
         layout = self._layout(request.job_id)
         before = {lease.lease_id for lease in self.agent.report().leases}
         with self._lock:
