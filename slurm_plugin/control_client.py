@@ -7,6 +7,7 @@ wire format is described in :mod:`slurm_plugin.control`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -75,7 +76,9 @@ def call(
         sock.settimeout(max(timeout_s, 0.001))
         try:
             sock.connect(os.fspath(path))
-            sock.sendall(encode(message))
+            # refused at once (busy, not allowed): its answer may be waiting unread
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(encode(message))
             chunks: list[bytes] = []
             size = 0
             while True:
@@ -109,6 +112,8 @@ def call(
     finally:
         sock.close()
     raw = b"".join(chunks)
+    if not raw:
+        raise BackendUnavailable(f"the agent at {os.fspath(path)} hung up without an answer")
     try:
         body = decode(raw.split(b"\n", 1)[0])
     except BadRequest as exc:
