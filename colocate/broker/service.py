@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from colocate import errors
+from colocate import errors, units
 from colocate.broker.replies import raise_for_reply as raise_for_reply  # pure; the client's import
 from colocate.errors import (
     BackendUnavailable,
@@ -60,19 +60,9 @@ _STATUS: tuple[tuple[type[ColocateError], int], ...] = (
 
 
 def parse_listen(listen: str, default_port: int) -> tuple[str, int]:
-    """``HOST:PORT`` (or ``HOST``, ``:PORT``, ``[v6]:PORT``) into host and port."""
-    text = listen.strip()
-    host, sep, port_text = text.rpartition(":")
-    if not sep or "]" in port_text:
-        host, port_text = text, str(default_port)
-    host = host.strip("[]") or "127.0.0.1"
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ConfigError(f"cannot read listen address {listen!r}; write it like 127.0.0.1:8642") from None
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"port {port} in {listen!r} is out of range")
-    return host, port
+    """``HOST:PORT`` (or ``HOST``, ``:PORT``, ``[v6]:PORT``) into host and port; see
+    :func:`colocate.units.parse_listen`."""
+    return units.parse_listen(listen, default_port)
 
 
 def bind(listen: str, default_port: int) -> socket.socket:

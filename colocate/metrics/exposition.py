@@ -10,6 +10,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import generate_latest, make_wsgi_app, start_http_server
 from prometheus_client.registry import CollectorRegistry
 
+from colocate import units
 from colocate.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -18,18 +19,9 @@ __all__ = ["MetricsServer", "make_wsgi_app", "parse_listen", "render", "serve_me
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
-    """``host:port`` (``0.0.0.0:9642``, ``[::]:9642``, ``:9642``) as (host, port).
-
-    An empty host means all IPv4 addresses. Raises ConfigError naming the value.
-    """
-    host, sep, port_text = listen.rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ConfigError(
-            f"cannot read listen address {listen!r}; write it like 0.0.0.0:9642",
-            key="agent.metrics_listen",
-        )
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port_text)
+    """``host:port`` (``0.0.0.0:9642``, ``[::]:9642``, ``:9642``) as (host, port); see
+    :func:`colocate.units.parse_listen`. Raises ConfigError naming the value."""
+    return units.parse_listen(listen, key="agent.metrics_listen")
 
 
 @dataclass(slots=True)

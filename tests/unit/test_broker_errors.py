@@ -66,7 +66,7 @@ def test_payload_and_config_errors_arrive_as_bad_requests() -> None:
     [
         ("127.0.0.1:8642", ("127.0.0.1", 8642)),
         ("0.0.0.0:0", ("0.0.0.0", 0)),
-        (":9000", ("127.0.0.1", 9000)),
+        (":9000", ("0.0.0.0", 9000)),  # as in Prometheus and Go: every IPv4 address
         ("node1", ("node1", 8642)),
         ("[::1]:8000", ("::1", 8000)),
     ],
