@@ -137,6 +137,12 @@ def _has_children() -> bool:
         return False
 
 
+# cgroup directories of each lease this fork server started -> its workers still running; while
+# no agent runs, the fork server removes a lease's cgroups once its workers are gone.
+_leases: dict[tuple[str, ...], set[int]] = {}
+_exited: set[int] = set()
+
+
 def _reap(_signum: int, _frame: Any) -> None:
     while True:
         try:
@@ -145,6 +151,19 @@ def _reap(_signum: int, _frame: Any) -> None:
             return
         if pid == 0:
             return
+        _exited.add(pid)
+
+
+def _clean_ended_leases(kill_all: bool = False) -> None:
+    """Without an agent: remove the cgroups of leases whose workers all ended (their own
+    deadline); with ``kill_all``, kill and remove every lease's first."""
+    from colocate.executor.cgroupkill import remove_dirs
+
+    for dirs, pids in list(_leases.items()):
+        pids -= _exited
+        if kill_all or not pids:
+            remove_dirs(dirs, timeout_s=1.0)
+            del _leases[dirs]
 
 
 def _listeners(
@@ -225,6 +244,13 @@ def spawn(template: worker.WorkerSpec, host: str, lease_dir: str) -> tuple[Any, 
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         return ("error", "; ".join(errors))
+    for dirs, alive in list(_leases.items()):  # ended leases: the supervisor cleaned them
+        alive -= _exited
+        if not alive:
+            del _leases[dirs]
+    _exited.clear()
+    if template.cgroups.dirs:
+        _leases[template.cgroups.dirs] = set(pids)
     return ("ok", tuple(pids), tcp_addrs, unix_paths)
 
 
@@ -265,6 +291,7 @@ def _await_adopter(path: str, window_s: float) -> socket.socket | None:
     deadline = time.monotonic() + window_s
     try:
         while time.monotonic() < deadline and _has_children():
+            _clean_ended_leases()
             ready = select.select(
                 [listener], [], [], min(0.2, max(0.0, deadline - time.monotonic()))
             )[0]
@@ -288,9 +315,11 @@ def serve(control: socket.socket) -> None:
         if msg is None:
             control.close()
             if adoption is None or not _has_children():
+                _clean_ended_leases()
                 return
             adopter = _await_adopter(*adoption)
             if adopter is None:
+                _clean_ended_leases(kill_all=True)  # what the workers started goes too
                 return  # the workers die with us (parent-death signal)
             control = adopter
             continue
