@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from colocate.errors import ConfigError
+from colocate.protocol import DEFAULT_MAX_PAYLOAD_BYTES
 from policies.limits import Limits
 from policies.prices import Prices
 
@@ -29,7 +30,7 @@ class PolicyConfig(_Section):
 
 
 class ExecutorConfig(_Section):
-    max_payload_bytes: int = Field(16 * 1024**2, gt=0)
+    max_payload_bytes: int = Field(DEFAULT_MAX_PAYLOAD_BYTES, gt=0)
     hot_timeout_s: float = Field(0.005, ge=0, description="busy-poll this long before blocking")
     # "owner": a lease's workers run as its owner's uid, gid and groups (like a Slurm job step);
     # "pool": as a uid of their own from lease_uid_range. A lease without an owner (standalone

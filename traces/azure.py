@@ -19,10 +19,10 @@ import numpy as np
 import numpy.typing as npt
 
 from colocate.errors import TraceFormatError
+from colocate.units import MIB
 from traces.textfile import read_text
 
 log = logging.getLogger(__name__)
-MIB = 1024**2
 DEFAULT_MEMORY_BYTES = (
     58 * MIB
 )  # 2021 trace has no memory: median AverageAllocatedMb of the 2019 subset

@@ -30,12 +30,12 @@ from typing import Any
 import numpy as np
 
 from colocate.errors import TraceFormatError
+from colocate.units import GIB, KIB, MIB, TIB
 from traces.jobs import JobTrace
 from traces.textfile import read_text
 
 log = logging.getLogger(__name__)
-MIB = 1024**2
-_SIZE_FACTOR = {"": 1, "K": 1024, "M": MIB, "G": 1024**3, "T": 1024**4, "P": 1024**5}
+_SIZE_FACTOR = {"": 1, "K": KIB, "M": MIB, "G": GIB, "T": TIB, "P": 1024 * TIB}
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)([KMGTP]?)([nc]?)$")
 _DURATION = re.compile(r"^(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+(?:\.\d+)?)$")
 _MISSING = {"", "Unknown", "None", "N/A", "INVALID"}

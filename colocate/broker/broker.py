@@ -52,6 +52,7 @@ from colocate.errors import (
     LeaseExpired,
 )
 from colocate.owner import Owner
+from colocate.protocol import DEFAULT_MAX_PAYLOAD_BYTES
 from colocate.tokens import LeaseClaims, lease_key, sign_lease
 from policies.leasebook import LeaseBook, LeaseEnd, LeaseRecord
 
@@ -225,7 +226,7 @@ class Broker:
             granted_at=record.granted_at,
             expires_at=record.expires_at,
             token=token,
-            max_payload_bytes=self._max_payload.get(record.node, 16 * 1024**2),
+            max_payload_bytes=self._max_payload.get(record.node, DEFAULT_MAX_PAYLOAD_BYTES),
             user=owner.user if owner else "",
             account=owner.account if owner else "",
             lease_key=lease_key(self._secret, record.lease_id).hex(),

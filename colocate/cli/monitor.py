@@ -17,12 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+from colocate.units import GIB, MIB
 from monitors.sampler import Sampler, default_source
 from monitors.snapshot import NodeSnapshot
 from monitors.usage import UsageSource
-
-GIB = 1024**3
-MIB = 1024**2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

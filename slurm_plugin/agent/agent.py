@@ -42,6 +42,7 @@ from colocate.broker.api import (
 from colocate.broker.secret import control_token, control_token_ok
 from colocate.errors import BadRequest, LeaseDenied, LeaseError, LeaseExpired
 from colocate.owner import Owner
+from colocate.protocol import DEFAULT_MAX_PAYLOAD_BYTES
 from policies.limits import Limits
 from policies.model import Eviction, EvictionReason, LeaseView, Offer, Policy
 from slurm_plugin.agent.node_source import NodeSource
@@ -142,7 +143,7 @@ class Agent:
         limits: Limits | None = None,
         interval_s: float = 1.0,
         eviction_grace_s: float = 1.0,
-        max_payload_bytes: int = 16 * 1024**2,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         clock: Callable[[], float] = time.time,
         metrics: AgentMetrics | None = None,
     ) -> None:

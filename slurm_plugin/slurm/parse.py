@@ -15,11 +15,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from colocate.units import MIB
 from slurm_plugin.slurm.hostlist import expand_hostlist, parse_cpu_ids
 from slurm_plugin.slurm.records import JobOnNode, NodeInfo, Parsed, ProcessEntry
 from slurm_plugin.slurm.states import JobState, job_state, node_state
-
-MIB = 1024 * 1024
 
 
 class SlurmParseError(ValueError):

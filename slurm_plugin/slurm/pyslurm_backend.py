@@ -23,9 +23,10 @@ from types import ModuleType
 from typing import Any
 
 from colocate.errors import ConfigError, SlurmUnavailable
+from colocate.units import MIB
 from slurm_plugin.slurm.cli import CliSlurm
 from slurm_plugin.slurm.hostlist import expand_hostlist, parse_cpu_ids
-from slurm_plugin.slurm.parse import MIB, number
+from slurm_plugin.slurm.parse import number
 from slurm_plugin.slurm.records import JobOnNode, NodeInfo, Parsed, ProcessEntry
 from slurm_plugin.slurm.states import job_state, node_state
 
