@@ -87,6 +87,11 @@ class Offer:
 
 
 class EvictionReason(enum.StrEnum):
+    """Why a lease ends: one set from the policies through the agent to the metrics.
+
+    Policies decide the first eight; the agent adds the last three on its own account.
+    """
+
     JOB_START = "job_start"  # a job was given the lease's cores or memory
     MEMORY_GROWTH = "memory_growth"  # a job's memory grew toward the leased memory
     CPU_GROWTH = "cpu_growth"  # a job started using the leased cores
@@ -95,6 +100,9 @@ class EvictionReason(enum.StrEnum):
     EXPIRED = "expired"  # the lease ran past its expiry
     RELEASED = "released"  # the client or broker gave it back
     DENIED = "denied"  # the job said --colocate=deny
+    EXECUTOR_LOST = "executor_lost"  # a worker exited on its own
+    AGENT_STOPPED = "agent_stopped"  # the agent shut down and took every lease back
+    REVOKED = "revoked"  # the broker asked the agent to take it back
 
 
 @dataclass(frozen=True, slots=True)

@@ -107,8 +107,7 @@ class HeldLease:
 
 @dataclass(frozen=True, slots=True)
 class EvictionRecord:
-    """One lease taken back: why (an ``EvictionReason`` value, ``executor_lost`` or
-    ``agent_stopped``), when (epoch seconds) and how long until its executor was gone and its
+    """One lease taken back: why (an ``EvictionReason`` value), when (epoch seconds) and how long until its executor was gone and its
     memory free (seconds; NaN if the eviction failed)."""
 
     lease_id: str
@@ -281,9 +280,9 @@ class Agent:
 
     def release(self, lease_id: str) -> Revoked:
         """The client gave the lease back: stop its executor now."""
-        return self.revoke(lease_id, grace_s=0.0, reason="released")
+        return self.revoke(lease_id, grace_s=0.0, reason=EvictionReason.RELEASED)
 
-    def revoke(self, lease_id: str, grace_s: float | None = None, reason: str = "revoked") -> Revoked:
+    def revoke(self, lease_id: str, grace_s: float | None = None, reason: str = EvictionReason.REVOKED) -> Revoked:
         """Take a lease back: in-flight invocations get ``grace_s`` seconds, then the executor
         is killed and they end with LeaseEvicted at the client."""
         with self._lock:
@@ -372,7 +371,7 @@ class Agent:
                 continue
             log.warning("lease %s: a worker exited on its own; evicting the lease", lease_id)
             with contextlib.suppress(LeaseError):
-                self.revoke(lease_id, 0.0, "executor_lost")
+                self.revoke(lease_id, 0.0, EvictionReason.EXECUTOR_LOST)
                 ended.append(lease_id)
         for eviction in evictions:
             grace = 0.0 if eviction.reason is EvictionReason.EXPIRED else eviction.grace_s
@@ -458,7 +457,7 @@ class Agent:
         self.stop()
         for lease_id in list(self._leases):
             with contextlib.suppress(LeaseError):
-                self.revoke(lease_id, grace_s=0.0, reason="agent_stopped")
+                self.revoke(lease_id, grace_s=0.0, reason=EvictionReason.AGENT_STOPPED)
         with self._lock:
             self._offer = Offer()
             self._generation += 1

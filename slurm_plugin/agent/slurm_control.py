@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from colocate.errors import LeaseError, SlurmUnavailable
+from policies.model import EvictionReason
 from slurm_plugin.agent.agent import Agent
 from slurm_plugin.agent.slurm_node import SlurmNode
 from slurm_plugin.control import EpilogRequest, EpilogResult, PrologRequest, PrologResult
@@ -119,7 +120,7 @@ class SlurmControl:
                 self.source.job_starting(job_id, frozenset(), 0, self.agent.now())
                 for lease_id in sorted(before):
                     with contextlib.suppress(LeaseError):  # released meanwhile
-                        self.agent.revoke(lease_id, grace_s=0.0, reason="job_start")
+                        self.agent.revoke(lease_id, grace_s=0.0, reason=EvictionReason.JOB_START)
             else:
                 cpu_ids, memory = layout
                 self.source.job_starting(job_id, cpu_ids, memory, self.agent.now())
