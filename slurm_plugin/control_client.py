@@ -75,7 +75,16 @@ def call(
     try:
         sock.settimeout(max(timeout_s, 0.001))
         try:
-            sock.connect(os.fspath(path))
+            pause = 0.001
+            while True:  # a full listen queue (a flood) is EAGAIN at once: try again
+                try:
+                    sock.connect(os.fspath(path))
+                    break
+                except BlockingIOError:
+                    if time.monotonic() + pause >= deadline:
+                        raise TimeoutError from None
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.05)
             # refused at once (busy, not allowed): its answer may be waiting unread
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 sock.sendall(encode(message))
