@@ -6,7 +6,7 @@ The client API (``colocate.Client``) is imported lazily so that light entry poin
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from colocate.errors import (
     BackendUnavailable,
@@ -23,6 +23,9 @@ from colocate.errors import (
     TraceFormatError,
     Unauthorized,
 )
+
+if TYPE_CHECKING:  # typed for checkers, imported on first use at run time
+    from colocate.client import Client
 
 __version__ = "0.1.0"
 
