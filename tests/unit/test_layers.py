@@ -97,13 +97,23 @@ def our_files() -> Iterator[Path]:
 
 
 def imports(path: Path) -> Iterator[tuple[int, str]]:
-    """(line, dotted name) of every absolute import of our packages, lazy ones included.
+    """(line, dotted name) of every absolute import of our packages, lazy ones included;
+    type-only ones (under ``if TYPE_CHECKING:``) never run and do not count.
 
     ``from a.b import c`` yields ``a.b.c`` (c may be a module or a name in a.b; prefixes
     match either way).
     """
     tree = ast.parse(path.read_text(), filename=str(path))
+    type_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and _is_type_checking(node.test)
+        for stmt in node.body
+        for inner in ast.walk(stmt)
+    }
     for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -113,6 +123,12 @@ def imports(path: Path) -> Iterator[tuple[int, str]]:
         for name in names:
             if name.split(".")[0] in OURS:
                 yield node.lineno, name
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def units_in_tree() -> set[str]:
