@@ -22,8 +22,8 @@ class JobUsage:
     rates come from two readings. Memory is the working set in bytes (usage minus inactive
     page cache, as kubelet counts it); ``memory_peak_bytes`` is the kernel's high-water mark
     where the source has one, else None. ``cpu_seconds_per_cpu`` is the same time split by
-CPU (per-core busy time: which of the job's cores it really uses). ``cpu_ids`` are the kernel CPU numbers of the job's
-    cpuset (None when the source cannot tell). Pressure is PSI ``some avg10`` in percent.
+    CPU (per-core busy time: which of the job's cores it really uses). ``cpu_ids`` are the
+    kernel CPU numbers of the job's cpuset (None when the source cannot tell). Pressure is PSI ``some avg10`` in percent.
     """
 
     job_id: str

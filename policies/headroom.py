@@ -7,8 +7,20 @@ recomputed every decision, and the rest of its allocation is lent out. Margins:
   seen using (``JobView.memory_peak_bytes`` or any history sample) and
   ``margin = max(limits.memory_margin_bytes, limits.memory_margin_ratio * allocation)``
   (defaults: 256 MiB or 10 %); only ``allocation - peak - margin`` is offered.
-- cores: a job keeps ``ceil(max cores_used over limits.history_window_s + limits.core_margin)``
-  cores (default margin 0.25 core); the others are offered, highest core ids first.
+- cores (:func:`cores_to_keep`): a job keeps the whole cores its total use needs,
+  ``ceil(max cores_used over limits.history_window_s + core_margin - core_noise)``, at least
+  one: use within ``core_noise`` (0.1) of whole cores is noise, so a job that keeps exactly
+  k of its n cores busy lends n - k (the old ``ceil(use + 0.25)`` lent one core fewer:
+  nothing at all when one core was idle). Where the monitor has per-core busy shares
+  (cgroup v1 ``cpuacct.usage_percpu``), a job keeps no more cores than it kept busier than
+  ``idle_core_busy`` (0.2), and the cores it lends are its idle ones (:func:`lend_order`),
+  not blindly the highest ids; threads that float over all the cores lend what the total
+  allows.
+- growth is a trend, not a sample (:func:`growth_confirmed`): a core held by a lease is
+  taken back (``CPU_GROWTH``) only when the job's use stayed above the cores it kept (plus
+  ``core_noise``) for ``cpu_growth_samples`` (2) consecutive samples, or once while its CPU
+  pressure is over ``cpu_pressure_limit``. A noisy steady job keeps its lease; a job that
+  turns a lent core on gets it back within two samples.
 - a job younger than ``limits.min_history_s`` (default 30 s), with no history, or that said
   ``--colocate=deny`` offers nothing of its own.
 
@@ -30,6 +42,7 @@ from policies.model import Decision, EvictionReason, JobView, NodeView, Offer, U
 _TIME = attrgetter("t")
 _CORES_USED = attrgetter("cores_used")
 _MEMORY_USED = attrgetter("memory_used_bytes")
+_NONE: frozenset[int] = frozenset()
 
 JobSizer = Callable[[JobView, tuple[UsageSample, ...], Limits, float], tuple[float, int]]
 """Per-job sizing: (job, samples in the window, limits, now) -> (cores demanded, memory
@@ -52,6 +65,75 @@ def observed_peak(job: JobView) -> int:
     return max(job.memory_peak_bytes, most)
 
 
+def cores_for_total(used: float, limits: Limits) -> int:
+    """Whole cores a job using ``used`` cores needs: ``ceil(used + core_margin - core_noise)``,
+    at least one (a running job always keeps a core for its threads to wake up on)."""
+    need = math.ceil(used + limits.core_margin - limits.core_noise)
+    return need if need > 1 else 1
+
+
+def cpu_peaks(recent: tuple[UsageSample, ...]) -> dict[int, float] | None:
+    """Each CPU's highest busy share over the samples, or None without per-core accounting."""
+    if not recent[-1].cpu_busy:
+        return None
+    peaks: dict[int, float] = {}
+    for sample in recent:
+        for cpu, busy in sample.cpu_busy:
+            if busy > peaks.get(cpu, -1.0):
+                peaks[cpu] = busy
+    return peaks
+
+
+def growth_confirmed(recent: tuple[UsageSample, ...], kept: int, limits: Limits) -> bool:
+    """True when a job that kept ``kept`` cores really grew past them: its use exceeded
+    ``kept + core_noise`` in each of the last ``cpu_growth_samples`` samples, or in the latest
+    one while its CPU pressure is over ``cpu_pressure_limit`` (the kernel confirms it waits)."""
+    over = kept + limits.core_noise
+    latest = recent[-1]
+    if latest.cores_used <= over:
+        return False
+    if latest.cpu_pressure is not None and latest.cpu_pressure > limits.cpu_pressure_limit:
+        return True
+    n = limits.cpu_growth_samples
+    return len(recent) >= n and all(sample.cores_used > over for sample in recent[-n:])
+
+
+def cores_to_keep(
+    recent: tuple[UsageSample, ...],
+    used: float,
+    cpus: frozenset[int],
+    held: frozenset[int],
+    limits: Limits,
+) -> int:
+    """How many of its ``cpus`` a lending job keeps, given its sized use ``used`` (cores),
+    its samples in the window and the cores of it that leases hold now (``held``).
+
+    The total's whole cores (:func:`cores_for_total`), no more than the cores it kept busy
+    where per-core shares are known; and while leases hold some of its cores, no more than
+    it has left unless its growth is confirmed (:func:`growth_confirmed`).
+    """
+    keep = cores_for_total(used, limits)
+    peaks = cpu_peaks(recent)
+    if peaks is not None:
+        busy = sum(1 for cpu in cpus if peaks.get(cpu, 0.0) > limits.idle_core_busy)
+        if busy < keep:
+            keep = busy if busy > 1 else 1
+    if held:
+        left = len(cpus) - len(held)
+        if keep > left and not growth_confirmed(recent, left, limits):
+            keep = left
+    return keep
+
+
+def lend_order(
+    cpus: frozenset[int], recent: tuple[UsageSample, ...], held: frozenset[int]
+) -> list[int]:
+    """A job's CPUs in the order they are lent: those leases hold now first (a lease keeps
+    its cores while it lasts), then the least busy over the window, then the highest ids."""
+    peaks = cpu_peaks(recent) or {}
+    return sorted(cpus, key=lambda cpu: (cpu not in held, peaks.get(cpu, 0.0), -cpu))
+
+
 def harvest(node: NodeView, limits: Limits, now: float, sizer: JobSizer) -> Decision:
     """Offer unallocated resources plus what each lending job does not need, per ``sizer``.
 
@@ -66,13 +148,13 @@ def harvest(node: NodeView, limits: Limits, now: float, sizer: JobSizer) -> Deci
     reasons: list[tuple[frozenset[int], EvictionReason]] = []
     job_started = False
     # Read once: this loop runs about a million times in a replay.
-    core_margin = limits.core_margin
     min_history = limits.min_history_s
     since = now - limits.history_window_s
     margin_bytes = limits.memory_margin_bytes
     margin_ratio = limits.memory_margin_ratio
     # eviction reasons matter only when there are leases to evict (most decisions have none)
     leases = bool(node.leases)
+    leased_cpus = frozenset().union(*(lease.cpu_ids for lease in node.leases)) if leases else _NONE
     for job in node.jobs:
         cpus = job.cpu_ids
         allocated.update(cpus)
@@ -93,12 +175,15 @@ def harvest(node: NodeView, limits: Limits, now: float, sizer: JobSizer) -> Deci
             recent = history[start:] if start < len(history) else history[-1:]
             cores_demand, memory_demand = sizer(job, recent, limits, now)
             latest = recent[-1].cores_used
-            need = math.ceil((cores_demand if cores_demand > latest else latest) + core_margin)
-            lend = len(cpus) - need
-            if lend > 0:
-                ordered = sorted(cpus)
-                spare.update(ordered[need:] if need > 0 else ordered)
-                kept_cpus.update(ordered[:need] if need > 0 else ())
+            held = cpus & leased_cpus if leases else _NONE
+            keep_n = cores_to_keep(
+                recent, cores_demand if cores_demand > latest else latest, cpus, held, limits
+            )
+            if keep_n < len(cpus):
+                order = lend_order(cpus, recent, held)
+                lent = len(cpus) - keep_n
+                spare.update(order[:lent])
+                kept_cpus.update(order[lent:])
             else:
                 kept_cpus.update(cpus)
             keep = (peak if peak > memory_demand else memory_demand) + margin
@@ -135,7 +220,8 @@ def _size_by_recent_max(
 class HeadroomPolicy:
     """Borg-style reclamation: lend what a job has not used recently, keeping margins.
 
-    Cores: ``allocated - ceil(max cores_used over the window + core_margin)``, highest ids.
+    Cores: a job keeps ``ceil(max cores_used over the window + core_margin - core_noise)``
+    (at least one, no more than its busy cores), lends the rest, idle ones first.
     Memory: ``allocation - observed peak - max(memory_margin_bytes, memory_margin_ratio * allocation)``.
     Plus everything Slurm has not allocated, as ``unallocated`` offers.
     """

@@ -12,7 +12,10 @@ class Limits(BaseModel):
 
     memory_margin_ratio: float = Field(0.10, ge=0, le=1, description="margin above a job's peak, as a share of its allocation")
     memory_margin_bytes: int = Field(256 * 1024**2, ge=0, description="minimum margin above a job's peak, bytes")
-    core_margin: float = Field(0.25, ge=0, description="cores kept free above a job's observed use")
+    core_margin: float = Field(0.0, ge=0, description="cores kept free above a job's observed use, beyond the noise allowance (0: the growth rule and PSI protect the job)")
+    core_noise: float = Field(0.1, ge=0, lt=1, description="use within this of whole cores counts as those cores (rate jitter, the job's own daemons): a job at 1.05 keeps 1 core; also the rise that counts as growth")
+    idle_core_busy: float = Field(0.2, ge=0, le=1, description="a core a job kept below this busy share over the window (per-core accounting) is idle and lent first")
+    cpu_growth_samples: int = Field(2, ge=1, description="a job's use must stay above what it kept for this many consecutive samples before its lent cores are taken back")
     history_window_s: float = Field(300.0, gt=0, description="usage history a policy looks at, seconds")
     min_history_s: float = Field(30.0, ge=0, description="a job younger than this offers nothing of its own")
     percentile: float = Field(95.0, ge=0, le=100, description="predictive: usage percentile sized for")

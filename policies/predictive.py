@@ -7,8 +7,10 @@ Memory adds a linear trend over the window (Wald's two-group slope) extrapolated
 ``limits.trend_horizon_s`` ahead (default 60 s), so a growing job stops lending memory
 before it reaches it.
 
-Margins and floors, the same as ``headroom``: ``limits.core_margin`` cores on top of the
-percentile and never fewer cores than the latest sample uses; memory is never offered below
+Margins and floors, the same as ``headroom`` (its engine): the percentile's whole cores
+(``core_noise`` forgiven, ``core_margin`` added), idle cores lent first where per-core shares
+are known, leased cores kept until growth is confirmed, never fewer cores than the latest
+sample uses; memory is never offered below
 ``observed peak + max(memory_margin_bytes, memory_margin_ratio * allocation)``. A memory
 percentile cannot exceed the peak, so on memory this policy differs from ``headroom`` only
 by the trend: it lends less to growing jobs, never more.
@@ -77,7 +79,7 @@ def size_by_percentile(
 class PredictivePolicy:
     """Autopilot-style sizing: p-th percentile of recent usage plus a memory trend.
 
-    Cores: ``allocated - ceil(max(p95 of cores_used, latest cores_used) + core_margin)``.
+    Cores: ``allocated - ceil(max(p95 of cores_used, latest cores_used) + core_margin - core_noise)``.
     Memory: ``allocation - max(observed peak, trend forecast) - margin``.
     """
 

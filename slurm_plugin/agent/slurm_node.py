@@ -52,17 +52,25 @@ class SlurmNode:
         self._last: NodeView | None = None
 
     @classmethod
-    def live(cls, node: str, *, psi_groups: bool = False, default_colocate: bool = True, slurm_wait_s: float = 0.05) -> SlurmNode:
+    def live(
+        cls, node: str, *, psi_groups: bool = False, default_colocate: bool = True, slurm_wait_s: float = 0.05,
+        window_s: float = 1.0,
+    ) -> SlurmNode:
         """This machine's Slurm node ``node``: allocations from Slurm's CLI, usage from cgroups.
 
         A decision never waits more than ``slurm_wait_s`` for Slurm (a slow answer is picked
         up by a later sample): jobs that start or end reach the agent through the prolog and
-        epilog, and a memory-growth decision must not sit behind ``squeue``.
+        epilog, and a memory-growth decision must not sit behind ``squeue``. ``cores_used`` is
+        measured over ``window_s`` (at least one agent interval): a job that turns a lent core
+        on shows it in the next sample, and the policy's growth rule, not a long averaging
+        window, tells noise from growth.
         """
         from monitors.sampler import Sampler, default_source
         from slurm_plugin.slurm import make_slurm
 
-        sampler = Sampler(node, make_slurm("cli"), default_source(psi_groups=psi_groups), slurm_wait_s=slurm_wait_s)
+        sampler = Sampler(
+            node, make_slurm("cli"), default_source(psi_groups=psi_groups), slurm_wait_s=slurm_wait_s, window_s=window_s,
+        )
         return cls(MonitoredNode(sampler, default_colocate=default_colocate))
 
     @property

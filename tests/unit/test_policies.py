@@ -158,9 +158,12 @@ def test_headroom_evicts_a_lease_when_the_job_needs_its_cores_again() -> None:
     quiet = job(history=steady(1.0, GIB), peak=GIB)
     first = HeadroomPolicy().decide(node(quiet, leases=leases), BARE, NOW)
     assert first.evictions == ()
-    # usage climbs to 2.5 cores: ceil(2.75) = 3 cores kept, core 2 is taken back first
-    busier = job(history=(*steady(1.0, GIB)[:-1], UsageSample(NOW + 1, 2.5, GIB)), peak=GIB)
-    second = HeadroomPolicy().decide(node(busier, leases=leases), BARE, NOW + 1)
+    # one sample at 2.5 cores is not a trend yet: the leases stay
+    blip = job(history=(*steady(1.0, GIB), UsageSample(NOW + 1, 2.5, GIB)), peak=GIB)
+    assert HeadroomPolicy().decide(node(blip, leases=leases), BARE, NOW + 1).evictions == ()
+    # two in a row (cpu_growth_samples): ceil(2.5 - 0.1) = 3 cores kept, core 2 taken back first
+    busier = job(history=(*blip.history, UsageSample(NOW + 2, 2.5, GIB)), peak=GIB)
+    second = HeadroomPolicy().decide(node(busier, leases=leases), BARE, NOW + 2)
     assert reasons(second) == {"low": EvictionReason.CPU_GROWTH}
     assert second.evictions[0].grace_s == BARE.eviction_grace_s  # CPU can wait a moment
 
@@ -272,3 +275,65 @@ def test_decisions_do_not_depend_on_the_process_hash_seed() -> None:
     ]
     assert "EvictionReason.PRESSURE" in runs[0]  # the script reaches the guard's eviction path
     assert runs[0] == runs[1]
+
+
+# --- issue 15: what each core does (shipped defaults, guard on) ----------------------------
+
+
+def _shapes(shares: dict[int, float], seconds: int = 60) -> tuple[UsageSample, ...]:
+    """One sample a second of a job whose CPUs are busy by ``shares`` (the total their sum)."""
+    busy = tuple(sorted(shares.items()))
+    total = sum(shares.values())
+    return tuple(
+        UsageSample(NOW - seconds + 1 + k, total, GIB, 0.0, 0.0, busy) for k in range(seconds)
+    )
+
+
+def _two_core_node(
+    history: tuple[UsageSample, ...], leases: tuple[LeaseView, ...] = ()
+) -> NodeView:
+    job = JobView("j", frozenset({0, 1}), 4 * GIB, GIB, history, True, NOW - 120)
+    return NodeView("n1", frozenset({0, 1}), 8 * GIB, (job,), leases)
+
+
+@pytest.mark.parametrize(
+    ("shape", "shares", "lent"),
+    [
+        ("one busy core of two (the issue's job; was: nothing)", {0: 0.97, 1: 0.0}, {1}),
+        ("the busy core is the highest id: the other one is lent", {0: 0.01, 1: 0.98}, {0}),
+        ("one thread at 50 %", {0: 0.5, 1: 0.0}, {1}),
+        ("threads floating over both cores at 1.0 in total", {0: 0.52, 1: 0.5}, {1}),
+        ("both cores busy", {0: 0.95, 1: 0.9}, set()),
+        ("1.4 cores floating", {0: 0.7, 1: 0.7}, set()),
+    ],
+)
+def test_default_limits_lend_what_each_core_leaves_idle(
+    shape: str, shares: dict[int, float], lent: set[int]
+) -> None:
+    decision = get_policy("headroom").decide(_two_core_node(_shapes(shares)), Limits(), NOW)
+    assert decision.offer.cpu_ids == lent, shape
+
+
+def test_without_per_core_shares_a_whole_busy_core_still_lends_the_other() -> None:
+    history = steady(0.97, GIB, since=NOW - 60, step=1.0)  # cgroup v2 / process scan: total only
+    decision = get_policy("headroom").decide(_two_core_node(history), Limits(), NOW)
+    assert decision.offer.cpu_ids == {1}
+
+
+def test_a_lease_keeps_its_core_while_the_job_floats_onto_it() -> None:
+    # Floating threads at 1.0 run on the lent core now and then: no growth, the lease stays,
+    # and the core it holds stays the lent one (not the one least busy this minute).
+    history = _shapes({0: 0.3, 1: 0.7})
+    leases = (lease("L", {0}, GIB),)
+    decision = get_policy("headroom").decide(_two_core_node(history, leases), Limits(), NOW)
+    assert decision.evictions == () and decision.offer.cpu_ids == {0}
+
+
+def test_pressure_confirms_growth_at_the_first_sample() -> None:
+    history = (
+        *_shapes({0: 0.98, 1: 0.0}),
+        UsageSample(NOW + 1, 1.5, GIB, 30.0, 0.0, ((0, 1.0), (1, 0.5))),
+    )
+    leases = (lease("L", {1}, GIB),)
+    decision = get_policy("headroom").decide(_two_core_node(history, leases), Limits(), NOW + 1)
+    assert reasons(decision) == {"L": EvictionReason.CPU_GROWTH}

@@ -25,14 +25,14 @@ LIMITS = Limits(max_function_share=1.0, cpu_pressure_limit=20.0, pressure_grace_
 
 
 def lender(t: float, cpu_pressure: float = 0.0, job_id: str = "A") -> JobView:
-    """4 cores (0-3) using 1 core: headroom keeps 0-1 and lends 2-3; 16 GiB, peak 2 GiB."""
-    history = tuple(UsageSample(s, 1.0, 2 * GIB) for s in range(0, int(t), 10))
+    """4 cores (0-3) using 1.5 cores: headroom keeps 0-1 and lends 2-3; 16 GiB, peak 2 GiB."""
+    history = tuple(UsageSample(s, 1.5, 2 * GIB) for s in range(0, int(t), 10))
     return JobView(
         job_id,
         frozenset(range(4)),
         16 * GIB,
         2 * GIB,
-        (*history, UsageSample(t, 1.0, 2 * GIB, cpu_pressure, 0.0)),
+        (*history, UsageSample(t, 1.5, 2 * GIB, cpu_pressure, 0.0)),
     )
 
 
