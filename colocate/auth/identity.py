@@ -69,7 +69,10 @@ class Authenticator:
         max_clock_skew_s: float = 60.0,
     ) -> None:
         if "jwt" in methods and not jwt_key:
-            raise ConfigError("jwt needs broker.auth.jwt_key_file (Slurm's AuthAltParameters=jwt_key=)", key="broker.auth.methods")
+            raise ConfigError(
+                "jwt needs broker.auth.jwt_key_file (Slurm's AuthAltParameters=jwt_key=)",
+                key="broker.auth.methods",
+            )
         self.methods = methods
         self._jwt_key = jwt_key
         self._admin_users = frozenset(admin_users)
@@ -78,14 +81,20 @@ class Authenticator:
 
     @classmethod
     def from_files(
-        cls, methods: tuple[str, ...], jwt_key_file: str | None, admin_users: tuple[str, ...], admin_groups: tuple[str, ...]
+        cls,
+        methods: tuple[str, ...],
+        jwt_key_file: str | None,
+        admin_users: tuple[str, ...],
+        admin_groups: tuple[str, ...],
     ) -> Authenticator:
         key = None
         if jwt_key_file:
             try:
                 key = Path(jwt_key_file).read_bytes()
             except OSError as exc:
-                raise ConfigError(f"cannot read the JWT key ({exc.strerror})", path=jwt_key_file) from None
+                raise ConfigError(
+                    f"cannot read the JWT key ({exc.strerror})", path=jwt_key_file
+                ) from None
         return cls(methods, jwt_key=key, admin_users=admin_users, admin_groups=admin_groups)
 
     def authenticate(self, header: str | None, method: str, path: str) -> Identity:
@@ -98,11 +107,15 @@ class Authenticator:
         if scheme == "munge" and "munge" in self.methods:
             cred = munge.decode(value)
             if cred.payload != request_payload(method, path):
-                raise Unauthorized(f"{method} {path}: MUNGE credential was made for another request; make one per request")
+                raise Unauthorized(
+                    f"{method} {path}: MUNGE credential was made for another request; make one per request"
+                )
             return self._identity(cred.uid, cred.gid, "munge")
         if scheme == "bearer" and "jwt" in self.methods:
             return self._jwt(value)
-        accepted = " or ".join({"munge": "MUNGE", "jwt": "Bearer (Slurm JWT)"}[m] for m in self.methods)
+        accepted = " or ".join(
+            {"munge": "MUNGE", "jwt": "Bearer (Slurm JWT)"}[m] for m in self.methods
+        )
         raise Unauthorized(f"{method} {path}: credentials must be {accepted}; {HOW_TO}")
 
     def _jwt(self, token: str) -> Identity:
@@ -111,17 +124,27 @@ class Authenticator:
         assert self._jwt_key is not None
         try:
             claims = jwt.decode(
-                token, self._jwt_key, algorithms=["HS256"], options={"require": ["exp", "iat"]}, leeway=0
+                token,
+                self._jwt_key,
+                algorithms=["HS256"],
+                options={"require": ["exp", "iat"]},
+                leeway=0,
             )
         except jwt.ExpiredSignatureError:
-            raise Unauthorized("Slurm JWT has expired; get a new one with `scontrol token`") from None
+            raise Unauthorized(
+                "Slurm JWT has expired; get a new one with `scontrol token`"
+            ) from None
         except jwt.InvalidTokenError as exc:
-            raise Unauthorized(f"Slurm JWT refused ({exc}); get one with `scontrol token`") from None
+            raise Unauthorized(
+                f"Slurm JWT refused ({exc}); get one with `scontrol token`"
+            ) from None
         if float(claims["iat"]) > time.time() + self._skew:
             raise Unauthorized("Slurm JWT was issued in the future; check the clocks")
         user = claims.get("sun") or claims.get("username")
         if not isinstance(user, str) or not user:
-            raise Unauthorized("Slurm JWT names no user (claim `sun`); get one with `scontrol token`")
+            raise Unauthorized(
+                "Slurm JWT names no user (claim `sun`); get one with `scontrol token`"
+            )
         try:
             entry = pwd.getpwnam(user)
         except KeyError:
@@ -138,7 +161,9 @@ class Authenticator:
             groups = tuple(g.gr_name for g in grp.getgrall() if user in g.gr_mem or g.gr_gid == gid)
         except KeyError:
             groups = ()
-        admin = uid == 0 or user in self._admin_users or bool(self._admin_groups.intersection(groups))
+        admin = (
+            uid == 0 or user in self._admin_users or bool(self._admin_groups.intersection(groups))
+        )
         return Identity(uid, gid, user, groups, admin, method)
 
 

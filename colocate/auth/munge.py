@@ -48,11 +48,20 @@ class MungeCredential:
 class _Lib:
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.lib = lib
-        lib.munge_encode.argtypes = [ctypes.POINTER(ctypes.c_char_p), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        lib.munge_encode.argtypes = [
+            ctypes.POINTER(ctypes.c_char_p),
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int,
+        ]
         lib.munge_encode.restype = ctypes.c_int
         lib.munge_decode.argtypes = [
-            ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int),
-            ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint32),
+            ctypes.c_char_p,
+            ctypes.c_void_p,
+            ctypes.POINTER(ctypes.c_void_p),
+            ctypes.POINTER(ctypes.c_int),
+            ctypes.POINTER(ctypes.c_uint32),
+            ctypes.POINTER(ctypes.c_uint32),
         ]
         lib.munge_decode.restype = ctypes.c_int
         lib.munge_strerror.argtypes = [ctypes.c_int]
@@ -65,7 +74,9 @@ class _Lib:
         buf = ctypes.create_string_buffer(payload, len(payload)) if payload else None
         err = self.lib.munge_encode(ctypes.byref(cred), None, buf, len(payload))
         if err != 0:
-            raise BackendUnavailable(f"munged refused to make a credential: {self._text(err)}; is munged running?")
+            raise BackendUnavailable(
+                f"munged refused to make a credential: {self._text(err)}; is munged running?"
+            )
         try:
             assert cred.value is not None
             return cred.value.decode()
@@ -78,7 +89,12 @@ class _Lib:
         uid = ctypes.c_uint32()
         gid = ctypes.c_uint32()
         err = self.lib.munge_decode(
-            credential.encode(), None, ctypes.byref(buf), ctypes.byref(length), ctypes.byref(uid), ctypes.byref(gid)
+            credential.encode(),
+            None,
+            ctypes.byref(buf),
+            ctypes.byref(length),
+            ctypes.byref(uid),
+            ctypes.byref(gid),
         )
         try:
             payload = ctypes.string_at(buf, length.value) if buf.value and length.value > 0 else b""
@@ -86,7 +102,9 @@ class _Lib:
             if buf.value:
                 self.libc.free(buf)
         if err in (_EMUNGE_SOCKET, _EMUNGE_TIMEOUT) or (err and err not in _CRED_ERRORS):
-            raise BackendUnavailable(f"cannot check the MUNGE credential: {self._text(err)}; is munged running?")
+            raise BackendUnavailable(
+                f"cannot check the MUNGE credential: {self._text(err)}; is munged running?"
+            )
         if err:
             raise Unauthorized(f"MUNGE {_CRED_ERRORS[err]}")
         return MungeCredential(uid.value, gid.value, payload)
@@ -101,18 +119,35 @@ class _Commands:
 
     def encode(self, payload: bytes) -> str:
         try:
-            done = subprocess.run(["munge", "-s", payload.decode()], capture_output=True, text=True, timeout=10, check=False)
+            done = subprocess.run(
+                ["munge", "-s", payload.decode()],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise BackendUnavailable(f"cannot run `munge` ({exc}); install munge and start munged") from None
+            raise BackendUnavailable(
+                f"cannot run `munge` ({exc}); install munge and start munged"
+            ) from None
         if done.returncode != 0:
             raise BackendUnavailable(f"munge failed: {done.stderr.strip()}; is munged running?")
         return done.stdout.strip()
 
     def decode(self, credential: str) -> MungeCredential:
         try:
-            done = subprocess.run(["unmunge"], input=credential, capture_output=True, text=True, timeout=10, check=False)
+            done = subprocess.run(
+                ["unmunge"],
+                input=credential,
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise BackendUnavailable(f"cannot run `unmunge` ({exc}); install munge and start munged") from None
+            raise BackendUnavailable(
+                f"cannot run `unmunge` ({exc}); install munge and start munged"
+            ) from None
         fields: dict[str, str] = {}
         lines = done.stdout.splitlines()
         for i, line in enumerate(lines):
@@ -124,7 +159,9 @@ class _Commands:
         else:
             payload = b""
         if done.returncode != 0:
-            raise Unauthorized(f"MUNGE credential refused: {done.stderr.strip() or fields.get('STATUS', '?')}")
+            raise Unauthorized(
+                f"MUNGE credential refused: {done.stderr.strip() or fields.get('STATUS', '?')}"
+            )
         try:
             uid = int(fields["UID"].rsplit("(", 1)[1].rstrip(")"))
             gid = int(fields["GID"].rsplit("(", 1)[1].rstrip(")"))
@@ -154,7 +191,9 @@ def encode(payload: bytes = b"") -> str:
     """A fresh credential for this process's uid/gid carrying ``payload``."""
     backend = _backend()
     if backend is None:
-        raise BackendUnavailable("MUNGE is not installed here; install munge or use a Slurm JWT (SLURM_JWT)")
+        raise BackendUnavailable(
+            "MUNGE is not installed here; install munge or use a Slurm JWT (SLURM_JWT)"
+        )
     return backend.encode(payload)
 
 
@@ -162,7 +201,9 @@ def decode(credential: str) -> MungeCredential:
     """Check ``credential`` with munged: Unauthorized when bad, expired or replayed."""
     backend = _backend()
     if backend is None:
-        raise BackendUnavailable("MUNGE is not installed on the broker host; install munge and start munged")
+        raise BackendUnavailable(
+            "MUNGE is not installed on the broker host; install munge and start munged"
+        )
     if not credential.isascii() or len(credential) > 16384:
         raise Unauthorized("MUNGE credential is malformed")
     return backend.decode(credential)

@@ -71,10 +71,20 @@ class LedgerRow:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "lease_id": self.lease_id, "user": self.owner.user, "uid": self.owner.uid, "account": self.owner.account,
-            "node": self.node, "cores": self.cores, "memory_bytes": self.memory_bytes, "start": self.start,
-            "expires_at": self.expires_at, "last_seen": self.last_seen, "end": self.end,
-            "end_reason": self.end_reason, "core_seconds": self.core_seconds, "gib_seconds": self.gib_seconds,
+            "lease_id": self.lease_id,
+            "user": self.owner.user,
+            "uid": self.owner.uid,
+            "account": self.owner.account,
+            "node": self.node,
+            "cores": self.cores,
+            "memory_bytes": self.memory_bytes,
+            "start": self.start,
+            "expires_at": self.expires_at,
+            "last_seen": self.last_seen,
+            "end": self.end,
+            "end_reason": self.end_reason,
+            "core_seconds": self.core_seconds,
+            "gib_seconds": self.gib_seconds,
             "money": self.money,
         }
 
@@ -88,7 +98,9 @@ _COLUMNS = (
 class Ledger:
     """A SQLite ledger at ``path`` (created with its directory; mode 0600). Thread-safe."""
 
-    def __init__(self, path: str | Path, prices: Prices | None = None, *, synchronous: str = "NORMAL") -> None:
+    def __init__(
+        self, path: str | Path, prices: Prices | None = None, *, synchronous: str = "NORMAL"
+    ) -> None:
         self.path = str(path)
         self.prices = prices or Prices()
         try:
@@ -101,7 +113,10 @@ class Ledger:
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
-            raise ConfigError(f"cannot open the ledger ({exc}); set broker.ledger to a writable file", path=self.path) from None
+            raise ConfigError(
+                f"cannot open the ledger ({exc}); set broker.ledger to a writable file",
+                path=self.path,
+            ) from None
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
@@ -118,16 +133,39 @@ class Ledger:
     def _usage(self, cores: int, memory_bytes: int, seconds: float) -> tuple[float, float, float]:
         seconds = max(0.0, seconds)
         core_s = cores * seconds
-        return core_s, memory_bytes / GIB * seconds, self.prices.resource_cost(core_s, memory_bytes * seconds)
+        return (
+            core_s,
+            memory_bytes / GIB * seconds,
+            self.prices.resource_cost(core_s, memory_bytes * seconds),
+        )
 
     def open(
-        self, lease_id: str, owner: Owner, node: str, cores: int, memory_bytes: int, start: float, expires_at: float
+        self,
+        lease_id: str,
+        owner: Owner,
+        node: str,
+        cores: int,
+        memory_bytes: int,
+        start: float,
+        expires_at: float,
     ) -> None:
         """A lease was granted (idempotent: a second open of the same id changes nothing)."""
         with self._tx() as db:
             db.execute(
                 f"INSERT OR IGNORE INTO leases ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,NULL,NULL,0,0,0)",
-                (lease_id, owner.uid, owner.gid, owner.user, owner.account, node, cores, memory_bytes, start, expires_at, start),
+                (
+                    lease_id,
+                    owner.uid,
+                    owner.gid,
+                    owner.user,
+                    owner.account,
+                    node,
+                    cores,
+                    memory_bytes,
+                    start,
+                    expires_at,
+                    start,
+                ),
             )
 
     def renew(self, lease_id: str, expires_at: float, now: float) -> None:
@@ -142,14 +180,18 @@ class Ledger:
         ids = [(now, i) for i in lease_ids]
         if ids:
             with self._tx() as db:
-                db.executemany("UPDATE leases SET last_seen=MAX(last_seen, ?) WHERE lease_id=? AND end IS NULL", ids)
+                db.executemany(
+                    "UPDATE leases SET last_seen=MAX(last_seen, ?) WHERE lease_id=? AND end IS NULL",
+                    ids,
+                )
 
     def close(self, lease_id: str, end: float, reason: str) -> bool:
         """The lease ended at ``end`` (``released``, ``expired``, ``evicted``, ``lost``).
         False when it was not open (unknown or already closed)."""
         with self._tx() as db:
             row = db.execute(
-                "SELECT cores, memory_bytes, start FROM leases WHERE lease_id=? AND end IS NULL", (lease_id,)
+                "SELECT cores, memory_bytes, start FROM leases WHERE lease_id=? AND end IS NULL",
+                (lease_id,),
             ).fetchone()
             if row is None:
                 return False
@@ -168,7 +210,12 @@ class Ledger:
         return [self._row(r) for r in rows]
 
     def rows(
-        self, *, user: str | None = None, account: str | None = None, since: float | None = None, limit: int = 100_000
+        self,
+        *,
+        user: str | None = None,
+        account: str | None = None,
+        since: float | None = None,
+        limit: int = 100_000,
     ) -> list[LedgerRow]:
         """Leases that ran at or after ``since`` (all when None), oldest first."""
         where, args = self._filter(user, account, since)
@@ -179,7 +226,9 @@ class Ledger:
         return [self._row(r) for r in found]
 
     @staticmethod
-    def _filter(user: str | None, account: str | None, since: float | None) -> tuple[str, tuple[Any, ...]]:
+    def _filter(
+        user: str | None, account: str | None, since: float | None
+    ) -> tuple[str, tuple[Any, ...]]:
         clauses: list[str] = []
         args: list[Any] = []
         if user is not None:
@@ -193,7 +242,9 @@ class Ledger:
             args.append(since)
         return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(args)
 
-    def core_seconds_since(self, since: float, now: float, *, user: str | None = None, account: str | None = None) -> float:
+    def core_seconds_since(
+        self, since: float, now: float, *, user: str | None = None, account: str | None = None
+    ) -> float:
         """Core-seconds held between ``since`` and ``now`` (open leases count up to ``now``)."""
         where, args = self._filter(user, account, None)
         where = (where + " AND " if where else " WHERE ") + "COALESCE(end, ?) > ?"
@@ -216,13 +267,40 @@ class Ledger:
             ]
 
     def _row(self, r: Sequence[Any]) -> LedgerRow:
-        (lease_id, uid, gid, user, account, node, cores, memory, start, expires_at, last_seen, end, reason,
-         core_s, gib_s, money) = r
+        (
+            lease_id,
+            uid,
+            gid,
+            user,
+            account,
+            node,
+            cores,
+            memory,
+            start,
+            expires_at,
+            last_seen,
+            end,
+            reason,
+            core_s,
+            gib_s,
+            money,
+        ) = r
         if end is None:  # open: usage so far, to the last time it was seen running
             core_s, gib_s, money = self._usage(cores, memory, last_seen - start)
         return LedgerRow(
-            lease_id, Owner(uid, gid, user, account), node, cores, memory, start, expires_at, last_seen, end, reason,
-            float(core_s), float(gib_s), float(money),
+            lease_id,
+            Owner(uid, gid, user, account),
+            node,
+            cores,
+            memory,
+            start,
+            expires_at,
+            last_seen,
+            end,
+            reason,
+            float(core_s),
+            float(gib_s),
+            float(money),
         )
 
     def close_db(self) -> None:

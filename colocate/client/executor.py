@@ -16,10 +16,12 @@ bad token; ``BadRequest`` for anything the worker found malformed.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import itertools
 import json
 import logging
 import os
+import secrets
 import socket
 import sys
 import threading
@@ -42,6 +44,7 @@ from colocate.errors import (
     PayloadTooLarge,
     Unauthorized,
 )
+from colocate.tokens import hello_proof
 
 log = logging.getLogger(__name__)
 
@@ -213,14 +216,26 @@ class _Connection:
         self.write_failed = False
 
     # -- handshake -----------------------------------------------------------------------
-    def hello(self, token: str) -> dict[str, Any]:
-        self.send(P.frame(P.HELLO, 0, P.VERSION, 0, token.encode()))
+    def hello(self, token: str, lease_key: str = "") -> dict[str, Any]:
+        """Present the token; with ``lease_key`` (hex, from the grant) also send a nonce and
+        check the executor's proof that it is the one the broker placed."""
+        nonce = secrets.token_hex(16) if lease_key else ""
+        self.send(P.frame(P.HELLO, 0, P.VERSION, 0, f"{token} {nonce}".encode() if nonce else token.encode()))
         status, _flags, body = self._read_frame_blocking()
         if status != P.OK:
             self.close()
             raise _error(status, body, self.lease_id)
         self.sock.settimeout(None)
         welcome: dict[str, Any] = json.loads(body)
+        if nonce:
+            proof = welcome.get("proof")
+            expected = hello_proof(bytes.fromhex(lease_key), nonce.encode())
+            if not isinstance(proof, str) or not hmac.compare_digest(proof, expected):
+                self.close()
+                raise Unauthorized(
+                    f"executor at {self.url} could not prove it serves lease {self.lease_id}; "
+                    "it is not the one the broker placed (fake node or hijacked address)"
+                )
         return welcome
 
     def _read_frame_blocking(self) -> tuple[int, int, bytes]:
@@ -492,7 +507,9 @@ class LeaseExecutor(Executor):
 
     ``address`` is a worker's ``tcp://host:port`` or ``unix:///path``; the handshake tells the
     client where the lease's other workers are and ``workers`` connections are opened (at most
-    one per worker). ``token`` is the lease token from the broker. Functions are callables
+    one per worker). ``token`` is the lease token from the broker; with ``lease_key`` (the
+    grant's, hex) every connection checks that the executor proves it serves the lease
+    (Unauthorized otherwise). Functions are callables
     (shipped with cloudpickle) or ``"module:function"`` strings importable on the node; each is
     shipped once per connection, ``functions`` at connect time, others on first use.
     ``map`` sends every call at once, ``chunksize`` per write (pipelined). With
@@ -514,6 +531,7 @@ class LeaseExecutor(Executor):
         functions: Sequence[Callable[..., Any] | str] = (),
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
         prefer_unix: bool = True,
+        lease_key: str = "",
     ) -> None:
         self.lease_id = lease_id
         self._ids = itertools.count(1)
@@ -525,12 +543,12 @@ class LeaseExecutor(Executor):
         self._shutdown = False
         self._rr = itertools.count()
         first = _Connection(_connect(address, connect_timeout_s), address, lease_id)
-        welcome = first.hello(token)
+        welcome = first.hello(token, lease_key)
         local = self._same_node_socket(address, welcome) if prefer_unix else None
         if local is not None:  # same node: the worker's Unix socket is a shorter path
             try:
                 unix = _Connection(_connect(local, connect_timeout_s), local, lease_id)
-                if unix.hello(token).get("pid") == welcome.get("pid"):
+                if unix.hello(token, lease_key).get("pid") == welcome.get("pid"):
                     first.close()
                     first, address = unix, local
                 else:
@@ -544,7 +562,7 @@ class LeaseExecutor(Executor):
         for url in self._other_workers(address, welcome)[: max(0, workers - 1)]:
             conn = _Connection(_connect(url, connect_timeout_s), url, lease_id)
             try:
-                conn.hello(token)
+                conn.hello(token, lease_key)
             except ColocateError:
                 for c in self._conns:
                     c.close()

@@ -226,6 +226,7 @@ class Lease:
             workers=workers or self.cores,
             max_payload_bytes=max_payload_bytes or self._grant.max_payload_bytes,
             functions=tuple(functions),
+            lease_key=self._grant.lease_key,
         )
         with self._lock:
             self._executors.append(executor)

@@ -403,6 +403,10 @@ class ExecutorSupervisor:
             if lease is None:
                 return
             lease.handle = dataclasses.replace(lease.handle, expires_at=float(expires_at))
+            verifiers = [self._verifier, self._lease_verifiers.get(lease_id)]
+        for verifier in verifiers:  # tokens of the old expiry are refused from now on
+            if verifier is not None:
+                verifier.renewed(lease_id, float(expires_at))
         _write_expiry(lease.lease_dir, expires_at)
         self._write_state(lease)
 

@@ -4,9 +4,11 @@ Workers run user code, so they must not hold the cluster secret (it would let on
 tokens for others). A worker connects to this root-only Unix socket before it drops
 privileges and keeps the connection. Messages are ``u32 length + kind byte + body``:
 
-- ``V`` + token: the answer is ``u32 length + JSON``: ``{"status": "ok", "lease_id", "node",
-  "cpu_ids", "expires_at"}`` or ``{"status": "unauthorized" | "expired", "message"}``. The
-  verifier only answers yes or no.
+- ``V`` + token [+ space + nonce]: the answer is ``u32 length + JSON``: ``{"status": "ok",
+  "lease_id", "node", "cpu_ids", "expires_at"[, "proof"]}`` or ``{"status": "unauthorized" |
+  "expired", "message"}``. ``proof`` is HMAC(lease key, nonce): the client checks it with the
+  lease key of its grant, so a worker (which never holds the key) proves it is the executor the
+  broker placed. A token older than the lease's last renewal is refused.
 - ``T`` + JSON: the worker's invocation counts since its last report
   (``colocate.metrics.events.InvocationTally.drain()`` plus ``lease_id``); no answer.
 """
@@ -26,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from colocate.errors import ColocateError, LeaseExpired
-from colocate.tokens import verify_lease
+from colocate.tokens import hello_proof, lease_key, verify_lease
 
 _LEN = struct.Struct("<I")
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -42,6 +44,8 @@ class TokenVerifier:
         self.path = path
         self._secret = secret
         self._on_tally = on_tally
+        self._expiry: dict[str, float] = {}  # lease -> expiry of its current token (after renewals)
+        self._renew_lock = threading.Lock()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -61,7 +65,15 @@ class TokenVerifier:
         )
         self._thread.start()
 
-    def answer(self, token: bytes) -> dict[str, Any]:
+    def renewed(self, lease_id: str, expires_at: float) -> None:
+        """The lease was renewed to ``expires_at``: tokens of an earlier expiry are refused."""
+        with self._renew_lock:
+            self._expiry[lease_id] = max(expires_at, self._expiry.get(lease_id, 0.0))
+
+    def answer(self, hello: bytes) -> dict[str, Any]:
+        """``hello`` is the client's HELLO body: the token, then optionally a space and a nonce
+        (hex), answered with ``proof`` = HMAC(lease key, nonce)."""
+        token, _, nonce = hello.partition(b" ")
         try:
             claims = verify_lease(self._secret, token.decode(), time.time())
         except ColocateError as exc:
@@ -69,13 +81,20 @@ class TokenVerifier:
             return {"status": status, "message": str(exc)}
         except UnicodeDecodeError:
             return {"status": "unauthorized", "message": "lease token is not text"}
-        return {
+        with self._renew_lock:
+            current = self._expiry.get(claims.lease_id)
+        if current is not None and claims.expires_at < current - 1e-3:
+            return {"status": "unauthorized", "message": "token was replaced when the lease was renewed; use the new one"}
+        answer: dict[str, Any] = {
             "status": "ok",
             "lease_id": claims.lease_id,
             "node": claims.node,
             "cpu_ids": list(claims.cpu_ids),
             "expires_at": claims.expires_at,
         }
+        if nonce:
+            answer["proof"] = hello_proof(lease_key(self._secret, claims.lease_id), nonce[:128])
+        return answer
 
     def _run(self) -> None:
         while not self._stop:

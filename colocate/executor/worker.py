@@ -317,6 +317,7 @@ class Worker:
             "max_payload_bytes": spec.max_payload_bytes,
         }
         self.welcome = P.frame(P.REPLY, 0, P.OK, 0, json.dumps(welcome).encode())
+        self.welcome_fields = welcome  # + "proof" when the client sent a HELLO nonce (issue 12)
 
     # -- eviction -------------------------------------------------------------------------
     def on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -624,7 +625,9 @@ class Worker:
             self.unauthed.pop(conn.sock.fileno(), None)
             if len(conn.buf) < _BUF:  # a holder's connection: the full buffer from now on
                 self._make_room(conn, _BUF)
-            out.append(self.welcome)
+            proof = answer.get("proof")  # the verifier's answer to the client's nonce
+            out.append(self.welcome if proof is None else P.frame(
+                P.REPLY, 0, P.OK, 0, json.dumps({**self.welcome_fields, "proof": proof}).encode()))
             return True
         code = P.EXPIRED if status == "expired" else P.UNAUTHORIZED
         out.append(P.frame(P.REPLY, 0, code, 0, str(answer.get("message", status)).encode()))

@@ -81,7 +81,17 @@ def as_user(user: str, code: str, /, **values: Any) -> dict[str, Any]:
         + "\nprint(json.dumps({'ok': out}))\n"
     )
     done = subprocess.run(
-        ["/usr/sbin/runuser", "-u", user, "--", sys.executable, "-c", script, json.dumps(values), body],
+        [
+            "/usr/sbin/runuser",
+            "-u",
+            user,
+            "--",
+            sys.executable,
+            "-c",
+            script,
+            json.dumps(values),
+            body,
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -264,3 +274,74 @@ def test_usage_shows_each_users_leases_to_them_and_everything_to_root(
     records = json.loads(done.stdout)["records"]
     assert {r["lease_id"] for r in mine} <= {r["lease_id"] for r in records}
     assert pwd.getpwnam(a).pw_uid in {r["uid"] for r in records}
+
+
+def test_renewal_gives_a_new_token_and_the_executor_refuses_the_old_one(
+    cluster: Service, users: tuple[str, str]
+) -> None:
+    a, _ = users
+    code = """
+    from colocate.client.executor import LeaseExecutor
+    from colocate.errors import Unauthorized
+    client = Client(values["url"])
+    lease = client.lease(cores=1, memory="256MiB", duration="1m")
+    old = lease.token
+    lease.renew("2m")
+    try:
+        LeaseExecutor(lease.address, old, lease_id=lease.lease_id, workers=1)
+        refused = None
+    except Unauthorized as exc:
+        refused = str(exc)
+    ex = lease.executor()
+    out = {"refused": refused, "changed": old != lease.token, "result": ex.invoke("math:factorial", 4)}
+    lease.release()
+    """
+    got = as_user(a, code, url=cluster.url)["ok"]
+    assert got["changed"] and got["result"] == 24
+    assert got["refused"] is not None and "renewed" in got["refused"]
+
+
+def test_client_refuses_an_executor_that_cannot_prove_the_lease(cluster: Service) -> None:
+    """A fake node answering HELLO like an executor, without the lease key: the client stops
+    before sending any function or argument (it would unpickle what the fake returns)."""
+    import socket
+    import threading
+
+    from colocate import Client, Unauthorized
+    from colocate import protocol as P
+    from colocate.client.executor import LeaseExecutor
+
+    with (
+        Client(cluster.url) as client,
+        client.lease(cores=1, memory="256MiB", duration="1m") as lease,
+    ):
+        server = socket.create_server(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+
+        def fake() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(65536)
+                welcome = {
+                    "pid": 1,
+                    "workers": [],
+                    "max_payload_bytes": 1 << 20,
+                    "proof": "00" * 32,
+                }
+                conn.sendall(P.frame(P.REPLY, 0, P.OK, 0, json.dumps(welcome).encode()))
+                conn.recv(1)
+
+        thread = threading.Thread(target=fake, daemon=True)
+        thread.start()
+        with pytest.raises(Unauthorized, match="could not prove it serves lease"):
+            LeaseExecutor(
+                f"tcp://127.0.0.1:{port}",
+                lease.token,
+                lease_id=lease.lease_id,
+                workers=1,
+                lease_key=lease._grant.lease_key,
+                prefer_unix=False,
+            )
+        server.close()
+        # the real executor proves it
+        assert lease.executor().invoke("math:factorial", 3) == 6

@@ -54,9 +54,9 @@ def test_replies_that_are_not_error_bodies_name_the_service() -> None:
 
 
 def test_payload_and_config_errors_arrive_as_bad_requests() -> None:
-    for exc in (errors.PayloadTooLarge(10, 5), ConfigError("cannot read size 'lots'")):
+    for exc, status in ((errors.PayloadTooLarge(10, 5), 413), (ConfigError("cannot read size 'lots'"), 400)):
         reply = error_reply(exc)
-        assert reply.status_code == 400
+        assert reply.status_code == status
         with pytest.raises(errors.BadRequest, match=str(exc)[:20]):
             raise_for_reply(reply.status_code, json.loads(bytes(reply.body)), "agent")
 
