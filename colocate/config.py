@@ -129,6 +129,9 @@ class AgentConfig(_Section):
     # v1 only: give each job a tracking group in the unified hierarchy so PSI evictions see
     # the job's own pressure (node-wide PSI otherwise).
     psi_groups: bool = False
+    # How the agent asks Slurm: "cli" (squeue/sinfo/scontrol) or "pyslurm" (in-process, about
+    # 9x faster per query; needs pyslurm built for this Slurm release, see deploy/README.md).
+    slurm_backend: Literal["cli", "pyslurm"] = "cli"
 
 
 class Config(_Section):

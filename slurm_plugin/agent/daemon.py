@@ -150,7 +150,8 @@ def run_slurm_agent(config: Config, agent_config: AgentConfig, secret: bytes, no
     control_path = socket_path_for(agent_config.control_socket, node)
     with contextlib.ExitStack() as stack:
         source = SlurmNode.live(
-            node, psi_groups=agent_config.psi_groups, default_colocate=agent_config.default_colocate == "allow"
+            node, psi_groups=agent_config.psi_groups, default_colocate=agent_config.default_colocate == "allow",
+            slurm_backend=agent_config.slurm_backend,
         )
         stack.callback(source.close)
         metrics = AgentMetrics(node, config.prices, listen=agent_config.metrics_listen)

@@ -54,9 +54,10 @@ class SlurmNode:
     @classmethod
     def live(
         cls, node: str, *, psi_groups: bool = False, default_colocate: bool = True, slurm_wait_s: float = 0.05,
-        window_s: float = 1.0,
+        window_s: float = 1.0, slurm_backend: str = "cli",
     ) -> SlurmNode:
-        """This machine's Slurm node ``node``: allocations from Slurm's CLI, usage from cgroups.
+        """This machine's Slurm node ``node``: allocations from Slurm (``slurm_backend``: ``cli``
+        or ``pyslurm``), usage from cgroups.
 
         A decision never waits more than ``slurm_wait_s`` for Slurm (a slow answer is picked
         up by a later sample): jobs that start or end reach the agent through the prolog and
@@ -69,7 +70,8 @@ class SlurmNode:
         from slurm_plugin.slurm import make_slurm
 
         sampler = Sampler(
-            node, make_slurm("cli"), default_source(psi_groups=psi_groups), slurm_wait_s=slurm_wait_s, window_s=window_s,
+            node, make_slurm(slurm_backend), default_source(psi_groups=psi_groups), slurm_wait_s=slurm_wait_s,
+            window_s=window_s,
         )
         return cls(MonitoredNode(sampler, default_colocate=default_colocate))
 

@@ -8,10 +8,12 @@ Needs pyslurm built for this Slurm (``scripts/setup --dev`` installs the 22.5.3 
 from __future__ import annotations
 
 import importlib.util
+import time
 
 import pytest
 
 from colocate.errors import ConfigError
+from slurm_plugin.agent.slurm_node import SlurmNode
 from slurm_plugin.slurm import CliSlurm, JobOnNode, NodeInfo, PyslurmSlurm, make_slurm
 from tests.conftest import require
 from tests.integration.conftest import JobSubmitter, SlurmCluster, python_job
@@ -121,3 +123,22 @@ def test_unknown_node_is_a_config_error_naming_it(
 def test_version_matches_the_cli(backends: tuple[CliSlurm, PyslurmSlurm]) -> None:
     cli, py = backends
     assert py.version() == cli.version()
+
+
+def test_the_agents_node_source_sees_the_same_job_through_pyslurm(
+    slurm_jobs: JobSubmitter, backends: tuple[CliSlurm, PyslurmSlurm]
+) -> None:
+    """``[agent] slurm_backend = "pyslurm"``: the agent's view of a job is the CLI one."""
+    job = slurm_jobs.submit(python_job("import time; time.sleep(120)"), "-N1", "-c1", "--mem=200M")
+    node = job.nodes[0]
+    seen = {}
+    for backend in ("cli", "pyslurm"):
+        source = SlurmNode.live(node, slurm_backend=backend, slurm_wait_s=10.0)
+        try:
+            jobs = {j.job_id: j for j in source.view(time.time()).jobs}
+        finally:
+            source.close()
+        assert job.job_id in jobs, f"{backend}: the agent does not see job {job.job_id}"
+        seen[backend] = (jobs[job.job_id].cpu_ids, jobs[job.job_id].memory_allocated_bytes)
+    assert seen["pyslurm"] == seen["cli"]
+    assert len(seen["pyslurm"][0]) == 1 and seen["pyslurm"][1] == 200 * MIB

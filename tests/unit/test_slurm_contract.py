@@ -156,3 +156,12 @@ def test_pyslurm_without_the_object_api_is_refused(monkeypatch: pytest.MonkeyPat
     monkeypatch.setitem(sys.modules, "pyslurm", old)
     with pytest.raises(ConfigError, match=r"pyslurm 22\.5\.0 predates the object API"):
         PyslurmSlurm(slurm_version="22.05.8")
+
+
+def test_the_agent_picks_its_slurm_backend_by_config() -> None:
+    from colocate.config import load_config
+
+    config = load_config(None, env={"COLOCATE_AGENT__SLURM_BACKEND": "pyslurm"})
+    assert config.agent.slurm_backend == "pyslurm"
+    with pytest.raises(ConfigError, match="slurm_backend"):
+        load_config(None, env={"COLOCATE_AGENT__SLURM_BACKEND": "rest"})
