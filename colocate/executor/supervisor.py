@@ -184,6 +184,7 @@ class ExecutorSupervisor:
         self._closed = False
         self._preload = (*config.preload_modules, *preload)
         self._adopted_forkservers: list[socket.socket] = []
+        self._detached = False
         self._lease_verifiers: dict[str, TokenVerifier] = {}
         self._secret = secret
         try:
@@ -681,13 +682,35 @@ class ExecutorSupervisor:
                         with contextlib.suppress(ProcessLookupError, PermissionError):
                             os.kill(pid, signal.SIGKILL)
 
+    @property
+    def detached(self) -> bool:
+        """True after :meth:`detach`: the executors are left to the next agent."""
+        return self._detached
+
+    def detach(self) -> None:
+        """Leave the executors running for the next agent on this node (an upgrade, a restart):
+        :meth:`close` then neither evicts them nor removes their files; their fork servers wait
+        ``adopt_window_s`` for the successor, which adopts them."""
+        self._detached = True
+
     def close(self) -> None:
-        """Evict every executor, stop the fork server and the verifier."""
+        """Evict every executor, stop the fork server and the verifier (after :meth:`detach`:
+        leave the executors to the next agent instead)."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             leases = list(self._leases)
+        if self._detached:
+            self._fork_sock.close()  # it waits for the successor: its workers live on
+            for sock in self._adopted_forkservers:
+                sock.close()
+            for verifier in (self._verifier, *self._lease_verifiers.values()):
+                verifier.close()
+            for fd in (fd for lease in self._leases.values() for fd in lease.pidfds.values()):
+                os.close(fd)
+            log.warning("left %d executor(s) to the next agent: %s", len(leases), sorted(leases))
+            return
         for lease_id in leases:
             self.evict(lease_id)
         self._fork_sock.close()

@@ -453,8 +453,11 @@ class Agent:
 
     def shutdown(self) -> None:
         """The agent is going away: evict every lease (their calls end LeaseEvicted) and tell
-        the broker the node offers nothing, so it drops the leases now, not at expiry."""
+        the broker the node offers nothing, so it drops the leases now, not at expiry. A backend
+        that was detached (a restart: the next agent adopts its executors) keeps them all."""
         self.stop()
+        if getattr(self.executors, "detached", False):
+            return
         for lease_id in list(self._leases):
             with contextlib.suppress(LeaseError):
                 self.revoke(lease_id, grace_s=0.0, reason=EvictionReason.AGENT_STOPPED)

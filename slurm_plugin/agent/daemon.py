@@ -5,12 +5,19 @@ the configured policy with its guard, the executor supervisor (lease cgroups und
 agent's own ``colocate/<node>/`` subtree), the metrics (:class:`colocate.metrics.AgentMetrics`
 on ``agent.metrics_listen``), the control socket for the hooks
 (:class:`~slurm_plugin.agent.slurm_control.SlurmControl`) and the HTTP API for the broker.
+
+Stopping: SIGTERM or SIGINT evicts every lease and tells the broker. SIGUSR1 restarts without
+harm (an upgrade): the agent exits leaving its executors running; the next agent started on
+this node within ``executor.adopt_window_s`` with the same ``state_dir`` adopts them, and their
+clients see no error. A SIGKILLed or crashed agent's executors are adopted the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
 import socket
 from typing import TYPE_CHECKING
 
@@ -93,6 +100,14 @@ def open_agent(
             f"cannot set up executors in {agent_config.state_dir} ({exc}); pass a short, writable --state-dir"
         ) from None
     stack.callback(supervisor.close)
+
+    def restart(_signum: int, _frame: object) -> None:
+        log.warning("SIGUSR1: exiting for a restart; the next agent adopts the executors")
+        supervisor.detach()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with contextlib.suppress(ValueError):  # not the main thread (tests): no restart signal
+        signal.signal(signal.SIGUSR1, restart)
     agent = Agent(
         source,
         policy,

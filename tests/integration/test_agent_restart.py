@@ -206,3 +206,34 @@ def test_a_control_socket_flood_loses_no_eviction_and_no_deny(
             os.killpg(flood.pid, signal.SIGKILL)  # the flood and the processes it forked
             flood.wait()
         subprocess.run(["userdel", user], capture_output=True, check=False)
+
+
+def test_an_upgrade_restart_keeps_every_lease_and_its_clients_see_no_error(
+    tmp_path: Path,
+    broker: Service,
+    agent_on: dict[str, SlurmAgent],
+    jobs: JobSubmitter,
+    slurm_cluster: SlurmCluster,
+) -> None:
+    node = idle_node(slurm_cluster)
+    agent = agent_on[node] = start_slurm_agent(tmp_path, broker, node)
+    lease = lease_when_offered(broker, agent)
+    _dirs, pids = lease_processes(node, lease.lease_id)
+    client = lease.executor()
+    assert client.invoke(add, 1, 2) == 3
+    agent.service.process.send_signal(signal.SIGUSR1)  # what an upgrade script sends
+    assert agent.service.process.wait(15) == 0
+    assert "left 1 executor(s) to the next agent" in agent.service.logs()
+    assert all(alive(p) for p in pids)
+    assert client.invoke(add, 2, 2) == 4  # even while no agent runs
+    restarted = agent_on[node] = start_slurm_agent(tmp_path, broker, node, agent.state_dir)
+    assert f"lease {lease.lease_id}: adopted" in restarted.service.logs()
+    assert client.invoke(add, 2, 3) == 5
+    with lease.executor() as fresh:
+        assert fresh.invoke(add, 3, 4) == 7
+    client.shutdown(wait=False)
+    leases = httpx.get(f"{broker.url}/v1/status", timeout=5, auth=ClientAuth()).json()["leases"]
+    assert [entry["lease_id"] for entry in leases] == [lease.lease_id]
+    assert restarted.evictions() == []
+    lease.release()
+    wait_until(lambda: not any(alive(p) for p in pids), 10, "the released executor to go")
