@@ -137,9 +137,11 @@ def _has_children() -> bool:
         return False
 
 
-# cgroup directories of each lease this fork server started -> its workers still running; while
-# no agent runs, the fork server removes a lease's cgroups once its workers are gone.
-_leases: dict[tuple[str, ...], set[int]] = {}
+# cgroup directories of each lease this fork server started -> (its workers still running, its
+# lease directory, its expiry grace); while no agent runs, the fork server removes a lease's
+# cgroups once its workers are gone, and kills it at its expiry plus grace (a function that
+# took SIGALRM for itself does not keep its lease alive).
+_leases: dict[tuple[str, ...], tuple[set[int], str, float]] = {}
 _exited: set[int] = set()
 
 
@@ -159,11 +161,20 @@ def _clean_ended_leases(kill_all: bool = False) -> None:
     deadline); with ``kill_all``, kill and remove every lease's first."""
     from colocate.executor.cgroupkill import remove_dirs
 
-    for dirs, pids in list(_leases.items()):
+    now = time.time()
+    for dirs, (pids, lease_dir, grace) in list(_leases.items()):
         pids -= _exited
-        if kill_all or not pids:
+        if kill_all or not pids or _expiry(lease_dir) + grace < now:
             remove_dirs(dirs, timeout_s=1.0)
             del _leases[dirs]
+
+
+def _expiry(lease_dir: str) -> float:
+    try:
+        with open(os.path.join(lease_dir, "expires_at")) as fh:
+            return float(fh.read())
+    except (OSError, ValueError):
+        return float("inf")  # no record: the worker's own deadline and the next agent decide
 
 
 def _listeners(
@@ -244,13 +255,13 @@ def spawn(template: worker.WorkerSpec, host: str, lease_dir: str) -> tuple[Any, 
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         return ("error", "; ".join(errors))
-    for dirs, alive in list(_leases.items()):  # ended leases: the supervisor cleaned them
+    for dirs, (alive, _, _) in list(_leases.items()):  # ended: the supervisor cleaned them
         alive -= _exited
         if not alive:
             del _leases[dirs]
     _exited.clear()
     if template.cgroups.dirs:
-        _leases[template.cgroups.dirs] = set(pids)
+        _leases[template.cgroups.dirs] = (set(pids), lease_dir, template.expiry_grace_s)
     return ("ok", tuple(pids), tcp_addrs, unix_paths)
 
 

@@ -327,12 +327,25 @@ def test_tmp_and_dev_shm_are_private_and_gone_after_release(
         supervisor.evict(second.lease_id)
 
 
+def take_the_alarm() -> str:
+    import signal as _signal
+
+    _signal.signal(_signal.SIGALRM, _signal.SIG_IGN)  # the worker's own deadline is gone
+    return "mine"
+
+
+@pytest.mark.parametrize("alarm", ["worker", "taken by the function"])
 def test_a_lease_expiring_without_an_agent_leaves_nothing(
-    tmp_path: Path, users: tuple[Owner, Owner]
+    tmp_path: Path, users: tuple[Owner, Owner], alarm: str
 ) -> None:
     config = ExecutorConfig(expiry_grace_s=0.5)
     sup = ExecutorSupervisor(config, SECRET, node=NODE + "e", state_dir=str(tmp_path))
-    handle = sup.start("dies", (CORES[-1],), 64 << 20, time.time() + 1.0, owner=users[0])
+    expires = time.time() + 1.0
+    handle = sup.start("dies", (CORES[-1],), 64 << 20, expires, owner=users[0])
+    if alarm != "worker":
+        token = sign_lease(SECRET, LeaseClaims("dies", NODE + "e", (CORES[-1],), 64 << 20, expires))
+        with LeaseExecutor(handle.address, token, lease_id="dies", workers=1) as ex:
+            assert ex.invoke(take_the_alarm) == "mine"
     pids = list(handle.pids)
     cgroups = list(Path("/sys/fs/cgroup").glob(f"*/colocate/{NODE}e/dies"))
     assert pids and cgroups
