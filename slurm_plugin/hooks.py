@@ -255,15 +255,16 @@ def _call_with_retries(path: str, request: Mapping[str, Any], timeout_s: float) 
         try:
             reply = call(path, request, max(left, 0.05))
         except BackendUnavailable as exc:
-            # no socket or nobody listening: an agent restart takes a moment, not the deadline
             # only a silent agent is worth another try: one with no socket is down, one that
             # answers garbage will again
-            if (
-                "did not answer" not in str(exc)
-                and time.monotonic() - started >= DEAD_AGENT_RETRY_S
-            ):
+            silent = "did not answer" in str(exc)
+            if not silent and time.monotonic() - started >= DEAD_AGENT_RETRY_S:
                 raise
             if deadline - time.monotonic() <= pause:
+                if silent:
+                    raise BackendUnavailable(
+                        f"the agent at {path} did not answer within {timeout_s:g} s"
+                    ) from None
                 raise
         else:
             if reply.ok or "busy" not in reply.error or deadline - time.monotonic() <= pause:
@@ -426,7 +427,11 @@ def run_hook(
             if reply.body.get("complete") is False:
                 outcome.ok = False
                 outcome.message += "; evictions still running at the deadline"
-        else:
+        if hook == "prolog" and not outcome.ok:  # the job must not wait on, or share, its cores
+            freed = free_cores_without_agent(request["job_id"], request["node"])
+            outcome.reply["freed_without_agent"] = freed
+            outcome.message += f"; killed {len(freed)} lease(s) on the job's cores itself"
+        elif hook != "prolog":
             outcome.message = "the agent offers the job's resources again"
     except _Handled:
         pass
