@@ -237,3 +237,26 @@ def test_an_upgrade_restart_keeps_every_lease_and_its_clients_see_no_error(
     assert restarted.evictions() == []
     lease.release()
     wait_until(lambda: not any(alive(p) for p in pids), 10, "the released executor to go")
+
+
+def test_after_kill_9_without_a_restart_nothing_of_a_lease_remains_after_the_window(
+    tmp_path: Path,
+    broker: Service,
+    agent_on: dict[str, SlurmAgent],
+    slurm_cluster: SlurmCluster,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("COLOCATE_EXECUTOR__ADOPT_WINDOW_S", "1.0")
+    node = idle_node(slurm_cluster)
+    agent = agent_on[node] = start_slurm_agent(tmp_path, broker, node)
+    lease = lease_when_offered(broker, agent)
+    dirs, pids = lease_processes(node, lease.lease_id)
+    assert dirs and pids
+    agent.service.process.send_signal(signal.SIGKILL)
+    agent.service.process.wait(10)
+    # the window (1 s) passes without a successor: the workers die with their fork server
+    wait_until(
+        lambda: not any(alive(p) for p in pids) and not any(d.exists() for d in dirs),
+        1.0 + 5.0,  # the window + a loaded machine
+        "the lease's processes and cgroups to go",
+    )
