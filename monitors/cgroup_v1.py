@@ -25,7 +25,9 @@ from monitors.cgroupfs import (
     read_flat_keyed,
     read_int,
     read_int_list,
+    run_delays,
     subtree_pids,
+    subtree_tids,
     unified_path,
 )
 from monitors.psi import read_some_avg10
@@ -118,6 +120,7 @@ class CgroupV1Source:
         local = Skips()
         ns = read_int(acct / "cpuacct.usage", local) if acct else None
         per_cpu = read_int_list(acct / "cpuacct.usage_percpu") if acct else None
+        delays = run_delays(subtree_tids(acct), self.proc) if acct else None
         read_at = time.monotonic()  # rates are timed at the read, not at the sample's start
         usage = read_int(mem / "memory.usage_in_bytes", local) if mem else None
         peak = read_int(mem / "memory.max_usage_in_bytes", local) if mem else None
@@ -158,4 +161,5 @@ class CgroupV1Source:
             uid=_uid_of(acct or mem),
             cpu_seconds_per_cpu=tuple(n / 1e9 for n in per_cpu) if per_cpu else None,
             read_at=read_at if ns is not None else None,
+            run_delay_ns=delays,
         )

@@ -107,6 +107,28 @@ def subtree_pids(
     return pids
 
 
+def subtree_tids(directory: Path) -> set[int]:
+    """Thread ids in ``tasks`` of ``directory`` and every group below it (cgroup v1)."""
+    tids: set[int] = set()
+    for dirpath, _, filenames in os.walk(directory):
+        if "tasks" in filenames:
+            text = read_text(Path(dirpath) / "tasks")
+            tids.update(int(t) for t in (text or "").split() if t.isdigit())
+    return tids
+
+
+def run_delays(tids: set[int], proc: Path) -> dict[int, int]:
+    """Each thread's cumulative time waiting on a run queue, ns (``/proc/TID/schedstat``'s
+    second field); threads that exited meanwhile are left out."""
+    delays: dict[int, int] = {}
+    for tid in tids:
+        text = read_text(proc / str(tid) / "schedstat")
+        fields = (text or "").split()
+        if len(fields) >= 2 and fields[1].isdigit():
+            delays[tid] = int(fields[1])
+    return delays
+
+
 def unified_path(pid: int, proc: Path) -> str | None:
     """The cgroup v2 path of ``pid`` (the ``0::`` line of /proc/PID/cgroup), or None."""
     text = read_text(proc / str(pid) / "cgroup")

@@ -49,6 +49,12 @@ MIN_WINDOW_S = 0.05  # readings closer than this give no meaningful rate
 _TRANSIENT = frozenset({JobState.COMPLETING, JobState.CONFIGURING})
 
 
+# (when, cumulative CPU s, per-CPU s or None, thread id -> run-queue wait ns or None)
+_Reading = tuple[float, float, tuple[float, ...] | None, dict[int, int] | None]
+# (cores used, per-CPU busy shares, cores waiting) over a window, or None without one
+_Rates = tuple[float, tuple[tuple[int, float], ...], float | None] | None
+
+
 class _Pending(Exception):
     """Slurm has not answered yet; the question stays in flight."""
 
@@ -119,7 +125,7 @@ class Sampler:
         self._node: NodeInfo | None = None
         self._node_at = -1e18
         self._last_seen: frozenset[str] | None = None
-        self._readings: dict[str, deque[tuple[float, float, tuple[float, ...] | None]]] = {}
+        self._readings: dict[str, deque[_Reading]] = {}
         self._peaks: dict[str, int] = {}
         self._logged: dict[str, float] = {}
         self.slurm_wait_s = slurm_wait_s
@@ -196,14 +202,12 @@ class Sampler:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- usage -------------------------------------------------------------------------
-    def _rate(
-        self, job_id: str, usage: JobUsage | None, mono: float, cpu_ids: Sequence[int]
-    ) -> tuple[float | None, tuple[tuple[int, float], ...]]:
-        """(cores used over the window, busy share of each of ``cpu_ids`` over the same
-        window); (None, ()) when there is no window yet. Per-CPU shares need a source with
-        per-CPU accounting (cgroup v1), else they are ()."""
+    def _rate(self, job_id: str, usage: JobUsage | None, mono: float, cpu_ids: Sequence[int]) -> _Rates:
+        """Over the window: cores used, the busy share of each of ``cpu_ids`` (where the
+        source has per-CPU accounting, cgroup v1) and cores' worth of time the job's threads
+        waited for a CPU (threads seen at both ends); None when there is no window yet."""
         if usage is None:
-            return None, ()
+            return None
         cpu_total = usage.cpu_seconds_total
         per_cpu = usage.cpu_seconds_per_cpu
         # Timed at the read when the source stamped it (a sampler preempted between its
@@ -213,12 +217,12 @@ class Sampler:
         readings = self._readings.setdefault(job_id, deque())
         if readings and cpu_total < readings[-1][1]:
             readings.clear()  # a process scan lost exited processes: start a new window
-        readings.append((mono, cpu_total, per_cpu))
+        readings.append((mono, cpu_total, per_cpu, usage.run_delay_ns))
         while len(readings) > 2 and mono - readings[1][0] >= self.window_s:
             readings.popleft()
-        t0, c0, p0 = readings[0]
+        t0, c0, p0, d0 = readings[0]
         if mono - t0 < MIN_WINDOW_S:
-            return None, ()
+            return None
         dt = mono - t0
         busy: tuple[tuple[int, float], ...] = ()
         if per_cpu is not None and p0 is not None:
@@ -227,7 +231,12 @@ class Sampler:
                 for cpu in cpu_ids
                 if cpu < len(per_cpu) and cpu < len(p0)
             )
-        return max(0.0, (cpu_total - c0) / dt), busy
+        waiting = None
+        delays = usage.run_delay_ns
+        if delays is not None and d0 is not None:
+            waited = sum(max(0, ns - d0[tid]) for tid, ns in delays.items() if tid in d0)
+            waiting = round(waited / 1e9 / dt, 4)
+        return max(0.0, (cpu_total - c0) / dt), busy, waiting
 
     def _job_snapshot(
         self, job: JobOnNode, usage: JobUsage | None, mono: float, warnings: list[str]
@@ -237,7 +246,8 @@ class Sampler:
         # allocation (ConstrainCores=no leaves the whole node in it).
         if usage and usage.cpu_ids and (not job.cores or len(usage.cpu_ids) == job.cores):
             cpu_ids = usage.cpu_ids
-        rate, busy = self._rate(job.job_id, usage, mono, cpu_ids)
+        rates = self._rate(job.job_id, usage, mono, cpu_ids)
+        rate, busy, waiting = rates if rates is not None else (None, (), None)
         cores = job.cores or len(cpu_ids)
         memory = usage.memory_bytes if usage else 0
         peak = max(
@@ -266,6 +276,7 @@ class Sampler:
             state=job.state.value,
             nodes=job.nodes,
             cpu_busy=busy,
+            cores_waiting=waiting,
         )
         return snap, rate is not None
 
@@ -310,6 +321,7 @@ class Sampler:
                         snap.cpu_pressure,
                         snap.memory_pressure,
                         snap.cpu_busy,
+                        snap.cores_waiting or 0.0,
                     ),
                 )
         live = {j.job_id for j in jobs}

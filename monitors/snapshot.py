@@ -37,6 +37,9 @@ class JobSnapshot:
     # (CPU id, busy share 0..1 over the window) for each of the job's CPUs; () where the
     # source has no per-CPU accounting (cgroup v2, process scan) or no window yet.
     cpu_busy: tuple[tuple[int, float], ...] = ()
+    # cores' worth of time its threads spent runnable but waiting for a CPU over the last
+    # interval (schedstat run_delay); used + waiting is what the job wants. None: not read.
+    cores_waiting: float | None = None
 
     @property
     def cores_idle(self) -> float:

@@ -8,8 +8,10 @@ recomputed every decision, and the rest of its allocation is lent out. Margins:
   ``margin = max(limits.memory_margin_bytes, limits.memory_margin_ratio * allocation)``
   (defaults: 256 MiB or 10 %); only ``allocation - peak - margin`` is offered.
 - cores (:func:`cores_to_keep`): a job keeps the whole cores its total use needs,
-  ``ceil(max cores_used over limits.history_window_s + core_margin - core_noise)``, at least
-  one: use within ``core_noise`` (0.1) of whole cores is noise, so a job that keeps exactly
+  ``ceil(max cores_wanted over limits.history_window_s + core_margin - core_noise)``, at least
+  one (``cores_wanted`` = used + time its threads waited for a CPU: on a CPU shared with
+  other work a job gets less than it wants); use within ``core_noise`` (0.1) of whole cores
+  is noise, so a job that keeps exactly
   k of its n cores busy lends n - k (the old ``ceil(use + 0.25)`` lent one core fewer:
   nothing at all when one core was idle). Where the monitor has per-core busy shares
   (cgroup v1 ``cpuacct.usage_percpu``), a job keeps no more cores than it kept busier than
@@ -17,8 +19,8 @@ recomputed every decision, and the rest of its allocation is lent out. Margins:
   not blindly the highest ids; threads that float over all the cores lend what the total
   allows.
 - growth is a trend, not a sample (:func:`growth_confirmed`): a core held by a lease is
-  taken back (``CPU_GROWTH``) only when the job's use stayed above the cores it kept (plus
-  ``core_noise``) for ``cpu_growth_samples`` (2) consecutive samples, or once while its CPU
+  taken back (``CPU_GROWTH``) only when what the job wants stayed above the cores it kept
+  (plus ``cpu_growth_margin``, 0.3) for ``cpu_growth_samples`` (2) consecutive samples, or once while its CPU
   pressure is over ``cpu_pressure_limit``. A noisy steady job keeps its lease; a job that
   turns a lent core on gets it back within two samples.
 - a job younger than ``limits.min_history_s`` (default 30 s), with no history, or that said
@@ -40,7 +42,6 @@ from policies.limits import Limits
 from policies.model import Decision, EvictionReason, JobView, NodeView, Offer, UsageSample
 
 _TIME = attrgetter("t")
-_CORES_USED = attrgetter("cores_used")
 _MEMORY_USED = attrgetter("memory_used_bytes")
 _NONE: frozenset[int] = frozenset()
 
@@ -85,17 +86,18 @@ def cpu_peaks(recent: tuple[UsageSample, ...]) -> dict[int, float] | None:
 
 
 def growth_confirmed(recent: tuple[UsageSample, ...], kept: int, limits: Limits) -> bool:
-    """True when a job that kept ``kept`` cores really grew past them: its use exceeded
-    ``kept + core_noise`` in each of the last ``cpu_growth_samples`` samples, or in the latest
-    one while its CPU pressure is over ``cpu_pressure_limit`` (the kernel confirms it waits)."""
-    over = kept + limits.core_noise
+    """True when a job that kept ``kept`` cores really grew past them: what it wants (used +
+    waiting for a CPU) exceeded ``kept + cpu_growth_margin`` in each of the last
+    ``cpu_growth_samples`` samples, or in the latest one while its CPU pressure is over
+    ``cpu_pressure_limit`` (the kernel confirms it waits)."""
+    over = kept + limits.cpu_growth_margin
     latest = recent[-1]
-    if latest.cores_used <= over:
+    if latest.cores_used + latest.cores_waiting <= over:
         return False
     if latest.cpu_pressure is not None and latest.cpu_pressure > limits.cpu_pressure_limit:
         return True
     n = limits.cpu_growth_samples
-    return len(recent) >= n and all(sample.cores_used > over for sample in recent[-n:])
+    return len(recent) >= n and all(s.cores_used + s.cores_waiting > over for s in recent[-n:])
 
 
 def cores_to_keep(
@@ -113,7 +115,8 @@ def cores_to_keep(
     it has left unless its growth is confirmed (:func:`growth_confirmed`).
     """
     keep = cores_for_total(used, limits)
-    peaks = cpu_peaks(recent)
+    # per-core shares show what the job gets; while it waits for CPU they understate it
+    peaks = cpu_peaks(recent) if recent[-1].cores_waiting <= limits.cpu_growth_margin else None
     if peaks is not None:
         busy = sum(1 for cpu in cpus if peaks.get(cpu, 0.0) > limits.idle_core_busy)
         if busy < keep:
@@ -174,7 +177,7 @@ def harvest(node: NodeView, limits: Limits, now: float, sizer: JobSizer) -> Deci
             start = bisect_left(history, since, key=_TIME)
             recent = history[start:] if start < len(history) else history[-1:]
             cores_demand, memory_demand = sizer(job, recent, limits, now)
-            latest = recent[-1].cores_used
+            latest = recent[-1].cores_used + recent[-1].cores_waiting
             held = cpus & leased_cpus if leases else _NONE
             keep_n = cores_to_keep(
                 recent, cores_demand if cores_demand > latest else latest, cpus, held, limits
@@ -213,7 +216,7 @@ def harvest(node: NodeView, limits: Limits, now: float, sizer: JobSizer) -> Deci
 def _size_by_recent_max(
     job: JobView, recent: tuple[UsageSample, ...], limits: Limits, now: float
 ) -> tuple[float, int]:
-    cores: float = max(map(_CORES_USED, recent))
+    cores: float = max(sample.cores_used + sample.cores_waiting for sample in recent)
     return cores, 0  # memory: the engine keeps peak + margin
 
 

@@ -20,6 +20,9 @@ class UsageSample:
     Pressure is the PSI ``some avg10`` share in percent (0..100), None where unavailable.
     ``cpu_busy``: (CPU id, busy share 0..1) for each of the job's CPUs over the same window;
     empty where the monitor has no per-CPU accounting (then only the total is known).
+    ``cores_waiting``: cores' worth of time the job's threads were runnable but waited for a
+    CPU; ``cores_used + cores_waiting`` (:attr:`cores_wanted`) is what it wants, which on a
+    CPU shared with other work is more than it gets.
     """
 
     t: float
@@ -28,6 +31,11 @@ class UsageSample:
     cpu_pressure: float | None = None
     memory_pressure: float | None = None
     cpu_busy: tuple[tuple[int, float], ...] = ()
+    cores_waiting: float = 0.0
+
+    @property
+    def cores_wanted(self) -> float:
+        return self.cores_used + self.cores_waiting
 
 
 @dataclass(frozen=True, slots=True)

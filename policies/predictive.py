@@ -27,7 +27,6 @@ from policies.limits import Limits
 from policies.model import Decision, JobView, NodeView, UsageSample
 
 _TIME = attrgetter("t")
-_CORES_USED = attrgetter("cores_used")
 _MEMORY_USED = attrgetter("memory_used_bytes")
 
 
@@ -67,7 +66,7 @@ def size_by_percentile(
     """(cores, bytes) a job is expected to need: cores at the window percentile; memory at
     its trend forecast (a memory percentile never exceeds the peak the engine keeps anyway).
     """
-    cores = percentile(map(_CORES_USED, recent), limits.percentile)
+    cores = percentile((s.cores_used + s.cores_waiting for s in recent), limits.percentile)
     slope = memory_trend(recent)
     if slope <= 0:
         return cores, 0

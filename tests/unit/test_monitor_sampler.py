@@ -389,3 +389,25 @@ def test_colocate_choices_reach_the_policy_view_and_are_forgotten_with_the_job(
         node_view(Node(tmp_path / "b").sampler.sample(), default_colocate=False).jobs[0].colocate
         is False
     )
+
+
+def test_cores_waiting_is_run_queue_time_of_the_jobs_threads(tmp_path: Path) -> None:
+    # A job on a CPU shared with other work: it runs half the time and waits the other half.
+    # cpuacct sees 0.5 core; schedstat's run_delay shows it wants a whole one.
+    proc = tmp_path / "proc"
+    shutil.copytree(FIX / "proc", proc)
+    node = Node(tmp_path)
+    node.sampler.source = CgroupV1Source(node.root, proc=proc)
+    (node.job_dir("cpuacct") / "tasks").write_text("4242\n")
+    (proc / "4242").mkdir()
+    schedstat = proc / "4242" / "schedstat"
+    schedstat.write_text("0 1000000000 10\n")
+    node.sampler.sample(now=1.0)
+    node.burn(0.5, on=(0,))
+    schedstat.write_text("500000000 1500000000 20\n")
+    node.clock.t += 1.0
+    job = node.sampler.sample(now=2.0).jobs[0]
+    assert job.cores_used == pytest.approx(0.5)
+    assert job.cores_waiting == pytest.approx(0.5)
+    sample = node.sampler.history.samples("10")[-1]
+    assert sample.cores_wanted == pytest.approx(1.0)

@@ -488,13 +488,13 @@ def test_a_job_keeping_k_of_n_cores_busy_lends_its_n_minus_k_idle_ones(
 
 def noisy_steady(seed: int, level: float, steps: int) -> tuple[float, ...]:
     """A steady job's ``cores_used`` as a 1 s window reads it on a shared machine: mostly a
-    little below its level (other work takes the core), one reading in ten above it by up to
-    0.3 core (a preempted sampler, a burst of its daemons), never two such in a row."""
+    little below its level (other work takes the core), one reading in ten above it by 0.3 to
+    0.6 core (a preempted sampler, a burst of its daemons), never two such in a row."""
     rng = random.Random(seed)
     values: list[float] = []
     for _ in range(steps):
         spike = rng.random() < 0.1 and not (values and values[-1] > level)
-        values.append(level + (rng.uniform(0.11, 0.3) if spike else -rng.uniform(0, 0.2)))
+        values.append(level + (rng.uniform(0.31, 0.6) if spike else -rng.uniform(0, 0.2)))
     return tuple(values)
 
 
