@@ -180,6 +180,24 @@ def become(identity: tuple[int, int, tuple[int, ...], str, str]) -> None:
     if os.getuid() == 0 or os.geteuid() == 0:
         raise PermissionError(f"still root after dropping to {name!r}")
     os.environ.update(HOME=home, USER=name, LOGNAME=name)
+    _use_owner_site(home)
+
+
+def _use_owner_site(home: str) -> None:
+    """Functions import the owner's own packages (``pip install --user``), as in a job step:
+    the owner's user site-packages goes before the installation's, the agent's (root's) goes."""
+    import site
+
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    owner_site = os.path.join(home, ".local", "lib", version, "site-packages")
+    with contextlib.suppress(ValueError):
+        sys.path.remove(site.getusersitepackages())
+    if os.path.isdir(owner_site) and owner_site not in sys.path:
+        first = next(
+            (i for i, p in enumerate(sys.path) if p.endswith(("site-packages", "dist-packages"))),
+            len(sys.path),
+        )
+        sys.path.insert(first, owner_site)
 
 
 def _libc() -> ctypes.CDLL:

@@ -12,6 +12,7 @@ import os
 import pwd
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -264,6 +265,40 @@ def test_functions_run_as_their_owner_with_the_owners_groups(
         assert uid != 0 and gid != 0 and 0 not in groups
     finally:
         supervisor.evict(root.lease_id)
+
+
+def import_value(module: str) -> str:
+    import importlib
+
+    try:
+        return str(importlib.import_module(module).VALUE)
+    except ImportError as exc:
+        return type(exc).__name__
+
+
+def test_functions_import_their_owners_packages_and_no_one_elses(
+    supervisor: ExecutorSupervisor, users: tuple[Owner, Owner]
+) -> None:
+    a, b = users
+    home = Path(pwd.getpwuid(a.uid).pw_dir)
+    require(home.name == a.user and not home.exists(), f"{home} should be new")
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    site = home / ".local" / "lib" / version / "site-packages"
+    module = f"owner_probe_{TAG}"
+    try:
+        site.mkdir(parents=True)
+        (site / f"{module}.py").write_text("VALUE = 'installed by its owner'\n")
+        subprocess.run(["chown", "-R", f"{a.uid}:{a.gid}", str(home)], check=True)
+        home.chmod(0o700)  # like most homes: nobody else may read it
+        for owner, want in ((a, "installed by its owner"), (b, "ModuleNotFoundError")):
+            handle, token = start(supervisor, owner)
+            try:
+                with executor(handle, token) as ex:
+                    assert ex.invoke(import_value, module) == want
+            finally:
+                supervisor.evict(handle.lease_id)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def test_one_tenant_cannot_signal_anothers_workers(
