@@ -10,13 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from colocate.errors import ConfigError
 from colocate.units import parse_duration, parse_size
 
 API_PREFIX = "/v1"
 CONTROL_HEADER = "X-Colocate-Control"  # HMAC of the cluster secret: agents <-> broker only
+LEASE_ID_PATTERN = r"^[A-Za-z0-9_.\-]+$"  # what executors accept in file and socket names
 Account = Annotated[str, Field(max_length=64, pattern=r"^[A-Za-z0-9_.\-]*$")]
 
 
@@ -42,17 +43,30 @@ def _text_via(parse: Callable[[str], Any], kind: str) -> Callable[[Any], Any]:
 _size = _text_via(parse_size, "size")
 _duration = _text_via(parse_duration, "duration")
 
-MAX_BYTES = 2**50  # 1 PiB: more is a typo, and stays far from float/int64 overflow
+def _whole(value: Any) -> Any:
+    """JSON numbers for counts: booleans and strings refused (pydantic would read "1" and true)."""
+    if isinstance(value, bool | str):
+        raise ValueError("write a whole number, not text or true/false")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_whole)]
+MAX_BYTES = 2**50  # 1 PiB: more is a typo; exact as a JSON/float number, far from int64 overflow
 MAX_SECONDS = 10 * 365 * 86400.0
 
+# The string forms the API accepts, as patterns the OpenAPI description can state exactly: at
+# most 4 leading digits, so every string that matches is within the numeric bounds.
+SIZE_PATTERN = r"^[1-9][0-9]{0,3}(\.[0-9]{1,3})?([KMG]i?B|[KMG])$"
+DURATION_PATTERN = r"^[1-9][0-9]{0,3}(\.[0-9]{1,3})?(s|m|h)$"
+
 Bytes = Annotated[
-    int,
+    Int,
     BeforeValidator(_size),
-    Field(ge=0, le=MAX_BYTES),
+    Field(gt=0, le=MAX_BYTES),
     WithJsonSchema(
-        {"anyOf": [{"type": "integer", "minimum": 0, "maximum": MAX_BYTES},
-                   {"type": "string", "pattern": r"^\s*[0-9]+(\.[0-9]+)?\s*([KMGTP]i?B?|[kmgtp]i?b?|B|b)?\s*$", "maxLength": 64}],
-         "description": 'bytes, or a size like "512MiB"'}
+        {"anyOf": [{"type": "integer", "minimum": 1, "maximum": MAX_BYTES},
+                   {"type": "string", "pattern": SIZE_PATTERN}],
+         "description": 'bytes, or a size like "512MiB" (K/M/G binary, KB/MB/GB decimal; "2TiB" works too)'}
     ),
 ]
 Seconds = Annotated[
@@ -61,12 +75,13 @@ Seconds = Annotated[
     Field(ge=1.0, le=MAX_SECONDS, allow_inf_nan=False),
     WithJsonSchema(
         {"anyOf": [{"type": "number", "minimum": 1, "maximum": MAX_SECONDS},
-                   {"type": "string", "pattern": r"^\s*[0-9]+(\.[0-9]+)?\s*(ms|s|m|h|d)?\s*$", "maxLength": 64}],
-         "description": 'seconds (at least 1), or a duration like "5m"'}
+                   {"type": "string", "pattern": DURATION_PATTERN}],
+         "description": 'seconds (at least 1), or a duration like "5m"; at most the broker\'s max_lease_s'}
     ),
 ]
-CpuIds = Annotated[list[Annotated[StrictInt, Field(ge=0, le=1_000_000)]], Field(max_length=4096)]
-Epoch = Annotated[float, Field(ge=0, le=1e11, allow_inf_nan=False)]
+# Constraints before the validator: after it, pydantic writes them as non-standard "ge"/"le" keys.
+CpuIds = Annotated[list[Annotated[int, Field(ge=0, le=1_000_000), BeforeValidator(_whole)]], Field(max_length=4096)]
+Epoch = Annotated[float, Field(ge=0, le=1e11, allow_inf_nan=False), BeforeValidator(_whole)]
 
 
 class _Message(BaseModel):
@@ -89,8 +104,8 @@ class ErrorReply(_Message):
 
 
 class LeaseRequest(_Message):
-    cores: StrictInt = Field(1, ge=1, le=4096)
-    memory: Annotated[Bytes, Field(gt=0)] = 512 * 1024**2
+    cores: Int = Field(1, ge=1, le=4096)
+    memory: Bytes = 512 * 1024**2
     duration: Seconds = 300.0
     account: Account = Field("", description="Slurm account to charge; empty: the user's default")
 
@@ -196,13 +211,13 @@ class Released(_Message):
 
 
 class ReportedLease(_Message):
-    lease_id: str = Field(min_length=1, max_length=128)
+    lease_id: str = Field(min_length=1, max_length=128, pattern=LEASE_ID_PATTERN)
     cpu_ids: CpuIds
-    memory_bytes: StrictInt = Field(ge=0, le=MAX_BYTES)
+    memory_bytes: Int = Field(ge=0, le=MAX_BYTES)
     granted_at: Epoch
     expires_at: Epoch
     address: str = Field(max_length=512)
-    generation: StrictInt = Field(ge=0, le=2**62)
+    generation: Int = Field(ge=0, le=2**53)
 
 
 class NodeReport(_Message):
@@ -210,8 +225,8 @@ class NodeReport(_Message):
 
     url: str = Field(min_length=1, max_length=512, pattern=r"^https?://")
     cpu_ids: CpuIds
-    memory_bytes: StrictInt = Field(ge=0, le=MAX_BYTES)
-    generation: StrictInt = Field(ge=0, le=2**62, description="the agent's change counter when it built this report")
+    memory_bytes: Int = Field(ge=0, le=MAX_BYTES)
+    generation: Int = Field(ge=0, le=2**53, description="the agent's change counter when it built this report")
     instance: str = Field("", max_length=64, description="random per agent run: a new value means the agent restarted")
     leases: list[ReportedLease] = Field(default_factory=list, max_length=4096)
 
@@ -226,16 +241,16 @@ class ReportReply(_Message):
 class LeaseOwner(_Message):
     """Who a lease runs for (see :class:`colocate.owner.Owner`)."""
 
-    uid: StrictInt = Field(ge=0, le=2**32 - 1)
-    gid: StrictInt = Field(ge=0, le=2**32 - 1)
+    uid: Int = Field(ge=0, le=2**32 - 1)
+    gid: Int = Field(ge=0, le=2**32 - 1)
     user: str = Field(min_length=1, max_length=64)
     account: Account = ""
 
 
 class StartRequest(_Message):
-    lease_id: str = Field(min_length=1, max_length=128)
+    lease_id: str = Field(min_length=1, max_length=128, pattern=LEASE_ID_PATTERN)
     cpu_ids: CpuIds
-    memory_bytes: StrictInt = Field(ge=0, le=MAX_BYTES)
+    memory_bytes: Int = Field(ge=0, le=MAX_BYTES)
     granted_at: Epoch
     expires_at: Epoch
     owner: LeaseOwner | None = None

@@ -13,8 +13,10 @@ import asyncio
 import contextlib
 import datetime
 from collections.abc import AsyncIterator, Iterable
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
+from fastapi.openapi.utils import get_openapi
 from prometheus_client import CollectorRegistry, make_asgi_app
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
@@ -23,6 +25,7 @@ from colocate.auth.identity import AUTH_HEADER, Authenticator, Identity
 from colocate.broker.api import (
     API_PREFIX,
     CONTROL_HEADER,
+    LEASE_ID_PATTERN,
     BrokerStatus,
     ErrorReply,
     LeaseGrant,
@@ -43,7 +46,7 @@ from colocate.errors import BadRequest, Forbidden, LeaseDenied, LeaseError, Unau
 from colocate.metrics.broker import BrokerCollector
 
 NodeName = Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
-LeaseId = Path(min_length=1, max_length=128)
+LeaseId = Path(min_length=1, max_length=128, pattern=LEASE_ID_PATTERN)
 _ERRORS: dict[int | str, dict[str, object]] = {
     code: {"model": ErrorReply} for code in (400, 401, 403, 404, 409, 410, 413, 429, 503)
 }
@@ -68,16 +71,31 @@ class LedgerCollector(Collector):
         yield from (leases, cores, gib, money)
 
 
-def _since(text: str | None) -> float | None:
-    if text is None:
+def _since(day: datetime.date | None) -> float | None:
+    """Midnight UTC starting ``day`` as epoch seconds."""
+    if day is None:
         return None
-    try:
-        when = datetime.datetime.fromisoformat(text)
-    except ValueError:
-        raise BadRequest(f"since={text!r}: write a date like 2026-01-31 or 2026-01-31T08:00") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.UTC)
-    return when.timestamp()
+    return datetime.datetime(day.year, day.month, day.day, tzinfo=datetime.UTC).timestamp()
+
+
+def _limit_durations(schema: dict[str, Any], max_lease_s: float) -> None:
+    """State this broker's longest lease in the OpenAPI description of every duration."""
+    for name in ("LeaseRequest", "RenewRequest"):
+        duration = schema.get("components", {}).get("schemas", {}).get(name, {}).get("properties", {}).get("duration")
+        for form in (duration or {}).get("anyOf", ()):
+            if form.get("type") == "number":
+                form["maximum"] = max_lease_s
+            elif form.get("type") == "string":  # digits and a unit that cannot pass the limit
+                form["pattern"] = _duration_pattern(max_lease_s)
+
+
+def _duration_pattern(max_lease_s: float) -> str:
+    """A duration pattern whose every match is between 1 s and ``max_lease_s``."""
+    for unit, factor in (("h", 3600), ("m", 60), ("s", 1)):
+        digits = len(str(int(max_lease_s // factor))) - 1
+        if digits >= 1:
+            return rf"^[1-9][0-9]{{0,{digits - 1}}}{unit}$" if digits > 1 else rf"^[1-9]{unit}$"
+    return r"^1s$"
 
 
 def create_app(broker: Broker, authenticator: Authenticator | None = None) -> FastAPI:
@@ -109,6 +127,15 @@ def create_app(broker: Broker, authenticator: Authenticator | None = None) -> Fa
     if broker.ledger is not None:
         registry.register(LedgerCollector(broker.ledger))
     app.mount("/metrics", make_asgi_app(registry))
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            _limit_durations(schema, broker.config.max_lease_s)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     async def caller(  # munged answers in ~0.1 ms: not worth a thread hop
         request: Request,
@@ -170,7 +197,7 @@ def create_app(broker: Broker, authenticator: Authenticator | None = None) -> Fa
         who: Identity = Caller,
         user: str | None = Query(None, max_length=64),
         account: str | None = Query(None, max_length=64),
-        since: str | None = Query(None, max_length=40, description="ISO date or time (UTC unless it names a zone)"),
+        since: Annotated[datetime.date | None, Query(description="leases that ran on or after this day (UTC)")] = None,
     ) -> UsageReport:
         """Ledger records (like ``sreport``): a user sees their own, an admin everyone's."""
         if broker.ledger is None:

@@ -50,6 +50,7 @@ from colocate.errors import (
     LeaseError,
     LeaseEvicted,
     LeaseExpired,
+    QuotaExceeded,
 )
 from colocate.owner import Owner
 from colocate.protocol import DEFAULT_MAX_PAYLOAD_BYTES
@@ -280,10 +281,14 @@ class Broker:
         )
 
     def _duration(self, duration: float) -> float:
-        if duration > self.config.max_lease_s:
-            raise BadRequest(
-                f"duration {duration:g}s exceeds this broker's longest lease of {self.config.max_lease_s:g}s "
-                "(broker.max_lease_s); ask for less and renew"
+        """``duration``, or QuotaExceeded (429) past ``broker.max_lease_s``: like a QOS MaxWall,
+        the site's longest lease is a limit the caller hears about, never a silent cut."""
+        limit = self.config.max_lease_s
+        if duration > limit:
+            raise QuotaExceeded(
+                f"duration {duration:g}s exceeds this broker's longest lease of {limit:g}s "
+                "(broker.max_lease_s); ask for less and renew",
+                limit="max_lease_s", used=0, wanted=duration, allowed=limit,
             )
         return duration
 

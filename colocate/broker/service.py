@@ -105,14 +105,25 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+HEAD_TIMEOUT_S = 5.0
+
+
 class _Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline for the request head: a client that opens a
-    connection and sends nothing (or half a request line) is closed after
-    ``timeout_keep_alive`` seconds instead of holding a file descriptor forever."""
+    """uvicorn's h11 protocol with a deadline for the first request head: a client that opens
+    a connection and sends nothing, or half a request line, is closed after
+    ``HEAD_TIMEOUT_S`` instead of holding a file descriptor forever."""
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
-        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+        self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_timeout)
+
+    def _head_timeout(self) -> None:
+        if self.cycle is None and not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._head_timer.cancel()
+        super().connection_lost(exc)
 
 
 def raise_fd_limit() -> int:
@@ -136,7 +147,7 @@ def serve(app: FastAPI, sock: socket.socket, *, max_connections: int | None = No
         max_connections = max(64, int(limit * 0.9) - 64)
     config = uvicorn.Config(
         app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=2,
-        http=_Protocol, limit_concurrency=min(max_connections, max(64, limit - 64)), timeout_keep_alive=5,
+        http=_Protocol, limit_concurrency=min(max_connections, max(64, limit - 64)),
     )
     _Server(config).run(sockets=[sock])
 

@@ -17,6 +17,7 @@ from fastapi import Depends, FastAPI, Header, Path
 from colocate.broker.api import (
     API_PREFIX,
     CONTROL_HEADER,
+    LEASE_ID_PATTERN,
     AgentStatus,
     ErrorReply,
     ExpiryRequest,
@@ -27,10 +28,10 @@ from colocate.broker.api import (
     StartRequest,
 )
 from colocate.broker.service import install_error_handlers
-from colocate.errors import Unauthorized
+from colocate.errors import LeaseDenied, LeaseExpired, Unauthorized
 from slurm_plugin.agent.agent import Agent
 
-LeaseId = Path(min_length=1, max_length=128)
+LeaseId = Path(min_length=1, max_length=128, pattern=LEASE_ID_PATTERN)
 _ERRORS: dict[int | str, dict[str, object]] = {code: {"model": ErrorReply} for code in (400, 401, 404, 409, 410)}
 
 
@@ -71,8 +72,12 @@ def create_app(agent: Agent, *, run_loop: bool = True) -> FastAPI:
 
     @app.post(f"{API_PREFIX}/leases", response_model=StartReply, dependencies=guarded)
     def start(request: StartRequest) -> StartReply:
-        """Start the executor of a lease placed on this node (409 if it no longer fits)."""
-        return agent.start_lease(request)
+        """Start the executor of a lease placed on this node (409 if it no longer fits or
+        already expired)."""
+        try:
+            return agent.start_lease(request)
+        except LeaseExpired as exc:  # a stale request, not a gone lease: the broker tries elsewhere
+            raise LeaseDenied(str(exc)) from None
 
     @app.put(f"{API_PREFIX}/leases/{{lease_id}}", response_model=ReportedLease, dependencies=guarded)
     def set_expiry(request: ExpiryRequest, lease_id: str = LeaseId) -> ReportedLease:
