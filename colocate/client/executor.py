@@ -534,6 +534,8 @@ class LeaseExecutor(Executor):
         lease_key: str = "",
     ) -> None:
         self.lease_id = lease_id
+        self.lease_key = lease_key  # signs FMI group tickets (colocate.client.spmd)
+        self.lease_address = address
         self._ids = itertools.count(1)
         self._fn_index: dict[Any, int] = {}
         self._fn_frames: list[bytes] = []
@@ -751,6 +753,14 @@ class LeaseExecutor(Executor):
                 fut.set_exception(exc)
             return failed
         return conn.submit(b"".join(frames), cids, idx, self._fn_frames)
+
+    def spmd(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> list[Any]:
+        """Run ``fn(comm, *args, **kwargs)`` on every worker of this lease, each a rank of an
+        FMI communicator; the results in rank order (``colocate.client.spmd.Group.spmd`` for
+        the options and for groups of several leases)."""
+        from colocate.client.spmd import Group
+
+        return Group([self]).spmd(fn, *args, **kwargs)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting calls; with ``wait``, let the calls in flight finish, then disconnect.

@@ -11,6 +11,8 @@ privileges and keeps the connection. Messages are ``u32 length + kind byte + bod
   broker placed. A token older than the lease's last renewal is refused.
 - ``T`` + JSON: the worker's invocation counts since its last report
   (``colocate.metrics.events.InvocationTally.drain()`` plus ``lease_id``); no answer.
+- ``F`` + JSON: an FMI rank asks for a listening or connected TCP socket, with a ticket its
+  lease's owner signed (``colocate.executor.fmi_sockets``); the answer carries the socket.
 """
 
 from __future__ import annotations
@@ -125,6 +127,11 @@ class TokenVerifier:
                         return
                     if kind == b"T":
                         self._tally(payload)
+                        return
+                    if kind == b"F":  # FMI sockets made outside the sandbox (fmi_sockets.py)
+                        from colocate.executor.fmi_sockets import serve_fmi
+
+                        serve_fmi(conn, self._secret, payload)
                         return
         except OSError:
             pass

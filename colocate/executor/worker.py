@@ -717,6 +717,15 @@ class Worker:
         return _HDR.pack(len(data), P.REPLY, rflags, P.OK, call_id) + data
 
 
+_current: Worker | None = None  # the worker serving in this process (FMI ranks ask it)
+
+
+def current() -> Worker | None:
+    """The serving worker of this process, None outside a worker. Functions use it through
+    ``colocate.fmi``: its ``verifier`` connection, its ``spec``, its ``evicting`` status."""
+    return _current
+
+
 def _wait_siblings(timeout_s: float) -> None:
     """Worker 0 is pid 1 of the lease: its exit kills the other workers at once. Let them send
     their own eviction notices first (at most ``timeout_s``)."""
@@ -774,6 +783,8 @@ def run(spec: WorkerSpec, listeners: list[socket.socket], ready_fd: int) -> NoRe
         os.chdir("/tmp" if spec.sandbox else "/")
         worker = Worker(spec, listeners, verifier)
         worker.lease_dir_fd = lease_dir_fd
+        global _current
+        _current = worker
         for sig in EVICTION_SIGNALS:
             signal.signal(sig, worker.on_signal)
         signal.signal(signal.SIGALRM, worker.on_deadline)

@@ -34,11 +34,14 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "colocate.metrics": ("colocate", "policies", "monitors.snapshot"),
     "colocate.executor": ("colocate", "colocate.metrics.events", "policies"),
     "colocate.broker": ("colocate", "colocate.auth", "colocate.metrics", "policies"),
+    # FMI: the communicator inside a worker (asks the serving worker for its verifier)
+    "colocate.fmi": ("colocate", "colocate.executor.worker"),
     "colocate.client": (
         "colocate",
         "colocate.auth",
         "colocate.broker.api",
         "colocate.broker.replies",
+        "colocate.fmi",
     ),
     "slurm_plugin.spank": ("colocate",),
     # hooks, control socket, dev cluster; the prolog frees a lease's cgroups itself (light:

@@ -1,0 +1,361 @@
+"""What runs on each rank of an FMI group, inside a leased worker (called by reference).
+
+An SPMD call is two rounds of calls, one call per rank each (``colocate.client.spmd``):
+
+1. :func:`prepare` opens this rank's listeners for the group: a Unix socket in the lease's
+   private /tmp (the ranks of the same lease share it) and a TCP listener for the other
+   leases. In the sandbox with ``network = "none"`` the TCP listener is made by the
+   supervisor in the host's network namespace and passed in (``colocate.executor.fmi_sockets``,
+   with the ticket the client signed with the lease key); otherwise the rank binds it.
+2. :func:`run` connects rank i to every rank below it and accepts the ranks above it (so
+   every pair has one connection), authenticates each connection both ways with an HMAC
+   challenge under the group key, builds the :class:`~colocate.fmi.comm.Comm` and calls the
+   user's ``fn(comm, *args, **kwargs)``. Its value is the rank's result.
+
+A rank whose function raises tells the others (they raise ``GroupAborted``) and raises the
+exception with ``rank`` set and a note naming it; the listeners and connections close with
+the call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import select
+import socket
+import struct
+import time
+from typing import Any
+
+from colocate.errors import ColocateError, LeaseEvicted, Unauthorized
+from colocate.fmi import channels as ch
+from colocate.fmi.comm import Comm, GroupAborted
+
+_MAGIC = b"FMI1"
+_HELLO = struct.Struct("<4s32sI16s")
+_LEN = struct.Struct("<I")
+_prepared: dict[str, tuple[list[socket.socket], str]] = {}
+
+
+def _worker() -> Any:
+    from colocate.executor import worker
+
+    return worker.current()
+
+
+def _sandboxed(w: Any) -> bool:
+    return w is not None and w.verifier is not None and w.spec.sandbox and w.spec.network == "none"
+
+
+def _ask_supervisor(w: Any, request: dict[str, Any]) -> socket.socket:
+    """A socket the supervisor made outside the sandbox for this rank (see fmi_sockets)."""
+    body = b"F" + json.dumps(request).encode()
+    sock: socket.socket = w.verifier
+    sock.sendall(_LEN.pack(len(body)) + body)
+    head, fds, _flags, _addr = socket.recv_fds(sock, 4, 1, socket.MSG_WAITALL)
+    (length,) = _LEN.unpack(head)
+    answer = json.loads(sock.recv(length, socket.MSG_WAITALL))
+    if answer.get("status") != "ok" or not fds:
+        for fd in fds:
+            os.close(fd)
+        message = str(answer.get("message", "refused"))
+        if answer.get("status") == "unauthorized":
+            raise Unauthorized(f"FMI: the supervisor refused: {message}")
+        raise ConnectionError(message)
+    return socket.socket(fileno=fds[0])
+
+
+def prepare(group: str, ticket: str, sig: str, channel: str) -> dict[str, Any]:
+    """Open this rank's listeners for ``group``; returns where peers reach it."""
+    for other in [g for g in _prepared if g != group]:
+        _drop(other)
+    w = _worker()
+    spec = w.spec if w is not None else None
+    unix_path = f"/tmp/colocate-fmi-{group[:16]}-{os.getpid()}.sock"
+    listeners: list[socket.socket] = []
+    info: dict[str, Any] = {
+        "lease": spec.lease_id if spec else "",
+        "node": spec.node if spec else socket.gethostname(),
+        "unix": unix_path,
+        "tcp": None,
+        "direct": True,
+    }
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(unix_path)
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    unix.bind(unix_path)
+    unix.listen(64)
+    listeners.append(unix)
+    if channel != "redis":
+        host = json.loads(ticket)[2]
+        try:
+            if _sandboxed(w):
+                tcp = _ask_supervisor(w, {"op": "listen", "ticket": ticket, "sig": sig})
+            else:
+                tcp = socket.socket(
+                    socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM
+                )
+                tcp.bind((host, 0))
+                tcp.listen(64)
+            listeners.append(tcp)
+            info["tcp"] = list(tcp.getsockname()[:2])
+        except (OSError, ConnectionError):
+            info["direct"] = False  # no way in from other leases: the group falls back to Redis
+    _prepared[group] = (listeners, unix_path)
+    return info
+
+
+def _drop(group: str) -> None:
+    listeners, path = _prepared.pop(group, ([], ""))
+    for sock in listeners:
+        sock.close()
+    if path:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _mac(key: bytes, side: bytes, group: bytes, src: int, dst: int, nc: bytes, na: bytes) -> bytes:
+    return hmac.new(
+        key, side + group + struct.pack("<II", src, dst) + nc + na, hashlib.sha256
+    ).digest()
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = sock.recv(n, socket.MSG_WAITALL)
+    if len(data) != n:
+        raise ConnectionError("peer closed during the FMI handshake")
+    return data
+
+
+def _connect_peer(
+    sock: socket.socket, key: bytes, group: bytes, me: int, dst: int, timeout_s: float
+) -> None:
+    """The connecting side of the handshake: prove the group key, check the acceptor's proof."""
+    sock.settimeout(timeout_s)
+    nc = os.urandom(16)
+    sock.sendall(_HELLO.pack(_MAGIC, group, me, nc))
+    answer = _recv_exact(sock, 48)
+    na, mac_a = answer[:16], answer[16:]
+    if not hmac.compare_digest(mac_a, _mac(key, b"a", group, me, dst, nc, na)):
+        raise Unauthorized(f"FMI: rank {dst}'s listener does not hold the group key")
+    sock.sendall(_mac(key, b"c", group, me, dst, nc, na))
+
+
+def _accept_peer(
+    sock: socket.socket, key: bytes, group: bytes, me: int, expected: set[int]
+) -> int | None:
+    """The accepting side: the connecting rank when it proves the group key, else None."""
+    try:
+        sock.settimeout(5.0)
+        magic, their_group, src, nc = _HELLO.unpack(_recv_exact(sock, _HELLO.size))
+        if magic != _MAGIC or their_group != group or src not in expected:
+            return None
+        na = os.urandom(16)
+        sock.sendall(na + _mac(key, b"a", group, src, me, nc, na))
+        if not hmac.compare_digest(_recv_exact(sock, 32), _mac(key, b"c", group, src, me, nc, na)):
+            return None
+        return int(src)
+    except (OSError, ConnectionError, struct.error):
+        return None
+
+
+def _open_to(
+    w: Any, member: dict[str, Any], same_lease: bool, ticket: str, sig: str
+) -> socket.socket:
+    if same_lease:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(member["unix"])
+        return sock
+    host, port = member["tcp"]
+    if _sandboxed(w):
+        return _ask_supervisor(
+            w, {"op": "connect", "ticket": ticket, "sig": sig, "to": [host, port]}
+        )
+    return socket.create_connection((host, port), timeout=5.0)
+
+
+def _connect_redis(
+    w: Any, address: list[Any], ticket: str, sig: str, group: str, rank: int, key: bytes
+) -> ch.RedisInbox:
+    try:
+        import redis
+        from redis.connection import Connection
+    except ImportError:
+        raise ColocateError(
+            "the Redis channel needs the redis package: pip install 'slurm-colocate[redis]'"
+        ) from None
+    host, port = str(address[0]), int(address[1])
+
+    def opened() -> socket.socket:
+        if _sandboxed(w):
+            return _ask_supervisor(
+                w, {"op": "connect", "ticket": ticket, "sig": sig, "to": [host, port]}
+            )
+        return socket.create_connection((host, port), timeout=5.0)
+
+    class _Handed(Connection):  # the socket comes from the supervisor, not from getaddrinfo
+        def _connect(self) -> socket.socket:
+            sock = opened()
+            sock.settimeout(None)
+            return sock
+
+    pool = redis.ConnectionPool(connection_class=_Handed, host=host, port=port, max_connections=1)
+    return ch.RedisInbox(redis.Redis(connection_pool=pool), group, rank, key)
+
+
+def run(
+    fn_bytes: bytes,
+    group: str,
+    rank: int,
+    members: list[dict[str, Any]],
+    key_hex: str,
+    channel: str,
+    redis_address: list[Any] | None,
+    ticket: str,
+    sig: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    setup_timeout_s: float = 10.0,
+) -> Any:
+    """Connect this rank to the group, then return ``fn(comm, *args, **kwargs)``."""
+    import cloudpickle
+
+    w = _worker()
+    key = bytes.fromhex(key_hex)
+    gid = group.encode()[:32].ljust(32, b"\0")
+    size = len(members)
+    me = members[rank]
+
+    def describe(r: int) -> str:
+        return f"lease {members[r]['lease']} on {members[r]['node']}"
+
+    evicting = (lambda: bool(w.evicting)) if w is not None else (lambda: False)
+    comm: Comm | None = None
+    try:
+        fn = cloudpickle.loads(fn_bytes)
+        direct = all(m["direct"] for m in members)
+        use_redis = size > 1 and any(
+            ch.route(m["lease"] == me["lease"], direct, channel) == "redis"
+            for i, m in enumerate(members)
+            if i != rank
+        )
+        if use_redis:
+            if redis_address is None:
+                raise ColocateError(
+                    "FMI: direct connections are impossible in this group and no Redis was given; pass redis='host:port'"
+                )
+            comm = Comm(
+                rank,
+                size,
+                {},
+                _connect_redis(w, redis_address, ticket, sig, group, rank, key),
+                evicting,
+                describe,
+            )
+        else:
+            comm = Comm(
+                rank,
+                size,
+                _mesh(
+                    w,
+                    group,
+                    gid,
+                    key,
+                    rank,
+                    members,
+                    channel,
+                    ticket,
+                    sig,
+                    setup_timeout_s,
+                    evicting,
+                ),
+                None,
+                evicting,
+                describe,
+            )
+        try:
+            result = fn(comm, *args, **kwargs)
+            comm.finish()
+            return result
+        except GroupAborted as exc:
+            comm.abort("raised", exc.reason, exc.rank)
+            raise
+        except LeaseEvicted as exc:
+            failed = getattr(exc, "fmi_rank", rank)
+            comm.abort("evicted", str(exc), failed)
+            raise
+        except BaseException as exc:
+            comm.abort("raised", f"{type(exc).__name__}: {exc}", rank)
+            with contextlib.suppress(Exception):
+                exc.rank = rank  # type: ignore[attr-defined]
+                exc.add_note(f"raised on rank {rank} of {size} ({describe(rank)})")
+            raise
+    finally:
+        if comm is not None:
+            comm.close()
+        _drop(group)
+
+
+def _mesh(
+    w: Any,
+    group: str,
+    gid: bytes,
+    key: bytes,
+    rank: int,
+    members: list[dict[str, Any]],
+    channel: str,
+    ticket: str,
+    sig: str,
+    timeout_s: float,
+    evicting: Any,
+) -> dict[int, ch.StreamPeer]:
+    """One authenticated connection to every other rank (rank i dials ranks below it)."""
+    me = members[rank]
+    peers: dict[int, ch.StreamPeer] = {}
+    try:
+        for r in range(rank):
+            kind = ch.route(members[r]["lease"] == me["lease"], True, channel)
+            try:
+                sock = _open_to(w, members[r], kind == "shm", ticket, sig)
+                _connect_peer(sock, key, gid, rank, r, timeout_s)
+            except (OSError, ConnectionError) as exc:
+                raise _left(r, members, f"cannot reach it: {exc}") from None
+            peers[r] = ch.StreamPeer(r, sock, kind == "shm")
+        expected = set(range(rank + 1, len(members)))
+        listeners, _path = _prepared.get(group, ([], ""))
+        deadline = time.monotonic() + timeout_s
+        while expected:
+            if evicting():
+                raise LeaseEvicted(
+                    f"rank {rank}: the node took the lease back during the group's setup"
+                )
+            left = deadline - time.monotonic()
+            if left <= 0:
+                first = min(expected)
+                raise _left(first, members, f"it did not join within {timeout_s:.0f} s")
+            ready, _, _ = select.select(listeners, [], [], min(left, 0.05))
+            for listener in ready:
+                with contextlib.suppress(BlockingIOError, InterruptedError):
+                    sock, _addr = listener.accept()
+                    src = _accept_peer(sock, key, gid, rank, expected)
+                    if src is None:  # not a member of the group: dropped, never heard
+                        sock.close()
+                        continue
+                    expected.discard(src)
+                    peers[src] = ch.StreamPeer(src, sock, sock.family == socket.AF_UNIX)
+    except BaseException:
+        for peer in peers.values():
+            peer.close()
+        raise
+    return peers
+
+
+def _left(r: int, members: list[dict[str, Any]], why: str) -> LeaseEvicted:
+    exc = LeaseEvicted(
+        f"rank {r} (lease {members[r]['lease']} on {members[r]['node']}) left the group: {why}"
+    )
+    exc.fmi_rank = r  # type: ignore[attr-defined]
+    return exc
