@@ -644,8 +644,17 @@ class Worker:
             if len(conn.buf) < _BUF:  # a holder's connection: the full buffer from now on
                 self._make_room(conn, _BUF)
             proof = answer.get("proof")  # the verifier's answer to the client's nonce
-            out.append(self.welcome if proof is None else P.frame(
-                P.REPLY, 0, P.OK, 0, json.dumps({**self.welcome_fields, "proof": proof}).encode()))
+            out.append(
+                self.welcome
+                if proof is None
+                else P.frame(
+                    P.REPLY,
+                    0,
+                    P.OK,
+                    0,
+                    json.dumps({**self.welcome_fields, "proof": proof}).encode(),
+                )
+            )
             return True
         code = P.EXPIRED if status == "expired" else P.UNAUTHORIZED
         out.append(P.frame(P.REPLY, 0, code, 0, str(answer.get("message", status)).encode()))
@@ -758,6 +767,8 @@ def run(spec: WorkerSpec, listeners: list[socket.socket], ready_fd: int) -> NoRe
         for sig in (signal.SIGCHLD, signal.SIGHUP, *EVICTION_SIGNALS):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # a write past RLIMIT_FSIZE fails with EFBIG in the function, not the worker's death
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         _close_other_fds({ready_fd, *(s.fileno() for s in listeners)})
         os.setsid()
         join(spec.cgroups, os.getpid())

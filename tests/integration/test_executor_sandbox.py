@@ -340,6 +340,36 @@ def test_a_fork_bomb_stops_at_the_pids_limit(
         supervisor.evict(handle.lease_id)
 
 
+def write_big(nbytes: int) -> str:
+    try:
+        with open("/tmp/big", "wb") as fh:
+            fh.write(b"x" * nbytes)
+    except OSError as exc:
+        return os.strerror(exc.errno or 0)
+    return "written"
+
+
+def core_limit() -> tuple[int, int]:
+    import resource as _resource
+
+    return _resource.getrlimit(_resource.RLIMIT_CORE)
+
+
+def test_no_file_past_the_size_limit_and_no_core_dumps(
+    tmp_path: Path, users: tuple[Owner, Owner]
+) -> None:
+    config = ExecutorConfig(fsize_max_bytes=1 << 20)
+    with ExecutorSupervisor(config, SECRET, node=NODE + "f", state_dir=str(tmp_path)) as sup:
+        expires = time.time() + 60
+        handle = sup.start("fs", (CORES[-1],), 64 << 20, expires, owner=users[0])
+        token = sign_lease(SECRET, LeaseClaims("fs", NODE + "f", (CORES[-1],), 64 << 20, expires))
+        with LeaseExecutor(handle.address, token, lease_id="fs", workers=1) as ex:
+            assert ex.invoke(write_big, 512 << 10) == "written"
+            assert ex.invoke(write_big, 2 << 20) == "File too large"
+            assert ex.invoke(core_limit) == (0, 0)
+            assert ex.invoke(add, 1, 1) == 2  # the worker lives on
+
+
 def test_tmp_and_dev_shm_are_private_and_gone_after_release(
     supervisor: ExecutorSupervisor, users: tuple[Owner, Owner]
 ) -> None:
