@@ -12,6 +12,7 @@ import gc
 import heapq
 import math
 import random
+from bisect import bisect_right
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -24,13 +25,14 @@ from policies.model import EvictionReason, JobView, LeaseView, NodeView, Offer, 
 from traces.demand import STEP_S, Demand
 from traces.interference import cpu_pressure
 from traces.placement import Cluster, Placement
+from traces.usage import JobUsage
 
 Progress = Callable[[int], None]
 Events = tuple[
     npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]
 ]
 
-END, START, TICK, RAMP = 0, 1, 2, 3  # event kinds
+END, START, TICK, USAGE = 0, 1, 2, 3  # event kinds (USAGE: a job's use steps)
 
 
 @dataclass(slots=True)
@@ -46,12 +48,114 @@ class Piece:
     cpu_ids: frozenset[int]
     memory_allocated: int
     start_t: float
-    ramp_t: float
-    cores_used: float
-    ramp_memory: int
-    steady_memory: int
+    step_t: tuple[float, ...]  # usage steps: start times (the first is start_t), ascending
+    step_cores: tuple[float, ...]  # busy cores from that time on
+    step_memory: tuple[int, ...]  # memory used from that time on, bytes
     sensitivity: float
-    views: dict[tuple[bool, int], JobView]  # (steady phase, lease cores) -> view, on first use
+    views: dict[tuple[int, int], JobView]  # (steps seen, lease cores) -> view, on first use
+
+
+@dataclass(frozen=True, slots=True)
+class PieceSteps:
+    """Usage steps of every piece, flat: piece ``p`` has ``offsets[p]:offsets[p + 1]``.
+
+    ``minute`` is on the replay's grid (the first step of a piece is its start), ``cores``
+    busy cores and ``memory`` bytes used from that minute on.
+    """
+
+    offsets: npt.NDArray[np.int64]
+    minute: npt.NDArray[np.int64]
+    cores: npt.NDArray[np.float64]
+    memory: npt.NDArray[np.float64]
+
+    def delta(self, values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """Change of ``values`` at each step (the first step of a piece: from 0)."""
+        out = np.diff(values, prepend=0.0)
+        firsts = self.offsets[:-1][self.offsets[:-1] < self.offsets[1:]]
+        out[firsts] = values[firsts]
+        return out
+
+
+CORE_QUANTUM = 0.25  # busy cores are followed in quarter cores (the policies' core margin)
+MEMORY_QUANTUM = 1 / 64  # memory in 1/64 of the piece's allocation
+SHORTEST_STEP_MIN = 30  # a shorter step is kept only when it is a big one
+BIG_STEP_CORES = 2.0
+
+
+def piece_steps(placement: Placement, usage: JobUsage) -> PieceSteps:
+    """Each piece's usage steps on the minute grid.
+
+    A job's steps (fractions of its run) land on the minute grid of its piece; steps in one
+    minute keep the last; values are rounded to ``CORE_QUANTUM`` cores and ``MEMORY_QUANTUM``
+    of the allocation, and a step that changes neither is dropped: it would move no policy
+    boundary and only cost a decision.
+    """
+    pj = placement.job
+    lo = usage.step_offsets[pj]
+    counts = usage.step_offsets[pj + 1] - lo
+    total = int(counts.sum())
+    ends = np.cumsum(counts)
+    take = (
+        np.repeat(lo, counts) + np.arange(total, dtype=np.int64) - np.repeat(ends - counts, counts)
+    )
+    piece = np.repeat(np.arange(pj.size, dtype=np.int64), counts)
+    start, end = placement.start[piece], placement.end[piece]
+    minute = np.minimum(
+        start + np.rint(usage.step_frac[take] * (end - start)).astype(np.int64), end - 1
+    )
+    alloc = placement.memory_bytes[piece]
+    cores = np.rint(usage.step_cpu[take] * placement.cores[piece] / CORE_QUANTUM) * CORE_QUANTUM
+    memory = np.floor(np.rint(usage.step_memory[take] / MEMORY_QUANTUM) * MEMORY_QUANTUM * alloc)
+    # the last step of a minute holds; then drop steps that change nothing
+    keep = np.ones(total, dtype=bool)
+    keep[:-1] = (piece[1:] != piece[:-1]) | (minute[1:] != minute[:-1])
+    piece, minute, cores, memory = piece[keep], minute[keep], cores[keep], memory[keep]
+    first = np.ones(piece.size, dtype=bool)
+    first[1:] = piece[1:] != piece[:-1]
+    minute[first] = placement.start[piece[first]]
+    same = np.zeros(piece.size, dtype=bool)
+    same[1:] = (cores[1:] == cores[:-1]) & (memory[1:] == memory[:-1])
+    keep = first | ~same
+    piece, minute, cores, memory = piece[keep], minute[keep], cores[keep], memory[keep]
+    # A flutter is not a burst: a step that lasts less than SHORTEST_STEP_MIN and moves less
+    # than BIG_STEP_CORES (and less than half its memory) is left out, and so is what then
+    # changes nothing.
+    for _ in range(2):
+        if not piece.size:
+            break
+        nxt = np.empty(piece.size, dtype=np.int64)
+        nxt[:-1] = np.where(piece[1:] == piece[:-1], minute[1:], placement.end[piece[:-1]])
+        nxt[-1] = placement.end[piece[-1]]
+        first = np.ones(piece.size, dtype=bool)
+        first[1:] = piece[1:] != piece[:-1]
+        prev_c = np.concatenate([[0.0], cores[:-1]])
+        prev_m = np.concatenate([[0.0], memory[:-1]])
+        big = (np.abs(cores - prev_c) >= BIG_STEP_CORES) | (np.abs(memory - prev_m) > 0.5 * prev_m)
+        keep = first | big | (nxt - minute >= SHORTEST_STEP_MIN)
+        piece, minute, cores, memory = piece[keep], minute[keep], cores[keep], memory[keep]
+        same = np.zeros(piece.size, dtype=bool)
+        same[1:] = (
+            (piece[1:] == piece[:-1]) & (cores[1:] == cores[:-1]) & (memory[1:] == memory[:-1])
+        )
+        piece, minute, cores, memory = piece[~same], minute[~same], cores[~same], memory[~same]
+    # A rise in CPU is seen again one sample (a minute) later, as an agent sampling on would
+    # see it: the policies confirm growth over consecutive samples before evicting.
+    rising = np.zeros(piece.size, dtype=bool)
+    rising[1:] = (piece[1:] == piece[:-1]) & (cores[1:] > cores[:-1])
+    follows = np.empty(piece.size, dtype=np.int64)
+    follows[:-1] = np.where(piece[1:] == piece[:-1], minute[1:], placement.end[piece[:-1]])
+    if piece.size:
+        follows[-1] = placement.end[piece[-1]]
+    again = np.flatnonzero(rising & (minute + 1 < follows))
+    if again.size:
+        piece = np.concatenate([piece, piece[again]])
+        minute = np.concatenate([minute, minute[again] + 1])
+        cores = np.concatenate([cores, cores[again]])
+        memory = np.concatenate([memory, memory[again]])
+        order = np.lexsort((minute, piece))
+        piece, minute, cores, memory = piece[order], minute[order], cores[order], memory[order]
+    offsets = np.searchsorted(piece, np.arange(pj.size + 1)).astype(np.int64)
+    return PieceSteps(offsets, minute, cores, memory)
 
 
 _LeaseOutcome = tuple[LeaseView, int, tuple[frozenset[int], int, float], bool]
@@ -114,6 +218,7 @@ def drive_policy(
     mem_total = cluster.memory_per_node_bytes
     reserved = cluster.memory_reserved_bytes
     budget = limits.slowdown_budget
+    window = limits.history_window_s
     demand_c = dem.cores.tolist()
     demand_m = dem.memory_bytes.tolist()
     minutes = len(demand_c)
@@ -160,8 +265,8 @@ def drive_policy(
     group_minute = t_arr[group_start].tolist()
     group_node = node_arr[group_start].tolist()
     is_change = (events[3] == START) | (events[3] == END)
-    # per group: 1 = jobs start or end, 2 = a start-up phase ends (the job views change)
-    flags = is_change.astype(np.int64) | ((events[3] == RAMP).astype(np.int64) << 1)
+    # per group: 1 = jobs start or end, 2 = a job's use steps (the job views change)
+    flags = is_change.astype(np.int64) | ((events[3] == USAGE).astype(np.int64) << 1)
     group_changes = np.bitwise_or.reduceat(flags, group_start).tolist() if n_events else []
     node_views: list[tuple[int, tuple[JobView, ...]] | None] = [None] * cluster.nodes
     n_groups = len(group_minute)
@@ -216,8 +321,8 @@ def drive_policy(
             else:
                 views = tuple(
                     [
-                        p.views.get((now >= p.ramp_t, lease_cores))
-                        or _job_view(p, now >= p.ramp_t, lease_cores, cpn)
+                        p.views.get((bisect_right(p.step_t, now), lease_cores))
+                        or _job_view(p, bisect_right(p.step_t, now), lease_cores, cpn, window)
                         for p in jobs_here.values()
                     ]
                 )
@@ -320,55 +425,66 @@ def drive_policy(
     return change_t, change_c, change_m, evict_t, violation_s / 3600.0, evicted_cores, decisions
 
 
-def _job_view(p: Piece, steady: bool, lease_cores: int, cpn: int) -> JobView:
-    """The job as the agent would report it, in its start-up or steady phase, next to
+def _job_view(p: Piece, seen: int, lease_cores: int, cpn: int, window: float) -> JobView:
+    """The job as the agent would report it after its first ``seen`` usage steps, next to
     ``lease_cores`` function cores (built once per piece and situation).
 
-    Usage is piecewise constant, so the history holds one sample per phase (start, end of
-    the start-up phase); a denser one would say the same. The latest sample carries the
-    pressure the node's functions cause.
+    Usage is piecewise constant, so the history holds one sample per step; a denser one would
+    say the same. Samples older than the window before the latest step are left out (a
+    policy never looks further back; the peak they held is ``memory_peak_bytes``). The
+    latest sample carries the pressure the node's functions cause.
     """
-    key = (steady, lease_cores)
+    key = (seen, lease_cores)
     view = p.views.get(key)
     if view is not None:
         return view
+    seen = max(seen, 1)
     pressure = cpu_pressure(p.sensitivity * lease_cores / cpn) if lease_cores else None
-    if steady:
-        memory = p.steady_memory
-        history: tuple[UsageSample, ...] = (
-            UsageSample(p.start_t, p.cores_used, p.ramp_memory),
-            UsageSample(p.ramp_t, p.cores_used, memory, pressure),
-        )
-    else:
-        memory = p.ramp_memory
-        history = (UsageSample(p.start_t, p.cores_used, memory, pressure),)
-    view = JobView(p.job_id, p.cpu_ids, p.memory_allocated, memory, history, True, p.start_t)
+    times = p.step_t
+    first = bisect_right(times, times[seen - 1] - window, 0, seen - 1)
+    if first:
+        first -= 1  # the sample in force at the window's start
+    older = [
+        UsageSample(times[i], p.step_cores[i], p.step_memory[i]) for i in range(first, seen - 1)
+    ]
+    latest = UsageSample(times[seen - 1], p.step_cores[seen - 1], p.step_memory[seen - 1], pressure)
+    history = (*older, latest)
+    peak = max(p.step_memory[:seen])
+    view = JobView(p.job_id, p.cpu_ids, p.memory_allocated, peak, history, True, p.start_t)
     p.views[key] = view
     return view
 
 
 def build_events(
-    placement: Placement, ramp_minutes: npt.NDArray[np.int64], history_minutes: int, nodes: int
+    placement: Placement, steps: PieceSteps, history_minutes: int, nodes: int
 ) -> Events:
     """Events (minute, node, piece, kind) sorted by minute, then node.
 
-    Every node also gets a tick at minute 0, so idle nodes offer from the start.
+    Per piece: its start, its end, a tick ``history_minutes`` after its start (unless a usage
+    step comes first) and its later usage steps. Every node also gets a tick at minute 0, so
+    idle nodes offer from the start.
     """
     n = placement.job.size
     idx = np.arange(n, dtype=np.int64)
     start, end = placement.start, placement.end
-    ramp_end = start + ramp_minutes
+    later = np.ones(steps.minute.size, dtype=bool)
+    later[steps.offsets[:-1][steps.offsets[:-1] < steps.minute.size]] = False
+    step_piece = np.repeat(idx, np.diff(steps.offsets))
+    second = np.where(
+        np.diff(steps.offsets) > 1,
+        steps.minute[np.minimum(steps.offsets[:-1] + 1, steps.minute.size - 1)],
+        end,
+    )
     tick = start + history_minutes
-    has_tick = (tick < end) & (tick < ramp_end)
-    has_ramp = (ramp_end > start) & (ramp_end < end)
-    t = np.concatenate([end, start, tick[has_tick], ramp_end[has_ramp]])
-    piece = np.concatenate([idx, idx, idx[has_tick], idx[has_ramp]])
+    has_tick = (tick < end) & (tick < second)
+    t = np.concatenate([end, start, tick[has_tick], steps.minute[later]])
+    piece = np.concatenate([idx, idx, idx[has_tick], step_piece[later]])
     kind = np.concatenate(
         [
             np.full(n, END),
             np.full(n, START),
             np.full(int(has_tick.sum()), TICK),
-            np.full(int(has_ramp.sum()), RAMP),
+            np.full(int(later.sum()), USAGE),
         ]
     ).astype(np.int64)
     node = np.concatenate([placement.node[piece], np.arange(nodes, dtype=np.int64)])

@@ -46,7 +46,7 @@ from policies import POLICIES
 from policies.limits import Limits
 from policies.prices import GIB, Prices
 from traces.azure import FaasTrace
-from traces.decisions import Piece, build_events, drive_policy, gc_paused
+from traces.decisions import Piece, build_events, drive_policy, gc_paused, piece_steps
 from traces.demand import STEP_S, Demand, demand
 from traces.interference import InterferenceModel
 from traces.jobs import JobTrace
@@ -164,12 +164,9 @@ def replay(
     setup_s = time.perf_counter() - started
 
     pj = placement.job
-    cores_used = placement.cores * job_usage.cpu_share[pj]
-    steady = placement.memory_bytes * job_usage.memory_share[pj]
-    ramp_memory = steady * job_usage.ramp_memory_level
-    ramp_min = np.ceil(job_usage.ramp_s[pj] / STEP_S).astype(np.int64)
+    steps = piece_steps(placement, job_usage)
     history_min = max(1, math.ceil(limits.min_history_s / STEP_S))
-    events = build_events(placement, ramp_min, history_min, cluster.nodes)
+    events = build_events(placement, steps, history_min, cluster.nodes)
     timings = {"place_s": setup_s}
 
     t0 = placement.t0
@@ -177,11 +174,10 @@ def replay(
     pj_l = pj.tolist()
     masks = placement.cpu_mask
     mem_alloc_l = placement.memory_bytes.tolist()
-    start_l = placement.start.tolist()
-    ramp_l = (placement.start + ramp_min).tolist()
-    cores_used_l = cores_used.tolist()
-    ramp_mem_l = ramp_memory.tolist()
-    steady_l = steady.tolist()
+    step_off_l = steps.offsets.tolist()
+    step_t_l = (t0 + steps.minute * STEP_S).tolist()
+    step_c_l = steps.cores.tolist()
+    step_m_l = steps.memory.astype(np.int64).tolist()
     sens_l = sensitivity[pj].tolist()
     cpu_sets: dict[int, frozenset[int]] = {}
     # One job's pieces with the same cores and memory (a parallel job's full nodes) are equal
@@ -202,16 +198,16 @@ def replay(
         if ids is None:
             ids = frozenset(b for b in range(mask.bit_length()) if (mask >> b) & 1)
             cpu_sets[mask] = ids
+        lo, hi = step_off_l[p], step_off_l[p + 1]
         piece = Piece(
             str(job_ids[job]),
             (job, mask, int(mem)),
             ids,
             int(mem),
-            t0 + start_l[p] * STEP_S,
-            t0 + ramp_l[p] * STEP_S,
-            cores_used_l[p],
-            int(ramp_mem_l[p]),
-            int(steady_l[p]),
+            step_t_l[lo],
+            tuple(step_t_l[lo:hi]),
+            tuple(step_c_l[lo:hi]),
+            tuple(step_m_l[lo:hi]),
             sens_l[p],
             {},
         )
@@ -220,14 +216,16 @@ def replay(
 
     # policy-independent cluster series
     start, end = placement.start, placement.end
-    ramp_end = np.minimum(start + ramp_min, end)
     alloc_c = _level(
         minutes,
         np.concatenate([start, end]),
         np.concatenate([placement.cores, -placement.cores]).astype(np.float64),
     )
+    last = steps.offsets[1:] - 1
     used_c = _level(
-        minutes, np.concatenate([start, end]), np.concatenate([cores_used, -cores_used])
+        minutes,
+        np.concatenate([steps.minute, end]),
+        np.concatenate([steps.delta(steps.cores), -steps.cores[last]]),
     )
     alloc_m = _level(
         minutes,
@@ -236,8 +234,8 @@ def replay(
     )
     used_m = _level(
         minutes,
-        np.concatenate([start, ramp_end, end]),
-        np.concatenate([ramp_memory, steady - ramp_memory, -steady]),
+        np.concatenate([steps.minute, end]),
+        np.concatenate([steps.delta(steps.memory), -steps.memory[last]]),
     )
     total_c = np.full(minutes, float(cluster.cores))
     total_m = np.full(

@@ -156,9 +156,11 @@ def assumptions(result: ReplayResult) -> list[str]:
         "Jobs run at their recorded start times, placed first fit on identical nodes; times are "
         "snapped to a 1-minute grid (jobs rounding to zero length are not placed).",
         "Where a trace has no memory allocation, a job gets a core-proportional share of node memory.",
-        "Job usage is measured where the trace has it (SWF fields 6/7, sacct TotalCPU/MaxRSS), else "
-        "drawn from distributions fitted to the HPC2N log (traces/usage.py); memory is at half its "
-        "steady level during a start-up phase (10 % of the run, at most 30 min).",
+        "Mean job usage is measured where the trace has it (SWF fields 6/7, sacct TotalCPU/MaxRSS); "
+        "else the busy share comes with the real CPU shape of a SURF Lisa job of about the same "
+        "duration and memory from the HPC2N fit. Use varies over time along real shapes "
+        "(traces/shapes.py: SURF Lisa CPU, Google 2011 memory), on the 1-minute grid, in quarter "
+        "cores and 1/64 of the allocation.",
         f"The FaaS trace ({info['faas_trace_minutes']} minutes) is repeated back to back "
         f"{_float(info['faas_repeats']):.1f} times to cover the job trace"
         + (

@@ -19,22 +19,35 @@ of memory free (this table: mean use 16 %, i.e. 84 % free inside allocations). T
 2011 sample (cloud tasks, 599 joined) has mean CPU use 0.30 of the request: not HPC-like,
 so not used for the default; pass ``cpu_quantiles`` to model such a workload.
 
-Time shape: piecewise constant, two phases per job. During a start-up phase
-(``ramp_fraction`` of the run time, at most ``ramp_max_s``) memory is at
-``ramp_memory_level`` of the steady level; then it is at the steady level until the end.
-CPU use is constant. Deterministic: the same seed gives the same draws.
+Time shape (``time_shapes``), piecewise constant steps per job:
+
+- ``"real"`` (default): real shapes from :mod:`traces.shapes`. CPU: a SURF Lisa job of
+  about the same duration gives its shape *and* its mean busy share (``cpu_mean="shape"``;
+  ``"quantiles"`` draws the mean from ``cpu_quantiles`` instead), stretched over the run;
+  levels are capped at all allocated cores. Memory: a Google 2011 job's memory shape scaled
+  to the memory share drawn above, capped at the allocation. Jobs under 5 minutes are flat.
+- ``"flat"`` (the model before real shapes): CPU constant; memory at ``ramp_memory_level``
+  of the steady level during a start-up phase (``ramp_fraction`` of the run time, at most
+  ``ramp_max_s``), then steady.
+
+A measured mean (SWF fields 6 and 7, sacct) replaces the modelled mean; the shape still
+varies around it. Deterministic: the same seed gives the same draws.
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from traces.jobs import JobTrace
+from traces.shapes import expand, load_library, pick_cpu_shapes
+
+SHORTEST_SHAPED_S = 300.0  # the library holds jobs of at least 5 minutes
 
 HPC2N_CPU_QUANTILES: tuple[float, ...] = (
     0.0072, 0.5629, 0.8889, 0.9839, 0.9987, 0.9995, 0.9998, 0.9999, 0.9999, 1.0, 1.0,
@@ -65,6 +78,12 @@ class UsageModel(BaseModel):
     )
     ramp_max_s: float = Field(1800.0, ge=0, description="longest start-up phase, seconds")
     ramp_memory_level: float = Field(0.5, ge=0, le=1, description="start-up memory / steady memory")
+    time_shapes: Literal["real", "flat"] = Field(
+        "real", description="usage over time: real job shapes (traces.shapes) or flat phases"
+    )
+    cpu_mean: Literal["shape", "quantiles"] = Field(
+        "shape", description="mean busy share: the shape's own job, or drawn from cpu_quantiles"
+    )
 
     @field_validator("cpu_quantiles", "memory_quantiles")
     @classmethod
@@ -92,6 +111,21 @@ class UsageModel(BaseModel):
         mem = np.where(mem_measured, np.clip(measured_share, 0.0, 1.0), mem)
         run = trace.end_s - trace.start_s
         ramp = np.minimum(run * self.ramp_fraction, self.ramp_max_s)
+        if self.time_shapes == "flat":
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ramp_frac = np.where(run > 0, ramp / run, 0.0)
+            has_ramp = (ramp_frac > 0) & (self.ramp_memory_level != 1.0)
+            idx = np.arange(n, dtype=np.int64)
+            job = np.concatenate([idx, idx[has_ramp]])
+            frac = np.concatenate([np.zeros(n), ramp_frac[has_ramp]])
+            s_cpu = np.concatenate([cpu, cpu[has_ramp]])
+            level = np.where(has_ramp, self.ramp_memory_level, 1.0)
+            s_mem = np.concatenate([mem * level, mem[has_ramp]])
+        else:
+            job, frac, s_cpu, s_mem, cpu = self._real_steps(rng, run, cpu, cpu_measured, mem)
+        order = np.lexsort((frac, job))
+        job, frac, s_cpu, s_mem = job[order], frac[order], s_cpu[order], s_mem[order]
+        offsets = np.searchsorted(job, np.arange(n + 1)).astype(np.int64)
         return JobUsage(
             cpu_share=cpu,
             memory_share=mem,
@@ -99,14 +133,83 @@ class UsageModel(BaseModel):
             ramp_memory_level=self.ramp_memory_level,
             cpu_measured=cpu_measured,
             memory_measured=mem_measured,
+            step_offsets=offsets,
+            step_frac=frac,
+            step_cpu=s_cpu,
+            step_memory=s_mem,
         )
+
+    def _real_steps(
+        self,
+        rng: np.random.Generator,
+        run: npt.NDArray[np.float64],
+        cpu: npt.NDArray[np.float64],
+        cpu_measured: npt.NDArray[np.bool_],
+        mem: npt.NDArray[np.float64],
+    ) -> tuple[
+        npt.NDArray[np.int64],
+        npt.NDArray[np.float64],
+        npt.NDArray[np.float64],
+        npt.NDArray[np.float64],
+        npt.NDArray[np.float64],
+    ]:
+        """Steps (job, start fraction, busy share, memory share) from the real shapes, and the
+        mean busy share of each job (the shape's own unless measured or ``cpu_mean`` says)."""
+        library = load_library()
+        n = run.size
+        shaped = run >= SHORTEST_SHAPED_S
+        cpu_shape = pick_cpu_shapes(library, run, rng)
+        mem_shape = rng.integers(0, len(library.memory), size=n)
+        if self.cpu_mean == "shape":
+            cpu = np.where(cpu_measured, cpu, library.cpu_mean_share[cpu_shape])
+        # short jobs: one flat step (the one-minute grid cannot show their shape)
+        flat = np.flatnonzero(~shaped)
+        c_job, c_frac, c_level = expand(library.cpu, cpu_shape[shaped])
+        c_job = np.flatnonzero(shaped)[c_job]
+        m_job, m_frac, m_level = expand(library.memory, mem_shape[shaped])
+        m_job = np.flatnonzero(shaped)[m_job]
+        # merge the CPU and memory steps of a job; each value holds until its next step
+        job = np.concatenate([flat, c_job, m_job])
+        frac = np.concatenate([np.zeros(flat.size), c_frac, m_frac])
+        kind = np.concatenate(  # 0: CPU changes, 1: memory changes, 2: both (flat)
+            [
+                np.full(flat.size, 2, dtype=np.int8),
+                np.zeros(c_job.size, dtype=np.int8),
+                np.ones(m_job.size, dtype=np.int8),
+            ]
+        )
+        c_val = np.concatenate([np.ones(flat.size), c_level, np.zeros(m_job.size)])
+        m_val = np.concatenate([np.ones(flat.size), np.zeros(c_job.size), m_level])
+        order = np.lexsort((kind, frac, job))
+        job, frac, kind, c_val, m_val = (
+            job[order],
+            frac[order],
+            kind[order],
+            c_val[order],
+            m_val[order],
+        )
+        pos = np.arange(job.size)
+        last_c = np.maximum.accumulate(np.where(kind != 1, pos, 0))
+        last_m = np.maximum.accumulate(np.where(kind != 0, pos, 0))
+        c_val, m_val = c_val[last_c], m_val[last_m]
+        # several steps at one instant: the last holds
+        keep = np.ones(job.size, dtype=bool)
+        keep[:-1] = (job[1:] != job[:-1]) | (frac[1:] != frac[:-1])
+        job, frac, c_val, m_val = job[keep], frac[keep], c_val[keep], m_val[keep]
+        s_cpu = np.minimum(c_val * cpu[job], 1.0)
+        s_mem = np.minimum(m_val * mem[job], 1.0)
+        return job, frac, s_cpu, s_mem, cpu
 
 
 @dataclass(frozen=True, slots=True)
 class JobUsage:
-    """Per job: busy core share, steady memory share of its allocation, start-up phase length.
+    """Per job: mean busy core share, memory share of its allocation, start-up phase length
+    (flat model), and its usage steps.
 
-    ``cpu_measured``/``memory_measured`` say which values came from the trace.
+    Steps of job ``j`` are ``step_*[step_offsets[j]:step_offsets[j + 1]]``: start as a fraction
+    of the run (the first at 0, ascending), busy share of the allocated cores and share of the
+    allocated memory, each holding until the next step. ``cpu_measured``/``memory_measured``
+    say which means came from the trace.
     """
 
     cpu_share: npt.NDArray[np.float64]
@@ -115,6 +218,10 @@ class JobUsage:
     ramp_memory_level: float
     cpu_measured: npt.NDArray[np.bool_]
     memory_measured: npt.NDArray[np.bool_]
+    step_offsets: npt.NDArray[np.int64]
+    step_frac: npt.NDArray[np.float64]
+    step_cpu: npt.NDArray[np.float64]
+    step_memory: npt.NDArray[np.float64]
 
 
 def _inverse_cdf(

@@ -19,6 +19,7 @@ from traces.swf import read_swf
 from traces.usage import UsageModel
 
 MIB = 1024**2
+FLAT = UsageModel(time_shapes="flat")  # hand-computed scenarios: constant use
 CONTRACT = {
     "recovered_core_hours",
     "recovered_memory_gib_hours",
@@ -77,7 +78,10 @@ def test_recovered_never_exceeds_wasted(bundled_result: ReplayResult) -> None:
     wasted_cores = r.cluster.cores - r.used_cores
     for name, s in r.policies.items():
         assert np.all(s.harvested_cores <= s.offered_cores + 1e-6), name
-        assert np.all(s.offered_cores <= wasted_cores + 1e-6), name
+        # A job that grows into lent cores gets them back once the next sample confirms the
+        # growth (a minute later in the replay): only those minutes may offer a busy core.
+        over = np.maximum(s.offered_cores - wasted_cores, 0.0)
+        assert over.sum() <= 0.02 * s.offered_cores.sum(), name
         assert np.all(s.recovered_cost <= r.wasted_cost + 1e-9), name
         assert s.summary["recovered_cost"] <= s.summary["wasted_cost"]
         served, rejected = (
@@ -123,7 +127,7 @@ def test_one_job_one_node_by_hand(tmp_path: Path) -> None:
         Cluster(1, 8, 16 * GIB),
         ["unallocated"],
         limits=Limits(guard=False),
-        usage=UsageModel(ramp_max_s=1800),
+        usage=UsageModel(ramp_max_s=1800, time_shapes="flat"),
     )
     s = result.policies["unallocated"].summary
     minutes = 601  # minutes 0..600; the job ends at minute 600
@@ -150,6 +154,7 @@ def test_headroom_lends_the_memory_a_busy_job_does_not_use(tmp_path: Path) -> No
         faas(0, 1.0, MIB),
         Cluster(1, 8, 16 * GIB),
         ["unallocated", "headroom"],
+        usage=FLAT,
         limits=Limits(guard=False),
     )
     plain = result.policies["unallocated"].offered_memory_bytes[100]
@@ -168,6 +173,7 @@ def test_a_job_taking_leased_cores_evicts_the_lease(tmp_path: Path) -> None:
         faas(600, 1.0, MIB),
         Cluster(1, 2, 4 * GIB),
         ["unallocated"],
+        usage=FLAT,
         limits=Limits(guard=False),
     )
     s = result.policies["unallocated"].summary
@@ -188,7 +194,7 @@ def test_report_json_contract(bundled_result: ReplayResult) -> None:
         faas_format="azure2019",
         prices=Prices(),
         limits=L(),
-        usage=UsageModel(),
+        usage=FLAT,
         interference=InterferenceModel(),
     )
     assert {"cluster", "jobs_trace", "faas_trace", "policies"} <= set(report)
@@ -210,6 +216,7 @@ def test_node_charging_bills_the_larger_share_of_a_node(tmp_path: Path) -> None:
         faas(120, 1.0, 100 * MIB),
         Cluster(1, 8, 16 * GIB),
         ["unallocated"],
+        usage=FLAT,
         limits=Limits(guard=False),
         prices=prices,
     )
@@ -227,7 +234,9 @@ def test_azure2021_records_replay_end_to_end(tmp_path: Path) -> None:
     rows = [f"app,f{i % 3},{60.0 * i + 30},{5.0 + i % 7}" for i in range(120)]
     records.write_text("app,func,end_timestamp,duration\n" + "\n".join(rows) + "\n")
     jobs = read_swf(swf(tmp_path, [(1, 0, 7200, 2, 7200.0, 1024)]))
-    result = replay(jobs, read_azure2021(records), Cluster(1, 8, 16 * GIB), ["unallocated"])
+    result = replay(
+        jobs, read_azure2021(records), Cluster(1, 8, 16 * GIB), ["unallocated"], usage=FLAT
+    )
     s = result.policies["unallocated"].summary
     assert s["faas_invocations_total"] == pytest.approx(121)  # 120 records, tiled over 121 minutes
     assert s["faas_invocations_served"] == pytest.approx(s["faas_invocations_total"])
@@ -254,6 +263,7 @@ def test_the_guard_gets_ticks_to_act_on_pressure(tmp_path: Path) -> None:
             faas(6000, 1.0, MIB),
             Cluster(1, 4, 4 * GIB),
             ["headroom"],
+            usage=FLAT,
             limits=limits,
             interference=sensitive,
         )
