@@ -110,7 +110,7 @@ def pick_cpu_shapes(
     n = len(library.cpu)
     near = np.searchsorted(library.cpu_duration_s, run_s)
     picked = np.clip(near + rng.integers(-spread, spread + 1, size=run_s.size), 0, n - 1)
-    return picked.astype(np.int64)
+    return np.asarray(picked, dtype=np.int64)
 
 
 def expand(shapes: Shapes, chosen: Ints) -> tuple[Ints, Floats, Floats]:
