@@ -1,7 +1,8 @@
 """Putting recorded jobs on a modelled cluster: first fit of cores and memory at recorded starts.
 
-Times are snapped to the replay's one-minute grid (rounded to the nearest minute), so a job
-shorter than about a minute may vanish; such jobs are counted, not placed. A job goes on
+Times are snapped to the replay's one-minute grid (rounded to the nearest minute); a job that
+rounds to no time (shorter than about a minute) holds its allocation for one grid minute: it
+is placed and accounted, and counted under its own note in ``skipped`` (a "(placed)" entry). A job goes on
 ``nodes`` nodes when the trace says so, else on as few nodes as its cores need, each piece
 on the first node with enough free cores and memory, taking the lowest free core ids.
 A job that finds no room at its recorded start (the recorded machine packed differently) is
@@ -90,8 +91,12 @@ def place(trace: JobTrace, cluster: Cluster, memory: npt.NDArray[np.float64]) ->
     t0 = math.floor(float(trace.start_s.min()) / STEP_S) * STEP_S if len(trace) else 0.0
     start_q = np.rint((trace.start_s - t0) / STEP_S).astype(np.int64)
     end_q = np.rint((trace.end_s - t0) / STEP_S).astype(np.int64)
+    # A job that rounds to no time at all still ran: it holds its cores and memory for one
+    # grid minute (placed, and counted in the report), never dropped for being short.
+    short = end_q <= start_q
+    n_short = int(np.count_nonzero(short))
+    end_q = np.where(short, start_q + 1, end_q)
     skipped = {
-        "shorter than the 1-minute grid": 0,
         "larger than the cluster": 0,
         "no room at recorded start": 0,
     }
@@ -127,9 +132,6 @@ def place(trace: JobTrace, cluster: Cluster, memory: npt.NDArray[np.float64]) ->
     heappush, heappop = heapq.heappush, heapq.heappop
     for j in order.tolist():
         s, e = start_l[j], end_l[j]
-        if e <= s:
-            skipped["shorter than the 1-minute grid"] += 1
-            continue
         while ends and ends[0][0] <= s:
             _, p = heappop(ends)
             n = out_node[p]
@@ -208,6 +210,8 @@ def place(trace: JobTrace, cluster: Cluster, memory: npt.NDArray[np.float64]) ->
             out_mem.append(mem)
     if clipped:
         skipped["memory cut to what was free (placed)"] = clipped
+    if n_short:
+        skipped["shorter than a minute, held for one grid minute (placed)"] = n_short
     job = np.array(out_job, dtype=np.int64)
     log.info("placed %d job pieces; %s", job.size, skipped)
     return Placement(

@@ -71,7 +71,16 @@ def report_dict(
             "jobs_placed": info["jobs_placed"],
             "job_pieces": info["job_pieces"],
             "skipped_by_reader": info["jobs_skipped_by_reader"],
-            "skipped_by_placement": info["jobs_skipped_by_placement"],
+            "skipped_by_placement": {
+                k: v
+                for k, v in _notes(info["jobs_skipped_by_placement"]).items()
+                if "(placed)" not in k
+            },
+            "placed_with_notes": {
+                k: v
+                for k, v in _notes(info["jobs_skipped_by_placement"]).items()
+                if "(placed)" in k
+            },
             "span_days": info["span_days"],
             "start_epoch_s": float(result.t[0]) if result.t.size else 0.0,
         },
@@ -149,12 +158,16 @@ def _float(value: object) -> float:
     return float(value) if isinstance(value, int | float) else 0.0
 
 
+def _notes(value: object) -> dict[str, int]:
+    return dict(value) if isinstance(value, dict) else {}
+
+
 def assumptions(result: ReplayResult) -> list[str]:
     """What the replay assumed, in words, for the report."""
     info = result.info
     return [
         "Jobs run at their recorded start times, placed first fit on identical nodes; times are "
-        "snapped to a 1-minute grid (jobs rounding to zero length are not placed).",
+        "snapped to a 1-minute grid (a job shorter than a minute holds its allocation for one grid minute).",
         "Where a trace has no memory allocation, a job gets a core-proportional share of node memory.",
         "Mean job usage is measured where the trace has it (SWF fields 6/7, sacct TotalCPU/MaxRSS); "
         "else the busy share comes with the real CPU shape of a SURF Lisa job of about the same "
@@ -216,7 +229,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{c['memory_per_node_bytes'] / GIB:.1f} GiB per node.",
         f"Jobs: `{j['path']}` ({j['format']}), {j['jobs']} jobs, {j['jobs_placed']} placed, "
         f"{j['span_days']:.1f} days. Skipped: {j['skipped_by_reader'] or 'none'} (reader), "
-        f"{j['skipped_by_placement'] or 'none'} (placement).",
+        f"{j['skipped_by_placement'] or 'none'} (placement); placed with a note: "
+        f"{j['placed_with_notes'] or 'none'}.",
         f"FaaS: `{f['path']}` ({f['format']}), {f['functions']} functions, {f['trace_minutes']} minutes "
         f"repeated {f['repeats']:.1f} times, scale {f['scale']}; mean demand {f['mean_demand_cores']:.1f} cores, "
         f"{f['mean_demand_memory_gib']:.2f} GiB.",

@@ -54,16 +54,18 @@ def test_parallel_jobs_take_whole_idle_nodes_and_free_them_at_the_end() -> None:
     assert p.end.tolist() == [10, 20, 20, 30, 30]
 
 
-def test_jobs_that_cannot_be_placed_are_counted() -> None:
-    t = trace([(0, 30, 1), (0, 3600, 9), (0, 3600, 8), (60, 3600, 1)])
+def test_jobs_that_cannot_be_placed_are_counted_and_short_ones_are_placed() -> None:
+    t = trace([(0, 20, 1), (0, 3600, 9), (0, 3600, 8), (60, 3600, 1)])
     cluster = Cluster(2, 4, 8 * GIB)
     p = place(t, cluster, job_memory(t, cluster))
     assert p.skipped == {
-        "shorter than the 1-minute grid": 1,
         "larger than the cluster": 1,
         "no room at recorded start": 1,
+        "shorter than a minute, held for one grid minute (placed)": 1,
     }
-    assert p.jobs_placed == 1
+    assert p.jobs_placed == 2
+    # the 20-second job holds its core for the first grid minute
+    assert (p.start[0], p.end[0], p.cores[0]) == (0, 1, 1)
 
 
 def test_requested_memory_is_kept_per_node() -> None:
