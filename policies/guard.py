@@ -169,7 +169,7 @@ class InterferenceGuard:
                 struck = strikes.get(job_id, 0)
                 strikes[job_id] = struck + 1
                 cooldown[job_id] = now + min(
-                    limits.reoffer_cooldown_s * limits.reoffer_backoff**struck,
+                    limits.reoffer_cooldown_s * limits.reoffer_backoff ** min(struck, 64),
                     limits.reoffer_cooldown_max_s,
                 )
                 notes.append(
