@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from colocate.errors import ConfigError
 from colocate.units import parse_duration, parse_size
@@ -81,6 +81,17 @@ Seconds = Annotated[
 ]
 # Constraints before the validator: after it, pydantic writes them as non-standard "ge"/"le" keys.
 CpuIds = Annotated[list[Annotated[int, Field(ge=0, le=1_000_000), BeforeValidator(_whole)]], Field(max_length=4096)]
+def _distinct(ids: list[int]) -> list[int]:
+    if len(set(ids)) != len(ids):
+        raise ValueError("core ids must be distinct")
+    return ids
+
+
+LeaseCpuIds = Annotated[
+    list[Annotated[int, Field(ge=0, le=1_000_000), BeforeValidator(_whole)]],
+    Field(min_length=1, max_length=4096, json_schema_extra={"uniqueItems": True}),
+    AfterValidator(_distinct),
+]
 Epoch = Annotated[float, Field(ge=0, le=1e11, allow_inf_nan=False), BeforeValidator(_whole)]
 
 
@@ -249,7 +260,7 @@ class LeaseOwner(_Message):
 
 class StartRequest(_Message):
     lease_id: str = Field(min_length=1, max_length=128, pattern=LEASE_ID_PATTERN)
-    cpu_ids: CpuIds
+    cpu_ids: LeaseCpuIds
     memory_bytes: Int = Field(ge=0, le=MAX_BYTES)
     granted_at: Epoch
     expires_at: Epoch

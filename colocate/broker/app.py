@@ -3,7 +3,8 @@
 Clients (``Authorization: MUNGE <credential>`` or ``Bearer <Slurm JWT>``, see
 :mod:`colocate.auth`): ``POST /v1/leases``, ``GET /v1/leases``, ``GET /v1/leases/{id}``,
 ``POST /v1/leases/{id}/renew``, ``DELETE /v1/leases/{id}``, ``GET /v1/status``,
-``GET /v1/usage``. Agents (with the control header): ``PUT /v1/nodes/{node}``. Prometheus:
+``GET /v1/usage``. Agents (signed with their node's key, :mod:`colocate.auth.node`):
+``PUT /v1/nodes/{node}``. Prometheus:
 ``GET /metrics`` (cluster-wide ``colocate_broker_*`` and per-account ledger totals).
 """
 
@@ -24,7 +25,6 @@ from prometheus_client.registry import Collector
 from colocate.auth.identity import AUTH_HEADER, Authenticator, Identity
 from colocate.broker.api import (
     API_PREFIX,
-    CONTROL_HEADER,
     LEASE_ID_PATTERN,
     BrokerStatus,
     ErrorReply,
@@ -42,7 +42,7 @@ from colocate.broker.api import (
 from colocate.broker.broker import Broker
 from colocate.broker.ledger import Ledger
 from colocate.broker.service import install_error_handlers
-from colocate.errors import BadRequest, Forbidden, LeaseDenied, LeaseError, Unauthorized
+from colocate.errors import BadRequest, Forbidden, LeaseDenied, LeaseError
 from colocate.metrics.broker import BrokerCollector
 
 NodeName = Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
@@ -213,15 +213,15 @@ def create_app(broker: Broker, authenticator: Authenticator | None = None) -> Fa
             records=[UsageRecord(**row.to_json()) for row in rows],
         )
 
+    async def node_signed(request: Request, node: str = NodeName) -> str:
+        """The request is signed by ``node``'s own agent (see :mod:`colocate.auth.node`)."""
+        body = await request.body()
+        return broker.node_verifier.verify(request.headers, request.method, request.url.path, body, node)
+
     @app.put(f"{API_PREFIX}/nodes/{{node}}", response_model=ReportReply)
-    async def report(
-        report: NodeReport,
-        node: str = NodeName,
-        control: str | None = Header(None, alias=CONTROL_HEADER),
-    ) -> ReportReply:
-        """An agent registers or re-reports its offer and live leases (soft state)."""
-        if not broker.is_control(control):
-            raise Unauthorized(f"node {node}: missing or wrong {CONTROL_HEADER}; agent and broker must share broker.secret_file")
+    async def report(report: NodeReport, node: str = Depends(node_signed)) -> ReportReply:
+        """An agent registers or re-reports its offer and live leases (soft state); signed
+        with its node's key, timestamped, never replayed."""
         return broker.report(node, report)
 
     return app

@@ -9,20 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import json
 import logging
 import secrets
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
 from colocate.auth.identity import Identity
+from colocate.auth.node import NodeVerifier, node_key, sign
 from colocate.broker import quotas
 from colocate.broker.api import (
     API_PREFIX,
-    CONTROL_HEADER,
     BrokerStatus,
     ExpiryRequest,
     LeaseGrant,
@@ -39,7 +41,6 @@ from colocate.broker.api import (
     StartRequest,
 )
 from colocate.broker.ledger import Ledger
-from colocate.broker.secret import control_token, control_token_ok
 from colocate.broker.service import raise_for_reply
 from colocate.config import BrokerConfig
 from colocate.errors import (
@@ -84,7 +85,8 @@ class Broker:
         self.config = config
         self.book = LeaseBook(node_timeout_s=config.node_timeout_s)
         self._secret = secret
-        self._control = control_token(secret)
+        self._node_keys: dict[str, bytes] = {}
+        self.node_verifier = NodeVerifier(self.node_key, clock=clock)
         self._clock = clock
         self._http: httpx.AsyncClient | None = None
         self._max_payload: dict[str, int] = {}
@@ -97,14 +99,16 @@ class Broker:
             for row in ledger.open_rows():
                 self._owners[row.lease_id] = row.owner
 
-    def is_control(self, presented: str | None) -> bool:
-        """True when ``presented`` is the control token (the caller is an agent of this cluster)."""
-        return control_token_ok(self._secret, presented)
+    def node_key(self, node: str) -> bytes:
+        """``node``'s own key (derived from the cluster secret): signs its lease tokens and
+        the requests between the broker and its agent."""
+        key = self._node_keys.get(node)
+        if key is None:
+            key = self._node_keys[node] = node_key(self._secret, node)
+        return key
 
     async def start(self) -> None:
-        self._http = httpx.AsyncClient(
-            timeout=self.config.agent_timeout_s, headers={CONTROL_HEADER: self._control}
-        )
+        self._http = httpx.AsyncClient(timeout=self.config.agent_timeout_s)
 
     async def close(self) -> None:
         if self._http is not None:
@@ -179,10 +183,15 @@ class Broker:
             release=release,
         )
 
-    async def _agent(self, method: str, url: str, body: Any | None = None) -> Any:
+    async def _agent(self, node: str, method: str, url: str, body: Any | None = None) -> Any:
+        """Call ``node``'s agent, signed with that node's key."""
         assert self._http is not None, "Broker.start() was not awaited"
+        content = json.dumps(body).encode() if body is not None else b""
+        headers = sign(self.node_key(node), node, method, urlsplit(url).path, content)
+        if body is not None:
+            headers["content-type"] = "application/json"
         try:
-            reply = await self._http.request(method, url, json=body)
+            reply = await self._http.request(method, url, content=content, headers=headers)
         except httpx.HTTPError as exc:
             raise BackendUnavailable(f"agent at {url} did not answer ({type(exc).__name__}); is the node agent running?") from None
         try:
@@ -213,8 +222,9 @@ class Broker:
 
     def _grant(self, record: LeaseRecord) -> LeaseGrant:
         owner = self._owners.get(record.lease_id)
+        key = self.node_key(record.node)  # the node's verifier holds only its own key
         token = sign_lease(
-            self._secret,
+            key,
             LeaseClaims(record.lease_id, record.node, record.cpu_ids, record.memory_bytes, record.expires_at,
                         owner.user if owner else ""),
         )
@@ -230,7 +240,7 @@ class Broker:
             max_payload_bytes=self._max_payload.get(record.node, DEFAULT_MAX_PAYLOAD_BYTES),
             user=owner.user if owner else "",
             account=owner.account if owner else "",
-            lease_key=lease_key(self._secret, record.lease_id).hex(),
+            lease_key=lease_key(key, record.lease_id).hex(),
         )
 
     # --- who may do what --------------------------------------------------------------------
@@ -341,7 +351,7 @@ class Broker:
             owner=LeaseOwner(uid=owner.uid, gid=owner.gid, user=owner.user, account=owner.account) if owner else None,
         )
         try:
-            data = await self._agent("POST", f"{offer.url}{API_PREFIX}/leases", start.model_dump())
+            data = await self._agent(node, "POST", f"{offer.url}{API_PREFIX}/leases", start.model_dump())
             started = StartReply.model_validate(data)
         except Exception as exc:
             self.book.remove(record.lease_id, LeaseEnd.START_FAILED)
@@ -354,7 +364,7 @@ class Broker:
         confirmed = self.book.confirm(record.lease_id, started.address, started.generation)
         if confirmed is None:  # expired or dropped while starting
             self._owners.pop(record.lease_id, None)
-            await self._release_on_agent(offer.url, record.lease_id)
+            await self._release_on_agent(node, offer.url, record.lease_id)
             raise LeaseExpired("ended while its executor was starting; ask for a longer lease", lease_id=record.lease_id)
         if owner is not None and self.ledger is not None:
             self.ledger.open(
@@ -413,7 +423,8 @@ class Broker:
             raise BackendUnavailable(f"node {record.node} of lease {lease_id} is not registered")
         try:
             await self._agent(
-                "PUT", f"{offer.url}{API_PREFIX}/leases/{lease_id}", ExpiryRequest(expires_at=expires_at).model_dump()
+                record.node, "PUT", f"{offer.url}{API_PREFIX}/leases/{lease_id}",
+                ExpiryRequest(expires_at=expires_at).model_dump(),
             )
         except LeaseError:
             self.book.remove(lease_id, LeaseEnd.EVICTED)
@@ -438,12 +449,12 @@ class Broker:
         self._ended(lease_id, self._clock(), "released")
         offer = self.book.node(record.node)
         if offer is not None:
-            await self._release_on_agent(offer.url, lease_id)
+            await self._release_on_agent(record.node, offer.url, lease_id)
         return Released(lease_id=lease_id, released=True)
 
-    async def _release_on_agent(self, url: str, lease_id: str) -> None:
+    async def _release_on_agent(self, node: str, url: str, lease_id: str) -> None:
         try:
-            await self._agent("DELETE", f"{url}{API_PREFIX}/leases/{lease_id}")
+            await self._agent(node, "DELETE", f"{url}{API_PREFIX}/leases/{lease_id}")
         except (BackendUnavailable, LeaseError) as exc:
             log.info("release of %s on %s: %s (the agent reports it later)", lease_id, url, exc)
 

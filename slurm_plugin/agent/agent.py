@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
+from colocate.auth.node import NodeAuth
 from colocate.broker.api import (
     API_PREFIX,
-    CONTROL_HEADER,
     AgentStatus,
     NodeReport,
     ReportedLease,
@@ -39,7 +39,7 @@ from colocate.broker.api import (
     StartReply,
     StartRequest,
 )
-from colocate.broker.secret import control_token, control_token_ok
+from colocate.broker.secret import control_token_ok
 from colocate.errors import BadRequest, LeaseDenied, LeaseError, LeaseExpired
 from colocate.owner import Owner
 from colocate.protocol import DEFAULT_MAX_PAYLOAD_BYTES
@@ -421,7 +421,7 @@ class Agent:
         """Loop until :meth:`stop`: decide and evict at every wake-up (each interval, each
         lease expiry, each change); report every interval and right after any lease ended."""
         next_report = 0.0
-        with httpx.Client(timeout=max(1.0, self.interval_s), headers={CONTROL_HEADER: control_token(self._secret)}) as http:
+        with httpx.Client(timeout=max(1.0, self.interval_s), auth=NodeAuth(self._secret, self.node)) as http:
             while not self._stop.is_set():
                 self._wake.clear()
                 try:
@@ -464,8 +464,7 @@ class Agent:
         with self._lock:
             self._offer = Offer()
             self._generation += 1
-        headers = {CONTROL_HEADER: control_token(self._secret)}
-        with httpx.Client(timeout=1.0, headers=headers) as http:
+        with httpx.Client(timeout=1.0, auth=NodeAuth(self._secret, self.node)) as http:
             self.report_once(http)
 
     def recent_evictions(self) -> list[dict[str, Any]]:

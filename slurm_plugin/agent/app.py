@@ -1,6 +1,6 @@
 """The node agent's HTTP/JSON API, called by the broker (and by operators to revoke).
 
-Every call but ``/healthz`` needs the control header (derived from the cluster secret):
+Every call but ``/healthz`` is signed with this node's key (:mod:`colocate.auth.node`):
 ``POST /v1/leases`` start an executor, ``PUT /v1/leases/{id}`` new expiry,
 ``DELETE /v1/leases/{id}`` release, ``POST /v1/leases/{id}/revoke`` take back with a grace
 period, ``GET /v1/status``, ``GET /v1/evictions`` (the last leases taken back and why).
@@ -12,11 +12,11 @@ import contextlib
 import threading
 from collections.abc import AsyncIterator
 
-from fastapi import Depends, FastAPI, Header, Path
+from fastapi import Depends, FastAPI, Path, Request
 
+from colocate.auth.node import NodeVerifier
 from colocate.broker.api import (
     API_PREFIX,
-    CONTROL_HEADER,
     LEASE_ID_PATTERN,
     AgentStatus,
     ErrorReply,
@@ -28,7 +28,7 @@ from colocate.broker.api import (
     StartRequest,
 )
 from colocate.broker.service import install_error_handlers
-from colocate.errors import LeaseDenied, LeaseExpired, Unauthorized
+from colocate.errors import LeaseDenied, LeaseExpired
 from slurm_plugin.agent.agent import Agent
 
 LeaseId = Path(min_length=1, max_length=128, pattern=LEASE_ID_PATTERN)
@@ -52,9 +52,13 @@ def create_app(agent: Agent, *, run_loop: bool = True) -> FastAPI:
                 loop.join(timeout=5)
             agent.shutdown()
 
-    def control(token: str | None = Header(None, alias=CONTROL_HEADER)) -> None:
-        if not agent.is_control(token):
-            raise Unauthorized(f"node {agent.node}: missing or wrong {CONTROL_HEADER}; broker and agent must share broker.secret_file")
+    # Only the broker (or an operator) holding this node's key: signed, timestamped, never replayed.
+    key = agent._secret  # the node's own key (daemon.open_agent derives it)
+    verifier = NodeVerifier(lambda name: key if name == agent.node else _unknown(name))
+
+    async def control(request: Request) -> None:
+        body = await request.body()
+        verifier.verify(request.headers, request.method, request.url.path, body, agent.node)
 
     app = FastAPI(
         title=f"colocate node agent ({agent.node})",
@@ -102,3 +106,7 @@ def create_app(agent: Agent, *, run_loop: bool = True) -> FastAPI:
         return agent.recent_evictions()
 
     return app
+
+
+def _unknown(name: str) -> bytes:
+    raise KeyError(name)

@@ -82,9 +82,12 @@ def open_agent(
 ) -> tuple[Agent, socket.socket, str]:
     """Bind the agent's API, start its executor supervisor (closed by ``stack``) and build the
     :class:`Agent` over ``source`` and ``policy``: the wiring both agent modes share."""
+    from colocate.auth.node import node_key
     from colocate.broker.service import bind, url_of
     from colocate.executor import ExecutorSupervisor
     from slurm_plugin.agent.agent import Agent
+
+    secret = node_key(secret, node)  # this node's own key: reports, broker calls, lease tokens (issue 12)
 
     sock = bind(agent_config.listen, 8643)
     url = url_of(sock)

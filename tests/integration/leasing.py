@@ -21,8 +21,8 @@ from pathlib import Path
 import httpx
 
 from colocate.auth import ClientAuth
-from colocate.broker.api import CONTROL_HEADER
-from colocate.broker.secret import control_token, load_or_create_secret
+from colocate.auth.node import NodeAuth, node_key
+from colocate.broker.secret import load_or_create_secret
 
 _URL = re.compile(r"listening on (http://[^\s,]+)")
 
@@ -152,9 +152,10 @@ def start_cluster(
     return broker, agents
 
 
-def control_headers(tmp: Path) -> dict[str, str]:
-    """What an agent presents to the broker (and the broker to an agent)."""
-    return {CONTROL_HEADER: control_token(load_or_create_secret(tmp / "secret"))}
+def control_auth(tmp: Path, node: str) -> NodeAuth:
+    """What signs requests of (and to) ``node``'s agent: its node key, derived from the cluster
+    secret (an httpx auth: ``httpx.get(url, auth=control_auth(tmp, "n1"))``)."""
+    return NodeAuth(node_key(load_or_create_secret(tmp / "secret"), node), node)
 
 
 def wait_until(condition: Callable[[], object], timeout_s: float = 10.0, what: str = "condition") -> None:

@@ -33,7 +33,7 @@ from tests.integration.leasing import (
     Service,
     _launch,
     _ready,
-    control_headers,
+    control_auth,
     free_port,
     wait_until,
 )
@@ -89,7 +89,7 @@ class SlurmAgent:
 
     def evictions(self) -> list[dict[str, Any]]:
         reply = httpx.get(
-            f"{self.service.url}/v1/evictions", headers=control_headers(self.tmp), timeout=5
+            f"{self.service.url}/v1/evictions", auth=control_auth(self.tmp, self.node), timeout=5
         )
         reply.raise_for_status()
         return list(reply.json())

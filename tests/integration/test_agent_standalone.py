@@ -18,7 +18,7 @@ from colocate import Client, ExecutorLost, LeaseEvicted, LeaseExpired
 from colocate.auth import ClientAuth
 from tests.integration.leasing import (
     Service,
-    control_headers,
+    control_auth,
     free_port,
     node_registered,
     services,
@@ -78,7 +78,7 @@ def test_agent_api_needs_the_cluster_secret(agent: Service, tmp_path: Path) -> N
         headers={"X-Colocate-Control": "f" * 64},
     )
     assert bad.status_code == 401 and "secret" in bad.json()["message"]
-    status = httpx.get(f"{agent.url}/v1/status", headers=control_headers(tmp_path)).json()
+    status = httpx.get(f"{agent.url}/v1/status", auth=control_auth(tmp_path, "solo")).json()
     assert (status["node"], len(status["cpu_ids"]), status["memory_bytes"], status["leases"]) == (
         "solo",
         1,
@@ -88,21 +88,21 @@ def test_agent_api_needs_the_cluster_secret(agent: Service, tmp_path: Path) -> N
 
 
 def test_agent_never_starts_more_than_it_offers(agent: Service, tmp_path: Path) -> None:
-    headers = control_headers(tmp_path)
-    offered = httpx.get(f"{agent.url}/v1/status", headers=headers).json()["cpu_ids"]
+    signed = control_auth(tmp_path, "solo")
+    offered = httpx.get(f"{agent.url}/v1/status", auth=signed).json()["cpu_ids"]
     other_core = max(offered) + 1
     for body in (
         start_body("l-toomany", [*offered, other_core], GiB // 2),
         start_body("l-elsewhere", [other_core], GiB // 2),
         start_body("l-toobig", offered, 2 * GiB),
     ):
-        reply = httpx.post(f"{agent.url}/v1/leases", json=body, headers=headers, timeout=10)
+        reply = httpx.post(f"{agent.url}/v1/leases", json=body, auth=signed, timeout=10)
         assert reply.status_code == 409, reply.text
         assert reply.json()["error"] == "LeaseDenied" and "free now" in reply.json()["message"]
     started = httpx.post(
         f"{agent.url}/v1/leases",
         json=start_body("l-fits", offered, GiB // 2),
-        headers=headers,
+        auth=signed,
         timeout=10,
     )
     assert started.status_code == 200, started.text
@@ -110,13 +110,13 @@ def test_agent_never_starts_more_than_it_offers(agent: Service, tmp_path: Path) 
     again = httpx.post(
         f"{agent.url}/v1/leases",
         json=start_body("l-second", offered, GiB // 4),
-        headers=headers,
+        auth=signed,
         timeout=10,
     )
     assert again.status_code == 409
-    released = httpx.delete(f"{agent.url}/v1/leases/l-fits", headers=headers, timeout=10)
+    released = httpx.delete(f"{agent.url}/v1/leases/l-fits", auth=signed, timeout=10)
     assert released.status_code == 200 and released.json()["reason"] == "released"
-    assert httpx.get(f"{agent.url}/v1/status", headers=headers).json()["leases"] == []
+    assert httpx.get(f"{agent.url}/v1/status", auth=signed).json()["leases"] == []
 
 
 @pytest.mark.parametrize(
@@ -132,8 +132,8 @@ def test_agent_never_starts_more_than_it_offers(agent: Service, tmp_path: Path) 
 def test_agent_answers_bad_starts_with_4xx_and_keeps_running(
     agent: Service, tmp_path: Path, body: bytes
 ) -> None:
-    headers = {**control_headers(tmp_path), "content-type": "application/json"}
-    reply = httpx.post(f"{agent.url}/v1/leases", content=body, headers=headers, timeout=10)
+    headers = {"content-type": "application/json"}
+    reply = httpx.post(f"{agent.url}/v1/leases", content=body, headers=headers, auth=control_auth(tmp_path, "solo"), timeout=10)
     assert 400 <= reply.status_code < 500, reply.text
     assert len(reply.json()["message"]) > 10
     assert agent.alive() and httpx.get(f"{agent.url}/healthz").status_code == 200

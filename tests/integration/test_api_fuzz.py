@@ -9,13 +9,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import httpx
 import pytest
 
 from colocate.auth import ClientAuth, munge
 from colocate.auth.identity import request_payload
-from tests.integration.leasing import Service, control_headers, services, start_agent, start_broker
+from colocate.auth.node import node_key, sign
+from colocate.broker.secret import load_or_create_secret
+from tests.integration.leasing import Service, services, start_agent, start_broker
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -35,15 +38,37 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, S
         assert "Traceback" not in service.logs(), service.logs()
 
 
-def fuzz(url: str, headers_for: Any) -> list[str]:
+def signed_by(tmp: Path, node: str | None) -> Any:
+    """A requests auth hook signing as ``node``'s agent (None: the node named in the path)."""
+    secret = load_or_create_secret(tmp / "secret")
+
+    def hook(request: Any) -> Any:
+        path = urlsplit(request.url).path
+        name = node or unquote(path.rsplit("/", 1)[-1])
+        body = request.body or b""
+        request.headers.update(
+            sign(
+                node_key(secret, name),
+                name,
+                request.method,
+                path,
+                body if isinstance(body, bytes) else body.encode(),
+            )
+        )
+        return request
+
+    return hook
+
+
+def fuzz(url: str, headers_for: Any, node_signer: Any = lambda template: None) -> list[str]:
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
     problems: list[str] = []
     for result in schema.get_all_operations():
-        fuzz_operation(result.ok(), headers_for, problems)
+        fuzz_operation(result.ok(), headers_for, node_signer, problems)
     return problems
 
 
-def fuzz_operation(operation: Any, headers_for: Any, problems: list[str]) -> None:
+def fuzz_operation(operation: Any, headers_for: Any, node_signer: Any, problems: list[str]) -> None:
     @given(case=operation.as_strategy())
     @settings(
         max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck)
@@ -53,7 +78,7 @@ def fuzz_operation(operation: Any, headers_for: Any, problems: list[str]) -> Non
             **(case.headers or {}),
             **headers_for(case.method, case.formatted_path, operation.path),
         }
-        response = case.call(headers=headers, timeout=10)
+        response = case.call(headers=headers, auth=node_signer(operation.path), timeout=10)
         if response.status_code >= 500:
             problems.append(
                 f"{case.method} {case.formatted_path}: HTTP {response.status_code} {response.text[:200]}"
@@ -73,17 +98,26 @@ def test_broker_openapi_fuzz_finds_no_server_error_or_mismatch(
 
     def headers(method: str, path: str, template: str) -> dict[str, str]:
         if template == "/v1/nodes/{node}":
-            return control_headers(tmp)
+            return {}
         return {"Authorization": "MUNGE " + munge.encode(request_payload(method, path))}
 
-    assert fuzz(broker.url, headers) == []
+    node_signed = signed_by(tmp, None)
+    assert (
+        fuzz(
+            broker.url,
+            headers,
+            lambda template: node_signed if template == "/v1/nodes/{node}" else None,
+        )
+        == []
+    )
 
 
 def test_agent_openapi_fuzz_finds_no_server_error_or_mismatch(
     stack: tuple[Service, Service, Path],
 ) -> None:
     _, agent, tmp = stack
-    problems = fuzz(agent.url, lambda *_: control_headers(tmp))
+    agent_signed = signed_by(tmp, "fuzz1")
+    problems = fuzz(agent.url, lambda *_: {}, lambda template: agent_signed)
     assert problems == [], "\n".join(p[:300].replace("\n", " ") for p in problems)
 
 

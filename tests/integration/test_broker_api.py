@@ -14,7 +14,7 @@ import pytest
 
 from colocate import BackendUnavailable, Client, ConfigError, LeaseDenied, LeaseError
 from colocate.auth import ClientAuth
-from tests.integration.leasing import Service, control_headers, start_broker
+from tests.integration.leasing import Service, control_auth, start_broker
 
 GiB = 1024**3
 
@@ -38,7 +38,7 @@ def shared_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]
 
 def register(broker: Service, tmp: Path, node: str, cores: int, memory: int) -> None:
     body = {"url": "http://127.0.0.1:9", "cpu_ids": list(range(cores)), "memory_bytes": memory, "generation": 0}
-    reply = httpx.put(f"{broker.url}/v1/nodes/{node}", json=body, headers=control_headers(tmp))
+    reply = httpx.put(f"{broker.url}/v1/nodes/{node}", json=body, auth=control_auth(tmp, node))
     assert reply.status_code == 200, reply.text
 
 

@@ -16,10 +16,11 @@ import httpx
 import pytest
 
 from colocate import Client, ExecutorLost, LeaseDenied, LeaseEvicted, LeaseExpired, Unauthorized
+from colocate.auth.node import node_key
 from colocate.broker.secret import load_or_create_secret
 from colocate.client.executor import LeaseExecutor
 from colocate.tokens import LeaseClaims, sign_lease
-from tests.integration.leasing import Service, control_headers, services, start_cluster, wait_until
+from tests.integration.leasing import Service, control_auth, services, start_cluster, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -135,7 +136,7 @@ def test_agent_revoke_ends_in_flight_calls_with_lease_evicted(cluster: tuple[Ser
     reply = httpx.post(
         f"{agent.url}/v1/leases/{lease.lease_id}/revoke",
         json={"grace_s": 0.2, "reason": "job_start"},
-        headers=control_headers(tmp_path),
+        auth=control_auth(tmp_path, "n1"),
         timeout=10,
     )
     assert reply.status_code == 200, reply.text
@@ -151,8 +152,8 @@ def test_agent_revoke_ends_in_flight_calls_with_lease_evicted(cluster: tuple[Ser
 
 def test_executor_refuses_forged_altered_and_expired_tokens(cluster: tuple[Service, Service], tmp_path: Path) -> None:
     broker, _ = cluster
-    secret = load_or_create_secret(tmp_path / "secret")
     with Client(broker.url).lease(cores=1, memory="256MiB", duration="1m") as lease:
+        secret = node_key(load_or_create_secret(tmp_path / "secret"), lease.node)  # tokens: the node's key
         claims = LeaseClaims(lease.lease_id, lease.node, lease.cpu_ids, lease.memory_bytes, lease.expires_at)
         forged = sign_lease(b"not the cluster secret" * 2, claims)
         _, mac = lease.token.split(".")
