@@ -18,6 +18,8 @@ recomputed every decision, and the rest of its allocation is lent out. Margins:
   ``idle_core_busy`` (0.2), and the cores it lends are its idle ones (:func:`lend_order`),
   not blindly the highest ids; threads that float over all the cores lend what the total
   allows.
+  The window maximum leaves out spikes: demand seen in fewer than ``cpu_growth_samples``
+  readings in a row, less than ``cpu_spike_s`` apart (:func:`sustained_peak`).
 - growth is a trend, not a sample (:func:`growth_confirmed`): a core held by a lease is
   taken back (``CPU_GROWTH``) only when what the job wants stayed above the cores it kept
   (plus ``cpu_growth_margin``, 0.3) for ``cpu_growth_samples`` (2) consecutive samples, or once while its CPU
@@ -71,6 +73,29 @@ def cores_for_total(used: float, limits: Limits) -> int:
     at least one (a running job always keeps a core for its threads to wake up on)."""
     need = math.ceil(used + limits.core_margin - limits.core_noise)
     return need if need > 1 else 1
+
+
+def sustained_peak(recent: tuple[UsageSample, ...], limits: Limits) -> float:
+    """The most cores the job wanted (used + waiting) over the samples, where demand seen in
+    fewer than ``cpu_growth_samples`` consecutive readings less than ``cpu_spike_s`` apart
+    is a spike and counts at the level around it (a shell forking, the job's start-up: the
+    growth rule ignores them too). Sparse samples (the replay's) each count in full."""
+    wanted = [sample.cores_used + sample.cores_waiting for sample in recent]
+    n = limits.cpu_growth_samples
+    if n <= 1 or len(wanted) < n:
+        return max(wanted)
+    # the level of each dense run of n readings: the least of them
+    levels = [
+        min(wanted[j : j + n]) if recent[j + n - 1].t - recent[j].t <= limits.cpu_spike_s else None
+        for j in range(len(wanted) - n + 1)
+    ]
+    peak = 0.0
+    for i, value in enumerate(wanted):
+        around = [lv for lv in levels[max(0, i - n + 1) : i + 1] if lv is not None]
+        held = min(value, max(around)) if around else value
+        if held > peak:
+            peak = held
+    return peak
 
 
 def cpu_peaks(recent: tuple[UsageSample, ...]) -> dict[int, float] | None:
@@ -216,8 +241,7 @@ def harvest(node: NodeView, limits: Limits, now: float, sizer: JobSizer) -> Deci
 def _size_by_recent_max(
     job: JobView, recent: tuple[UsageSample, ...], limits: Limits, now: float
 ) -> tuple[float, int]:
-    cores: float = max(sample.cores_used + sample.cores_waiting for sample in recent)
-    return cores, 0  # memory: the engine keeps peak + margin
+    return sustained_peak(recent, limits), 0  # memory: the engine keeps peak + margin
 
 
 class HeadroomPolicy:

@@ -116,8 +116,8 @@ def test_headroom_lends_idle_cores_and_memory_above_peak_plus_margin() -> None:
 
 
 def test_headroom_sizes_cores_by_the_busiest_sample_of_the_window() -> None:
-    history = (*steady(0.5, GIB), UsageSample(NOW - 60, 3.2, GIB))
-    history = tuple(sorted(history, key=lambda s: s.t))
+    # samples 10 s apart: the one at 3.2 cores stands for 10 s of use, not a spike
+    history = tuple(UsageSample(s.t, 3.2, GIB) if s.t == NOW - 60 else s for s in steady(0.5, GIB))
     decision = HeadroomPolicy().decide(node(job(history=history)), BARE, NOW)
     assert decision.offer.cpu_ids & frozenset(range(4)) == frozenset()  # ceil(3.45) = 4
     # once the spike leaves the 300 s window, the cores come back
@@ -327,6 +327,18 @@ def test_a_lease_keeps_its_core_while_the_job_floats_onto_it() -> None:
     leases = (lease("L", {0}, GIB),)
     decision = get_policy("headroom").decide(_two_core_node(history, leases), Limits(), NOW)
     assert decision.evictions == () and decision.offer.cpu_ids == {0}
+
+
+def test_a_one_reading_spike_is_not_sized_for_but_a_held_level_is() -> None:
+    # a job at 1 core whose start-up (or a forking shell) read 1.6 for one second
+    spike = list(_shapes({0: 0.98, 1: 0.0}))
+    spike[10] = UsageSample(spike[10].t, 1.6, GIB, 0.0, 0.0, ((0, 1.0), (1, 0.6)))
+    decision = get_policy("headroom").decide(_two_core_node(tuple(spike)), Limits(), NOW)
+    assert decision.offer.cpu_ids == {1}
+    # two readings in a row at 1.6: that is use, the job keeps both cores
+    spike[11] = UsageSample(spike[11].t, 1.6, GIB, 0.0, 0.0, ((0, 1.0), (1, 0.6)))
+    decision = get_policy("headroom").decide(_two_core_node(tuple(spike)), Limits(), NOW)
+    assert decision.offer.cpu_ids == frozenset()
 
 
 def test_pressure_confirms_growth_at_the_first_sample() -> None:
