@@ -100,6 +100,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="charge whole node-hours at this price instead",
     )
     parser.add_argument(
+        "--capacity",
+        action="store_true",
+        help="also scale FaaS demand until each policy serves less than --capacity-target of "
+        "the invocations; report.json gains the capacity per policy, --out a capacity.png",
+    )
+    parser.add_argument(
+        "--capacity-target",
+        type=float,
+        default=0.99,
+        metavar="SHARE",
+        help="served share of invocations the capacity is measured at (default 0.99)",
+    )
+    parser.add_argument(
         "--out", metavar="DIR", help="write report.md, report.json and PNG plots here"
     )
     parser.add_argument(
@@ -217,6 +230,10 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.faas_scale < 0:
         raise ConfigError("--faas-scale must be >= 0", key="--faas-scale")
+    if not 0 < args.capacity_target <= 1:
+        raise ConfigError(
+            "--capacity-target must be a share in (0, 1], e.g. 0.99", key="--capacity-target"
+        )
     limits, prices = Limits(), Prices()
     if args.config:
         config = load_config(args.config)
@@ -275,9 +292,36 @@ def run(args: argparse.Namespace) -> int:
         usage=usage,
         interference=interference,
     )
+    capacity = None
+    if args.capacity:
+        from traces.capacity import search
+
+        def run_at(scale: float, policies: Any) -> dict[str, dict[str, float]]:
+            at = replay(
+                jobs,
+                faas,
+                cluster,
+                list(policies),
+                limits=limits,
+                prices=prices,
+                usage=usage,
+                interference=interference,
+                seed=args.seed,
+                faas_scale=scale,
+            )
+            return {name: s.summary for name, s in at.policies.items()}
+
+        capacity = search(run_at, names, target=args.capacity_target)
+        report["capacity"] = capacity.to_dict()
+        for name, scale in capacity.capacity.items():
+            report["policies"][name]["capacity_faas_scale"] = scale
     if args.out:
         try:
             written = write_report(result, report, Path(args.out))
+            if capacity is not None:
+                from traces.capacity import plot
+
+                written.append(plot(capacity, Path(args.out)))
             # the same metric names as the live agent, for `colocate metrics openmetrics`
             from colocate.metrics.replay_series import save_replay_series
 
@@ -295,6 +339,12 @@ def run(args: argparse.Namespace) -> int:
         f"FaaS demand {report['faas_trace']['mean_demand_cores']:.1f} cores on average"
     )
     print(comparison_table(report))
+    if capacity is not None:
+        for name, scale in capacity.capacity.items():
+            print(
+                f"capacity {name}: {scale:.3g}x the FaaS load served at >= "
+                f"{args.capacity_target:.0%} ({len(capacity.points[name])} replays)"
+            )
     if args.out:
         print("wrote " + ", ".join(str(p) for p in written))
     else:

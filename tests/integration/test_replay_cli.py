@@ -51,15 +51,32 @@ def test_no_arguments_compares_every_policy_on_the_bundled_traces(tmp_path: Path
         assert name in proc.stdout
     assert "wasted:" in proc.stdout
     assert "\r" not in proc.stderr  # no progress bar when stderr is not a terminal
-    for name in ("report.json", "report.md", "harvest.png", "money.png", "evictions.png", "metrics-series.json"):
+    for name in (
+        "report.json",
+        "report.md",
+        "harvest.png",
+        "money.png",
+        "evictions.png",
+        "metrics-series.json",
+    ):
         assert (tmp_path / "out" / name).stat().st_size > 0
     assert (tmp_path / "out" / "harvest.png").read_bytes()[:4] == b"\x89PNG"
     md = (tmp_path / "out" / "report.md").read_text()
     assert "Measured and modelled" in md and "Citations" in md
     # the what-if history loads into Prometheus under the live agent's metric names
     om = subprocess.run(
-        [sys.executable, "-m", "colocate", "metrics", "openmetrics", "--replay-out", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "colocate",
+            "metrics",
+            "openmetrics",
+            "--replay-out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert om.returncode == 0, om.stderr
     assert "colocate_recovered_cost" in om.stdout and om.stdout.rstrip().endswith("# EOF")
@@ -121,3 +138,38 @@ def test_model_settings_come_from_a_toml_file(tmp_path: Path) -> None:
     assert proc.stderr.strip() == (
         f"colocate replay: error: {models}:usage.ramp_fraction: Input should be less than or equal to 1"
     )
+
+
+def test_capacity_per_policy_in_report_json_and_a_plot(tmp_path: Path) -> None:
+    """`--capacity` on a small SWF: report.json gains each policy's capacity and the curve
+    points it was found from; capacity.png is written."""
+    rows = [
+        f"{i} {i * 600} 0 {3600 + 60 * (i % 5)} 2 {1800 + 300 * (i % 4)} 65536 2 7200 -1 1 1 1 -1 1 1 -1 -1"
+        for i in range(1, 40)
+    ]
+    swf = tmp_path / "small.swf"
+    swf.write_text("; MaxNodes: 4\n; MaxProcs: 16\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    proc = colocate(
+        "--jobs", str(swf), "--memory-per-node", "8GiB", "--capacity", "--out", str(out)
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    capacity = report["capacity"]
+    assert capacity["target_served_share"] == 0.99
+    assert set(capacity["capacity_faas_scale"]) == set(report["policies"])
+    for name, scale in capacity["capacity_faas_scale"].items():
+        assert report["policies"][name]["capacity_faas_scale"] == scale
+        curve = capacity["curves"][name]
+        served_at = {p["faas_scale"]: p["served_share"] for p in curve}
+        if scale > 0:
+            assert served_at[scale] >= 0.99
+        assert min(p["served_share"] for p in curve) < 0.99  # the search went past it
+    assert (out / "capacity.png").stat().st_size > 0
+    assert "capacity headroom" in proc.stdout or "headroom" not in report["policies"]
+
+
+def test_a_bad_capacity_target_is_one_line() -> None:
+    proc = colocate("--capacity", "--capacity-target", "2")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and "--capacity-target" in proc.stderr
