@@ -285,16 +285,29 @@ def _wait_ready(pipes: list[int]) -> list[str]:
     return errors
 
 
+def short_path(directory_fd: int, name: str) -> str:
+    """A path to ``name`` in an open directory that fits a Unix socket address (107 bytes)
+    however deep the directory is."""
+    return f"/proc/self/fd/{directory_fd}/{name}"
+
+
 def _await_adopter(path: str, window_s: float) -> socket.socket | None:
     """Wait up to ``window_s`` for a restarted supervisor on ``path`` while workers live."""
+    try:
+        dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        print(f"colocate fork server: cannot wait for adoption at {path}: {exc}", file=sys.stderr)
+        return None
+    name = os.path.basename(path)
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+        os.unlink(name, dir_fd=dir_fd)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:
-        listener.bind(path)
+        listener.bind(short_path(dir_fd, name))
     except OSError as exc:
         print(f"colocate fork server: cannot wait for adoption at {path}: {exc}", file=sys.stderr)
+        os.close(dir_fd)
         return None
     finally:
         os.umask(old)
@@ -314,7 +327,8 @@ def _await_adopter(path: str, window_s: float) -> socket.socket | None:
     finally:
         listener.close()
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+            os.unlink(name, dir_fd=dir_fd)
+        os.close(dir_fd)
 
 
 def serve(control: socket.socket) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 from colocate.config import ExecutorConfig
 from colocate.errors import BackendUnavailable, BadRequest, ConfigError
 from colocate.executor.confinement import Confinement, LeaseCgroups, check_name, remove_dirs
-from colocate.executor.forkserver import recv_msg, send_msg
+from colocate.executor.forkserver import recv_msg, send_msg, short_path
 from colocate.executor.verifier import TokenVerifier
 from colocate.executor.worker import WorkerSpec, eviction_signal
 from colocate.owner import Owner
@@ -168,6 +168,9 @@ class ExecutorSupervisor:
         self.confinement = Confinement(
             node, "/sys/fs/cgroup" if cgroup_root is None else cgroup_root or None
         )
+        self._net_cgroup = ""
+        if self.sandbox and config.network == "outbound":
+            self._net_cgroup = self._guard_host(cgroup_root or "/sys/fs/cgroup")
         self._leases: dict[str, _Lease] = {}
         self._lock = threading.RLock()
         self._fork_lock = threading.Lock()
@@ -198,6 +201,31 @@ class ExecutorSupervisor:
                 target=self._watch_rss, name="colocate-rss-watchdog", daemon=True
             )
             self._watchdog.start()
+
+    def _guard_host(self, cgroup_root: str) -> str:
+        """Keep workers that share the host's network off the host itself (see
+        :mod:`colocate.executor.netguard`); the group they join ("" on v2: the lease groups
+        are already below it)."""
+        from colocate.executor import netguard
+
+        unified = netguard.unified_root(cgroup_root)
+        if unified is None:
+            raise ConfigError(
+                f'"outbound" needs the unified cgroup hierarchy (none under {cgroup_root}); '
+                'use "none"',
+                key="executor.network",
+            )
+        group = os.path.join(unified, "colocate", self.node)
+        try:
+            os.makedirs(group, exist_ok=True)
+            netguard.guard(group)
+        except OSError as exc:
+            raise ConfigError(
+                f'"outbound" needs cgroup BPF to keep functions off this host ({exc}); use "none"',
+                key="executor.network",
+            ) from None
+        log.info("network outbound: functions reach the network but not this host (%s)", group)
+        return "" if self.confinement.mode == "v2" else group
 
     def _spawn_fork_server(self) -> None:
         self._fork_sock, child = socket.socketpair()
@@ -331,6 +359,7 @@ class ExecutorSupervisor:
             expiry_grace_s=cfg.expiry_grace_s,
             lease_dir=lease_dir,
             max_pending=cfg.max_pending_connections,
+            net_cgroup=self._net_cgroup,
         )
         try:
             answer = self._ask_fork_server(("spawn", template, self.host, lease_dir))
@@ -584,13 +613,20 @@ class ExecutorSupervisor:
         """Connect to fork servers of previous agents that wait for adoption (their workers
         die with them, so this supervisor keeps them alive until it closes)."""
         own = os.path.join(self.state_dir, f"forkserver-{self._fork_proc.pid}.sock")
+        dir_fd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            self._reach_forkservers_in(dir_fd, own)
+        finally:
+            os.close(dir_fd)
+
+    def _reach_forkservers_in(self, dir_fd: int, own: str) -> None:
         for path in Path(self.state_dir).glob("forkserver-*.sock"):
             if str(path) == own:
                 continue
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(2.0)
             try:
-                sock.connect(str(path))
+                sock.connect(short_path(dir_fd, path.name))  # deep state dirs too
                 hello = recv_msg(sock)
             except OSError:
                 hello = None
@@ -651,6 +687,8 @@ class ExecutorSupervisor:
                 self._lease_verifiers[lease_id] = verifier
             except OSError as exc:
                 log.warning("lease %s: adopted without a token verifier: %s", lease_id, exc)
+        else:  # its connected clients keep working; new ones are refused
+            log.warning("lease %s: adopted without a token verifier (path %s)", lease_id, path)
         with self._lock:
             self._leases[lease_id] = lease
         log.warning(
@@ -722,6 +760,9 @@ class ExecutorSupervisor:
             self._fork_proc.kill()
             self._fork_proc.wait()
         self._verifier.close()
+        if self._net_cgroup:  # empty now; a restarted agent makes it again
+            with contextlib.suppress(OSError):
+                os.rmdir(self._net_cgroup)
         if self._own_state_dir:
             shutil.rmtree(self._base_dir, ignore_errors=True)
         if self._socket_dir != self.state_dir:

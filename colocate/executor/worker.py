@@ -119,6 +119,7 @@ class WorkerSpec:
     expiry_grace_s: float = 0.0
     lease_dir: str = ""  # holds ``expires_at`` (renewals move the deadline)
     max_pending: int = 1024  # connections without a token yet
+    net_cgroup: str = ""  # a unified-hierarchy group whose BPF programs keep it off this host
 
 
 class _LoadError:
@@ -772,6 +773,9 @@ def run(spec: WorkerSpec, listeners: list[socket.socket], ready_fd: int) -> NoRe
         _close_other_fds({ready_fd, *(s.fileno() for s in listeners)})
         os.setsid()
         join(spec.cgroups, os.getpid())
+        if spec.net_cgroup:  # network = "outbound": the host's network, not the host
+            with open(os.path.join(spec.net_cgroup, "cgroup.procs"), "w") as procs:
+                procs.write(str(os.getpid()))
         os.sched_setaffinity(0, {spec.cpu})
         if spec.cgroups.mode == "rlimit":
             with open("/proc/self/statm") as statm:

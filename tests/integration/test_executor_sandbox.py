@@ -246,6 +246,61 @@ def test_a_function_cannot_touch_the_batch_job_next_to_it(
         supervisor.evict(handle.lease_id)
 
 
+def connect_to(host: str, port: int) -> str:
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError as exc:
+        return type(exc).__name__
+    return "connected"
+
+
+def udp_connect(host: str) -> str:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.connect((host, 9))  # no packet sent: only the route and the hooks are asked
+    except OSError as exc:
+        return type(exc).__name__
+    return "routed"
+
+
+@pytest.mark.parametrize("network", ["none", "outbound"])
+def test_outbound_reaches_the_network_but_never_this_host(
+    tmp_path: Path, users: tuple[Owner, Owner], network: str
+) -> None:
+    import socket
+
+    from colocate.executor.netguard import local_addresses
+
+    v4, _ = local_addresses()
+    node_ips = [socket.inet_ntoa(a) for a in v4 if a[0] != 127]
+    require(bool(node_ips), "needs an address besides loopback")
+    listener = socket.socket()
+    listener.bind(("0.0.0.0", 0))  # like a Jupyter or Dask server of a batch job
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    config = ExecutorConfig(network=network)  # type: ignore[arg-type]
+    try:
+        with ExecutorSupervisor(
+            config, SECRET, node=NODE + network[0], state_dir=str(tmp_path)
+        ) as sup:
+            expires = time.time() + 60
+            handle = sup.start("net", (CORES[-1],), 64 << 20, expires, owner=users[0])
+            claims = LeaseClaims("net", NODE + network[0], (CORES[-1],), 64 << 20, expires)
+            token = sign_lease(SECRET, claims)
+            with LeaseExecutor(handle.address, token, lease_id="net", workers=1) as ex:
+                for host in ("127.0.0.1", "127.1.2.3", "0.0.0.0", *node_ips):
+                    assert ex.invoke(connect_to, host, port) != "connected", host
+                assert ex.invoke(connect_to, "::1", port) != "connected"
+                routed = ex.invoke(udp_connect, "198.51.100.1")
+                assert routed == ("routed" if network == "outbound" else "OSError"), routed
+    finally:
+        listener.close()
+
+
 def test_functions_run_as_their_owner_with_the_owners_groups(
     supervisor: ExecutorSupervisor, users: tuple[Owner, Owner]
 ) -> None:
