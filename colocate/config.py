@@ -45,8 +45,8 @@ class ExecutorConfig(_Section):
     # functions cannot signal another lease's workers. None: every lease runs as run_as_user.
     lease_uid_range: tuple[int, int] | None = None
     # The sandbox per lease (Linux namespaces): private /tmp and /dev/shm, /proc of the lease only,
-    # no host loopback. "outbound" keeps the host's network (and so its loopback): sites that
-    # allow it must firewall 127.0.0.1 themselves.
+    # no network. "outbound": the host's network, with cgroup BPF refusing every address of this
+    # host (127/8, ::1, the node's own), where batch jobs listen.
     sandbox: bool = True
     network: Literal["none", "outbound"] = "none"
     pids_max: int = Field(256, ge=8, description="processes and threads per lease (cgroup pids, RLIMIT_NPROC)")
