@@ -4,6 +4,7 @@ per-uid token buckets, and config errors a site would make."""
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,47 @@ def test_pool_without_a_uid_range_is_a_config_error() -> None:
 def test_unknown_network_modes_are_refused() -> None:
     with pytest.raises(ValueError):
         ExecutorConfig(network="everything")  # type: ignore[arg-type]
+
+
+FIB_TRIE = """Main:
+  +-- 0.0.0.0/0 3 0 5
+     |-- 0.0.0.0
+        /0 universe UNICAST
+     +-- 127.0.0.0/8 2 0 2
+        +-- 127.0.0.0/31 1 0 0
+           |-- 127.0.0.0
+              /8 host LOCAL
+           |-- 127.0.0.1
+              /32 host LOCAL
+     |-- 192.0.2.2
+        /32 host LOCAL
+     |-- 192.0.2.255
+        /32 link BROADCAST
+Local:
+  +-- 0.0.0.0/0 3 0 5
+     |-- 192.0.2.2
+        /32 host LOCAL
+"""
+IF_INET6 = """fd000000000000000000000000000002 04 40 00 82     eth0
+00000000000000000000000000000001 01 80 10 80       lo
+"""
+
+
+def test_the_nodes_own_addresses_from_the_kernels_tables(tmp_path: Path) -> None:
+    from colocate.executor.netguard import local_addresses, program_v4, program_v6
+
+    (tmp_path / "net").mkdir()
+    (tmp_path / "net" / "fib_trie").write_text(FIB_TRIE)
+    (tmp_path / "net" / "if_inet6").write_text(IF_INET6)
+    v4, v6 = local_addresses(str(tmp_path))
+    assert v4 == [bytes([127, 0, 0, 1]), bytes([192, 0, 2, 2])]
+    assert v6 == [bytes(15) + b"\x01", bytes.fromhex("fd000000000000000000000000000002")]
+    # one 8-byte instruction per step; every jump lands inside the program
+    for program in (program_v4(v4), program_v6(v4, v6)):
+        assert len(program) % 8 == 0
+        insns = [struct.unpack_from("<BBhi", program, i) for i in range(0, len(program), 8)]
+        for i, (code, _regs, off, _imm) in enumerate(insns):
+            if code & 0x07 in (0x05, 0x06) and code != 0x95:  # jumps (not exit)
+                assert 0 <= i + 1 + off < len(insns)
+        assert insns[-1][0] == 0x95  # ends with exit
+    assert local_addresses(str(tmp_path / "missing")) == ([], [])
