@@ -33,6 +33,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from colocate.auth import ClientAuth  # noqa: E402
 from colocate.client import Client  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -68,7 +69,7 @@ def spawn(argv: list[str], log: Path) -> tuple[subprocess.Popen[str], str]:
 
 
 def measure_http(url: str, n: int) -> list[float]:
-    with httpx.Client() as http:
+    with httpx.Client(auth=ClientAuth()) as http:  # a MUNGE credential per call (issue 12)
         http.get(url)
         samples = []
         for _ in range(n):
@@ -112,7 +113,7 @@ def main() -> int:
         )
         try:
             deadline = time.monotonic() + 10
-            while not httpx.get(f"{broker_url}/v1/status").json()["nodes"]:
+            while not httpx.get(f"{broker_url}/v1/status", auth=ClientAuth()).json()["nodes"]:
                 if time.monotonic() > deadline:
                     raise SystemExit("agent did not register")
                 time.sleep(0.05)
