@@ -1,0 +1,331 @@
+"""FMI on real processes: a broker, two standalone agents (n1, n2) whose sandboxed workers run
+as the lease owner, leases on both nodes gathered into groups of 1 to 4 ranks; every operation
+checked against numpy on the client; a raising rank, an evicted member mid-collective, an
+outsider at a rank's listener, and the Redis channel through a private redis-server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import httpx
+import numpy as np
+import pytest
+
+from colocate import Client, LeaseEvicted
+from colocate.client.executor import LeaseExecutor
+from colocate.client.spmd import Group
+from tests.integration.leasing import (
+    Service,
+    control_auth,
+    free_port,
+    services,
+    start_cluster,
+    wait_until,
+)
+
+pytestmark = pytest.mark.slow
+
+# the functions below travel by value (workers run as the lease owner, not from this tree)
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def every_operation(comm: Any, seed: int) -> dict[str, Any]:
+    import numpy as np
+
+    from colocate.fmi import MAX, MIN, PROD, SUM
+
+    rng = np.random.default_rng(seed + comm.rank)
+    arr = rng.standard_normal(1000)
+    big = rng.standard_normal(300_000)  # 2.4 MB: the shared-memory path within a lease
+    out: dict[str, Any] = {"rank": comm.rank, "size": comm.size, "arr": arr, "big": big}
+    out["allreduce"] = {op.name: comm.allreduce(arr, op) for op in (SUM, PROD, MIN, MAX)}
+    out["allreduce_big"] = comm.allreduce(big)
+    out["allreduce_obj"] = comm.allreduce(
+        [comm.rank], lambda a, b: a + b
+    )  # list concat, rank order
+    out["reduce"] = comm.reduce(arr, MAX, root=comm.size - 1)
+    out["bcast"] = comm.bcast(arr if comm.rank == 0 else None, root=0)
+    out["bcast_obj"] = comm.bcast(
+        {"from": comm.rank} if comm.rank == comm.size - 1 else None, root=comm.size - 1
+    )
+    out["gather"] = comm.gather(arr, root=0)
+    out["allgather"] = comm.allgather(("r", comm.rank))
+    out["scatter"] = comm.scatter(
+        [np.full(3, r, dtype=np.int32) for r in range(comm.size)] if comm.rank == 0 else None
+    )
+    out["scan"] = comm.scan(arr)
+    out["scan_obj"] = comm.scan(comm.rank + 1, PROD)
+    # ring of point-to-point messages, non-blocking, two tags, bytes and objects
+    right, left = (comm.rank + 1) % comm.size, (comm.rank - 1) % comm.size
+    reqs = [
+        comm.isend(b"x" * (comm.rank + 1), right, tag=7),
+        comm.isend({"to": right}, right, tag=3),
+    ]
+    got_obj = comm.irecv(left, tag=3).wait()
+    got_bytes = comm.recv(left, tag=7)
+    for req in reqs:
+        req.wait()
+    out["p2p"] = (got_obj, got_bytes)
+    comm.barrier()
+    out["channels"] = comm.channels
+    out.pop("arr")
+    out.pop("big")
+    return out
+
+
+def check_against_numpy(results: list[dict[str, Any]], seed: int) -> None:
+    size = len(results)
+    rngs = [np.random.default_rng(seed + r) for r in range(size)]
+    arrs = [g.standard_normal(1000) for g in rngs]  # what each rank drew, in the same order
+    bigs = [g.standard_normal(300_000) for g in rngs]
+    assert [res["rank"] for res in results] == list(range(size))
+    for r, res in enumerate(results):
+        assert res["size"] == size
+        np.testing.assert_allclose(res["allreduce"]["SUM"], np.sum(arrs, axis=0))
+        np.testing.assert_allclose(res["allreduce"]["PROD"], np.prod(arrs, axis=0))
+        np.testing.assert_array_equal(res["allreduce"]["MIN"], np.min(arrs, axis=0))
+        np.testing.assert_array_equal(res["allreduce"]["MAX"], np.max(arrs, axis=0))
+        np.testing.assert_allclose(res["allreduce_big"], np.sum(bigs, axis=0))
+        assert res["allreduce_obj"] == list(range(size))
+        if r == size - 1:
+            np.testing.assert_array_equal(res["reduce"], np.max(arrs, axis=0))
+        else:
+            assert res["reduce"] is None
+        np.testing.assert_array_equal(res["bcast"], arrs[0])
+        assert res["bcast_obj"] == {"from": size - 1}
+        if r == 0:
+            assert len(res["gather"]) == size
+            for got, want in zip(res["gather"], arrs, strict=True):
+                np.testing.assert_array_equal(got, want)
+        else:
+            assert res["gather"] is None
+        assert res["allgather"] == [("r", k) for k in range(size)]
+        np.testing.assert_array_equal(res["scatter"], np.full(3, r, dtype=np.int32))
+        assert res["scatter"].dtype == np.int32
+        np.testing.assert_allclose(res["scan"], np.sum(arrs[: r + 1], axis=0))
+        assert res["scan_obj"] == int(np.prod(np.arange(1, r + 2)))
+        left = (r - 1) % size
+        assert res["p2p"] == ({"to": r}, b"x" * (left + 1))
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Service, list[Service], Path]]:
+    tmp = tmp_path_factory.mktemp("fmi")
+    broker, agents = start_cluster(tmp, {"n1": (2, "2GiB"), "n2": (2, "2GiB")})
+    with services(broker, *agents):
+        yield broker, agents, tmp
+    for service in (broker, *agents):
+        assert "Traceback" not in service.logs(), service.logs()
+
+
+def two_leases(client: Client, cores: int = 2) -> tuple[Any, Any]:
+    a = client.lease(cores=cores, memory="512MiB", duration="5m")
+    b = client.lease(cores=cores, memory="512MiB", duration="5m")
+    assert {a.node, b.node} == {"n1", "n2"}, (a.node, b.node)  # one lease per node
+    return a, b
+
+
+def test_every_operation_matches_numpy_for_1_to_4_ranks_over_two_nodes(
+    cluster: tuple[Service, list[Service], Path],
+) -> None:
+    broker, _agents, _tmp = cluster
+    client = Client(broker.url)
+    a, b = two_leases(client)
+    with a, b:
+        a1, a2, b1, b2 = a.executor(workers=1), a.executor(), b.executor(workers=1), b.executor()
+        groups: list[tuple[list[LeaseExecutor], dict[int, set[str]]]] = [
+            ([a1], {}),
+            ([a2], {0: {"shm"}}),  # two workers of one lease
+            ([a1, b1], {0: {"tcp"}}),  # two nodes
+            ([a2, b1], {0: {"shm", "tcp"}}),
+            ([a2, b2], {0: {"shm", "tcp"}, 3: {"shm", "tcp"}}),
+        ]
+        for executors, channels in groups:
+            group = Group(executors)
+            results = group.spmd(every_operation, 40)
+            check_against_numpy(results, 40)
+            for rank, kinds in channels.items():
+                assert set(results[rank]["channels"].values()) == kinds, results[rank]["channels"]
+        # the one-lease form, on the executor itself
+        assert a2.spmd(lambda comm, k: (comm.rank, comm.allreduce(k)), 5) == [(0, 10), (1, 10)]
+
+
+def raise_on(comm: Any, bad: int) -> int:
+    comm.allreduce(comm.rank)
+    if comm.rank == bad:
+        raise ValueError(f"bad input on rank {comm.rank}")
+    comm.allreduce(comm.rank)  # the others wait here for the one that raised
+    return comm.rank
+
+
+def test_a_rank_that_raises_ends_every_rank_and_names_its_rank(
+    cluster: tuple[Service, list[Service], Path],
+) -> None:
+    broker, _agents, _tmp = cluster
+    client = Client(broker.url)
+    a, b = two_leases(client)
+    with a, b:
+        group = Group([a.executor(), b.executor()])
+        started = time.monotonic()
+        with pytest.raises(ValueError, match="bad input on rank 2") as info:
+            group.spmd(raise_on, 2)
+        assert info.value.rank == 2  # type: ignore[attr-defined]
+        assert time.monotonic() - started < 20
+        # every rank ended: the same workers serve the next call at once
+        assert group.spmd(raise_on, -1) == [0, 1, 2, 3]
+
+
+def allreduce_forever(comm: Any) -> None:
+    import numpy as np
+
+    arr = np.ones(200_000)
+    while True:
+        comm.allreduce(arr)
+
+
+def test_an_evicted_member_ends_every_rank_with_lease_evicted(
+    cluster: tuple[Service, list[Service], Path],
+) -> None:
+    broker, agents, tmp = cluster
+    client = Client(broker.url)
+    a, b = two_leases(client)
+    with a:
+        group = Group([a.executor(), b.executor()])
+        outcome: list[BaseException | list[Any]] = []
+        caller = threading.Thread(target=lambda: outcome.append(_call(group, allreduce_forever)))
+        caller.start()
+        time.sleep(1.5)  # mid-collective: the ranks are exchanging arrays
+        agent_b = next(ag for ag in agents if ag.name == f"agent {b.node}")
+        reply = httpx.post(
+            f"{agent_b.url}/v1/leases/{b.lease_id}/revoke",
+            json={"grace_s": 0.5, "reason": "job_start"},
+            auth=control_auth(tmp, b.node),
+            timeout=10,
+        )
+        assert reply.status_code == 200, reply.text
+        caller.join(timeout=20)
+        assert not caller.is_alive(), "the group's call hung after an eviction"
+        assert isinstance(outcome[0], LeaseEvicted), outcome
+        # no rank of lease a is left running the function: both serve a new group call now
+        survivors = Group([a.executor()])
+        assert survivors.spmd(lambda comm: comm.allreduce(1)) == [2, 2]
+        wait_until(
+            lambda: b.lease_id not in [x.lease_id for x in client.status().leases],
+            what="lease b gone",
+        )
+
+
+def _call(group: Group, fn: Any) -> BaseException | list[Any]:
+    try:
+        return group.spmd(fn)
+    except BaseException as exc:
+        return exc
+
+
+def test_an_outsider_cannot_join_or_inject(cluster: tuple[Service, list[Service], Path]) -> None:
+    """A process without the group key connects to a rank's TCP listener (made outside the
+    sandbox, so it is reachable) and sends a forged hello and a message: it is dropped and
+    the group's result is unchanged."""
+    broker, _agents, _tmp = cluster
+    client = Client(broker.url)
+    a, b = two_leases(client)
+    with a, b:
+        group = Group([a.executor(workers=1), b.executor(workers=1)])
+        real_frame = LeaseExecutor._frame
+        intruders: list[socket.socket] = []
+
+        def spy(self: LeaseExecutor, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if fn == "colocate.fmi.rank:run" and not intruders:
+                for member in args[3]:  # the members: where their listeners are
+                    intruder = socket.create_connection(tuple(member["tcp"]), timeout=5)
+                    forged_hello = (
+                        b"FMI1" + args[1].encode() + (1).to_bytes(4, "little") + b"n" * 16
+                    )
+                    intruder.sendall(forged_hello + b"injected message" * 16)
+                    intruders.append(intruder)
+            return real_frame(self, fn, args, kwargs)
+
+        LeaseExecutor._frame = spy  # type: ignore[method-assign]
+        try:
+            results = group.spmd(lambda comm: comm.allreduce(comm.rank + 1))
+        finally:
+            LeaseExecutor._frame = real_frame  # type: ignore[method-assign]
+        assert len(intruders) == 2
+        for intruder in intruders:  # a random challenge at most, then dropped: no proof, no reply
+            answer = b""
+            try:
+                while chunk := intruder.recv(64):
+                    answer += chunk
+            except ConnectionResetError:
+                pass
+            assert len(answer) in (0, 16), answer
+            intruder.close()
+        assert results == [3, 3]
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed (scripts/setup --dev installs it)")
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    tmp = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, (
+                    "redis-server did not start"
+                )
+                time.sleep(0.05)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+def test_the_redis_channel_gives_the_same_results(
+    cluster: tuple[Service, list[Service], Path], redis_server: str
+) -> None:
+    broker, _agents, _tmp = cluster
+    client = Client(broker.url)
+    a, b = two_leases(client)
+    with a, b:
+        group = Group([a.executor(), b.executor(workers=1)])
+        results = group.spmd(every_operation, 7, channel="redis", redis=redis_server)
+        check_against_numpy(results, 7)
+        assert set(results[0]["channels"].values()) == {"redis"}
