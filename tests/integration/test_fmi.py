@@ -329,3 +329,25 @@ def test_the_redis_channel_gives_the_same_results(
         results = group.spmd(every_operation, 7, channel="redis", redis=redis_server)
         check_against_numpy(results, 7)
         assert set(results[0]["channels"].values()) == {"redis"}
+
+
+def test_the_kmeans_example_matches_numpy_on_one_machine(
+    cluster: tuple[Service, list[Service], Path],
+) -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "kmeans_fmi.py"
+    spec = importlib.util.spec_from_file_location("kmeans_fmi", path)
+    assert spec is not None and spec.loader is not None
+    kmeans = importlib.util.module_from_spec(spec)
+    sys.modules["kmeans_fmi"] = kmeans
+    spec.loader.exec_module(kmeans)
+    broker, _agents, _tmp = cluster
+    a, b = two_leases(Client(broker.url))
+    with a, b:
+        group = Group([a.executor(), b.executor()])
+        results = group.spmd(kmeans.kmeans_rank, 20_000, 4, 5, 8, 3)
+    want = kmeans.kmeans_local(4, 20_000, 4, 5, 8, 3)
+    assert sum(r["points"] for r in results) == 20_000
+    for r in results:
+        np.testing.assert_allclose(r["centroids"], want, rtol=1e-9)
