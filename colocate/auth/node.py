@@ -1,7 +1,8 @@
 """Agents and the broker authenticate per node, with signed, timestamped requests.
 
 Each node has its own key, ``node_key(cluster secret, node)``: the broker derives every node's
-key, an agent only needs its own (it signs its reports with it, its executors check lease
+key, an agent only needs its own (give it the cluster secret, or only its key file from
+``colocate broker --node-key NODE``) (it signs its reports with it, its executors check lease
 tokens with it, and the broker signs that node's lease tokens with it). A request carries::
 
     X-Colocate-Node: n1
@@ -36,12 +37,25 @@ WINDOW_S = 30.0
 
 
 def node_key(secret: bytes, node: str) -> bytes:
-    """The key of ``node``, derived from the cluster secret (hex text, like the secret file)."""
+    """The key of ``node``, derived from the cluster secret (hex text, like the secret file).
+
+    ``secret`` may instead be that node's key file alone (``node NAME KEY``, as
+    ``colocate broker --node-key NAME`` prints it): a site that installs only those on its
+    compute nodes keeps the cluster secret off them. Another node's key file gives a key the
+    broker refuses."""
+    prefix = b"node " + node.encode() + b" "
+    if secret.startswith(prefix):
+        return secret[len(prefix) :].strip()
     return (
         hmac.new(secret, b"colocate node key v1 " + node.encode(), hashlib.sha256)
         .hexdigest()
         .encode()
     )
+
+
+def node_key_file(secret: bytes, node: str) -> str:
+    """The text of ``node``'s key file (install it as the agent's secret file, root, 0600)."""
+    return f"node {node} {node_key(secret, node).decode()}\n"
 
 
 def _signature(key: bytes, method: str, path: str, stamp: str, nonce: str, body: bytes) -> str:

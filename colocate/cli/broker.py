@@ -12,6 +12,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:8642; port 0 picks one)")
     parser.add_argument("--placement", choices=["first_fit", "best_fit"], help="how a node is picked for a lease")
     parser.add_argument("--secret-file", help="cluster secret shared with the agents (created when absent)")
+    parser.add_argument(
+        "--node-key", metavar="NODE",
+        help="print NODE's key file (install it on NODE alone as the agent's secret file) and exit",
+    )
     parser.add_argument("--ledger", help='accounting ledger: SQLite file (default ledger.db next to the secret), "" for none')
 
 
@@ -37,6 +41,11 @@ def run(args: argparse.Namespace) -> int:
     }
     config = config.model_copy(update=overrides)
     secret = load_or_create_secret(config.secret_file)
+    if args.node_key:
+        from colocate.auth.node import node_key_file
+
+        sys.stdout.write(node_key_file(secret, args.node_key))
+        return 0
     auth = config.auth
     authenticator = Authenticator.from_files(auth.methods, auth.jwt_key_file, auth.admin_users, auth.admin_groups)
     secret_dir = Path(config.secret_file).parent if config.secret_file else default_secret_file().parent

@@ -162,3 +162,16 @@ def test_ledger_accrues_core_and_gib_seconds_and_money_per_account(tmp_path: Pat
     assert ledger.core_seconds_since(1800.0, 10_000.0, user="alice") == pytest.approx(2 * 1800.0)
     assert ledger.rows(since=3601.0) == []
     ledger.close_db()
+
+
+def test_a_node_key_file_alone_signs_as_that_node_and_no_other() -> None:
+    from colocate.auth.node import node_key_file
+
+    installed = node_key_file(SECRET, "n1").strip().encode()  # what the agent reads on n1
+    assert node_key(installed, "n1") == node_key(SECRET, "n1")
+    headers = sign(node_key(installed, "n1"), "n1", "PUT", "/v1/nodes/n1", b"{}", now=5.0)
+    assert verifier(5.0).verify(headers, "PUT", "/v1/nodes/n1", b"{}", "n1") == "n1"
+    # n1's file on n2 derives a key the broker does not accept for n2
+    stolen = sign(node_key(installed, "n2"), "n2", "PUT", "/v1/nodes/n2", b"{}", now=5.0)
+    with pytest.raises(Unauthorized, match="does not match"):
+        verifier(5.0).verify(stolen, "PUT", "/v1/nodes/n2", b"{}", "n2")
