@@ -41,6 +41,7 @@ from colocate.units import parse_duration, parse_size
 
 if TYPE_CHECKING:
     from colocate.client.executor import LeaseExecutor
+    from colocate.process import Process
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,21 @@ class Client:
             raise ConfigError(f"lease request: {_first_error(exc)}") from None
         grant = LeaseGrant.model_validate(self._call("POST", "/leases", request.model_dump()))
         return Lease(self, grant)
+
+    def process(
+        self,
+        name: str,
+        *,
+        cores: int = 1,
+        memory: str | int = "512MiB",
+        duration: str | float = "10m",
+        store: str | None = None,
+    ) -> Process:
+        """The serverless process ``name`` of the caller (live or swapped out): state kept
+        across invocations and leases; see :class:`colocate.process.Process`."""
+        from colocate.process import Process
+
+        return Process(self, name, cores=cores, memory=memory, duration=duration, store=store)
 
     def status(self) -> BrokerStatus:
         """The broker's nodes, their offers and free capacity; your leases in full (every

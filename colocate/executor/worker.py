@@ -45,6 +45,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from time import perf_counter
 from types import FrameType
@@ -421,6 +422,7 @@ class Worker:
         """Leave after an eviction: notices out, counts reported, streams closed in order
         (a FIN after the notice, before the kernel may reset connections with unread data)."""
         self._send_notices()
+        run_exit_hooks()
         self._report_tally()
         for conn in list(self.conns.values()):
             with contextlib.suppress(OSError):
@@ -728,6 +730,18 @@ class Worker:
 
 
 _current: Worker | None = None  # the worker serving in this process (FMI ranks ask it)
+
+# Run by Worker._exit after the eviction notices, before the worker leaves (within the grace
+# the supervisor gives): colocate.process swaps its processes' state out here.
+exit_hooks: list[Callable[[], None]] = []
+
+
+def run_exit_hooks() -> None:
+    """Each exit hook once, in order; a failing hook never stops the worker from leaving."""
+    hooks, exit_hooks[:] = list(exit_hooks), []
+    for hook in hooks:
+        with contextlib.suppress(BaseException):
+            hook()
 
 
 def current() -> Worker | None:

@@ -36,12 +36,15 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "colocate.broker": ("colocate", "colocate.auth", "colocate.metrics", "policies"),
     # FMI: the communicator inside a worker (asks the serving worker for its verifier)
     "colocate.fmi": ("colocate", "colocate.executor.worker"),
+    # serverless processes: the client side and the worker side (asks the worker for eviction)
+    "colocate.process": ("colocate", "colocate.executor.worker"),
     "colocate.client": (
         "colocate",
         "colocate.auth",
         "colocate.broker.api",
         "colocate.broker.replies",
         "colocate.fmi",
+        "colocate.process",
     ),
     "slurm_plugin.spank": ("colocate",),
     # hooks, control socket, dev cluster; the prolog frees a lease's cgroups itself (light:

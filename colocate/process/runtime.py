@@ -1,0 +1,419 @@
+"""The worker side of serverless processes: live state, transactions, write-through, swap-out.
+
+A process's state lives in the worker that serves it (:class:`LiveProcess`, one per process
+name in ``_live``). Each invocation runs ``fn(state, *args)`` on a :class:`State`, a
+transaction over the committed state: writes and deletes go to an overlay, reads of mutable
+values mark the key as touched (an in-place change is a change). When ``fn`` returns, the
+overlay commits: the changed keys are pickled into one log record, applied in memory, and
+the record is written to the store (inline when small and nothing is queued, else by a
+background writer, so a large update does not hold the caller). When ``fn`` raises, or the
+lease is being taken back, nothing commits and the touched keys are dropped from memory (they
+reload from their committed bytes). The sequence number of every commit goes to the store's
+``head`` at once, so a restore can tell the user when the last updates never reached it.
+
+At eviction, expiry or release the worker runs :func:`_swap_out` before it leaves
+(``colocate.executor.worker.exit_hooks``): the records still queued are written within the
+time the supervisor leaves, the log fsynced and the lock dropped. A worker killed mid-write
+leaves a record prefix that the next restore ignores: the last consistent state wins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import shutil
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, MutableMapping
+from typing import Any
+
+from colocate.errors import ColocateError, ConfigError
+from colocate.process.store import (
+    DELETE,
+    HEAD,
+    SET,
+    DirStore,
+    Loc,
+    deliver,
+    encode_record,
+    write_all,
+)
+
+INLINE_BYTES = 1 << 20  # records up to this size are written by the committing call itself
+COMPACT_MIN_BYTES = 64 << 20  # a log longer than this and than twice the state: snapshot
+LOCK_WAIT_S = 10.0  # how long a new instance waits for the old one to finish swapping out
+_IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), frozenset, range)
+_BLOCKED = {signal.SIGTERM, signal.SIGALRM, *range(int(signal.SIGRTMIN), int(signal.SIGRTMIN) + 4)}
+
+
+class ProcessInterrupted(ColocateError):
+    """The lease is being taken back: the invocation's changes were discarded."""
+
+
+def _dumps(value: Any) -> bytes:
+    try:
+        return pickle.dumps(value, protocol=5)
+    except Exception:
+        import cloudpickle
+
+        return bytes(cloudpickle.dumps(value, protocol=5))
+
+
+class LiveProcess:
+    """A process's committed state in this worker and its link to the store."""
+
+    def __init__(self, root: str, name: str) -> None:
+        self.name = name
+        self.store = DirStore(root, name)
+        self.store.open(LOCK_WAIT_S)
+        restored = self.store.restore()
+        self.seq = restored.seq
+        self.where: dict[str, Loc | bytes] = dict(restored.keys)  # bytes: not yet in the store
+        self.values: dict[str, Any] = {}
+        self.log = restored.log
+        self.log_size = restored.log_size
+        self.snapshot_file = restored.snapshot
+        self.log_fd = self.store.open_append(restored.log, restored.log_size)
+        self.head_fd = self.store.open_head()
+        os.pwrite(self.head_fd, HEAD.pack(self.seq), 0)
+        self.notes: list[str] = []
+        if restored.lost:
+            self.notes.append(
+                f"process {name!r}: the last {restored.lost} committed update(s) did not reach the store "
+                f"before the lease ended (grace period too short); restored the last consistent state "
+                f"(update {restored.seq})"
+            )
+        self.restored_seq = restored.seq
+        self.lock = threading.Condition()
+        self.pending: deque[tuple[int, bytes, list[tuple[str, int, int, int, int]]]] = deque()
+        self.writing = False
+        self.writer: threading.Thread | None = None
+        self.closed = False
+        self.files = os.path.join(self.store.path, "files")
+        self.inbox = os.path.join(self.store.path, "inbox")
+
+    # -- reading ----------------------------------------------------------------------------
+    def load(self, key: str) -> Any:
+        try:
+            return self.values[key]
+        except KeyError:
+            pass
+        src = self.where[key]  # KeyError: no such key
+        data = src if isinstance(src, bytes) else self.store.load(src)
+        value = pickle.loads(data)
+        self.values[key] = value
+        return value
+
+    def state_bytes(self) -> int:
+        return sum(len(s) if isinstance(s, bytes) else s.length for s in self.where.values())
+
+    # -- committing -------------------------------------------------------------------------
+    def commit(self, entries: list[tuple[str, int, bytes]], objects: dict[str, Any]) -> None:
+        seq = self.seq + 1
+        record, placed = encode_record(seq, entries)
+        with self.lock:
+            for key, op, value in entries:
+                if op == DELETE:
+                    self.where.pop(key, None)
+                    self.values.pop(key, None)
+                else:
+                    self.where[key] = value
+                    self.values[key] = objects[key]
+            self.seq = seq
+            if not self.pending and not self.writing and len(record) <= INLINE_BYTES:
+                self._append(seq, record, placed)
+            else:
+                self.pending.append((seq, record, placed))
+                self._start_writer()
+                self.lock.notify_all()
+            os.pwrite(self.head_fd, HEAD.pack(seq), 0)
+
+    def _append(
+        self, seq: int, record: bytes, placed: list[tuple[str, int, int, int, int]]
+    ) -> None:
+        """Write one record at the end of the log and point its keys at it (lock held, or the
+        writer's turn)."""
+        base = self.log_size
+        write_all(self.log_fd, record)
+        self.log_size += len(record)
+        for key, op, offset, length, crc in placed:
+            src = self.where.get(key)
+            if op == SET and isinstance(src, bytes) and len(src) == length:
+                self.where[key] = Loc(self.log, base + offset, length, crc)
+
+    def _start_writer(self) -> None:
+        if self.writer is None:
+            self.writer = threading.Thread(
+                target=self._write_loop, name=f"process-{self.name}", daemon=True
+            )
+            self.writer.start()
+
+    def _write_loop(self) -> None:
+        while True:
+            with self.lock:
+                while not self.pending and not self.closed:
+                    self.lock.wait()
+                if self.closed:
+                    return
+                _seq, record, placed = self.pending[0]
+                self.writing = True
+            base = self.log_size
+            write_all(self.log_fd, record)  # without the lock: commits go on meanwhile
+            with self.lock:
+                self.pending.popleft()
+                self.log_size = base + len(record)
+                for key, op, offset, length, crc in placed:
+                    src = self.where.get(key)
+                    if op == SET and isinstance(src, bytes) and len(src) == length:
+                        self.where[key] = Loc(self.log, base + offset, length, crc)
+                self.writing = False
+                self.lock.notify_all()
+            if not self.pending and self.log_size > max(COMPACT_MIN_BYTES, 2 * self.state_bytes()):
+                with contextlib.suppress(OSError):
+                    self.snapshot()
+
+    def drain(self) -> None:
+        """Write every queued record (caller's thread), then fsync the log."""
+        with self.lock:
+            while self.writing:
+                self.lock.wait(0.01)
+            while self.pending:
+                self._append(*self.pending[0])
+                self.pending.popleft()
+        os.fsync(self.log_fd)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Swap out: every key's bytes into a new snapshot, made current atomically."""
+        t0 = time.perf_counter()
+        self.drain()
+        with self.lock:
+            where = dict(self.where)
+            seq = self.seq
+
+            def values() -> Iterator[tuple[str, bytes]]:
+                for key, src in where.items():
+                    yield key, src if isinstance(src, bytes) else self.store.load(src)
+
+            snap, log, keys = self.store.write_snapshot(seq, values())
+            os.close(self.log_fd)
+            self.log, self.log_size, self.snapshot_file = log, 0, snap
+            self.log_fd = self.store.open_append(log, 0)
+            for key, loc in keys.items():
+                if self.where.get(key) is where[key]:
+                    self.where[key] = loc
+            self.store.remove_old((snap, log))
+        return {
+            "seq": seq,
+            "keys": len(keys),
+            "bytes": sum(k.length for k in keys.values()),
+            "seconds": time.perf_counter() - t0,
+        }
+
+    def swap_out(self) -> None:
+        """Leave: queued records out, log synced, lock dropped."""
+        if self.closed:
+            return
+        with contextlib.suppress(OSError):
+            self.drain()
+        with self.lock:
+            self.closed = True
+            self.lock.notify_all()
+        self.store.close()
+
+    def delete(self) -> None:
+        self.swap_out()
+        shutil.rmtree(self.store.path, ignore_errors=True)
+
+
+class State(MutableMapping[str, Any]):
+    """What a function of a process receives: the process's keys (a transaction over them),
+    ``dir`` (its private directory for files), ``send`` / ``recv`` (messages)."""
+
+    def __init__(self, proc: LiveProcess, root: str) -> None:
+        self._proc = proc
+        self._root = root
+        self._writes: dict[str, Any] = {}
+        self._deleted: set[str] = set()
+        self._touched: dict[str, Any] = {}
+        self._outbox: list[tuple[str, bytes]] = []
+        self._taken: list[str] = []
+        self.name = proc.name
+        self.dir = proc.files
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self._writes:
+            return self._writes[key]
+        if key in self._deleted:
+            raise KeyError(key)
+        value = self._proc.load(key)
+        if not isinstance(value, _IMMUTABLE):
+            self._touched[key] = value
+        return value
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if not isinstance(key, str):
+            raise TypeError(f"process state keys are str, not {type(key).__name__}")
+        self._writes[key] = value
+        self._deleted.discard(key)
+
+    def __delitem__(self, key: str) -> None:
+        if key not in self:
+            raise KeyError(key)
+        self._writes.pop(key, None)
+        self._touched.pop(key, None)
+        self._deleted.add(key)
+
+    def __contains__(self, key: object) -> bool:
+        if key in self._writes:
+            return True
+        return key not in self._deleted and key in self._proc.where
+
+    def __iter__(self) -> Iterator[str]:
+        seen = [k for k in self._proc.where if k not in self._deleted and k not in self._writes]
+        return iter(seen + list(self._writes))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the committed state (its pickles), as the store holds it."""
+        return self._proc.state_bytes()
+
+    # -- messages ---------------------------------------------------------------------------
+    def send(self, process: str, obj: Any) -> None:
+        """Send ``obj`` to process ``process`` of the same owner; delivered when this call
+        commits (not at all if it raises)."""
+        self._outbox.append((process, _dumps(obj)))
+
+    def recv(self, timeout: float = 0.0) -> Any:
+        """The oldest message for this process; waits up to ``timeout`` seconds, then raises
+        TimeoutError. It is taken from the inbox when this call commits."""
+        deadline = time.monotonic() + timeout
+        while True:
+            names = sorted(
+                n
+                for n in os.listdir(self._proc.inbox)
+                if n.endswith(".msg") and n not in self._taken
+            )
+            for name in names:
+                try:
+                    with open(os.path.join(self._proc.inbox, name), "rb") as f:
+                        data = f.read()
+                except FileNotFoundError:
+                    continue
+                self._taken.append(name)
+                return pickle.loads(data)
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"process {self.name!r}: no message within {timeout:g} s")
+            time.sleep(0.005)
+
+    # -- end of the call ------------------------------------------------------------------
+    def _commit(self) -> None:
+        entries: list[tuple[str, int, bytes]] = [(k, DELETE, b"") for k in self._deleted]
+        objects = dict(self._touched)
+        objects.update(self._writes)
+        entries += [(k, SET, _dumps(v)) for k, v in objects.items()]
+        if entries:
+            self._proc.commit(entries, objects)
+        for process, data in self._outbox:
+            deliver(self._root, process, data)
+        for name in self._taken:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self._proc.inbox, name))
+
+    def _abort(self) -> None:
+        for key in self._touched:  # maybe changed in place: reload from the committed bytes
+            self._proc.values.pop(key, None)
+
+
+_live: dict[tuple[str, str], LiveProcess] = {}
+
+
+def _evicting() -> bool:
+    from colocate.executor import worker
+
+    current = worker.current()
+    return bool(current is not None and current.evicting)
+
+
+def _open(root: str, name: str) -> LiveProcess:
+    proc = _live.get((root, name))
+    if proc is None or proc.closed:
+        proc = _live[(root, name)] = LiveProcess(root, name)
+        from colocate.executor import worker
+
+        if _swap_out not in worker.exit_hooks:
+            worker.exit_hooks.append(_swap_out)
+    return proc
+
+
+def _swap_out() -> None:
+    for proc in list(_live.values()):
+        with contextlib.suppress(Exception):
+            proc.swap_out()
+
+
+class Call:
+    """A function bound to a process, as the client ships it: ``op`` "run" calls
+    ``fn(state, *args)``; "snapshot", "delete" and "stats" act on the process itself.
+    Returns (result, notices for the user)."""
+
+    __slots__ = ("_fn", "fn_bytes", "name", "op", "root")
+
+    def __init__(self, root: str, name: str, fn_bytes: bytes, op: str = "run") -> None:
+        self.root = root
+        self.name = name
+        self.fn_bytes = fn_bytes
+        self.op = op
+        self._fn: Callable[..., Any] | None = None
+
+    def __getstate__(self) -> tuple[str, str, bytes, str]:
+        return (self.root, self.name, self.fn_bytes, self.op)
+
+    def __setstate__(self, state: tuple[str, str, bytes, str]) -> None:
+        self.root, self.name, self.fn_bytes, self.op = state
+        self._fn = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple[Any, list[str]]:
+        proc = _open(self.root, self.name)
+        notes, proc.notes = proc.notes, []
+        if self.op == "snapshot":
+            return proc.snapshot(), notes
+        if self.op == "stats":
+            return {
+                "seq": proc.seq,
+                "keys": len(proc.where),
+                "bytes": proc.state_bytes(),
+                "restored_seq": proc.restored_seq,
+            }, notes
+        if self.op == "delete":
+            proc.delete()
+            _live.pop((self.root, self.name), None)
+            return True, notes
+        if self.op != "run":
+            raise ConfigError(f"unknown process operation {self.op!r}")
+        fn = self._fn
+        if fn is None:
+            fn = self._fn = pickle.loads(self.fn_bytes)
+        state = State(proc, self.root)
+        try:
+            result = fn(state, *args, **kwargs)
+        except BaseException:
+            state._abort()
+            raise
+        # The eviction signals wait while the commit runs: a swap-out never sees half of it.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED)
+        try:
+            if _evicting():  # the client was told the lease is gone: this call did not happen
+                state._abort()
+                raise ProcessInterrupted(
+                    f"process {self.name!r}: the lease is being taken back; the call's changes were discarded"
+                )
+            state._commit()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        return result, notes

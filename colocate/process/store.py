@@ -1,0 +1,319 @@
+"""The directory store of a serverless process: an append-only log plus snapshots.
+
+One directory per process (``<root>/<uid>/<name>``, mode 0700, owned by the process's owner)::
+
+    manifest.json   {"seq", "snapshot", "log", "keys": {key: [offset, length, crc32]}}
+                    (written to manifest.tmp, fsynced, renamed: always a whole snapshot)
+    snap-<seq>.bin  the values of every key at ``seq``, back to back
+    log-<seq>.bin   records committed after the snapshot at ``seq``, in order
+    head            8 bytes: the last sequence number committed in memory (pwrite per commit)
+    lock            flock'ed by the one live instance of the process
+    inbox/          messages from other processes (one file each, renamed into place)
+    files/          the process's private directory for files
+
+A log record is ``<4sQQQI`` (magic, seq, index length, data length, crc32 of the index),
+the index (per key: ``<HBQI`` key length, op, value length, value crc32, then the key) and
+the values. A process killed while appending leaves a prefix of the file: a record counts
+only when all its bytes are there and its seq follows the previous one, so a restore never
+sees half of an update. Values are checked against their crc32 when first loaded.
+Values are pickles (protocol 5); the store itself never unpickles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import struct
+import time
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from colocate.errors import ColocateError, ConfigError
+
+MAGIC = b"CPL1"
+RECORD = struct.Struct("<4sQQQI")
+ENTRY = struct.Struct("<HBQI")
+HEAD = struct.Struct("<Q")
+SET, DELETE = 0, 1
+MANIFEST = "manifest.json"
+_MAX_KEY = 0xFFFF
+
+
+class StateCorrupt(ColocateError):
+    """A stored value does not match its checksum (storage lost or damaged bytes)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Loc:
+    """Where a value's pickle lies: file name in the process directory, offset, length, crc32."""
+
+    file: str
+    offset: int
+    length: int
+    crc: int
+
+
+@dataclass(frozen=True, slots=True)
+class Restored:
+    """What a restore found: the consistent sequence number, the key index, and how many
+    updates committed in memory never reached the store (``lost``)."""
+
+    seq: int
+    keys: dict[str, Loc]
+    log: str
+    log_size: int
+    lost: int
+    snapshot: str | None
+
+
+def encode_record(
+    seq: int, entries: Iterable[tuple[str, int, bytes]]
+) -> tuple[bytes, list[tuple[str, int, int, int, int]]]:
+    """One log record for ``entries`` (key, op, value pickle): its bytes and, per entry,
+    (key, op, offset of the value within the record, length, crc32)."""
+    index = bytearray()
+    values: list[bytes] = []
+    placed: list[tuple[str, int, int, int]] = []
+    for key, op, value in entries:
+        raw = key.encode()
+        if len(raw) > _MAX_KEY:
+            raise ValueError(f"state key of {len(raw)} bytes: keys are at most {_MAX_KEY} bytes")
+        crc = zlib.crc32(value)
+        index += ENTRY.pack(len(raw), op, len(value), crc) + raw
+        values.append(value)
+        placed.append((key, op, len(value), crc))
+    head = RECORD.pack(MAGIC, seq, len(index), sum(map(len, values)), zlib.crc32(index))
+    offset = len(head) + len(index)
+    out: list[tuple[str, int, int, int, int]] = []
+    for key, op, length, crc in placed:
+        out.append((key, op, offset, length, crc))
+        offset += length
+    return b"".join((head, bytes(index), *values)), out
+
+
+def scan_log(fd: int, name: str, after_seq: int, keys: dict[str, Loc]) -> tuple[int, int]:
+    """Apply the complete records of log ``fd`` (seq after ``after_seq``, in order) to
+    ``keys``; returns (last seq, bytes of the consistent prefix). Reads indexes only."""
+    size = os.fstat(fd).st_size
+    pos, seq = 0, after_seq
+    while pos + RECORD.size <= size:
+        magic, rseq, ilen, dlen, icrc = RECORD.unpack(os.pread(fd, RECORD.size, pos))
+        end = pos + RECORD.size + ilen + dlen
+        if magic != MAGIC or rseq != seq + 1 or end > size:
+            break
+        index = os.pread(fd, ilen, pos + RECORD.size)
+        if zlib.crc32(index) != icrc:
+            break
+        vpos, i = pos + RECORD.size + ilen, 0
+        while i < ilen:
+            klen, op, vlen, vcrc = ENTRY.unpack_from(index, i)
+            key = index[i + ENTRY.size : i + ENTRY.size + klen].decode()
+            i += ENTRY.size + klen
+            if op == DELETE:
+                keys.pop(key, None)
+            else:
+                keys[key] = Loc(name, vpos, vlen, vcrc)
+            vpos += vlen
+        seq, pos = rseq, end
+    return seq, pos
+
+
+class DirStore:
+    """One process's directory; owned by the worker that holds its lock."""
+
+    def __init__(self, root: str, name: str) -> None:
+        if not name or "/" in name or name in (".", "..") or len(name) > 200:
+            raise ConfigError(f"process name {name!r}: use 1-200 characters without '/'")
+        self.root = root
+        self.name = name
+        self.path = os.path.join(root, str(os.getuid()), name)
+        self.lock_fd = -1
+        self._fds: dict[str, int] = {}
+
+    # -- opening ----------------------------------------------------------------------------
+    def open(self, wait_s: float) -> None:
+        """Create the directory (0700) if needed and take the process's lock, waiting up to
+        ``wait_s`` for an instance that is still swapping out."""
+        mine = os.path.join(self.root, str(os.getuid()))
+        try:
+            os.makedirs(mine, mode=0o700, exist_ok=True)
+            os.makedirs(self.path, mode=0o700, exist_ok=True)
+            for sub in ("inbox", "files"):
+                os.makedirs(os.path.join(self.path, sub), mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"process store {self.root} is not usable by uid {os.getuid()} ({exc.strerror}); "
+                f"an admin creates it with `install -d -m 1733 {self.root}`, or pass store= a "
+                "directory the lease's owner can write"
+            ) from None
+        st = os.stat(mine)
+        if st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise ConfigError(
+                f"process store {mine} must be owned by uid {os.getuid()} with mode 0700"
+            )
+        fd = os.open(os.path.join(self.path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise ColocateError(
+                        f"process {self.name!r} is live in another lease (its lock {self.path}/lock "
+                        f"stayed held {wait_s:g} s); release that one first"
+                    ) from None
+                time.sleep(0.01)
+        self.lock_fd = fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)  # releases the flock
+            self.lock_fd = -1
+
+    def fd(self, file: str) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = os.open(
+                os.path.join(self.path, file), os.O_RDONLY | os.O_CLOEXEC
+            )
+        return fd
+
+    # -- restore ----------------------------------------------------------------------------
+    def restore(self) -> Restored:
+        """The last consistent state: the manifest's snapshot plus the complete records of its
+        log. Reads indexes only (values load when first touched)."""
+        keys: dict[str, Loc] = {}
+        seq, snapshot, log = 0, None, "log-0.bin"
+        try:
+            with open(os.path.join(self.path, MANIFEST)) as f:
+                manifest = json.load(f)
+            seq, snapshot, log = int(manifest["seq"]), manifest["snapshot"], str(manifest["log"])
+            keys = {k: Loc(snapshot, o, n, c) for k, (o, n, c) in manifest["keys"].items()}
+        except FileNotFoundError:
+            pass
+        path = os.path.join(self.path, log)
+        if not os.path.exists(path):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        seq, size = scan_log(self.fd(log), log, seq, keys)
+        head = self.read_head()
+        return Restored(seq, keys, log, size, max(0, head - seq), snapshot)
+
+    def read_head(self) -> int:
+        try:
+            with open(os.path.join(self.path, "head"), "rb") as f:
+                data = f.read(HEAD.size)
+        except FileNotFoundError:
+            return 0
+        return HEAD.unpack(data)[0] if len(data) == HEAD.size else 0
+
+    def load(self, loc: Loc) -> bytes:
+        data = os.pread(self.fd(loc.file), loc.length, loc.offset)
+        if len(data) != loc.length or zlib.crc32(data) != loc.crc:
+            raise StateCorrupt(
+                f"process {self.name!r}: a value in {self.path}/{loc.file} at {loc.offset} is damaged "
+                "(checksum mismatch); the storage lost bytes"
+            )
+        return data
+
+    # -- writing ----------------------------------------------------------------------------
+    def open_append(self, log: str, size: int) -> int:
+        """The log open for appending, cut to its consistent prefix ``size``."""
+        fd = os.open(os.path.join(self.path, log), os.O_WRONLY | os.O_CLOEXEC)
+        os.ftruncate(fd, size)
+        os.lseek(fd, size, os.SEEK_SET)
+        return fd
+
+    def open_head(self) -> int:
+        return os.open(
+            os.path.join(self.path, "head"), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
+
+    def write_snapshot(
+        self, seq: int, values: Iterator[tuple[str, bytes]]
+    ) -> tuple[str, str, dict[str, Loc]]:
+        """A new snapshot at ``seq`` of ``values`` with an empty log after it, made current by
+        renaming the manifest; returns (snapshot file, log file, key index)."""
+        snap, log = f"snap-{seq}.bin", f"log-{seq}.bin"
+        keys: dict[str, Loc] = {}
+        fd = os.open(
+            os.path.join(self.path, snap),
+            os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+            0o600,
+        )
+        try:
+            pos = 0
+            for key, value in values:
+                _write_all(fd, value)
+                keys[key] = Loc(snap, pos, len(value), zlib.crc32(value))
+                pos += len(value)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        lfd = os.open(
+            os.path.join(self.path, log),
+            os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+            0o600,
+        )
+        os.fsync(lfd)
+        os.close(lfd)
+        manifest = {
+            "seq": seq,
+            "snapshot": snap,
+            "log": log,
+            "keys": {k: [v.offset, v.length, v.crc] for k, v in keys.items()},
+        }
+        tmp = os.path.join(self.path, "manifest.tmp")
+        with open(tmp, "w") as f:
+            json.dump(manifest, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(self.path, MANIFEST))
+        dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        return snap, log, keys
+
+    def remove_old(self, keep: Iterable[str]) -> None:
+        """Delete snapshots and logs no manifest points to any more."""
+        kept = set(keep)
+        for entry in os.listdir(self.path):
+            if entry.startswith(("snap-", "log-")) and entry not in kept:
+                fd = self._fds.pop(entry, None)
+                if fd is not None:
+                    os.close(fd)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.path, entry))
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is out (large writes return short)."""
+    _write_all(fd, data)
+
+
+def deliver(root: str, name: str, message: bytes) -> None:
+    """Drop a message into process ``name``'s inbox (the same owner's): written to a
+    temporary name and renamed, so a reader sees whole messages only."""
+    inbox = os.path.join(root, str(os.getuid()), name, "inbox")
+    os.makedirs(inbox, mode=0o700, exist_ok=True)
+    stamp = f"{time.time_ns():020d}-{os.getpid()}-{os.urandom(4).hex()}"
+    tmp = os.path.join(inbox, f".{stamp}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(message)
+    os.replace(tmp, os.path.join(inbox, f"{stamp}.msg"))

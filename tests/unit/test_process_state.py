@@ -1,0 +1,117 @@
+"""Serverless process state on a real directory store, in this interpreter (no worker): what
+commits, what an aborted call leaves, what a restore after a cut log brings back."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from colocate.process import runtime
+from colocate.process.client import pickle_function
+from colocate.process.runtime import Call
+from colocate.process.store import DirStore
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Iterator[str]:
+    yield str(tmp_path)
+    runtime._swap_out()
+    runtime._live.clear()
+
+
+def call(root: str, name: str, fn: Any, *args: Any) -> tuple[Any, list[str]]:
+    return Call(root, name, pickle_function(fn))(*args)
+
+
+def add(state: Any, n: int) -> int:
+    state["total"] = state.get("total", 0) + n
+    state.setdefault("seen", []).append(n)  # changed in place: still committed
+    return int(state["total"])
+
+
+def add_then_fail(state: Any, n: int) -> None:
+    state["total"] = state.get("total", 0) + n
+    state["seen"].append(n)
+    raise RuntimeError("boom")
+
+
+def read(state: Any) -> tuple[int, list[int]]:
+    return state.get("total", 0), list(state.get("seen", []))
+
+
+def swap_out_and_forget(root: str) -> None:
+    runtime._swap_out()
+    runtime._live.clear()
+
+
+def test_commits_survive_a_swap_out_and_an_aborted_call_leaves_nothing(root: str) -> None:
+    for i in range(1, 201):
+        assert call(root, "p", add, i)[0] == i * (i + 1) // 2
+    with pytest.raises(RuntimeError):
+        call(root, "p", add_then_fail, 1000)
+    assert call(root, "p", read)[0] == (20100, list(range(1, 201)))  # in memory, after the abort
+    swap_out_and_forget(root)
+    (total, seen), notes = call(root, "p", read)
+    assert (total, seen) == (20100, list(range(1, 201)))
+    assert notes == []
+
+
+def test_restore_is_lazy_and_a_cut_log_restores_the_last_whole_update_and_says_so(
+    root: str,
+) -> None:
+    call(root, "p", add, 1)
+    call(root, "p", lambda s: s.__setitem__("big", os.urandom(3 << 20)))  # one big record
+    swap_out_and_forget(root)
+    store = DirStore(root, "p")
+    log = max((f for f in os.listdir(store.path) if f.startswith("log-")), key=len)
+    path = os.path.join(store.path, log)
+    os.truncate(path, os.path.getsize(path) - 1000)  # the worker died mid-write
+    (total, seen), notes = call(root, "p", read)
+    assert (total, seen) == (1, [1])
+    assert len(notes) == 1 and "did not reach the store" in notes[0] and "update 1" in notes[0]
+    proc = runtime._live[(root, "p")]
+    assert "big" not in proc.where
+    assert proc.values.keys() == {"total", "seen"}  # only what was touched was loaded
+
+
+def test_snapshot_then_more_updates_restore_in_order(root: str) -> None:
+    for i in range(1, 11):
+        call(root, "p", add, i)
+    info = Call(root, "p", b"", "snapshot")()[0]
+    assert info["seq"] == 10 and info["keys"] == 2
+    for i in range(11, 21):
+        call(root, "p", add, i)
+    swap_out_and_forget(root)
+    assert call(root, "p", read)[0] == (210, list(range(1, 21)))
+    files = sorted(os.listdir(DirStore(root, "p").path))
+    assert [f for f in files if f.startswith(("snap-", "log-"))] == ["log-10.bin", "snap-10.bin"]
+
+
+def test_messages_wait_in_the_store_for_a_swapped_out_receiver(root: str) -> None:
+    call(root, "b", lambda s: None)
+    swap_out_and_forget(root)  # b is swapped out
+    call(root, "a", lambda s: s.send("b", {"x": 1}))
+    call(root, "a", lambda s: s.send("b", {"x": 2}))
+
+    def take_then_fail(s: Any) -> None:
+        s.recv()
+        raise ValueError("not taken")
+
+    with pytest.raises(ValueError):
+        call(root, "b", take_then_fail)
+    assert call(root, "b", lambda s: [s.recv(), s.recv()])[0] == [{"x": 1}, {"x": 2}]
+    with pytest.raises(TimeoutError):
+        call(root, "b", lambda s: s.recv(timeout=0.05))
+
+
+def test_bad_names_and_keys_get_one_clear_error(root: str) -> None:
+    from colocate.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="process name"):
+        DirStore(root, "a/b")
+    with pytest.raises(TypeError, match="keys are str"):
+        call(root, "p", lambda s: s.__setitem__(1, 2))
