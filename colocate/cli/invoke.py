@@ -25,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cores", type=int, default=1, help="cores to lease (default 1)")
     parser.add_argument("--memory", default="512MiB", help="memory to lease (default 512MiB)")
     parser.add_argument("--duration", default="1m", help="lease duration (default 1m)")
+    parser.add_argument("--account", default="", help="Slurm account to charge (default: yours, per the broker)")
     parser.add_argument("--json", action="store_true", help="print the result and timings as JSON")
 
 
@@ -76,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
     call_args = [_argument(a) for a in args.args]
     url = args.broker or load_config(args.config).agent.broker_url
     started = time.perf_counter()
-    with Client(url) as client, client.lease(cores=args.cores, memory=args.memory, duration=args.duration) as lease:
+    with Client(url) as client, client.lease(
+        cores=args.cores, memory=args.memory, duration=args.duration, account=args.account
+    ) as lease:
         granted = time.perf_counter()
         executor = lease.executor([fn])
         try:

@@ -345,3 +345,40 @@ def test_client_refuses_an_executor_that_cannot_prove_the_lease(cluster: Service
         server.close()
         # the real executor proves it
         assert lease.executor().invoke("math:factorial", 3) == 6
+
+
+def colocate(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "colocate", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+
+
+def test_cli_leases_release_and_a_lease_longer_than_the_broker_allows(cluster: Service) -> None:
+    from colocate import Client
+
+    with Client(cluster.url) as client:
+        lease = client.lease(cores=1, memory="256MiB", duration="1m")
+        listed = colocate("leases", "--broker", cluster.url, "--node", "idnode", "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert [(le["lease_id"], le["user"]) for le in json.loads(listed.stdout)] == [
+            (lease.lease_id, "root")
+        ]
+        released = colocate("release", lease.lease_id, "--broker", cluster.url)
+        assert released.returncode == 0 and released.stdout.strip() == f"{lease.lease_id}: released"
+        assert colocate("leases", "--broker", cluster.url).stdout.strip() == "no leases"
+    # 100 days is refused with the limit named, not silently cut to the broker's maximum
+    long = colocate("invoke", "math:factorial", "3", "--broker", cluster.url, "--duration", "100d")
+    assert long.returncode == 1 and long.stdout == ""
+    assert (
+        long.stderr.count("\n") == 1
+        and "longest lease of 86400s" in long.stderr
+        and "max_lease_s" in long.stderr
+    )
+    ok = colocate(
+        "invoke", "math:factorial", "3", "--broker", cluster.url, "--account", "acct", "--json"
+    )
+    assert ok.returncode == 0 and json.loads(ok.stdout)["result"] == 6
