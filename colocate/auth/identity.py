@@ -153,17 +153,19 @@ class Authenticator:
 
     def _identity(self, uid: int, gid: int, method: str) -> Identity:
         try:
-            entry = pwd.getpwuid(uid)
-            user = entry.pw_name
+            user = pwd.getpwuid(uid).pw_name
         except KeyError:
             user = str(uid)
-        try:
-            groups = tuple(g.gr_name for g in grp.getgrall() if user in g.gr_mem or g.gr_gid == gid)
-        except KeyError:
-            groups = ()
-        admin = (
-            uid == 0 or user in self._admin_users or bool(self._admin_groups.intersection(groups))
-        )
+        groups: tuple[str, ...] = ()
+        if self._admin_groups and uid != 0:  # the group database is only read when it matters
+            names = []
+            for member_gid in os.getgrouplist(user, gid) if user != str(uid) else [gid]:
+                try:
+                    names.append(grp.getgrgid(member_gid).gr_name)
+                except KeyError:
+                    continue
+            groups = tuple(names)
+        admin = uid == 0 or user in self._admin_users or bool(self._admin_groups.intersection(groups))
         return Identity(uid, gid, user, groups, admin, method)
 
 

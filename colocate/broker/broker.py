@@ -258,11 +258,12 @@ class Broker:
             raise Forbidden(f"user {who.user} may not charge account {account!r}; allowed: {', '.join(allowed) or 'none'}")
         return Owner(who.uid, who.gid, who.user, account)
 
-    def _use(self, now: float, *, uid: int | None = None, account: str | None = None) -> quotas.Use:
+    def _use(self, now: float, *, owner: Owner | None = None, account: str | None = None) -> quotas.Use:
+        """What ``owner`` (by uid) or ``account`` holds now and used since midnight UTC."""
         cores = memory = count = 0
         for record in self.book.leases():
-            owner = self._owners.get(record.lease_id)
-            if owner is None or (uid is not None and owner.uid != uid) or (account is not None and owner.account != account):
+            held = self._owners.get(record.lease_id)
+            if held is None or (owner is not None and held.uid != owner.uid) or (account is not None and held.account != account):
                 continue
             cores += record.cores
             memory += record.memory_bytes
@@ -270,9 +271,8 @@ class Broker:
         today = 0.0
         if self.ledger is not None:
             midnight = float(calendar.timegm((*time.gmtime(now)[:3], 0, 0, 0)))
-            if uid is not None:
-                user = next((o.user for o in self._owners.values() if o.uid == uid), None)
-                today = self.ledger.core_seconds_since(midnight, now, user=user) if user else 0.0
+            if owner is not None:
+                today = self.ledger.core_seconds_since(midnight, now, user=owner.user)
             else:
                 today = self.ledger.core_seconds_since(midnight, now, account=account)
         return quotas.Use(cores, memory, count, today)
@@ -281,7 +281,7 @@ class Broker:
         config = self.config.quotas
         user_quota = quotas.quota_for(config, user=owner.user)
         quotas.check(
-            user_quota, self._use(now, uid=owner.uid), f"user {owner.user}",
+            user_quota, self._use(now, owner=owner), f"user {owner.user}",
             cores=cores, memory_bytes=memory, duration_s=duration, new_lease=new,
         )
         account_quota = quotas.quota_for(config, account=owner.account)
