@@ -1,0 +1,211 @@
+"""Serverless processes on real parts: broker and agents as subprocesses, workers in their
+sandbox as the lease's owner, the state in a directory store, evictions as the agent does them
+(a starting job's prolog revokes with no grace)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from colocate import LeaseEvicted
+from colocate.client.lease import Client
+from colocate.process import Process, StateRolledBack
+from tests.integration.leasing import Service, control_auth, services, start_cluster, wait_until
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Service, list[Service], Path]]:
+    tmp = tmp_path_factory.mktemp("process")
+    broker, agents = start_cluster(tmp, {"pr1": (1, "2GiB"), "pr2": (1, "2GiB")})
+    with services(broker, *agents):
+        yield broker, agents, tmp
+    for service in (broker, *agents):
+        assert "Traceback" not in service.logs(), service.logs()
+
+
+@pytest.fixture
+def store() -> Iterator[str]:
+    # Not under /tmp (private in the sandbox); 1733 as a site makes it: each owner a 0700 dir.
+    path = tempfile.mkdtemp(prefix="colocate-processes-", dir="/var/tmp")
+    os.chmod(path, 0o1733)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def evict(cluster: tuple[Service, list[Service], Path], proc: Process) -> None:
+    """What a starting job's prolog does: revoke the lease with no grace."""
+    _broker, agents, tmp = cluster
+    lease = proc.lease
+    assert lease is not None
+    agent = next(a for a in agents if a.name == f"agent {lease.node}")
+    reply = httpx.post(
+        f"{agent.url}/v1/leases/{lease.lease_id}/revoke",
+        json={"grace_s": 0.0, "reason": "job_start"},
+        auth=control_auth(tmp, lease.node),
+        timeout=10,
+    )
+    assert reply.status_code == 200, reply.text
+
+
+def add(state: Any, i: int) -> int:
+    state["n"] = state.get("n", 0) + 1
+    state["sum"] = state.get("sum", 0) + i
+    state.setdefault("log", []).append(i)
+    return int(state["n"])
+
+
+def add_slowly(state: Any, i: int) -> None:
+    add(state, i)
+    time.sleep(30)  # the lease is taken back meanwhile
+
+
+def read(state: Any) -> dict[str, Any]:
+    return {
+        "n": state.get("n", 0),
+        "sum": state.get("sum", 0),
+        "log": list(state.get("log", [])),
+        "uid": os.getuid(),
+    }
+
+
+def test_state_of_1000_invocations_survives_an_eviction_without_the_interrupted_call(
+    cluster: tuple[Service, list[Service], Path], store: str
+) -> None:
+    broker, _agents, _tmp = cluster
+    proc = Client(broker.url).process("acc", memory="256MiB", store=store)
+    for i in range(1, 1001):
+        assert proc.invoke(add, i) == i
+    first = proc.lease
+    assert first is not None
+    outcome: list[BaseException | None] = []
+
+    def interrupted() -> None:
+        try:
+            proc.invoke(add_slowly, 5000)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    caller = threading.Thread(target=interrupted)
+    caller.start()
+    time.sleep(0.5)  # the call runs and has changed its overlay
+    evict(cluster, proc)
+    caller.join(20)
+    assert not caller.is_alive() and isinstance(outcome[0], LeaseEvicted), outcome
+    with proc:
+        state = proc.invoke(read)  # a new lease, the state from the store
+        assert proc.lease is not None and proc.lease.lease_id != first.lease_id
+        assert (
+            state["n"] == 1000 and state["sum"] == 500500 and state["log"] == list(range(1, 1001))
+        )
+        assert state["uid"] != 0  # the owner's worker wrote it, not root
+        assert proc.notices == []
+    owner_dir = Path(store) / str(state["uid"])
+    assert (owner_dir.stat().st_mode & 0o777) == 0o700
+    proc.delete()
+    assert not (owner_dir / "acc").exists()
+
+
+def put_big(state: Any, mib: int, tag: int) -> None:
+    state["big"] = bytes([tag]) * (mib << 20)
+    state["tag"] = tag
+
+
+def tag_and_size(state: Any) -> tuple[int, int]:
+    return int(state.get("tag", 0)), len(state.get("big", b""))
+
+
+def test_a_state_too_large_for_the_grace_restores_the_last_consistent_snapshot_and_says_so(
+    cluster: tuple[Service, list[Service], Path], store: str
+) -> None:
+    broker, _agents, _tmp = cluster
+    proc = Client(broker.url).process("big", memory="1536MiB", store=store)
+    proc.invoke(put_big, 1, 1)
+    proc.snapshot()
+    rolled_back = False
+    for attempt in range(2, 5):  # the writer may win the race on an idle machine: try again
+        proc.invoke(put_big, 400, attempt)  # returns at once: the 400 MiB go out in the background
+        evict(cluster, proc)
+        time.sleep(0.5)
+        with _record() as seen:
+            tag, size = invoke_after_eviction(proc, tag_and_size)
+        # never half: either the whole update or the one before it, and then the user is told
+        if tag == attempt:
+            assert size == 400 << 20 and not seen
+        else:
+            assert (tag, size) in {(1, 1 << 20), (attempt - 1, 400 << 20)}, (tag, size)
+            assert seen and "did not reach the store" in seen[0], seen
+            rolled_back = True
+            break
+    proc.delete()
+    assert rolled_back, "400 MiB always reached the store within no grace"
+
+
+class _record:
+    """Collects StateRolledBack messages issued inside the block."""
+
+    def __enter__(self) -> list[str]:
+        import warnings
+
+        self._cm = warnings.catch_warnings(record=True)
+        self._seen = self._cm.__enter__()
+        warnings.simplefilter("always")
+        self.messages: list[str] = []
+        return self.messages
+
+    def __exit__(self, *exc: object) -> None:
+        self.messages.extend(
+            str(w.message) for w in self._seen if issubclass(w.category, StateRolledBack)
+        )
+        self._cm.__exit__(*exc)
+
+
+def invoke_after_eviction(proc: Process, fn: Any) -> Any:
+    """The first call after an eviction may still meet the old lease's notice (LeaseEvicted);
+    the process then moves to a new lease and the call is made there."""
+    try:
+        return proc.invoke(fn)
+    except LeaseEvicted:
+        return proc.invoke(fn)
+
+
+def test_two_processes_exchange_messages_while_one_is_swapped_out(
+    cluster: tuple[Service, list[Service], Path], store: str
+) -> None:
+    broker, _agents, _tmp = cluster
+    client = Client(broker.url)
+    a = client.process("ping", memory="128MiB", store=store)
+    b = client.process("pong", memory="128MiB", store=store)
+    b.invoke(lambda s: s.__setitem__("got", []))
+    b.release()  # swapped out: no lease
+    assert b.lease is None
+    for i in range(3):
+        a.invoke(lambda s, i: s.send("pong", {"i": i}), i)
+
+    def drain(s: Any) -> list[int]:
+        got = s["got"]
+        while True:
+            try:
+                got.append(s.recv()["i"])
+            except TimeoutError:
+                return list(got)
+
+    assert b.invoke(drain) == [0, 1, 2]  # b comes back, the messages waited in the store
+    a.invoke(lambda s: s.send("pong", "live"))  # now both live
+    assert b.invoke(lambda s: s.recv(timeout=5)) == "live"
+    a.release()
+    b.delete()
+    wait_until(lambda: not client.leases(), what="the processes' leases released")
