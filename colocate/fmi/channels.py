@@ -10,9 +10,12 @@ from the sender's buffer to the socket and from the socket into the receiver's n
 
 Channels (:func:`route` picks one, FMI's cost model):
 
-- ``shm``: ranks of the same lease (same node, one sandbox): a Unix socket in the lease's
-  private /tmp; payloads of ``SHM_MIN_BYTES`` or more go as a memfd passed with
-  SCM_RIGHTS (one copy in, mapped by the receiver), smaller ones inline.
+- ``local``: ranks of the same lease (same node, one sandbox, one private /tmp and /dev/shm):
+  a Unix socket in the lease's /tmp. It can pass payloads of ``SHM_MIN_BYTES`` or more as a
+  memfd (SCM_RIGHTS: one copy in, mapped by the receiver); that is off by default because
+  on this machine the one-shot memfd (fresh pages on both sides) lost to the socket: 64 MiB
+  allreduce 227 MB/s vs 647 MB/s, 1 MiB 364 vs 508 MB/s. A persistent shared ring per pair
+  would beat both; not built yet.
 - ``tcp``: ranks of different leases or nodes: TCP made by the supervisor outside the
   sandbox (``colocate.executor.fmi_sockets``), TCP_NODELAY, large socket buffers.
 - ``redis``: every message through a real Redis list per receiving rank (FMI's storage
@@ -39,25 +42,26 @@ HEADER_SIZE = HEADER.size
 DATA, ABORT = 1, 2
 ENC_OBJ, ENC_ARRAY, ENC_BYTES = 0, 1, 2
 SHM_FLAG = 0x80  # in enc: the payload is in the next passed memfd
-SHM_MIN_BYTES = 256 * 1024
+SHM_MIN_BYTES = 1 << 62  # memfd hand-off threshold: off (see the module docstring)
+STAGE_BYTES = 256 * 1024  # receive staging buffer per peer
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
-CHANNELS = ("auto", "shm", "tcp", "redis")
+CHANNELS = ("auto", "local", "tcp", "redis")
 _CHUNK = 1 << 20
 
 
 def route(same_lease: bool, direct: bool, forced: str = "auto") -> str:
     """The channel between two ranks: ``forced`` unless "auto"; Redis when direct
-    connections are impossible; shared memory within a lease (same node and sandbox), TCP
-    otherwise. (Within ``shm``, the payload size picks inline bytes or a memfd.)"""
+    connections are impossible; the lease's Unix socket within a lease (same node and
+    sandbox), TCP otherwise. (Within ``local``, the payload size picks the hand-off.)"""
     if forced not in CHANNELS:
         raise ValueError(f"channel {forced!r}: choose one of {', '.join(CHANNELS)}")
-    if forced == "shm" and not same_lease:
-        return "tcp"  # shared memory cannot cross a lease's sandbox
+    if forced == "local" and not same_lease:
+        return "tcp"  # the lease's /tmp is not shared with other leases
     if forced != "auto":
         return forced
     if not direct:
         return "redis"
-    return "shm" if same_lease else "tcp"
+    return "local" if same_lease else "tcp"
 
 
 def encode(obj: Any) -> tuple[int, bytes, memoryview]:
@@ -70,13 +74,38 @@ def encode(obj: Any) -> tuple[int, bytes, memoryview]:
     np = _numpy_if_loaded()
     if np is not None and cls is np.ndarray and obj.dtype.hasobject is False:
         arr = obj if obj.flags.c_contiguous else np.ascontiguousarray(obj)
-        meta = pickle.dumps((arr.dtype.str if arr.dtype.fields is None else arr.dtype, arr.shape))
+        meta = _meta(arr.dtype, arr.shape)
         return (
             ENC_ARRAY,
             meta,
             memoryview(arr).cast("B") if arr.ndim else memoryview(arr.reshape(1)).cast("B"),
         )
     return ENC_OBJ, b"", memoryview(pickle.dumps(obj, protocol=5))
+
+
+_metas: dict[tuple[Any, tuple[int, ...]], bytes] = {}
+_shapes: dict[bytes, tuple[Any, tuple[int, ...]]] = {}
+
+
+def _meta(dtype: Any, shape: tuple[int, ...]) -> bytes:
+    """The meta block of an array (cached: a loop sends the same shapes again and again)."""
+    meta = _metas.get((dtype, shape))
+    if meta is None:
+        if len(_metas) > 256:
+            _metas.clear()
+        meta = _metas[(dtype, shape)] = pickle.dumps(
+            (dtype.str if dtype.fields is None else dtype, shape)
+        )
+    return meta
+
+
+def _dtype_shape(meta: bytes) -> tuple[Any, tuple[int, ...]]:
+    found = _shapes.get(meta)
+    if found is None:
+        if len(_shapes) > 256:
+            _shapes.clear()
+        found = _shapes[meta] = pickle.loads(meta)
+    return found
 
 
 def _numpy_if_loaded() -> Any:
@@ -90,7 +119,7 @@ def target(enc: int, meta: bytes, length: int) -> tuple[Any, memoryview]:
     if enc == ENC_ARRAY:
         import numpy as np
 
-        dtype, shape = pickle.loads(meta)
+        dtype, shape = _dtype_shape(meta)
         arr = np.empty(shape, dtype=dtype)
         view = (
             memoryview(arr.reshape(-1) if arr.ndim != 1 else arr).cast("B")
@@ -126,7 +155,7 @@ def from_shm(enc: int, meta: bytes, fd: int, length: int) -> Any:
     if enc == ENC_ARRAY:
         import numpy as np
 
-        dtype, shape = pickle.loads(meta)
+        dtype, shape = _dtype_shape(meta)
         return np.frombuffer(mm, dtype=dtype).reshape(shape)
     if enc == ENC_OBJ:
         return pickle.loads(mm)
@@ -149,21 +178,20 @@ class StreamPeer:
     message being received. ``unix`` peers may pass memfds (the shared-memory channel)."""
 
     __slots__ = (
-        "body",
+        "direct",
         "eof",
         "fds",
-        "head",
         "holder",
         "inbox",
-        "meta",
         "msg",
-        "need",
         "outq",
         "rank",
+        "se",
         "shm",
         "sock",
+        "sp",
         "stage",
-        "view",
+        "sview",
     )
 
     def __init__(self, rank: int, sock: socket.socket, shm: bool) -> None:
@@ -179,14 +207,15 @@ class StreamPeer:
         # outgoing: (bytes views, fd to pass with the first or -1)
         self.outq: deque[tuple[memoryview, int]] = deque()
         self.fds: deque[int] = deque()
-        self.head = bytearray(HEADER_SIZE)
-        self.stage = 0  # 0 header, 1 meta, 2 payload
-        self.view = memoryview(self.head)
-        self.need = HEADER_SIZE
-        self.msg: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
-        self.meta = b""
+        # incoming: small messages are parsed out of a staging buffer (one system call for
+        # many of them); a large payload goes straight into its own buffer (``direct``)
+        self.stage = bytearray(STAGE_BYTES)
+        self.sview = memoryview(self.stage)
+        self.sp = 0  # parse position in the staging buffer
+        self.se = 0  # end of the data in it
+        self.direct: memoryview | None = None  # rest of a large payload still to receive
         self.holder: Any = None
-        self.body: memoryview | None = None
+        self.msg: tuple[int, int, int] = (0, 0, 0)  # kind, enc, tag of the large payload
         self.inbox: Callable[[int, int, int, int, Any], None] | None = None
         self.eof = False
 
@@ -232,63 +261,106 @@ class StreamPeer:
             outq.popleft()
         return True
 
+    def _recv(self, view: memoryview) -> int:
+        """One receive into ``view`` (passed memfds are queued); -1 when nothing is there."""
+        try:
+            if self.shm:
+                n, anc, _flags, _addr = self.sock.recvmsg_into([view], socket.CMSG_SPACE(16 * 4))
+                for level, kind, data in anc:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        usable = len(data) - len(data) % 4
+                        self.fds.extend(struct.unpack(f"{usable // 4}i", data[:usable]))
+                return n
+            return self.sock.recv_into(view)
+        except (BlockingIOError, InterruptedError):
+            return -1
+        except OSError:
+            return 0
+
     def read(self) -> None:
         """Read what is there; complete messages go to ``inbox``. Sets ``eof`` at the end."""
-        sock = self.sock
         while True:
-            try:
-                if self.shm:
-                    n, anc, _flags, _addr = sock.recvmsg_into(
-                        [self.view[: self.need]], socket.CMSG_SPACE(16 * 4)
-                    )
-                    for level, kind, data in anc:
-                        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                            usable = len(data) - len(data) % 4
-                            self.fds.extend(struct.unpack(f"{usable // 4}i", data[:usable]))
-                else:
-                    n = sock.recv_into(self.view, self.need)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                n = 0
+            if self.direct is not None:
+                n = self._recv(self.direct)
+                if n > 0:
+                    self.direct = self.direct[n:]
+                    if not len(self.direct):
+                        self.direct = None
+                        kind, enc, tag = self.msg
+                        value, self.holder = self.holder, None
+                        self._deliver(
+                            kind, enc, tag, finish(enc, value) if kind == DATA else bytes(value)
+                        )
+                    continue
+            else:
+                if self.sp == self.se:
+                    self.sp = self.se = 0
+                elif self.se == len(self.stage):  # keep the partial message, make room
+                    rest = self.se - self.sp
+                    self.stage[:rest] = self.stage[self.sp : self.se]
+                    self.sp, self.se = 0, rest
+                if self.se == len(self.stage):
+                    self._grow(len(self.stage) + 1)
+                n = self._recv(self.sview[self.se :])
+                if n > 0:
+                    self.se += n
+                    self._parse()
+                    continue
             if n == 0:
                 self.eof = True
-                return
-            self.need -= n
-            self.view = self.view[n:]
-            if self.need == 0:
-                self._advance()
+            return
 
-    def _advance(self) -> None:
-        while self.need == 0:
-            if self.stage == 0:
-                self.msg = HEADER.unpack(self.head)
-                _kind, enc, _tag, _src, meta_len, length = self.msg
-                self.stage = 1
-                self.meta = bytearray(meta_len)  # type: ignore[assignment]
-                self.view = memoryview(self.meta)
-                self.need = meta_len
-            elif self.stage == 1:
-                kind, enc, tag, _src, _meta_len, length = self.msg
-                if enc & SHM_FLAG:
-                    value = from_shm(enc & ~SHM_FLAG, bytes(self.meta), self.fds.popleft(), length)
-                    self._deliver(kind, enc & ~SHM_FLAG, tag, value)
-                    continue
-                self.holder, self.body = target(enc, bytes(self.meta), length)
-                self.stage = 2
-                self.view = self.body
-                self.need = length
-            else:
-                kind, enc, tag, _src, _meta_len, _length = self.msg
+    def _parse(self) -> None:
+        buf, view = self.stage, self.sview
+        while self.direct is None:
+            avail = self.se - self.sp
+            if avail < HEADER_SIZE:
+                return
+            kind, enc, tag, _src, meta_len, length = HEADER.unpack_from(buf, self.sp)
+            head_end = self.sp + HEADER_SIZE + meta_len
+            if head_end > self.se:
+                if HEADER_SIZE + meta_len > len(buf):
+                    self._grow(HEADER_SIZE + meta_len)
+                    buf, view = self.stage, self.sview
+                return
+            meta = bytes(view[self.sp + HEADER_SIZE : head_end])
+            if enc & SHM_FLAG:
+                self.sp = head_end
                 self._deliver(
-                    kind, enc, tag, finish(enc, self.holder) if kind == DATA else bytes(self.holder)
+                    kind,
+                    enc & ~SHM_FLAG,
+                    tag,
+                    from_shm(enc & ~SHM_FLAG, meta, self.fds.popleft(), length),
                 )
+                continue
+            end = head_end + length
+            if end <= self.se:  # whole message staged
+                holder, target_view = target(enc, meta, length)
+                target_view[:] = view[head_end:end]
+                self.sp = end
+                self._deliver(
+                    kind, enc, tag, finish(enc, holder) if kind == DATA else bytes(holder)
+                )
+                continue
+            if HEADER_SIZE + meta_len + length <= len(buf):
+                return  # it fits: wait for the rest in the staging buffer
+            # large: its own buffer, what is staged copied in, the rest received straight into it
+            self.holder, target_view = target(enc, meta, length)
+            got = self.se - head_end
+            target_view[:got] = view[head_end : self.se]
+            self.sp = self.se
+            self.direct = target_view[got:]
+            self.msg = (kind, enc, tag)
+
+    def _grow(self, need: int) -> None:
+        new = bytearray(max(need, 2 * len(self.stage)))
+        rest = self.se - self.sp
+        new[:rest] = self.stage[self.sp : self.se]
+        self.sview.release()
+        self.stage, self.sview = new, memoryview(new)
+        self.sp, self.se = 0, rest
 
     def _deliver(self, kind: int, enc: int, tag: int, value: Any) -> None:
-        self.stage = 0
-        self.view = memoryview(self.head)
-        self.need = HEADER_SIZE
-        self.holder = self.body = None
         assert self.inbox is not None
         self.inbox(self.rank, kind, enc, tag, value)
 
@@ -351,7 +423,7 @@ class RedisInbox:
         if enc == ENC_ARRAY:
             import numpy as np
 
-            dtype, shape = pickle.loads(meta)
+            dtype, shape = _dtype_shape(meta)
             value: Any = np.frombuffer(body, dtype=dtype).reshape(shape)
         elif enc == ENC_OBJ or kind != DATA:
             value = pickle.loads(body) if kind == DATA else bytes(body)

@@ -159,10 +159,10 @@ class Comm:
 
     @property
     def channels(self) -> dict[int, str]:
-        """The channel to each other rank (``shm``, ``tcp`` or ``redis``)."""
+        """The channel to each other rank (``local``, ``tcp`` or ``redis``)."""
         if self._redis is not None:
             return {r: "redis" for r in range(self.size) if r != self.rank}
-        return {r: "shm" if p.shm else "tcp" for r, p in self._peers.items()}
+        return {r: "local" if p.shm else "tcp" for r, p in self._peers.items()}
 
     # -- point to point -------------------------------------------------------------------
     def send(self, obj: Any, dest: int, tag: int = 0) -> None:

@@ -9,7 +9,7 @@ An SPMD call is two rounds of calls, one call per rank each (``colocate.client.s
    with the ticket the client signed with the lease key); otherwise the rank binds it.
 2. :func:`run` connects rank i to every rank below it and accepts the ranks above it (so
    every pair has one connection), authenticates each connection both ways with an HMAC
-   challenge under the group key, builds the :class:`~colocate.fmi.comm.Comm` and calls the
+   challenge under the group key (the acceptor's nonce first: a stranger gets nothing else), builds the :class:`~colocate.fmi.comm.Comm` and calls the
    user's ``fn(comm, *args, **kwargs)``. Its value is the rank's result.
 
 A rank whose function raises tells the others (they raise ``GroupAborted``) and raises the
@@ -133,30 +133,31 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 def _connect_peer(
     sock: socket.socket, key: bytes, group: bytes, me: int, dst: int, timeout_s: float
 ) -> None:
-    """The connecting side of the handshake: prove the group key, check the acceptor's proof."""
+    """The connecting side: answer the acceptor's challenge, then check its proof."""
     sock.settimeout(timeout_s)
+    na = _recv_exact(sock, 16)
     nc = os.urandom(16)
-    sock.sendall(_HELLO.pack(_MAGIC, group, me, nc))
-    answer = _recv_exact(sock, 48)
-    na, mac_a = answer[:16], answer[16:]
-    if not hmac.compare_digest(mac_a, _mac(key, b"a", group, me, dst, nc, na)):
+    sock.sendall(_HELLO.pack(_MAGIC, group, me, nc) + _mac(key, b"c", group, me, dst, nc, na))
+    if not hmac.compare_digest(_recv_exact(sock, 32), _mac(key, b"a", group, me, dst, nc, na)):
         raise Unauthorized(f"FMI: rank {dst}'s listener does not hold the group key")
-    sock.sendall(_mac(key, b"c", group, me, dst, nc, na))
 
 
 def _accept_peer(
     sock: socket.socket, key: bytes, group: bytes, me: int, expected: set[int]
 ) -> int | None:
-    """The accepting side: the connecting rank when it proves the group key, else None."""
+    """The accepting side: a challenge first (a stranger learns nothing but a random nonce),
+    then the connecting rank when it proves the group key, else None."""
     try:
         sock.settimeout(5.0)
+        na = os.urandom(16)
+        sock.sendall(na)
         magic, their_group, src, nc = _HELLO.unpack(_recv_exact(sock, _HELLO.size))
+        proof = _recv_exact(sock, 32)
         if magic != _MAGIC or their_group != group or src not in expected:
             return None
-        na = os.urandom(16)
-        sock.sendall(na + _mac(key, b"a", group, src, me, nc, na))
-        if not hmac.compare_digest(_recv_exact(sock, 32), _mac(key, b"c", group, src, me, nc, na)):
+        if not hmac.compare_digest(proof, _mac(key, b"c", group, src, me, nc, na)):
             return None
+        sock.sendall(_mac(key, b"a", group, src, me, nc, na))
         return int(src)
     except (OSError, ConnectionError, struct.error):
         return None
@@ -319,11 +320,11 @@ def _mesh(
         for r in range(rank):
             kind = ch.route(members[r]["lease"] == me["lease"], True, channel)
             try:
-                sock = _open_to(w, members[r], kind == "shm", ticket, sig)
+                sock = _open_to(w, members[r], kind == "local", ticket, sig)
                 _connect_peer(sock, key, gid, rank, r, timeout_s)
             except (OSError, ConnectionError) as exc:
                 raise _left(r, members, f"cannot reach it: {exc}") from None
-            peers[r] = ch.StreamPeer(r, sock, kind == "shm")
+            peers[r] = ch.StreamPeer(r, sock, kind == "local")
         expected = set(range(rank + 1, len(members)))
         listeners, _path = _prepared.get(group, ([], ""))
         deadline = time.monotonic() + timeout_s

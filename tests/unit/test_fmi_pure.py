@@ -20,15 +20,17 @@ from colocate.tokens import lease_key
 SECRET = b"unit-test-cluster-secret-0123456789"
 
 
-def test_the_cost_model_picks_shm_within_a_lease_tcp_across_redis_when_forced_or_no_direct_path() -> (
+def test_the_cost_model_picks_local_within_a_lease_tcp_across_redis_when_forced_or_no_direct_path() -> (
     None
 ):
-    assert ch.route(same_lease=True, direct=True) == "shm"
+    assert ch.route(same_lease=True, direct=True) == "local"
     assert ch.route(same_lease=False, direct=True) == "tcp"
     assert ch.route(same_lease=False, direct=False) == "redis"
     assert ch.route(same_lease=True, direct=True, forced="redis") == "redis"
     assert ch.route(same_lease=True, direct=True, forced="tcp") == "tcp"
-    assert ch.route(same_lease=False, direct=True, forced="shm") == "tcp"  # shm cannot cross leases
+    assert (
+        ch.route(same_lease=False, direct=True, forced="local") == "tcp"
+    )  # a lease's /tmp is its own
     with pytest.raises(ValueError, match="choose one of"):
         ch.route(True, True, "carrier-pigeon")
 
