@@ -32,6 +32,7 @@ ANY_SOURCE = -1
 ANY_TAG = -1
 _COLL = -2  # collectives: FIFO per pair, all ranks call them in the same order
 _POLL_MS = 50  # how often a waiting rank looks at its own lease's eviction
+HOT_WAIT_S = 0.0005  # a waiting rank busy-polls this long before it blocks
 
 
 class GroupAborted(ColocateError):
@@ -244,6 +245,7 @@ class Comm:
         return None
 
     def _wait_recv(self, source: int, tag: int) -> tuple[int, Any]:
+        hot_until = 0.0
         while True:
             found = self._take(source, tag)
             if found is not None:
@@ -252,7 +254,12 @@ class Comm:
                 self._lost(source)
             if source == ANY_SOURCE and self._gone and len(self._gone) == len(self._peers):
                 self._lost(min(self._gone))
-            self._progress(_POLL_MS)
+            # spin a little before sleeping in poll: a peer's answer usually comes within
+            # microseconds, and waking from poll costs more than that (MPI spins for good)
+            now = time.perf_counter()
+            if not hot_until:
+                hot_until = now + HOT_WAIT_S
+            self._progress(0 if now < hot_until else _POLL_MS)
 
     # -- progress ---------------------------------------------------------------------------
     def _progress(self, timeout_ms: int) -> None:
