@@ -120,13 +120,9 @@ def target(enc: int, meta: bytes, length: int) -> tuple[Any, memoryview]:
         import numpy as np
 
         dtype, shape = _dtype_shape(meta)
-        arr = np.empty(shape, dtype=dtype)
-        view = (
-            memoryview(arr.reshape(-1) if arr.ndim != 1 else arr).cast("B")
-            if arr.size
-            else memoryview(b"")
-        )
-        return arr, view
+        arr: Any = np.empty(shape, dtype=dtype)
+        flat: Any = arr.reshape(-1)  # a view of arr's memory (C order), never a copy
+        return arr, memoryview(flat).cast("B") if arr.size else memoryview(b"")
     buf = bytearray(length)
     return buf, memoryview(buf)
 
