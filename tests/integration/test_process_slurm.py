@@ -1,0 +1,143 @@
+"""A serverless process on the Slurm dev cluster: a new batch job's prolog takes its lease back
+and the process continues on another node with every committed update."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import pytest
+
+from colocate import LeaseEvicted
+from colocate.client.lease import Client
+from tests.conftest import require
+from tests.integration.conftest import JobSubmitter, SlurmCluster, slurm
+from tests.integration.leasing import Service, start_broker, wait_until
+from tests.integration.slurm_agent import SlurmAgent, idle_node, start_slurm_agent
+
+pytestmark = [pytest.mark.slurm, pytest.mark.root, pytest.mark.slow]
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers run as the owner
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Service]:
+    service = start_broker(tmp_path)
+    yield service
+    service.stop()
+
+
+@pytest.fixture
+def agents(
+    tmp_path: Path, broker: Service, slurm_cluster: SlurmCluster
+) -> Iterator[list[SlurmAgent]]:
+    require(os.geteuid() == 0, "the Slurm agent needs root (cgroups, control socket under /run)")
+    started: list[SlurmAgent] = []
+    try:
+        for _ in range(6):  # idle_node skips nodes that already have an agent
+            if len(started) == 2:
+                break
+            try:
+                started.append(
+                    start_slurm_agent(tmp_path, broker, idle_node(slurm_cluster, cpus=1))
+                )
+            except AssertionError as exc:  # another engineer's agent took the node meanwhile
+                if "already serves this control socket" not in str(exc):
+                    raise
+        require(len(started) == 2, "two dev-cluster nodes without an agent")
+        yield started
+    finally:
+        for agent in started:
+            agent.service.stop()
+            shutil.rmtree(agent.state_dir, ignore_errors=True)
+            assert "Traceback" not in agent.service.logs(), agent.service.logs()
+
+
+@pytest.fixture
+def jobs() -> Iterator[JobSubmitter]:
+    submitter = JobSubmitter()
+    yield submitter
+    submitter.cancel_all()
+
+
+def add(state: Any, i: int) -> int:
+    state["n"] = state.get("n", 0) + 1
+    state.setdefault("log", []).append(i)
+    return int(state["n"])
+
+
+def add_slowly(state: Any, i: int) -> None:
+    add(state, i)
+    time.sleep(60)
+
+
+def read(state: Any) -> tuple[int, list[int]]:
+    return int(state["n"]), list(state["log"])
+
+
+def test_a_starting_jobs_prolog_evicts_the_process_and_it_resumes_on_another_node(
+    tmp_path: Path, broker: Service, agents: list[SlurmAgent], jobs: JobSubmitter
+) -> None:
+    store = tempfile.mkdtemp(prefix="colocate-processes-", dir="/var/tmp")
+    os.chmod(store, 0o1733)
+    try:
+        for agent in agents:
+            wait_until(
+                lambda a=agent: len(a.offer()[0]) >= 2, 60, f"{agent.node} to offer its cores"
+            )
+        proc = Client(broker.url).process("acc", memory="128MiB", store=store)
+        for i in range(1000):
+            assert proc.invoke(add, i) == i + 1
+        first = proc.lease
+        assert first is not None
+        outcome: list[BaseException | None] = []
+        caller = threading.Thread(target=lambda: outcome.append(_call(proc, add_slowly, -1)))
+        caller.start()
+        time.sleep(0.5)
+        idle = _idle_cpus(first.node)  # every idle CPU of the node: the leased one among them
+        submitted = slurm(
+            "sbatch", "--parsable", "-w", first.node, f"-c{idle}", "--mem=100M", "-o", "/dev/null",
+            "--wrap", "sleep 20",
+        )  # fmt: skip
+        assert submitted.returncode == 0, submitted.stderr
+        jobs.submitted.append(submitted.stdout.strip())
+        caller.join(30)
+        assert not caller.is_alive() and isinstance(outcome[0], LeaseEvicted), outcome
+        other = next(a for a in agents if a.node != first.node)
+        wait_until(lambda: len(other.offer()[0]) >= 1, 30, f"{other.node} still offering")
+        n, log = proc.invoke(read)
+        assert proc.lease is not None and proc.lease.node == other.node
+        assert (n, log) == (
+            1000,
+            list(range(1000)),
+        )  # every committed update, not the interrupted one
+        assert proc.notices == []
+        record = next(e for e in _evictions(agents, first) if e["lease_id"] == first.lease_id)
+        assert record["reason"] == "job_start"
+        proc.delete()
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+
+
+def _call(proc: Any, fn: Any, *args: Any) -> BaseException | None:
+    try:
+        proc.invoke(fn, *args)
+    except BaseException as exc:
+        return exc
+    return None
+
+
+def _evictions(agents: list[SlurmAgent], lease: Any) -> list[dict[str, Any]]:
+    return next(a for a in agents if a.node == lease.node).evictions()
+
+
+def _idle_cpus(node: str) -> int:
+    out = slurm("sinfo", "-h", "-n", node, "-o", "%C").stdout.strip()  # alloc/idle/other/total
+    return max(1, int(out.split("/")[1]))
