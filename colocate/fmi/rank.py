@@ -34,6 +34,12 @@ from colocate.errors import ColocateError, LeaseEvicted, Unauthorized
 from colocate.fmi import channels as ch
 from colocate.fmi.comm import Comm, GroupAborted
 
+# A rank is pinned to one leased core: BLAS thread pools only compete with it there, and each
+# thread counts against the owner's RLIMIT_NPROC (per uid, all leases); OpenBLAS exits the
+# whole worker when it cannot start one. Set before the user's function brings numpy in.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
 _MAGIC = b"FMI1"
 _HELLO = struct.Struct("<4s32sI16s")
 _LEN = struct.Struct("<I")
