@@ -49,9 +49,13 @@ def _status(control_socket: str, node: str, as_json: bool) -> int:
         return 0
     print(f"node {status.get('node')}: offering cores {status.get('cpu_ids')} and {status.get('memory_bytes')} bytes")
     for job in status.get("jobs", []):
+        waiting = job.get("cores_waiting")
+        busy = job.get("cpu_busy") or {}
         print(
-            f"  job {job['job_id']}: cores {job['cpu_ids']}, {job['cores_used']:.2f} used, "
-            f"memory {job['memory_used_bytes']}/{job['memory_allocated_bytes']} bytes, "
+            f"  job {job['job_id']}: cores {job['cpu_ids']}, {job['cores_used']:.2f} used"
+            + (f" + {waiting:.2f} waiting for a CPU" if waiting else "")
+            + (" (per core: " + ", ".join(f"{c}: {b:.0%}" for c, b in busy.items()) + ")" if busy else "")
+            + f", memory {job['memory_used_bytes']}/{job['memory_allocated_bytes']} bytes, "
             f"{'shares' if job['colocate'] else 'colocate=deny'}"
         )
     for lease in status.get("leases", []):

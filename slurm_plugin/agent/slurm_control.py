@@ -147,6 +147,7 @@ class SlurmControl:
                 {"job_id": job.job_id, "cpu_ids": list(job.cpu_ids), "cores_used": job.cores_used,
                  "memory_used_bytes": job.memory_used_bytes, "memory_allocated_bytes": job.memory_allocated_bytes,
                  "cpu_pressure": job.cpu_pressure, "memory_pressure": job.memory_pressure,
+                 "cores_waiting": job.cores_waiting, "cpu_busy": {str(c): b for c, b in job.cpu_busy},
                  "colocate": self.source.monitored.colocate.get(job.job_id, self.source.default_colocate)}
                 for job in snapshot.jobs
             ]
