@@ -207,6 +207,7 @@ def test_an_evicted_member_ends_every_rank_with_lease_evicted(
         caller = threading.Thread(target=lambda: outcome.append(_call(group, allreduce_forever)))
         caller.start()
         time.sleep(1.5)  # mid-collective: the ranks are exchanging arrays
+        assert len(processes_in_lease(b.lease_id)) >= 2  # its two ranks, seen by their cgroup
         agent_b = next(ag for ag in agents if ag.name == f"agent {b.node}")
         reply = httpx.post(
             f"{agent_b.url}/v1/leases/{b.lease_id}/revoke",
@@ -225,6 +226,22 @@ def test_an_evicted_member_ends_every_rank_with_lease_evicted(
             lambda: b.lease_id not in [x.lease_id for x in client.status().leases],
             what="lease b gone",
         )
+        # no orphan: no process is left in lease b's cgroups (its ranks and anything they forked)
+        wait_until(
+            lambda: not processes_in_lease(b.lease_id), timeout_s=5, what="lease b's processes gone"
+        )
+
+
+def processes_in_lease(lease_id: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cgroup") as f:
+                if f"/{lease_id}" in f.read():
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
 
 
 def _call(group: Group, fn: Any) -> BaseException | list[Any]:
