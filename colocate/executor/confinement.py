@@ -60,7 +60,7 @@ class LeaseCgroups:
     mode: Literal["v1", "v2", "rlimit"]
     dirs: tuple[str, ...]
     memory_bytes: int
-    pids_max: int = 0  # 0: no pids controller
+    pids_max: int = 0  # the cgroup pids limit set; 0: none (no pids controller)
 
 
 def _write(path: Path, value: str) -> None:
@@ -153,6 +153,7 @@ class Confinement:
         limit; returns their paths."""
         check_name(lease_id, "lease id")
         dirs: list[str] = []
+        limited = 0  # the pids limit actually set
         try:
             if self.mode == "v1":
                 assert self._v1_memory is not None
@@ -173,6 +174,7 @@ class Confinement:
                     pg.mkdir(exist_ok=True)
                     dirs.append(str(pg))
                     _write(pg / "pids.max", str(pids_max))
+                    limited = pids_max
                 if self._v1_freezer is not None:
                     fz = self._v1_freezer / lease_id
                     fz.mkdir(exist_ok=True)
@@ -187,13 +189,13 @@ class Confinement:
                     _write(d / "memory.swap.max", "0")
                 with contextlib.suppress(FileNotFoundError):
                     _write(d / "cpuset.cpus", ",".join(map(str, cpu_ids)))
-                if pids_max > 0:
-                    with contextlib.suppress(FileNotFoundError):
-                        _write(d / "pids.max", str(pids_max))
+                if pids_max > 0 and (d / "pids.max").exists():
+                    _write(d / "pids.max", str(pids_max))
+                    limited = pids_max
         except OSError:
             remove_dirs(tuple(dirs))
             raise
-        return LeaseCgroups(self.mode, tuple(dirs), memory_bytes, pids_max)
+        return LeaseCgroups(self.mode, tuple(dirs), memory_bytes, limited)
 
 
 def kill_cgroups(dirs: tuple[str, ...], warn_after_s: float = 1.0) -> None:

@@ -331,8 +331,16 @@ class ExecutorSupervisor:
         os.makedirs(lease_dir, exist_ok=True)
         os.chmod(lease_dir, 0o711)
         _write_expiry(lease_dir, expires_at)
-        dedicated = identity is None and uid is not None  # a pool uid: only this lease's
-        nproc = cfg.pids_max if dedicated else cfg.pids_max * 16
+        # RLIMIT_NPROC counts every process of the uid on the node: exact for a pool uid (only
+        # this lease's); for an owner, whose batch job may run thousands of threads, the pids
+        # cgroup is the bound, and the rlimit only a backstop where there is no cgroup.
+        dedicated = identity is None and uid is not None
+        if dedicated:
+            nproc = cfg.pids_max
+        elif cgroups.pids_max and cgroups.mode != "rlimit":
+            nproc = 0
+        else:
+            nproc = cfg.pids_max * 16
         template = WorkerSpec(
             lease_id=lease_id,
             node=self.node,

@@ -65,3 +65,19 @@ def test_no_writable_hierarchy_means_rlimits(tmp_path: Path) -> None:
 def test_lease_ids_that_are_not_plain_directory_names_are_refused(name: str) -> None:
     with pytest.raises(BadRequest):
         check_name(name, "lease id")
+
+
+def test_v1_pids_and_freezer_groups_when_the_controllers_exist(tmp_path: Path) -> None:
+    root = v1_tree(tmp_path)
+    for d in ("colocate", "colocate/n1"):
+        for key in ("cpuset.cpus", "cpuset.mems"):
+            (root / "cpuset" / d).mkdir(parents=True, exist_ok=True)
+            (root / "cpuset" / d / key).write_text("")
+    assert Confinement("n1", str(root)).create("l0", (1,), 1 << 20, pids_max=64).pids_max == 0
+    for ctrl in ("pids", "freezer"):
+        (root / ctrl).mkdir()
+        (root / ctrl / "cgroup.procs").write_text("")
+    cg = Confinement("n1", str(root)).create("l1", (1,), 1 << 20, pids_max=64)
+    assert cg.pids_max == 64
+    assert (root / "pids/colocate/n1/l1/pids.max").read_text() == "64"
+    assert str(root / "freezer/colocate/n1/l1") in cg.dirs
