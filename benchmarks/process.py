@@ -1,0 +1,340 @@
+"""Serverless processes (PraaS, issue 10): state in the process against Redis and local files,
+warm invocation against a raw TCP ping-pong, swap-out/restore against a plain copy. One run.
+
+    .venv/bin/python benchmarks/process.py [--n 2000] [--rounds 30] [--quick]
+
+- Reduction: N=8 calls each add a partial result (float64 array of 1 KiB, 64 KiB, 1 MiB), one
+  call reads the total; through (a) the process's state, (b) a real Redis (a private
+  ``redis-server`` on a loopback port, ``redis`` client in the worker), (c) files on local disk.
+  Every leg runs its functions on the same leased worker through the same invoke path; we
+  report the whole reduction seen by the client and the storage time inside the functions.
+  The executor runs without its network sandbox here, since a sandboxed worker cannot reach a
+  Redis on this host's loopback (it is built not to).
+- Warm invoke p50 of a process call that reads a key, vs a stateless invoke of the same echo
+  and a raw TCP ping-pong of 64 bytes (``benchmarks/invoke.py``'s), pinned the same way.
+- Swap-out (snapshot of the whole state, fsynced) and restore (index + every value loaded) of
+  1, 100, 1000 MiB, with the worker's code (``runtime.LiveProcess``) in this process, against
+  writing + fsyncing / reading the same bytes as one file in the same store directory.
+
+Writes ``benchmarks/results/process.json``. Needs root (the executor's cgroups).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from invoke import SECRET, Lease, echo, pct, stats_us, tcp_pingpong, timed
+
+from colocate.config import ExecutorConfig
+from colocate.executor import ExecutorSupervisor
+from colocate.process import runtime
+from colocate.process.client import pickle_function
+from colocate.process.runtime import Call
+
+RESULTS = Path(__file__).resolve().parent / "results"
+NODE = "bench"
+PARTIALS = 8
+MiB = 1 << 20
+
+
+# -- functions run in the worker ----------------------------------------------------------------
+def state_add(state: Any, partial: bytes) -> float:
+    import time as _t
+
+    import numpy as np
+
+    t = _t.perf_counter()
+    part = np.frombuffer(partial, dtype=np.float64)
+    acc = state.get("acc")
+    state["acc"] = part.copy() if acc is None else acc + part
+    return _t.perf_counter() - t  # the commit (pickle + log write) follows, timed by the client
+
+
+def state_total(state: Any) -> tuple[float, float]:
+    import time as _t
+
+    t = _t.perf_counter()
+    total = float(state["acc"].sum())
+    del state["acc"]
+    return total, _t.perf_counter() - t
+
+
+_redis: Any = None
+
+
+def redis_add(port: int, i: int, partial: bytes) -> float:
+    import time as _t
+
+    global _redis
+    if _redis is None:
+        import redis
+
+        _redis = redis.Redis(host="127.0.0.1", port=port)
+    t = _t.perf_counter()
+    _redis.set(f"partial:{i}", partial)
+    return _t.perf_counter() - t
+
+
+def redis_total(port: int, n: int) -> tuple[float, float]:
+    import time as _t
+
+    import numpy as np
+
+    global _redis
+    if _redis is None:
+        import redis
+
+        _redis = redis.Redis(host="127.0.0.1", port=port)
+    t = _t.perf_counter()
+    parts = _redis.mget([f"partial:{i}" for i in range(n)])
+    total = float(sum(np.frombuffer(p, dtype=np.float64) for p in parts).sum())
+    return total, _t.perf_counter() - t
+
+
+def file_add(directory: str, i: int, partial: bytes) -> float:
+    import os as _os
+    import time as _t
+
+    t = _t.perf_counter()
+    tmp = _os.path.join(directory, f".partial-{i}")
+    with open(tmp, "wb") as f:
+        f.write(partial)
+    _os.replace(tmp, _os.path.join(directory, f"partial-{i}"))
+    return _t.perf_counter() - t
+
+
+def file_total(directory: str, n: int) -> tuple[float, float]:
+    import os as _os
+    import time as _t
+
+    import numpy as np
+
+    t = _t.perf_counter()
+    parts = []
+    for i in range(n):
+        with open(_os.path.join(directory, f"partial-{i}"), "rb") as f:
+            parts.append(np.frombuffer(f.read(), dtype=np.float64))
+    total = float(np.asarray(sum(parts)).sum())
+    return total, _t.perf_counter() - t
+
+
+def read_key(state: Any, data: bytes) -> bytes:
+    state["k"]
+    return data
+
+
+def put(state: Any) -> None:
+    state["k"] = 1
+
+
+# -- Redis ------------------------------------------------------------------------------------
+def start_redis(tmp: str) -> tuple[subprocess.Popen[bytes], int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            tmp,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, port
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("redis-server did not start (apt-get install -y redis-server)")
+
+
+# -- legs -------------------------------------------------------------------------------------
+def reduction(ex: Any, store: str, port: int, files: str, size: int, rounds: int) -> dict[str, Any]:
+    import numpy as np
+
+    partials = [np.full(size // 8, float(i + 1)).tobytes() for i in range(PARTIALS)]
+    expected = float(sum(range(1, PARTIALS + 1)) * (size // 8))
+    add = Call(store, "bench-reduce", pickle_function(state_add))
+    total = Call(store, "bench-reduce", pickle_function(state_total))
+    legs: dict[str, tuple[Any, Any]] = {
+        "process_state": (lambda i, p: ex.invoke(add, p), lambda: ex.invoke(total)),
+        "redis": (
+            lambda i, p: ex.invoke(redis_add, port, i, p),
+            lambda: ex.invoke(redis_total, port, PARTIALS),
+        ),
+        "local_files": (
+            lambda i, p: ex.invoke(file_add, files, i, p),
+            lambda: ex.invoke(file_total, files, PARTIALS),
+        ),
+    }
+    out: dict[str, Any] = {}
+    for name, (add_one, read_total) in legs.items():
+        walls, inside = [], []
+        for r in range(rounds + 3):
+            t = time.perf_counter()
+            spent = 0.0
+            for i, p in enumerate(partials):
+                res = add_one(i, p)
+                spent += res[0] if isinstance(res, tuple) else res
+            (got, read_s), _notes = _split(read_total())
+            wall = time.perf_counter() - t
+            assert abs(got - expected) < 1e-6 * expected, (name, got, expected)
+            if r >= 3:
+                walls.append(wall)
+                inside.append(spent + read_s)
+        out[name] = {
+            "reduction_p50_us": pct(walls, 50) * 1e6,
+            "storage_in_function_p50_us": pct(inside, 50) * 1e6,
+        }
+    return out
+
+
+def _split(res: Any) -> tuple[tuple[float, float], list[str]]:
+    """Process calls return (result, notes); plain calls return the result."""
+    if isinstance(res, tuple) and len(res) == 2 and isinstance(res[1], list):
+        return res[0], res[1]
+    return res, []
+
+
+def swap(store: str, mib: int) -> dict[str, float]:
+    name = f"bench-swap-{mib}"
+    proc = runtime.LiveProcess(store, name)
+    chunk = 1 if mib == 1 else 4
+    value = os.urandom(chunk * MiB)
+    for k in range(mib // chunk):
+        proc.commit([(f"k{k}", 0, runtime._dumps(value))], {f"k{k}": value})
+    proc.drain()
+    snap = proc.snapshot()["seconds"]
+    proc.swap_out()
+    t = time.perf_counter()
+    back = runtime.LiveProcess(store, name)
+    for key in list(back.where):
+        back.load(key)
+    restore = time.perf_counter() - t
+    back.delete()
+    # the plain copy: the same bytes, one file, same directory
+    blob = value * (mib // chunk)
+    path = os.path.join(store, f"copy-{mib}.bin")
+    t = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    view = memoryview(blob)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.fsync(fd)
+    os.close(fd)
+    copy_out = time.perf_counter() - t
+    t = time.perf_counter()
+    with open(path, "rb") as f:
+        data = f.read()
+    copy_in = time.perf_counter() - t
+    assert len(data) == len(blob)
+    os.unlink(path)
+    return {
+        "swap_out_s": snap,
+        "copy_out_s": copy_out,
+        "swap_out_ratio": snap / copy_out,
+        "restore_s": restore,
+        "copy_in_s": copy_in,
+        "restore_ratio": restore / copy_in,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=2000, help="warm invocations per figure")
+    parser.add_argument("--rounds", type=int, default=30, help="reductions per size")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer rounds, swap sizes 1 and 100 MiB"
+    )
+    args = parser.parse_args()
+    if args.quick:
+        args.n, args.rounds = 500, 8
+    cpus = sorted(os.sched_getaffinity(0))
+    worker_cpu, client_cpu = cpus[-1], cpus[0]
+    tmp = tempfile.mkdtemp(prefix="colocate-bench-process-", dir="/var/tmp")
+    os.chmod(tmp, 0o1733)  # as a site makes the store root: the worker's uid writes its own dir
+    files = tempfile.mkdtemp(prefix="colocate-bench-files-", dir="/var/tmp")
+    os.chmod(files, 0o1777)
+    redis_proc, port = start_redis(tmp)
+    sup = ExecutorSupervisor(ExecutorConfig(sandbox=False), SECRET, node=NODE)
+    os.sched_setaffinity(0, {client_cpu})
+    figures: dict[str, Any] = {}
+    try:
+        figures["tcp_pingpong"] = stats_us(tcp_pingpong(args.n, worker_cpu))
+        lease = Lease(sup, (worker_cpu,), 3 << 30)
+        with lease.executor() as ex:
+            payload = b"x" * 64
+            figures["stateless_invoke"] = stats_us(timed(args.n, lambda: ex.invoke(echo, payload)))
+            ex.invoke(Call(tmp, "bench-warm", pickle_function(put)))
+            warm = Call(tmp, "bench-warm", pickle_function(read_key))
+            figures["process_invoke"] = stats_us(timed(args.n, lambda: ex.invoke(warm, payload)))
+            figures["process_invoke_vs_pingpong"] = (
+                figures["process_invoke"]["p50_us"] / figures["tcp_pingpong"]["p50_us"]
+            )
+            figures["reduction"] = {
+                f"{size // 1024}KiB": reduction(ex, tmp, port, files, size, args.rounds)
+                for size in (1024, 64 * 1024, MiB)
+            }
+            for row in figures["reduction"].values():
+                row["redis_over_process_state"] = (
+                    row["redis"]["reduction_p50_us"] / row["process_state"]["reduction_p50_us"]
+                )
+                row["redis_over_process_state_in_function"] = (
+                    row["redis"]["storage_in_function_p50_us"]
+                    / row["process_state"]["storage_in_function_p50_us"]
+                )
+        os.sched_setaffinity(0, set(cpus))
+        figures["swap"] = {
+            f"{mib}MiB": swap(tmp, mib) for mib in ((1, 100) if args.quick else (1, 100, 1000))
+        }
+    finally:
+        sup.close()
+        redis_proc.kill()
+        redis_proc.wait(5)
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(files, ignore_errors=True)
+    figures["machine"] = {
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "load1": os.getloadavg()[0],
+        "executor_sandbox": False,
+    }
+    figures["notes"] = (
+        "storage_in_function for process_state is the in-memory update only; its commit (pickle + "
+        "log write) runs after the function returns and is inside reduction_p50_us. swap_out_s is "
+        "a snapshot (compaction) of a state already written through to the log; restore_s reads "
+        "the index and loads + checks (crc32) + unpickles every value"
+    )
+    print(json.dumps(figures, indent=2))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "process.json").write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
