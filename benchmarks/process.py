@@ -101,7 +101,7 @@ def redis_total(port: int, n: int) -> tuple[float, float]:
         _redis = redis.Redis(host="127.0.0.1", port=port)
     t = _t.perf_counter()
     parts = _redis.mget([f"partial:{i}" for i in range(n)])
-    total = float(sum(np.frombuffer(p, dtype=np.float64) for p in parts).sum())
+    total = float(np.asarray(sum(np.frombuffer(p, dtype=np.float64) for p in parts)).sum())
     return total, _t.perf_counter() - t
 
 
