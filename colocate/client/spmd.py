@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from colocate.errors import BadRequest, ColocateError, LeaseError, LeaseEvicted
+from colocate.fmi.channels import CHANNELS as _CHANNELS
 from colocate.fmi_ticket import GroupTicket, group_key, sign_ticket
 
 if TYPE_CHECKING:
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 
 _PREPARE = "colocate.fmi.rank:prepare"
 _RUN = "colocate.fmi.rank:run"
-_CHANNELS = ("auto", "shm", "tcp", "redis")
 TICKET_LIFETIME_S = 300.0  # tickets only open sockets during a call's setup
 
 
@@ -80,7 +80,7 @@ class Group:
     ) -> list[Any]:
         """Run ``fn(comm, *args, **kwargs)`` on every rank; the results in rank order.
 
-        ``channel`` forces a channel ("shm", "tcp", "redis"; "auto" lets the cost model pick),
+        ``channel`` forces a channel ("local", "tcp", "redis"; "auto" lets the cost model pick),
         ``redis`` is a Redis server ("host:port") for the storage channel, used when forced
         or when direct connections are impossible. ``setup_timeout_s`` bounds how long a rank
         waits for the others to connect (seconds).
