@@ -89,22 +89,73 @@ def piece_steps(placement: Placement, usage: JobUsage) -> PieceSteps:
     minute keep the last; values are rounded to ``CORE_QUANTUM`` cores and ``MEMORY_QUANTUM``
     of the allocation, and a step that changes neither is dropped: it would move no policy
     boundary and only cost a decision.
+
+    A piece's steps depend only on its job, cores, memory and minutes, so they are worked out
+    once per distinct (job, cores, memory, start, end), e.g. once for all full nodes of a
+    parallel job, and then copied to each piece.
     """
     pj = placement.job
-    lo = usage.step_offsets[pj]
-    counts = usage.step_offsets[pj + 1] - lo
+    if not pj.size:
+        empty = np.zeros(0, dtype=np.int64)
+        return PieceSteps(
+            np.zeros(1, dtype=np.int64), empty, empty.astype(float), empty.astype(float)
+        )
+    fields = (placement.end, placement.start, placement.memory_bytes, placement.cores, pj)
+    order = np.lexsort(fields)
+    new_class = np.ones(pj.size, dtype=bool)
+    new_class[1:] = np.zeros(pj.size - 1, dtype=bool)
+    for f in fields:
+        fo = f[order]
+        new_class[1:] |= fo[1:] != fo[:-1]
+    firsts = order[new_class]
+    klass = np.empty(pj.size, dtype=np.int64)
+    klass[order] = np.cumsum(new_class) - 1
+    k_off, minute, cores, memory = _class_steps(
+        pj[firsts],
+        placement.start[firsts],
+        placement.end[firsts],
+        placement.cores[firsts],
+        placement.memory_bytes[firsts],
+        usage,
+    )
+    counts = (k_off[1:] - k_off[:-1])[klass]
+    ends = np.cumsum(counts)
+    total = int(ends[-1])
+    take = (
+        np.repeat(k_off[:-1][klass], counts)
+        + np.arange(total, dtype=np.int64)
+        - np.repeat(ends - counts, counts)
+    )
+    offsets = np.concatenate([[0], ends]).astype(np.int64)
+    return PieceSteps(offsets, minute[take], cores[take], memory[take])
+
+
+def _class_steps(
+    job_k: npt.NDArray[np.int64],
+    start_k: npt.NDArray[np.int64],
+    end_k: npt.NDArray[np.int64],
+    cores_k: npt.NDArray[np.int64],
+    alloc_k: npt.NDArray[np.float64],
+    usage: JobUsage,
+) -> tuple[
+    npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float64]
+]:
+    """The steps of :func:`piece_steps` for each (job, start, end, cores, memory) given:
+    (offsets, minute, cores, memory), class ``k`` at ``offsets[k]:offsets[k + 1]``."""
+    lo = usage.step_offsets[job_k]
+    counts = usage.step_offsets[job_k + 1] - lo
     total = int(counts.sum())
     ends = np.cumsum(counts)
     take = (
         np.repeat(lo, counts) + np.arange(total, dtype=np.int64) - np.repeat(ends - counts, counts)
     )
-    piece = np.repeat(np.arange(pj.size, dtype=np.int64), counts)
-    start, end = placement.start[piece], placement.end[piece]
+    piece = np.repeat(np.arange(job_k.size, dtype=np.int64), counts)
+    start, end = start_k[piece], end_k[piece]
     minute = np.minimum(
         start + np.rint(usage.step_frac[take] * (end - start)).astype(np.int64), end - 1
     )
-    alloc = placement.memory_bytes[piece]
-    cores = np.rint(usage.step_cpu[take] * placement.cores[piece] / CORE_QUANTUM) * CORE_QUANTUM
+    alloc = alloc_k[piece]
+    cores = np.rint(usage.step_cpu[take] * cores_k[piece] / CORE_QUANTUM) * CORE_QUANTUM
     memory = np.floor(np.rint(usage.step_memory[take] / MEMORY_QUANTUM) * MEMORY_QUANTUM * alloc)
     # the last step of a minute holds; then drop steps that change nothing
     keep = np.ones(total, dtype=bool)
@@ -112,7 +163,7 @@ def piece_steps(placement: Placement, usage: JobUsage) -> PieceSteps:
     piece, minute, cores, memory = piece[keep], minute[keep], cores[keep], memory[keep]
     first = np.ones(piece.size, dtype=bool)
     first[1:] = piece[1:] != piece[:-1]
-    minute[first] = placement.start[piece[first]]
+    minute[first] = start_k[piece[first]]
     same = np.zeros(piece.size, dtype=bool)
     same[1:] = (cores[1:] == cores[:-1]) & (memory[1:] == memory[:-1])
     keep = first | ~same
@@ -124,8 +175,8 @@ def piece_steps(placement: Placement, usage: JobUsage) -> PieceSteps:
         if not piece.size:
             break
         nxt = np.empty(piece.size, dtype=np.int64)
-        nxt[:-1] = np.where(piece[1:] == piece[:-1], minute[1:], placement.end[piece[:-1]])
-        nxt[-1] = placement.end[piece[-1]]
+        nxt[:-1] = np.where(piece[1:] == piece[:-1], minute[1:], end_k[piece[:-1]])
+        nxt[-1] = end_k[piece[-1]]
         first = np.ones(piece.size, dtype=bool)
         first[1:] = piece[1:] != piece[:-1]
         prev_c = np.concatenate([[0.0], cores[:-1]])
@@ -143,9 +194,9 @@ def piece_steps(placement: Placement, usage: JobUsage) -> PieceSteps:
     rising = np.zeros(piece.size, dtype=bool)
     rising[1:] = (piece[1:] == piece[:-1]) & (cores[1:] > cores[:-1])
     follows = np.empty(piece.size, dtype=np.int64)
-    follows[:-1] = np.where(piece[1:] == piece[:-1], minute[1:], placement.end[piece[:-1]])
+    follows[:-1] = np.where(piece[1:] == piece[:-1], minute[1:], end_k[piece[:-1]])
     if piece.size:
-        follows[-1] = placement.end[piece[-1]]
+        follows[-1] = end_k[piece[-1]]
     again = np.flatnonzero(rising & (minute + 1 < follows))
     if again.size:
         piece = np.concatenate([piece, piece[again]])
@@ -154,8 +205,8 @@ def piece_steps(placement: Placement, usage: JobUsage) -> PieceSteps:
         memory = np.concatenate([memory, memory[again]])
         order = np.lexsort((minute, piece))
         piece, minute, cores, memory = piece[order], minute[order], cores[order], memory[order]
-    offsets = np.searchsorted(piece, np.arange(pj.size + 1)).astype(np.int64)
-    return PieceSteps(offsets, minute, cores, memory)
+    offsets = np.searchsorted(piece, np.arange(job_k.size + 1)).astype(np.int64)
+    return offsets, minute, cores, memory
 
 
 _LeaseOutcome = tuple[LeaseView, int, tuple[frozenset[int], int, float], bool]
@@ -192,6 +243,30 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+Record = list[tuple[int, int, int, int, bool, int, int]]
+"""Per decision point: (minute, node, offered cores, offered bytes, lease evicted, lease
+cores, lease bytes), when a caller asks for it (the oracle test)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Drive:
+    """What one policy did over the events.
+
+    ``change_t``/``change_c``/``change_m``: minutes the cluster's offer changed and by how many
+    cores and bytes; ``evict_t``: minute of each lease eviction; ``violation_hours``:
+    job-node-hours above the slowdown budget; ``evicted_cores``: function cores evicted;
+    ``decisions``: ``decide`` calls made.
+    """
+
+    change_t: list[int]
+    change_c: list[int]
+    change_m: list[int]
+    evict_t: list[int]
+    violation_hours: float
+    evicted_cores: int
+    decisions: int
+
+
 def drive_policy(
     name: str,
     placement: Placement,
@@ -202,12 +277,9 @@ def drive_policy(
     dem: Demand,
     seed: int,
     progress: Progress | None = None,
-) -> tuple[list[int], list[int], list[int], list[int], float, int, int]:
-    """Drive one policy through the events.
-
-    Returns offer-change minutes, core deltas, memory deltas, eviction minutes, violation
-    job-node-hours, evicted function cores and the number of ``decide`` calls.
-    """
+    record: Record | None = None,
+) -> Drive:
+    """Drive one policy through the events (``record``: append each decision point to it)."""
     policy = POLICIES[name]()
     decide = policy.decide
     ev_piece, ev_kind = events[2].tolist(), events[3].tolist()
@@ -410,6 +482,19 @@ def drive_policy(
                 # offers to functions again (its cooldown may grow with repeated evictions)
                 heapq.heappush(follow_ups, (minute + cooldown_min, node))
         viol_since[node] = now
+        if record is not None:
+            lease_now = lease[node]
+            record.append(
+                (
+                    minute,
+                    node,
+                    oc,
+                    om,
+                    entry.evicted,
+                    len(lease_now[0].cpu_ids) if lease_now else 0,
+                    lease_now[0].memory_bytes if lease_now else 0,
+                )
+            )
         if progress is not None and not g & 4095:
             done = bounds[g]
             progress(done - done_mark)
@@ -422,7 +507,9 @@ def drive_policy(
         for since, held in zip(viol_since, lease, strict=True)
         if held is not None
     )
-    return change_t, change_c, change_m, evict_t, violation_s / 3600.0, evicted_cores, decisions
+    return Drive(
+        change_t, change_c, change_m, evict_t, violation_s / 3600.0, evicted_cores, decisions
+    )
 
 
 def _job_view(p: Piece, seen: int, lease_cores: int, cpn: int, window: float) -> JobView:

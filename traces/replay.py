@@ -36,7 +36,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,7 +46,15 @@ from policies import POLICIES
 from policies.limits import Limits
 from policies.prices import GIB, Prices
 from traces.azure import FaasTrace
-from traces.decisions import Piece, build_events, drive_policy, gc_paused, piece_steps
+from traces.decisions import (
+    Events,
+    Piece,
+    PieceSteps,
+    build_events,
+    drive_policy,
+    gc_paused,
+    piece_steps,
+)
 from traces.demand import STEP_S, Demand, demand
 from traces.interference import InterferenceModel
 from traces.jobs import JobTrace
@@ -154,65 +162,13 @@ def replay(
     interference = interference or InterferenceModel()
     names = list(policies) if policies else list(POLICIES)
     started = time.perf_counter()
-    memory = job_memory(jobs, cluster)
-    with gc_paused():
-        placement = place(jobs, cluster, memory)
-    job_usage = usage.sample(jobs, memory, seed)
-    sensitivity, memory_bound = interference.sensitivity(len(jobs), seed)
+    prep = prepare(jobs, faas, cluster, limits, usage, interference, seed, faas_scale)
+    placement, steps, events, dem = prep.placement, prep.steps, prep.events, prep.demand
+    pieces_static, job_usage, memory_bound = prep.pieces, prep.job_usage, prep.memory_bound
     minutes = placement.minutes
-    dem = demand(faas, minutes, faas_scale)
-    setup_s = time.perf_counter() - started
-
-    pj = placement.job
-    steps = piece_steps(placement, job_usage)
-    history_min = max(1, math.ceil(limits.min_history_s / STEP_S))
-    events = build_events(placement, steps, history_min, cluster.nodes)
-    timings = {"place_s": setup_s}
-
     t0 = placement.t0
-    job_ids = jobs.job_id.tolist()
-    pj_l = pj.tolist()
-    masks = placement.cpu_mask
-    mem_alloc_l = placement.memory_bytes.tolist()
-    step_off_l = steps.offsets.tolist()
-    step_t_l = (t0 + steps.minute * STEP_S).tolist()
-    step_c_l = steps.cores.tolist()
-    step_m_l = steps.memory.astype(np.int64).tolist()
-    sens_l = sensitivity[pj].tolist()
-    cpu_sets: dict[int, frozenset[int]] = {}
-    # One job's pieces with the same cores and memory (a parallel job's full nodes) are equal
-    # in every field and start in the same minute: they share one Piece and its cached job
-    # views. The table only needs the recent starts; it is emptied when it grows large.
-    recent: dict[tuple[int, int, float], Piece] = {}
-
-    def pieces_static(p: int) -> Piece:
-        mask = masks[p]
-        job = pj_l[p]
-        mem = mem_alloc_l[p]
-        piece = recent.get((job, mask, mem))
-        if piece is not None:
-            return piece
-        if len(recent) >= 4096:
-            recent.clear()
-        ids = cpu_sets.get(mask)
-        if ids is None:
-            ids = frozenset(b for b in range(mask.bit_length()) if (mask >> b) & 1)
-            cpu_sets[mask] = ids
-        lo, hi = step_off_l[p], step_off_l[p + 1]
-        piece = Piece(
-            str(job_ids[job]),
-            (job, mask, int(mem)),
-            ids,
-            int(mem),
-            step_t_l[lo],
-            tuple(step_t_l[lo:hi]),
-            tuple(step_c_l[lo:hi]),
-            tuple(step_m_l[lo:hi]),
-            sens_l[p],
-            {},
-        )
-        recent[(job, mask, mem)] = piece
-        return piece
+    timings = dict(prep.timings)
+    setup_s = time.perf_counter() - started
 
     # policy-independent cluster series
     start, end = placement.start, placement.end
@@ -245,7 +201,7 @@ def replay(
     wasted_idle = idle_cost_series(prices, alloc_c - used_c, alloc_m - used_m, cluster)
     wasted_unalloc = idle_cost_series(prices, total_c - alloc_c, total_m - alloc_m, cluster)
 
-    timings["events_and_cluster_series_s"] = time.perf_counter() - started - setup_s
+    timings["cluster_series_s"] = time.perf_counter() - started - setup_s
     setup_s = time.perf_counter() - started
     bar = None
     n_events = int(events[0].size)
@@ -259,19 +215,28 @@ def replay(
     for name in names:
         t_policy = time.perf_counter()
         with gc_paused():
-            change_t, change_c, change_m, evict_t, violation_h, evicted_cores, decisions = (
-                drive_policy(
-                    name,
-                    placement,
-                    pieces_static,
-                    events,
-                    cluster,
-                    limits,
-                    dem,
-                    seed,
-                    bar.update if bar else None,
-                )
+            drive = drive_policy(
+                name,
+                placement,
+                pieces_static,
+                events,
+                cluster,
+                limits,
+                dem,
+                seed,
+                bar.update if bar else None,
             )
+        change_t, change_c, change_m, evict_t = (
+            drive.change_t,
+            drive.change_c,
+            drive.change_m,
+            drive.evict_t,
+        )
+        violation_h, evicted_cores, decisions = (
+            drive.violation_hours,
+            drive.evicted_cores,
+            drive.decisions,
+        )
         timings[f"{name}_loop_s"] = time.perf_counter() - t_policy
         when = np.asarray(change_t, dtype=np.int64)
         off_c = _level(minutes, when, np.asarray(change_c, dtype=np.float64))
@@ -343,6 +308,97 @@ def replay(
         policies=series,
         info=info,
     )
+
+
+@dataclass(slots=True)
+class Prepared:
+    """The policy-independent part of a replay: placement, usage steps, events, FaaS demand,
+    and ``pieces`` (piece index -> its :class:`~traces.decisions.Piece`, built on demand)."""
+
+    placement: Placement
+    job_usage: JobUsage
+    memory_bound: npt.NDArray[np.bool_]
+    steps: PieceSteps
+    events: Events
+    demand: Demand
+    pieces: Callable[[int], Piece]
+    timings: dict[str, float]
+
+
+def prepare(
+    jobs: JobTrace,
+    faas: FaasTrace,
+    cluster: Cluster,
+    limits: Limits,
+    usage: UsageModel,
+    interference: InterferenceModel,
+    seed: int,
+    faas_scale: float,
+) -> Prepared:
+    """Place the jobs, model their usage and interference, and make the events."""
+    started = time.perf_counter()
+    memory = job_memory(jobs, cluster)
+    with gc_paused():
+        placement = place(jobs, cluster, memory)
+    job_usage = usage.sample(jobs, memory, seed)
+    sensitivity, memory_bound = interference.sensitivity(len(jobs), seed)
+    minutes = placement.minutes
+    dem = demand(faas, minutes, faas_scale)
+    timings = {"place_s": time.perf_counter() - started}
+    started = time.perf_counter()
+
+    pj = placement.job
+    steps = piece_steps(placement, job_usage)
+    history_min = max(1, math.ceil(limits.min_history_s / STEP_S))
+    events = build_events(placement, steps, history_min, cluster.nodes)
+
+    t0 = placement.t0
+    job_ids = jobs.job_id.tolist()
+    pj_l = pj.tolist()
+    masks = placement.cpu_mask
+    mem_alloc_l = placement.memory_bytes.tolist()
+    step_off_l = steps.offsets.tolist()
+    step_t_l = (t0 + steps.minute * STEP_S).tolist()
+    step_c_l = steps.cores.tolist()
+    step_m_l = steps.memory.astype(np.int64).tolist()
+    sens_l = sensitivity[pj].tolist()
+    cpu_sets: dict[int, frozenset[int]] = {}
+    # One job's pieces with the same cores and memory (a parallel job's full nodes) are equal
+    # in every field and start in the same minute: they share one Piece and its cached job
+    # views. The table only needs the recent starts; it is emptied when it grows large.
+    recent: dict[tuple[int, int, float], Piece] = {}
+
+    def pieces_static(p: int) -> Piece:
+        mask = masks[p]
+        job = pj_l[p]
+        mem = mem_alloc_l[p]
+        piece = recent.get((job, mask, mem))
+        if piece is not None:
+            return piece
+        if len(recent) >= 4096:
+            recent.clear()
+        ids = cpu_sets.get(mask)
+        if ids is None:
+            ids = frozenset(b for b in range(mask.bit_length()) if (mask >> b) & 1)
+            cpu_sets[mask] = ids
+        lo, hi = step_off_l[p], step_off_l[p + 1]
+        piece = Piece(
+            str(job_ids[job]),
+            (job, mask, int(mem)),
+            ids,
+            int(mem),
+            step_t_l[lo],
+            tuple(step_t_l[lo:hi]),
+            tuple(step_c_l[lo:hi]),
+            tuple(step_m_l[lo:hi]),
+            sens_l[p],
+            {},
+        )
+        recent[(job, mask, mem)] = piece
+        return piece
+
+    timings["events_s"] = time.perf_counter() - started
+    return Prepared(placement, job_usage, memory_bound, steps, events, dem, pieces_static, timings)
 
 
 def _info(

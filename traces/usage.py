@@ -121,10 +121,10 @@ class UsageModel(BaseModel):
             s_cpu = np.concatenate([cpu, cpu[has_ramp]])
             level = np.where(has_ramp, self.ramp_memory_level, 1.0)
             s_mem = np.concatenate([mem * level, mem[has_ramp]])
-        else:
+            order = np.lexsort((frac, job))
+            job, frac, s_cpu, s_mem = job[order], frac[order], s_cpu[order], s_mem[order]
+        else:  # already in (job, start) order
             job, frac, s_cpu, s_mem, cpu = self._real_steps(rng, run, cpu, cpu_measured, mem)
-        order = np.lexsort((frac, job))
-        job, frac, s_cpu, s_mem = job[order], frac[order], s_cpu[order], s_mem[order]
         offsets = np.searchsorted(job, np.arange(n + 1)).astype(np.int64)
         return JobUsage(
             cpu_share=cpu,
