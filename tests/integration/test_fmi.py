@@ -1,4 +1,4 @@
-"""FMI on real processes: a broker, two standalone agents (n1, n2) whose sandboxed workers run
+"""FMI on real processes: a broker, two standalone agents (nodes fmi-n1, fmi-n2) whose sandboxed workers run
 as the lease owner, leases on both nodes gathered into groups of 1 to 4 ranks; every operation
 checked against numpy on the client; a raising rank, an evicted member mid-collective, an
 outsider at a rank's listener, and the Redis channel through a private redis-server."""
@@ -34,6 +34,7 @@ from tests.integration.leasing import (
 )
 
 pytestmark = pytest.mark.slow
+NODES = ("fmi-n1", "fmi-n2")
 
 # the functions below travel by value (workers run as the lease owner, not from this tree)
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -123,7 +124,9 @@ def cluster(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[Service, list[Service], Path]]:
     tmp = tmp_path_factory.mktemp("fmi")
-    broker, agents = start_cluster(tmp, {"n1": (2, "2GiB"), "n2": (2, "2GiB")})
+    # Not n1/n2: lease cgroups live under colocate/<node>/, and a prolog of the shared dev
+    # cluster's n1 that cannot reach its agent kills the lease cgroups of "n1" on its cores
+    broker, agents = start_cluster(tmp, {NODES[0]: (2, "2GiB"), NODES[1]: (2, "2GiB")})
     with services(broker, *agents):
         yield broker, agents, tmp
     for service in (broker, *agents):
@@ -133,7 +136,7 @@ def cluster(
 def two_leases(client: Client, cores: int = 2) -> tuple[Any, Any]:
     a = client.lease(cores=cores, memory="512MiB", duration="5m")
     b = client.lease(cores=cores, memory="512MiB", duration="5m")
-    assert {a.node, b.node} == {"n1", "n2"}, (a.node, b.node)  # one lease per node
+    assert {a.node, b.node} == set(NODES), (a.node, b.node)  # one lease per node
     return a, b
 
 
