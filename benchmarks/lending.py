@@ -39,6 +39,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from colocate import LeaseDenied  # noqa: E402
+from colocate.client.lease import Lease  # noqa: E402
 from tests.integration.conftest import JobSubmitter, SlurmCluster, _cluster_nodes  # noqa: E402
 from tests.integration.leasing import start_broker, wait_until  # noqa: E402
 from tests.integration.slurm_agent import (  # noqa: E402
@@ -81,6 +83,19 @@ def bare_kill_latency(n: int = 100) -> list[float]:
     return out
 
 
+def patient_lease(agent: SlurmAgent, timeout_s: float = 60.0) -> Lease:
+    """A lease of one core on ``agent``'s node; retried while the offer flickers."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return lease_when_offered(agent.broker, agent, memory=LEASE_MEMORY)
+        except (AssertionError, LeaseDenied) as exc:
+            if time.monotonic() > deadline:
+                raise
+            print(f"  lease not granted yet ({exc}); offer {agent.offer()}")
+            time.sleep(1.0)
+
+
 def job_row(agent: SlurmAgent, job_id: str) -> dict[str, Any] | None:
     for job in agent.status().get("jobs", []):
         if job["job_id"] == job_id:
@@ -103,7 +118,12 @@ def run_shape(
     allocated = sorted(job_cpus(job.job_id, agent.node))
     result: dict[str, Any] = {"shape": name, "job_id": job.job_id, "allocated": allocated}
     try:
-        wait_until(lambda: len(agent.offer()[0]) >= 1, 90.0, f"{name}: a core offered")
+        # the job holds both CPUs: one core offered is one lent from inside it
+        wait_until(
+            lambda: len(agent.offer()[0]) == 1 and set(agent.offer()[0]) < set(allocated),
+            90.0,
+            f"{name}: a core offered",
+        )
     except AssertionError:
         row = job_row(agent, job.job_id)
         result.update(offered=[], offered_after_s=None, seen=row)
@@ -111,7 +131,7 @@ def run_shape(
         return result
     result["offered"] = agent.offer()[0]
     result["offered_after_s"] = round(time.monotonic() - started, 1)
-    lease = lease_when_offered(agent.broker, agent, memory=LEASE_MEMORY)
+    lease = patient_lease(agent)
     readings: list[float] = []
     evicted: list[dict[str, Any]] = []
     granted = time.monotonic()
@@ -168,6 +188,8 @@ def main() -> int:
     if os.geteuid() != 0:
         print("benchmarks/lending.py needs root and the dev cluster (colocate dev-cluster up)")
         return 2
+    # SIGTERM ends the run through the finally blocks (agent, broker and jobs cleaned up)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     kill = bare_kill_latency()
     tmp = Path(tempfile.mkdtemp(prefix="lending-bench-"))
     broker = start_broker(tmp)

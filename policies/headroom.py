@@ -7,24 +7,21 @@ recomputed every decision, and the rest of its allocation is lent out. Margins:
   seen using (``JobView.memory_peak_bytes`` or any history sample) and
   ``margin = max(limits.memory_margin_bytes, limits.memory_margin_ratio * allocation)``
   (defaults: 256 MiB or 10 %); only ``allocation - peak - margin`` is offered.
-- cores (:func:`cores_to_keep`): a job keeps the whole cores its total use needs,
-  ``ceil(max cores_wanted over limits.history_window_s + core_margin - core_noise)``, at least
-  one (``cores_wanted`` = used + time its threads waited for a CPU: on a CPU shared with
-  other work a job gets less than it wants); use within ``core_noise`` (0.1) of whole cores
-  is noise, so a job that keeps exactly
-  k of its n cores busy lends n - k (the old ``ceil(use + 0.25)`` lent one core fewer:
-  nothing at all when one core was idle). Where the monitor has per-core busy shares
-  (cgroup v1 ``cpuacct.usage_percpu``), a job keeps no more cores than it kept busier than
-  ``idle_core_busy`` (0.2), and the cores it lends are its idle ones (:func:`lend_order`),
-  not blindly the highest ids; threads that float over all the cores lend what the total
-  allows.
-  The window maximum leaves out spikes: demand seen in fewer than ``cpu_growth_samples``
-  readings in a row, less than ``cpu_spike_s`` apart (:func:`sustained_peak`).
+- cores (:func:`cores_to_keep`): a job keeps the whole cores it *wants*, at least one:
+  ``ceil(peak cores_wanted over limits.history_window_s + core_margin - core_noise)``, where
+  ``cores_wanted`` is CPU time used plus time its threads waited for a CPU (on a CPU shared
+  with other work a job gets less than it wants) and demand within ``core_noise`` (0.1) of
+  whole cores is noise. So a job that keeps exactly k of its n cores busy lends n - k (the
+  old ``ceil(use + 0.25)`` lent one core fewer: nothing at all when one core was idle). The
+  peak leaves out one-reading spikes (:func:`sustained_peak`). Where the monitor has per-core
+  busy shares (cgroup v1 ``cpuacct.usage_percpu``), a job keeps no more cores than it kept
+  busier than ``idle_core_busy`` (0.2), and lends its idle cores first (:func:`lend_order`),
+  not blindly the highest ids; threads that float over all cores lend what the total allows.
 - growth is a trend, not a sample (:func:`growth_confirmed`): a core held by a lease is
   taken back (``CPU_GROWTH``) only when what the job wants stayed above the cores it kept
-  (plus ``cpu_growth_margin``, 0.3) for ``cpu_growth_samples`` (2) consecutive samples, or once while its CPU
-  pressure is over ``cpu_pressure_limit``. A noisy steady job keeps its lease; a job that
-  turns a lent core on gets it back within two samples.
+  plus ``cpu_growth_margin`` (0.3) for ``cpu_growth_samples`` (2) samples in a row, or once
+  while its CPU pressure is over ``cpu_pressure_limit``. A noisy steady job keeps its lease;
+  a job that turns a lent core on gets it back within two samples.
 - a job younger than ``limits.min_history_s`` (default 30 s), with no history, or that said
   ``--colocate=deny`` offers nothing of its own.
 
