@@ -165,7 +165,9 @@ class Authenticator:
                 except KeyError:
                     continue
             groups = tuple(names)
-        admin = uid == 0 or user in self._admin_users or bool(self._admin_groups.intersection(groups))
+        admin = (
+            uid == 0 or user in self._admin_users or bool(self._admin_groups.intersection(groups))
+        )
         return Identity(uid, gid, user, groups, admin, method)
 
 
