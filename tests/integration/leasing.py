@@ -20,9 +20,11 @@ from pathlib import Path
 
 import httpx
 
-from colocate.auth import ClientAuth
+from colocate.auth import ClientAuth, munge
 from colocate.auth.node import NodeAuth, node_key
 from colocate.broker.secret import load_or_create_secret
+from colocate.errors import ColocateError
+from tests.conftest import require
 
 _URL = re.compile(r"listening on (http://[^\s,]+)")
 
@@ -108,7 +110,9 @@ def _agent_argv(tmp: Path, broker_url: str, node: str, cores: int, memory: str, 
 def start_broker(
     tmp: Path, *, listen: str = "127.0.0.1:0", placement: str = "best_fit", config: Path | None = None
 ) -> Service:
-    """``config``: a TOML file (quotas, accounts, auth); the ledger defaults to tmp/ledger.db."""
+    """``config``: a TOML file (quotas, accounts, auth); the ledger defaults to tmp/ledger.db.
+    Clients authenticate with MUNGE: skips locally (fails in CI) without a running munged."""
+    require(munged_running(), "munged is not running; clients need it (colocate dev-cluster up)")
     log = tmp / f"broker-{time.monotonic_ns()}.log"
     return _ready("broker", _launch(_broker_argv(tmp, listen, placement, config), log), log)
 
@@ -119,6 +123,14 @@ def start_agent(
 ) -> Service:
     log = tmp / f"agent-{node}.log"
     return _ready(f"agent {node}", _launch(_agent_argv(tmp, broker_url, node, cores, memory, interval_s, listen), log), log)
+
+
+def munged_running() -> bool:
+    try:
+        munge.decode(munge.encode(b"probe"))
+    except ColocateError:
+        return False
+    return True
 
 
 def free_port() -> int:
@@ -132,6 +144,7 @@ def start_cluster(
 ) -> tuple[Service, list[Service]]:
     """A broker and one agent per ``nodes`` entry (name -> (cores, memory)), started in
     parallel (agents retry until the broker is up); returns once every node is registered."""
+    require(munged_running(), "munged is not running; clients need it (colocate dev-cluster up)")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     broker_log = tmp / f"broker-{time.monotonic_ns()}.log"

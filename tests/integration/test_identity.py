@@ -14,6 +14,7 @@ import secrets
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from tests.integration.leasing import (
 )
 
 pytestmark = [pytest.mark.root, pytest.mark.slurm]
+JWT_KEY = b"test-jwt-key-0123456789abcdef0123456789"
 ROOT = str(Path(__file__).resolve().parents[2])
 
 
@@ -61,7 +63,9 @@ def users() -> Iterator[tuple[str, str]]:
             subprocess.run(["userdel", name], check=False)
 
 
-def as_user(user: str, code: str, /, **values: Any) -> dict[str, Any]:
+def as_user(
+    user: str, code: str, /, env: dict[str, str] | None = None, **values: Any
+) -> dict[str, Any]:
     """Run ``code`` (which sets ``out``) as ``user``; ``out`` or the colocate error it raised."""
     script = textwrap.dedent(
         """
@@ -96,7 +100,7 @@ def as_user(user: str, code: str, /, **values: Any) -> dict[str, Any]:
         text=True,
         timeout=60,
         cwd="/tmp",
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ROOT, "HOME": "/tmp"},
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ROOT, "HOME": "/tmp", **(env or {})},
     )
     assert done.returncode == 0, done.stderr
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -107,11 +111,15 @@ def cluster(users: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) ->
     a, b = users
     tmp = tmp_path_factory.mktemp("identity")
     config = tmp / "broker.toml"
+    (tmp / "jwt.key").write_bytes(JWT_KEY)  # as slurm.conf AuthAltParameters=jwt_key= names it
     config.write_text(
         textwrap.dedent(
             f"""
             [broker]
             accounts = {{ {a} = ["physics"], {b} = ["chem"] }}
+            [broker.auth]
+            methods = ["munge", "jwt"]
+            jwt_key_file = "{tmp / "jwt.key"}"
             [broker.quotas.users.{a}]
             cores = 1
             leases = 1
@@ -382,3 +390,23 @@ def test_cli_leases_release_and_a_lease_longer_than_the_broker_allows(cluster: S
         "invoke", "math:factorial", "3", "--broker", cluster.url, "--account", "acct", "--json"
     )
     assert ok.returncode == 0 and json.loads(ok.stdout)["result"] == 6
+
+
+def test_a_slurm_jwt_identifies_its_user_without_munge(
+    cluster: Service, users: tuple[str, str]
+) -> None:
+    """Off-cluster path: ``SLURM_JWT`` (HS256 with Slurm's jwt key, user in ``sun``) instead of
+    MUNGE; the lease is the JWT's user's, and a JWT of another key is refused."""
+    import jwt
+
+    a, b = users
+    now = int(time.time())
+    token = jwt.encode({"sun": a, "iat": now, "exp": now + 600}, JWT_KEY, algorithm="HS256")
+    # user b runs the client, but presents a's token: the broker believes the token, as Slurm does
+    got = as_user(b, LEASE + "\nlease.release()", env={"SLURM_JWT": token}, url=cluster.url)["ok"]
+    assert got["user"] == a and got["account"] == "physics"
+    forged = jwt.encode(
+        {"sun": a, "iat": now, "exp": now + 600}, b"another key" * 3, algorithm="HS256"
+    )
+    refused = as_user(b, LEASE, env={"SLURM_JWT": forged}, url=cluster.url)
+    assert refused["error"] == "Unauthorized" and "scontrol token" in refused["message"]
