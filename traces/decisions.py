@@ -224,6 +224,9 @@ class _Memo:
     pressure_evicted: bool
     old_state: object | None  # kept alive so its id is not reused within the minute
     leases: dict[tuple[int, int], _LeaseOutcome]  # (cores, bytes) -> outcome
+    cores: int  # offered cores
+    memory: int  # offered bytes
+    draw: float  # the rounding draw of the lease's cores (same minute and first job)
 
 
 @contextlib.contextmanager
@@ -424,7 +427,19 @@ def drive_policy(
                 new_state = interned.setdefault(new_state, new_state)
             except TypeError:
                 new_state = decision.state  # (a try costs less than suppress() per call)
-            entry = _Memo(decision.offer, new_state, evicted, pressure_evicted, old_state, {})
+            first = signature[0][0] if signature else -1
+            entry = _Memo(
+                decision.offer,
+                new_state,
+                evicted,
+                pressure_evicted,
+                old_state,
+                {},
+                len(decision.offer.cpu_ids),
+                decision.offer.memory_bytes,
+                ((minute * 1_000_003 + first * 7919 + salt) * 2_654_435_761 % 4_294_967_296)
+                / 4_294_967_296,
+            )
             memo[key] = entry
             decisions += 1
         offer = entry.offer
@@ -434,8 +449,8 @@ def drive_policy(
             evicted_cores += len(current.cpu_ids)
             if entry.pressure_evicted and guard_on:
                 cooling[node] = True
-        oc = len(offer.cpu_ids)
-        om = offer.memory_bytes
+        oc = entry.cores
+        om = entry.memory
         if oc != offer_c[node] or om != offer_m[node]:
             total_c += oc - offer_c[node]
             total_m += om - offer_m[node]
@@ -449,11 +464,7 @@ def drive_policy(
         cores = 0
         if oc and om and total_c > 0:
             u_c = demand_c[minute] / total_c
-            first = signature[0][0] if signature else -1
-            draw = (
-                (minute * 1_000_003 + first * 7919 + salt) * 2_654_435_761 % 4_294_967_296
-            ) / 4_294_967_296
-            cores = int(oc * (u_c if u_c < 1.0 else 1.0) + draw)
+            cores = int(oc * (u_c if u_c < 1.0 else 1.0) + entry.draw)
         if cores > 0:
             u_m = min(1.0, demand_m[minute] / total_m) if total_m > 0 else 0.0
             lease_memory = int(om * u_m)
