@@ -77,21 +77,46 @@ def sustained_peak(recent: tuple[UsageSample, ...], limits: Limits) -> float:
     fewer than ``cpu_growth_samples`` consecutive readings less than ``cpu_spike_s`` apart
     is a spike and counts at the level around it (a shell forking, the job's start-up: the
     growth rule ignores them too). Sparse samples (the replay's) each count in full."""
-    wanted = [sample.cores_used + sample.cores_waiting for sample in recent]
     n = limits.cpu_growth_samples
-    if n <= 1 or len(wanted) < n:
-        return max(wanted)
-    # the level of each dense run of n readings: the least of them
-    levels = [
-        min(wanted[j : j + n]) if recent[j + n - 1].t - recent[j].t <= limits.cpu_spike_s else None
-        for j in range(len(wanted) - n + 1)
-    ]
+    if n <= 1 or len(recent) < n:
+        return max(sample.cores_used + sample.cores_waiting for sample in recent)
+    spike_s = limits.cpu_spike_s
+    if n == 2:
+        return _sustained_peak_of_pairs(recent, spike_s)
+    wanted = [sample.cores_used + sample.cores_waiting for sample in recent]
     peak = 0.0
+    covered = bytearray(len(wanted))  # 1: inside a run of n close readings
+    for j in range(len(wanted) - n + 1):
+        if recent[j + n - 1].t - recent[j].t <= spike_s:
+            level = min(wanted[j : j + n])  # the level held over the whole run
+            if level > peak:
+                peak = level
+            covered[j : j + n] = b"\x01" * n
     for i, value in enumerate(wanted):
-        around = [lv for lv in levels[max(0, i - n + 1) : i + 1] if lv is not None]
-        held = min(value, max(around)) if around else value
-        if held > peak:
-            peak = held
+        if not covered[i] and value > peak:
+            peak = value  # a reading with no close neighbours stands for itself
+    return peak
+
+
+def _sustained_peak_of_pairs(recent: tuple[UsageSample, ...], spike_s: float) -> float:
+    """:func:`sustained_peak` for runs of two readings (the default), in one pass."""
+    first = recent[0]
+    prev_t, prev_w, prev_covered = first.t, first.cores_used + first.cores_waiting, False
+    peak = 0.0
+    for sample in recent[1:]:
+        w = sample.cores_used + sample.cores_waiting
+        if sample.t - prev_t <= spike_s:
+            level = w if w < prev_w else prev_w
+            if level > peak:
+                peak = level
+            covered = True
+        else:
+            if not prev_covered and prev_w > peak:
+                peak = prev_w
+            covered = False
+        prev_t, prev_w, prev_covered = sample.t, w, covered
+    if not prev_covered and prev_w > peak:
+        peak = prev_w
     return peak
 
 
@@ -155,8 +180,11 @@ def lend_order(
 ) -> list[int]:
     """A job's CPUs in the order they are lent: those leases hold now first (a lease keeps
     its cores while it lasts), then the least busy over the window, then the highest ids."""
-    peaks = cpu_peaks(recent) or {}
-    return sorted(cpus, key=lambda cpu: (cpu not in held, peaks.get(cpu, 0.0), -cpu))
+    peaks = cpu_peaks(recent)
+    if peaks is None and not held:
+        return sorted(cpus, reverse=True)
+    busy = peaks or {}
+    return sorted(cpus, key=lambda cpu: (cpu not in held, busy.get(cpu, 0.0), -cpu))
 
 
 def harvest(node: NodeView, limits: Limits, now: float, sizer: JobSizer) -> Decision:
