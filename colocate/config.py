@@ -132,6 +132,10 @@ class AgentConfig(_Section):
     # How the agent asks Slurm: "cli" (squeue/sinfo/scontrol) or "pyslurm" (in-process, about
     # 9x faster per query; needs pyslurm built for this Slurm release, see deploy/README.md).
     slurm_backend: Literal["cli", "pyslurm"] = "cli"
+    # Record every decision (view, state, offer, evictions) as JSON lines for
+    # `colocate replay --from-agent-log`; off when unset. Rotates to FILE.1 past record_max_bytes.
+    record_file: str | None = None
+    record_max_bytes: int = Field(64 * 1024**2, ge=4096, description="decision record: rotate past this size")
 
 
 class Config(_Section):

@@ -113,11 +113,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="served share of invocations the capacity is measured at (default 0.99)",
     )
     parser.add_argument(
+        "--from-agent-log",
+        metavar="FILE",
+        help="decide again every decision a live agent recorded (agent.record_file) and "
+        "check each is reproduced exactly; --policy NAME replays them through another policy",
+    )
+    parser.add_argument(
         "--out", metavar="DIR", help="write report.md, report.json and PNG plots here"
     )
     parser.add_argument(
         "--json", action="store_true", help="print report.json to stdout instead of the table"
     )
+    from colocate.cli import sweep
+
+    sweep.add_arguments(parser)
 
 
 def _cluster(args: argparse.Namespace, jobs: object, bundled_default: bool) -> object:
@@ -222,6 +231,12 @@ def run(args: argparse.Namespace) -> int:
     from traces.replay import replay
     from traces.report import comparison_table, report_dict, write_report
 
+    if args.sweep:
+        from colocate.cli import sweep
+
+        return sweep.run(args)
+    if args.from_agent_log:
+        return _from_agent_log(args)
     names = args.policy or list(POLICIES)
     unknown = [n for n in names if n not in POLICIES]
     if unknown:
@@ -350,3 +365,30 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("(--out DIR writes report.md, report.json and plots)")
     return 0
+
+
+def _from_agent_log(args: argparse.Namespace) -> int:
+    """``--from-agent-log FILE``: 0 when every recorded decision is reproduced, else 1."""
+    from slurm_plugin.agent.recorder import replay_log
+
+    path = args.from_agent_log
+    if args.policy and len(args.policy) > 1:
+        raise ConfigError("--from-agent-log replays through one policy", key="--policy")
+    try:
+        result = replay_log(path, args.policy[0] if args.policy else None)
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", path=path) from None
+    except ValueError as exc:
+        raise ConfigError(str(exc).splitlines()[0]) from None
+    if args.json:
+        json.dump(result.to_json(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(
+            f"{path}: {result.decisions} decisions ({result.evictions} evictions) replayed "
+            f"through {result.policy}: {result.identical} identical, "
+            f"{result.decisions - result.identical} differ"
+        )
+        for line in result.mismatches:
+            print(f"  {line}")
+    return 0 if result.identical == result.decisions else 1

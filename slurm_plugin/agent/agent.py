@@ -170,6 +170,7 @@ class Agent:
         self._broker_down_since: float | None = None
         self.metrics = metrics
         self.evictions: deque[EvictionRecord] = deque(maxlen=EVICTION_LOG_SIZE)
+        self.recorder: Any = None  # slurm_plugin.agent.recorder.DecisionRecorder when recording
 
     # --- identity -------------------------------------------------------------------------
 
@@ -317,6 +318,8 @@ class Agent:
         view = self.source.view(now) if sample or not callable(recent) else recent(now)
         view = replace(view, leases=tuple(held.view() for held in self._leases.values()))
         decision = self.policy.decide(view, self.limits, now, self._policy_state)
+        if self.recorder is not None:
+            self.recorder.record(now, view, self._policy_state, decision)
         self._policy_state = decision.state
         self._offer = decision.offer
         self._observe(view, now)

@@ -124,6 +124,11 @@ def open_agent(
         max_payload_bytes=config.executor.max_payload_bytes,
         metrics=metrics,
     )
+    if agent_config.record_file:  # issue 11: decisions recorded for the replay
+        from slurm_plugin.agent.recorder import DecisionRecorder
+
+        agent.recorder = DecisionRecorder(agent_config.record_file, agent_config.record_max_bytes, getattr(policy, "name", "?"), config.policy.limits)
+        stack.callback(agent.recorder.close)
     return agent, sock, url
 
 
