@@ -16,6 +16,7 @@ from collections.abc import Sequence
 # name -> (module, one-line help). Adding a subcommand: one module and one line here.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "replay": ("colocate.cli.replay", "replay job and FaaS traces through the policies; report money recovered"),
+    "tune": ("colocate.cli.tune", "search policy limits for the most money recovered within the slowdown and eviction caps"),
     "monitor": ("colocate.cli.monitor", "show what each Slurm job on this node was given and uses"),
     "agent": ("colocate.cli.agent", "run the node agent (Slurm-integrated, or --standalone)"),
     "broker": ("colocate.cli.broker", "run the lease broker"),

@@ -47,6 +47,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "colocate.process",
     ),
     "slurm_plugin.spank": ("colocate",),
+    # replay sweeps: runners spreading traces.sweep trials over processes, a Slurm array, Dask
+    "colocate.sweep": ("colocate", "traces", "slurm_plugin.slurm"),
     # hooks, control socket, dev cluster; the prolog frees a lease's cgroups itself (light:
     # tests/unit/test_import_budget.py holds the hook to the standard library)
     "slurm_plugin": ("colocate", "colocate.executor", "slurm_plugin.spank"),
@@ -76,6 +78,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "slurm_plugin.slurm",
         "slurm_plugin.spank",
         "traces",
+        "colocate.sweep",
     ),
 }
 
