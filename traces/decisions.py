@@ -14,7 +14,7 @@ import math
 import random
 from bisect import bisect_right
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -227,6 +227,7 @@ class _Memo:
     cores: int  # offered cores
     memory: int  # offered bytes
     draw: float  # the rounding draw of the lease's cores (same minute and first job)
+    reason: str  # why the node's lease was evicted ("" if it was not)
 
 
 @contextlib.contextmanager
@@ -258,7 +259,9 @@ class Drive:
     ``change_t``/``change_c``/``change_m``: minutes the cluster's offer changed and by how many
     cores and bytes; ``evict_t``: minute of each lease eviction; ``violation_hours``:
     job-node-hours above the slowdown budget; ``evicted_cores``: function cores evicted;
-    ``decisions``: ``decide`` calls made.
+    ``decisions``: ``decide`` calls made. Per eviction also ``evict_reason`` (the policy's
+    reason) and ``evict_jobs``: the jobs it was for (those that started there at that minute
+    for ``job_start``, those whose use changed then for growth, else the node's jobs).
     """
 
     change_t: list[int]
@@ -268,6 +271,8 @@ class Drive:
     violation_hours: float
     evicted_cores: int
     decisions: int
+    evict_reason: list[str] = field(default_factory=list)
+    evict_jobs: list[tuple[str, ...]] = field(default_factory=list)
 
 
 def drive_policy(
@@ -316,6 +321,8 @@ def drive_policy(
     change_c: list[int] = []
     change_m: list[int] = []
     evict_t: list[int] = []
+    evict_reason: list[str] = []
+    evict_jobs: list[tuple[str, ...]] = []
     violation_s = 0.0
     evicted_cores = 0
     lease_serial = 0
@@ -352,6 +359,7 @@ def drive_policy(
             if last_decided[node] >= minute:
                 continue
             changes = 0
+            first_event = last_event = 0
         else:
             minute = group_minute[g]
             node = group_node[g]
@@ -420,6 +428,11 @@ def drive_policy(
             pressure_evicted = evicted and any(
                 e.reason is EvictionReason.PRESSURE for e in evictions
             )
+            reason = (
+                next(str(e.reason) for e in evictions if e.lease_id == current.lease_id)
+                if evicted and current is not None
+                else ""
+            )
             new_state = decision.state
             # equal states become one object, so equal nodes keep meeting in the memo;
             # an unhashable state just does not share
@@ -439,6 +452,7 @@ def drive_policy(
                 decision.offer.memory_bytes,
                 ((minute * 1_000_003 + first * 7919 + salt) * 2_654_435_761 % 4_294_967_296)
                 / 4_294_967_296,
+                reason,
             )
             memo[key] = entry
             decisions += 1
@@ -447,6 +461,17 @@ def drive_policy(
         if entry.evicted and current is not None:
             evict_t.append(minute)
             evicted_cores += len(current.cpu_ids)
+            evict_reason.append(entry.reason)
+            evict_jobs.append(
+                _evicted_for(
+                    entry.reason,
+                    jobs_here,
+                    ev_kind,
+                    ev_piece,
+                    first_event,
+                    last_event,
+                )
+            )
             if entry.pressure_evicted and guard_on:
                 cooling[node] = True
         oc = entry.cores
@@ -519,8 +544,42 @@ def drive_policy(
         if held is not None
     )
     return Drive(
-        change_t, change_c, change_m, evict_t, violation_s / 3600.0, evicted_cores, decisions
+        change_t,
+        change_c,
+        change_m,
+        evict_t,
+        violation_s / 3600.0,
+        evicted_cores,
+        decisions,
+        evict_reason,
+        evict_jobs,
     )
+
+
+def _evicted_for(
+    reason: str,
+    jobs_here: dict[int, Piece],
+    ev_kind: list[int],
+    ev_piece: list[int],
+    first_event: int,
+    last_event: int,
+) -> tuple[str, ...]:
+    """The jobs an eviction was for: those that started here now (``job_start``), those whose
+    use changed now (growth), else every job on the node."""
+    wanted = START if reason == EvictionReason.JOB_START else USAGE
+    if reason in (
+        EvictionReason.JOB_START,
+        EvictionReason.CPU_GROWTH,
+        EvictionReason.MEMORY_GROWTH,
+    ):
+        ids = {
+            jobs_here[ev_piece[i]].job_id
+            for i in range(first_event, last_event)
+            if ev_kind[i] == wanted and ev_piece[i] in jobs_here
+        }
+        if ids:
+            return tuple(sorted(ids))
+    return tuple(sorted({p.job_id for p in jobs_here.values()}))
 
 
 def _job_view(p: Piece, seen: int, lease_cores: int, cpn: int, window: float) -> JobView:

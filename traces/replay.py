@@ -36,6 +36,7 @@ import logging
 import math
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -82,6 +83,8 @@ class PolicySeries:
     evictions: Floats
     cold_starts: Floats
     summary: dict[str, float] = field(default_factory=dict)
+    # why leases were evicted: reason -> {job id -> evictions it caused for that reason}
+    eviction_jobs: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +142,13 @@ def _level(minutes: int, when: npt.NDArray[np.int64], delta: Floats) -> Floats:
     keep = when < minutes
     changes = np.bincount(when[keep], weights=delta[keep], minlength=minutes).astype(np.float64)
     return np.cumsum(changes)[:minutes]
+
+
+def _eviction_jobs(reasons: list[str], jobs: list[tuple[str, ...]]) -> dict[str, dict[str, int]]:
+    out: dict[str, Counter[str]] = {}
+    for reason, ids in zip(reasons, jobs, strict=True):
+        out.setdefault(reason, Counter()).update(ids)
+    return {reason: dict(counts) for reason, counts in sorted(out.items())}
 
 
 def replay(
@@ -274,6 +284,10 @@ def replay(
             "evicted_function_cores": float(evicted_cores),
             "cold_starts": float(cold.sum() + evicted_cores),
             "interference_violation_hours": float(violation_h),
+            **{
+                f"evictions_{reason}": float(count)
+                for reason, count in sorted(Counter(drive.evict_reason).items())
+            },
             "events": float(n_events),
             "decisions": float(decisions),
             "replay_seconds": float(elapsed),
@@ -288,6 +302,7 @@ def replay(
             evictions=evictions,
             cold_starts=cold,
             summary=summary,
+            eviction_jobs=_eviction_jobs(drive.evict_reason, drive.evict_jobs),
         )
         log.info("policy %s: %d events in %.1f s", name, n_events, elapsed)
     if bar is not None:

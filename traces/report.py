@@ -143,11 +143,138 @@ def report_dict(
             f"pressure reaching {limits.cpu_pressure_limit:g} % makes it take leases back."
             if limits.guard
             else "Policies decide under the limits in report.json, without the interference guard.",
-            "headroom and predictive differ only where usage grows (predictive's memory trend): the "
-            "modelled usage is piecewise constant, so their windowed maximum and percentile agree.",
         ],
+        "differences": policy_differences(result, prices.currency),
         "citations": list(CITATIONS),
     }
+
+
+GROWTH = ("cpu_growth", "memory_growth")
+EXAMPLES = 5
+
+
+def _top(counts: dict[str, int], n: int = EXAMPLES) -> list[str]:
+    return [j for j, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
+
+
+def policy_differences(result: ReplayResult, currency: str = "EUR") -> dict[str, Any]:
+    """Why the policies' figures differ: per policy, evictions by reason and the jobs behind
+    them (jobs whose use grew into lent cores or memory, jobs that started on leased
+    resources); per pair of policies, the difference in offers, money and evictions, and the
+    jobs that evicted leases under one policy only. ``text``: one sentence per pair."""
+    per: dict[str, Any] = {}
+    for name, series in result.policies.items():
+        by_reason = {r: int(sum(j.values())) for r, j in series.eviction_jobs.items()}
+        grew: dict[str, int] = {}
+        for reason in GROWTH:
+            for job, count in series.eviction_jobs.get(reason, {}).items():
+                grew[job] = grew.get(job, 0) + count
+        started = series.eviction_jobs.get("job_start", {})
+        per[name] = {
+            "evictions": int(series.summary.get("evictions", 0)),
+            "evictions_by_reason": {
+                k.removeprefix("evictions_"): int(v)
+                for k, v in series.summary.items()
+                if k.startswith("evictions_")
+            },
+            "job_evictions_by_reason": by_reason,
+            "jobs_that_grew": len(grew),
+            "jobs_that_grew_examples": _top(grew),
+            "jobs_starting_on_leases": len(started),
+            "jobs_starting_on_leases_examples": _top(started),
+            "_grew": grew,
+        }
+    pairs: list[dict[str, Any]] = []
+    text: list[str] = []
+    names = list(result.policies)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            sa, sb = result.policies[a].summary, result.policies[b].summary
+            ga, gb = per[a]["_grew"], per[b]["_grew"]
+            reasons = sorted(
+                set(per[a]["job_evictions_by_reason"]) | set(per[b]["job_evictions_by_reason"])
+            )
+            reason_diff = {
+                r: per[b]["job_evictions_by_reason"].get(r, 0)
+                - per[a]["job_evictions_by_reason"].get(r, 0)
+                for r in reasons
+            }
+            reason_diff = {r: d for r, d in reason_diff.items() if d}
+            only_b = {j: c for j, c in gb.items() if j not in ga}
+            only_a = {j: c for j, c in ga.items() if j not in gb}
+            pair = {
+                "a": a,
+                "b": b,
+                "offered_core_hours": sb["offered_core_hours"] - sa["offered_core_hours"],
+                "offered_memory_gib_hours": sb["offered_memory_gib_hours"]
+                - sa["offered_memory_gib_hours"],
+                "recovered_cost": sb["recovered_cost"] - sa["recovered_cost"],
+                "evictions": sb["evictions"] - sa["evictions"],
+                "interference_violation_hours": sb["interference_violation_hours"]
+                - sa["interference_violation_hours"],
+                "job_evictions_by_reason": reason_diff,
+                "jobs_grew_only_under_b": len(only_b),
+                "jobs_grew_only_under_b_examples": _top(only_b),
+                "jobs_grew_only_under_a": len(only_a),
+                "jobs_grew_only_under_a_examples": _top(only_a),
+            }
+            pairs.append(pair)
+            text.append(_pair_sentence(pair, currency))
+    for p in per.values():
+        del p["_grew"]
+    return {"policies": per, "pairs": pairs, "text": text}
+
+
+def _pair_sentence(p: dict[str, Any], currency: str) -> str:
+    a, b = p["a"], p["b"]
+    if not any(
+        (
+            abs(p["offered_core_hours"]) > 1e-9,
+            abs(p["offered_memory_gib_hours"]) > 1e-9,
+            p["evictions"],
+            p["job_evictions_by_reason"],
+        )
+    ):
+        return (
+            f"{b} and {a} made the same offers and evictions: no job's use in this trace falls "
+            "between their sizing rules."
+        )
+    reasons = ", ".join(f"{r} {d:+,}" for r, d in p["job_evictions_by_reason"].items()) or "none"
+    out = (
+        f"{b} vs {a}: offers {p['offered_core_hours']:+,.0f} core-h and "
+        f"{p['offered_memory_gib_hours']:+,.0f} GiB-h, recovers {p['recovered_cost']:+,.2f} "
+        f"{currency}, {p['evictions']:+,.0f} evictions (per job and reason: {reasons}), "
+        f"{p['interference_violation_hours']:+,.1f} violation h."
+    )
+    for side, other, key, sign in ((b, a, "b", 1), (a, b, "a", -1)):
+        n = p[f"jobs_grew_only_under_{key}"]
+        if not n:
+            continue
+        ex = ", ".join(p[f"jobs_grew_only_under_{key}_examples"])
+        out += f" Under {side} only, {_jobs(n)} evicted leases as their use grew (e.g. {ex})"
+        if sign * p["offered_core_hours"] > 0 or sign * p["offered_memory_gib_hours"] > 0:
+            out += f": {other} had not lent them what they grew into."
+        elif sign * p["job_evictions_by_reason"].get("memory_growth", 0) > 0:
+            out += f": {side} takes memory back on a rising trend, before the job reaches it."
+        else:
+            out += "."
+    pressure = p["job_evictions_by_reason"].get("pressure", 0)
+    if pressure and pressure * p["offered_core_hours"] > 0:
+        more, less = (b, a) if pressure > 0 else (a, b)
+        out += (
+            f" The extra pressure evictions and violation hours come from functions on idle "
+            f"cores inside running jobs, which {more} lends and {less} does not."
+        )
+    if abs(p["recovered_cost"]) < 0.005 and p["offered_core_hours"]:
+        out += (
+            " The extra offer recovers no money: the FaaS load was already served by what "
+            "both offered."
+        )
+    return out
+
+
+def _jobs(n: int) -> str:
+    return f"{n:,} job" if n == 1 else f"{n:,} jobs"
 
 
 def _int(value: object) -> int:
@@ -252,6 +379,17 @@ def markdown(report: dict[str, Any]) -> str:
         )
     mm = report["measured_vs_modelled"]
     out += [
+        "",
+        "## Why the policies differ",
+        "",
+        *[f"- {t}" for t in report["differences"]["text"]],
+        *[
+            f"- {name}: evictions per job and reason {d['job_evictions_by_reason'] or 'none'}; "
+            f"{d['jobs_that_grew']:,} jobs grew into lent resources"
+            + (f" (e.g. {', '.join(d['jobs_that_grew_examples'])})" if d["jobs_that_grew"] else "")
+            + f"; {d['jobs_starting_on_leases']:,} jobs started on leased resources."
+            for name, d in report["differences"]["policies"].items()
+        ],
         "",
         "## Money wasted (policy-independent)",
         "",

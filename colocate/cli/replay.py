@@ -354,6 +354,8 @@ def run(args: argparse.Namespace) -> int:
         f"FaaS demand {report['faas_trace']['mean_demand_cores']:.1f} cores on average"
     )
     print(comparison_table(report))
+    for line in report["differences"]["text"]:
+        print(f"- {line}")
     if capacity is not None:
         for name, scale in capacity.capacity.items():
             print(

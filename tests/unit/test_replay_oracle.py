@@ -75,6 +75,7 @@ def plain_drive(
     out = Drive([], [], [], [], 0.0, 0, 0)
     violation_s = 0.0
     evicted_cores = 0
+    reasons: list[str] = []
     record: Record = []
     done: set[tuple[int, int]] = set()
     serial = 0
@@ -114,6 +115,9 @@ def plain_drive(
         if evicted and held is not None:
             out.evict_t.append(minute)
             evicted_cores += len(held[0].cpu_ids)
+            reasons.append(
+                next(str(e.reason) for e in decision.evictions if e.lease_id == held[0].lease_id)
+            )
             if limits.guard and any(e.reason.name == "PRESSURE" for e in decision.evictions):
                 cooling[node] = True
         oc, om = len(decision.offer.cpu_ids), decision.offer.memory_bytes
@@ -172,6 +176,7 @@ def plain_drive(
         violation_s / 3600.0,
         evicted_cores,
         out.decisions,
+        reasons,
     )
     return drive, record
 
@@ -216,6 +221,9 @@ def test_fast_loop_decides_exactly_as_the_plain_loop(name: str, case: str) -> No
     assert fast.change_c == plain.change_c
     assert fast.change_m == plain.change_m
     assert fast.evict_t == plain.evict_t
+    assert fast.evict_reason == plain.evict_reason
+    assert len(fast.evict_jobs) == len(fast.evict_t)
+    assert all(fast.evict_jobs)  # every eviction is for some job
     assert fast.evicted_cores == plain.evicted_cores
     assert fast.violation_hours == pytest.approx(plain.violation_hours, rel=1e-9)
     assert fast.decisions <= plain.decisions  # equal nodes share a decision
