@@ -10,7 +10,7 @@ recomputed every decision, and the rest of its allocation is lent out. Margins:
 - cores (:func:`cores_to_keep`): a job keeps the whole cores it *wants*, at least one:
   ``ceil(peak cores_wanted over limits.history_window_s + core_margin - core_noise)``, where
   ``cores_wanted`` is CPU time used plus time its threads waited for a CPU (on a CPU shared
-  with other work a job gets less than it wants) and demand within ``core_noise`` (0.1) of
+  with other work a job gets less than it wants) and demand within ``core_noise`` (0.15) of
   whole cores is noise. So a job that keeps exactly k of its n cores busy lends n - k (the
   old ``ceil(use + 0.25)`` lent one core fewer: nothing at all when one core was idle). The
   peak leaves out one-reading spikes (:func:`sustained_peak`). Where the monitor has per-core

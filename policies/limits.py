@@ -13,7 +13,7 @@ class Limits(BaseModel):
     memory_margin_ratio: float = Field(0.10, ge=0, le=1, description="margin above a job's peak, as a share of its allocation")
     memory_margin_bytes: int = Field(256 * 1024**2, ge=0, description="minimum margin above a job's peak, bytes")
     core_margin: float = Field(0.0, ge=0, description="cores kept free above a job's observed use, beyond the noise allowance (0: the growth rule and PSI protect the job)")
-    core_noise: float = Field(0.1, ge=0, lt=1, description="use within this of whole cores counts as those cores (rate jitter, the job's own daemons): a job at 1.05 keeps 1 core")
+    core_noise: float = Field(0.15, ge=0, lt=1, description="demand within this of whole cores counts as those cores (rate jitter, wake-up latency, the job's own daemons): a job at 1.1 keeps 1 core")
     cpu_spike_s: float = Field(5.0, ge=0, description="demand seen in fewer than cpu_growth_samples readings this close together is a spike (a shell forking, a start-up): not sized for")
     cpu_growth_margin: float = Field(0.3, ge=0, description="a job grows into its lent cores when it wants more than the cores it kept plus this")
     idle_core_busy: float = Field(0.2, ge=0, le=1, description="a core a job kept below this busy share over the window (per-core accounting) is idle and lent first")

@@ -65,8 +65,21 @@ HALF = (
     "    while time.time() - t < 0.05: pass\n"
     "    time.sleep(0.05)\n'"
 )
-# Two processes at 50 % each floating over both cores: 1.0 core in total.
-FLOATING = f"{HALF} & {HALF} & wait"
+# Two processes passing a token (a two-stage pipeline): each computes 50 ms while it holds
+# the token, then hands it over; neither is pinned, so the work floats over both cores at
+# 1.0 core in total, and exactly one of them is runnable at any time, whatever the load
+# (two independent 50 % sleepers would wait longer for each wake-up on a loaded machine).
+FLOATING = (
+    f"{PYTHON} -c 'import os, time\n"
+    "a_r, a_w = os.pipe(); b_r, b_w = os.pipe()\n"
+    "mine, theirs = (a_r, b_w) if os.fork() else (b_r, a_w)\n"
+    'if mine == a_r: os.write(a_w, b"t")\n'
+    "while True:\n"
+    "    os.read(mine, 1)\n"
+    "    t = time.time()\n"
+    "    while time.time() - t < 0.05: pass\n"
+    '    os.write(theirs, b"t")\n\''
+)
 
 
 def _start_agent(tmp: Path, broker: Service, node: str) -> SlurmAgent:
