@@ -1,0 +1,655 @@
+"""Broker load: N simulated node agents report through the agent's real code path while a
+client leases and releases through the real Client.
+
+    .venv/bin/python benchmarks/broker_load.py --nodes N --seconds S [--kill-broker-at T] [--json]
+
+What runs (loopback only, bounded in count and time):
+- a real broker: ``python -m colocate broker`` (SQLite ledger, its own secret, in a temporary
+  directory; ``broker.max_connections`` = 2N + 64 so that agents reconnecting after a timeout
+  do not meet the connection cap first), pinned to the first CPU with ``--pin``;
+- N node agents: real :class:`slurm_plugin.agent.agent.Agent` objects, each with its own
+  node key, reporting every ``--interval`` s with ``Agent.tick()`` + ``Agent.report_once()``
+  over its own kept-alive ``httpx.Client`` signed by ``NodeAuth`` (the path ``Agent.run``
+  takes). The broker and the generator run in two cgroup v1 CPU groups of equal shares
+  (as root), so the generator's threads cannot starve the broker's event loop. Their node source is simulated: 4 cores and 16 GiB, of which every 5-15 s a job
+  takes or frees 2 cores (the change whose staleness is measured); executors start and stop
+  at once. The agents live in ``--agent-procs`` processes, each also serving the broker's
+  calls to its agents (start, renew, release, revoke: ``Agent`` methods behind the same
+  signature check as the agent's own API, one HTTP server per process with a path prefix per
+  node instead of one server per node);
+- ``--clients`` threads of one real ``colocate.Client`` (MUNGE-authenticated) that lease
+  1 core for up to a minute, hold it 0.2-1 s and release it, in a loop.
+
+Printed (one JSON object with ``--json``): ``nodes``, ``grant_p50_ms`` / ``grant_p99_ms``
+(lease request to grant, as the client sees it), ``offer_staleness_p50_s`` / ``_p99_s`` (from
+a simulated node's change to the broker accepting the report that carries it: the agent's
+1 s sampling plus the report), ``client_errors`` (anything but "no capacity"),
+``double_grants`` (a grant of a core the client still holds), ``broker_cpu_pct`` (of one
+core, over the measured window), ``broker_rss_mib`` (peak), the reports held per second and
+their latency. The load generator shares this machine's cores with the broker: at large N
+it competes with what it measures (``loadgen_cpu_pct`` says how much).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import heapq
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import random
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fastapi import FastAPI, Request  # noqa: E402
+
+from colocate.auth.node import NodeAuth, NodeVerifier, node_key  # noqa: E402
+from colocate.broker.api import (  # noqa: E402
+    API_PREFIX,
+    ExpiryRequest,
+    ReportedLease,
+    Revoked,
+    RevokeRequest,
+    StartReply,
+    StartRequest,
+)
+from colocate.broker.secret import load_or_create_secret  # noqa: E402
+from colocate.broker.service import install_error_handlers  # noqa: E402
+from colocate.errors import LeaseDenied, LeaseExpired  # noqa: E402
+from policies.model import NodeView  # noqa: E402
+
+GIB = 1024**3
+CORES = frozenset(range(4))
+_URL = re.compile(r"listening on (http://[^\s,]+)")
+
+
+def pct(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
+
+
+# --- the simulated node ------------------------------------------------------------------
+
+
+class SimNode:
+    """A node whose batch job takes or frees cores 2-3 every 5-15 s (the measured change)."""
+
+    def __init__(self, node: str, rng: random.Random) -> None:
+        self.node = node
+        self.rng = rng
+        self.busy = False
+        self.next_change = time.time() + rng.uniform(5, 15)
+        self.pending: float | None = None  # when an unreported change happened
+
+    def view(self, now: float) -> NodeView:
+        if now >= self.next_change:
+            self.busy = not self.busy
+            if self.pending is None:
+                self.pending = self.next_change
+            self.next_change = now + self.rng.uniform(5, 15)
+        cpus = frozenset({0, 1}) if self.busy else CORES
+        return NodeView(node=self.node, cpu_ids=cpus, memory_total_bytes=16 * GIB)
+
+
+class Handle:
+    __slots__ = ("address", "lease_id", "pids")
+
+    def __init__(self, lease_id: str) -> None:
+        self.lease_id = lease_id
+        self.address = "tcp://127.0.0.1:9"
+        self.pids = (1,)
+
+
+class InstantExecutors:
+    """Executors that start and stop at once (the broker is what is measured)."""
+
+    def __init__(self) -> None:
+        self.running: dict[str, Handle] = {}
+
+    def start(
+        self, lease_id: str, cpu_ids: Sequence[int], memory_bytes: int, expires_at: float
+    ) -> Handle:
+        self.running[lease_id] = Handle(lease_id)
+        return self.running[lease_id]
+
+    def evict(self, lease_id: str, grace_s: float = 0.0, reason: str = "evicted") -> float:
+        self.running.pop(lease_id, None)
+        return 0.0
+
+    def handles(self) -> list[Handle]:
+        return list(self.running.values())
+
+    def exited(self) -> dict[str, tuple[int, ...]]:
+        return {}
+
+    def adopt_or_cleanup(self) -> list[str]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+def agents_app(agents: dict[str, Any]) -> FastAPI:
+    """The agent API of many agents, one path prefix each (``/n/<node>/v1/...``), with the
+    agent API's signature check and the same Agent calls as slurm_plugin/agent/app.py."""
+    keys = {node: agent._secret for node, agent in agents.items()}
+    verifier = NodeVerifier(lambda name: keys[name])
+    app = FastAPI()
+    install_error_handlers(app)
+
+    async def check(request: Request, node: str) -> Any:
+        body = await request.body()
+        verifier.verify(request.headers, request.method, request.url.path, body, node)
+        return agents[node]
+
+    @app.post("/n/{node}" + f"{API_PREFIX}/leases", response_model=StartReply)
+    async def start(node: str, request: Request) -> StartReply:
+        agent = await check(request, node)
+        try:
+            return agent.start_lease(StartRequest.model_validate_json(await request.body()))  # type: ignore[no-any-return]
+        except LeaseExpired as exc:
+            raise LeaseDenied(str(exc)) from None
+
+    @app.put("/n/{node}" + f"{API_PREFIX}/leases/{{lease_id}}", response_model=ReportedLease)
+    async def set_expiry(node: str, lease_id: str, request: Request) -> ReportedLease:
+        agent = await check(request, node)
+        body = ExpiryRequest.model_validate_json(await request.body())
+        return agent.set_expiry(lease_id, body.expires_at).reported()  # type: ignore[no-any-return]
+
+    @app.delete("/n/{node}" + f"{API_PREFIX}/leases/{{lease_id}}", response_model=Revoked)
+    async def release(node: str, lease_id: str, request: Request) -> Revoked:
+        return (await check(request, node)).release(lease_id)  # type: ignore[no-any-return]
+
+    @app.post("/n/{node}" + f"{API_PREFIX}/leases/{{lease_id}}/revoke", response_model=Revoked)
+    async def revoke(node: str, lease_id: str, request: Request) -> Revoked:
+        agent = await check(request, node)
+        body = RevokeRequest.model_validate_json(await request.body())
+        return agent.revoke(lease_id, body.grace_s, body.reason)  # type: ignore[no-any-return]
+
+    return app
+
+
+def agents_process(
+    names: list[str],
+    secret: bytes,
+    broker_url: str,
+    interval_s: float,
+    threads: int,
+    seed: int,
+    window: Any,  # mp.Array('d', [start, end]) set by the parent once every process is ready
+    ready: Any,
+    out: Any,
+) -> None:
+    """One process of simulated agents: their API server and their report loops."""
+    import logging
+
+    import uvicorn
+
+    from policies import POLICIES
+    from slurm_plugin.agent.agent import Agent
+
+    logging.getLogger("slurm_plugin").setLevel(logging.ERROR)
+    rng = random.Random(seed)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(4096)
+    port = sock.getsockname()[1]
+    sims: dict[str, SimNode] = {}
+    agents: dict[str, Any] = {}
+    for name in names:
+        sims[name] = SimNode(name, random.Random(rng.random()))
+        agents[name] = Agent(
+            sims[name],
+            POLICIES["unallocated"](),
+            InstantExecutors(),
+            secret=node_key(secret, name),
+            url=f"http://127.0.0.1:{port}/n/{name}",
+            broker_url=broker_url,
+            interval_s=interval_s,
+        )
+        agents[name].recover()
+    server = uvicorn.Server(
+        uvicorn.Config(agents_app(agents), log_level="error", access_log=False, backlog=4096)
+    )
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+    ready.set()
+    while window[1] == 0.0:
+        time.sleep(0.05)
+    start_at, end_at = window[0], window[1]
+    lock = threading.Lock()
+    stats: dict[str, Any] = {
+        "latency": [],
+        "staleness": [],
+        "failures": 0,
+        "reports": 0,
+        "first_ok": 0,
+    }
+
+    def drive(mine: list[str]) -> None:
+        clients = {
+            n: httpx.Client(timeout=max(1.0, interval_s), auth=NodeAuth(node_key(secret, n), n))
+            for n in mine
+        }
+        now = time.monotonic()
+        heap = [(now + rng.uniform(0, interval_s), n) for n in mine]
+        heapq.heapify(heap)
+        latency: list[float] = []
+        staleness: list[float] = []
+        failures = reports = 0
+        try:
+            while heap:
+                due, n = heapq.heappop(heap)
+                wait = due - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                if time.time() >= end_at:
+                    break
+                agent, sim = agents[n], sims[n]
+                agent.tick()
+                sent = time.monotonic()
+                reply = agent.report_once(clients[n])
+                took = time.monotonic() - sent
+                measured = time.time() >= start_at
+                if reply is None:
+                    failures += measured
+                else:
+                    if measured:
+                        latency.append(took)
+                        reports += 1
+                    if sim.pending is not None:
+                        if measured:
+                            staleness.append(time.time() - sim.pending)
+                        sim.pending = None
+                heapq.heappush(heap, (time.monotonic() + interval_s, n))
+        finally:
+            for c in clients.values():
+                c.close()
+            with lock:
+                stats["latency"] += latency
+                stats["staleness"] += staleness
+                stats["failures"] += failures
+                stats["reports"] += reports
+
+    per = max(1, math.ceil(len(names) / threads))
+    workers = [
+        threading.Thread(target=drive, args=(names[i : i + per],))
+        for i in range(0, len(names), per)
+    ]
+    cpu0 = time.process_time()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    stats["cpu_s"] = time.process_time() - cpu0
+    server.should_exit = True
+    out.put(stats)
+
+
+# --- the client --------------------------------------------------------------------------
+
+
+class Leasing:
+    """Client threads leasing 1 core, holding it briefly, releasing it."""
+
+    def __init__(self, url: str, threads: int, start_at: float, end_at: float) -> None:
+        from colocate import Client
+
+        self.client = Client(url, timeout_s=10.0)
+        self.start_at, self.end_at = start_at, end_at
+        self.lock = threading.Lock()
+        self.held: dict[tuple[str, int], str] = {}
+        self.grants: list[float] = []
+        self.denied = 0
+        self.errors: dict[str, int] = {}
+        self.double_grants = 0
+        self.threads = [threading.Thread(target=self._loop, args=(i,)) for i in range(threads)]
+
+    def _error(self, exc: BaseException) -> None:
+        with self.lock:
+            key = type(exc).__name__
+            self.errors[key] = self.errors.get(key, 0) + 1
+
+    def _loop(self, i: int) -> None:
+        from colocate.errors import LeaseDenied
+
+        rng = random.Random(i)
+        while time.time() < self.start_at:
+            time.sleep(0.05)
+        while time.time() < self.end_at:
+            sent = time.perf_counter()
+            try:
+                lease = self.client.lease(cores=1, memory="64MiB", duration="1m")
+            except LeaseDenied:
+                with self.lock:
+                    self.denied += 1
+                time.sleep(0.2)
+                continue
+            except Exception as exc:
+                self._error(exc)
+                time.sleep(0.2)
+                continue
+            took = time.perf_counter() - sent
+            keys = [(lease.node, c) for c in lease.cpu_ids]
+            with self.lock:
+                self.grants.append(took)
+                for k in keys:
+                    if k in self.held:
+                        self.double_grants += 1
+                    self.held[k] = lease.lease_id
+            time.sleep(rng.uniform(0.2, 1.0))
+            with self.lock:  # forget before releasing: a grant after the release is fair
+                for k in keys:
+                    if self.held.get(k) == lease.lease_id:
+                        del self.held[k]
+            try:
+                lease.release()
+            except Exception as exc:
+                self._error(exc)
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def join(self) -> None:
+        for t in self.threads:
+            t.join()
+        self.client.close()
+
+
+# --- the run -----------------------------------------------------------------------------
+
+
+CPU_CGROUP = Path("/sys/fs/cgroup/cpu")
+
+
+class CpuGroups:
+    """cgroup v1 CPU groups for the broker and the load generator (root only): the kernel
+    shares CPU fairly between threads, so hundreds of generator threads would starve the
+    broker's one event-loop thread; as groups they share by ``cpu.shares`` instead."""
+
+    def __init__(self, shares: dict[str, int]) -> None:
+        self.paths: dict[str, Path] = {}
+        if not os.access(CPU_CGROUP / "cgroup.procs", os.W_OK):
+            return
+        for name, value in shares.items():
+            path = CPU_CGROUP / f"colocate-broker-load-{os.getpid()}-{name}"
+            path.mkdir(exist_ok=True)
+            (path / "cpu.shares").write_text(str(value))
+            self.paths[name] = path
+
+    def add(self, name: str, pid: int) -> None:
+        if name in self.paths:
+            with contextlib.suppress(OSError):
+                (self.paths[name] / "cgroup.procs").write_text(str(pid))
+
+    def close(self) -> None:
+        for path in self.paths.values():
+            for pid in (path / "cgroup.procs").read_text().split():
+                with contextlib.suppress(OSError):
+                    (CPU_CGROUP / "cgroup.procs").write_text(pid)
+            with contextlib.suppress(OSError):
+                path.rmdir()
+
+
+def start_broker(tmp: Path, nodes: int, cpus: set[int] | None) -> tuple[subprocess.Popen[str], str]:
+    config = tmp / "broker.toml"
+    config.write_text(f"[broker]\nmax_connections = {2 * nodes + 64}\n")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    log = (tmp / "broker.log").open("w")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "colocate",
+            "-v",
+            "broker",
+            "--listen",
+            "127.0.0.1:0",
+            "--secret-file",
+            str(tmp / "secret"),
+            "--ledger",
+            str(tmp / "ledger.db"),
+            "--config",
+            str(config),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+        env=env,
+        cwd=str(ROOT),
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if select.select([proc.stdout], [], [], 0.1)[0]:
+            match = _URL.search(proc.stdout.readline())
+            if match:
+                return proc, match.group(1)
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    raise SystemExit(f"the broker did not start; see {tmp / 'broker.log'}")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="colocate-broker-load-"))
+    secret = load_or_create_secret(tmp / "secret")
+    allowed = sorted(os.sched_getaffinity(0))
+    pin = args.pin and len(allowed) >= 2
+    broker_cpus, gen_cpus = ({allowed[0]}, set(allowed[1:])) if pin else (None, None)
+    broker, url = start_broker(tmp, args.nodes, broker_cpus)
+    groups = CpuGroups({"broker": 1024, "loadgen": 1024})
+    groups.add("broker", broker.pid)
+    if gen_cpus:
+        os.sched_setaffinity(0, gen_cpus)  # the children inherit it
+    bp = psutil.Process(broker.pid)
+    procs = args.agent_procs or max(1, min(8, math.ceil(args.nodes / 250)))
+    names = [f"sim{i:05d}" for i in range(args.nodes)]
+    ctx = mp.get_context("fork")
+    window = ctx.Array("d", [0.0, 0.0])
+    out = ctx.Queue()
+    readies = []
+    children = []
+    for p in range(procs):
+        ready = ctx.Event()
+        mine = names[p::procs]
+        child = ctx.Process(
+            target=agents_process,
+            args=(
+                mine,
+                secret,
+                url,
+                args.interval,
+                min(len(mine), args.threads),
+                p,
+                window,
+                ready,
+                out,
+            ),
+            daemon=True,
+        )
+        child.start()
+        if child.pid is not None:
+            groups.add("loadgen", child.pid)
+        readies.append(ready)
+        children.append(child)
+    for ready in readies:
+        if not ready.wait(300):
+            raise SystemExit("the simulated agents did not start within 300 s")
+    warmup = max(5.0, args.nodes / 200)
+    start_at = time.time() + warmup
+    end_at = start_at + args.seconds
+    window[0] = start_at
+    window[1] = end_at
+    leasing = Leasing(url, args.clients, start_at, end_at)
+    leasing.start()
+    rss: list[float] = []
+    killed_at = None
+    while time.time() < start_at:
+        time.sleep(0.05)
+    cpu0 = sum(bp.cpu_times()[:2])
+    gen0 = sum(psutil.Process().cpu_times()[:2]) + sum(
+        sum(psutil.Process(c.pid).cpu_times()[:2]) for c in children if c.pid
+    )
+    t0 = time.time()
+    cpu1, t1 = cpu0, t0
+    while time.time() < end_at:
+        if broker.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                rss.append(bp.memory_info().rss / 2**20)
+                cpu1, t1 = sum(bp.cpu_times()[:2]), time.time()
+        if (
+            args.kill_broker_at is not None
+            and killed_at is None
+            and time.time() >= start_at + args.kill_broker_at
+        ):
+            broker.send_signal(signal.SIGKILL)
+            killed_at = time.time() - start_at
+        time.sleep(0.25)
+    gen1 = sum(psutil.Process().cpu_times()[:2]) + sum(
+        sum(psutil.Process(c.pid).cpu_times()[:2]) for c in children if c.pid
+    )
+    leasing.join()
+    stats: dict[str, Any] = {"latency": [], "staleness": [], "failures": 0, "reports": 0}
+    for _ in children:
+        part = out.get(timeout=120)
+        for key in ("latency", "staleness"):
+            stats[key] += part[key]
+        stats["failures"] += part["failures"]
+        stats["reports"] += part["reports"]
+    for child in children:
+        child.join(10)
+    if broker.poll() is None:
+        broker.send_signal(signal.SIGTERM)
+        try:
+            broker.wait(15)
+        except subprocess.TimeoutExpired:
+            broker.kill()
+    groups.close()
+    ms = [g * 1000 for g in leasing.grants]
+    wall = end_at - start_at
+
+    def r(x: float | None, n: int = 1) -> float | None:
+        return None if x is None else round(x, n)
+
+    return {
+        "nodes": args.nodes,
+        "seconds": args.seconds,
+        "interval_s": args.interval,
+        "grants": len(ms),
+        "grant_p50_ms": r(pct(ms, 50)),
+        "grant_p99_ms": r(pct(ms, 99)),
+        "grant_max_ms": r(max(ms) if ms else None),
+        "denied": leasing.denied,
+        "client_errors": sum(leasing.errors.values()),
+        "client_error_kinds": leasing.errors,
+        "double_grants": leasing.double_grants,
+        "offer_staleness_p50_s": r(pct(stats["staleness"], 50), 3),
+        "offer_staleness_p99_s": r(pct(stats["staleness"], 99), 3),
+        "offer_changes_seen": len(stats["staleness"]),
+        "reports_per_s": r(stats["reports"] / wall),
+        "reports_per_s_sent_by_design": r(args.nodes / args.interval),
+        "report_p50_ms": r(pct([x * 1000 for x in stats["latency"]], 50)),
+        "report_p99_ms": r(pct([x * 1000 for x in stats["latency"]], 99)),
+        "report_failures": stats["failures"],
+        "broker_cpu_pct": r((cpu1 - cpu0) / max(1e-9, t1 - t0) * 100),
+        "broker_rss_mib": r(max(rss) if rss else None),
+        "broker_killed_at_s": r(killed_at),
+        "loadgen_cpu_pct": r((gen1 - gen0) / wall * 100),
+        "agent_procs": procs,
+        "cpu_groups": "broker and load generator in cgroup v1 cpu groups of equal shares"
+        if groups.paths
+        else "none (not root)",
+        "broker_cpus": sorted(broker_cpus) if broker_cpus else "any",
+        "loadgen_cpus": sorted(gen_cpus) if gen_cpus else "any",
+        "client_threads": args.clients,
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "loadavg_after": os.getloadavg(),
+        },
+        "broker_log": str(tmp / "broker.log"),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=100, help="simulated node agents (1..20000)")
+    parser.add_argument("--seconds", type=float, default=30.0, help="measured seconds (1..600)")
+    parser.add_argument(
+        "--kill-broker-at", type=float, metavar="T", help="SIGKILL the broker T s into the window"
+    )
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        help="agent report interval, s (default 1, the agent's)",
+    )
+    parser.add_argument(
+        "--clients", type=int, default=4, help="client threads leasing and releasing (default 4)"
+    )
+    parser.add_argument(
+        "--agent-procs", type=int, help="processes for the agents (default: one per 250, at most 8)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=64,
+        help="report threads per agent process (default 64: more starve each other of the GIL)",
+    )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="broker on the first CPU, load generator on the others (default: both float; with "
+        "2 CPUs the generator needs more than one at 1,000 nodes)",
+    )
+    parser.add_argument(
+        "--out", metavar="FILE", help="also append the JSON object to FILE (a JSON list)"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+    if not 1 <= args.nodes <= 20000 or not 1 <= args.seconds <= 600:
+        parser.error("--nodes must be 1..20000 and --seconds 1..600 (bounded load on loopback)")
+    result = run(args)
+    if args.out:
+        path = Path(args.out)
+        rows = json.loads(path.read_text()) if path.exists() else []
+        rows = [
+            r
+            for r in rows
+            if r.get("nodes") != result["nodes"]
+            or r.get("broker_killed_at_s") != result["broker_killed_at_s"]
+        ]
+        path.write_text(json.dumps([*rows, result], indent=2) + "\n")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:>28}: {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
