@@ -65,7 +65,7 @@ HALF = (
     "    while time.time() - t < 0.05: pass\n"
     "    time.sleep(0.05)\n'"
 )
-# Two processes passing a token (a two-stage pipeline): each computes 50 ms while it holds
+# Two processes passing a token (a two-stage pipeline): each computes 0.2 s while it holds
 # the token, then hands it over; neither is pinned, so the work floats over both cores at
 # 1.0 core in total, and exactly one of them is runnable at any time, whatever the load
 # (two independent 50 % sleepers would wait longer for each wake-up on a loaded machine).
@@ -77,7 +77,7 @@ FLOATING = (
     "while True:\n"
     "    os.read(mine, 1)\n"
     "    t = time.time()\n"
-    "    while time.time() - t < 0.05: pass\n"
+    "    while time.time() - t < 0.2: pass\n"
     '    os.write(theirs, b"t")\n\''
 )
 
