@@ -117,16 +117,16 @@ def subtree_tids(directory: Path) -> set[int]:
     return tids
 
 
-def run_delays(tids: set[int], proc: Path) -> dict[int, int]:
-    """Each thread's cumulative time waiting on a run queue, ns (``/proc/TID/schedstat``'s
-    second field); threads that exited meanwhile are left out."""
-    delays: dict[int, int] = {}
+def run_delays(tids: set[int], proc: Path) -> dict[int, tuple[int, int]]:
+    """Each thread's cumulative (time on a CPU, time waiting on a run queue), ns, from
+    ``/proc/TID/schedstat``; threads that exited meanwhile are left out."""
+    out: dict[int, tuple[int, int]] = {}
     for tid in tids:
         text = read_text(proc / str(tid) / "schedstat")
         fields = (text or "").split()
-        if len(fields) >= 2 and fields[1].isdigit():
-            delays[tid] = int(fields[1])
-    return delays
+        if len(fields) >= 2 and fields[0].isdigit() and fields[1].isdigit():
+            out[tid] = (int(fields[0]), int(fields[1]))
+    return out
 
 
 def unified_path(pid: int, proc: Path) -> str | None:

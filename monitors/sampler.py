@@ -50,7 +50,12 @@ _TRANSIENT = frozenset({JobState.COMPLETING, JobState.CONFIGURING})
 
 
 # (when, cumulative CPU s, per-CPU s or None, thread id -> run-queue wait ns or None)
-_Reading = tuple[float, float, tuple[float, ...] | None, dict[int, int] | None]
+_Reading = tuple[float, float, tuple[float, ...] | None, dict[int, tuple[int, int]] | None]
+# A thread's run-queue wait counts up to this many times the CPU time it got: a CPU-bound
+# thread on a shared CPU waits about as long as it runs (it wants a whole core), while a
+# thread that wakes often to check something waits far longer than it runs under load and
+# wants almost nothing.
+WAIT_PER_RUN = 3.0
 # (cores used, per-CPU busy shares, cores waiting) over a window, or None without one
 _Rates = tuple[float, tuple[tuple[int, float], ...], float | None] | None
 
@@ -234,7 +239,11 @@ class Sampler:
         waiting = None
         delays = usage.run_delay_ns
         if delays is not None and d0 is not None:
-            waited = sum(max(0, ns - d0[tid]) for tid, ns in delays.items() if tid in d0)
+            waited = 0.0
+            for tid, (ran, delay) in delays.items():
+                before = d0.get(tid)
+                if before is not None:
+                    waited += max(0.0, min(delay - before[1], WAIT_PER_RUN * (ran - before[0])))
             waiting = round(waited / 1e9 / dt, 4)
         return max(0.0, (cpu_total - c0) / dt), busy, waiting
 

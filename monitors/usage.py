@@ -41,9 +41,9 @@ class JobUsage:
     # None where the source has no per-CPU accounting (cgroup v2, the process scan).
     cpu_seconds_per_cpu: tuple[float, ...] | None = None
     read_at: float | None = None  # time.monotonic() right after the CPU counters were read
-    # Thread id -> cumulative ns it waited on a run queue (runnable, not running); None where
-    # the source does not read it. Used + waiting is what the job wants, even on a busy CPU.
-    run_delay_ns: dict[int, int] | None = None
+    # Thread id -> cumulative (ns on a CPU, ns waiting on a run queue); None where the source
+    # does not read it. Used + waiting is what the job wants, even on a busy CPU.
+    run_delay_ns: dict[int, tuple[int, int]] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -411,3 +411,22 @@ def test_cores_waiting_is_run_queue_time_of_the_jobs_threads(tmp_path: Path) -> 
     assert job.cores_waiting == pytest.approx(0.5)
     sample = node.sampler.history.samples("10")[-1]
     assert sample.cores_wanted == pytest.approx(1.0)
+
+
+def test_a_thread_that_wakes_often_waits_without_wanting_a_core(tmp_path: Path) -> None:
+    # Under heavy load a watcher waking 20 times a second waits 30 ms each time and runs
+    # 0.5 ms: its wait counts only up to 3x what it ran (it wants almost nothing).
+    proc = tmp_path / "proc"
+    shutil.copytree(FIX / "proc", proc)
+    node = Node(tmp_path)
+    node.sampler.source = CgroupV1Source(node.root, proc=proc)
+    (node.job_dir("cpuacct") / "tasks").write_text("4242\n")
+    (proc / "4242").mkdir()
+    schedstat = proc / "4242" / "schedstat"
+    schedstat.write_text("1000000000 1000000000 10\n")
+    node.sampler.sample(now=1.0)
+    node.burn(0.01, on=(0,))
+    schedstat.write_text("1010000000 1600000000 30\n")
+    node.clock.t += 1.0
+    job = node.sampler.sample(now=2.0).jobs[0]
+    assert job.cores_waiting == pytest.approx(0.03)
