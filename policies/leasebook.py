@@ -112,18 +112,49 @@ class LeaseBook:
         self._leases: dict[str, LeaseRecord] = {}
         self._ended: dict[str, LeaseEnd] = {}
         self._tombstones = tombstones
+        # Indexes, so a report or a placement does not scan every lease (issue 13): the
+        # leases of each node, each node's free capacity (dropped when the node's offer or
+        # leases change) and the node names in order.
+        self._by_node: dict[str, dict[str, LeaseRecord]] = {}
+        self._free: dict[str, Free] = {}
+        self._names: list[str] | None = None
+
+    def _put(self, record: LeaseRecord) -> None:
+        old = self._leases.get(record.lease_id)
+        if old is not None and old.node != record.node:
+            self._by_node.get(old.node, {}).pop(record.lease_id, None)
+            self._free.pop(old.node, None)
+        self._leases[record.lease_id] = record
+        self._by_node.setdefault(record.node, {})[record.lease_id] = record
+        self._free.pop(record.node, None)
+
+    def _pop(self, lease_id: str) -> LeaseRecord | None:
+        record = self._leases.pop(lease_id, None)
+        if record is not None:
+            on_node = self._by_node.get(record.node)
+            if on_node is not None:
+                on_node.pop(lease_id, None)
+                if not on_node:
+                    del self._by_node[record.node]
+            self._free.pop(record.node, None)
+        return record
+
+    def _sorted_names(self) -> list[str]:
+        if self._names is None:
+            self._names = sorted(self._offers)
+        return self._names
 
     # --- reading -----------------------------------------------------------------------
 
     def nodes(self) -> list[NodeOffer]:
-        return [self._offers[n] for n in sorted(self._offers)]
+        return [self._offers[n] for n in self._sorted_names()]
 
     def node(self, node: str) -> NodeOffer | None:
         return self._offers.get(node)
 
     def leases(self, node: str | None = None) -> list[LeaseRecord]:
         """Leases, oldest grant first; only ``node``'s when given."""
-        found = (r for r in self._leases.values() if node is None or r.node == node)
+        found = self._leases.values() if node is None else self._by_node.get(node, {}).values()
         return sorted(found, key=lambda r: (r.granted_at, r.lease_id))
 
     def lease(self, lease_id: str) -> LeaseRecord | None:
@@ -142,20 +173,25 @@ class LeaseBook:
 
         Leases beyond the offer (the offer shrank) make free memory zero, not negative.
         """
+        cached = self._free.get(node)
+        if cached is not None:
+            return cached
         offer = self._offers.get(node)
         if offer is None:
             return Free(node, (), 0)
         used_cpus: set[int] = set()
         used_memory = 0
-        for record in self._leases.values():
-            if record.node == node:
-                used_cpus.update(record.cpu_ids)
-                used_memory += record.memory_bytes
-        return Free(node, tuple(sorted(offer.cpu_ids - used_cpus)), max(0, offer.memory_bytes - used_memory))
+        for record in self._by_node.get(node, {}).values():
+            used_cpus.update(record.cpu_ids)
+            used_memory += record.memory_bytes
+        free = Free(node, tuple(sorted(offer.cpu_ids - used_cpus)), max(0, offer.memory_bytes - used_memory))
+        self._free[node] = free
+        return free
 
     def available(self, now: float) -> list[Free]:
         """Free capacity of every live node, by name."""
-        return [self.free(n) for n in sorted(self._offers) if self.is_alive(n, now)]
+        timeout, offers = self.node_timeout_s, self._offers
+        return [self.free(n) for n in self._sorted_names() if now - offers[n].reported_at <= timeout]
 
     # --- placement ---------------------------------------------------------------------
 
@@ -207,11 +243,11 @@ class LeaseBook:
         """
         if record.lease_id in self._leases:
             raise ValueError(f"lease {record.lease_id} is already booked")
-        taken = {c for r in self._leases.values() if r.node == record.node for c in r.cpu_ids}
+        taken = {c for r in self._by_node.get(record.node, {}).values() for c in r.cpu_ids}
         overlap = taken.intersection(record.cpu_ids)
         if overlap:
             raise ValueError(f"cores {sorted(overlap)} of node {record.node} are already leased")
-        self._leases[record.lease_id] = record
+        self._put(record)
         self._ended.pop(record.lease_id, None)
 
     def confirm(self, lease_id: str, address: str, generation: int) -> LeaseRecord | None:
@@ -220,7 +256,7 @@ class LeaseBook:
         if record is None:
             return None
         record = replace(record, address=address, generation=generation)
-        self._leases[lease_id] = record
+        self._put(record)
         return record
 
     def renew(self, lease_id: str, expires_at: float) -> LeaseRecord | None:
@@ -228,12 +264,12 @@ class LeaseBook:
         if record is None:
             return None
         record = replace(record, expires_at=expires_at)
-        self._leases[lease_id] = record
+        self._put(record)
         return record
 
     def remove(self, lease_id: str, why: LeaseEnd) -> LeaseRecord | None:
         """Take a lease out of the book and remember why; None if it was not there."""
-        record = self._leases.pop(lease_id, None)
+        record = self._pop(lease_id)
         if record is not None:
             self._remember(lease_id, why)
         return record
@@ -267,7 +303,10 @@ class LeaseBook:
         """
         previous = self._offers.get(node)
         restarted = previous is not None and previous.instance != instance
+        if previous is None:
+            self._names = None
         self._offers[node] = NodeOffer(node, url, frozenset(cpu_ids), memory_bytes, now, instance)
+        self._free.pop(node, None)
         reported = {r.lease_id: r for r in leases}
         learned: list[str] = []
         for lease_id, record in reported.items():
@@ -276,11 +315,11 @@ class LeaseBook:
                 # Includes a lease released here while the report was in flight: it stays
                 # booked (its cores are still taken) until the agent reports it gone.
                 learned.append(lease_id)
-            self._leases[lease_id] = record
+            self._put(record)
             self._ended.pop(lease_id, None)
         dropped: list[LeaseRecord] = []
-        for record in list(self._leases.values()):
-            if record.node != node or record.lease_id in reported:
+        for record in list(self._by_node.get(node, {}).values()):
+            if record.lease_id in reported:
                 continue
             if record.generation is not None and (restarted or record.generation <= generation):
                 # Gone past its expiry: the agent expired it, not evicted it.
@@ -291,8 +330,10 @@ class LeaseBook:
 
     def forget_node(self, node: str) -> list[LeaseRecord]:
         """Remove a node and its leases (they end as evicted); returns the leases."""
-        self._offers.pop(node, None)
-        gone = [r for r in self._leases.values() if r.node == node]
+        if self._offers.pop(node, None) is not None:
+            self._names = None
+        self._free.pop(node, None)
+        gone = list(self._by_node.get(node, {}).values())
         for record in gone:
             self.remove(record.lease_id, LeaseEnd.EVICTED)
         return gone
