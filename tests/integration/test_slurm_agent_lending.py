@@ -4,7 +4,7 @@ shipped default limits and the default agent interval (1 s).
 For each shape: what the agent offers within 60 s of the job's start (30 s of it is the
 default ``min_history_s``), that a lease on the offered core lives through a steady window
 without an eviction, and, for the job that turns its second core on, that the core comes
-back (``cpu_growth``) within 2 s. The steady window here is 20-30 s to keep CI time modest;
+back (``cpu_growth``) within 2 s. The steady window here is 15 s to keep CI time modest;
 ``benchmarks/lending.py`` holds leases for minutes, and the pure property test replays a
 noisy steady series for 240 decisions (tests/unit/test_policies_properties.py).
 
@@ -41,7 +41,7 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers run as no
 
 PYTHON = sys.executable
 OFFER_WITHIN_S = 60.0
-STEADY_S = 25.0
+STEADY_S = 15.0
 GROWTH_WITHIN_S = 2.0
 LEASE_MEMORY = 512 * 1024**2
 # A loaded 2-core machine delays the agent's loop itself; the figure is reported either way.
