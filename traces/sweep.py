@@ -69,9 +69,10 @@ class Trial:
     def label(self) -> str:
         """A short human name: trace, policy, seed and the limits that differ from defaults."""
         lim = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.limits)
-        return f"{Path(self.jobs).name.split('.')[0]} {self.policy} seed={self.seed}" + (
-            f" {lim}" if lim else ""
-        )
+        name = Path(self.jobs).name
+        for suffix in (".gz", ".swf", ".json", ".txt", ".csv"):
+            name = name.removesuffix(suffix)
+        return f"{name} {self.policy} seed={self.seed}" + (f" {lim}" if lim else "")
 
 
 @dataclass(frozen=True, slots=True)
