@@ -110,3 +110,15 @@ def test_tune_is_the_same_study_on_local_processes_and_dask() -> None:
         assert best["recovered_cost"] == max(
             c["recovered_cost"] for c in local["candidates"] if c["feasible"]
         )
+
+
+@pytest.mark.slow
+def test_a_sweep_on_a_running_dask_scheduler_equals_the_local_one() -> None:
+    from dask.distributed import LocalCluster
+
+    args = ["replay", "--sweep", "--policy", "headroom", "--seeds", "0-1"]
+    local = colocate(*args, "--workers", "1")
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster:
+        remote = colocate(*args, "--runner", "dask", "--dask-scheduler", cluster.scheduler_address)
+    assert remote["runner"] == "dask" and remote["trials"] == 2
+    assert comparable(remote["rows"]) == comparable(local["rows"])
