@@ -40,14 +40,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from colocate import LeaseDenied  # noqa: E402
-from colocate.client.lease import Lease  # noqa: E402
+from colocate.client.lease import Client, Lease  # noqa: E402
 from tests.integration.conftest import JobSubmitter, SlurmCluster, _cluster_nodes  # noqa: E402
 from tests.integration.leasing import start_broker, wait_until  # noqa: E402
 from tests.integration.slurm_agent import (  # noqa: E402
     SlurmAgent,
     idle_node,
     job_cpus,
-    lease_when_offered,
 )
 from tests.integration.test_slurm_agent_lending import (  # noqa: E402
     FLOATING,
@@ -83,13 +82,17 @@ def bare_kill_latency(n: int = 100) -> list[float]:
     return out
 
 
-def patient_lease(agent: SlurmAgent, timeout_s: float = 60.0) -> Lease:
-    """A lease of one core on ``agent``'s node; retried while the offer flickers."""
+def patient_lease(agent: SlurmAgent, duration_s: float, timeout_s: float = 60.0) -> Lease:
+    """A lease of one core on ``agent``'s node lasting ``duration_s``; retried while the
+    offer flickers (the broker may hold a report from before the job's last sample)."""
+    wait_until(lambda: len(agent.offer()[0]) >= 1, timeout_s, f"{agent.node} to offer a core")
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            return lease_when_offered(agent.broker, agent, memory=LEASE_MEMORY)
-        except (AssertionError, LeaseDenied) as exc:
+            lease = Client(agent.broker.url).lease(1, LEASE_MEMORY, f"{math.ceil(duration_s)}s")
+            assert lease.node == agent.node
+            return lease
+        except LeaseDenied as exc:
             if time.monotonic() > deadline:
                 raise
             print(f"  lease not granted yet ({exc}); offer {agent.offer()}")
@@ -131,7 +134,8 @@ def run_shape(
         return result
     result["offered"] = agent.offer()[0]
     result["offered_after_s"] = round(time.monotonic() - started, 1)
-    lease = patient_lease(agent)
+    # the lease outlives the steady window: an expiry must not end it first
+    lease = patient_lease(agent, steady_s + 120.0)
     readings: list[float] = []
     evicted: list[dict[str, Any]] = []
     granted = time.monotonic()
