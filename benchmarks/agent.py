@@ -59,9 +59,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def launch(argv: list[str], log: Path, pattern: str, timeout_s: float = 30.0) -> tuple[subprocess.Popen[str], str]:
+def launch(
+    argv: list[str], log: Path, pattern: str, timeout_s: float = 30.0
+) -> tuple[subprocess.Popen[str], str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=env, cwd=ROOT)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=env, cwd=ROOT
+    )
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -106,23 +110,58 @@ def main() -> int:
     try:
         broker, broker_url = launch(
             [PY, "-m", "colocate", "broker", "--listen", "127.0.0.1:0", "--secret-file", secret],
-            tmp / "broker.log", r"listening on (http://\S+?)[,\s]",
+            tmp / "broker.log",
+            r"listening on (http://\S+?)[,\s]",
         )
         procs.append(broker)
         agent, _ = launch(
-            [PY, "-m", "colocate", "agent", "--config", str(config), "--node", args.node, "--broker", broker_url,
-             "--secret-file", secret, "--state-dir", str(tmp / "state")],
-            tmp / "agent.log", r"listening on (http://\S+?)[,\s]",
+            [
+                PY,
+                "-m",
+                "colocate",
+                "agent",
+                "--config",
+                str(config),
+                "--node",
+                args.node,
+                "--broker",
+                broker_url,
+                "--secret-file",
+                secret,
+                "--state-dir",
+                str(tmp / "state"),
+            ],
+            tmp / "agent.log",
+            r"listening on (http://\S+?)[,\s]",
         )
         procs.append(agent)
-        bare, _ = launch([PY, "-c", BARE_SAMPLER.format(root=str(ROOT), node=args.node)], tmp / "bare.log", r"(ready)")
+        bare, _ = launch(
+            [PY, "-c", BARE_SAMPLER.format(root=str(ROOT), node=args.node)],
+            tmp / "bare.log",
+            r"(ready)",
+        )
         procs.append(bare)
         job = subprocess.run(
-            ["sbatch", "--parsable", "-w", args.node, "-c2", "--mem=300M", "-o", "/dev/null", "--wrap", f"{PY} -c '{HALF_BUSY}'"],
-            capture_output=True, text=True, check=True,
+            [
+                "sbatch",
+                "--parsable",
+                "-w",
+                args.node,
+                "-c2",
+                "--mem=300M",
+                "-o",
+                "/dev/null",
+                "--wrap",
+                f"{PY} -c '{HALF_BUSY}'",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         for _ in range(300):  # the job runs and has the history the policy needs to lend
-            state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.strip()
+            state = subprocess.run(
+                ["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True
+            ).stdout.strip()
             if state == "RUNNING":
                 break
             time.sleep(0.1)
@@ -163,8 +202,16 @@ def main() -> int:
     agent_share = used[agent.pid] / wall
     bare_share = used[bare.pid] / wall
     rows = [
-        {"process": "agent (sampler + policy + metrics + reports + HTTP + control socket)", "cpu_s": used[agent.pid], "share_of_core_pct": 100 * agent_share},
-        {"process": "bare sampler loop (baseline)", "cpu_s": used[bare.pid], "share_of_core_pct": 100 * bare_share},
+        {
+            "process": "agent (sampler + policy + metrics + reports + HTTP + control socket)",
+            "cpu_s": used[agent.pid],
+            "share_of_core_pct": 100 * agent_share,
+        },
+        {
+            "process": "bare sampler loop (baseline)",
+            "cpu_s": used[bare.pid],
+            "share_of_core_pct": 100 * bare_share,
+        },
     ]
     print(
         f"agent CPU share, {wall:.0f} s at a 1 s interval, 1 executor on core(s) {pinned} invoked {calls} times "
@@ -173,13 +220,27 @@ def main() -> int:
     print(f"{'process':72} {'CPU s':>7} {'% of a core':>12}")
     for r in rows:
         print(f"{r['process']:72} {r['cpu_s']:7.2f} {r['share_of_core_pct']:12.2f}")
-    print(f"agent / bare sampler: {agent_share / bare_share if bare_share else float('nan'):.2f}x; lease held throughout: {any(still_leased)}")
+    print(
+        f"agent / bare sampler: {agent_share / bare_share if bare_share else float('nan'):.2f}x; lease held throughout: {any(still_leased)}"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "benchmark": "agent", "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "python": sys.version.split()[0], "cores": os.cpu_count(), "seconds": wall, "invocations": calls,
-        "load": os.getloadavg()[0], "rows": rows, "lease_held_throughout": any(still_leased),
-    }, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "benchmark": "agent",
+                "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "python": sys.version.split()[0],
+                "cores": os.cpu_count(),
+                "seconds": wall,
+                "invocations": calls,
+                "load": os.getloadavg()[0],
+                "rows": rows,
+                "lease_held_throughout": any(still_leased),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"saved {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
     return 0
 

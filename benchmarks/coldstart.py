@@ -53,7 +53,11 @@ def pct(samples: list[float], q: float) -> float:
 def spawn(argv: list[str], log: Path) -> tuple[subprocess.Popen[str], str]:
     with log.open("w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "colocate", *argv], stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT
+            [sys.executable, "-m", "colocate", *argv],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            cwd=ROOT,
         )
     assert proc.stdout is not None
     deadline = time.monotonic() + 30
@@ -92,23 +96,49 @@ def measure_coldstart(broker_url: str, n: int) -> dict[str, list[float]]:
             assert ex.invoke(noop, PAYLOAD) == len(PAYLOAD)
             t3 = time.perf_counter()
             lease.release()
-            for name, value in (("lease", t1 - t0), ("executor", t2 - t1), ("first_invoke", t3 - t2), ("total", t3 - t0)):
+            for name, value in (
+                ("lease", t1 - t0),
+                ("executor", t2 - t1),
+                ("first_invoke", t3 - t2),
+                ("total", t3 - t0),
+            ):
                 phases[name].append(value)
     return {name: values[3:] for name, values in phases.items()}  # first rounds warm the path
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=50, help="cold starts to time (default 50)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="colocate-coldstart-") as tmp_text:
         tmp = Path(tmp_text)
         secret = ["--secret-file", str(tmp / "secret")]
-        broker, broker_url = spawn(["broker", "--listen", "127.0.0.1:0", *secret], tmp / "broker.log")
+        broker, broker_url = spawn(
+            ["broker", "--listen", "127.0.0.1:0", *secret], tmp / "broker.log"
+        )
         agent, _ = spawn(
-            ["agent", "--standalone", "--broker", broker_url, "--listen", "127.0.0.1:0", "--node", "bench",
-             "--cores", "1", "--memory", "1GiB", "--interval", "1", "--state-dir", str(tmp / "agent"), *secret],
+            [
+                "agent",
+                "--standalone",
+                "--broker",
+                broker_url,
+                "--listen",
+                "127.0.0.1:0",
+                "--node",
+                "bench",
+                "--cores",
+                "1",
+                "--memory",
+                "1GiB",
+                "--interval",
+                "1",
+                "--state-dir",
+                str(tmp / "agent"),
+                *secret,
+            ],
             tmp / "agent.log",
         )
         try:
@@ -134,14 +164,20 @@ def main() -> int:
         ("first invoke (ship code + call)", phases["first_invoke"]),
         ("cold start: lease request -> first result", phases["total"]),
     ]
-    print(f"\ncold start on {platform.node()} ({platform.python_implementation()} {platform.python_version()}), n={args.n}")
+    print(
+        f"\ncold start on {platform.node()} ({platform.python_implementation()} {platform.python_version()}), n={args.n}"
+    )
     print(f"{'what':<52} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'x http':>7}")
     for name, samples in rows:
         p50 = pct(samples, 50)
-        print(f"{name:<52} {p50 * 1e3:>8.2f} {pct(samples, 90) * 1e3:>8.2f} {pct(samples, 99) * 1e3:>8.2f} {p50 / base:>7.1f}")
+        print(
+            f"{name:<52} {p50 * 1e3:>8.2f} {pct(samples, 90) * 1e3:>8.2f} {pct(samples, 99) * 1e3:>8.2f} {p50 / base:>7.1f}"
+        )
     total_p50 = pct(phases["total"], 50)
     verdict = "meets" if total_p50 <= TARGET_P50_S else "MISSES"
-    print(f"\ncold start p50 {total_p50 * 1e3:.1f} ms {verdict} the target of {TARGET_P50_S * 1e3:.0f} ms")
+    print(
+        f"\ncold start p50 {total_p50 * 1e3:.1f} ms {verdict} the target of {TARGET_P50_S * 1e3:.0f} ms"
+    )
 
     result: dict[str, Any] = {
         "benchmark": "coldstart",
@@ -151,7 +187,12 @@ def main() -> int:
         "target_p50_s": TARGET_P50_S,
         "meets_target": total_p50 <= TARGET_P50_S,
         "rows": {
-            name: {"p50_s": pct(s, 50), "p90_s": pct(s, 90), "p99_s": pct(s, 99), "ratio_to_http_p50": pct(s, 50) / base}
+            name: {
+                "p50_s": pct(s, 50),
+                "p90_s": pct(s, 90),
+                "p99_s": pct(s, 99),
+                "ratio_to_http_p50": pct(s, 50) / base,
+            }
             for name, s in rows
         },
     }

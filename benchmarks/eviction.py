@@ -89,7 +89,11 @@ class SyntheticNode:
 
 def kill_baseline() -> float:
     child = subprocess.Popen(
-        [PY, "-c", "import sys, time; x = bytearray(64 << 20); print(1, flush=True); time.sleep(100)"],
+        [
+            PY,
+            "-c",
+            "import sys, time; x = bytearray(64 << 20); print(1, flush=True); time.sleep(100)",
+        ],
         stdout=subprocess.PIPE,
     )
     assert child.stdout is not None
@@ -102,11 +106,26 @@ def kill_baseline() -> float:
 
 def submit_job(node: str) -> str:
     out = subprocess.run(
-        ["sbatch", "--parsable", "-w", node, "-c2", "--mem=300M", "-o", "/dev/null", "--wrap", f"{PY} -c '{HALF_BUSY}'"],
-        capture_output=True, text=True, check=True,
+        [
+            "sbatch",
+            "--parsable",
+            "-w",
+            node,
+            "-c2",
+            "--mem=300M",
+            "-o",
+            "/dev/null",
+            "--wrap",
+            f"{PY} -c '{HALF_BUSY}'",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     for _ in range(600):
-        state = subprocess.run(["squeue", "-h", "-j", out, "-o", "%T"], capture_output=True, text=True).stdout.strip()
+        state = subprocess.run(
+            ["squeue", "-h", "-j", out, "-o", "%T"], capture_output=True, text=True
+        ).stdout.strip()
         if state == "RUNNING":
             return out
         time.sleep(0.1)
@@ -133,7 +152,9 @@ while True:
 """
 
 
-def live_memory_runs(node: str, runs: int, tmp: Path, secret: bytes, limits: Limits) -> tuple[list[float], list[str]]:
+def live_memory_runs(
+    node: str, runs: int, tmp: Path, secret: bytes, limits: Limits
+) -> tuple[list[float], list[str]]:
     """Memory growth on a live node: a real job grows by 64 MiB on command; the agent's loop
     runs with its memory watch (cgroup v1 threshold eventfd). Latency: from the notification
     that led to the eviction to the lease gone (executor killed, cgroups removed)."""
@@ -143,12 +164,36 @@ def live_memory_runs(node: str, runs: int, tmp: Path, secret: bytes, limits: Lim
     script.write_text(GROWER)
     go = tmp / "grow"
     job = subprocess.run(
-        ["sbatch", "--parsable", "-w", node, "-c2", "--mem=3500M", "-o", str(tmp / "grower.out"), "--wrap", f"{PY} {script} {64 * MiB} {go}"],
-        capture_output=True, text=True, check=True,
+        [
+            "sbatch",
+            "--parsable",
+            "-w",
+            node,
+            "-c2",
+            "--mem=3500M",
+            "-o",
+            str(tmp / "grower.out"),
+            "--wrap",
+            f"{PY} {script} {64 * MiB} {go}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     source = SlurmNode.live(node)
-    supervisor = ExecutorSupervisor(ExecutorConfig(), secret, node=node, state_dir=str(tmp / "live"))
-    agent = Agent(source, get_policy("headroom"), supervisor, secret=secret, url=NOWHERE, broker_url=NOWHERE, limits=limits, interval_s=1.0)
+    supervisor = ExecutorSupervisor(
+        ExecutorConfig(), secret, node=node, state_dir=str(tmp / "live")
+    )
+    agent = Agent(
+        source,
+        get_policy("headroom"),
+        supervisor,
+        secret=secret,
+        url=NOWHERE,
+        broker_url=NOWHERE,
+        limits=limits,
+        interval_s=1.0,
+    )
     fired: list[float] = []
 
     def wake() -> None:
@@ -183,10 +228,15 @@ def live_memory_runs(node: str, runs: int, tmp: Path, secret: bytes, limits: Lim
                 agent.revoke(held.lease_id, 0.0, "released")
             report = agent.report()
             try:
-                agent.start_lease(StartRequest(
-                    lease_id=lease_id, cpu_ids=[max(report.cpu_ids)], memory_bytes=report.memory_bytes - 16 * MiB,
-                    granted_at=now, expires_at=now + 600,
-                ))
+                agent.start_lease(
+                    StartRequest(
+                        lease_id=lease_id,
+                        cpu_ids=[max(report.cpu_ids)],
+                        memory_bytes=report.memory_bytes - 16 * MiB,
+                        granted_at=now,
+                        expires_at=now + 600,
+                    )
+                )
             except LeaseDenied as exc:
                 failures.append(f"live memory run {i}: {exc}")
                 continue
@@ -207,11 +257,18 @@ def live_memory_runs(node: str, runs: int, tmp: Path, secret: bytes, limits: Lim
             time.sleep(0.2)
             before = [t for t in fired if touched <= t <= record.at]
             if not before:
-                failures.append(f"live memory run {i}: evicted without a notification (at the interval)")
+                failures.append(
+                    f"live memory run {i}: evicted without a notification (at the interval)"
+                )
             else:
                 latencies.append(record.at - before[-1])
                 if os.environ.get("EVICTION_DEBUG"):
-                    print(i, f"{(record.at - before[-1]) * 1e3:.1f} ms evict {record.seconds * 1e3:.1f} ms", [round(t - record.at, 3) for t in fired[-4:]], file=sys.stderr)
+                    print(
+                        i,
+                        f"{(record.at - before[-1]) * 1e3:.1f} ms evict {record.seconds * 1e3:.1f} ms",
+                        [round(t - record.at, 3) for t in fired[-4:]],
+                        file=sys.stderr,
+                    )
     finally:
         agent.stop()
         watch.close()
@@ -226,9 +283,18 @@ def live_memory_runs(node: str, runs: int, tmp: Path, secret: bytes, limits: Lim
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=100, help="runs per scenario")
-    parser.add_argument("--node", default="n3", help="dev-cluster node for the prolog and live memory runs")
-    parser.add_argument("--live-runs", type=int, default=22, help="live memory-growth runs (one job grows 64 MiB per run; at most 22)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "eviction.json")
+    parser.add_argument(
+        "--node", default="n3", help="dev-cluster node for the prolog and live memory runs"
+    )
+    parser.add_argument(
+        "--live-runs",
+        type=int,
+        default=22,
+        help="live memory-growth runs (one job grows 64 MiB per run; at most 22)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "eviction.json"
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (cgroups, executors dropping to nobody)")
@@ -238,20 +304,60 @@ def main() -> int:
     limits = Limits(min_history_s=2.0)
     job_id = submit_job(args.node)
     source = SlurmNode.live(args.node)
-    supervisor = ExecutorSupervisor(ExecutorConfig(), secret, node=args.node, state_dir=str(tmp / "s"))
-    agent = Agent(source, get_policy("headroom"), supervisor, secret=secret, url=NOWHERE, broker_url=NOWHERE, limits=limits)
+    supervisor = ExecutorSupervisor(
+        ExecutorConfig(), secret, node=args.node, state_dir=str(tmp / "s")
+    )
+    agent = Agent(
+        source,
+        get_policy("headroom"),
+        supervisor,
+        secret=secret,
+        url=NOWHERE,
+        broker_url=NOWHERE,
+        limits=limits,
+    )
     control = ControlServer(tmp / "agent.sock", SlurmControl(agent, source, CliSlurm()))
     control.start()
     synthetic = SyntheticNode()
-    mem_supervisor = ExecutorSupervisor(ExecutorConfig(), secret, node=synthetic.node, state_dir=str(tmp / "m"))
-    mem_agent = Agent(synthetic, get_policy("headroom"), mem_supervisor, secret=secret, url=NOWHERE, broker_url=NOWHERE, limits=limits)
-    hook = [PY, "-m", "slurm_plugin.hooks", "prolog", "--no-syslog", "--json", "--socket", str(control.path)]
-    env = {"SLURM_JOB_ID": job_id, "SLURMD_NODENAME": args.node, "SLURM_JOB_UID": "0", "SLURM_JOB_CPUS_PER_NODE": "2"}
-    samples: dict[str, list[float]] = {k: [] for k in (
-        "prolog: agent, request to lease gone", "prolog: hook wall time, 1 lease evicted",
-        "prolog: hook wall time, nothing to evict (baseline)", "memory: decision to lease gone",
-        "memory: executor kill + cgroup removal", "SIGKILL + waitpid, plain child (baseline)",
-    )}
+    mem_supervisor = ExecutorSupervisor(
+        ExecutorConfig(), secret, node=synthetic.node, state_dir=str(tmp / "m")
+    )
+    mem_agent = Agent(
+        synthetic,
+        get_policy("headroom"),
+        mem_supervisor,
+        secret=secret,
+        url=NOWHERE,
+        broker_url=NOWHERE,
+        limits=limits,
+    )
+    hook = [
+        PY,
+        "-m",
+        "slurm_plugin.hooks",
+        "prolog",
+        "--no-syslog",
+        "--json",
+        "--socket",
+        str(control.path),
+    ]
+    env = {
+        "SLURM_JOB_ID": job_id,
+        "SLURMD_NODENAME": args.node,
+        "SLURM_JOB_UID": "0",
+        "SLURM_JOB_CPUS_PER_NODE": "2",
+    }
+    samples: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "prolog: agent, request to lease gone",
+            "prolog: hook wall time, 1 lease evicted",
+            "prolog: hook wall time, nothing to evict (baseline)",
+            "memory: decision to lease gone",
+            "memory: executor kill + cgroup removal",
+            "SIGKILL + waitpid, plain child (baseline)",
+        )
+    }
     count = 0
 
     def lease_on_offer(on: Agent) -> str:
@@ -263,14 +369,24 @@ def main() -> int:
                 break
             time.sleep(0.1)
         else:
-            raise SystemExit(f"{on.node} offers no core (the job needs {limits.min_history_s} s of history)")
+            raise SystemExit(
+                f"{on.node} offers no core (the job needs {limits.min_history_s} s of history)"
+            )
         count += 1
         now = time.time()
         memory = 64 * MiB
         if on is mem_agent:
             memory = on.report().memory_bytes - 100 * MiB
         lease_id = f"bench-{count}"
-        on.start_lease(StartRequest(lease_id=lease_id, cpu_ids=[cores[-1]], memory_bytes=memory, granted_at=now, expires_at=now + 600))
+        on.start_lease(
+            StartRequest(
+                lease_id=lease_id,
+                cpu_ids=[cores[-1]],
+                memory_bytes=memory,
+                granted_at=now,
+                expires_at=now + 600,
+            )
+        )
         return lease_id
 
     def run_hook() -> tuple[float, dict[str, Any]]:
@@ -326,10 +442,15 @@ def main() -> int:
     for name, values in samples.items():
         if not values:
             continue
-        rows.append({
-            "scenario": name, "runs": len(values), "p50_ms": statistics.median(values) * 1e3,
-            "p99_ms": pct(values, 99) * 1e3, "max_ms": max(values) * 1e3,
-        })
+        rows.append(
+            {
+                "scenario": name,
+                "runs": len(values),
+                "p50_ms": statistics.median(values) * 1e3,
+                "p99_ms": pct(values, 99) * 1e3,
+                "max_ms": max(values) * 1e3,
+            }
+        )
     print(
         f"eviction latency, {args.runs} runs each ({platform.node()}, {os.cpu_count()} cores, "
         f"load {os.getloadavg()[0]:.2f}); target p99 <= 100 ms"
@@ -340,11 +461,22 @@ def main() -> int:
     if failures:
         print(f"{len(failures)} runs did not evict as expected; first: {failures[0]}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "benchmark": "eviction", "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "python": sys.version.split()[0], "cores": os.cpu_count(), "runs": args.runs,
-        "load": os.getloadavg()[0], "rows": rows, "failures": failures[:10],
-    }, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "benchmark": "eviction",
+                "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "python": sys.version.split()[0],
+                "cores": os.cpu_count(),
+                "runs": args.runs,
+                "load": os.getloadavg()[0],
+                "rows": rows,
+                "failures": failures[:10],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"saved {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
     return 0
 

@@ -40,7 +40,11 @@ class ExecutorConfig(_Section):
     # Imported once by the fork server, before workers drop to run_as_user (who may not be
     # allowed to read the Python installation, e.g. a pyenv under /root).
     preload_modules: tuple[str, ...] = ()
-    eviction_notice_s: float = Field(0.1, ge=0, description="with no grace, longest wait for workers to notify clients and exit before SIGKILL")
+    eviction_notice_s: float = Field(
+        0.1,
+        ge=0,
+        description="with no grace, longest wait for workers to notify clients and exit before SIGKILL",
+    )
     # A uid of its own per lease, from [first, last] (group of run_as_user), so that one lease's
     # functions cannot signal another lease's workers. None: every lease runs as run_as_user.
     lease_uid_range: tuple[int, int] | None = None
@@ -49,13 +53,29 @@ class ExecutorConfig(_Section):
     # host (127/8, ::1, the node's own), where batch jobs listen.
     sandbox: bool = True
     network: Literal["none", "outbound"] = "none"
-    pids_max: int = Field(256, ge=8, description="processes and threads per lease (cgroup pids, RLIMIT_NPROC)")
-    fsize_max_bytes: int = Field(1024**3, gt=0, description="largest file a function may write (RLIMIT_FSIZE)")
-    tmp_max_bytes: int | None = Field(None, gt=0, description="size of /tmp and /dev/shm each (default: the lease's memory)")
-    expiry_grace_s: float = Field(2.0, ge=0, description="a worker ends itself this long after its lease expired")
-    adopt_window_s: float = Field(30.0, ge=0, description="after the agent dies, how long executors wait for a restarted agent")
-    hello_timeout_s: float = Field(2.0, gt=0, description="a connection without a valid lease token is closed after this")
-    max_pending_connections: int = Field(64, ge=1, description="per worker, connections that have not presented a token")
+    pids_max: int = Field(
+        256, ge=8, description="processes and threads per lease (cgroup pids, RLIMIT_NPROC)"
+    )
+    fsize_max_bytes: int = Field(
+        1024**3, gt=0, description="largest file a function may write (RLIMIT_FSIZE)"
+    )
+    tmp_max_bytes: int | None = Field(
+        None, gt=0, description="size of /tmp and /dev/shm each (default: the lease's memory)"
+    )
+    expiry_grace_s: float = Field(
+        2.0, ge=0, description="a worker ends itself this long after its lease expired"
+    )
+    adopt_window_s: float = Field(
+        30.0,
+        ge=0,
+        description="after the agent dies, how long executors wait for a restarted agent",
+    )
+    hello_timeout_s: float = Field(
+        2.0, gt=0, description="a connection without a valid lease token is closed after this"
+    )
+    max_pending_connections: int = Field(
+        64, ge=1, description="per worker, connections that have not presented a token"
+    )
 
 
 def _size_or_none(value: Any) -> Any:
@@ -77,10 +97,14 @@ class Quota(_Section):
     """Limits for one user or one account; None: unlimited."""
 
     cores: int | None = Field(None, ge=0, description="cores held at once")
-    memory: Annotated[int | None, BeforeValidator(_size_or_none), Field(ge=0, description="bytes held at once")] = None
+    memory: Annotated[
+        int | None, BeforeValidator(_size_or_none), Field(ge=0, description="bytes held at once")
+    ] = None
     leases: int | None = Field(None, ge=0, description="concurrent leases")
     duration_s: float | None = Field(None, gt=0, description="longest lease, seconds")
-    core_hours_per_day: float | None = Field(None, ge=0, description="core-hours granted since midnight UTC")
+    core_hours_per_day: float | None = Field(
+        None, ge=0, description="core-hours granted since midnight UTC"
+    )
 
 
 class QuotaConfig(_Section):
@@ -94,9 +118,13 @@ class BrokerConfig(_Section):
     listen: str = "127.0.0.1:8642"
     placement: Literal["first_fit", "best_fit"] = "best_fit"
     secret_file: str | None = None  # cluster secret for lease tokens; generated when absent
-    node_timeout_s: float = Field(10.0, gt=0, description="a node silent this long gets no new leases")
+    node_timeout_s: float = Field(
+        10.0, gt=0, description="a node silent this long gets no new leases"
+    )
     max_lease_s: float = Field(86400.0, gt=0, description="longest lease duration granted, seconds")
-    agent_timeout_s: float = Field(5.0, gt=0, description="how long the broker waits for an agent, seconds")
+    agent_timeout_s: float = Field(
+        5.0, gt=0, description="how long the broker waits for an agent, seconds"
+    )
     auth: AuthConfig = AuthConfig()
     # user -> Slurm accounts they may charge (the first is their default); "*" matches every
     # user. Empty: any account name is accepted (like Slurm without slurmdbd).
@@ -106,7 +134,9 @@ class BrokerConfig(_Section):
     # The accounting ledger: a SQLite file (WAL) or a postgresql:// URL; "" disables it.
     # None: ledger.db next to the cluster secret (/var/lib/colocate/ledger.db for root).
     ledger: str | None = None
-    max_connections: int = Field(900, ge=1, description="open HTTP connections served at once; more get 503")
+    max_connections: int = Field(
+        900, ge=1, description="open HTTP connections served at once; more get 503"
+    )
 
 
 class AgentConfig(_Section):
@@ -118,9 +148,13 @@ class AgentConfig(_Section):
     metrics_listen: str = "0.0.0.0:9642"
     listen: str = "127.0.0.1:8643"  # the agent's HTTP API, called by the broker
     advertise_host: str | None = None  # host in executor addresses; defaults to the listen host
-    offer_cores: int | None = Field(None, ge=1, description="standalone: cores offered (default all)")
+    offer_cores: int | None = Field(
+        None, ge=1, description="standalone: cores offered (default all)"
+    )
     offer_memory: str | None = None  # standalone: memory offered, e.g. "4GiB" (default half of RAM)
-    eviction_grace_s: float = Field(1.0, ge=0, description="revocations: executor grace period, seconds")
+    eviction_grace_s: float = Field(
+        1.0, ge=0, description="revocations: executor grace period, seconds"
+    )
     state_dir: str = "/var/lib/colocate"
     # Besides root, who may use the control socket (the prolog/epilog run as SlurmUser). A
     # missing "slurm" user (SlurmUser=root sites, the dev cluster) is skipped; other names
@@ -135,7 +169,9 @@ class AgentConfig(_Section):
     # Record every decision (view, state, offer, evictions) as JSON lines for
     # `colocate replay --from-agent-log`; off when unset. Rotates to FILE.1 past record_max_bytes.
     record_file: str | None = None
-    record_max_bytes: int = Field(64 * 1024**2, ge=4096, description="decision record: rotate past this size")
+    record_max_bytes: int = Field(
+        64 * 1024**2, ge=4096, description="decision record: rotate past this size"
+    )
 
 
 class Config(_Section):
@@ -189,4 +225,6 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"{err['msg']} (see deploy/ for an example config)", path=where, key=key) from None
+        raise ConfigError(
+            f"{err['msg']} (see deploy/ for an example config)", path=where, key=key
+        ) from None

@@ -115,7 +115,13 @@ class QuotaExceeded(LeaseDenied):
     """A user or account limit: ``limit`` names it, ``used``/``wanted``/``allowed`` the figures."""
 
     def __init__(
-        self, message: str, *, limit: str = "", used: float = 0, wanted: float = 0, allowed: float = 0
+        self,
+        message: str,
+        *,
+        limit: str = "",
+        used: float = 0,
+        wanted: float = 0,
+        allowed: float = 0,
     ) -> None:
         self.limit = limit
         self.used = used

@@ -40,7 +40,14 @@ def _unb64(text: str) -> bytes:
 
 def sign_lease(secret: bytes, claims: LeaseClaims) -> str:
     body = json.dumps(
-        [claims.lease_id, claims.node, list(claims.cpu_ids), claims.memory_bytes, claims.expires_at, claims.user],
+        [
+            claims.lease_id,
+            claims.node,
+            list(claims.cpu_ids),
+            claims.memory_bytes,
+            claims.expires_at,
+            claims.user,
+        ],
         separators=(",", ":"),
     ).encode()
     mac = hmac.new(secret, body, hashlib.sha256).digest()
@@ -61,7 +68,12 @@ def verify_lease(secret: bytes, token: str, now: float) -> LeaseClaims:
         lease_id, node, cpu_ids, memory_bytes, expires_at, *rest = json.loads(body)
         user = str(rest[0]) if rest else ""
         claims = LeaseClaims(
-            str(lease_id), str(node), tuple(int(c) for c in cpu_ids), int(memory_bytes), float(expires_at), user
+            str(lease_id),
+            str(node),
+            tuple(int(c) for c in cpu_ids),
+            int(memory_bytes),
+            float(expires_at),
+            user,
         )
     except (ValueError, TypeError):
         raise Unauthorized("malformed lease token claims") from None

@@ -207,7 +207,9 @@ class Sampler:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- usage -------------------------------------------------------------------------
-    def _rate(self, job_id: str, usage: JobUsage | None, mono: float, cpu_ids: Sequence[int]) -> _Rates:
+    def _rate(
+        self, job_id: str, usage: JobUsage | None, mono: float, cpu_ids: Sequence[int]
+    ) -> _Rates:
         """Over the window: cores used, the busy share of each of ``cpu_ids`` (where the
         source has per-CPU accounting, cgroup v1) and cores' worth of time the job's threads
         waited for a CPU (threads seen at both ends); None when there is no window yet."""

@@ -184,14 +184,18 @@ class LeaseBook:
         for record in self._by_node.get(node, {}).values():
             used_cpus.update(record.cpu_ids)
             used_memory += record.memory_bytes
-        free = Free(node, tuple(sorted(offer.cpu_ids - used_cpus)), max(0, offer.memory_bytes - used_memory))
+        free = Free(
+            node, tuple(sorted(offer.cpu_ids - used_cpus)), max(0, offer.memory_bytes - used_memory)
+        )
         self._free[node] = free
         return free
 
     def available(self, now: float) -> list[Free]:
         """Free capacity of every live node, by name."""
         timeout, offers = self.node_timeout_s, self._offers
-        return [self.free(n) for n in self._sorted_names() if now - offers[n].reported_at <= timeout]
+        return [
+            self.free(n) for n in self._sorted_names() if now - offers[n].reported_at <= timeout
+        ]
 
     # --- placement ---------------------------------------------------------------------
 
@@ -220,7 +224,9 @@ class LeaseBook:
         if not fitting:
             return None
         if placement == "best_fit":
-            chosen = min(fitting, key=lambda f: (f.cores - cores, f.memory_bytes - memory_bytes, f.node))
+            chosen = min(
+                fitting, key=lambda f: (f.cores - cores, f.memory_bytes - memory_bytes, f.node)
+            )
         elif placement == "first_fit":
             chosen = fitting[0]
         else:

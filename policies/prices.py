@@ -25,7 +25,10 @@ class Prices(BaseModel):
 
     def resource_cost(self, core_seconds: float, memory_byte_seconds: float) -> float:
         """Cost of cores and memory held for some time, in ``currency``."""
-        return core_seconds / 3600.0 * self.core_hour + memory_byte_seconds / GIB / 3600.0 * self.gib_hour
+        return (
+            core_seconds / 3600.0 * self.core_hour
+            + memory_byte_seconds / GIB / 3600.0 * self.gib_hour
+        )
 
     def idle_cost(
         self,
@@ -36,6 +39,8 @@ class Prices(BaseModel):
     ) -> float:
         """Cost of idle cores and memory; in node charging, the larger share of a node-hour."""
         if self.charging == "node":
-            share = max(core_seconds / max(node_cores, 1), memory_byte_seconds / max(node_memory_bytes, 1))
+            share = max(
+                core_seconds / max(node_cores, 1), memory_byte_seconds / max(node_memory_bytes, 1)
+            )
             return share / 3600.0 * self.node_hour
         return self.resource_cost(core_seconds, memory_byte_seconds)

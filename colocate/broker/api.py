@@ -43,6 +43,7 @@ def _text_via(parse: Callable[[str], Any], kind: str) -> Callable[[Any], Any]:
 _size = _text_via(parse_size, "size")
 _duration = _text_via(parse_duration, "duration")
 
+
 def _whole(value: Any) -> Any:
     """JSON numbers for counts: booleans and strings refused (pydantic would read "1" and true)."""
     if isinstance(value, bool | str):
@@ -64,9 +65,13 @@ Bytes = Annotated[
     BeforeValidator(_size),
     Field(gt=0, le=MAX_BYTES),
     WithJsonSchema(
-        {"anyOf": [{"type": "integer", "minimum": 1, "maximum": MAX_BYTES},
-                   {"type": "string", "pattern": SIZE_PATTERN}],
-         "description": 'bytes, or a size like "512MiB" (K/M/G binary, KB/MB/GB decimal; "2TiB" works too)'}
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 1, "maximum": MAX_BYTES},
+                {"type": "string", "pattern": SIZE_PATTERN},
+            ],
+            "description": 'bytes, or a size like "512MiB" (K/M/G binary, KB/MB/GB decimal; "2TiB" works too)',
+        }
     ),
 ]
 Seconds = Annotated[
@@ -74,13 +79,21 @@ Seconds = Annotated[
     BeforeValidator(_duration),
     Field(ge=1.0, le=MAX_SECONDS, allow_inf_nan=False),
     WithJsonSchema(
-        {"anyOf": [{"type": "number", "minimum": 1, "maximum": MAX_SECONDS},
-                   {"type": "string", "pattern": DURATION_PATTERN}],
-         "description": 'seconds (at least 1), or a duration like "5m"; at most the broker\'s max_lease_s'}
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 1, "maximum": MAX_SECONDS},
+                {"type": "string", "pattern": DURATION_PATTERN},
+            ],
+            "description": 'seconds (at least 1), or a duration like "5m"; at most the broker\'s max_lease_s',
+        }
     ),
 ]
 # Constraints before the validator: after it, pydantic writes them as non-standard "ge"/"le" keys.
-CpuIds = Annotated[list[Annotated[int, Field(ge=0, le=1_000_000), BeforeValidator(_whole)]], Field(max_length=4096)]
+CpuIds = Annotated[
+    list[Annotated[int, Field(ge=0, le=1_000_000), BeforeValidator(_whole)]], Field(max_length=4096)
+]
+
+
 def _distinct(ids: list[int]) -> list[int]:
     if len(set(ids)) != len(ids):
         raise ValueError("core ids must be distinct")
@@ -106,7 +119,10 @@ class ErrorReply(_Message):
     message: str
     lease_id: str | None = None
     available: dict[str, int] | None = None
-    limit: str | None = Field(None, description="QuotaExceeded: the limit (cores, memory, leases, duration_s, core_hours_per_day)")
+    limit: str | None = Field(
+        None,
+        description="QuotaExceeded: the limit (cores, memory, leases, duration_s, core_hours_per_day)",
+    )
     used: float | None = None
     allowed: float | None = None
 
@@ -140,7 +156,9 @@ class LeaseGrant(_Message):
     max_payload_bytes: int
     user: str = ""
     account: str = ""
-    lease_key: str = Field("", description="hex; the executor's proof key (empty: the executor cannot prove itself)")
+    lease_key: str = Field(
+        "", description="hex; the executor's proof key (empty: the executor cannot prove itself)"
+    )
 
 
 class LeaseInfo(_Message):
@@ -180,7 +198,9 @@ class BrokerStatus(_Message):
     now: float
     nodes: list[NodeInfo]
     leases: list[LeaseInfo] = Field(description="the caller's leases (every lease for an admin)")
-    others: list[OtherLease] = Field(default_factory=list, description="other users' leases, without ids")
+    others: list[OtherLease] = Field(
+        default_factory=list, description="other users' leases, without ids"
+    )
 
 
 class LeaseList(_Message):
@@ -237,8 +257,12 @@ class NodeReport(_Message):
     url: str = Field(min_length=1, max_length=512, pattern=r"^https?://")
     cpu_ids: CpuIds
     memory_bytes: Int = Field(ge=0, le=MAX_BYTES)
-    generation: Int = Field(ge=0, le=2**53, description="the agent's change counter when it built this report")
-    instance: str = Field("", max_length=64, description="random per agent run: a new value means the agent restarted")
+    generation: Int = Field(
+        ge=0, le=2**53, description="the agent's change counter when it built this report"
+    )
+    instance: str = Field(
+        "", max_length=64, description="random per agent run: a new value means the agent restarted"
+    )
     leases: list[ReportedLease] = Field(default_factory=list, max_length=4096)
 
 
@@ -280,7 +304,13 @@ class ExpiryRequest(_Message):
 
 
 class RevokeRequest(_Message):
-    grace_s: float | None = Field(None, ge=0, le=3600, allow_inf_nan=False, description="default: the agent's eviction_grace_s")
+    grace_s: float | None = Field(
+        None,
+        ge=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="default: the agent's eviction_grace_s",
+    )
     reason: str = Field("revoked", max_length=64)
 
 

@@ -59,10 +59,24 @@ class LedgerCollector(Collector):
         self.ledger = ledger
 
     def collect(self) -> Iterable[CounterMetricFamily]:
-        leases = CounterMetricFamily("colocate_account_leases", "Closed leases per Slurm account", labels=["account"])
-        cores = CounterMetricFamily("colocate_account_core_seconds", "Core-seconds of closed leases per account", labels=["account"])
-        gib = CounterMetricFamily("colocate_account_memory_gib_seconds", "GiB-seconds of closed leases per account", labels=["account"])
-        money = CounterMetricFamily("colocate_account_recovered_money", "Money recovered by closed leases per account", labels=["account"])
+        leases = CounterMetricFamily(
+            "colocate_account_leases", "Closed leases per Slurm account", labels=["account"]
+        )
+        cores = CounterMetricFamily(
+            "colocate_account_core_seconds",
+            "Core-seconds of closed leases per account",
+            labels=["account"],
+        )
+        gib = CounterMetricFamily(
+            "colocate_account_memory_gib_seconds",
+            "GiB-seconds of closed leases per account",
+            labels=["account"],
+        )
+        money = CounterMetricFamily(
+            "colocate_account_recovered_money",
+            "Money recovered by closed leases per account",
+            labels=["account"],
+        )
         for account, n, core_s, gib_s, value in self.ledger.account_totals():
             leases.add_metric([account], n)
             cores.add_metric([account], core_s)
@@ -81,7 +95,13 @@ def _since(day: datetime.date | None) -> float | None:
 def _limit_durations(schema: dict[str, Any], max_lease_s: float) -> None:
     """State this broker's longest lease in the OpenAPI description of every duration."""
     for name in ("LeaseRequest", "RenewRequest"):
-        duration = schema.get("components", {}).get("schemas", {}).get(name, {}).get("properties", {}).get("duration")
+        duration = (
+            schema.get("components", {})
+            .get("schemas", {})
+            .get(name, {})
+            .get("properties", {})
+            .get("duration")
+        )
         for form in (duration or {}).get("anyOf", ()):
             if form.get("type") == "number":
                 form["maximum"] = max_lease_s
@@ -130,7 +150,9 @@ def create_app(broker: Broker, authenticator: Authenticator | None = None) -> Fa
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            schema = get_openapi(
+                title=app.title, version=app.version, summary=app.summary, routes=app.routes
+            )
             _limit_durations(schema, broker.config.max_lease_s)
             app.openapi_schema = schema
         return app.openapi_schema
@@ -140,7 +162,9 @@ def create_app(broker: Broker, authenticator: Authenticator | None = None) -> Fa
     async def caller(  # munged answers in ~0.1 ms: not worth a thread hop
         request: Request,
         authorization: str | None = Header(
-            None, alias=AUTH_HEADER, description="`MUNGE <credential>` (payload `colocate/1 METHOD PATH`) or `Bearer <Slurm JWT>`"
+            None,
+            alias=AUTH_HEADER,
+            description="`MUNGE <credential>` (payload `colocate/1 METHOD PATH`) or `Bearer <Slurm JWT>`",
         ),
     ) -> Identity:
         return auth.authenticate(authorization, request.method, request.url.path)
@@ -168,7 +192,8 @@ def create_app(broker: Broker, authenticator: Authenticator | None = None) -> Fa
 
     @app.get(f"{API_PREFIX}/leases", response_model=LeaseList)
     async def list_leases(
-        who: Identity = Caller, node: str | None = Query(None, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
+        who: Identity = Caller,
+        node: str | None = Query(None, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$"),
     ) -> LeaseList:
         """The caller's live leases (every lease for an admin), optionally on one node."""
         return LeaseList(leases=broker.leases(who, node))
@@ -178,7 +203,9 @@ def create_app(broker: Broker, authenticator: Authenticator | None = None) -> Fa
         return broker.info(lease_id, who)
 
     @app.post(f"{API_PREFIX}/leases/{{lease_id}}/renew", response_model=LeaseGrant)
-    async def renew_lease(request: RenewRequest, lease_id: str = LeaseId, who: Identity = Caller) -> LeaseGrant:
+    async def renew_lease(
+        request: RenewRequest, lease_id: str = LeaseId, who: Identity = Caller
+    ) -> LeaseGrant:
         """Extend the lease to now + ``duration``; the answer carries a new token and the
         executor refuses the old one."""
         return await broker.renew(lease_id, request, who)
@@ -197,7 +224,9 @@ def create_app(broker: Broker, authenticator: Authenticator | None = None) -> Fa
         who: Identity = Caller,
         user: str | None = Query(None, max_length=64),
         account: str | None = Query(None, max_length=64),
-        since: Annotated[datetime.date | None, Query(description="leases that ran on or after this day (UTC)")] = None,
+        since: Annotated[
+            datetime.date | None, Query(description="leases that ran on or after this day (UTC)")
+        ] = None,
     ) -> UsageReport:
         """Ledger records (like ``sreport``): a user sees their own, an admin everyone's."""
         if broker.ledger is None:
@@ -216,7 +245,9 @@ def create_app(broker: Broker, authenticator: Authenticator | None = None) -> Fa
     async def node_signed(request: Request, node: str = NodeName) -> str:
         """The request is signed by ``node``'s own agent (see :mod:`colocate.auth.node`)."""
         body = await request.body()
-        return broker.node_verifier.verify(request.headers, request.method, request.url.path, body, node)
+        return broker.node_verifier.verify(
+            request.headers, request.method, request.url.path, body, node
+        )
 
     @app.put(f"{API_PREFIX}/nodes/{{node}}", response_model=ReportReply)
     async def report(report: NodeReport, node: str = Depends(node_signed)) -> ReportReply:

@@ -101,7 +101,9 @@ class Broker:
     def node_key(self, node: str) -> bytes:
         """``node``'s own key (derived from the cluster secret): signs its lease tokens and
         the requests between the broker and its agent."""
-        return node_key(self._secret, node)  # ~2 us; no cache: unauthenticated callers name nodes too
+        return node_key(
+            self._secret, node
+        )  # ~2 us; no cache: unauthenticated callers name nodes too
 
     async def start(self) -> None:
         self._http = httpx.AsyncClient(timeout=self.config.agent_timeout_s)
@@ -151,17 +153,31 @@ class Broker:
 
     def report(self, node: str, report: NodeReport) -> ReportReply:
         """Take an agent's report; tell it which of its leases were released here."""
-        release = [r.lease_id for r in report.leases if self.book.ended(r.lease_id) is LeaseEnd.RELEASED]
+        release = [
+            r.lease_id for r in report.leases if self.book.ended(r.lease_id) is LeaseEnd.RELEASED
+        ]
         reported = [
             LeaseRecord(
-                r.lease_id, node, tuple(r.cpu_ids), r.memory_bytes, r.granted_at, r.expires_at,
-                r.address, r.generation,
+                r.lease_id,
+                node,
+                tuple(r.cpu_ids),
+                r.memory_bytes,
+                r.granted_at,
+                r.expires_at,
+                r.address,
+                r.generation,
             )
             for r in report.leases
             if r.lease_id not in release
         ]
         outcome = self.book.report(
-            node, report.url, report.cpu_ids, report.memory_bytes, reported, report.generation, self._clock(),
+            node,
+            report.url,
+            report.cpu_ids,
+            report.memory_bytes,
+            reported,
+            report.generation,
+            self._clock(),
             report.instance,
         )
         now = self._clock()
@@ -169,7 +185,11 @@ class Broker:
             log.info("node %s: learned live leases %s", node, ", ".join(outcome.learned))
         for record in outcome.dropped:
             log.info("node %s: lease %s is gone (evicted on the node)", node, record.lease_id)
-            self._ended(record.lease_id, min(now, record.expires_at), "expired" if record.expires_at <= now else "evicted")
+            self._ended(
+                record.lease_id,
+                min(now, record.expires_at),
+                "expired" if record.expires_at <= now else "evicted",
+            )
         if self.ledger is not None:
             self.ledger.seen((r.lease_id for r in reported), now)
         return ReportReply(
@@ -189,7 +209,9 @@ class Broker:
         try:
             reply = await self._http.request(method, url, content=content, headers=headers)
         except httpx.HTTPError as exc:
-            raise BackendUnavailable(f"agent at {url} did not answer ({type(exc).__name__}); is the node agent running?") from None
+            raise BackendUnavailable(
+                f"agent at {url} did not answer ({type(exc).__name__}); is the node agent running?"
+            ) from None
         try:
             data = reply.json()
         except ValueError:
@@ -221,8 +243,14 @@ class Broker:
         key = self.node_key(record.node)  # the node's verifier holds only its own key
         token = sign_lease(
             key,
-            LeaseClaims(record.lease_id, record.node, record.cpu_ids, record.memory_bytes, record.expires_at,
-                        owner.user if owner else ""),
+            LeaseClaims(
+                record.lease_id,
+                record.node,
+                record.cpu_ids,
+                record.memory_bytes,
+                record.expires_at,
+                owner.user if owner else "",
+            ),
         )
         return LeaseGrant(
             lease_id=record.lease_id,
@@ -246,20 +274,32 @@ class Broker:
         allowed = self.config.accounts.get(who.user, self.config.accounts.get("*"))
         if allowed is None:
             if self.config.accounts and not who.admin:
-                raise Forbidden(f"user {who.user} has no Slurm account in broker.accounts; ask your site to add one")
+                raise Forbidden(
+                    f"user {who.user} has no Slurm account in broker.accounts; ask your site to add one"
+                )
             return Owner(who.uid, who.gid, who.user, account or self.config.default_account)
         if not account:
-            return Owner(who.uid, who.gid, who.user, allowed[0] if allowed else self.config.default_account)
+            return Owner(
+                who.uid, who.gid, who.user, allowed[0] if allowed else self.config.default_account
+            )
         if account not in allowed and not who.admin:
-            raise Forbidden(f"user {who.user} may not charge account {account!r}; allowed: {', '.join(allowed) or 'none'}")
+            raise Forbidden(
+                f"user {who.user} may not charge account {account!r}; allowed: {', '.join(allowed) or 'none'}"
+            )
         return Owner(who.uid, who.gid, who.user, account)
 
-    def _use(self, now: float, *, owner: Owner | None = None, account: str | None = None) -> quotas.Use:
+    def _use(
+        self, now: float, *, owner: Owner | None = None, account: str | None = None
+    ) -> quotas.Use:
         """What ``owner`` (by uid) or ``account`` holds now and used since midnight UTC."""
         cores = memory = count = 0
         for record in self.book.leases():
             held = self._owners.get(record.lease_id)
-            if held is None or (owner is not None and held.uid != owner.uid) or (account is not None and held.account != account):
+            if (
+                held is None
+                or (owner is not None and held.uid != owner.uid)
+                or (account is not None and held.account != account)
+            ):
                 continue
             cores += record.cores
             memory += record.memory_bytes
@@ -273,17 +313,29 @@ class Broker:
                 today = self.ledger.core_seconds_since(midnight, now, account=account)
         return quotas.Use(cores, memory, count, today)
 
-    def _check_quotas(self, owner: Owner, cores: int, memory: int, duration: float, now: float, *, new: bool) -> None:
+    def _check_quotas(
+        self, owner: Owner, cores: int, memory: int, duration: float, now: float, *, new: bool
+    ) -> None:
         config = self.config.quotas
         user_quota = quotas.quota_for(config, user=owner.user)
         quotas.check(
-            user_quota, self._use(now, owner=owner), f"user {owner.user}",
-            cores=cores, memory_bytes=memory, duration_s=duration, new_lease=new,
+            user_quota,
+            self._use(now, owner=owner),
+            f"user {owner.user}",
+            cores=cores,
+            memory_bytes=memory,
+            duration_s=duration,
+            new_lease=new,
         )
         account_quota = quotas.quota_for(config, account=owner.account)
         quotas.check(
-            account_quota, self._use(now, account=owner.account), f"account {owner.account or '(none)'}",
-            cores=cores, memory_bytes=memory, duration_s=duration, new_lease=new,
+            account_quota,
+            self._use(now, account=owner.account),
+            f"account {owner.account or '(none)'}",
+            cores=cores,
+            memory_bytes=memory,
+            duration_s=duration,
+            new_lease=new,
         )
 
     def _duration(self, duration: float) -> float:
@@ -294,7 +346,10 @@ class Broker:
             raise QuotaExceeded(
                 f"duration {duration:g}s exceeds this broker's longest lease of {limit:g}s "
                 "(broker.max_lease_s); ask for less and renew",
-                limit="max_lease_s", used=0, wanted=duration, allowed=limit,
+                limit="max_lease_s",
+                used=0,
+                wanted=duration,
+                allowed=limit,
             )
         return duration
 
@@ -310,7 +365,9 @@ class Broker:
         self._duration(request.duration)
         owner = self.owner_for(who, request.account) if who is not None else None
         if owner is not None:
-            self._check_quotas(owner, request.cores, request.memory, request.duration, self._clock(), new=True)
+            self._check_quotas(
+                owner, request.cores, request.memory, request.duration, self._clock(), new=True
+            )
         failed: set[str] = set()
         last_error: Exception | None = None
         for _ in range(START_ATTEMPTS):
@@ -330,11 +387,18 @@ class Broker:
         raise self._denied(request, self._clock())
 
     async def _start_on(
-        self, node: str, cpu_ids: tuple[int, ...], request: LeaseRequest, now: float, owner: Owner | None
+        self,
+        node: str,
+        cpu_ids: tuple[int, ...],
+        request: LeaseRequest,
+        now: float,
+        owner: Owner | None,
     ) -> LeaseGrant:
         offer = self.book.node(node)
         assert offer is not None
-        record = LeaseRecord(f"l-{secrets.token_hex(8)}", node, cpu_ids, request.memory, now, now + request.duration)
+        record = LeaseRecord(
+            f"l-{secrets.token_hex(8)}", node, cpu_ids, request.memory, now, now + request.duration
+        )
         self.book.add(record)  # cores are taken now, before the agent answers
         if owner is not None:
             self._owners[record.lease_id] = owner
@@ -344,10 +408,14 @@ class Broker:
             memory_bytes=record.memory_bytes,
             granted_at=record.granted_at,
             expires_at=record.expires_at,
-            owner=LeaseOwner(uid=owner.uid, gid=owner.gid, user=owner.user, account=owner.account) if owner else None,
+            owner=LeaseOwner(uid=owner.uid, gid=owner.gid, user=owner.user, account=owner.account)
+            if owner
+            else None,
         )
         try:
-            data = await self._agent(node, "POST", f"{offer.url}{API_PREFIX}/leases", start.model_dump())
+            data = await self._agent(
+                node, "POST", f"{offer.url}{API_PREFIX}/leases", start.model_dump()
+            )
             started = StartReply.model_validate(data)
         except Exception as exc:
             self.book.remove(record.lease_id, LeaseEnd.START_FAILED)
@@ -361,13 +429,28 @@ class Broker:
         if confirmed is None:  # expired or dropped while starting
             self._owners.pop(record.lease_id, None)
             await self._release_on_agent(node, offer.url, record.lease_id)
-            raise LeaseExpired("ended while its executor was starting; ask for a longer lease", lease_id=record.lease_id)
+            raise LeaseExpired(
+                "ended while its executor was starting; ask for a longer lease",
+                lease_id=record.lease_id,
+            )
         if owner is not None and self.ledger is not None:
             self.ledger.open(
-                record.lease_id, owner, node, record.cores, record.memory_bytes, record.granted_at, record.expires_at
+                record.lease_id,
+                owner,
+                node,
+                record.cores,
+                record.memory_bytes,
+                record.granted_at,
+                record.expires_at,
             )
-        log.info("lease %s: %d cores on %s until %.0f for %s", record.lease_id, record.cores, node,
-                 record.expires_at, owner.label() if owner else "?")
+        log.info(
+            "lease %s: %d cores on %s until %.0f for %s",
+            record.lease_id,
+            record.cores,
+            node,
+            record.expires_at,
+            owner.label() if owner else "?",
+        )
         return self._grant(confirmed)
 
     def _gone(self, lease_id: str) -> LeaseError:
@@ -389,7 +472,9 @@ class Broker:
             if owner is None and record is None and self.book.ended(lease_id) is None:
                 raise self._gone(lease_id)
             if owner is None or owner.uid != who.uid:
-                raise Forbidden(f"lease {lease_id}: {who.user} may not {action} it (not the owner, not an admin)")
+                raise Forbidden(
+                    f"lease {lease_id}: {who.user} may not {action} it (not the owner, not an admin)"
+                )
         return record
 
     def info(self, lease_id: str, who: Identity | None = None) -> LeaseInfo:
@@ -398,7 +483,9 @@ class Broker:
             raise self._gone(lease_id)
         return self._info(record)
 
-    async def renew(self, lease_id: str, request: RenewRequest, who: Identity | None = None) -> LeaseGrant:
+    async def renew(
+        self, lease_id: str, request: RenewRequest, who: Identity | None = None
+    ) -> LeaseGrant:
         """Extend to now + duration; the agent learns the new expiry first. The grant carries
         a new token, and the executor refuses the old one from then on."""
         record = self._record(lease_id, who, "renew")
@@ -419,13 +506,17 @@ class Broker:
             raise BackendUnavailable(f"node {record.node} of lease {lease_id} is not registered")
         try:
             await self._agent(
-                record.node, "PUT", f"{offer.url}{API_PREFIX}/leases/{lease_id}",
+                record.node,
+                "PUT",
+                f"{offer.url}{API_PREFIX}/leases/{lease_id}",
                 ExpiryRequest(expires_at=expires_at).model_dump(),
             )
         except LeaseError:
             self.book.remove(lease_id, LeaseEnd.EVICTED)
             self._ended(lease_id, now, "evicted")
-            raise LeaseEvicted("its node no longer runs it; ask for a new lease", lease_id=lease_id) from None
+            raise LeaseEvicted(
+                "its node no longer runs it; ask for a new lease", lease_id=lease_id
+            ) from None
         renewed = self.book.renew(lease_id, expires_at)
         if renewed is None:
             raise self._gone(lease_id)
@@ -486,7 +577,9 @@ class Broker:
             nodes=nodes,
             leases=[self._info(r) for r in self.book.leases() if r.lease_id in mine],
             others=[
-                OtherLease(node=r.node, cores=r.cores, memory_bytes=r.memory_bytes, expires_at=r.expires_at)
+                OtherLease(
+                    node=r.node, cores=r.cores, memory_bytes=r.memory_bytes, expires_at=r.expires_at
+                )
                 for r in self.book.leases()
                 if r.lease_id not in mine
             ],

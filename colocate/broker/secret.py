@@ -47,18 +47,27 @@ def load_or_create_secret(path: str | Path | None) -> bytes:
         except FileExistsError:
             pass
         except OSError as exc:
-            raise ConfigError(f"cannot create the cluster secret ({exc.strerror}); set broker.secret_file to a writable path", path=str(file)) from None
+            raise ConfigError(
+                f"cannot create the cluster secret ({exc.strerror}); set broker.secret_file to a writable path",
+                path=str(file),
+            ) from None
         finally:
             tmp.unlink(missing_ok=True)
     try:
         mode = file.stat().st_mode
         text = file.read_text().strip()
     except OSError as exc:
-        raise ConfigError(f"cannot read the cluster secret ({exc.strerror})", path=str(file)) from None
+        raise ConfigError(
+            f"cannot read the cluster secret ({exc.strerror})", path=str(file)
+        ) from None
     if mode & 0o077:
-        raise ConfigError("cluster secret is readable by group or others; chmod 600 it", path=str(file))
+        raise ConfigError(
+            "cluster secret is readable by group or others; chmod 600 it", path=str(file)
+        )
     if len(text) < 16:
-        raise ConfigError("cluster secret is shorter than 16 characters; delete it to regenerate", path=str(file))
+        raise ConfigError(
+            "cluster secret is shorter than 16 characters; delete it to regenerate", path=str(file)
+        )
     return text.encode()
 
 

@@ -77,7 +77,9 @@ def bind(listen: str, default_port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise BackendUnavailable(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --listen") from None
+        raise BackendUnavailable(
+            f"cannot listen on {host}:{port} ({exc.strerror}); pick another --listen"
+        ) from None
     sock.listen(512)
     sock.set_inheritable(True)
     return sock
@@ -97,7 +99,9 @@ class _Server(uvicorn.Server):
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        original = {
+            sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
         try:
             yield
         finally:
@@ -146,8 +150,13 @@ def serve(app: FastAPI, sock: socket.socket, *, max_connections: int | None = No
     if max_connections is None:
         max_connections = max(64, int(limit * 0.9) - 64)
     config = uvicorn.Config(
-        app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=2,
-        http=_Protocol, limit_concurrency=min(max_connections, max(64, limit - 64)),
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=2,
+        http=_Protocol,
+        limit_concurrency=min(max_connections, max(64, limit - 64)),
     )
     _Server(config).run(sockets=[sock])
 
@@ -192,7 +201,9 @@ class BodyLimit:
             return
         limit = self.max_body_bytes
         for name, value in scope.get("headers", ()):
-            if name == b"content-length" and (not value.isdigit() or len(value) > 12 or int(value) > limit):
+            if name == b"content-length" and (
+                not value.isdigit() or len(value) > 12 or int(value) > limit
+            ):
                 await _too_large(send, value.decode("latin-1")[:20], limit)
                 return
         seen = 0
@@ -212,8 +223,16 @@ class BodyLimit:
 async def _too_large(send: Send, declared: str, limit: int) -> None:
     message = f"body of {declared!r} bytes exceeds the limit of {limit} bytes; send less"
     body = json.dumps({"error": "PayloadTooLarge", "message": message}).encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -229,17 +248,27 @@ def install_error_handlers(app: FastAPI, max_body_bytes: int = MAX_BODY_BYTES) -
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return JSONResponse({"error": "BadRequest", "message": _validation_message(exc)}, status_code=400)
+        return JSONResponse(
+            {"error": "BadRequest", "message": _validation_message(exc)}, status_code=400
+        )
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        name = {401: "Unauthorized", 403: "Forbidden", 413: "PayloadTooLarge"}.get(exc.status_code, "BadRequest")
+        name = {401: "Unauthorized", 403: "Forbidden", 413: "PayloadTooLarge"}.get(
+            exc.status_code, "BadRequest"
+        )
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        return JSONResponse({"error": name, "message": f"{request.method} {request.url.path}: {detail}"}, status_code=exc.status_code)
+        return JSONResponse(
+            {"error": name, "message": f"{request.method} {request.url.path}: {detail}"},
+            status_code=exc.status_code,
+        )
 
     async def on_crash(request: Request, exc: Exception) -> JSONResponse:
         log.exception("%s %s failed", request.method, request.url.path)
-        return JSONResponse({"error": "ColocateError", "message": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+        return JSONResponse(
+            {"error": "ColocateError", "message": f"internal error: {type(exc).__name__}: {exc}"},
+            status_code=500,
+        )
 
     app.add_exception_handler(ColocateError, on_colocate)
     app.add_exception_handler(RequestValidationError, on_validation)

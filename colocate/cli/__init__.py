@@ -15,8 +15,14 @@ from collections.abc import Sequence
 
 # name -> (module, one-line help). Adding a subcommand: one module and one line here.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "replay": ("colocate.cli.replay", "replay job and FaaS traces through the policies; report money recovered"),
-    "tune": ("colocate.cli.tune", "search policy limits for the most money recovered within the slowdown and eviction caps"),
+    "replay": (
+        "colocate.cli.replay",
+        "replay job and FaaS traces through the policies; report money recovered",
+    ),
+    "tune": (
+        "colocate.cli.tune",
+        "search policy limits for the most money recovered within the slowdown and eviction caps",
+    ),
     "monitor": ("colocate.cli.monitor", "show what each Slurm job on this node was given and uses"),
     "agent": ("colocate.cli.agent", "run the node agent (Slurm-integrated, or --standalone)"),
     "broker": ("colocate.cli.broker", "run the lease broker"),
@@ -25,7 +31,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "leases": ("colocate.cli.leases", "list your live leases (every lease for an admin)"),
     "release": ("colocate.cli.release", "give leases back by id"),
     "usage": ("colocate.cli.usage", "report who used what from the broker's ledger, like sreport"),
-    "dev-cluster": ("colocate.cli.dev_cluster", "start or stop a real Slurm cluster on this machine"),
+    "dev-cluster": (
+        "colocate.cli.dev_cluster",
+        "start or stop a real Slurm cluster on this machine",
+    ),
     "hook": ("colocate.cli.hook", "Slurm prolog/epilog hooks (never fail the job)"),
     "metrics": ("colocate.cli.metrics", "metrics tools (replay to OpenMetrics, dashboard queries)"),
 }
@@ -36,7 +45,9 @@ def _top_parser() -> argparse.ArgumentParser:
         prog="colocate",
         description="Run serverless functions on the idle cores and unused memory of HPC batch jobs.",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in SUBCOMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)

@@ -9,14 +9,24 @@ import sys
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="colocate TOML config file (default: built-in defaults)")
-    parser.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:8642; port 0 picks one)")
-    parser.add_argument("--placement", choices=["first_fit", "best_fit"], help="how a node is picked for a lease")
-    parser.add_argument("--secret-file", help="cluster secret shared with the agents (created when absent)")
     parser.add_argument(
-        "--node-key", metavar="NODE",
+        "--listen", help="HOST:PORT to serve on (default 127.0.0.1:8642; port 0 picks one)"
+    )
+    parser.add_argument(
+        "--placement", choices=["first_fit", "best_fit"], help="how a node is picked for a lease"
+    )
+    parser.add_argument(
+        "--secret-file", help="cluster secret shared with the agents (created when absent)"
+    )
+    parser.add_argument(
+        "--node-key",
+        metavar="NODE",
         help="print NODE's key file (install it on NODE alone as the agent's secret file) and exit",
     )
-    parser.add_argument("--ledger", help='accounting ledger: SQLite file (default ledger.db next to the secret), "" for none')
+    parser.add_argument(
+        "--ledger",
+        help='accounting ledger: SQLite file (default ledger.db next to the secret), "" for none',
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
     overrides = {
         key: value
         for key, value in (
-            ("listen", args.listen), ("placement", args.placement), ("secret_file", args.secret_file),
+            ("listen", args.listen),
+            ("placement", args.placement),
+            ("secret_file", args.secret_file),
             ("ledger", args.ledger),
         )
         if value is not None
@@ -47,12 +59,20 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(node_key_file(secret, args.node_key))
         return 0
     auth = config.auth
-    authenticator = Authenticator.from_files(auth.methods, auth.jwt_key_file, auth.admin_users, auth.admin_groups)
-    secret_dir = Path(config.secret_file).parent if config.secret_file else default_secret_file().parent
+    authenticator = Authenticator.from_files(
+        auth.methods, auth.jwt_key_file, auth.admin_users, auth.admin_groups
+    )
+    secret_dir = (
+        Path(config.secret_file).parent if config.secret_file else default_secret_file().parent
+    )
     ledger = open_ledger(config.ledger, secret_dir, full.prices)
     sock = bind(config.listen, 8642)
     # One line on stdout so scripts and tests learn the port chosen for port 0.
     print(f"colocate broker: listening on {url_of(sock)} ({config.placement})", flush=True)
     sys.stdout.flush()
-    serve(create_app(Broker(config, secret, ledger=ledger), authenticator), sock, max_connections=config.max_connections)
+    serve(
+        create_app(Broker(config, secret, ledger=ledger), authenticator),
+        sock,
+        max_connections=config.max_connections,
+    )
     return 0

@@ -19,13 +19,19 @@ from typing import Any
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("function", metavar="MODULE:FUNCTION", help="e.g. math:factorial")
-    parser.add_argument("args", nargs="*", metavar="ARGS", help="arguments, as JSON values or plain strings")
-    parser.add_argument("--broker", help="broker URL (default agent.broker_url, http://127.0.0.1:8642)")
+    parser.add_argument(
+        "args", nargs="*", metavar="ARGS", help="arguments, as JSON values or plain strings"
+    )
+    parser.add_argument(
+        "--broker", help="broker URL (default agent.broker_url, http://127.0.0.1:8642)"
+    )
     parser.add_argument("--config", help="colocate TOML config file (default: built-in defaults)")
     parser.add_argument("--cores", type=int, default=1, help="cores to lease (default 1)")
     parser.add_argument("--memory", default="512MiB", help="memory to lease (default 512MiB)")
     parser.add_argument("--duration", default="1m", help="lease duration (default 1m)")
-    parser.add_argument("--account", default="", help="Slurm account to charge (default: yours, per the broker)")
+    parser.add_argument(
+        "--account", default="", help="Slurm account to charge (default: yours, per the broker)"
+    )
     parser.add_argument("--json", action="store_true", help="print the result and timings as JSON")
 
 
@@ -42,13 +48,17 @@ def resolve(reference: str) -> Callable[..., Any]:
 
     module_name, sep, attr = reference.partition(":")
     if not sep or not module_name or not attr:
-        raise ConfigError(f"{reference!r}: name the function as MODULE:FUNCTION, e.g. math:factorial")
+        raise ConfigError(
+            f"{reference!r}: name the function as MODULE:FUNCTION, e.g. math:factorial"
+        )
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         target: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"cannot import module {module_name!r} ({exc}); check the name and PYTHONPATH") from None
+        raise ConfigError(
+            f"cannot import module {module_name!r} ({exc}); check the name and PYTHONPATH"
+        ) from None
     _ship_by_value_if_local(target)
     for part in attr.split("."):
         if not hasattr(target, part):
@@ -62,7 +72,11 @@ def resolve(reference: str) -> Callable[..., Any]:
 def _ship_by_value_if_local(module: Any) -> None:
     """A module from the current directory is not importable on the node: ship its code."""
     path = getattr(module, "__file__", None)
-    if path and os.path.abspath(path).startswith(os.getcwd() + os.sep) and "site-packages" not in path:
+    if (
+        path
+        and os.path.abspath(path).startswith(os.getcwd() + os.sep)
+        and "site-packages" not in path
+    ):
         import cloudpickle
 
         cloudpickle.register_pickle_by_value(module)
@@ -77,20 +91,30 @@ def run(args: argparse.Namespace) -> int:
     call_args = [_argument(a) for a in args.args]
     url = args.broker or load_config(args.config).agent.broker_url
     started = time.perf_counter()
-    with Client(url) as client, client.lease(
-        cores=args.cores, memory=args.memory, duration=args.duration, account=args.account
-    ) as lease:
+    with (
+        Client(url) as client,
+        client.lease(
+            cores=args.cores, memory=args.memory, duration=args.duration, account=args.account
+        ) as lease,
+    ):
         granted = time.perf_counter()
         executor = lease.executor([fn])
         try:
             result = executor.invoke(fn, *call_args)
         except ColocateError:
             raise
-        except Exception as exc:  # the function's own exception, re-raised with the remote traceback
-            remote = getattr(exc, "remote_traceback", None) or "".join(getattr(exc, "__notes__", []))
+        except (
+            Exception
+        ) as exc:  # the function's own exception, re-raised with the remote traceback
+            remote = getattr(exc, "remote_traceback", None) or "".join(
+                getattr(exc, "__notes__", [])
+            )
             if remote:
                 print(remote.rstrip(), file=sys.stderr)
-            print(f"colocate invoke: {args.function} raised {type(exc).__name__}: {exc}", file=sys.stderr)
+            print(
+                f"colocate invoke: {args.function} raised {type(exc).__name__}: {exc}",
+                file=sys.stderr,
+            )
             return 1
         finally:
             executor.shutdown(wait=False)
@@ -102,10 +126,18 @@ def run(args: argparse.Namespace) -> int:
             shown: Any = result
         except (TypeError, ValueError):
             shown = repr(result)
-        print(json.dumps({
-            "function": args.function, "result": shown, "lease_id": lease_id, "node": node,
-            "lease_s": granted - started, "invoke_s": done - granted,
-        }))
+        print(
+            json.dumps(
+                {
+                    "function": args.function,
+                    "result": shown,
+                    "lease_id": lease_id,
+                    "node": node,
+                    "lease_s": granted - started,
+                    "invoke_s": done - granted,
+                }
+            )
+        )
     else:
         print(result if isinstance(result, str) else repr(result))
     return 0

@@ -7,7 +7,9 @@ from collections.abc import Sequence
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--broker", help="broker URL (default agent.broker_url, http://127.0.0.1:8642)")
+    parser.add_argument(
+        "--broker", help="broker URL (default agent.broker_url, http://127.0.0.1:8642)"
+    )
     parser.add_argument("--config", help="colocate TOML config file (default: built-in defaults)")
     parser.add_argument("--json", action="store_true", help="print the broker's status as JSON")
 
@@ -31,7 +33,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(status.model_dump_json(indent=2))
         return 0
-    print(f"broker {url} ({status.placement}): {len(status.nodes)} nodes, {len(status.leases)} leases")
+    print(
+        f"broker {url} ({status.placement}): {len(status.nodes)} nodes, {len(status.leases)} leases"
+    )
     if status.nodes:
         print(
             f"\n{'NODE':<20} {'STATE':<6} {'CORES':>5} {'FREE':>5} {'FREE CPU IDS':<12} "

@@ -220,7 +220,11 @@ class _Connection:
         """Present the token; with ``lease_key`` (hex, from the grant) also send a nonce and
         check the executor's proof that it is the one the broker placed."""
         nonce = secrets.token_hex(16) if lease_key else ""
-        self.send(P.frame(P.HELLO, 0, P.VERSION, 0, f"{token} {nonce}".encode() if nonce else token.encode()))
+        self.send(
+            P.frame(
+                P.HELLO, 0, P.VERSION, 0, f"{token} {nonce}".encode() if nonce else token.encode()
+            )
+        )
         status, _flags, body = self._read_frame_blocking()
         if status != P.OK:
             self.close()

@@ -62,13 +62,17 @@ class Client:
     context manager) to free its connections.
     """
 
-    def __init__(self, broker_url: str = DEFAULT_BROKER, *, timeout_s: float = 10.0, jwt: str | None = None) -> None:
+    def __init__(
+        self, broker_url: str = DEFAULT_BROKER, *, timeout_s: float = 10.0, jwt: str | None = None
+    ) -> None:
         if not broker_url.startswith(("http://", "https://")):
             raise ConfigError(f"broker URL {broker_url!r} must start with http:// or https://")
         self.broker_url = broker_url.rstrip("/")
         self._http = httpx.Client(base_url=self.broker_url, timeout=timeout_s, auth=ClientAuth(jwt))
 
-    def _call(self, method: str, path: str, body: Any | None = None, params: dict[str, str] | None = None) -> Any:
+    def _call(
+        self, method: str, path: str, body: Any | None = None, params: dict[str, str] | None = None
+    ) -> Any:
         try:
             reply = self._http.request(method, f"{API_PREFIX}{path}", json=body, params=params)
         except httpx.HTTPError as exc:
@@ -84,7 +88,12 @@ class Client:
         return data
 
     def lease(
-        self, cores: int = 1, memory: str | int = "512MiB", duration: str | float = "5m", *, account: str = ""
+        self,
+        cores: int = 1,
+        memory: str | int = "512MiB",
+        duration: str | float = "5m",
+        *,
+        account: str = "",
     ) -> Lease:
         """Ask for ``cores`` cores and ``memory`` (bytes or "512MiB") for ``duration``
         (seconds or "5m"), charged to Slurm ``account`` (default: yours). The lease is granted
@@ -99,7 +108,10 @@ class Client:
             raise ConfigError(f"cores={cores!r}: ask for a whole number of cores, at least 1")
         try:
             request = LeaseRequest(
-                cores=cores, memory=parse_size(memory), duration=parse_duration(duration), account=account
+                cores=cores,
+                memory=parse_size(memory),
+                duration=parse_duration(duration),
+                account=account,
             )
         except ValidationError as exc:
             raise ConfigError(f"lease request: {_first_error(exc)}") from None
@@ -144,9 +156,13 @@ class Client:
             request = RenewRequest(duration=parse_duration(duration))
         except ValidationError as exc:
             raise ConfigError(f"renew of {lease_id}: {_first_error(exc)}") from None
-        return LeaseGrant.model_validate(self._call("POST", f"/leases/{lease_id}/renew", request.model_dump()))
+        return LeaseGrant.model_validate(
+            self._call("POST", f"/leases/{lease_id}/renew", request.model_dump())
+        )
 
-    def usage(self, *, user: str | None = None, account: str | None = None, since: str | None = None) -> UsageReport:
+    def usage(
+        self, *, user: str | None = None, account: str | None = None, since: str | None = None
+    ) -> UsageReport:
         """Ledger records since ``since`` (ISO date/time, UTC): yours, or anyone's for an admin."""
         params = {k: v for k, v in (("user", user), ("account", account), ("since", since)) if v}
         return UsageReport.model_validate(self._call("GET", "/usage", params=params or None))
@@ -275,14 +291,19 @@ class Lease:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         try:
             self.release()
         except BackendUnavailable:
             if exc is None:
                 raise
-            log.warning("could not release %s: broker unreachable; it ends at expiry", self.lease_id)
+            log.warning(
+                "could not release %s: broker unreachable; it ends at expiry", self.lease_id
+            )
 
     def __repr__(self) -> str:
         return f"Lease({self.lease_id!r}, node={self.node!r}, cores={self.cores}, expires in {self.remaining_s:.0f}s)"

@@ -86,7 +86,10 @@ class TokenVerifier:
         with self._renew_lock:
             current = self._expiry.get(claims.lease_id)
         if current is not None and claims.expires_at < current - 1e-3:
-            return {"status": "unauthorized", "message": "token was replaced when the lease was renewed; use the new one"}
+            return {
+                "status": "unauthorized",
+                "message": "token was replaced when the lease was renewed; use the new one",
+            }
         answer: dict[str, Any] = {
             "status": "ok",
             "lease_id": claims.lease_id,

@@ -68,7 +68,9 @@ class ExecutorHandleLike(Protocol):
 class ExecutorBackend(Protocol):
     """What the agent needs from the executors (``colocate.executor.ExecutorSupervisor``)."""
 
-    def start(self, lease_id: str, cpu_ids: Sequence[int], memory_bytes: int, expires_at: float) -> ExecutorHandleLike: ...
+    def start(
+        self, lease_id: str, cpu_ids: Sequence[int], memory_bytes: int, expires_at: float
+    ) -> ExecutorHandleLike: ...
     def evict(self, lease_id: str, grace_s: float = 0.0, reason: str = "evicted") -> float: ...
     def handles(self) -> Sequence[ExecutorHandleLike]: ...
     def exited(self) -> dict[str, tuple[int, ...]]: ...
@@ -91,7 +93,13 @@ class HeldLease:
     pids: tuple[int, ...] = ()
 
     def view(self) -> LeaseView:
-        return LeaseView(self.lease_id, frozenset(self.cpu_ids), self.memory_bytes, self.granted_at, self.expires_at)
+        return LeaseView(
+            self.lease_id,
+            frozenset(self.cpu_ids),
+            self.memory_bytes,
+            self.granted_at,
+            self.expires_at,
+        )
 
     def reported(self) -> ReportedLease:
         return ReportedLease(
@@ -190,7 +198,9 @@ class Agent:
         offer. Returns the lease ids cleaned."""
         cleaned = self.executors.adopt_or_cleanup()
         if cleaned:
-            log.info("cleaned up executors of leases %s left by a previous agent", ", ".join(cleaned))
+            log.info(
+                "cleaned up executors of leases %s left by a previous agent", ", ".join(cleaned)
+            )
         now = self._clock()
         view = self.source.view(now)
         job_cpus = {c for job in view.jobs for c in job.cpu_ids}
@@ -204,8 +214,14 @@ class Agent:
             with self._lock:  # its clients keep working; the broker hears of it at the next report
                 self._generation += 1
                 self._leases[handle.lease_id] = HeldLease(
-                    handle.lease_id, cpus, int(getattr(handle, "memory_bytes", 0)), now, expires_at,
-                    handle.address, self._generation, tuple(handle.pids),
+                    handle.lease_id,
+                    cpus,
+                    int(getattr(handle, "memory_bytes", 0)),
+                    now,
+                    expires_at,
+                    handle.address,
+                    self._generation,
+                    tuple(handle.pids),
                 )
             log.info("lease %s: adopted its executor on cores %s", handle.lease_id, list(cpus))
         with self._lock:  # an offer before the first request, not one interval later
@@ -224,21 +240,35 @@ class Agent:
             held = self._leases.get(request.lease_id)
             if held is not None:  # the broker retried: same answer
                 if held.cpu_ids != cpu_ids or held.memory_bytes != request.memory_bytes:
-                    raise BadRequest(f"lease {request.lease_id} already runs here with other resources")
+                    raise BadRequest(
+                        f"lease {request.lease_id} already runs here with other resources"
+                    )
                 return self._start_reply(held)
             if not self._offer.cpu_ids:
                 self._decide(now)
             self._admit(request.lease_id, cpu_ids, request.memory_bytes)
             started = time.monotonic()
             # The lease's owner (issue 12), for backends that run workers as that user.
-            owned = {"owner": _owner(request)} if request.owner is not None and _takes_owner(self.executors) else {}
-            handle = self.executors.start(request.lease_id, cpu_ids, request.memory_bytes, request.expires_at, **owned)
+            owned = (
+                {"owner": _owner(request)}
+                if request.owner is not None and _takes_owner(self.executors)
+                else {}
+            )
+            handle = self.executors.start(
+                request.lease_id, cpu_ids, request.memory_bytes, request.expires_at, **owned
+            )
             if self.metrics is not None:
                 self.metrics.cold_start(time.monotonic() - started)
             self._generation += 1
             held = HeldLease(
-                request.lease_id, cpu_ids, request.memory_bytes, request.granted_at,
-                request.expires_at, handle.address, self._generation, tuple(handle.pids),
+                request.lease_id,
+                cpu_ids,
+                request.memory_bytes,
+                request.granted_at,
+                request.expires_at,
+                handle.address,
+                self._generation,
+                tuple(handle.pids),
             )
             self._leases[held.lease_id] = held
         # Wake the loop to watch the new expiry, but report only at the next interval: the
@@ -250,8 +280,11 @@ class Agent:
 
     def _start_reply(self, held: HeldLease) -> StartReply:
         return StartReply(
-            lease_id=held.lease_id, address=held.address, pids=list(held.pids),
-            generation=held.generation, max_payload_bytes=self.max_payload_bytes,
+            lease_id=held.lease_id,
+            address=held.address,
+            pids=list(held.pids),
+            generation=held.generation,
+            max_payload_bytes=self.max_payload_bytes,
         )
 
     def _admit(self, lease_id: str, cpu_ids: tuple[int, ...], memory_bytes: int) -> None:
@@ -283,7 +316,9 @@ class Agent:
         """The client gave the lease back: stop its executor now."""
         return self.revoke(lease_id, grace_s=0.0, reason=EvictionReason.RELEASED)
 
-    def revoke(self, lease_id: str, grace_s: float | None = None, reason: str = EvictionReason.REVOKED) -> Revoked:
+    def revoke(
+        self, lease_id: str, grace_s: float | None = None, reason: str = EvictionReason.REVOKED
+    ) -> Revoked:
         """Take a lease back: in-flight invocations get ``grace_s`` seconds, then the executor
         is killed and they end with LeaseEvicted at the client."""
         with self._lock:
@@ -295,11 +330,15 @@ class Agent:
         seconds = self._evict_executor(lease_id, grace, reason)
         log.info("lease %s %s (grace %.3fs, gone after %.3fs)", lease_id, reason, grace, seconds)
         self.evictions.append(
-            EvictionRecord(lease_id, reason, self._clock(), seconds, held.cpu_ids, held.memory_bytes)
+            EvictionRecord(
+                lease_id, reason, self._clock(), seconds, held.cpu_ids, held.memory_bytes
+            )
         )
         if self.metrics is not None:
             self.metrics.evicted(reason, seconds if seconds == seconds else None)
-        if reason != "released":  # the broker asked for a release; it must hear of anything else now
+        if (
+            reason != "released"
+        ):  # the broker asked for a release; it must hear of anything else now
             self._report_due.set()
             self._wake.set()
         return Revoked(lease_id=lease_id, reason=reason, seconds=seconds)
@@ -399,7 +438,12 @@ class Agent:
         except (httpx.HTTPError, ValueError) as exc:
             if self._broker_down_since is None:
                 self._broker_down_since = self._clock()
-                log.warning("broker %s: report failed (%s); retrying every %.1fs", self.broker_url, exc, self.interval_s)
+                log.warning(
+                    "broker %s: report failed (%s); retrying every %.1fs",
+                    self.broker_url,
+                    exc,
+                    self.interval_s,
+                )
             return None
         if self._broker_down_since is not None:
             log.info("broker %s reachable again", self.broker_url)
@@ -424,7 +468,9 @@ class Agent:
         """Loop until :meth:`stop`: decide and evict at every wake-up (each interval, each
         lease expiry, each change); report every interval and right after any lease ended."""
         next_report = 0.0
-        with httpx.Client(timeout=max(1.0, self.interval_s), auth=NodeAuth(self._secret, self.node)) as http:
+        with httpx.Client(
+            timeout=max(1.0, self.interval_s), auth=NodeAuth(self._secret, self.node)
+        ) as http:
             while not self._stop.is_set():
                 self._wake.clear()
                 try:
@@ -482,8 +528,12 @@ class Agent:
     def status(self) -> AgentStatus:
         report = self.report()
         return AgentStatus(
-            node=self.node, broker_url=self.broker_url, cpu_ids=report.cpu_ids,
-            memory_bytes=report.memory_bytes, generation=report.generation, leases=report.leases,
+            node=self.node,
+            broker_url=self.broker_url,
+            cpu_ids=report.cpu_ids,
+            memory_bytes=report.memory_bytes,
+            generation=report.generation,
+            leases=report.leases,
         )
 
 

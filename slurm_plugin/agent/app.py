@@ -32,7 +32,9 @@ from colocate.errors import LeaseDenied, LeaseExpired
 from slurm_plugin.agent.agent import Agent
 
 LeaseId = Path(min_length=1, max_length=128, pattern=LEASE_ID_PATTERN)
-_ERRORS: dict[int | str, dict[str, object]] = {code: {"model": ErrorReply} for code in (400, 401, 404, 409, 410)}
+_ERRORS: dict[int | str, dict[str, object]] = {
+    code: {"model": ErrorReply} for code in (400, 401, 404, 409, 410)
+}
 
 
 def create_app(agent: Agent, *, run_loop: bool = True) -> FastAPI:
@@ -83,7 +85,9 @@ def create_app(agent: Agent, *, run_loop: bool = True) -> FastAPI:
         except LeaseExpired as exc:  # a stale request, not a gone lease: the broker tries elsewhere
             raise LeaseDenied(str(exc)) from None
 
-    @app.put(f"{API_PREFIX}/leases/{{lease_id}}", response_model=ReportedLease, dependencies=guarded)
+    @app.put(
+        f"{API_PREFIX}/leases/{{lease_id}}", response_model=ReportedLease, dependencies=guarded
+    )
     def set_expiry(request: ExpiryRequest, lease_id: str = LeaseId) -> ReportedLease:
         return agent.set_expiry(lease_id, request.expires_at).reported()
 
@@ -91,7 +95,9 @@ def create_app(agent: Agent, *, run_loop: bool = True) -> FastAPI:
     def release(lease_id: str = LeaseId) -> Revoked:
         return agent.release(lease_id)
 
-    @app.post(f"{API_PREFIX}/leases/{{lease_id}}/revoke", response_model=Revoked, dependencies=guarded)
+    @app.post(
+        f"{API_PREFIX}/leases/{{lease_id}}/revoke", response_model=Revoked, dependencies=guarded
+    )
     def revoke(request: RevokeRequest, lease_id: str = LeaseId) -> Revoked:
         """Take the lease back: grace period, then kill; in-flight calls end LeaseEvicted."""
         return agent.revoke(lease_id, request.grace_s, request.reason)

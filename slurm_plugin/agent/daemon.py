@@ -61,7 +61,9 @@ def check_node(node: str) -> None:
     from slurm_plugin.slurm.cli import CliSlurm
 
     if shutil.which("sinfo") is None:
-        raise ConfigError("Slurm's sinfo is not installed here; run `colocate agent --standalone` on a machine without Slurm")
+        raise ConfigError(
+            "Slurm's sinfo is not installed here; run `colocate agent --standalone` on a machine without Slurm"
+        )
     try:
         CliSlurm(timeout_s=5.0).node_info(node)
     except ConfigError as exc:
@@ -87,7 +89,9 @@ def open_agent(
     from colocate.executor import ExecutorSupervisor
     from slurm_plugin.agent.agent import Agent
 
-    secret = node_key(secret, node)  # this node's own key: reports, broker calls, lease tokens (issue 12)
+    secret = node_key(
+        secret, node
+    )  # this node's own key: reports, broker calls, lease tokens (issue 12)
 
     sock = bind(agent_config.listen, 8643)
     url = url_of(sock)
@@ -97,7 +101,9 @@ def open_agent(
     elif host in ("0.0.0.0", "::"):
         host = socket.getfqdn()
     try:
-        supervisor = ExecutorSupervisor(config.executor, secret, node=node, host=host, state_dir=agent_config.state_dir)
+        supervisor = ExecutorSupervisor(
+            config.executor, secret, node=node, host=host, state_dir=agent_config.state_dir
+        )
     except OSError as exc:
         raise ConfigError(
             f"cannot set up executors in {agent_config.state_dir} ({exc}); pass a short, writable --state-dir"
@@ -127,19 +133,28 @@ def open_agent(
     if agent_config.record_file:  # issue 11: decisions recorded for the replay
         from slurm_plugin.agent.recorder import DecisionRecorder
 
-        agent.recorder = DecisionRecorder(agent_config.record_file, agent_config.record_max_bytes, getattr(policy, "name", "?"), config.policy.limits)
+        agent.recorder = DecisionRecorder(
+            agent_config.record_file,
+            agent_config.record_max_bytes,
+            getattr(policy, "name", "?"),
+            config.policy.limits,
+        )
         stack.callback(agent.recorder.close)
     return agent, sock, url
 
 
-def run_standalone_agent(config: Config, agent_config: AgentConfig, secret: bytes, node: str, source: StandaloneNode) -> int:
+def run_standalone_agent(
+    config: Config, agent_config: AgentConfig, secret: bytes, node: str, source: StandaloneNode
+) -> int:
     """Offer ``source`` (a share of this machine) with the ``unallocated`` policy, no Slurm."""
     from colocate.broker.service import serve
     from policies.unallocated import UnallocatedPolicy
     from slurm_plugin.agent.app import create_app
 
     with contextlib.ExitStack() as stack:
-        agent, sock, url = open_agent(stack, config, agent_config, secret, node, source, UnallocatedPolicy())
+        agent, sock, url = open_agent(
+            stack, config, agent_config, secret, node, source, UnallocatedPolicy()
+        )
         cleaned = agent.recover()
         print(
             f"colocate agent: node {node} listening on {url}, offering {len(source.cpu_ids)} cores and "
@@ -173,16 +188,22 @@ def run_slurm_agent(config: Config, agent_config: AgentConfig, secret: bytes, no
     control_path = socket_path_for(agent_config.control_socket, node)
     with contextlib.ExitStack() as stack:
         source = SlurmNode.live(
-            node, psi_groups=agent_config.psi_groups, default_colocate=agent_config.default_colocate == "allow",
+            node,
+            psi_groups=agent_config.psi_groups,
+            default_colocate=agent_config.default_colocate == "allow",
             slurm_backend=agent_config.slurm_backend,
         )
         stack.callback(source.close)
         metrics = AgentMetrics(node, config.prices, listen=agent_config.metrics_listen)
         stack.callback(metrics.close)
-        agent, sock, url = open_agent(stack, config, agent_config, secret, node, source, policy, metrics)
+        agent, sock, url = open_agent(
+            stack, config, agent_config, secret, node, source, policy, metrics
+        )
         watch = MemoryWatch.for_node(node, agent.wake).start()
         stack.callback(watch.close)
-        handler = SlurmControl(agent, source, CliSlurm(timeout_s=2.0), choice_dir_for(control_path))  # within the prolog's wait
+        handler = SlurmControl(
+            agent, source, CliSlurm(timeout_s=2.0), choice_dir_for(control_path)
+        )  # within the prolog's wait
         handler.watch_choices(agent_config.interval_s)
         stack.callback(handler.close)
         control = ControlServer(control_path, handler, allowed_uids=uids)

@@ -42,7 +42,12 @@ class MemoryWatch:
     """
 
     def __init__(
-        self, group: Path, wake: Callable[[], None], *, step_bytes: int = DEFAULT_STEP_BYTES, rearm_s: float = 1.0
+        self,
+        group: Path,
+        wake: Callable[[], None],
+        *,
+        step_bytes: int = DEFAULT_STEP_BYTES,
+        rearm_s: float = 1.0,
     ) -> None:
         self.group = Path(group)
         self.wake = wake
@@ -55,7 +60,9 @@ class MemoryWatch:
         self._warned = False
 
     @classmethod
-    def for_node(cls, node: str, wake: Callable[[], None], root: str | Path = "/sys/fs/cgroup/memory") -> MemoryWatch:
+    def for_node(
+        cls, node: str, wake: Callable[[], None], root: str | Path = "/sys/fs/cgroup/memory"
+    ) -> MemoryWatch:
         """The watch on Slurm's cgroup v1 group of ``node`` (``slurm_<node>``, or ``slurm`` for a
         single slurmd per host, whichever exists first)."""
         base = Path(root)
@@ -80,12 +87,18 @@ class MemoryWatch:
             return None
         efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         try:
-            (self.group / "cgroup.event_control").write_text(f"{efd} {ufd} {usage + self.step_bytes}")
+            (self.group / "cgroup.event_control").write_text(
+                f"{efd} {ufd} {usage + self.step_bytes}"
+            )
         except OSError as exc:
             os.close(efd)
             os.close(ufd)
             if not self._warned:
-                log.warning("memory watch on %s unavailable (%s); deciding every interval only", self.group, exc)
+                log.warning(
+                    "memory watch on %s unavailable (%s); deciding every interval only",
+                    self.group,
+                    exc,
+                )
                 self._warned = True
             return None
         return efd, ufd

@@ -37,16 +37,22 @@ class StandaloneNode:
         self.memory_bytes = memory_bytes
 
     @classmethod
-    def from_machine(cls, node: str, cores: int | None = None, memory_bytes: int | None = None) -> StandaloneNode:
+    def from_machine(
+        cls, node: str, cores: int | None = None, memory_bytes: int | None = None
+    ) -> StandaloneNode:
         """Offer the first ``cores`` CPUs this process may run on (default all of them) and
         ``memory_bytes`` (default half of the machine's RAM). ConfigError if more is asked
         than the machine has."""
         allowed = sorted(os.sched_getaffinity(0))
         total = psutil.virtual_memory().total
         if cores is not None and not 1 <= cores <= len(allowed):
-            raise ConfigError(f"--cores {cores}: this machine lets the agent use {len(allowed)} cores; offer 1..{len(allowed)}")
+            raise ConfigError(
+                f"--cores {cores}: this machine lets the agent use {len(allowed)} cores; offer 1..{len(allowed)}"
+            )
         if memory_bytes is not None and not 0 <= memory_bytes <= total:
-            raise ConfigError(f"--memory {memory_bytes} bytes: this machine has {total} bytes of RAM; offer less")
+            raise ConfigError(
+                f"--memory {memory_bytes} bytes: this machine has {total} bytes of RAM; offer less"
+            )
         chosen = frozenset(allowed[: cores or len(allowed)])
         return cls(node, chosen, total // 2 if memory_bytes is None else memory_bytes)
 

@@ -46,7 +46,9 @@ class SlurmControl:
     socket); read once at start so an agent restarted during a job still knows its choice.
     """
 
-    def __init__(self, agent: Agent, source: SlurmNode, slurm: CliSlurm, choices_dir: Path | None = None) -> None:
+    def __init__(
+        self, agent: Agent, source: SlurmNode, slurm: CliSlurm, choices_dir: Path | None = None
+    ) -> None:
         self.agent = agent
         self.source = source
         self.slurm = slurm
@@ -97,7 +99,9 @@ class SlurmControl:
         try:
             text = self.slurm.run(["scontrol", "-o", "-d", "show", "job", str(job_id)])
         except (SlurmUnavailable, LookupError, OSError) as exc:
-            log.warning("prolog job %d: scontrol show job failed (%s); evicting every lease", job_id, exc)
+            log.warning(
+                "prolog job %d: scontrol show job failed (%s); evicting every lease", job_id, exc
+            )
             return None
         for layout in parse_scontrol_job_detail(text).items:
             if layout.node == self.agent.node:
@@ -107,7 +111,12 @@ class SlurmControl:
     def on_prolog(self, request: PrologRequest, deadline: float) -> PrologResult:
         started = time.monotonic()
         if request.node is not None and request.node != self.agent.node:
-            log.warning("prolog job %d is for node %s, this agent serves %s; ignored", request.job_id, request.node, self.agent.node)
+            log.warning(
+                "prolog job %d is for node %s, this agent serves %s; ignored",
+                request.job_id,
+                request.node,
+                self.agent.node,
+            )
             return PrologResult()
         job_id = str(request.job_id)
         if request.colocate is not None:
@@ -127,7 +136,11 @@ class SlurmControl:
             self.agent.tick(sample=False)  # evicts what conflicts, synchronously
         after = {lease.lease_id for lease in self.agent.report().leases}
         waited = time.monotonic() - started
-        return PrologResult(evicted=tuple(sorted(before - after)), waited_s=waited, complete=time.monotonic() <= deadline)
+        return PrologResult(
+            evicted=tuple(sorted(before - after)),
+            waited_s=waited,
+            complete=time.monotonic() <= deadline,
+        )
 
     def on_epilog(self, request: EpilogRequest) -> EpilogResult:
         if request.node is not None and request.node != self.agent.node:
@@ -136,7 +149,9 @@ class SlurmControl:
         self.agent.tick(sample=False)
         self.agent.request_report()
         report = self.agent.report()
-        return EpilogResult(offered_cores=len(report.cpu_ids), offered_memory_bytes=report.memory_bytes)
+        return EpilogResult(
+            offered_cores=len(report.cpu_ids), offered_memory_bytes=report.memory_bytes
+        )
 
     def status(self) -> Mapping[str, Any]:
         data = dict(self.agent.status().model_dump(mode="json"))
@@ -144,11 +159,20 @@ class SlurmControl:
         snapshot = self.source.last_snapshot
         if snapshot is not None:
             data["jobs"] = [
-                {"job_id": job.job_id, "cpu_ids": list(job.cpu_ids), "cores_used": job.cores_used,
-                 "memory_used_bytes": job.memory_used_bytes, "memory_allocated_bytes": job.memory_allocated_bytes,
-                 "cpu_pressure": job.cpu_pressure, "memory_pressure": job.memory_pressure,
-                 "cores_waiting": job.cores_waiting, "cpu_busy": {str(c): b for c, b in job.cpu_busy},
-                 "colocate": self.source.monitored.colocate.get(job.job_id, self.source.default_colocate)}
+                {
+                    "job_id": job.job_id,
+                    "cpu_ids": list(job.cpu_ids),
+                    "cores_used": job.cores_used,
+                    "memory_used_bytes": job.memory_used_bytes,
+                    "memory_allocated_bytes": job.memory_allocated_bytes,
+                    "cpu_pressure": job.cpu_pressure,
+                    "memory_pressure": job.memory_pressure,
+                    "cores_waiting": job.cores_waiting,
+                    "cpu_busy": {str(c): b for c, b in job.cpu_busy},
+                    "colocate": self.source.monitored.colocate.get(
+                        job.job_id, self.source.default_colocate
+                    ),
+                }
                 for job in snapshot.jobs
             ]
             data["slurm_ok"] = snapshot.slurm_ok

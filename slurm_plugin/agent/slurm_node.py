@@ -42,7 +42,9 @@ class SlurmNode:
     the overlay; ``view`` must be called by one thread at a time (the agent holds its lock).
     """
 
-    def __init__(self, monitored: MonitoredNode, *, monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, monitored: MonitoredNode, *, monotonic: Callable[[], float] = time.monotonic
+    ) -> None:
         self.monitored = monitored
         self.node = monitored.node
         self._mono = monotonic
@@ -53,8 +55,14 @@ class SlurmNode:
 
     @classmethod
     def live(
-        cls, node: str, *, psi_groups: bool = False, default_colocate: bool = True, slurm_wait_s: float = 0.05,
-        window_s: float = 1.0, slurm_backend: str = "cli",
+        cls,
+        node: str,
+        *,
+        psi_groups: bool = False,
+        default_colocate: bool = True,
+        slurm_wait_s: float = 0.05,
+        window_s: float = 1.0,
+        slurm_backend: str = "cli",
     ) -> SlurmNode:
         """This machine's Slurm node ``node``: allocations from Slurm (``slurm_backend``: ``cli``
         or ``pyslurm``), usage from cgroups.
@@ -70,7 +78,10 @@ class SlurmNode:
         from slurm_plugin.slurm import make_slurm
 
         sampler = Sampler(
-            node, make_slurm(slurm_backend), default_source(psi_groups=psi_groups), slurm_wait_s=slurm_wait_s,
+            node,
+            make_slurm(slurm_backend),
+            default_source(psi_groups=psi_groups),
+            slurm_wait_s=slurm_wait_s,
             window_s=window_s,
         )
         return cls(MonitoredNode(sampler, default_colocate=default_colocate))
@@ -91,7 +102,9 @@ class SlurmNode:
         with self._lock:
             self.monitored.colocate[job_id] = colocate
 
-    def job_starting(self, job_id: str, cpu_ids: frozenset[int], memory_bytes: int, now: float) -> None:
+    def job_starting(
+        self, job_id: str, cpu_ids: frozenset[int], memory_bytes: int, now: float
+    ) -> None:
         """A job's prolog runs on this node: it holds ``cpu_ids`` and ``memory_bytes`` from now
         (epoch seconds) on. An empty ``cpu_ids`` (Slurm did not say) is taken as every core."""
         with self._lock:
@@ -145,7 +158,11 @@ class SlurmNode:
         live = {job.job_id for job in sampled.jobs}
         for job_id, (_, since) in list(self._starting.items()):
             if mono - since > STARTING_TTL_S:
-                log.warning("job %s: prolog seen %.0f s ago but Slurm never listed it here; forgetting it", job_id, mono - since)
+                log.warning(
+                    "job %s: prolog seen %.0f s ago but Slurm never listed it here; forgetting it",
+                    job_id,
+                    mono - since,
+                )
                 del self._starting[job_id]
         for job_id, since in list(self._ended.items()):
             if (job_id not in live and job_id not in self._starting) or mono - since > ENDED_TTL_S:
@@ -162,12 +179,23 @@ class SlurmNode:
                 else:
                     # Not sampled since its prolog (or a requeued job's old history): it lends
                     # nothing yet, and holds at least what the prolog said.
-                    job = replace(job, cpu_ids=job.cpu_ids | prolog.cpu_ids, history=(), start_time=prolog.start_time)
+                    job = replace(
+                        job,
+                        cpu_ids=job.cpu_ids | prolog.cpu_ids,
+                        history=(),
+                        start_time=prolog.start_time,
+                    )
             jobs.append(job)
         for job_id, (job, _) in self._starting.items():
             if job_id not in live:
                 cpus = job.cpu_ids or sampled.cpu_ids
-                jobs.append(replace(job, cpu_ids=cpus, colocate=self.monitored.colocate.get(job_id, job.colocate)))
+                jobs.append(
+                    replace(
+                        job,
+                        cpu_ids=cpus,
+                        colocate=self.monitored.colocate.get(job_id, job.colocate),
+                    )
+                )
         return replace(sampled, jobs=tuple(jobs))
 
     def close(self) -> None:

@@ -44,7 +44,9 @@ class Service:
     def logs(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
 
-    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10.0, keep_state: bool = False) -> None:
+    def stop(
+        self, sig: int = signal.SIGTERM, timeout_s: float = 10.0, keep_state: bool = False
+    ) -> None:
         if self.process.poll() is None:
             self.process.send_signal(sig)
             try:
@@ -67,11 +69,17 @@ def _launch(argv: list[str], log: Path) -> subprocess.Popen[str]:
     with log.open("w") as err:
         return subprocess.Popen(
             [sys.executable, "-m", "colocate", "-v", *argv],
-            stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=root,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env=env,
+            cwd=root,
         )
 
 
-def _ready(name: str, process: subprocess.Popen[str], log: Path, timeout_s: float = 30.0) -> Service:
+def _ready(
+    name: str, process: subprocess.Popen[str], log: Path, timeout_s: float = 30.0
+) -> Service:
     """Wait for the daemon's "listening on URL" line."""
     assert process.stdout is not None
     deadline = time.monotonic() + timeout_s
@@ -90,25 +98,59 @@ def _ready(name: str, process: subprocess.Popen[str], log: Path, timeout_s: floa
 
 def _broker_argv(tmp: Path, listen: str, placement: str, config: Path | None = None) -> list[str]:
     extra = ["--config", str(config)] if config is not None else []
-    return ["broker", "--listen", listen, "--placement", placement, "--secret-file", str(tmp / "secret"), *extra]
+    return [
+        "broker",
+        "--listen",
+        listen,
+        "--placement",
+        placement,
+        "--secret-file",
+        str(tmp / "secret"),
+        *extra,
+    ]
 
 
-def _agent_argv(tmp: Path, broker_url: str, node: str, cores: int, memory: str, interval_s: float, listen: str) -> list[str]:
+def _agent_argv(
+    tmp: Path, broker_url: str, node: str, cores: int, memory: str, interval_s: float, listen: str
+) -> list[str]:
     # Not under tmp: executors put Unix sockets in the state dir and pytest's paths can
     # exceed the 108-byte AF_UNIX limit. Removed by Service.stop; a restarted agent of the
     # same node (stopped with keep_state) finds its predecessor's.
     marker = tmp / f"agent-{node}.state"
-    state = Path(marker.read_text()) if marker.exists() else Path(tempfile.mkdtemp(prefix=f"colocate-{node}-"))
+    state = (
+        Path(marker.read_text())
+        if marker.exists()
+        else Path(tempfile.mkdtemp(prefix=f"colocate-{node}-"))
+    )
     marker.write_text(str(state))
     return [
-        "agent", "--standalone", "--broker", broker_url, "--listen", listen, "--node", node,
-        "--cores", str(cores), "--memory", memory, "--interval", str(interval_s),
-        "--secret-file", str(tmp / "secret"), "--state-dir", str(state),
+        "agent",
+        "--standalone",
+        "--broker",
+        broker_url,
+        "--listen",
+        listen,
+        "--node",
+        node,
+        "--cores",
+        str(cores),
+        "--memory",
+        memory,
+        "--interval",
+        str(interval_s),
+        "--secret-file",
+        str(tmp / "secret"),
+        "--state-dir",
+        str(state),
     ]
 
 
 def start_broker(
-    tmp: Path, *, listen: str = "127.0.0.1:0", placement: str = "best_fit", config: Path | None = None
+    tmp: Path,
+    *,
+    listen: str = "127.0.0.1:0",
+    placement: str = "best_fit",
+    config: Path | None = None,
 ) -> Service:
     """``config``: a TOML file (quotas, accounts, auth); the ledger defaults to tmp/ledger.db.
     Clients authenticate with MUNGE: skips locally (fails in CI) without a running munged."""
@@ -118,11 +160,21 @@ def start_broker(
 
 
 def start_agent(
-    tmp: Path, broker_url: str, *, node: str = "node1", cores: int = 1, memory: str = "1GiB",
-    interval_s: float = 0.2, listen: str = "127.0.0.1:0",
+    tmp: Path,
+    broker_url: str,
+    *,
+    node: str = "node1",
+    cores: int = 1,
+    memory: str = "1GiB",
+    interval_s: float = 0.2,
+    listen: str = "127.0.0.1:0",
 ) -> Service:
     log = tmp / f"agent-{node}.log"
-    return _ready(f"agent {node}", _launch(_agent_argv(tmp, broker_url, node, cores, memory, interval_s, listen), log), log)
+    return _ready(
+        f"agent {node}",
+        _launch(_agent_argv(tmp, broker_url, node, cores, memory, interval_s, listen), log),
+        log,
+    )
 
 
 def munged_running() -> bool:
@@ -140,7 +192,11 @@ def free_port() -> int:
 
 
 def start_cluster(
-    tmp: Path, nodes: dict[str, tuple[int, str]], *, placement: str = "best_fit", interval_s: float = 0.2
+    tmp: Path,
+    nodes: dict[str, tuple[int, str]],
+    *,
+    placement: str = "best_fit",
+    interval_s: float = 0.2,
 ) -> tuple[Service, list[Service]]:
     """A broker and one agent per ``nodes`` entry (name -> (cores, memory)), started in
     parallel (agents retry until the broker is up); returns once every node is registered."""
@@ -150,13 +206,23 @@ def start_cluster(
     broker_log = tmp / f"broker-{time.monotonic_ns()}.log"
     broker_proc = _launch(_broker_argv(tmp, f"127.0.0.1:{port}", placement), broker_log)
     agent_procs = [
-        (node, _launch(_agent_argv(tmp, url, node, cores, memory, interval_s, "127.0.0.1:0"), tmp / f"agent-{node}.log"))
+        (
+            node,
+            _launch(
+                _agent_argv(tmp, url, node, cores, memory, interval_s, "127.0.0.1:0"),
+                tmp / f"agent-{node}.log",
+            ),
+        )
         for node, (cores, memory) in nodes.items()
     ]
     try:
         broker = _ready("broker", broker_proc, broker_log)
-        agents = [_ready(f"agent {node}", proc, tmp / f"agent-{node}.log") for node, proc in agent_procs]
-        wait_until(lambda: all(node_registered(url, node) for node in nodes), what="agent registration")
+        agents = [
+            _ready(f"agent {node}", proc, tmp / f"agent-{node}.log") for node, proc in agent_procs
+        ]
+        wait_until(
+            lambda: all(node_registered(url, node) for node in nodes), what="agent registration"
+        )
     except BaseException:
         for proc in (broker_proc, *(p for _, p in agent_procs)):
             proc.kill()
@@ -171,7 +237,9 @@ def control_auth(tmp: Path, node: str) -> NodeAuth:
     return NodeAuth(node_key(load_or_create_secret(tmp / "secret"), node), node)
 
 
-def wait_until(condition: Callable[[], object], timeout_s: float = 10.0, what: str = "condition") -> None:
+def wait_until(
+    condition: Callable[[], object], timeout_s: float = 10.0, what: str = "condition"
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         with contextlib.suppress(httpx.HTTPError):

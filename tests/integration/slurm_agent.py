@@ -96,7 +96,9 @@ class SlurmAgent:
 
     def offer(self) -> tuple[list[int], int]:
         """The node's offer as the broker holds it: (CPU ids, memory bytes)."""
-        nodes = httpx.get(f"{self.broker.url}/v1/status", timeout=5, auth=ClientAuth()).json()["nodes"]
+        nodes = httpx.get(f"{self.broker.url}/v1/status", timeout=5, auth=ClientAuth()).json()[
+            "nodes"
+        ]
         for node in nodes:
             if node["node"] == self.node:
                 return list(node["cpu_ids"]), int(node["memory_bytes"])

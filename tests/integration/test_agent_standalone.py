@@ -133,7 +133,13 @@ def test_agent_answers_bad_starts_with_4xx_and_keeps_running(
     agent: Service, tmp_path: Path, body: bytes
 ) -> None:
     headers = {"content-type": "application/json"}
-    reply = httpx.post(f"{agent.url}/v1/leases", content=body, headers=headers, auth=control_auth(tmp_path, "solo"), timeout=10)
+    reply = httpx.post(
+        f"{agent.url}/v1/leases",
+        content=body,
+        headers=headers,
+        auth=control_auth(tmp_path, "solo"),
+        timeout=10,
+    )
     assert 400 <= reply.status_code < 500, reply.text
     assert len(reply.json()["message"]) > 10
     assert agent.alive() and httpx.get(f"{agent.url}/healthz").status_code == 200
@@ -220,7 +226,11 @@ def test_restarted_agent_adopts_the_live_lease_and_its_client_sees_no_error(tmp_
             lease.renew(duration=60)
             assert executor.invoke(nap, 0) == "woke"
             lease.release()
-            wait_until(lambda: client.status().leases == [], timeout_s=10, what="broker to drop the released lease")
+            wait_until(
+                lambda: client.status().leases == [],
+                timeout_s=10,
+                what="broker to drop the released lease",
+            )
             with client.lease(cores=1, memory="256MiB", duration="1m") as fresh:
                 assert fresh.executor().invoke(nap, 0) == "woke"
         assert "adopted" in reborn.logs(), reborn.logs()

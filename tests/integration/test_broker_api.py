@@ -37,7 +37,12 @@ def shared_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]
 
 
 def register(broker: Service, tmp: Path, node: str, cores: int, memory: int) -> None:
-    body = {"url": "http://127.0.0.1:9", "cpu_ids": list(range(cores)), "memory_bytes": memory, "generation": 0}
+    body = {
+        "url": "http://127.0.0.1:9",
+        "cpu_ids": list(range(cores)),
+        "memory_bytes": memory,
+        "generation": 0,
+    }
     reply = httpx.put(f"{broker.url}/v1/nodes/{node}", json=body, auth=control_auth(tmp, node))
     assert reply.status_code == 200, reply.text
 
@@ -50,11 +55,21 @@ GARBAGE: list[tuple[str, str, bytes, dict[str, str]]] = [
     ("POST", "/v1/leases", b'{"cores": 1e400}', {"content-type": "application/json"}),
     ("POST", "/v1/leases", b'{"cores": 1, "memory": "lots"}', {"content-type": "application/json"}),
     ("POST", "/v1/leases", b'{"cores": 1, "memory": 0}', {"content-type": "application/json"}),
-    ("POST", "/v1/leases", b'{"cores": 1, "duration": "forever"}', {"content-type": "application/json"}),
+    (
+        "POST",
+        "/v1/leases",
+        b'{"cores": 1, "duration": "forever"}',
+        {"content-type": "application/json"},
+    ),
     ("POST", "/v1/leases", b'{"cores": 1, "gpus": 4}', {"content-type": "application/json"}),
     ("POST", "/v1/leases", b"[1, 2, 3]", {"content-type": "application/json"}),
     ("POST", "/v1/leases", b"[" * 10000 + b"]" * 10000, {"content-type": "application/json"}),
-    ("POST", "/v1/leases", b'{"cores": 1' + b" " * 2_000_000 + b"}", {"content-type": "application/json"}),
+    (
+        "POST",
+        "/v1/leases",
+        b'{"cores": 1' + b" " * 2_000_000 + b"}",
+        {"content-type": "application/json"},
+    ),
     ("POST", "/v1/leases/xyz/renew", b'{"duration": []}', {"content-type": "application/json"}),
     ("PUT", "/v1/nodes/bad%20name", b"{}", {"content-type": "application/json"}),
     ("PUT", "/v1/nodes/n1", b'{"url": 5}', {"content-type": "application/json"}),
@@ -71,16 +86,24 @@ def test_garbage_gets_a_clear_4xx_and_the_broker_keeps_serving(
     reply = httpx.request(method, f"{broker.url}{path}", content=body, headers=headers, timeout=10)
     assert 400 <= reply.status_code < 500, reply.text
     error = reply.json()
-    assert error["error"] in {"BadRequest", "Unauthorized", "PayloadTooLarge"} and len(error["message"]) > 10
+    assert (
+        error["error"] in {"BadRequest", "Unauthorized", "PayloadTooLarge"}
+        and len(error["message"]) > 10
+    )
     assert broker.alive()
     assert httpx.get(f"{broker.url}/healthz").json() == {"ok": True}
 
 
-def test_raw_socket_garbage_and_vanishing_clients_do_not_hurt_the_broker(shared_broker: Service) -> None:
+def test_raw_socket_garbage_and_vanishing_clients_do_not_hurt_the_broker(
+    shared_broker: Service,
+) -> None:
     broker = shared_broker
     host, port = broker.url.removeprefix("http://").rsplit(":", 1)
-    for junk in (b"\x00" * 4096, b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
-                 b"POST /v1/leases HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"co"):
+    for junk in (
+        b"\x00" * 4096,
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+        b'POST /v1/leases HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"co',
+    ):
         with socket.create_connection((host, int(port)), timeout=5) as sock:
             sock.sendall(junk)  # and vanish mid-request
     assert broker.alive()
@@ -88,12 +111,16 @@ def test_raw_socket_garbage_and_vanishing_clients_do_not_hurt_the_broker(shared_
 
 
 def test_bad_field_is_named_in_the_message(broker: Service) -> None:
-    reply = httpx.post(f"{broker.url}/v1/leases", json={"cores": 1, "memory": "lots"}, auth=ClientAuth())
+    reply = httpx.post(
+        f"{broker.url}/v1/leases", json={"cores": 1, "memory": "lots"}, auth=ClientAuth()
+    )
     assert reply.status_code == 400
     assert "memory" in reply.json()["message"] and "512MiB" in reply.json()["message"]
 
 
-def test_agent_report_without_the_cluster_secret_is_refused(broker: Service, tmp_path: Path) -> None:
+def test_agent_report_without_the_cluster_secret_is_refused(
+    broker: Service, tmp_path: Path
+) -> None:
     body = {"url": "http://127.0.0.1:9", "cpu_ids": [0], "memory_bytes": GiB, "generation": 0}
     for headers in ({}, {"X-Colocate-Control": "0" * 64}):
         reply = httpx.put(f"{broker.url}/v1/nodes/intruder", json=body, headers=headers)
@@ -144,8 +171,12 @@ def test_unknown_lease_is_a_lease_error_naming_it(broker: Service) -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "says"),
-    [({"cores": 0}, "cores=0"), ({"memory": 0}, "memory: Input should be greater than 0"),
-     ({"memory": "lots"}, "cannot read size"), ({"duration": 0}, "duration: Input should be greater than or equal to 1")],
+    [
+        ({"cores": 0}, "cores=0"),
+        ({"memory": 0}, "memory: Input should be greater than 0"),
+        ({"memory": "lots"}, "cannot read size"),
+        ({"duration": 0}, "duration: Input should be greater than or equal to 1"),
+    ],
 )
 def test_client_refuses_bad_requests_before_sending(kwargs: dict[str, object], says: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(says)):
@@ -154,18 +185,29 @@ def test_client_refuses_bad_requests_before_sending(kwargs: dict[str, object], s
 
 def test_unreachable_broker_names_its_url() -> None:
     url = "http://127.0.0.1:9"  # discard port: nothing listens
-    with pytest.raises(BackendUnavailable, match=re.escape("broker http://127.0.0.1:9 did not answer")):
+    with pytest.raises(
+        BackendUnavailable, match=re.escape("broker http://127.0.0.1:9 did not answer")
+    ):
         Client(url, timeout_s=2).lease(cores=1, memory="512MiB", duration="5m")
 
 
 def test_openapi_describes_the_lease_api(broker: Service) -> None:
     spec = httpx.get(f"{broker.url}/openapi.json").json()
-    assert {"/v1/leases", "/v1/leases/{lease_id}/renew", "/v1/status", "/v1/nodes/{node}"} <= set(spec["paths"])
+    assert {"/v1/leases", "/v1/leases/{lease_id}/renew", "/v1/status", "/v1/nodes/{node}"} <= set(
+        spec["paths"]
+    )
     request = spec["components"]["schemas"]["LeaseRequest"]
-    assert request["additionalProperties"] is False and set(request["properties"]) == {"cores", "memory", "duration", "account"}
+    assert request["additionalProperties"] is False and set(request["properties"]) == {
+        "cores",
+        "memory",
+        "duration",
+        "account",
+    }
 
 
-def test_broker_exports_its_view_and_lease_requests_to_prometheus(broker: Service, tmp_path: Path) -> None:
+def test_broker_exports_its_view_and_lease_requests_to_prometheus(
+    broker: Service, tmp_path: Path
+) -> None:
     register(broker, tmp_path, "n1", 2, 4 * GiB)
     with pytest.raises(LeaseDenied):
         Client(broker.url).lease(cores=8, memory="1GiB", duration="1m").__enter__()

@@ -56,7 +56,9 @@ def lease_ids(broker: Service) -> list[str]:
     return [lease.lease_id for lease in Client(broker.url).status().leases]
 
 
-def test_the_contract_example_works_and_release_frees_the_cores(cluster: tuple[Service, Service]) -> None:
+def test_the_contract_example_works_and_release_frees_the_cores(
+    cluster: tuple[Service, Service],
+) -> None:
     broker, _ = cluster
     with Client(broker.url).lease(cores=1, memory="512MiB", duration="5m") as lease:
         ex = lease.executor()
@@ -73,13 +75,18 @@ def test_the_contract_example_works_and_release_frees_the_cores(cluster: tuple[S
 def test_functions_run_only_on_the_leased_cores(cluster: tuple[Service, Service]) -> None:
     broker, _ = cluster
     client = Client(broker.url)
-    with client.lease(cores=1, memory="256MiB", duration="1m") as first, client.lease(cores=1, memory="256MiB", duration="1m") as second:
+    with (
+        client.lease(cores=1, memory="256MiB", duration="1m") as first,
+        client.lease(cores=1, memory="256MiB", duration="1m") as second,
+    ):
         assert set(first.cpu_ids).isdisjoint(second.cpu_ids)
         assert first.executor().invoke(cores_i_run_on) == list(first.cpu_ids)
         assert second.executor().invoke(cores_i_run_on) == list(second.cpu_ids)
 
 
-def test_full_node_denies_with_what_is_left_then_grants_after_release(cluster: tuple[Service, Service]) -> None:
+def test_full_node_denies_with_what_is_left_then_grants_after_release(
+    cluster: tuple[Service, Service],
+) -> None:
     broker, _ = cluster
     client = Client(broker.url)
     held = client.lease(cores=2, memory="1GiB", duration="1m")
@@ -94,7 +101,9 @@ def test_full_node_denies_with_what_is_left_then_grants_after_release(cluster: t
         assert lease.executor().invoke(payload_size, b"abc") == 3
 
 
-def test_renew_outlives_the_first_expiry_and_release_is_final(cluster: tuple[Service, Service]) -> None:
+def test_renew_outlives_the_first_expiry_and_release_is_final(
+    cluster: tuple[Service, Service],
+) -> None:
     broker, _ = cluster
     lease = Client(broker.url).lease(cores=1, memory="256MiB", duration=1.5)
     first_expiry = lease.expires_at
@@ -102,7 +111,9 @@ def test_renew_outlives_the_first_expiry_and_release_is_final(cluster: tuple[Ser
     assert lease.expires_at > first_expiry + 25
     time.sleep(2.0)  # past the first expiry: the agent must know the new one
     assert lease.executor().invoke(payload_size, b"still here") == 10
-    assert Client(broker.url).status().leases[0].expires_at == pytest.approx(lease.expires_at, abs=0.01)
+    assert Client(broker.url).status().leases[0].expires_at == pytest.approx(
+        lease.expires_at, abs=0.01
+    )
     lease.release()
     lease.release()  # twice is fine
     assert lease_ids(broker) == []
@@ -112,7 +123,9 @@ def test_renew_outlives_the_first_expiry_and_release_is_final(cluster: tuple[Ser
         lease.executor()
 
 
-def test_expiry_evicts_the_executor_and_in_flight_calls_end_expired(cluster: tuple[Service, Service]) -> None:
+def test_expiry_evicts_the_executor_and_in_flight_calls_end_expired(
+    cluster: tuple[Service, Service],
+) -> None:
     broker, _ = cluster
     lease = Client(broker.url).lease(cores=1, memory="256MiB", duration=1.0)
     ex = lease.executor()
@@ -127,7 +140,9 @@ def test_expiry_evicts_the_executor_and_in_flight_calls_end_expired(cluster: tup
     ex.shutdown(wait=False)
 
 
-def test_agent_revoke_ends_in_flight_calls_with_lease_evicted(cluster: tuple[Service, Service], tmp_path: Path) -> None:
+def test_agent_revoke_ends_in_flight_calls_with_lease_evicted(
+    cluster: tuple[Service, Service], tmp_path: Path
+) -> None:
     broker, agent = cluster
     lease = Client(broker.url).lease(cores=1, memory="256MiB", duration="1m")
     ex = lease.executor()
@@ -144,22 +159,40 @@ def test_agent_revoke_ends_in_flight_calls_with_lease_evicted(cluster: tuple[Ser
         with pytest.raises(LeaseEvicted):
             future.result(timeout=10)
     assert time.monotonic() - started < 5
-    wait_until(lambda: lease.lease_id not in lease_ids(broker), timeout_s=5, what="broker to drop the lease")
+    wait_until(
+        lambda: lease.lease_id not in lease_ids(broker),
+        timeout_s=5,
+        what="broker to drop the lease",
+    )
     with pytest.raises(LeaseEvicted):
         lease.renew(duration=10)
     ex.shutdown(wait=False)
 
 
-def test_executor_refuses_forged_altered_and_expired_tokens(cluster: tuple[Service, Service], tmp_path: Path) -> None:
+def test_executor_refuses_forged_altered_and_expired_tokens(
+    cluster: tuple[Service, Service], tmp_path: Path
+) -> None:
     broker, _ = cluster
     with Client(broker.url).lease(cores=1, memory="256MiB", duration="1m") as lease:
-        secret = node_key(load_or_create_secret(tmp_path / "secret"), lease.node)  # tokens: the node's key
-        claims = LeaseClaims(lease.lease_id, lease.node, lease.cpu_ids, lease.memory_bytes, lease.expires_at)
+        secret = node_key(
+            load_or_create_secret(tmp_path / "secret"), lease.node
+        )  # tokens: the node's key
+        claims = LeaseClaims(
+            lease.lease_id, lease.node, lease.cpu_ids, lease.memory_bytes, lease.expires_at
+        )
         forged = sign_lease(b"not the cluster secret" * 2, claims)
         _, mac = lease.token.split(".")
-        other = sign_lease(secret, LeaseClaims("l-other", lease.node, lease.cpu_ids, lease.memory_bytes, lease.expires_at))
+        other = sign_lease(
+            secret,
+            LeaseClaims("l-other", lease.node, lease.cpu_ids, lease.memory_bytes, lease.expires_at),
+        )
         spliced = other.split(".")[0] + "." + mac
-        expired = sign_lease(secret, LeaseClaims(lease.lease_id, lease.node, lease.cpu_ids, lease.memory_bytes, time.time() - 1))
+        expired = sign_lease(
+            secret,
+            LeaseClaims(
+                lease.lease_id, lease.node, lease.cpu_ids, lease.memory_bytes, time.time() - 1
+            ),
+        )
         for token in (forged, spliced, "garbage", ""):
             with pytest.raises(Unauthorized):
                 LeaseExecutor(lease.address, token, lease_id=lease.lease_id, workers=1)
@@ -170,8 +203,13 @@ def test_executor_refuses_forged_altered_and_expired_tokens(cluster: tuple[Servi
 
 
 def test_best_fit_packs_a_small_lease_onto_the_smaller_node(tmp_path: Path) -> None:
-    broker, (big, small) = start_cluster(tmp_path, {"big": (2, "1GiB"), "small": (1, "1GiB")}, placement="best_fit")
-    with services(broker, big, small), Client(broker.url).lease(cores=1, memory="256MiB", duration="1m") as lease:
+    broker, (big, small) = start_cluster(
+        tmp_path, {"big": (2, "1GiB"), "small": (1, "1GiB")}, placement="best_fit"
+    )
+    with (
+        services(broker, big, small),
+        Client(broker.url).lease(cores=1, memory="256MiB", duration="1m") as lease,
+    ):
         assert lease.node == "small"
         assert lease.executor().invoke(payload_size, b"xy") == 2
         # The big node stays whole for a 2-core request.
@@ -180,7 +218,9 @@ def test_best_fit_packs_a_small_lease_onto_the_smaller_node(tmp_path: Path) -> N
 
 
 def test_a_node_whose_agent_died_is_skipped_before_the_broker_notices(tmp_path: Path) -> None:
-    broker, (big, small) = start_cluster(tmp_path, {"big": (2, "1GiB"), "small": (1, "1GiB")}, placement="best_fit")
+    broker, (big, small) = start_cluster(
+        tmp_path, {"big": (2, "1GiB"), "small": (1, "1GiB")}, placement="best_fit"
+    )
     with services(broker, big, small):
         small.stop(signal.SIGKILL)  # best fit would pick it; the broker still thinks it is up
         assert [n.alive for n in Client(broker.url).status().nodes] == [True, True]

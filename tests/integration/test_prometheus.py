@@ -172,7 +172,19 @@ def load_replay(tmp_path: Path, source_flag: str, source: Path) -> Prometheus:
     """``colocate metrics openmetrics`` on a replay, loaded with promtool into a fresh Prometheus."""
     om = tmp_path / "replay.om"
     proc = subprocess.run(
-        [sys.executable, "-m", "colocate", "metrics", "openmetrics", source_flag, str(source), "--end-at", "now", "-o", str(om)],
+        [
+            sys.executable,
+            "-m",
+            "colocate",
+            "metrics",
+            "openmetrics",
+            source_flag,
+            str(source),
+            "--end-at",
+            "now",
+            "-o",
+            str(om),
+        ],
         capture_output=True,
         text=True,
         timeout=120,

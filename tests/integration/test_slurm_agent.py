@@ -54,7 +54,9 @@ def broker(tmp_path: Path) -> Iterator[Service]:
 
 
 @pytest.fixture
-def agent_on(tmp_path: Path, broker: Service, slurm_cluster: SlurmCluster) -> Iterator[dict[str, SlurmAgent]]:
+def agent_on(
+    tmp_path: Path, broker: Service, slurm_cluster: SlurmCluster
+) -> Iterator[dict[str, SlurmAgent]]:
     require(os.geteuid() == 0, "the Slurm agent needs root (cgroups, control socket under /run)")
     started: dict[str, SlurmAgent] = {}
     yield started
@@ -88,7 +90,11 @@ def sleep_for(seconds: float) -> str:
 
 
 def test_lease_runs_on_the_idle_core_of_a_running_job(
-    tmp_path: Path, broker: Service, agent_on: dict[str, SlurmAgent], jobs: JobSubmitter, slurm_cluster: SlurmCluster
+    tmp_path: Path,
+    broker: Service,
+    agent_on: dict[str, SlurmAgent],
+    jobs: JobSubmitter,
+    slurm_cluster: SlurmCluster,
 ) -> None:
     node = idle_node(slurm_cluster)
     agent = agent_on[node] = start_slurm_agent(tmp_path, broker, node)
@@ -97,7 +103,9 @@ def test_lease_runs_on_the_idle_core_of_a_running_job(
     busy = min(allocated)
     assert len(allocated) == 2
     # The job holds the whole node: whatever is offered now comes from inside it.
-    wait_until(lambda: agent.offer()[0] == sorted(allocated - {busy}), 30, "the job's idle core offered")
+    wait_until(
+        lambda: agent.offer()[0] == sorted(allocated - {busy}), 30, "the job's idle core offered"
+    )
     lease = lease_when_offered(broker, agent)
     try:
         assert set(lease.cpu_ids) == allocated - {busy}
@@ -120,7 +128,11 @@ def test_lease_runs_on_the_idle_core_of_a_running_job(
 
 
 def test_prolog_evicts_the_lease_on_a_starting_jobs_core(
-    tmp_path: Path, broker: Service, agent_on: dict[str, SlurmAgent], jobs: JobSubmitter, slurm_cluster: SlurmCluster
+    tmp_path: Path,
+    broker: Service,
+    agent_on: dict[str, SlurmAgent],
+    jobs: JobSubmitter,
+    slurm_cluster: SlurmCluster,
 ) -> None:
     node = idle_node(slurm_cluster)
     agent = agent_on[node] = start_slurm_agent(tmp_path, broker, node)
@@ -136,8 +148,16 @@ def test_prolog_evicts_the_lease_on_a_starting_jobs_core(
         time.sleep(0.3)  # the call runs in the worker
         submitted = time.time()
         proc = slurm(
-            "sbatch", "--parsable", "-w", node, "-c1", "--mem=100M", "-o", str(out),
-            "--wrap", "date +%s.%N; sleep 5",
+            "sbatch",
+            "--parsable",
+            "-w",
+            node,
+            "-c1",
+            "--mem=100M",
+            "-o",
+            str(out),
+            "--wrap",
+            "date +%s.%N; sleep 5",
         )
         assert proc.returncode == 0, proc.stderr
         second = proc.stdout.strip()
@@ -148,13 +168,27 @@ def test_prolog_evicts_the_lease_on_a_starting_jobs_core(
     started = float(out.read_text().split()[0])
     assert job_cpus(second, node) == frozenset(free_core)
     # On time: the scheduler, the prolog (with the eviction) and the job's first line.
-    assert started - submitted < 10.0, f"second job started {started - submitted:.2f} s after sbatch"
+    assert started - submitted < 10.0, (
+        f"second job started {started - submitted:.2f} s after sbatch"
+    )
     record = next(e for e in agent.evictions() if e["lease_id"] == lease.lease_id)
     assert record["reason"] == "job_start"
     assert f'colocate_evictions_total{{node="{node}",reason="job_start"}} 1.0' in agent.metrics()
     shown = subprocess.run(
-        [PYTHON, "-m", "colocate", "agent", "--status", "--node", node, "--control-socket", CONTROL_SOCKET],
-        capture_output=True, text=True, timeout=30,
+        [
+            PYTHON,
+            "-m",
+            "colocate",
+            "agent",
+            "--status",
+            "--node",
+            node,
+            "--control-socket",
+            CONTROL_SOCKET,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert shown.returncode == 0, shown.stderr
     assert f"evicted {lease.lease_id} (job_start)" in shown.stdout, shown.stdout
@@ -188,7 +222,12 @@ with open(out, "a") as log:
 
 @pytest.mark.parametrize("attempt", [1, 2, 3])
 def test_memory_growth_evicts_before_the_job_runs_out(
-    attempt: int, tmp_path: Path, broker: Service, agent_on: dict[str, SlurmAgent], jobs: JobSubmitter, slurm_cluster: SlurmCluster
+    attempt: int,
+    tmp_path: Path,
+    broker: Service,
+    agent_on: dict[str, SlurmAgent],
+    jobs: JobSubmitter,
+    slurm_cluster: SlurmCluster,
 ) -> None:
     node = idle_node(slurm_cluster)
     agent = agent_on[node] = start_slurm_agent(tmp_path, broker, node)
@@ -197,14 +236,21 @@ def test_memory_growth_evicts_before_the_job_runs_out(
     out, go = tmp_path / "grower.out", tmp_path / "go"
     limit = 3000 * MiB
     job = jobs.submit(
-        f"{PYTHON} {script} {out} {go} {64 * MiB} {2500 * MiB} 2", "-w", node, "-c1", "--mem=3000M",
-        "-o", str(tmp_path / "slurm.out"),
+        f"{PYTHON} {script} {out} {go} {64 * MiB} {2500 * MiB} 2",
+        "-w",
+        node,
+        "-c1",
+        "--mem=3000M",
+        "-o",
+        str(tmp_path / "slurm.out"),
     )
     wait_until(lambda: out.exists() and "ready" in out.read_text(), 30, "the job to start")
     # Until the job has history it keeps its whole allocation; then it lends what it does not use.
     node_memory = 4096 * MiB
     wait_until(
-        lambda: node_memory - limit + 512 * MiB < agent.offer()[1] < node_memory, 30, "the job's unused memory offered"
+        lambda: node_memory - limit + 512 * MiB < agent.offer()[1] < node_memory,
+        30,
+        "the job's unused memory offered",
     )
     offered = agent.offer()[1]
     lease = lease_when_offered(broker, agent, memory=offered - 100 * MiB)
@@ -212,11 +258,20 @@ def test_memory_growth_evicts_before_the_job_runs_out(
         assert executor.invoke(affinity)[0] == sorted(lease.cpu_ids)
         go.touch()
         # The job grows 64 MiB every 0.2 s to 2500 MiB (its limit is 3000 MiB).
-        wait_until(lambda: any(e["lease_id"] == lease.lease_id for e in agent.evictions()), 60, "the eviction")
+        wait_until(
+            lambda: any(e["lease_id"] == lease.lease_id for e in agent.evictions()),
+            60,
+            "the eviction",
+        )
     evicted = next(e for e in agent.evictions() if e["lease_id"] == lease.lease_id)
     assert evicted["reason"] == "memory_growth"
     wait_until(lambda: "done" in out.read_text(), 60, "the job to finish")
-    sizes = [(float(t), int(n)) for kind, t, *rest in (line.split() for line in out.read_text().splitlines()) if kind == "size" for n in rest]
+    sizes = [
+        (float(t), int(n))
+        for kind, t, *rest in (line.split() for line in out.read_text().splitlines())
+        if kind == "size"
+        for n in rest
+    ]
     assert sizes[-1][1] >= 2500 * MiB - 64 * MiB
     at_eviction = max((n for t, n in sizes if t <= float(evicted["at"])), default=0)
     # Evicted while the job still had room; and the job never got near its own limit.
@@ -230,9 +285,15 @@ def test_memory_growth_evicts_before_the_job_runs_out(
     index = next(i for i, (_, n) in enumerate(sizes) if n > threshold)
     before, crossed = sizes[index - 1][0] if index else 0.0, sizes[index][0]
     at = float(evicted["at"])
-    print(f"memory growth: crossed {threshold / MiB:.0f} MiB in [{before:.3f}, {crossed:.3f}], evicted at {at:.3f} ({(at - crossed) * 1e3:+.0f} ms)")
+    print(
+        f"memory growth: crossed {threshold / MiB:.0f} MiB in [{before:.3f}, {crossed:.3f}], evicted at {at:.3f} ({(at - crossed) * 1e3:+.0f} ms)"
+    )
     assert before < at < crossed + 2.0 + INTERVAL_S, (before, at, crossed)
-    wait_until(lambda: job_field(job.job_id, "JobState") in {"COMPLETED", "FAILED", "OUT_OF_MEMORY"}, 30, "job end")
+    wait_until(
+        lambda: job_field(job.job_id, "JobState") in {"COMPLETED", "FAILED", "OUT_OF_MEMORY"},
+        30,
+        "job end",
+    )
     assert job_field(job.job_id, "JobState") == "COMPLETED"
     assert job_field(job.job_id, "ExitCode") == "0:0"
 
@@ -241,7 +302,11 @@ def test_memory_growth_evicts_before_the_job_runs_out(
 
 
 def test_deny_job_lends_nothing(
-    tmp_path: Path, broker: Service, agent_on: dict[str, SlurmAgent], jobs: JobSubmitter, slurm_cluster: SlurmCluster
+    tmp_path: Path,
+    broker: Service,
+    agent_on: dict[str, SlurmAgent],
+    jobs: JobSubmitter,
+    slurm_cluster: SlurmCluster,
 ) -> None:
     node = idle_node(slurm_cluster)
     agent = agent_on[node] = start_slurm_agent(tmp_path, broker, node)
@@ -276,7 +341,11 @@ def _alive(pid: int) -> bool:
 
 
 def test_agent_killed_and_restarted_adopts_its_executor_and_leaves_no_orphans(
-    tmp_path: Path, broker: Service, agent_on: dict[str, SlurmAgent], jobs: JobSubmitter, slurm_cluster: SlurmCluster
+    tmp_path: Path,
+    broker: Service,
+    agent_on: dict[str, SlurmAgent],
+    jobs: JobSubmitter,
+    slurm_cluster: SlurmCluster,
 ) -> None:
     node = idle_node(slurm_cluster)
     agent = agent_on[node] = start_slurm_agent(tmp_path, broker, node)
@@ -286,7 +355,9 @@ def test_agent_killed_and_restarted_adopts_its_executor_and_leaves_no_orphans(
     lease = lease_when_offered(broker, agent)
     executor = lease.executor()
     assert executor.invoke(os.getpid) == 1  # pid 1 of the lease's own pid namespace
-    cgroups = [Path(f"/sys/fs/cgroup/{c}/colocate/{node}/{lease.lease_id}") for c in ("cpuset", "memory")]
+    cgroups = [
+        Path(f"/sys/fs/cgroup/{c}/colocate/{node}/{lease.lease_id}") for c in ("cpuset", "memory")
+    ]
     assert all(c.is_dir() for c in cgroups)
     worker_pids = [int(p) for p in (cgroups[1] / "cgroup.procs").read_text().split()]
     agent.service.process.send_signal(signal.SIGKILL)

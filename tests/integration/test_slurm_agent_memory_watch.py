@@ -32,7 +32,10 @@ GROWER = (
 
 @pytest.fixture
 def group() -> Iterator[Path]:
-    require(os.geteuid() == 0 and (MEMORY / "cgroup.event_control").exists(), "needs root and cgroup v1 memory")
+    require(
+        os.geteuid() == 0 and (MEMORY / "cgroup.event_control").exists(),
+        "needs root and cgroup v1 memory",
+    )
     path = MEMORY / f"colocate-watch-test-{os.getpid()}"
     path.mkdir()
     yield path
@@ -46,8 +49,12 @@ def group() -> Iterator[Path]:
 
 def test_growth_by_a_step_wakes_the_agent_at_once(group: Path) -> None:
     woken: list[float] = []
-    watch = MemoryWatch(group, lambda: woken.append(time.time()), step_bytes=32 * MiB, rearm_s=0.2).start()
-    proc = subprocess.Popen([sys.executable, "-c", GROWER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    watch = MemoryWatch(
+        group, lambda: woken.append(time.time()), step_bytes=32 * MiB, rearm_s=0.2
+    ).start()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", GROWER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdin is not None and proc.stdout is not None
     try:
         (group / "cgroup.procs").write_text(str(proc.pid))

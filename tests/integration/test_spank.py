@@ -62,7 +62,9 @@ def agent() -> Iterator[RecordingHandler]:
     """A recording control server on the socket the dev cluster's prolog wrapper talks to."""
     handler = RecordingHandler()
     # The dev cluster's wrappers call one socket per node (CONTROL_SOCKET, {node} = node name).
-    servers = [ControlServer(socket_path_for(CONTROL_SOCKET, node), handler) for node in node_names(3)]
+    servers = [
+        ControlServer(socket_path_for(CONTROL_SOCKET, node), handler) for node in node_names(3)
+    ]
     try:
         for server in servers:
             server.start()

@@ -17,7 +17,12 @@ from colocate.broker.service import error_reply, parse_listen, raise_for_reply
 from colocate.errors import ColocateError, ConfigError
 
 CASES: list[tuple[ColocateError, int]] = [
-    (errors.LeaseDenied("no node has 4 free cores", available={"cores": 2, "memory_bytes": 10, "nodes": 1}), 409),
+    (
+        errors.LeaseDenied(
+            "no node has 4 free cores", available={"cores": 2, "memory_bytes": 10, "nodes": 1}
+        ),
+        409,
+    ),
     (errors.LeaseEvicted("was evicted by its node", lease_id="l-1"), 410),
     (errors.LeaseExpired("has expired", lease_id="l-2"), 410),
     (errors.ExecutorLost("executor vanished", lease_id="l-3"), 502),
@@ -28,7 +33,9 @@ CASES: list[tuple[ColocateError, int]] = [
 ]
 
 
-@pytest.mark.parametrize(("exc", "status"), CASES, ids=lambda c: type(c).__name__ if isinstance(c, Exception) else str(c))
+@pytest.mark.parametrize(
+    ("exc", "status"), CASES, ids=lambda c: type(c).__name__ if isinstance(c, Exception) else str(c)
+)
 def test_errors_round_trip_as_the_same_exception(exc: ColocateError, status: int) -> None:
     reply = error_reply(exc)
     assert reply.status_code == status
@@ -40,11 +47,15 @@ def test_errors_round_trip_as_the_same_exception(exc: ColocateError, status: int
     if isinstance(exc, errors.LeaseError):
         assert isinstance(raised.value, errors.LeaseError) and raised.value.lease_id == exc.lease_id
     if isinstance(exc, errors.LeaseDenied):
-        assert isinstance(raised.value, errors.LeaseDenied) and raised.value.available == exc.available
+        assert (
+            isinstance(raised.value, errors.LeaseDenied) and raised.value.available == exc.available
+        )
 
 
 def test_replies_that_are_not_error_bodies_name_the_service() -> None:
-    with pytest.raises(errors.BackendUnavailable, match="broker http://b: broker http://b answered HTTP 502"):
+    with pytest.raises(
+        errors.BackendUnavailable, match="broker http://b: broker http://b answered HTTP 502"
+    ):
         raise_for_reply(502, None, "broker http://b")
     with pytest.raises(errors.BadRequest, match="HTTP 418"):
         raise_for_reply(418, ["not", "a", "dict"], "broker http://b")
@@ -54,7 +65,10 @@ def test_replies_that_are_not_error_bodies_name_the_service() -> None:
 
 
 def test_payload_and_config_errors_arrive_as_bad_requests() -> None:
-    for exc, status in ((errors.PayloadTooLarge(10, 5), 413), (ConfigError("cannot read size 'lots'"), 400)):
+    for exc, status in (
+        (errors.PayloadTooLarge(10, 5), 413),
+        (ConfigError("cannot read size 'lots'"), 400),
+    ):
         reply = error_reply(exc)
         assert reply.status_code == status
         with pytest.raises(errors.BadRequest, match=str(exc)[:20]):
@@ -84,7 +98,9 @@ def test_bad_listen_addresses_say_how_to_write_them(text: str) -> None:
 def test_secret_is_created_private_once_even_by_racing_processes(tmp_path: Path) -> None:
     path = tmp_path / "state" / "cluster.secret"
     found: list[bytes] = []
-    threads = [threading.Thread(target=lambda: found.append(load_or_create_secret(path))) for _ in range(8)]
+    threads = [
+        threading.Thread(target=lambda: found.append(load_or_create_secret(path))) for _ in range(8)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:

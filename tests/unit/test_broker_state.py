@@ -23,15 +23,28 @@ class Clock:
         return self.t
 
 
-def live(lease_id: str, cpu_ids: list[int], expires_at: float, generation: int = 1) -> ReportedLease:
+def live(
+    lease_id: str, cpu_ids: list[int], expires_at: float, generation: int = 1
+) -> ReportedLease:
     return ReportedLease(
-        lease_id=lease_id, cpu_ids=cpu_ids, memory_bytes=GiB, granted_at=0.0,
-        expires_at=expires_at, address="tcp://127.0.0.1:1", generation=generation,
+        lease_id=lease_id,
+        cpu_ids=cpu_ids,
+        memory_bytes=GiB,
+        granted_at=0.0,
+        expires_at=expires_at,
+        address="tcp://127.0.0.1:1",
+        generation=generation,
     )
 
 
 def report(leases: list[ReportedLease], generation: int = 1, cores: int = 2) -> NodeReport:
-    return NodeReport(url=NOWHERE, cpu_ids=list(range(cores)), memory_bytes=4 * GiB, generation=generation, leases=leases)
+    return NodeReport(
+        url=NOWHERE,
+        cpu_ids=list(range(cores)),
+        memory_bytes=4 * GiB,
+        generation=generation,
+        leases=leases,
+    )
 
 
 def test_restarted_broker_relearns_and_keeps_the_cores_taken() -> None:
@@ -70,7 +83,9 @@ def test_ended_leases_say_why_on_renew() -> None:
         broker = Broker(BrokerConfig(), b"s" * 32, clock=clock)
         await broker.start()
         try:
-            broker.report("n1", report([live("l-old", [0], clock.t + 5), live("l-gone", [1], clock.t + 60)]))
+            broker.report(
+                "n1", report([live("l-old", [0], clock.t + 5), live("l-gone", [1], clock.t + 60)])
+            )
             broker.report("n1", report([live("l-old", [0], clock.t + 5)], generation=2))
             with pytest.raises(LeaseEvicted, match="l-gone"):
                 await broker.renew("l-gone", RenewRequest(duration=10))
@@ -97,7 +112,9 @@ def test_silent_nodes_get_no_leases_and_denials_name_the_best_node() -> None:
                 await broker.lease(LeaseRequest(cores=3, memory=GiB, duration=60))
             assert denied.value.available["cores"] == 2
             clock.t += 4
-            with pytest.raises(LeaseDenied, match="none of the 1 registered nodes reported in the last 3s"):
+            with pytest.raises(
+                LeaseDenied, match="none of the 1 registered nodes reported in the last 3s"
+            ):
                 await broker.lease(LeaseRequest(cores=1, memory=GiB, duration=60))
         finally:
             await broker.close()

@@ -12,9 +12,20 @@ from colocate.cli import SUBCOMMANDS, main
 def test_public_api_is_locked() -> None:
     assert sorted(colocate.__all__) == sorted(
         [
-            "BackendUnavailable", "BadRequest", "Client", "ColocateError", "ConfigError",
-            "ExecutorLost", "LeaseDenied", "LeaseError", "LeaseEvicted", "LeaseExpired",
-            "PayloadTooLarge", "SlurmUnavailable", "TraceFormatError", "Unauthorized",
+            "BackendUnavailable",
+            "BadRequest",
+            "Client",
+            "ColocateError",
+            "ConfigError",
+            "ExecutorLost",
+            "LeaseDenied",
+            "LeaseError",
+            "LeaseEvicted",
+            "LeaseExpired",
+            "PayloadTooLarge",
+            "SlurmUnavailable",
+            "TraceFormatError",
+            "Unauthorized",
             "__version__",
         ]
     )
@@ -30,13 +41,18 @@ def test_top_level_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str
 @pytest.mark.parametrize("name", sorted(SUBCOMMANDS))
 def test_every_subcommand_has_help(name: str) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "colocate", name, "--help"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "colocate", name, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     assert f"colocate {name}" in proc.stdout
 
 
 def test_unknown_subcommand_is_an_error() -> None:
-    proc = subprocess.run([sys.executable, "-m", "colocate", "frobnicate"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "colocate", "frobnicate"], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert "invalid choice" in proc.stderr

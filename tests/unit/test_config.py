@@ -57,7 +57,9 @@ def test_parse_size(text: str | int, expected: int) -> None:
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize(("text", "expected"), [("5m", 300.0), ("250ms", 0.25), ("2h", 7200.0), (3, 3.0)])
+@pytest.mark.parametrize(
+    ("text", "expected"), [("5m", 300.0), ("250ms", 0.25), ("2h", 7200.0), (3, 3.0)]
+)
 def test_parse_duration(text: str | int, expected: float) -> None:
     assert parse_duration(text) == expected
 

@@ -19,7 +19,9 @@ def book_with(*nodes: tuple[str, int, int], timeout: float = 10.0) -> LeaseBook:
     return book
 
 
-def grant(book: LeaseBook, lease_id: str, cores: int, memory: int, placement: str = "best_fit") -> LeaseRecord:
+def grant(
+    book: LeaseBook, lease_id: str, cores: int, memory: int, placement: str = "best_fit"
+) -> LeaseRecord:
     slot = book.place(cores, memory, NOW, placement)  # type: ignore[arg-type]
     assert slot is not None, f"{lease_id} should fit"
     record = LeaseRecord(lease_id, slot.node, slot.cpu_ids, memory, NOW, NOW + 60)
@@ -131,7 +133,9 @@ def test_restarted_agent_counter_starting_over_still_drops_its_old_leases() -> N
     book.confirm("l1", "tcp://a:1", generation=40)
     book.report("a", "http://a", range(2), GiB, [], generation=39, now=NOW, instance="first")
     assert book.lease("l1") is not None  # same agent, older report: kept
-    outcome = book.report("a", "http://a:2", range(2), GiB, [], generation=1, now=NOW, instance="second")
+    outcome = book.report(
+        "a", "http://a:2", range(2), GiB, [], generation=1, now=NOW, instance="second"
+    )
     assert [r.lease_id for r in outcome.dropped] == ["l1"]
     assert book.ended("l1") is LeaseEnd.EVICTED
 

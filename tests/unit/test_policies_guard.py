@@ -21,7 +21,9 @@ from policies import (
 GIB = 1024**3
 T0 = 1000.0
 # Share cap off unless a test is about it, so offers are easy to reason about.
-LIMITS = Limits(max_function_share=1.0, cpu_pressure_limit=20.0, pressure_grace_s=5.0, reoffer_cooldown_s=60.0)
+LIMITS = Limits(
+    max_function_share=1.0, cpu_pressure_limit=20.0, pressure_grace_s=5.0, reoffer_cooldown_s=60.0
+)
 
 
 def lender(t: float, cpu_pressure: float = 0.0, job_id: str = "A") -> JobView:

@@ -12,9 +12,28 @@ import pytest
 
 CORE = Path(__file__).resolve().parents[2] / "policies"
 FORBIDDEN_MODULES = {
-    "asyncio", "datetime", "http", "io", "os", "pathlib", "psutil", "prometheus_client",
-    "random", "select", "shutil", "socket", "subprocess", "sys", "threading", "time",
-    "urllib", "httpx", "colocate", "monitors", "slurm_plugin", "traces",
+    "asyncio",
+    "datetime",
+    "http",
+    "io",
+    "os",
+    "pathlib",
+    "psutil",
+    "prometheus_client",
+    "random",
+    "select",
+    "shutil",
+    "socket",
+    "subprocess",
+    "sys",
+    "threading",
+    "time",
+    "urllib",
+    "httpx",
+    "colocate",
+    "monitors",
+    "slurm_plugin",
+    "traces",
 }
 FORBIDDEN_CALLS = {"open", "print", "input", "exec", "eval", "__import__"}
 

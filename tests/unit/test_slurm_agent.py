@@ -36,7 +36,9 @@ class Executors:
     running: dict[str, Handle] = field(default_factory=dict)
     evicted: list[tuple[str, str]] = field(default_factory=list)
 
-    def start(self, lease_id: str, cpu_ids: Sequence[int], memory_bytes: int, expires_at: float) -> Handle:
+    def start(
+        self, lease_id: str, cpu_ids: Sequence[int], memory_bytes: int, expires_at: float
+    ) -> Handle:
         self.running[lease_id] = Handle(lease_id)
         return self.running[lease_id]
 
@@ -76,8 +78,15 @@ class Monitored:
 
     def view(self, now: float | None = None) -> NodeView:
         jobs = tuple(
-            JobView(j.job_id, j.cpu_ids, j.memory_allocated_bytes, j.memory_peak_bytes, j.history,
-                    self.colocate.get(j.job_id, self.default_colocate), j.start_time)
+            JobView(
+                j.job_id,
+                j.cpu_ids,
+                j.memory_allocated_bytes,
+                j.memory_peak_bytes,
+                j.history,
+                self.colocate.get(j.job_id, self.default_colocate),
+                j.start_time,
+            )
             for j in self.jobs
         )
         return NodeView("n1", frozenset({0, 1}), 4 * GiB, jobs)
@@ -98,7 +107,9 @@ def scontrol(job_id: str, cpus: str, mem_mb: int) -> CliSlurm:
 
 def no_scontrol() -> CliSlurm:
     def runner(argv: Sequence[str], timeout_s: float) -> subprocess.CompletedProcess[str]:
-        return subprocess.CompletedProcess(list(argv), 1, "", "slurm_load_jobs error: Unable to contact slurm controller")
+        return subprocess.CompletedProcess(
+            list(argv), 1, "", "slurm_load_jobs error: Unable to contact slurm controller"
+        )
 
     return CliSlurm(runner=runner)
 
@@ -107,14 +118,28 @@ def make_agent(monitored: Monitored, clock: list[float]) -> tuple[Agent, SlurmNo
     source = SlurmNode(monitored)  # type: ignore[arg-type]
     executors = Executors()
     agent = Agent(
-        source, get_policy("headroom"), executors, secret=b"s" * 32, url="http://a", broker_url="http://b",
-        limits=Limits(min_history_s=10.0), clock=lambda: clock[0],
+        source,
+        get_policy("headroom"),
+        executors,
+        secret=b"s" * 32,
+        url="http://a",
+        broker_url="http://b",
+        limits=Limits(min_history_s=10.0),
+        clock=lambda: clock[0],
     )
     return agent, source, executors
 
 
 def lease(agent: Agent, lease_id: str, cpus: list[int], memory: int = 256 * 1024**2) -> None:
-    agent.start_lease(StartRequest(lease_id=lease_id, cpu_ids=cpus, memory_bytes=memory, granted_at=NOW, expires_at=NOW + 600))
+    agent.start_lease(
+        StartRequest(
+            lease_id=lease_id,
+            cpu_ids=cpus,
+            memory_bytes=memory,
+            granted_at=NOW,
+            expires_at=NOW + 600,
+        )
+    )
 
 
 def test_a_job_idle_core_is_offered_and_a_starting_job_takes_the_unallocated_one_back() -> None:
@@ -122,7 +147,9 @@ def test_a_job_idle_core_is_offered_and_a_starting_job_takes_the_unallocated_one
     monitored.jobs = [idle_job("10", {0})]
     agent, source, executors = make_agent(monitored, clock)
     agent.tick()
-    assert agent.report().cpu_ids == [1]  # core 0 is the job's (it keeps one core), core 1 unallocated
+    assert agent.report().cpu_ids == [
+        1
+    ]  # core 0 is the job's (it keeps one core), core 1 unallocated
     lease(agent, "l-1", [1])
     handler = SlurmControl(agent, source, scontrol("11", "1", 512))
     result = handler.on_prolog(PrologRequest(job_id=11, node="n1"), deadline=1e18)
@@ -155,7 +182,9 @@ def test_without_slurms_answer_the_prolog_evicts_every_lease() -> None:
     agent.tick()
     lease(agent, "l-a", [0])
     lease(agent, "l-b", [1])
-    result = SlurmControl(agent, source, no_scontrol()).on_prolog(PrologRequest(job_id=13, node="n1"), 1e18)
+    result = SlurmControl(agent, source, no_scontrol()).on_prolog(
+        PrologRequest(job_id=13, node="n1"), 1e18
+    )
     assert sorted(result.evicted) == ["l-a", "l-b"]
     assert sorted(executors.evicted) == [("l-a", "job_start"), ("l-b", "job_start")]
     assert agent.report().cpu_ids == []
@@ -164,7 +193,9 @@ def test_without_slurms_answer_the_prolog_evicts_every_lease() -> None:
 def test_deny_from_the_prolog_keeps_the_job_to_itself() -> None:
     monitored, clock = Monitored(), [NOW]
     agent, source, _ = make_agent(monitored, clock)
-    SlurmControl(agent, source, scontrol("14", "0-1", 1024)).on_prolog(PrologRequest(job_id=14, colocate="deny", node="n1"), 1e18)
+    SlurmControl(agent, source, scontrol("14", "0-1", 1024)).on_prolog(
+        PrologRequest(job_id=14, colocate="deny", node="n1"), 1e18
+    )
     clock[0] = NOW + 100
     monitored.jobs = [idle_job("14", {0, 1}, now=NOW + 100)]
     for _ in range(3):
@@ -174,11 +205,15 @@ def test_deny_from_the_prolog_keeps_the_job_to_itself() -> None:
 
 def test_the_epilog_offers_the_ended_jobs_cores_at_once() -> None:
     monitored, clock = Monitored(), [NOW]
-    monitored.jobs = [JobView("15", frozenset({0, 1}), 2 * GiB, start_time=NOW)]  # no history: lends nothing
+    monitored.jobs = [
+        JobView("15", frozenset({0, 1}), 2 * GiB, start_time=NOW)
+    ]  # no history: lends nothing
     agent, source, _ = make_agent(monitored, clock)
     agent.tick()
     assert agent.report().cpu_ids == []
-    answer = SlurmControl(agent, source, scontrol("15", "0-1", 2048)).on_epilog(EpilogRequest(job_id=15, node="n1"))
+    answer = SlurmControl(agent, source, scontrol("15", "0-1", 2048)).on_epilog(
+        EpilogRequest(job_id=15, node="n1")
+    )
     # Slurm still lists the job (COMPLETING): the epilog's word wins.
     assert answer.offered_cores == 2
     assert agent.report().cpu_ids == [0, 1]
@@ -192,5 +227,7 @@ def test_a_hook_for_another_node_changes_nothing() -> None:
     agent, source, executors = make_agent(monitored, clock)
     agent.tick()
     lease(agent, "l-c", [1])
-    result = SlurmControl(agent, source, scontrol("16", "1", 512)).on_prolog(PrologRequest(job_id=16, node="n2"), 1e18)
+    result = SlurmControl(agent, source, scontrol("16", "1", 512)).on_prolog(
+        PrologRequest(job_id=16, node="n2"), 1e18
+    )
     assert result.evicted == () and executors.evicted == []

@@ -79,7 +79,11 @@ def test_a_hanging_hook_is_cut_off_and_still_exits_0(tmp_path: Path) -> None:
 
 def test_the_hook_runs_colocate_with_a_path_set(tmp_path: Path) -> None:
     text = cluster(tmp_path, python="/opt/venv/bin/python").render_hook("epilog")
-    assert "export PATH=" in text and "/opt/venv/bin/python -m slurm_plugin.hooks epilog --socket '/run/colocate/{node}.sock'" in text
+    assert (
+        "export PATH=" in text
+        and "/opt/venv/bin/python -m slurm_plugin.hooks epilog --socket '/run/colocate/{node}.sock'"
+        in text
+    )
     assert text.rstrip().endswith("exit 0")
 
 
