@@ -155,6 +155,11 @@ class AgentConfig(_Section):
     eviction_grace_s: float = Field(
         1.0, ge=0, description="revocations: executor grace period, seconds"
     )
+    growth_recheck_s: float | None = Field(
+        None,
+        gt=0,
+        description="while a job's growth into a lent core awaits its confirming sample, sample again after this (default interval_s / 4; interval_s: off)",
+    )
     state_dir: str = "/var/lib/colocate"
     # Besides root, who may use the control socket (the prolog/epilog run as SlurmUser). A
     # missing "slurm" user (SlurmUser=root sites, the dev cluster) is skipped; other names

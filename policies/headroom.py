@@ -21,7 +21,8 @@ recomputed every decision, and the rest of its allocation is lent out. Margins:
   taken back (``CPU_GROWTH``) only when what the job wants stayed above the cores it kept
   plus ``cpu_growth_margin`` (0.3) for ``cpu_growth_samples`` (2) samples in a row, or once
   while its CPU pressure is over ``cpu_pressure_limit``. A noisy steady job keeps its lease;
-  a job that turns a lent core on gets it back within two samples.
+  a job that turns a lent core on gets it back within two samples, and the agent takes the
+  second one a quarter interval after the first when :func:`growth_suspected` says so.
 - a job younger than ``limits.min_history_s`` (default 30 s), with no history, or that said
   ``--colocate=deny`` offers nothing of its own.
 
@@ -145,6 +146,38 @@ def growth_confirmed(recent: tuple[UsageSample, ...], kept: int, limits: Limits)
         return True
     n = limits.cpu_growth_samples
     return len(recent) >= n and all(s.cores_used + s.cores_waiting > over for s in recent[-n:])
+
+
+def growth_suspected(node: NodeView, limits: Limits, now: float) -> bool:
+    """True when a job on ``node`` whose cores leases hold wants, in its latest sample, more
+    than the cores it has left plus ``cpu_growth_margin`` while :func:`growth_confirmed` does
+    not yet say so: the next sample may confirm it, and the agent takes it sooner (the rule
+    itself is unchanged: it still needs ``cpu_growth_samples`` samples in a row). Only jobs
+    :func:`harvest` lends from count (history, older than ``min_history_s``, allowed)."""
+    if not node.leases:
+        return False
+    leased = frozenset().union(*(lease.cpu_ids for lease in node.leases))
+    over_margin = limits.cpu_growth_margin
+    since = now - limits.history_window_s
+    for job in node.jobs:
+        held = job.cpu_ids & leased
+        history = job.history
+        if (
+            not held
+            or not history
+            or not job.colocate
+            or now - job.start_time < limits.min_history_s
+        ):
+            continue
+        left = len(job.cpu_ids) - len(held)
+        latest = history[-1]
+        if latest.cores_used + latest.cores_waiting <= left + over_margin:
+            continue
+        start = bisect_left(history, since, key=_TIME)
+        recent = history[start:] if start < len(history) else history[-1:]
+        if not growth_confirmed(recent, left, limits):
+            return True
+    return False
 
 
 def cores_to_keep(

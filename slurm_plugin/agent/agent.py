@@ -43,6 +43,7 @@ from colocate.broker.secret import control_token_ok
 from colocate.errors import BadRequest, LeaseDenied, LeaseError, LeaseExpired
 from colocate.owner import Owner
 from colocate.protocol import DEFAULT_MAX_PAYLOAD_BYTES
+from policies.headroom import growth_suspected
 from policies.limits import Limits
 from policies.model import Eviction, EvictionReason, LeaseView, Offer, Policy
 from slurm_plugin.agent.node_source import NodeSource
@@ -54,6 +55,10 @@ log = logging.getLogger(__name__)
 
 #: How many past evictions the agent's status lists.
 EVICTION_LOG_SIZE = 100
+#: While a job's growth into a lent core is suspected but not yet confirmed, the next sample
+#: comes after ``interval_s / GROWTH_RECHECK_DIVISOR`` (unless ``growth_recheck_s`` says
+#: otherwise) instead of a whole interval.
+GROWTH_RECHECK_DIVISOR = 4
 
 
 class ExecutorHandleLike(Protocol):
@@ -150,6 +155,7 @@ class Agent:
         limits: Limits | None = None,
         interval_s: float = 1.0,
         eviction_grace_s: float = 1.0,
+        growth_recheck_s: float | None = None,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         clock: Callable[[], float] = time.time,
         metrics: AgentMetrics | None = None,
@@ -163,6 +169,9 @@ class Agent:
         self.broker_url = broker_url.rstrip("/")
         self.interval_s = interval_s
         self.eviction_grace_s = eviction_grace_s
+        self.growth_recheck_s = (
+            interval_s / GROWTH_RECHECK_DIVISOR if growth_recheck_s is None else growth_recheck_s
+        )
         self.max_payload_bytes = max_payload_bytes
         self._secret = secret
         self._clock = clock
@@ -172,6 +181,7 @@ class Agent:
         self.instance = secrets.token_hex(8)  # tells the broker when this agent restarted
         self._offer = Offer()
         self._policy_state: object | None = None
+        self._growth_suspected = False  # the last decision saw growth the next sample may confirm
         self._wake = threading.Event()
         self._report_due = threading.Event()
         self._stop = threading.Event()
@@ -361,6 +371,7 @@ class Agent:
             self.recorder.record(now, view, self._policy_state, decision)
         self._policy_state = decision.state
         self._offer = decision.offer
+        self._growth_suspected = growth_suspected(view, self.limits, now)
         self._observe(view, now)
         return decision.evictions
 
@@ -484,10 +495,15 @@ class Agent:
                 self._wake.wait(self._next_wait(next_report - time.monotonic()))
 
     def _next_wait(self, until_report_s: float) -> float:
-        """Sleep until the next report or the next lease expiry, whichever comes first."""
+        """Sleep until the next report or the next lease expiry, whichever comes first; a
+        quarter interval (``growth_recheck_s``) at most while a job's growth into a lent core awaits its confirming
+        sample (:func:`~policies.headroom.growth_suspected`), so it gets the core back sooner."""
         with self._lock:
             next_expiry = min((held.expires_at for held in self._leases.values()), default=None)
+            suspected = self._growth_suspected
         wait = max(0.0, until_report_s)
+        if suspected:
+            wait = min(wait, self.growth_recheck_s)
         if next_expiry is not None:
             wait = min(wait, max(0.0, next_expiry - self._clock()) + 0.001)
         return wait

@@ -127,6 +127,7 @@ def open_agent(
         limits=config.policy.limits,
         interval_s=agent_config.interval_s,
         eviction_grace_s=agent_config.eviction_grace_s,
+        growth_recheck_s=agent_config.growth_recheck_s,
         max_payload_bytes=config.executor.max_payload_bytes,
         metrics=metrics,
     )
