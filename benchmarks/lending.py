@@ -13,6 +13,10 @@ Per shape: the cores offered and how long after the job's start, the lease on th
 growth shape the time from the job turning its second core on to the lease gone
 (``cpu_growth``), over ``--growth-trials`` jobs (p50/p99).
 
+Baseline for the growth latency, same run: as many growth trials with an agent whose
+``growth_recheck_s`` is its interval (1 s), i.e. without the quick confirming sample a
+suspected growth brings forward (before issue 15's fix, every sample a whole interval apart).
+
 Baselines from the same run: the old rule's offer, ``2 - ceil(max cores_used + 0.25)``,
 computed on the very readings the agent reported during the steady window; and a bare
 SIGKILL + waitpid of a process (the floor under any eviction latency).
@@ -41,8 +45,16 @@ sys.path.insert(0, str(ROOT))
 
 from colocate import LeaseDenied  # noqa: E402
 from colocate.client.lease import Client, Lease  # noqa: E402
+from slurm_plugin.devcluster import CONTROL_SOCKET  # noqa: E402
 from tests.integration.conftest import JobSubmitter, SlurmCluster, _cluster_nodes  # noqa: E402
-from tests.integration.leasing import start_broker, wait_until  # noqa: E402
+from tests.integration.leasing import (  # noqa: E402
+    Service,
+    _launch,
+    _ready,
+    free_port,
+    start_broker,
+    wait_until,
+)
 from tests.integration.slurm_agent import (  # noqa: E402
     SlurmAgent,
     idle_node,
@@ -59,6 +71,35 @@ from tests.integration.test_slurm_agent_lending import (  # noqa: E402
 )
 
 OLD_CORE_MARGIN = 0.25  # the rule before issue 15: need = ceil(max cores_used + 0.25)
+
+
+def start_agent_rechecking(tmp: Path, broker: Service, node: str, recheck_s: float) -> SlurmAgent:
+    """``colocate agent`` for ``node`` like the tests' one, with ``growth_recheck_s`` set."""
+    state = tempfile.mkdtemp(prefix=f"colocate-{node}-")
+    metrics_port = free_port()
+    config = tmp / f"agent-{node}-recheck.toml"
+    config.write_text(
+        "[agent]\n"
+        f'control_socket = "{CONTROL_SOCKET}"\n'
+        f'metrics_listen = "127.0.0.1:{metrics_port}"\n'
+        'listen = "127.0.0.1:0"\n'
+        f"growth_recheck_s = {recheck_s}\n"
+    )
+    argv = [
+        "agent", "--config", str(config), "--node", node, "--broker", broker.url,
+        "--secret-file", str(tmp / "secret"), "--state-dir", state,
+    ]  # fmt: skip
+    log = tmp / f"agent-{node}-{time.monotonic_ns()}.log"
+    service = _ready(f"agent {node}", _launch(argv, log), log)
+    return SlurmAgent(node, service, broker, tmp, state, config, metrics_port)
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+    return {
+        "n": len(values),
+        "p50": round(statistics.median(values), 3) if values else None,
+        "p99": round(percentile(values, 99), 3) if values else None,
+    }
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -207,6 +248,8 @@ def main() -> int:
     jobs = JobSubmitter()
     shapes: list[dict[str, Any]] = []
     growth: list[float] = []
+    baseline: list[float] = []
+    baseline_shapes: list[dict[str, Any]] = []
     load_before = os.getloadavg()
     try:
         shapes.append(run_shape(agent, jobs, "one_busy", TURNS_SECOND_ON, args.steady_s, tmp, True))
@@ -215,6 +258,16 @@ def main() -> int:
         for _ in range(args.growth_trials - 1):
             shapes.append(run_shape(agent, jobs, "one_busy", TURNS_SECOND_ON, 10.0, tmp, True))
         growth = [s["growth_to_lease_gone_s"] for s in shapes if "growth_to_lease_gone_s" in s]
+        # the same-run baseline: every sample a whole interval apart (no quick recheck)
+        agent.service.stop()
+        agent = start_agent_rechecking(tmp, broker, node, 1.0)
+        for _ in range(args.growth_trials):
+            baseline_shapes.append(
+                run_shape(agent, jobs, "one_busy", TURNS_SECOND_ON, 10.0, tmp, True)
+            )
+        baseline = [
+            s["growth_to_lease_gone_s"] for s in baseline_shapes if "growth_to_lease_gone_s" in s
+        ]
     finally:
         jobs.cancel_all()
         agent.service.stop()
@@ -228,11 +281,11 @@ def main() -> int:
         "node": node,
         "steady_s": args.steady_s,
         "shapes": shapes,
-        "growth_to_lease_gone_s": {
-            "n": len(growth),
-            "p50": round(statistics.median(growth), 3) if growth else None,
-            "p99": round(percentile(growth, 99), 3) if growth else None,
-            "target": 2.0,
+        "growth_to_lease_gone_s": {**summary(growth), "target": 2.0, "growth_recheck_s": 0.25},
+        "baseline_no_recheck_growth_to_lease_gone_s": {
+            **summary(baseline),
+            "growth_recheck_s": 1.0,
+            "trials": baseline_shapes,
         },
         "baseline_bare_kill_s": {
             "n": len(kill),
@@ -261,7 +314,11 @@ def main() -> int:
         )
     g = out["growth_to_lease_gone_s"]
     k = out["baseline_bare_kill_s"]
+    b = out["baseline_no_recheck_growth_to_lease_gone_s"]
     print(f"growth to lease gone: p50 {g['p50']} s, p99 {g['p99']} s over {g['n']} (target 2 s)")
+    print(
+        f"baseline, no quick recheck (growth_recheck_s 1.0): p50 {b['p50']} s, p99 {b['p99']} s over {b['n']}"
+    )
     print(
         f"baseline bare SIGKILL+waitpid: p50 {k['p50'] * 1e3:.2f} ms, p99 {k['p99'] * 1e3:.2f} ms"
     )
