@@ -541,15 +541,25 @@ class AgentRun:
         self.evictions += 1
 
     def work(self, seconds: float) -> None:
-        """Invoke functions on every held lease for ``seconds``, sampling the job meanwhile."""
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            for _, executor in self._held:
-                for _ in range(5):
-                    assert executor.invoke(sum, [1, 2, 3]) == 6
-                    self.invocations += 1
-            self.sample()
-            time.sleep(0.2)
+        """Invoke functions on every held lease for ``seconds``, sampling the job meanwhile.
+
+        The client runs on the leased cores, as a real client runs on another machine: this
+        test process must not take the job's own core (its CPU pressure would evict the lease).
+        """
+        before = os.sched_getaffinity(0)
+        leased = {cpu for lease, _ in self._held for cpu in lease.cpu_ids}
+        os.sched_setaffinity(0, leased or before)
+        try:
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                for _, executor in self._held:
+                    for _ in range(5):
+                        assert executor.invoke(sum, [1, 2, 3]) == 6
+                        self.invocations += 1
+                self.sample()
+                time.sleep(0.2)
+        finally:
+            os.sched_setaffinity(0, before)
 
     def close(self) -> None:
         for lease, executor in self._held:
