@@ -555,6 +555,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return None if x is None else round(x, n)
 
     return {
+        "label": args.label,
         "nodes": args.nodes,
         "seconds": args.seconds,
         "interval_s": args.interval,
@@ -628,6 +629,9 @@ def main() -> int:
     parser.add_argument(
         "--out", metavar="FILE", help="also append the JSON object to FILE (a JSON list)"
     )
+    parser.add_argument(
+        "--label", default="", help="names the run in --out (e.g. before/after a change)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     if not 1 <= args.nodes <= 20000 or not 1 <= args.seconds <= 600:
@@ -641,6 +645,7 @@ def main() -> int:
             for r in rows
             if r.get("nodes") != result["nodes"]
             or r.get("broker_killed_at_s") != result["broker_killed_at_s"]
+            or r.get("label", "") != result["label"]
         ]
         path.write_text(json.dumps([*rows, result], indent=2) + "\n")
     if args.json:

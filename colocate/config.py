@@ -137,6 +137,11 @@ class BrokerConfig(_Section):
     max_connections: int = Field(
         900, ge=1, description="open HTTP connections served at once; more get 503"
     )
+    max_in_flight: int = Field(
+        256,
+        ge=2,
+        description="requests served at once; more get 503 with Retry-After (node reports from half of it)",
+    )
 
 
 class AgentConfig(_Section):

@@ -41,7 +41,7 @@ from colocate.broker.api import (
 )
 from colocate.broker.broker import Broker
 from colocate.broker.ledger import Ledger
-from colocate.broker.service import install_error_handlers
+from colocate.broker.service import LoadShedder, install_error_handlers
 from colocate.errors import BadRequest, Forbidden, LeaseDenied, LeaseError
 from colocate.metrics.broker import BrokerCollector
 
@@ -158,6 +158,9 @@ def create_app(broker: Broker, authenticator: Authenticator | None = None) -> Fa
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    app.add_middleware(
+        LoadShedder, max_in_flight=broker.config.max_in_flight, shed_first=f"{API_PREFIX}/nodes/"
+    )
 
     async def caller(  # munged answers in ~0.1 ms: not worth a thread hop
         request: Request,

@@ -93,6 +93,8 @@ class Broker:
         # Owners of live leases; after a restart, those of open leases come back from the ledger.
         self._owners: dict[str, Owner] = {}
         self._ended_order: deque[str] = deque()
+        # leases reports saw since the last sweep (-> ledger last_seen in one transaction)
+        self._seen: dict[str, float] = {}
         self._started_at = clock()
         if ledger is not None:
             for row in ledger.open_rows():
@@ -117,6 +119,7 @@ class Broker:
         next_reconcile = 0.0
         while True:
             now = self._clock()
+            self._flush_seen()
             for record in self.book.expire(now):
                 log.info("lease %s on %s expired", record.lease_id, record.node)
                 self._ended(record.lease_id, record.expires_at, "expired")
@@ -124,6 +127,13 @@ class Broker:
                 self._reconcile(now)
                 next_reconcile = now + 5.0
             await asyncio.sleep(interval_s)
+
+    def _flush_seen(self) -> None:
+        """Write when reports last saw each lease (dated by the oldest report in the batch:
+        the ledger never charges past what an agent said)."""
+        if self.ledger is not None and self._seen:
+            seen, self._seen = self._seen, {}
+            self.ledger.seen(seen, min(seen.values()))
 
     def _ended(self, lease_id: str, end: float, reason: str) -> None:
         # The owner is kept a while after the end: the owner hears "expired", others "forbidden".
@@ -190,8 +200,8 @@ class Broker:
                 min(now, record.expires_at),
                 "expired" if record.expires_at <= now else "evicted",
             )
-        if self.ledger is not None:
-            self.ledger.seen((r.lease_id for r in reported), now)
+        if self.ledger is not None and reported:
+            self._seen.update(dict.fromkeys((r.lease_id for r in reported), now))
         return ReportReply(
             node=node,
             learned=list(outcome.learned),

@@ -80,7 +80,8 @@ def bind(listen: str, default_port: int) -> socket.socket:
         raise BackendUnavailable(
             f"cannot listen on {host}:{port} ({exc.strerror}); pick another --listen"
         ) from None
-    sock.listen(512)
+    # thousands of agents (re)connect at once after a restart (the kernel caps it at somaxconn)
+    sock.listen(4096)
     sock.set_inheritable(True)
     return sock
 
@@ -218,6 +219,58 @@ class BodyLimit:
             return message
 
         await self.app(scope, counted, send)
+
+
+class LoadShedder:
+    """Past ``max_in_flight`` requests being served at once, answer 503 with ``Retry-After``
+    at once instead of queueing: past capacity a queue only grows, and every queued request
+    is served after its caller gave up (the broker then works at full CPU for nobody).
+    Node reports are shed first, from half the limit: their agent sends the next one an
+    interval later anyway, while a lease request is a user waiting. ``shed`` counts 503s."""
+
+    def __init__(
+        self, app: ASGIApp, max_in_flight: int, retry_after_s: int = 1, shed_first: str = ""
+    ) -> None:
+        self.app = app
+        self.max_in_flight = max_in_flight
+        self.retry_after_s = retry_after_s
+        self.shed_first = shed_first  # path prefix of PUT requests shed from half the limit
+        self.in_flight = 0
+        self.shed = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        limit = self.max_in_flight
+        if self.shed_first and scope.get("method") == "PUT" and path.startswith(self.shed_first):
+            limit = max(1, limit // 2)
+        if self.in_flight >= limit and path != "/healthz":
+            self.shed += 1
+            message = (
+                f"{scope.get('method')} {path}: the broker is at capacity ({self.in_flight} requests "
+                f"in flight); retry after {self.retry_after_s} s"
+            )
+            body = json.dumps({"error": "BackendUnavailable", "message": message}).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 503,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                        (b"retry-after", str(self.retry_after_s).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
 
 
 async def _too_large(send: Send, declared: str, limit: int) -> None:
