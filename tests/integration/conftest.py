@@ -16,6 +16,7 @@ Jobs run as root on this machine; ``python_job(code)`` builds a ``--wrap`` comma
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import subprocess
@@ -23,11 +24,17 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from slurm_plugin.slurm import expand_hostlist
 from tests.conftest import require
+
+if TYPE_CHECKING:
+    from tests.integration.leasing import Service
+    from tests.integration.slurm_agent import SlurmAgent
 
 HOLDING = {"RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED"}
 
@@ -155,3 +162,41 @@ def slurm_jobs(slurm_cluster: SlurmCluster) -> Iterator[JobSubmitter]:
         yield submitter
     finally:
         submitter.cancel_all()
+
+
+# A broker and the Slurm agents a test starts (stopped, their state and stale sockets removed).
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Service]:
+    from tests.integration.leasing import start_broker
+
+    service = start_broker(tmp_path)
+    yield service
+    service.stop()
+
+
+@pytest.fixture
+def agent_on(
+    tmp_path: Path, broker: Service, slurm_cluster: SlurmCluster
+) -> Iterator[dict[str, SlurmAgent]]:
+    require(os.geteuid() == 0, "the Slurm agent needs root (cgroups, control socket under /run)")
+    started: dict[str, SlurmAgent] = {}
+    yield started
+    for agent in started.values():
+        agent.service.stop()
+        shutil.rmtree(agent.state_dir, ignore_errors=True)
+        _remove_if_stale(agent.socket)  # a SIGKILLed agent's: idle_node() would skip the node
+        assert "Traceback" not in agent.service.logs(), agent.service.logs()
+
+
+def _remove_if_stale(path: str) -> None:
+    import socket
+
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except FileNotFoundError:
+        return
+    except OSError:
+        Path(path).unlink(missing_ok=True)  # nobody listens
+    finally:
+        probe.close()

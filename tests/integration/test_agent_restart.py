@@ -9,7 +9,6 @@ the control socket by an unprivileged user neither loses a prolog's eviction nor
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,9 +21,8 @@ import httpx
 import pytest
 
 from colocate.auth import ClientAuth
-from tests.conftest import require
 from tests.integration.conftest import JobSubmitter, SlurmCluster
-from tests.integration.leasing import Service, start_broker, wait_until
+from tests.integration.leasing import Service, wait_until
 from tests.integration.slurm_agent import (
     SlurmAgent,
     idle_node,
@@ -42,41 +40,6 @@ SLEEP = "import time\ntime.sleep(600)\n"
 
 def add(a: int, b: int) -> int:
     return a + b
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Service]:
-    service = start_broker(tmp_path)
-    yield service
-    service.stop()
-
-
-@pytest.fixture
-def agent_on(
-    tmp_path: Path, broker: Service, slurm_cluster: SlurmCluster
-) -> Iterator[dict[str, SlurmAgent]]:
-    require(os.geteuid() == 0, "the Slurm agent needs root (cgroups, control socket under /run)")
-    started: dict[str, SlurmAgent] = {}
-    yield started
-    for agent in started.values():
-        agent.service.stop()
-        shutil.rmtree(agent.state_dir, ignore_errors=True)
-        _remove_if_stale(agent.socket)  # a SIGKILLed agent's: idle_node() would skip the node
-        assert "Traceback" not in agent.service.logs(), agent.service.logs()
-
-
-def _remove_if_stale(path: str) -> None:
-    import socket
-
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except FileNotFoundError:
-        return
-    except OSError:
-        Path(path).unlink(missing_ok=True)  # nobody listens
-    finally:
-        probe.close()
 
 
 def agent_on_idle_node(

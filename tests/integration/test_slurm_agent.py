@@ -9,7 +9,6 @@ cgroup see it. Timing assertions leave margins for a loaded machine.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,9 +22,8 @@ import pytest
 from colocate import LeaseDenied, LeaseEvicted
 from colocate.client.lease import Client
 from slurm_plugin.devcluster import CONTROL_SOCKET
-from tests.conftest import require
 from tests.integration.conftest import JobSubmitter, SlurmCluster, slurm
-from tests.integration.leasing import Service, start_broker, wait_until
+from tests.integration.leasing import Service, wait_until
 from tests.integration.slurm_agent import (
     HALF_BUSY,
     INTERVAL_S,
@@ -44,26 +42,6 @@ pytestmark = [pytest.mark.slurm, pytest.mark.root, pytest.mark.slow]
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers run as nobody
 
 PYTHON = sys.executable
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Service]:
-    service = start_broker(tmp_path)
-    yield service
-    service.stop()
-
-
-@pytest.fixture
-def agent_on(
-    tmp_path: Path, broker: Service, slurm_cluster: SlurmCluster
-) -> Iterator[dict[str, SlurmAgent]]:
-    require(os.geteuid() == 0, "the Slurm agent needs root (cgroups, control socket under /run)")
-    started: dict[str, SlurmAgent] = {}
-    yield started
-    for agent in started.values():
-        agent.service.stop()
-        shutil.rmtree(agent.state_dir, ignore_errors=True)
-        assert "Traceback" not in agent.service.logs(), agent.service.logs()
 
 
 @pytest.fixture
