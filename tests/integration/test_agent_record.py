@@ -17,7 +17,7 @@ import pytest
 from slurm_plugin.agent.recorder import read_log
 from tests.conftest import require
 from tests.integration.conftest import JobSubmitter, SlurmCluster
-from tests.integration.leasing import Service, start_broker, wait_until
+from tests.integration.leasing import Service, wait_until
 from tests.integration.slurm_agent import (
     HALF_BUSY,
     SlurmAgent,
@@ -28,13 +28,6 @@ from tests.integration.slurm_agent import (
 )
 
 pytestmark = [pytest.mark.slurm, pytest.mark.root, pytest.mark.slow]
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Service]:
-    service = start_broker(tmp_path)
-    yield service
-    service.stop()
 
 
 @pytest.fixture

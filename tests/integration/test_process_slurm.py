@@ -20,18 +20,11 @@ from colocate import LeaseEvicted
 from colocate.client.lease import Client
 from tests.conftest import require
 from tests.integration.conftest import JobSubmitter, SlurmCluster, slurm
-from tests.integration.leasing import Service, start_broker, wait_until
+from tests.integration.leasing import Service, wait_until
 from tests.integration.slurm_agent import SlurmAgent, idle_node, start_slurm_agent
 
 pytestmark = [pytest.mark.slurm, pytest.mark.root, pytest.mark.slow]
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers run as the owner
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Service]:
-    service = start_broker(tmp_path)
-    yield service
-    service.stop()
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ from colocate.client.lease import Lease
 from slurm_plugin.devcluster import CONTROL_SOCKET
 from tests.conftest import require
 from tests.integration.conftest import JobSubmitter, SlurmCluster, slurm
-from tests.integration.leasing import Service, _launch, _ready, free_port, start_broker, wait_until
+from tests.integration.leasing import Service, _launch, _ready, free_port, wait_until
 from tests.integration.slurm_agent import SlurmAgent, idle_node, job_cpus, lease_when_offered
 
 pytestmark = [pytest.mark.slurm, pytest.mark.root, pytest.mark.slow]
@@ -100,13 +100,6 @@ def _start_agent(tmp: Path, broker: Service, node: str) -> SlurmAgent:
     log = tmp / f"agent-{node}-{time.monotonic_ns()}.log"
     service = _ready(f"agent {node}", _launch(argv, log), log)
     return SlurmAgent(node, service, broker, tmp, state, config, metrics_port)
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Service]:
-    service = start_broker(tmp_path)
-    yield service
-    service.stop()
 
 
 @pytest.fixture
