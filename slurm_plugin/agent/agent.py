@@ -28,9 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
-from colocate.auth.node import NodeAuth
 from colocate.broker.api import (
-    API_PREFIX,
     AgentStatus,
     NodeReport,
     ReportedLease,
@@ -47,6 +45,7 @@ from policies.headroom import growth_suspected
 from policies.limits import Limits
 from policies.model import Eviction, EvictionReason, LeaseView, Offer, Policy
 from slurm_plugin.agent.node_source import NodeSource
+from slurm_plugin.agent.reporter import Reporter
 
 if TYPE_CHECKING:
     from colocate.metrics import AgentMetrics
@@ -152,6 +151,7 @@ class Agent:
         secret: bytes,
         url: str,
         broker_url: str,
+        broker_urls: Sequence[str] = (),
         limits: Limits | None = None,
         interval_s: float = 1.0,
         eviction_grace_s: float = 1.0,
@@ -183,12 +183,12 @@ class Agent:
         self._policy_state: object | None = None
         self._growth_suspected = False  # the last decision saw growth the next sample may confirm
         self._wake = threading.Event()
-        self._report_due = threading.Event()
         self._stop = threading.Event()
-        self._broker_down_since: float | None = None
         self.metrics = metrics
         self.evictions: deque[EvictionRecord] = deque(maxlen=EVICTION_LOG_SIZE)
         self.recorder: Any = None  # slurm_plugin.agent.recorder.DecisionRecorder when recording
+        # Reports to the broker(s): slurm_plugin.agent.reporter
+        self.reporter = Reporter(self, [broker_url, *broker_urls], interval_s)
 
     # --- identity -------------------------------------------------------------------------
 
@@ -349,7 +349,7 @@ class Agent:
         if (
             reason != "released"
         ):  # the broker asked for a release; it must hear of anything else now
-            self._report_due.set()
+            self.reporter.request()
             self._wake.set()
         return Revoked(lease_id=lease_id, reason=reason, seconds=seconds)
 
@@ -436,63 +436,24 @@ class Agent:
         return ended
 
     def report_once(self, http: httpx.Client) -> ReportReply | None:
-        """Send the offer and live leases to the broker; None when it cannot be reached."""
-        report = self.report()
-        try:
-            reply = http.put(
-                f"{self.broker_url}{API_PREFIX}/nodes/{self.node}",
-                content=report.model_dump_json(),
-                headers={"content-type": "application/json"},
-            )
-            reply.raise_for_status()
-            answer = ReportReply.model_validate_json(reply.content)
-        except (httpx.HTTPError, ValueError) as exc:
-            if self._broker_down_since is None:
-                self._broker_down_since = self._clock()
-                log.warning(
-                    "broker %s: report failed (%s); retrying every %.1fs",
-                    self.broker_url,
-                    exc,
-                    self.interval_s,
-                )
-            return None
-        if self._broker_down_since is not None:
-            log.info("broker %s reachable again", self.broker_url)
-            self._broker_down_since = None
-        for lease_id in answer.release:
-            with contextlib.suppress(LeaseError):
-                self.release(lease_id)
-        return answer
+        """Report to the broker(s) now (see :class:`~slurm_plugin.agent.reporter.Reporter`)."""
+        return self.reporter.report_once(http)
 
     def report(self) -> NodeReport:
-        with self._lock:
-            return NodeReport(
-                url=self.url,
-                cpu_ids=sorted(self._offer.cpu_ids),
-                memory_bytes=self._offer.memory_bytes,
-                generation=self._generation,
-                instance=self.instance,
-                leases=[held.reported() for held in self._leases.values()],
-            )
+        return self.reporter.report()
 
     def run(self) -> None:
         """Loop until :meth:`stop`: decide and evict at every wake-up (each interval, each
         lease expiry, each change); report every interval and right after any lease ended."""
-        next_report = 0.0
-        with httpx.Client(
-            timeout=max(1.0, self.interval_s), auth=NodeAuth(self._secret, self.node)
-        ) as http:
+        with self.reporter.client() as http:
             while not self._stop.is_set():
                 self._wake.clear()
                 try:
                     ended = self.tick()
-                    if ended or self._report_due.is_set() or time.monotonic() >= next_report:
-                        self._report_due.clear()
-                        self.report_once(http)
-                        next_report = time.monotonic() + self.interval_s
+                    self.reporter.step(http, bool(ended))
                 except Exception:
                     log.exception("agent loop iteration failed; continuing")
-                self._wake.wait(self._next_wait(next_report - time.monotonic()))
+                self._wake.wait(self._next_wait(self.reporter.until_next()))
 
     def _next_wait(self, until_report_s: float) -> float:
         """Sleep until the next report or the next lease expiry, whichever comes first; a
@@ -529,8 +490,7 @@ class Agent:
         with self._lock:
             self._offer = Offer()
             self._generation += 1
-        with httpx.Client(timeout=1.0, auth=NodeAuth(self._secret, self.node)) as http:
-            self.report_once(http)
+        self.reporter.final()
 
     def recent_evictions(self) -> list[dict[str, Any]]:
         """The last evictions, oldest first, as JSON objects (see :class:`EvictionRecord`)."""
@@ -538,7 +498,7 @@ class Agent:
 
     def request_report(self) -> None:
         """Report to the broker now (the offer changed outside the loop: epilog)."""
-        self._report_due.set()
+        self.reporter.request()
         self._wake.set()
 
     def status(self) -> AgentStatus:
