@@ -179,11 +179,32 @@ def create_app(broker: Broker, authenticator: Authenticator | None = None) -> Fa
         return {"ok": True}
 
     @app.post(f"{API_PREFIX}/leases", response_model=LeaseGrant)
-    async def request_lease(request: LeaseRequest, who: Identity = Caller) -> LeaseGrant:
+    async def request_lease(
+        request: LeaseRequest,
+        who: Identity = Caller,
+        idempotency_key: str | None = Header(
+            None,
+            alias="Idempotency-Key",
+            min_length=8,
+            max_length=128,
+            pattern=LEASE_ID_PATTERN,
+            description="the same key answers the same grant for the lease's life, on any broker "
+            "of the cluster: a retried request is never granted twice",
+        ),
+        idempotency_retry: int = Header(
+            0,
+            alias="Idempotency-Retry",
+            ge=0,
+            le=100,
+            description="how many times the client sent this request before (0: first)",
+        ),
+    ) -> LeaseGrant:
         """Ask for ``cores`` and ``memory`` for ``duration``; 409 LeaseDenied says what is free,
         429 QuotaExceeded names the limit."""
         try:
-            grant = await broker.lease(request, who)
+            grant = await broker.lease(
+                request, who, key=idempotency_key, retry=idempotency_retry > 0
+            )
         except LeaseDenied:
             metrics.record_lease_request("denied")
             raise

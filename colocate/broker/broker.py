@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import hashlib
+import hmac
 import json
 import logging
 import secrets
@@ -61,6 +63,11 @@ from policies.leasebook import LeaseBook, LeaseEnd, LeaseRecord
 log = logging.getLogger(__name__)
 
 START_ATTEMPTS = 3  # nodes tried for one lease request before giving up
+#: A retried lease request (``Idempotency-Retry``) whose lease no report showed yet waits at
+#: most this long for every live node to report once more (another broker may have granted
+#: it just before it died), and polls the book this often meanwhile.
+RETRY_SETTLE_S = 2.0
+RETRY_POLL_S = 0.05
 ENDED_OWNERS_KEPT = 8192  # owners of ended leases remembered (who may hear how it ended)
 
 
@@ -96,6 +103,8 @@ class Broker:
         # leases reports saw since the last sweep (-> ledger last_seen in one transaction)
         self._seen: dict[str, float] = {}
         self._started_at = clock()
+        # lease id -> the grant being placed for an idempotent request (a duplicate waits on it)
+        self._starting: dict[str, asyncio.Future[LeaseGrant]] = {}
         if ledger is not None:
             for row in ledger.open_rows():
                 self._owners[row.lease_id] = row.owner
@@ -156,7 +165,9 @@ class Broker:
                 continue
             if row.expires_at <= now:
                 self._ended(row.lease_id, row.expires_at, "expired")
-            elif settled:
+            elif settled and now - row.last_seen > 2 * self.config.node_timeout_s:
+                # (recently seen: another broker sharing the ledger granted it, or its node's
+                # next report is on the way)
                 self._ended(row.lease_id, row.last_seen, "lost")
 
     # --- agents ---------------------------------------------------------------------------
@@ -193,6 +204,8 @@ class Broker:
         now = self._clock()
         if outcome.learned:
             log.info("node %s: learned live leases %s", node, ", ".join(outcome.learned))
+            for lease_id in outcome.learned:
+                self._owner_of(lease_id)
         for record in outcome.dropped:
             log.info("node %s: lease %s is gone (evicted on the node)", node, record.lease_id)
             self._ended(
@@ -278,6 +291,27 @@ class Broker:
         )
 
     # --- who may do what --------------------------------------------------------------------
+
+    def _owner_of(self, lease_id: str) -> Owner | None:
+        """The lease's owner: known here, or from the ledger (another broker sharing it granted
+        the lease, and this one learned it from its node's report)."""
+        owner = self._owners.get(lease_id)
+        if owner is None and self.ledger is not None:
+            row = self.ledger.row(lease_id)
+            if row is not None:
+                owner = self._owners[lease_id] = row.owner
+        return owner
+
+    def lease_id_for(self, who: Identity | None, key: str | None) -> str:
+        """A new lease's id: random, or, for a request with an idempotency key, derived from
+        the caller and the key with the cluster secret -- the same on every broker of the
+        cluster, so a request retried on another broker names the same lease (and the agent
+        that runs it answers the start again instead of starting a second one)."""
+        if not key:
+            return f"l-{secrets.token_hex(8)}"
+        caller = f"{who.uid}:{who.user}" if who is not None else "-"
+        mac = hmac.new(self._secret, f"lease-id\0{caller}\0{key}".encode(), hashlib.sha256)
+        return f"l-{mac.hexdigest()[:16]}"
 
     def owner_for(self, who: Identity, account: str) -> Owner:
         """The owner a new lease of ``who`` gets: the account checked against ``broker.accounts``."""
@@ -365,15 +399,104 @@ class Broker:
 
     # --- clients --------------------------------------------------------------------------
 
-    async def lease(self, request: LeaseRequest, who: Identity | None = None) -> LeaseGrant:
+    async def lease(
+        self,
+        request: LeaseRequest,
+        who: Identity | None = None,
+        *,
+        key: str | None = None,
+        retry: bool = False,
+    ) -> LeaseGrant:
         """Place, start on the node, sign. LeaseDenied when nothing fits (with what is free),
         QuotaExceeded past a user or account limit, Forbidden for an account not the user's.
 
         A node whose agent cannot start the executor (down, or its offer shrank meanwhile)
         is skipped and the next fitting node tried, up to ``START_ATTEMPTS`` nodes.
+
+        ``key`` (the client's ``Idempotency-Key``) makes the request idempotent for the lease's
+        life: the same key answers the same grant, on this broker or another one of the
+        cluster (``retry``: the client says it sent this request before).
         """
         self._duration(request.duration)
         owner = self.owner_for(who, request.account) if who is not None else None
+        lease_id = self.lease_id_for(who, key)
+        if key:
+            again = await self._again(lease_id, owner, retry)
+            if again is not None:
+                return again
+            future: asyncio.Future[LeaseGrant] = asyncio.get_running_loop().create_future()
+            self._starting[lease_id] = future
+            try:
+                grant = await self._place(request, owner, lease_id)
+            except BaseException as exc:
+                future.set_exception(exc)
+                future.exception()  # retrieved: a failed first attempt is no unhandled error
+                raise
+            else:
+                future.set_result(grant)
+                return grant
+            finally:
+                self._starting.pop(lease_id, None)
+        return await self._place(request, owner, lease_id)
+
+    async def _again(self, lease_id: str, owner: Owner | None, retry: bool) -> LeaseGrant | None:
+        """The grant an idempotent request already got (None: place it now)."""
+        pending = self._starting.get(lease_id)
+        if pending is not None:  # the same request is being placed right now
+            try:
+                return await asyncio.shield(pending)
+            except LeaseError:
+                return None  # the first attempt failed; this one tries again
+        grant = self._granted(lease_id, owner)
+        if grant is not None:
+            return grant
+        ended = self.book.ended(lease_id)
+        if ended is not None and ended is not LeaseEnd.START_FAILED:
+            raise self._gone(lease_id)  # granted once, ended since: never granted twice
+        row = self.ledger.row(lease_id) if self.ledger is not None else None
+        if row is not None and row.end is not None:
+            raise LeaseExpired(
+                f"was granted and ended ({row.end_reason}); ask for a new lease",
+                lease_id=lease_id,
+            )
+        if not retry and row is None:
+            return None
+        # Retried: another broker may have granted it and died before answering. Its node
+        # reports the lease to every broker; wait for one more report from every live node.
+        since = self._clock()
+        deadline = since + RETRY_SETTLE_S
+        while True:
+            grant = self._granted(lease_id, owner)
+            if grant is not None:
+                log.info("lease %s: a retried request gets the grant it had", lease_id)
+                return grant
+            now = self._clock()
+            settled = all(
+                o.reported_at >= since for o in self.book.nodes() if self.book.is_alive(o.node, now)
+            )
+            if now >= deadline or (settled and row is None):
+                break
+            await asyncio.sleep(RETRY_POLL_S)
+        if row is not None:
+            raise BackendUnavailable(
+                f"lease {lease_id} was granted on node {row.node} by another broker and that "
+                "node has not reported it here yet; retry in a second"
+            )
+        return None
+
+    def _granted(self, lease_id: str, owner: Owner | None) -> LeaseGrant | None:
+        """The grant of the live, started lease ``lease_id`` (None when it is not one)."""
+        record = self.book.lease(lease_id)
+        if record is None or not record.address:
+            return None
+        held = self._owner_of(lease_id)
+        if owner is not None and held is not None and held.uid != owner.uid:
+            raise Forbidden(f"lease {lease_id} belongs to another user")
+        if owner is not None and held is None:
+            self._owners[lease_id] = owner
+        return self._grant(record)
+
+    async def _place(self, request: LeaseRequest, owner: Owner | None, lease_id: str) -> LeaseGrant:
         if owner is not None:
             self._check_quotas(
                 owner, request.cores, request.memory, request.duration, self._clock(), new=True
@@ -388,10 +511,13 @@ class Broker:
             if slot is None:
                 break
             try:
-                return await self._start_on(slot.node, slot.cpu_ids, request, now, owner)
+                return await self._start_on(slot.node, slot.cpu_ids, request, now, owner, lease_id)
             except (BackendUnavailable, LeaseDenied) as exc:
                 failed.add(slot.node)
                 last_error = exc
+                if isinstance(exc, BackendUnavailable):
+                    # That agent may have started it after all: another node gets another id.
+                    lease_id = self.lease_id_for(None, None)
         if last_error is not None:
             raise last_error
         raise self._denied(request, self._clock())
@@ -403,12 +529,11 @@ class Broker:
         request: LeaseRequest,
         now: float,
         owner: Owner | None,
+        lease_id: str,
     ) -> LeaseGrant:
         offer = self.book.node(node)
         assert offer is not None
-        record = LeaseRecord(
-            f"l-{secrets.token_hex(8)}", node, cpu_ids, request.memory, now, now + request.duration
-        )
+        record = LeaseRecord(lease_id, node, cpu_ids, request.memory, now, now + request.duration)
         self.book.add(record)  # cores are taken now, before the agent answers
         if owner is not None:
             self._owners[record.lease_id] = owner
@@ -478,7 +603,7 @@ class Broker:
         knows is "not known"; another user's, live or ended, is Forbidden without details."""
         record = self.book.lease(lease_id)
         if who is not None and not who.admin:
-            owner = self._owners.get(lease_id)
+            owner = self._owner_of(lease_id)
             if owner is None and record is None and self.book.ended(lease_id) is None:
                 raise self._gone(lease_id)
             if owner is None or owner.uid != who.uid:

@@ -237,6 +237,15 @@ class Ledger:
             )
             return True
 
+    def row(self, lease_id: str) -> LedgerRow | None:
+        """The lease's row, open or closed (None when the ledger never saw it): another broker
+        sharing this ledger may have granted it."""
+        with self._lock:
+            found = self._run(
+                f"SELECT {_COLUMNS} FROM leases WHERE lease_id=?", (lease_id,)
+            ).fetchone()
+        return None if found is None else self._row(found)
+
     def open_rows(self) -> list[LedgerRow]:
         with self._lock:
             rows = self._run(f"SELECT {_COLUMNS} FROM leases WHERE ended IS NULL").fetchall()

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
+import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +48,34 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_BROKER = "http://127.0.0.1:8642"
+#: Automatic retries of one call (after the first attempt) on a broker that could not be
+#: reached or answered 503 with Retry-After (load shedding): bounded and jittered.
+RETRIES = 3
+RETRY_BASE_S = 0.1  # first back-off on the same broker; doubles each time
+RETRY_MAX_S = 5.0  # no single wait is longer (a larger Retry-After is cut to this)
+
+
+def broker_urls(broker_url: str | Sequence[str]) -> list[str]:
+    """The broker URLs ``broker_url`` names: one URL, several separated by commas, or a list."""
+    items = broker_url.split(",") if isinstance(broker_url, str) else list(broker_url)
+    urls = [u.strip().rstrip("/") for u in items if u.strip()]
+    if not urls:
+        raise ConfigError("no broker URL given; pass one like http://127.0.0.1:8642")
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"broker URL {url!r} must start with http:// or https://")
+    return list(dict.fromkeys(urls))
+
+
+def _retry_after(reply: httpx.Response) -> float | None:
+    """Seconds a 503 asks to wait (None: not a load-shedding answer, do not retry)."""
+    if reply.status_code != 503:
+        return None
+    value = reply.headers.get("retry-after", "")
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -54,38 +84,98 @@ def _first_error(exc: ValidationError) -> str:
 
 
 class Client:
-    """A connection to the lease broker at ``broker_url``.
+    """A connection to the lease broker(s) at ``broker_url``.
+
+    ``broker_url`` is one URL, several separated by commas, or a list: brokers serving the same
+    cluster. A call goes to the current broker; when that one cannot be reached the client
+    fails over to the next by itself, and when a broker sheds load (503 with Retry-After) it
+    waits that long (jittered) and tries again -- at most ``retries`` times per call. Lease
+    requests carry an idempotency key, so a retried request is never granted twice.
 
     Every call carries the caller's identity: a fresh MUNGE credential from the local munged,
     or the Slurm JWT in ``jwt`` (default ``$SLURM_JWT``, as ``scontrol token`` prints it).
     ``timeout_s`` bounds every broker call (seconds). Thread-safe; close it (or use it as a
-    context manager) to free its connections.
+    context manager) to free its connections. ``retried`` counts the automatic retries.
     """
 
     def __init__(
-        self, broker_url: str = DEFAULT_BROKER, *, timeout_s: float = 10.0, jwt: str | None = None
+        self,
+        broker_url: str | Sequence[str] = DEFAULT_BROKER,
+        *,
+        timeout_s: float = 10.0,
+        jwt: str | None = None,
+        retries: int = RETRIES,
     ) -> None:
-        if not broker_url.startswith(("http://", "https://")):
-            raise ConfigError(f"broker URL {broker_url!r} must start with http:// or https://")
-        self.broker_url = broker_url.rstrip("/")
-        self._http = httpx.Client(base_url=self.broker_url, timeout=timeout_s, auth=ClientAuth(jwt))
+        self.broker_urls = broker_urls(broker_url)
+        self._current = 0
+        self.retries = max(0, retries)
+        self.retried = 0
+        self._http = httpx.Client(timeout=timeout_s, auth=ClientAuth(jwt))
+
+    @property
+    def broker_url(self) -> str:
+        """The broker calls go to now."""
+        return self.broker_urls[self._current]
+
+    def _failover(self, failed: str) -> bool:
+        """``failed`` could not be reached: move to the next broker (False when there is only one)."""
+        if len(self.broker_urls) == 1:
+            return False
+        if self.broker_url == failed:
+            self._current = (self._current + 1) % len(self.broker_urls)
+            log.warning("broker %s did not answer; failing over to %s", failed, self.broker_url)
+        return True
 
     def _call(
-        self, method: str, path: str, body: Any | None = None, params: dict[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        body: Any | None = None,
+        params: dict[str, str] | None = None,
+        *,
+        idempotency_key: str | None = None,
     ) -> Any:
-        try:
-            reply = self._http.request(method, f"{API_PREFIX}{path}", json=body, params=params)
-        except httpx.HTTPError as exc:
-            raise BackendUnavailable(
-                f"broker {self.broker_url} did not answer ({type(exc).__name__}); "
-                "start it with `colocate broker` or pass the right URL"
-            ) from None
-        try:
-            data = reply.json()
-        except ValueError:
-            data = None
-        raise_for_reply(reply.status_code, data, f"broker {self.broker_url}")
-        return data
+        """One API call, retried on an unreachable broker (next broker first) or a 503 with
+        Retry-After; the last failure is raised as BackendUnavailable naming every broker."""
+        attempt = 0
+        while True:
+            url = self.broker_url
+            headers: dict[str, str] = {}
+            if idempotency_key is not None:
+                headers["Idempotency-Key"] = idempotency_key
+                headers["Idempotency-Retry"] = str(attempt)
+            try:
+                reply = self._http.request(
+                    method, f"{url}{API_PREFIX}{path}", json=body, params=params, headers=headers
+                )
+            except httpx.HTTPError as exc:
+                switched = self._failover(url)
+                if attempt >= self.retries:
+                    where = ", ".join(self.broker_urls)
+                    raise BackendUnavailable(
+                        f"broker {where} did not answer ({type(exc).__name__}); "
+                        "start it with `colocate broker` or pass the right URL"
+                    ) from None
+                # another broker: go now (a little jitter); the same one: back off
+                wait = random.uniform(0, 0.05) if switched else self._backoff(attempt)
+            else:
+                shed = _retry_after(reply)
+                if shed is None or attempt >= self.retries:
+                    try:
+                        data = reply.json()
+                    except ValueError:
+                        data = None
+                    raise_for_reply(reply.status_code, data, f"broker {url}")
+                    return data
+                wait = min(RETRY_MAX_S, shed) * random.uniform(1.0, 1.5) or self._backoff(attempt)
+            attempt += 1
+            self.retried += 1
+            log.info("%s %s: retry %d in %.2fs", method, path, attempt, wait)
+            time.sleep(wait)
+
+    @staticmethod
+    def _backoff(attempt: int) -> float:
+        return float(min(RETRY_MAX_S, RETRY_BASE_S * 2**attempt) * random.uniform(0.5, 1.5))
 
     def lease(
         self,
@@ -115,7 +205,10 @@ class Client:
             )
         except ValidationError as exc:
             raise ConfigError(f"lease request: {_first_error(exc)}") from None
-        grant = LeaseGrant.model_validate(self._call("POST", "/leases", request.model_dump()))
+        key = secrets.token_hex(16)  # the same on every retry: one grant at most
+        grant = LeaseGrant.model_validate(
+            self._call("POST", "/leases", request.model_dump(), idempotency_key=key)
+        )
         return Lease(self, grant)
 
     def process(
@@ -177,7 +270,7 @@ class Client:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Client({self.broker_url!r})"
+        return f"Client({','.join(self.broker_urls)!r})"
 
 
 class Lease:
