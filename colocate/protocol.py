@@ -21,7 +21,14 @@ A ``REPLY`` for call 0 with status ``EVICTED`` or ``EXPIRED`` is a notice: the e
 taken back and every call on this connection without a reply yet ends with that error once the
 connection closes.
 
-This module is pure apart from ``keepalive``: encoding and decoding of frames and error bodies.
+The local control channels of an executor (a worker and its token verifier, the supervisor and
+its fork server) carry *messages*: a little-endian u32 length, then that many body bytes.
+
+This is the one framing of the project: every reader and writer of frames or messages uses
+``frame``/``read_frame``/``FrameBuffer`` and ``message``/``send_message``/``recv_message``.
+A frame or message that breaks the framing (longer than its limit, or cut short by the end of
+the stream) raises ``FrameError``. Apart from these socket helpers and ``keepalive`` the module
+is pure: encoding and decoding of frames and error bodies.
 """
 
 from __future__ import annotations
@@ -37,6 +44,9 @@ HEADER_SIZE: Final = HEADER.size  # 16 bytes
 VERSION: Final = 1
 MAX_HELLO_BYTES: Final = 64 * 1024  # a token is a few hundred bytes
 DEFAULT_MAX_PAYLOAD_BYTES: Final = 16 * 1024**2
+MESSAGE_LEN: Final = struct.Struct("<I")
+MAX_MESSAGE_BYTES: Final = 1024**2  # a control message: a token check, a tally, a fork request
+RECV_BUFFER_BYTES: Final = 256 * 1024  # a hot connection's receive buffer (grows for a frame)
 
 # kinds
 HELLO: Final = 1
@@ -76,6 +86,143 @@ TOO_LARGE_BODY: Final = struct.Struct("<QQ")
 def frame(kind: int, flags: int, code: int, call_id: int, body: bytes = b"") -> bytes:
     """One complete frame (header + body) ready for a single ``sendall``."""
     return HEADER.pack(len(body), kind, flags, code, call_id) + body
+
+
+class FrameError(ConnectionError):
+    """A frame or message that breaks the framing: over its size limit, or cut short.
+
+    A ``ConnectionError`` (so an ``OSError``): whoever reads a stream already drops the
+    connection on ``OSError``, which is the only safe answer once the framing is lost.
+    """
+
+
+def message(body: bytes) -> bytes:
+    """One length-prefixed message (u32 length + body) ready for a single ``sendall``."""
+    return MESSAGE_LEN.pack(len(body)) + body
+
+
+def send_message(sock: socket.socket, body: bytes) -> None:
+    sock.sendall(MESSAGE_LEN.pack(len(body)) + body)
+
+
+def _recv_exactly(sock: socket.socket, size: int, what: str) -> bytes:
+    data = sock.recv(size, socket.MSG_WAITALL) if size else b""
+    while 0 < len(data) < size:  # MSG_WAITALL returns early on a signal
+        more = sock.recv(size - len(data), socket.MSG_WAITALL)
+        if not more:
+            break
+        data += more
+    if len(data) < size:
+        raise FrameError(f"{what} cut short: the stream ended after {len(data)} of {size} bytes")
+    return data
+
+
+def recv_message(sock: socket.socket, limit: int = MAX_MESSAGE_BYTES) -> bytes | None:
+    """The next message's body from a blocking socket; None at the end of the stream.
+
+    Raises ``FrameError`` when the stream ends inside a message or its length is over
+    ``limit`` bytes (the body is then not read: drop the connection), ``OSError`` on a
+    socket error or timeout.
+    """
+    head = sock.recv(MESSAGE_LEN.size, socket.MSG_WAITALL)
+    if not head:
+        return None
+    if len(head) < MESSAGE_LEN.size:
+        head += _recv_exactly(sock, MESSAGE_LEN.size - len(head), "message length")
+    (length,) = MESSAGE_LEN.unpack(head)
+    if length > limit:
+        raise FrameError(f"message of {length} bytes is over the limit of {limit} bytes")
+    return _recv_exactly(sock, length, f"message of {length} bytes")
+
+
+def read_frame(
+    sock: socket.socket, limit: int = MAX_MESSAGE_BYTES
+) -> tuple[int, int, int, int, bytes]:
+    """The next whole frame ``(kind, flags, code, call_id, body)`` from a blocking socket
+    (a handshake; streams of calls go through ``FrameBuffer``).
+
+    Raises ``FrameError`` when the stream ends before or inside the frame, or its body is
+    over ``limit`` bytes.
+    """
+    head = _recv_exactly(sock, HEADER_SIZE, "frame header")
+    length, kind, flags, code, call_id = HEADER.unpack(head)
+    if length > limit:
+        raise FrameError(f"frame of {length} bytes is over the limit of {limit} bytes")
+    return kind, flags, code, call_id, _recv_exactly(sock, length, f"frame of {length} bytes")
+
+
+class FrameBuffer:
+    """The receive buffer of a stream of frames, used by both ends of an invocation stream.
+
+    ``buf[start:end]`` holds received bytes not consumed yet. ``fill`` receives into the free
+    tail; ``header`` peeks at the next frame's header; ``body`` consumes a whole frame;
+    ``drop`` consumes a header and discards its body as it arrives (an oversized frame).
+    A plain slots class for the hot path: a worker and a client call these a few times per
+    invocation.
+    """
+
+    __slots__ = ("buf", "end", "skip", "start", "view")
+
+    def __init__(self, size: int = RECV_BUFFER_BYTES) -> None:
+        self.buf = bytearray(size)
+        self.view = memoryview(self.buf)
+        self.start = 0
+        self.end = 0
+        self.skip = 0  # body bytes of a dropped frame still to discard
+
+    def fill(self, sock: socket.socket) -> int:
+        """One ``recv_into`` the free tail (room is made first when the buffer is full);
+        the bytes received, 0 at the end of the stream. Socket errors propagate."""
+        if self.end == len(self.buf):
+            self.make_room(HEADER_SIZE)
+        n = sock.recv_into(self.view[self.end :])
+        self.end += n
+        return n
+
+    def header(self) -> tuple[int, int, int, int, int] | None:
+        """``(length, kind, flags, code, call_id)`` of the next frame, not consumed; None until
+        its 16 bytes are here."""
+        if self.skip:
+            drop = min(self.skip, self.end - self.start)
+            self.skip -= drop
+            self.start += drop
+        if self.end - self.start < HEADER_SIZE:
+            if self.start == self.end:
+                self.start = self.end = 0
+            return None
+        return HEADER.unpack_from(self.buf, self.start)
+
+    def body(self, length: int) -> memoryview | None:
+        """Consume the frame whose header ``header`` returned (body ``length`` bytes) and
+        return its body, a view valid until the next ``fill``; None until all of it is here
+        (room for it is made)."""
+        start = self.start + HEADER_SIZE
+        stop = start + length
+        if stop > self.end:
+            self.make_room(HEADER_SIZE + length)
+            return None
+        self.start = stop
+        return self.view[start:stop]
+
+    def drop(self, length: int) -> None:
+        """Consume the next frame's header and discard its ``length`` body bytes as they come."""
+        self.start += HEADER_SIZE
+        self.skip = length
+
+    def make_room(self, need: int) -> None:
+        """Move the unconsumed bytes to the front, growing the buffer to ``need`` bytes."""
+        size = self.end - self.start
+        if need > len(self.buf):
+            new = bytearray(max(need, RECV_BUFFER_BYTES))
+            new[:size] = self.view[self.start : self.end]
+            self.view.release()
+            self.buf = new
+            self.view = memoryview(new)
+        elif self.start:
+            self.buf[:size] = self.buf[self.start : self.end]
+        else:
+            return
+        self.start, self.end = 0, size
 
 
 def encode_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, bytes]:

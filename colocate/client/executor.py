@@ -53,9 +53,6 @@ _MAX_FUNCTIONS = 0xFFFF  # function indexes are 16 bits on the wire
 _MAX_FUNCTION_KEYS = 4096  # callables remembered by identity
 CORK_DEPTH = 16  # calls waiting on a worker before further asynchronous calls are batched
 CORK_FRAMES = 64  # writes held back at most
-_HDR = P.HEADER
-_HS = P.HEADER_SIZE
-_BUF = 256 * 1024
 _REPLY = P.REPLY
 _OK = P.OK
 _RAW = P.RAW
@@ -197,10 +194,7 @@ class _Connection:
         self.sock = sock
         self.url = url
         self.lease_id = lease_id
-        self.buf = bytearray(_BUF)
-        self.view = memoryview(self.buf)
-        self.start = 0
-        self.end = 0
+        self.frames = P.FrameBuffer()
         self.read_lock = threading.Lock()  # the right to recv on the socket
         self.send_lock = threading.Lock()
         self.cond = threading.Condition(threading.Lock())
@@ -225,7 +219,12 @@ class _Connection:
                 P.HELLO, 0, P.VERSION, 0, f"{token} {nonce}".encode() if nonce else token.encode()
             )
         )
-        status, _flags, body = self._read_frame_blocking()
+        try:
+            _kind, _flags, status, _cid, body = P.read_frame(self.sock)
+        except OSError as exc:  # FrameError included: closed or garbled during the handshake
+            raise ExecutorLost(
+                f"executor at {self.url}: handshake failed: {exc}", lease_id=self.lease_id
+            ) from None
         if status != P.OK:
             self.close()
             raise _error(status, body, self.lease_id)
@@ -241,27 +240,6 @@ class _Connection:
                     "it is not the one the broker placed (fake node or hijacked address)"
                 )
         return welcome
-
-    def _read_frame_blocking(self) -> tuple[int, int, bytes]:
-        data = b""
-        try:
-            while len(data) < _HS:
-                chunk = self.sock.recv(_HS - len(data))
-                if not chunk:
-                    break
-                data += chunk
-            if len(data) < _HS:
-                raise ExecutorLost(
-                    f"executor at {self.url} closed the connection during the handshake",
-                    lease_id=self.lease_id,
-                )
-            length, _kind, flags, status, _cid = _HDR.unpack(data)
-            body = self.sock.recv(length, socket.MSG_WAITALL) if length else b""
-        except OSError as exc:
-            raise ExecutorLost(
-                f"executor at {self.url}: handshake failed: {exc}", lease_id=self.lease_id
-            ) from None
-        return status, flags, body
 
     # -- I/O ------------------------------------------------------------------------------
     def send(
@@ -355,29 +333,22 @@ class _Connection:
             raise self.lost_error()
         if self.outbox:  # never wait for replies to calls not sent yet
             self.flush()
-        if self.end == len(self.buf):
-            self._make_room(_HS)
+        frames = self.frames
         try:
-            n = self.sock.recv_into(self.view[self.end :])
+            n = frames.fill(self.sock)
         except OSError:
             n = 0
         if n == 0:
             self.mark_dead()
             raise self.lost_error()
-        self.end += n
         mine = None
-        buf = self.buf
         pending = self.pending
-        while True:
-            avail = self.end - self.start
-            if avail < _HS:
+        while (head := frames.header()) is not None:
+            view = frames.body(head[0])
+            if view is None:
                 break
-            length, _kind, flags, status, cid = _HDR.unpack_from(buf, self.start)
-            if avail < _HS + length:
-                self._make_room(_HS + length)
-                break
-            body = bytes(self.view[self.start + _HS : self.start + _HS + length])
-            self.start += _HS + length
+            _length, _kind, flags, status, cid = head
+            body = bytes(view)
             if cid == own:
                 mine = (status, flags, body)
             elif cid == 0:  # evicted/expired notice, or an error about the whole stream
@@ -393,23 +364,7 @@ class _Connection:
                     else:
                         with contextlib.suppress(InvalidStateError):
                             fut.set_result(value)
-        if self.start == self.end:
-            self.start = self.end = 0
         return mine
-
-    def _make_room(self, need: int) -> None:
-        size = self.end - self.start
-        if need > len(self.buf):
-            new = bytearray(max(need, _BUF))
-            new[:size] = self.view[self.start : self.end]
-            self.view.release()
-            self.buf = new
-            self.view = memoryview(new)
-        elif self.start:
-            self.buf[:size] = self.buf[self.start : self.end]
-        else:
-            return
-        self.start, self.end = 0, size
 
     # -- calls ----------------------------------------------------------------------------
     def call(self, data: bytes, cid: int, fn: int, definitions: list[bytes]) -> Any:
@@ -669,7 +624,7 @@ class LeaseExecutor(Executor):
         if len(body) > self.max_payload_bytes:
             raise PayloadTooLarge(len(body), self.max_payload_bytes)
         cid = next(self._ids)
-        return _HDR.pack(len(body), P.CALL, flags, idx, cid) + body, cid, idx
+        return P.frame(P.CALL, flags, idx, cid, body), cid, idx
 
     def _pick(self, sync: bool) -> _Connection:
         conns = self._conns

@@ -5,8 +5,8 @@ worker needs (cloudpickle, the protocol, the worker loop) so that a lease's cold
 ``fork`` and a few cgroup writes, not a fresh interpreter. It holds no secret (workers inherit
 its memory and run user code) and it never runs user code itself.
 
-Control messages on the socket ``FD`` from the supervisor are length-prefixed pickles (a local
-socketpair between two root processes of the same agent):
+Control messages on the socket ``FD`` from the supervisor are pickles in ``protocol.message``
+frames (a local socketpair between two root processes of the same agent):
 
 - ``("spawn", WorkerSpec template, host, lease_dir)`` -> ``("ok", pids, tcp, unix)`` or
   ``("error", message)``; workers are listening and confined when the answer comes.
@@ -33,15 +33,13 @@ import pickle
 import select
 import signal
 import socket
-import struct
 import sys
 import time
 from typing import Any
 
-from colocate import protocol  # noqa: F401  (pre-import for workers)
+from colocate import protocol  # also pre-imported for workers
 from colocate.executor import worker
 
-_LEN = struct.Struct("<I")
 READY_TIMEOUT_S = 10.0
 # Standard modules user functions often import. Workers run as an unprivileged user who may
 # not be allowed to read the Python installation; what is imported here they already have.
@@ -82,20 +80,15 @@ STDLIB_PRELOAD = (
 
 
 def send_msg(sock: socket.socket, obj: Any) -> None:
-    data = pickle.dumps(obj, protocol=5)
-    sock.sendall(_LEN.pack(len(data)) + data)
+    """One control message: a pickle in a ``protocol.message``."""
+    protocol.send_message(sock, pickle.dumps(obj, protocol=5))
 
 
 def recv_msg(sock: socket.socket) -> Any:
-    """The next message, or None at end of file."""
-    head = sock.recv(4, socket.MSG_WAITALL)
-    if len(head) < 4:
-        return None
-    (length,) = _LEN.unpack(head)
-    data = sock.recv(length, socket.MSG_WAITALL)
-    if len(data) < length:
-        return None
-    return pickle.loads(data)
+    """The next control message, or None at end of file. ``protocol.FrameError`` (an
+    ``OSError``) when the stream ends inside one or it is over ``protocol.MAX_MESSAGE_BYTES``."""
+    data = protocol.recv_message(sock, protocol.MAX_MESSAGE_BYTES)
+    return None if data is None else pickle.loads(data)
 
 
 _CLONE_NEWPID = 0x20000000
@@ -336,7 +329,11 @@ def serve(control: socket.socket) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     adoption: tuple[str, float] | None = None
     while True:
-        msg = recv_msg(control)
+        try:
+            msg = recv_msg(control)
+        except OSError as exc:  # cut short: the supervisor died mid-write; as its end of file
+            print(f"colocate fork server: control stream: {exc}", file=sys.stderr)
+            msg = None
         if msg is None:
             control.close()
             if adoption is None or not _has_children():

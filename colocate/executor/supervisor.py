@@ -240,7 +240,10 @@ class ExecutorSupervisor:
             env=env,
         )
         child.close()
-        hello = recv_msg(self._fork_sock)
+        try:
+            hello = recv_msg(self._fork_sock)
+        except OSError:  # cut short or garbled: it died while starting
+            hello = None
         if not hello or hello[0] != "ready":
             raise BackendUnavailable("executor fork server did not start; see the agent's stderr")
         path = os.path.join(self.state_dir, f"forkserver-{hello[1]}.sock")

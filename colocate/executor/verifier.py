@@ -2,11 +2,12 @@
 
 Workers run user code, so they must not hold the cluster secret (it would let one lease forge
 tokens for others). A worker connects to this root-only Unix socket before it drops
-privileges and keeps the connection. Messages are ``u32 length + kind byte + body``:
+privileges and keeps the connection. Messages are ``protocol.message``s (u32 length, then
+the body) whose body is a kind byte and its payload:
 
 - ``V`` + token [+ space + nonce]: the answer is ``u32 length + JSON``: ``{"status": "ok",
   "lease_id", "node", "cpu_ids", "expires_at"[, "proof"]}`` or ``{"status": "unauthorized" |
-  "expired", "message"}``. ``proof`` is HMAC(lease key, nonce): the client checks it with the
+  "expired", "message"}`` (a message too). ``proof`` is HMAC(lease key, nonce): the client checks it with the
   lease key of its grant, so a worker (which never holds the key) proves it is the executor the
   broker placed. A token older than the lease's last renewal is refused.
 - ``T`` + JSON: the worker's invocation counts since its last report
@@ -23,17 +24,15 @@ import logging
 import os
 import selectors
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from colocate import protocol as P
 from colocate.errors import ColocateError, LeaseExpired
 from colocate.tokens import hello_proof, lease_key, verify_lease
 
-_LEN = struct.Struct("<I")
-MAX_MESSAGE_BYTES = 64 * 1024
 log = logging.getLogger(__name__)
 
 
@@ -118,26 +117,22 @@ class TokenVerifier:
 
     def _serve_one(self, conn: socket.socket) -> None:
         try:
-            head = conn.recv(4, socket.MSG_WAITALL)
-            if len(head) == 4:
-                (length,) = _LEN.unpack(head)
-                if 0 < length <= MAX_MESSAGE_BYTES:
-                    body = conn.recv(length, socket.MSG_WAITALL)
-                    kind, payload = body[:1], body[1:]
-                    if kind == b"V":
-                        reply = json.dumps(self.answer(payload)).encode()
-                        conn.sendall(_LEN.pack(len(reply)) + reply)
-                        return
-                    if kind == b"T":
-                        self._tally(payload)
-                        return
-                    if kind == b"F":  # FMI sockets made outside the sandbox (fmi_sockets.py)
-                        from colocate.executor.fmi_sockets import serve_fmi
+            body = P.recv_message(conn, P.MAX_MESSAGE_BYTES)
+            kind, payload = (body[:1], body[1:]) if body else (b"", b"")
+            if kind == b"V":
+                P.send_message(conn, json.dumps(self.answer(payload)).encode())
+                return
+            if kind == b"T":
+                self._tally(payload)
+                return
+            if kind == b"F":  # FMI sockets made outside the sandbox (fmi_sockets.py)
+                from colocate.executor.fmi_sockets import serve_fmi
 
-                        serve_fmi(conn, self._secret, payload)
-                        return
-        except OSError:
-            pass
+                serve_fmi(conn, self._secret, payload)
+                return
+        except OSError as exc:  # FrameError too: a worker that breaks the framing is dropped
+            if isinstance(exc, P.FrameError):
+                log.warning("dropping a worker's verifier connection: %s", exc)
         self._sel.unregister(conn)
         conn.close()
 

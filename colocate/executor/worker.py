@@ -56,10 +56,7 @@ from colocate.executor.confinement import LeaseCgroups, join
 from colocate.metrics.events import InvocationTally
 
 _SNDTIMEO_S = 10  # a client that stops reading loses its connection, not the worker
-_BUF = 256 * 1024
 _PENDING_BUF = 4096  # a connection without a token yet: enough for a HELLO, grown as needed
-_HDR = P.HEADER
-_HS = P.HEADER_SIZE
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_PDEATHSIG = 1
 _CLONE_NEWNS = 0x00020000
@@ -130,16 +127,14 @@ class _LoadError:
         self.message = message
 
 
-class _Conn:
-    __slots__ = ("authed", "buf", "end", "fns", "skip", "sock", "start", "view")
+class _Conn(P.FrameBuffer):
+    """A client's connection: its socket, its receive buffer of frames, what it defined."""
 
-    def __init__(self, sock: socket.socket, size: int = _BUF) -> None:
+    __slots__ = ("authed", "fns", "sock")
+
+    def __init__(self, sock: socket.socket, size: int = P.RECV_BUFFER_BYTES) -> None:
+        super().__init__(size)
         self.sock = sock
-        self.buf = bytearray(size)
-        self.view = memoryview(self.buf)
-        self.start = 0
-        self.end = 0
-        self.skip = 0  # bytes of an oversized frame still to discard
         self.authed = False
         self.fns: list[Any] = []
 
@@ -287,12 +282,13 @@ def _verify_hello(verifier: socket.socket | None, token: bytes) -> dict[str, Any
     if verifier is None:
         return {"status": "unauthorized", "message": "executor lost its token verifier"}
     try:
-        verifier.sendall(struct.pack("<I", 1 + len(token)) + b"V" + token)
-        head = verifier.recv(4, socket.MSG_WAITALL)
-        (length,) = struct.unpack("<I", head)
-        answer: dict[str, Any] = json.loads(verifier.recv(length, socket.MSG_WAITALL))
+        P.send_message(verifier, b"V" + token)
+        body = P.recv_message(verifier)
+        if body is None:
+            raise ConnectionError("the verifier closed the connection")
+        answer: dict[str, Any] = json.loads(body)
         return answer
-    except (OSError, ValueError, struct.error):
+    except (OSError, ValueError):  # FrameError is an OSError
         return {"status": "unauthorized", "message": "executor cannot reach its token verifier"}
 
 
@@ -395,7 +391,7 @@ class Worker:
         data["lease_id"] = self.spec.lease_id
         body = b"T" + json.dumps(data).encode()
         try:
-            self.verifier.sendall(struct.pack("<I", len(body)) + body)
+            P.send_message(self.verifier, body)
         except OSError:
             self._verifier_lost()  # the supervisor is gone: tokens cannot be checked either
 
@@ -534,7 +530,7 @@ class Worker:
 
     def _on_readable(self, conn: _Conn, ev: int) -> None:
         try:
-            n = conn.sock.recv_into(conn.view[conn.end :])
+            n = conn.fill(conn.sock)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -542,7 +538,6 @@ class Worker:
         if n == 0:
             self._close(conn)
             return
-        conn.end += n
         out: list[bytes] = []
         keep = self._parse(conn, out)
         if out and not self._send(conn, b"".join(out)):
@@ -552,17 +547,9 @@ class Worker:
 
     def _parse(self, conn: _Conn, out: list[bytes]) -> bool:
         """Handle every complete frame in the buffer; False when the connection must close."""
-        buf = conn.buf
         limit = self.limit
-        while True:
-            if conn.skip:
-                drop = min(conn.skip, conn.end - conn.start)
-                conn.skip -= drop
-                conn.start += drop
-            avail = conn.end - conn.start
-            if avail < _HS:
-                break
-            length, kind, flags, code, call_id = _HDR.unpack_from(buf, conn.start)
+        while (head := conn.header()) is not None:
+            length, kind, flags, code, call_id = head
             if kind == P.CALL or kind == P.DEFINE:
                 if not conn.authed:
                     out.append(
@@ -581,8 +568,7 @@ class Worker:
                             P.REPLY, 0, P.TOO_LARGE, call_id, P.TOO_LARGE_BODY.pack(length, limit)
                         )
                     )
-                    conn.start += _HS
-                    conn.skip = length
+                    conn.drop(length)
                     continue
             elif kind == P.HELLO:
                 if length > P.MAX_HELLO_BYTES:
@@ -591,11 +577,9 @@ class Worker:
             else:
                 out.append(_malformed(call_id, f"unknown frame kind {kind}"))
                 return False
-            if avail < _HS + length:
-                self._make_room(conn, _HS + length)
+            body = conn.body(length)
+            if body is None:
                 break
-            body = conn.view[conn.start + _HS : conn.start + _HS + length]
-            conn.start += _HS + length
             if kind == P.CALL:
                 out.append(self._call(conn, flags, code, call_id, body))
                 if self.evicting:  # run nothing more; the notice covers the rest
@@ -604,25 +588,7 @@ class Worker:
                 self._define(conn, flags, code, body)
             elif not self._hello(conn, code, body, out):
                 return False
-        if conn.start == conn.end:
-            conn.start = conn.end = 0
-        elif conn.end == len(conn.buf):
-            self._make_room(conn, _HS)
         return True
-
-    def _make_room(self, conn: _Conn, need: int) -> None:
-        size = conn.end - conn.start
-        if need > len(conn.buf):
-            new = bytearray(max(need, _BUF))
-            new[:size] = conn.view[conn.start : conn.end]
-            conn.view.release()
-            conn.buf = new
-            conn.view = memoryview(new)
-        elif conn.start:
-            conn.buf[:size] = conn.buf[conn.start : conn.end]
-        else:
-            return
-        conn.start, conn.end = 0, size
 
     def _hello(self, conn: _Conn, version: int, body: memoryview, out: list[bytes]) -> bool:
         if version != P.VERSION:
@@ -644,8 +610,8 @@ class Worker:
         if status == "ok":
             conn.authed = True
             self.unauthed.pop(conn.sock.fileno(), None)
-            if len(conn.buf) < _BUF:  # a holder's connection: the full buffer from now on
-                self._make_room(conn, _BUF)
+            if len(conn.buf) < P.RECV_BUFFER_BYTES:  # a holder's: the full buffer from now on
+                conn.make_room(P.RECV_BUFFER_BYTES)
             proof = answer.get("proof")  # the verifier's answer to the client's nonce
             out.append(
                 self.welcome
@@ -726,7 +692,7 @@ class Worker:
             return P.frame(
                 P.REPLY, 0, P.TOO_LARGE, call_id, P.TOO_LARGE_BODY.pack(len(data), self.limit)
             )
-        return _HDR.pack(len(data), P.REPLY, rflags, P.OK, call_id) + data
+        return P.frame(P.REPLY, rflags, P.OK, call_id, data)
 
 
 _current: Worker | None = None  # the worker serving in this process (FMI ranks ask it)
