@@ -280,6 +280,12 @@ class LeaseBook:
             self._remember(lease_id, why)
         return record
 
+    def forget(self, lease_id: str, why: LeaseEnd) -> None:
+        """Remember that ``lease_id``, never booked here (another broker granted it), ended:
+        a later report of it is then answered as for a lease that ended here."""
+        if lease_id not in self._leases:
+            self._remember(lease_id, why)
+
     def expire(self, now: float) -> list[LeaseRecord]:
         """Drop and return the leases whose expiry is at or before ``now``."""
         gone = [r for r in self._leases.values() if r.expires_at <= now]

@@ -667,7 +667,16 @@ class Broker:
         if record is None:
             if self.book.ended(lease_id) is LeaseEnd.RELEASED:
                 return Released(lease_id=lease_id, released=False)
-            raise self._gone(lease_id)
+            row = self.ledger.row(lease_id) if self.ledger is not None else None
+            offer = self.book.node(row.node) if row is not None and row.end is None else None
+            if row is None or offer is None:
+                raise self._gone(lease_id)
+            # Granted by another broker sharing the ledger; its node has not reported it here
+            # yet (that broker may be gone): stop it on the node all the same.
+            self.book.forget(lease_id, LeaseEnd.RELEASED)
+            self._ended(lease_id, self._clock(), "released")
+            await self._release_on_agent(row.node, offer.url, lease_id)
+            return Released(lease_id=lease_id, released=True)
         self._ended(lease_id, self._clock(), "released")
         offer = self.book.node(record.node)
         if offer is not None:

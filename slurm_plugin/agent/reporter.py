@@ -42,10 +42,16 @@ class _Broker:
 
 
 class Reporter:
-    """Reports one agent's node to one or more brokers (``broker_urls``, in order)."""
+    """Reports one agent's node to one or more brokers (``broker_urls``, in order).
+
+    Several brokers serve one cluster at once: each gets every report, so each knows every
+    node's offer and leases, and the agent stays the authority for its cores (it refuses a
+    start on a core another broker's lease holds; that broker then places the lease elsewhere).
+    """
 
     def __init__(self, agent: Agent, broker_urls: Sequence[str], interval_s: float) -> None:
-        urls = [u.rstrip("/") for u in broker_urls if u]
+        # every broker of the cluster: a list, or URLs separated by commas ([agent] broker_url)
+        urls = [p.strip().rstrip("/") for u in broker_urls for p in u.split(",") if p.strip()]
         if not urls:
             raise ValueError("agent: no broker URL (set [agent] broker_url)")
         self.agent = agent
