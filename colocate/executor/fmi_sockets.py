@@ -9,7 +9,8 @@ A rank of an FMI group asks, over its worker's verifier connection (``F`` + JSON
   ``to``, which must be one of the ticket's peers.
 
 The ticket must be signed with its lease's key (``colocate.fmi_ticket``), which only the
-lease's owner holds; the answer is ``u32 length + JSON`` with the socket attached
+lease's owner holds, and the asking worker (the connection's SO_PEERCRED pid) must sit in
+that lease's cgroup, so a ticket that leaked to another lease's worker opens nothing; the answer is ``u32 length + JSON`` with the socket attached
 (SCM_RIGHTS) when ``status`` is ``ok``. A socket keeps the network namespace it was made in,
 so the rank uses it from inside its sandbox while reaching nothing else. Every channel is
 then authenticated between the ranks themselves with the group key (``colocate.fmi``).
@@ -31,8 +32,36 @@ _LEN = struct.Struct("<I")
 CONNECT_TIMEOUT_S = 2.0  # peers are one hop away; the verifier thread must not stall long
 
 
-def answer_fmi(secret: bytes, payload: bytes) -> tuple[dict[str, Any], socket.socket | None]:
-    """The reply to an ``F`` request and the socket to pass (None on refusal)."""
+def outside_lease(cgroup_text: str, lease_id: str) -> str | None:
+    """Why a process whose ``/proc/<pid>/cgroup`` reads ``cgroup_text`` may not use a ticket
+    of ``lease_id`` (None: it may). Lease cgroups are ``.../colocate/<node>/<lease id>``; a
+    process in another lease's cgroup is refused; one in no lease cgroup at all (a node
+    confined by rlimits alone, no cgroups) is let through: there is nothing to check."""
+    leases = set()
+    for line in cgroup_text.splitlines():
+        path = line.split(":", 2)[-1]
+        parts = path.strip("/").split("/")
+        if "colocate" in parts and len(parts) >= parts.index("colocate") + 3:
+            leases.add(parts[parts.index("colocate") + 2])
+    if leases and leases != {lease_id}:
+        return f"the requesting worker is in lease {', '.join(sorted(leases))}, not {lease_id}"
+    return None
+
+
+def _peer_pid(conn: socket.socket) -> int | None:
+    try:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid = int(struct.unpack("3i", creds)[0])
+    return pid or None
+
+
+def answer_fmi(
+    secret: bytes, payload: bytes, pid: int | None = None
+) -> tuple[dict[str, Any], socket.socket | None]:
+    """The reply to an ``F`` request and the socket to pass (None on refusal). ``pid`` is the
+    requesting worker (the verifier connection's peer): it must be in the ticket's lease."""
     try:
         request = json.loads(payload)
         op = request["op"]
@@ -45,6 +74,14 @@ def answer_fmi(secret: bytes, payload: bytes) -> tuple[dict[str, Any], socket.so
         return {"status": "unauthorized", "message": str(exc)}, None
     except (ValueError, KeyError, TypeError, IndexError):
         return {"status": "unauthorized", "message": "malformed FMI request"}, None
+    if pid is not None:
+        try:
+            with open(f"/proc/{pid}/cgroup") as f:
+                why = outside_lease(f.read(), ticket.lease_id)
+        except OSError:
+            why = f"the requesting worker (pid {pid}) is gone"
+        if why is not None:
+            return {"status": "unauthorized", "message": f"FMI ticket refused: {why}"}, None
     try:
         if op == "listen":
             family = socket.AF_INET6 if ":" in ticket.host else socket.AF_INET
@@ -62,13 +99,17 @@ def answer_fmi(secret: bytes, payload: bytes) -> tuple[dict[str, Any], socket.so
             sock = socket.create_connection((str(host), int(port)), timeout=CONNECT_TIMEOUT_S)
             return {"status": "ok"}, sock
     except OSError as exc:
-        return {"status": "unreachable", "message": f"FMI {op}: {exc.strerror or exc}"}, None
+        return {
+            "status": "unreachable",
+            "message": f"FMI {op}: {exc.strerror or exc}",
+            "errno": exc.errno,
+        }, None
     return {"status": "unauthorized", "message": f"unknown FMI op {op!r}"}, None
 
 
 def serve_fmi(conn: socket.socket, secret: bytes, payload: bytes) -> None:
     """Answer one ``F`` request on the worker's verifier connection ``conn``."""
-    reply, sock = answer_fmi(secret, payload)
+    reply, sock = answer_fmi(secret, payload, _peer_pid(conn))
     body = json.dumps(reply).encode()
     try:
         if sock is None:

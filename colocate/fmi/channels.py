@@ -6,21 +6,27 @@ Every message is a header, an optional meta block and a payload::
 
 ``enc`` says what the payload is: a pickled object, a numpy array (meta: dtype and shape,
 payload: its bytes as they lie in memory, never pickled) or bytes. The payload goes straight
-from the sender's buffer to the socket and from the socket into the receiver's new array.
+from the sender's buffer to the channel and from the channel into the receiver's new array.
 
 Channels (:func:`route` picks one, FMI's cost model):
 
-- ``local``: ranks of the same lease (same node, one sandbox, one private /tmp and /dev/shm):
-  a Unix socket in the lease's /tmp. It can pass payloads of ``SHM_MIN_BYTES`` or more as a
-  memfd (SCM_RIGHTS: one copy in, mapped by the receiver); that is off by default because
-  on this machine the one-shot memfd (fresh pages on both sides) lost to the socket: 64 MiB
-  allreduce 227 MB/s vs 647 MB/s, 1 MiB 364 vs 508 MB/s. A persistent shared ring per pair
-  would beat both; not built yet.
+- ``shm``: ranks of the same lease (same node, one sandbox): a shared-memory segment per
+  pair (a memfd the dialing rank makes and passes over the pair's authenticated Unix socket):
+  a lock-free single-producer ring per direction carries the messages with no system call,
+  and two slots per direction carry small collective exchanges (``Comm.allreduce`` and
+  ``barrier`` by recursive doubling: no header, no pickling for None, floats, ints and small
+  arrays). A waiting rank spins, then sleeps in poll on the Unix socket, which the producer
+  rings (one byte) only when the consumer said it sleeps. No HMAC per message: the segment
+  is mapped by the two ranks alone (it has no name; the fd went only over a connection that
+  proved the group key), so nothing else can write into it.
+- ``local``: the same ranks over the Unix socket alone (forceable; the shm channel's
+  fallback when a rank cannot map the segment).
 - ``tcp``: ranks of different leases or nodes: TCP made by the supervisor outside the
   sandbox (``colocate.executor.fmi_sockets``), TCP_NODELAY, large socket buffers.
 - ``redis``: every message through a real Redis list per receiving rank (FMI's storage
-  channel), when a user forces it or direct connections are impossible; every message
-  carries an HMAC under the group key and a per-sender sequence number.
+  channel), when a user forces it or direct connections are impossible (for the whole group
+  at once); every message carries an HMAC under the group key and a per-sender sequence
+  number.
 """
 
 from __future__ import annotations
@@ -31,8 +37,10 @@ import hmac
 import mmap
 import os
 import pickle
+import platform
 import socket
 import struct
+import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -41,27 +49,26 @@ HEADER = struct.Struct("<BBiIIQ")
 HEADER_SIZE = HEADER.size
 DATA, ABORT = 1, 2
 ENC_OBJ, ENC_ARRAY, ENC_BYTES = 0, 1, 2
-SHM_FLAG = 0x80  # in enc: the payload is in the next passed memfd
-SHM_MIN_BYTES = 1 << 62  # memfd hand-off threshold: off (see the module docstring)
 STAGE_BYTES = 256 * 1024  # receive staging buffer per peer
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
-CHANNELS = ("auto", "local", "tcp", "redis")
+CHANNELS = ("auto", "shm", "local", "tcp", "redis")
 _CHUNK = 1 << 20
 
 
 def route(same_lease: bool, direct: bool, forced: str = "auto") -> str:
     """The channel between two ranks: ``forced`` unless "auto"; Redis when direct
-    connections are impossible; the lease's Unix socket within a lease (same node and
-    sandbox), TCP otherwise. (Within ``local``, the payload size picks the hand-off.)"""
+    connections are impossible; shared memory within a lease (same node and sandbox), TCP
+    otherwise. ``shm`` or ``local`` forced between leases is TCP (a lease's /tmp and memory
+    are its own)."""
     if forced not in CHANNELS:
         raise ValueError(f"channel {forced!r}: choose one of {', '.join(CHANNELS)}")
-    if forced == "local" and not same_lease:
-        return "tcp"  # the lease's /tmp is not shared with other leases
+    if forced in ("shm", "local") and not same_lease:
+        return "tcp"
     if forced != "auto":
         return forced
     if not direct:
         return "redis"
-    return "local" if same_lease else "tcp"
+    return "shm" if same_lease else "tcp"
 
 
 def encode(obj: Any) -> tuple[int, bytes, memoryview]:
@@ -132,77 +139,42 @@ def finish(enc: int, holder: Any) -> Any:
     if enc == ENC_OBJ:
         return pickle.loads(holder)
     if enc == ENC_BYTES:
-        return bytes(holder) if not isinstance(holder, mmap.mmap) else holder[:]
+        return bytes(holder)
     return holder
 
 
-def from_shm(enc: int, meta: bytes, fd: int, length: int) -> Any:
-    """A payload passed as a memfd: mapped, not copied (arrays become views of the mapping)."""
-    try:
-        mm = (
-            mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-            if length
-            else None
-        )
-    finally:
-        os.close(fd)
-    if mm is None:
-        return finish(enc, bytearray())
-    if enc == ENC_ARRAY:
-        import numpy as np
-
-        dtype, shape = _dtype_shape(meta)
-        return np.frombuffer(mm, dtype=dtype).reshape(shape)
-    if enc == ENC_OBJ:
-        return pickle.loads(mm)
-    return mm[:]
-
-
-def to_memfd(payload: memoryview) -> int:
-    """A memfd holding a copy of ``payload`` (the only copy on the shared-memory path)."""
-    fd = os.memfd_create("colocate-fmi", os.MFD_CLOEXEC)
-    os.ftruncate(fd, len(payload))
-    with mmap.mmap(
-        fd, len(payload), flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-    ) as mm:
-        mm[:] = payload
-    return fd
-
-
 class StreamPeer:
-    """The connection to one peer rank: a non-blocking socket, its send queue and the
-    message being received. ``unix`` peers may pass memfds (the shared-memory channel)."""
+    """The connection to one peer rank over a socket (``local``: Unix, ``tcp``): a
+    non-blocking socket, its send queue and the message being received."""
 
     __slots__ = (
         "direct",
         "eof",
-        "fds",
         "holder",
         "inbox",
+        "kind",
         "msg",
         "outq",
         "rank",
         "se",
-        "shm",
         "sock",
         "sp",
         "stage",
         "sview",
     )
 
-    def __init__(self, rank: int, sock: socket.socket, shm: bool) -> None:
+    def __init__(self, rank: int, sock: socket.socket, kind: str = "tcp") -> None:
         self.rank = rank
         self.sock = sock
-        self.shm = shm
+        self.kind = kind  # the channel's name: "local", "tcp" or "shm"
         sock.setblocking(False)
-        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
+        if kind != "shm":
+            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # outgoing: (bytes views, fd to pass with the first or -1)
-        self.outq: deque[tuple[memoryview, int]] = deque()
-        self.fds: deque[int] = deque()
+        self.outq: deque[memoryview] = deque()
         # incoming: small messages are parsed out of a staging buffer (one system call for
         # many of them); a large payload goes straight into its own buffer (``direct``)
         self.stage = bytearray(STAGE_BYTES)
@@ -218,55 +190,42 @@ class StreamPeer:
     def queue(
         self, kind: int, enc: int, tag: int, src: int, meta: bytes, payload: memoryview
     ) -> None:
-        if self.shm and len(payload) >= SHM_MIN_BYTES:
-            fd = to_memfd(payload)
-            head = HEADER.pack(kind, enc | SHM_FLAG, tag, src, len(meta), len(payload))
-            self.outq.append((memoryview(head + meta), fd))
-            return
         head = HEADER.pack(kind, enc, tag, src, len(meta), len(payload))
         if len(payload) <= 65536:
-            self.outq.append((memoryview(head + meta + payload), -1))
+            self.outq.append(memoryview(head + meta + payload))
         else:
-            self.outq.append((memoryview(head + meta), -1))
-            self.outq.append((payload, -1))
+            self.outq.append(memoryview(head + meta))
+            self.outq.append(payload)
+
+    def _send(self, view: memoryview) -> int:
+        """Bytes of ``view`` taken now; -1: none (full); raises OSError when the peer is gone."""
+        try:
+            return self.sock.send(view[: _CHUNK * 8]) or -1
+        except (BlockingIOError, InterruptedError):
+            return -1
 
     def flush(self) -> bool:
-        """Send what the socket takes now; True when everything queued went out."""
+        """Send what the channel takes now; True when everything queued went out."""
         outq = self.outq
-        sock = self.sock
         while outq:
-            view, fd = outq[0]
+            view = outq[0]
             try:
-                if fd >= 0:
-                    sent = socket.send_fds(sock, [view], [fd])
-                    os.close(fd)
-                    fd = -1
-                else:
-                    sent = sock.send(view[: _CHUNK * 8])
-            except (BlockingIOError, InterruptedError):
-                return False
+                sent = self._send(view)
             except OSError:  # the peer is gone: what it was sent can never arrive
                 self.eof = True
                 self.drop_queue()
                 return True
+            if sent < 0:
+                return False
             if sent < len(view):
-                outq[0] = (view[sent:], -1)
-                if fd < 0 and sent == 0:
-                    return False
+                outq[0] = view[sent:]
                 continue
             outq.popleft()
         return True
 
     def _recv(self, view: memoryview) -> int:
-        """One receive into ``view`` (passed memfds are queued); -1 when nothing is there."""
+        """One receive into ``view``; -1 when nothing is there, 0 at the end of the stream."""
         try:
-            if self.shm:
-                n, anc, _flags, _addr = self.sock.recvmsg_into([view], socket.CMSG_SPACE(16 * 4))
-                for level, kind, data in anc:
-                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                        usable = len(data) - len(data) % 4
-                        self.fds.extend(struct.unpack(f"{usable // 4}i", data[:usable]))
-                return n
             return self.sock.recv_into(view)
         except (BlockingIOError, InterruptedError):
             return -1
@@ -320,15 +279,6 @@ class StreamPeer:
                     buf, view = self.stage, self.sview
                 return
             meta = bytes(view[self.sp + HEADER_SIZE : head_end])
-            if enc & SHM_FLAG:
-                self.sp = head_end
-                self._deliver(
-                    kind,
-                    enc & ~SHM_FLAG,
-                    tag,
-                    from_shm(enc & ~SHM_FLAG, meta, self.fds.popleft(), length),
-                )
-                continue
             end = head_end + length
             if end <= self.se:  # whole message staged
                 holder, target_view = target(enc, meta, length)
@@ -361,17 +311,335 @@ class StreamPeer:
         self.inbox(self.rank, kind, enc, tag, value)
 
     def drop_queue(self) -> None:
-        for _view, fd in self.outq:
-            if fd >= 0:
-                os.close(fd)
         self.outq.clear()
 
     def close(self) -> None:
         self.drop_queue()
-        for fd in self.fds:
-            os.close(fd)
-        self.fds.clear()
         self.sock.close()
+
+
+# -- the shared-memory channel -----------------------------------------------------------------
+# One memfd per pair of ranks of the same lease, made by the dialing rank and passed over the
+# pair's (HMAC-authenticated) Unix socket. Two directions, each with a control block, two
+# collective slots and a byte ring:
+#
+#   control (256 B per direction, counters on their own cache lines, native u64):
+#     W  bytes written into the ring (producer)     R  bytes read from it (consumer)
+#     SLEEP  the consumer sleeps in poll: ring the doorbell (a byte on the Unix socket)
+#     SEQ  collective slot exchanges published (producer)
+#     SPACE  the producer sleeps waiting for ring space: ring it after reading
+#   slots: 2 x SLOT_BYTES per direction (exchange n uses slot n % 2): kind u32, meta_len u32,
+#     length u32, pad u32, key u64 (an array's: 8 bytes of BLAKE2b of its meta, so the
+#     receiver maps a known dtype and shape to a cached view of the slot without reading the
+#     meta), meta, payload (aligned to 16)
+#   ring: RING_BYTES per direction
+#
+# Single producer, single consumer, no lock: the producer copies data in, then publishes W
+# (or SEQ); the consumer reads W (SEQ), then the data, then publishes R. x86-64 keeps stores in
+# order and loads in order (TSO), so that is enough there; elsewhere every publish is fenced.
+# A consumer about to sleep sets SLEEP, fences, and looks once more; a producer publishes,
+# fences, and rings when SLEEP is set (Dekker: both fences needed). The fence is an
+# uncontended lock's acquire/release (an atomic read-modify-write in libc).
+RING_BYTES = 4 * 1024 * 1024
+SLOT_BYTES = 1024
+SLOT_HEAD = struct.Struct("=III4xQ")  # kind, meta_len, length, key (arrays: of the meta)
+_SLOT_DATA = 32  # meta, then the payload at the next multiple of 16
+SLOT_MAX = SLOT_BYTES - _SLOT_DATA - 16  # meta + payload that fit a slot
+_CTRL = 256
+_SLOTS = 512
+_RING = _SLOTS + 4 * SLOT_BYTES
+SEGMENT_BYTES = _RING + 2 * RING_BYTES
+_W, _R, _SLEEP, _SEQ, _SPACE = 0, 8, 16, 24, 28  # u64 indexes in a direction's control
+_TSO = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+_fence_lock = threading.Lock()
+SLOT_NONE, SLOT_FLOAT, SLOT_INT, SLOT_ARRAY, SLOT_OBJ, SLOT_STREAM = range(6)
+
+
+def fence() -> None:
+    """A full memory barrier (an atomic read-modify-write in the lock)."""
+    _fence_lock.acquire()
+    _fence_lock.release()
+
+
+def new_segment() -> tuple[int, mmap.mmap]:
+    """A zeroed memfd for one pair and its mapping (the dialing rank makes it)."""
+    fd = os.memfd_create("colocate-fmi-pair", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, SEGMENT_BYTES)
+        return fd, mmap.mmap(fd, SEGMENT_BYTES, flags=mmap.MAP_SHARED)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def map_segment(fd: int) -> mmap.mmap:
+    """The mapping of a pair's memfd received from the dialing rank (checked for size)."""
+    try:
+        if os.fstat(fd).st_size != SEGMENT_BYTES:
+            raise ConnectionError("the peer's shared-memory segment has the wrong size")
+        return mmap.mmap(fd, SEGMENT_BYTES, flags=mmap.MAP_SHARED)
+    finally:
+        os.close(fd)
+
+
+class ShmPeer(StreamPeer):
+    """A peer of the same lease: messages through the pair's shared rings (the same framing
+    as the sockets, with no system call), the Unix socket kept as doorbell and end-of-stream;
+    small collectives through the slots (:meth:`put_slot`, :meth:`take_slot`)."""
+
+    __slots__ = (
+        "ctrl",
+        "ibase",
+        "in_views",
+        "iring",
+        "islots",
+        "mm",
+        "obase",
+        "oring",
+        "oslots",
+        "out_views",
+        "seq_in",
+        "seq_out",
+        "view",
+    )
+
+    def __init__(self, rank: int, sock: socket.socket, mm: mmap.mmap, low: bool) -> None:
+        super().__init__(rank, sock, "shm")
+        self.mm = mm
+        self.view = memoryview(mm)
+        self.ctrl = self.view[: 2 * _CTRL].cast("Q")
+        out, inc = (0, 1) if low else (1, 0)  # direction 0: lower rank -> higher rank
+        self.obase, self.ibase = out * (_CTRL // 8), inc * (_CTRL // 8)
+        self.oslots = self.view[_SLOTS + out * 2 * SLOT_BYTES : _SLOTS + (out + 1) * 2 * SLOT_BYTES]
+        self.islots = self.view[_SLOTS + inc * 2 * SLOT_BYTES : _SLOTS + (inc + 1) * 2 * SLOT_BYTES]
+        self.oring = self.view[_RING + out * RING_BYTES : _RING + (out + 1) * RING_BYTES]
+        self.iring = self.view[_RING + inc * RING_BYTES : _RING + (inc + 1) * RING_BYTES]
+        self.seq_out = 0  # slot exchanges this rank published to the peer
+        self.seq_in = 0  # slot exchanges it took from the peer
+        self.out_views: dict[tuple[int, Any, tuple[int, ...]], tuple[Any, int, int, int]] = {}
+        self.in_views: dict[tuple[int, int], Any] = {}
+        if _ndarray is None:
+            np = _numpy_if_loaded()
+            _set_ndarray(np.ndarray if np is not None else None)
+
+    def _ring(self) -> None:
+        """After a publish: wake the peer if it sleeps in poll."""
+        fence()
+        if self.ctrl[self.obase + _SLEEP]:
+            with contextlib.suppress(OSError):
+                self.sock.send(b"!")
+
+    def _send(self, view: memoryview) -> int:
+        ctrl, base = self.ctrl, self.obase
+        w = ctrl[base + _W]
+        n = min(len(view), RING_BYTES - (w - ctrl[base + _R]))
+        if n <= 0:
+            return -1
+        i = w % RING_BYTES
+        first = min(n, RING_BYTES - i)
+        self.oring[i : i + first] = view[:first]
+        if n > first:
+            self.oring[: n - first] = view[first:n]
+        if not _TSO:
+            fence()
+        ctrl[base + _W] = w + n
+        self._ring()
+        return n
+
+    def _recv(self, view: memoryview) -> int:
+        ctrl, base = self.ctrl, self.ibase
+        r = ctrl[base + _R]
+        n = min(len(view), ctrl[base + _W] - r)
+        if n <= 0:
+            return -1
+        if not _TSO:
+            fence()
+        i = r % RING_BYTES
+        first = min(n, RING_BYTES - i)
+        view[:first] = self.iring[i : i + first]
+        if n > first:
+            view[first:n] = self.iring[: n - first]
+        ctrl[base + _R] = r + n
+        fence()
+        if ctrl[base + _SPACE]:
+            with contextlib.suppress(OSError):
+                self.sock.send(b"!")
+        return n
+
+    def pending(self) -> bool:
+        """Something to read: ring bytes or a slot exchange."""
+        ctrl, base = self.ctrl, self.ibase
+        return ctrl[base + _W] != ctrl[base + _R] or ctrl[base + _SEQ] > self.seq_in
+
+    def sleeping(self, on: bool) -> None:
+        """Ask the peer to ring when it writes (and, with messages queued here, when it
+        frees ring space); off again after the sleep."""
+        self.ctrl[self.ibase + _SLEEP] = 1 if on else 0
+        self.ctrl[self.obase + _SPACE] = 1 if on and self.outq else 0
+
+    def writable(self) -> bool:
+        """Queued messages and room in the ring for some of them."""
+        ctrl, base = self.ctrl, self.obase
+        return bool(self.outq) and ctrl[base + _W] - ctrl[base + _R] < RING_BYTES
+
+    def wake(self) -> None:
+        """The doorbell rang or the socket ended: drain it; at its end, the last ring bytes
+        are read and ``eof`` is set."""
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                StreamPeer.read(self)  # what was written before the end
+                self.eof = True
+                return
+
+    # -- slots (small collective exchanges) ----------------------------------------------------
+    def put_slot(self, value: Any) -> bool:
+        """Publish ``value`` in the next slot; False when it does not fit (send it by the
+        stream: the slot then says so)."""
+        seq = self.seq_out + 1
+        off = (seq & 1) * SLOT_BYTES
+        slot = self.oslots
+        cls = type(value)
+        fits = True
+        if cls is _ndarray:
+            ent = self.out_views.get((seq & 1, value.dtype, value.shape))
+            if ent is None:
+                ent = self._out_view(seq & 1, value)
+            if ent is not None:
+                dst, key, meta_len, length = ent
+                dst[...] = value
+                SLOT_HEAD.pack_into(slot, off, SLOT_ARRAY, meta_len, length, key)
+            else:
+                SLOT_HEAD.pack_into(slot, off, SLOT_STREAM, 0, 0, 0)
+                fits = False
+        elif value is None:
+            SLOT_HEAD.pack_into(slot, off, SLOT_NONE, 0, 0, 0)
+        elif cls is float:
+            SLOT_HEAD.pack_into(slot, off, SLOT_FLOAT, 0, 8, 0)
+            _F64.pack_into(slot, off + _SLOT_DATA, value)
+        elif cls is int and -(1 << 63) <= value < (1 << 63):
+            SLOT_HEAD.pack_into(slot, off, SLOT_INT, 0, 8, 0)
+            _I64.pack_into(slot, off + _SLOT_DATA, value)
+        else:
+            np = _numpy_if_loaded()
+            if np is not None and cls is np.ndarray:  # numpy came after the mesh
+                _set_ndarray(np.ndarray)
+                return self.put_slot(value)
+            enc, _meta_b, payload = encode(value)
+            if enc != ENC_OBJ or len(payload) > SLOT_MAX:
+                SLOT_HEAD.pack_into(slot, off, SLOT_STREAM, 0, 0, 0)
+                fits = False
+            else:
+                SLOT_HEAD.pack_into(slot, off, SLOT_OBJ, 0, len(payload), 0)
+                slot[off + _SLOT_DATA : off + _SLOT_DATA + len(payload)] = payload
+        if not _TSO:
+            fence()
+        self.ctrl[self.obase + _SEQ] = seq
+        self.seq_out = seq
+        self._ring()
+        return fits
+
+    def _out_view(self, parity: int, value: Any) -> tuple[Any, int, int, int] | None:
+        """(array view of the outgoing slot, key, meta length, payload length) for arrays of
+        ``value``'s dtype and shape, the meta written in the slot; None when they do not fit."""
+        if value.dtype.hasobject:
+            return None
+        meta = _meta(value.dtype, value.shape)
+        start = _SLOT_DATA + _aligned(len(meta))
+        if start + value.nbytes > SLOT_BYTES:
+            return None
+        import numpy as np
+
+        off = parity * SLOT_BYTES
+        key = _meta_key(meta)
+        self.oslots[off + _SLOT_DATA : off + _SLOT_DATA + len(meta)] = meta
+        dst = np.frombuffer(self.oslots, value.dtype, value.size, off + start).reshape(value.shape)
+        if len(self.out_views) > 64:
+            self.out_views.clear()
+        ent = (dst, key, len(meta), value.nbytes)
+        self.out_views[(parity, value.dtype, value.shape)] = ent
+        return ent
+
+    def slot_ready(self) -> bool:
+        return self.ctrl[self.ibase + _SEQ] > self.seq_in
+
+    def take_slot(self) -> tuple[bool, Any]:
+        """(True, value) of the peer's next slot exchange (an array is a view of the slot,
+        valid until this rank's next exchange with the peer); (False, None) when the value
+        comes by the stream. Call after :meth:`slot_ready`."""
+        if not _TSO:
+            fence()
+        seq = self.seq_in + 1
+        self.seq_in = seq
+        off = (seq & 1) * SLOT_BYTES
+        slot = self.islots
+        kind, meta_len, length, key = SLOT_HEAD.unpack_from(slot, off)
+        if kind == SLOT_ARRAY:
+            view = self.in_views.get((seq & 1, key))
+            return True, view if view is not None else self._in_view(seq & 1, key, meta_len)
+        if kind == SLOT_FLOAT:
+            return True, _F64.unpack_from(slot, off + _SLOT_DATA)[0]
+        if kind == SLOT_INT:
+            return True, _I64.unpack_from(slot, off + _SLOT_DATA)[0]
+        if kind == SLOT_NONE:
+            return True, None
+        if kind == SLOT_OBJ and length <= SLOT_MAX:
+            return True, pickle.loads(slot[off + _SLOT_DATA : off + _SLOT_DATA + length])
+        return False, None  # SLOT_STREAM
+
+    def _in_view(self, parity: int, key: int, meta_len: int) -> Any:
+        off = parity * SLOT_BYTES
+        if meta_len > SLOT_MAX:
+            raise ConnectionError(f"rank {self.rank} wrote a malformed collective slot")
+        meta = bytes(self.islots[off + _SLOT_DATA : off + _SLOT_DATA + meta_len])
+        if _meta_key(meta) != key:
+            raise ConnectionError(f"rank {self.rank} wrote a malformed collective slot")
+        import numpy as np
+
+        dtype, shape = _dtype_shape(meta)
+        count = 1
+        for dim in shape:
+            count *= dim
+        start = off + _SLOT_DATA + _aligned(meta_len)
+        if start - off + count * np.dtype(dtype).itemsize > SLOT_BYTES:
+            raise ConnectionError(f"rank {self.rank} wrote a malformed collective slot")
+        view = np.frombuffer(self.islots, dtype, count, start).reshape(shape)
+        if len(self.in_views) > 64:
+            self.in_views.clear()
+        self.in_views[(parity, key)] = view
+        return view
+
+    def close(self) -> None:
+        super().close()
+        self.in_views.clear()  # numpy views of the mapping go first
+        self.out_views.clear()
+        with contextlib.suppress(BufferError):
+            for view in (self.ctrl, self.oslots, self.islots, self.oring, self.iring, self.view):
+                view.release()
+            self.mm.close()
+
+
+_F64 = struct.Struct("=d")
+_I64 = struct.Struct("=q")
+_ndarray: Any = None  # numpy.ndarray once numpy is loaded (set by ShmPeer)
+
+
+def _set_ndarray(cls: Any) -> None:
+    global _ndarray
+    _ndarray = cls
+
+
+def _aligned(n: int) -> int:
+    return (n + 15) & ~15
+
+
+def _meta_key(meta: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(meta, digest_size=8).digest(), "little")
 
 
 class RedisInbox:

@@ -20,6 +20,7 @@ import operator
 import pickle
 import select
 import socket
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -50,12 +51,13 @@ class GroupAborted(ColocateError):
 class Op:
     """A reduction: ``ufunc`` for numpy arrays (in place, no temporaries), ``fn`` otherwise."""
 
-    __slots__ = ("fn", "name", "ufunc")
+    __slots__ = ("fn", "name", "uf", "ufunc")
 
     def __init__(self, name: str, fn: Callable[[Any, Any], Any], ufunc: str = "") -> None:
         self.name = name
         self.fn = fn
         self.ufunc = ufunc
+        self.uf: Any = None  # the numpy ufunc, once looked up
 
     def __repr__(self) -> str:
         return self.name
@@ -65,6 +67,27 @@ SUM = Op("SUM", operator.add, "add")
 PROD = Op("PROD", operator.mul, "multiply")
 MIN = Op("MIN", min, "minimum")
 MAX = Op("MAX", max, "maximum")
+
+
+def _combine(low: Any, high: Any, op: Op, spare: Any = None) -> Any:
+    """``op(low, high)`` as a new value (an array of the slot is read, never kept); into
+    ``spare`` (one of the two, an array this rank owns) when its dtype and shape fit."""
+    if op.ufunc:
+        np = sys.modules.get("numpy")
+        if np is not None and type(low) is np.ndarray and type(high) is np.ndarray:
+            ufunc = op.uf
+            if ufunc is None:
+                ufunc = op.uf = getattr(np, op.ufunc)
+            if spare is None:
+                return ufunc(low, high)
+            if low.shape == high.shape and np.result_type(low, high) == spare.dtype:
+                return ufunc(low, high, out=spare)
+            return ufunc(low, high)
+        if np is not None and isinstance(high, np.ndarray):
+            high = high.copy()
+        if np is not None and isinstance(low, np.ndarray):
+            low = low.copy()
+    return op.fn(low, high)
 
 
 def fold(values: Sequence[Any], op: Op | Callable[[Any, Any], Any]) -> Any:
@@ -116,8 +139,7 @@ class Request:
     def wait(self) -> Any:
         comm = self._comm
         if self._key is None:
-            while not comm._sent_all(self._value):
-                comm._progress(_POLL_MS)
+            comm._wait_sent(self._value)
             self._done = True
             return None
         if not self._done:
@@ -148,6 +170,10 @@ class Comm:
         self._arrivals: deque[tuple[int, int]] = deque()  # order, for ANY_SOURCE / ANY_TAG
         self._poller = select.poll()
         self._by_fd: dict[int, ch.StreamPeer] = {}
+        self._shm = [p for p in peers.values() if isinstance(p, ch.ShmPeer)]
+        self._sockets = len(self._shm) < len(peers)  # any peer over a socket (poll it)
+        # the small-collective fast path: every peer in shared memory, a power-of-two size
+        self._fast = bool(peers) and not self._sockets and size & (size - 1) == 0
         for peer in peers.values():
             peer.inbox = self._arrived
             self._by_fd[peer.sock.fileno()] = peer
@@ -160,10 +186,10 @@ class Comm:
 
     @property
     def channels(self) -> dict[int, str]:
-        """The channel to each other rank (``local``, ``tcp`` or ``redis``)."""
+        """The channel to each other rank (``shm``, ``local``, ``tcp`` or ``redis``)."""
         if self._redis is not None:
             return {r: "redis" for r in range(self.size) if r != self.rank}
-        return {r: "local" if p.shm else "tcp" for r, p in self._peers.items()}
+        return {r: p.kind for r, p in sorted(self._peers.items())}
 
     # -- point to point -------------------------------------------------------------------
     def send(self, obj: Any, dest: int, tag: int = 0) -> None:
@@ -211,7 +237,16 @@ class Comm:
     def _sent_all(self, what: Any) -> bool:
         return what is True or not what.outq
 
+    def _wait_sent(self, what: Any) -> None:
+        hot_until = time.perf_counter() + HOT_WAIT_S
+        while not self._sent_all(what):
+            now = time.perf_counter()
+            if self._progress(0 if now < hot_until else _POLL_MS):
+                hot_until = now + HOT_WAIT_S
+
     def _want_write(self, peer: ch.StreamPeer) -> None:
+        if isinstance(peer, ch.ShmPeer):
+            return  # the ring drains as the peer reads; _progress pushes the rest
         fd = peer.sock.fileno()
         if fd not in self._writing:
             self._writing.add(fd)
@@ -255,15 +290,18 @@ class Comm:
             if source == ANY_SOURCE and self._gone and len(self._gone) == len(self._peers):
                 self._lost(min(self._gone))
             # spin a little before sleeping in poll: a peer's answer usually comes within
-            # microseconds, and waking from poll costs more than that (MPI spins for good)
+            # microseconds, and waking from poll costs more than that (MPI spins for good);
+            # bytes moving (a large message streaming) keep the rank spinning
             now = time.perf_counter()
             if not hot_until:
                 hot_until = now + HOT_WAIT_S
-            self._progress(0 if now < hot_until else _POLL_MS)
+            if self._progress(0 if now < hot_until else _POLL_MS):
+                hot_until = now + HOT_WAIT_S
 
     # -- progress ---------------------------------------------------------------------------
-    def _progress(self, timeout_ms: int) -> None:
-        """Move bytes: send what sockets take, read what arrived (or wait ``timeout_ms``)."""
+    def _progress(self, timeout_ms: int) -> bool:
+        """Move bytes: send what channels take, read what arrived (or wait ``timeout_ms``).
+        True when something moved."""
         if self._evicting():
             self.abort("evicted", "its lease was evicted")
             raise self._evicted(self.rank, "the node took the lease back")
@@ -271,19 +309,52 @@ class Comm:
             got = self._redis.receive(timeout_ms / 1000)
             if got is not None:
                 self._arrived(*got)
-            return
-        for fd, ev in self._poller.poll(timeout_ms):
+            return got is not None
+        moved = False
+        for shm in self._shm:  # shared memory: no system call to look
+            if shm.outq:
+                before = len(shm.outq[0])
+                if shm.flush() or len(shm.outq[0]) != before:
+                    moved = True
+            if shm.pending():
+                shm.read()
+                moved = True
+        if moved:
+            return True
+        asked = bool(timeout_ms and self._shm)
+        if asked:
+            # about to sleep: ask the shm peers to ring, then look once more (see channels)
+            for shm in self._shm:
+                shm.sleeping(True)
+            ch.fence()
+            if any(shm.pending() or shm.writable() for shm in self._shm):
+                timeout_ms = 0
+        elif not timeout_ms and not self._sockets:
+            return False
+        try:
+            events = self._poller.poll(timeout_ms)
+        finally:
+            if asked:
+                for shm in self._shm:
+                    shm.sleeping(False)
+        for fd, ev in events:
             peer = self._by_fd[fd]
-            if ev & select.POLLOUT and peer.flush():
-                self._writing.discard(fd)
-                self._poller.modify(fd, select.POLLIN)
-            if ev & (select.POLLIN | select.POLLHUP | select.POLLERR) and not peer.eof:
-                peer.read()
+            moved = True
+            if isinstance(peer, ch.ShmPeer):
+                if ev & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                    peer.wake()
+            else:
+                if ev & select.POLLOUT and peer.flush():
+                    self._writing.discard(fd)
+                    self._poller.modify(fd, select.POLLIN)
+                if ev & (select.POLLIN | select.POLLHUP | select.POLLERR) and not peer.eof:
+                    peer.read()
             if peer.eof and peer.rank not in self._gone:
                 # what it sent is delivered; it is missed only when a wait needs it
                 self._gone.add(peer.rank)
                 self._writing.discard(fd)
                 self._poller.unregister(fd)
+        return moved
 
     def _lost(self, rank: int) -> None:
         raise self._evicted(
@@ -308,6 +379,9 @@ class Comm:
 
     def barrier(self) -> None:
         """Return once every rank has called ``barrier``."""
+        if self._fast:
+            self._doubling(None, None)
+            return
         self.allgather(None)
 
     def bcast(self, obj: Any = None, root: int = 0) -> Any:
@@ -350,7 +424,52 @@ class Comm:
 
     def allreduce(self, obj: Any, op: Op | Callable[[Any, Any], Any] = SUM) -> Any:
         """``op`` over every rank's ``obj`` (rank order), the same result on every rank."""
+        if self._fast and isinstance(op, Op):
+            return self._doubling(obj, op)
         return fold(self.allgather(obj), op)
+
+    def _doubling(self, obj: Any, op: Op | None) -> Any:
+        """Recursive doubling over the shared-memory slots (size a power of two): in round k
+        rank r swaps its partial result with rank r ^ 2**k and folds the two as (lower
+        ranks' part, higher ranks' part), so every rank computes the same value in rank
+        order. A value too big for a slot goes by the ring (the slot says so). ``op`` None:
+        a barrier."""
+        acc = obj
+        bit = 1
+        while bit < self.size:
+            partner = self.rank ^ bit
+            peer = self._peers[partner]
+            assert isinstance(peer, ch.ShmPeer)
+            send = None if peer.put_slot(acc) else self._send_coll(acc, partner)
+            self._wait_slot(peer)
+            inline, theirs = peer.take_slot()
+            if not inline:
+                theirs = self._recv_coll(partner)
+            if send is not None:
+                send.wait()
+            if op is not None:
+                low, high = (acc, theirs) if self.rank < partner else (theirs, acc)
+                # a received array is this rank's own: fold into it (no fresh pages)
+                acc = _combine(low, high, op, theirs if not inline else None)
+            bit <<= 1
+        return acc
+
+    def _wait_slot(self, peer: ch.ShmPeer) -> None:
+        """Spin (then sleep) until ``peer`` published its next slot exchange; messages that
+        arrive meanwhile (an abort) are read, a vanished peer ends the wait."""
+        if peer.slot_ready():
+            return
+        spins = 0
+        hot_until = time.perf_counter() + HOT_WAIT_S
+        while not peer.slot_ready():
+            spins += 1
+            if spins & 63:
+                continue
+            if peer.rank in self._gone:
+                self._lost(peer.rank)
+            hot = time.perf_counter() < hot_until
+            if self._progress(0 if hot else _POLL_MS) and not hot:
+                hot_until = time.perf_counter() + HOT_WAIT_S
 
     def scan(self, obj: Any, op: Op | Callable[[Any, Any], Any] = SUM) -> Any:
         """Inclusive prefix: ``op`` over the ``obj`` of ranks 0..rank."""

@@ -44,6 +44,8 @@ _MAGIC = b"FMI1"
 _HELLO = struct.Struct("<4s32sI16s")
 _LEN = struct.Struct("<I")
 _prepared: dict[str, tuple[list[socket.socket], str]] = {}
+PROBE_AFTER_S = 0.3  # a rank waiting for others to join checks they are alive after this
+PROBE_EVERY_S = 0.3
 
 
 def _worker() -> Any:
@@ -70,6 +72,8 @@ def _ask_supervisor(w: Any, request: dict[str, Any]) -> socket.socket:
         message = str(answer.get("message", "refused"))
         if answer.get("status") == "unauthorized":
             raise Unauthorized(f"FMI: the supervisor refused: {message}")
+        if isinstance(answer.get("errno"), int):  # e.g. ConnectionRefusedError
+            raise OSError(answer["errno"], message)
         raise ConnectionError(message)
     return socket.socket(fileno=fds[0])
 
@@ -326,23 +330,28 @@ def _mesh(
         for r in range(rank):
             kind = ch.route(members[r]["lease"] == me["lease"], True, channel)
             try:
-                sock = _open_to(w, members[r], kind == "local", ticket, sig)
+                sock = _open_to(w, members[r], kind in ("shm", "local"), ticket, sig)
                 _connect_peer(sock, key, gid, rank, r, timeout_s)
+                peers[r] = _peer(r, sock, kind, dialer=True, low=False)
             except (OSError, ConnectionError) as exc:
                 raise _left(r, members, f"cannot reach it: {exc}") from None
-            peers[r] = ch.StreamPeer(r, sock, kind == "local")
         expected = set(range(rank + 1, len(members)))
         listeners, _path = _prepared.get(group, ([], ""))
         deadline = time.monotonic() + timeout_s
+        next_probe = time.monotonic() + PROBE_AFTER_S
         while expected:
             if evicting():
                 raise LeaseEvicted(
                     f"rank {rank}: the node took the lease back during the group's setup"
                 )
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            left = deadline - now
             if left <= 0:
                 first = min(expected)
                 raise _left(first, members, f"it did not join within {timeout_s:.0f} s")
+            if now >= next_probe:
+                _probe(w, members, expected, ticket, sig, me["lease"])
+                next_probe = now + PROBE_EVERY_S
             ready, _, _ = select.select(listeners, [], [], min(left, 0.05))
             for listener in ready:
                 with contextlib.suppress(BlockingIOError, InterruptedError):
@@ -351,13 +360,59 @@ def _mesh(
                     if src is None:  # not a member of the group: dropped, never heard
                         sock.close()
                         continue
+                    kind = ch.route(members[src]["lease"] == me["lease"], True, channel)
+                    try:
+                        peers[src] = _peer(src, sock, kind, dialer=False, low=True)
+                    except (OSError, ConnectionError) as exc:
+                        sock.close()
+                        raise _left(src, members, f"its shared memory failed: {exc}") from None
                     expected.discard(src)
-                    peers[src] = ch.StreamPeer(src, sock, sock.family == socket.AF_UNIX)
     except BaseException:
         for peer in peers.values():
             peer.close()
         raise
     return peers
+
+
+def _peer(r: int, sock: socket.socket, kind: str, dialer: bool, low: bool) -> ch.StreamPeer:
+    """The peer over an authenticated connection; for ``shm`` the dialer makes the pair's
+    segment and passes it over the connection (the only way anything can map it)."""
+    if kind != "shm":
+        return ch.StreamPeer(r, sock, kind)
+    if dialer:
+        fd, mm = ch.new_segment()
+        try:
+            socket.send_fds(sock, [b"S"], [fd])
+        finally:
+            os.close(fd)
+    else:
+        _msg, fds, _flags, _addr = socket.recv_fds(sock, 1, 1)
+        if not fds:
+            raise ConnectionError("no shared-memory segment came with the connection")
+        mm = ch.map_segment(fds[0])
+    return ch.ShmPeer(r, sock, mm, low)
+
+
+def _probe(
+    w: Any, members: list[dict[str, Any]], expected: set[int], ticket: str, sig: str, lease: str
+) -> None:
+    """Ranks still expected whose listener is gone died before joining (their worker exited
+    and its sockets closed): say so now rather than at the setup timeout."""
+    for r in sorted(expected):
+        m = members[r]
+        try:
+            if m["lease"] == lease:
+                probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    probe.connect(m["unix"])
+                finally:
+                    probe.close()
+            elif m["tcp"]:
+                _open_to(w, m, False, ticket, sig).close()
+        except (ConnectionRefusedError, FileNotFoundError):
+            raise _left(r, members, "its worker died before it joined") from None
+        except (OSError, ConnectionError):
+            continue  # slow or unreachable: the setup timeout still applies
 
 
 def _left(r: int, members: list[dict[str, Any]], why: str) -> LeaseEvicted:

@@ -150,10 +150,10 @@ def test_every_operation_matches_numpy_for_1_to_4_ranks_over_two_nodes(
         a1, a2, b1, b2 = a.executor(workers=1), a.executor(), b.executor(workers=1), b.executor()
         groups: list[tuple[list[LeaseExecutor], dict[int, set[str]]]] = [
             ([a1], {}),
-            ([a2], {0: {"local"}}),  # two workers of one lease
+            ([a2], {0: {"shm"}}),  # two workers of one lease
             ([a1, b1], {0: {"tcp"}}),  # two nodes
-            ([a2, b1], {0: {"local", "tcp"}}),
-            ([a2, b2], {0: {"local", "tcp"}, 3: {"local", "tcp"}}),
+            ([a2, b1], {0: {"shm", "tcp"}}),
+            ([a2, b2], {0: {"shm", "tcp"}, 3: {"shm", "tcp"}}),
         ]
         for executors, channels in groups:
             group = Group(executors)

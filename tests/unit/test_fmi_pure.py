@@ -4,14 +4,16 @@ or out-of-group socket requests, rank-order folds and message encoding."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
 from colocate.errors import Unauthorized
-from colocate.executor.fmi_sockets import answer_fmi
+from colocate.executor.fmi_sockets import answer_fmi, outside_lease
 from colocate.fmi import channels as ch
 from colocate.fmi.comm import MAX, MIN, PROD, SUM, fold
 from colocate.fmi_ticket import GroupTicket, check_ticket, group_key, sign_ticket
@@ -20,17 +22,19 @@ from colocate.tokens import lease_key
 SECRET = b"unit-test-cluster-secret-0123456789"
 
 
-def test_the_cost_model_picks_local_within_a_lease_tcp_across_redis_when_forced_or_no_direct_path() -> (
+def test_the_cost_model_picks_shm_within_a_lease_tcp_across_redis_when_forced_or_no_direct_path() -> (
     None
 ):
-    assert ch.route(same_lease=True, direct=True) == "local"
+    assert ch.route(same_lease=True, direct=True) == "shm"
     assert ch.route(same_lease=False, direct=True) == "tcp"
     assert ch.route(same_lease=False, direct=False) == "redis"
+    assert ch.route(same_lease=True, direct=False) == "redis"  # the whole group falls back
     assert ch.route(same_lease=True, direct=True, forced="redis") == "redis"
     assert ch.route(same_lease=True, direct=True, forced="tcp") == "tcp"
-    assert (
-        ch.route(same_lease=False, direct=True, forced="local") == "tcp"
-    )  # a lease's /tmp is its own
+    assert ch.route(same_lease=True, direct=True, forced="local") == "local"
+    # a lease's /tmp and memory are its own
+    assert ch.route(same_lease=False, direct=True, forced="local") == "tcp"
+    assert ch.route(same_lease=False, direct=True, forced="shm") == "tcp"
     with pytest.raises(ValueError, match="choose one of"):
         ch.route(True, True, "carrier-pigeon")
 
@@ -82,6 +86,109 @@ def test_the_supervisor_makes_sockets_only_for_signed_tickets_and_group_peers() 
         assert (reply["status"], sock) == ("unauthorized", None)
         reply, sock = answer_fmi(SECRET, b"{not json")
         assert (reply["status"], sock) == ("unauthorized", None)
+
+
+def test_a_ticket_is_refused_to_a_worker_in_another_leases_cgroup() -> None:
+    v1 = "12:pids:/colocate/n1/{0}\n7:memory:/colocate/n1/{0}\n1:name=systemd:/\n"
+    assert outside_lease(v1.format("l-1"), "l-1") is None
+    why = outside_lease(v1.format("l-2"), "l-1")
+    assert why is not None and "l-2" in why and "l-1" in why
+    assert outside_lease("0::/colocate/n1/l-1\n", "l-1") is None  # cgroup v2
+    assert outside_lease("0::/colocate/n1/l-2\n", "l-1") is not None
+    # in no lease cgroup at all (a node without cgroups: rlimits only): nothing to check
+    assert outside_lease("0::/user.slice\n", "l-1") is None
+    ticket = GroupTicket("g" * 32, "l-1", "127.0.0.1", time.time() + 60)
+    key = lease_key(SECRET, "l-1")
+    reply, sock = answer_fmi(SECRET, _request("listen", ticket, key), pid=2**22 + 12345)
+    assert (reply["status"], sock) == ("unauthorized", None)  # no such worker
+    reply, sock = answer_fmi(SECRET, _request("listen", ticket, key), pid=os.getpid())
+    assert reply["status"] == "ok" and sock is not None  # this test is in no lease cgroup
+    sock.close()
+
+
+@pytest.fixture
+def shm_pair() -> Iterator[tuple[ch.ShmPeer, ch.ShmPeer]]:
+    """Both ends of one pair's shared-memory channel, in this process (a socketpair for the
+    doorbell, one memfd mapped twice as the dialer and the acceptor do)."""
+    a, b = socket.socketpair()
+    fd, mm = ch.new_segment()
+    low, high = ch.ShmPeer(1, a, mm, low=True), ch.ShmPeer(0, b, ch.map_segment(fd), low=False)
+    yield low, high
+    low.close()
+    high.close()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        2.5,
+        -(2**62),
+        2**70,  # too big for the int slot: pickled
+        np.float32(1.5),
+        np.arange(6, dtype=np.int16).reshape(2, 3),
+        np.ones(1),
+        np.arange(100.0),  # 800 bytes: still a slot
+        np.arange(4.0)[::2],  # not contiguous
+        {"k": [1, 2]},
+    ],
+)
+def test_slot_exchanges_give_back_what_was_put(
+    shm_pair: tuple[ch.ShmPeer, ch.ShmPeer], value: object
+) -> None:
+    low, high = shm_pair
+    for _ in range(3):  # both slots and a reused one
+        assert not high.slot_ready()
+        assert low.put_slot(value)
+        assert high.slot_ready() and high.pending()
+        inline, got = high.take_slot()
+        assert inline
+        if isinstance(value, np.ndarray):
+            assert got.dtype == value.dtype and got.shape == value.shape
+            np.testing.assert_array_equal(got, value)
+        else:
+            assert got == value and type(got) is type(value)
+
+
+def test_a_value_too_big_for_a_slot_is_marked_for_the_ring(
+    shm_pair: tuple[ch.ShmPeer, ch.ShmPeer],
+) -> None:
+    low, high = shm_pair
+    assert not low.put_slot(np.zeros(200))  # 1600 bytes
+    assert high.take_slot() == (False, None)
+    assert not low.put_slot(b"raw bytes travel by the ring")
+
+
+def test_the_ring_carries_messages_across_its_end_in_order(
+    shm_pair: tuple[ch.ShmPeer, ch.ShmPeer],
+) -> None:
+    low, high = shm_pair
+    got: list[object] = []
+    high.inbox = lambda src, kind, enc, tag, value: got.append((src, tag, value))
+    big = np.random.default_rng(1).standard_normal(ch.RING_BYTES // 8 + 1000)  # > the ring
+    sent = [np.arange(10.0), big, {"x": 1}, big[::-1].copy()]
+    for tag, value in enumerate(sent):
+        enc, meta, payload = ch.encode(value)
+        low.queue(ch.DATA, enc, tag, 0, meta, payload)
+    rounds = 0
+    while not low.flush() or high.pending():
+        high.read()
+        rounds += 1
+        assert rounds < 1000
+    high.read()
+    assert [(src, tag) for src, tag, _v in got] == [(0, t) for t in range(len(sent))]  # from rank 0
+    for (_s, _t, value), want in zip(got, sent, strict=True):
+        if isinstance(want, np.ndarray):
+            np.testing.assert_array_equal(value, want)
+        else:
+            assert value == want
+    # the end of the stream: the socket closes, what was in the ring is still read
+    enc, meta, payload = ch.encode("last")
+    low.queue(ch.DATA, enc, 9, 0, meta, payload)
+    assert low.flush()
+    low.sock.shutdown(socket.SHUT_WR)
+    high.wake()
+    assert high.eof and got[-1] == (0, 9, "last")
 
 
 def test_folds_go_in_rank_order_and_leave_the_inputs_alone() -> None:
