@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -183,7 +184,10 @@ def reduction(ex: Any, store: str, port: int, files: str, size: int, rounds: int
     add = Call(store, "bench-reduce", pickle_function(state_add))
     total = Call(store, "bench-reduce", pickle_function(state_total))
     legs: dict[str, tuple[Any, Any]] = {
-        "process_state": (lambda i, p: ex.invoke(add, p), lambda: ex.invoke(total)),
+        "process_state": (
+            lambda i, p: ex.invoke(add, uuid.uuid4().hex, p),
+            lambda: ex.invoke(total, uuid.uuid4().hex),
+        ),
         "redis": (
             lambda i, p: ex.invoke(redis_add, port, i, p),
             lambda: ex.invoke(redis_total, port, PARTIALS),
@@ -291,9 +295,9 @@ def main() -> None:
         with lease.executor() as ex:
             payload = b"x" * 64
             figures["stateless_invoke"] = stats_us(timed(args.n, lambda: ex.invoke(echo, payload)))
-            ex.invoke(Call(tmp, "bench-warm", pickle_function(put)))
+            ex.invoke(Call(tmp, "bench-warm", pickle_function(put)), "")
             warm = Call(tmp, "bench-warm", pickle_function(read_key))
-            figures["process_invoke"] = stats_us(timed(args.n, lambda: ex.invoke(warm, payload)))
+            figures["process_invoke"] = stats_us(timed(args.n, lambda: ex.invoke(warm, uuid.uuid4().hex, payload)))
             figures["process_invoke_vs_pingpong"] = (
                 figures["process_invoke"]["p50_us"] / figures["tcp_pingpong"]["p50_us"]
             )

@@ -17,13 +17,22 @@ import os
 import sys
 import sysconfig
 import types
+import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from colocate.errors import ConfigError, ExecutorLost, LeaseEvicted, LeaseExpired
-from colocate.process.runtime import Call
+from colocate.errors import (
+    ConfigError,
+    ExecutorLost,
+    LeaseError,
+    LeaseEvicted,
+    LeaseExpired,
+    Unauthorized,
+)
+from colocate.process.runtime import LOCK_WAIT_S, Call, ProcessLiveElsewhere
+from colocate.process.store import check_name
 
 if TYPE_CHECKING:
     from colocate.client.executor import LeaseExecutor
@@ -88,14 +97,7 @@ class Process:
         duration: str | float = "10m",
         store: str | None = None,
     ) -> None:
-        if (
-            not isinstance(name, str)
-            or not name
-            or "/" in name
-            or name in (".", "..")
-            or len(name) > 200
-        ):
-            raise ConfigError(f"process name {name!r}: use 1-200 characters without '/'")
+        check_name(name)
         if cores != 1:
             raise ConfigError(
                 f"process {name!r}: cores={cores!r}; a process runs on one worker (its state lives "
@@ -113,6 +115,8 @@ class Process:
         self._lease: Lease | None = None
         self._executor: LeaseExecutor | None = None
         self._calls: dict[Any, Call] = {}
+        self._owns_lease = True
+        self._doubt: tuple[Any, tuple[Any, ...], dict[str, Any], str] | None = None
         self.notices: list[str] = []
         self.leases: list[str] = []  # ids of the leases this process ran on, oldest first
 
@@ -124,37 +128,106 @@ class Process:
     def _ensure(self) -> LeaseExecutor:
         if self._executor is None:
             lease = self._client.lease(1, self._memory, self._duration)
-            self._lease = lease
+            self._lease, self._owns_lease = lease, True
             self.leases.append(lease.lease_id)
             self._executor = lease.executor(workers=1)
         return self._executor
 
     def _forget(self) -> None:
-        lease, self._lease, self._executor = self._lease, None, None
-        if lease is not None:
+        lease, executor = self._lease, self._executor
+        self._lease, self._executor = None, None
+        if lease is not None and self._owns_lease:
             with contextlib.suppress(Exception):  # already gone: evicted or expired
                 lease.release()
+        elif executor is not None:  # attached: the lease is the other client's to give back
+            with contextlib.suppress(Exception):
+                executor.shutdown(wait=False, cancel_futures=True)
 
-    def _run(self, call: Call, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        executor = self._ensure()
+    def _attach(self, lease_id: str) -> bool:
+        """Move to the lease ``lease_id`` where the process is live (ours: the broker refuses
+        another user's); False when that lease is over (its worker is still swapping out)."""
+        from colocate.client.lease import Lease
+
         try:
-            result, notes = executor.invoke(call, *args, **kwargs)
-        except (LeaseEvicted, LeaseExpired, ExecutorLost):
-            self._forget()  # the next call leases again and finds the state in the store
-            raise
-        for note in notes:
-            self.notices.append(note)
-            warnings.warn(note, StateRolledBack, stacklevel=3)
-        return result
+            grant = self._client.renew(lease_id, self._duration)
+        except LeaseError:
+            return False
+        self._forget()  # the lease we took to find out
+        lease = Lease(self._client, grant)
+        self._lease, self._owns_lease = lease, False
+        self.leases.append(lease.lease_id)
+        self._executor = lease.executor(workers=1)
+        return True
+
+    def _refresh(self) -> None:
+        """Another client attached and renewed the lease (a new token): renew ours too."""
+        assert self._lease is not None
+        old = self._executor
+        self._lease.renew(self._duration)
+        self._executor = self._lease.executor(workers=1)
+        if old is not None:
+            with contextlib.suppress(Exception):
+                old.shutdown(wait=False, cancel_futures=True)
+
+    def _run(
+        self, call: Call, args: tuple[Any, ...], kwargs: dict[str, Any], call_id: str = ""
+    ) -> Any:
+        for attempt in range(4):
+            executor = self._ensure()
+            try:
+                result, notes = executor.invoke(call, call_id, *args, **kwargs)
+            except ProcessLiveElsewhere as exc:
+                if attempt == 3:
+                    raise
+                if not self._attach(exc.lease_id):  # wait on our lease for the lock instead
+                    call = Call(call.root, call.name, call.fn_bytes, call.op, LOCK_WAIT_S)
+                continue
+            except Unauthorized:
+                if self._lease is None or attempt == 3:
+                    raise
+                self._refresh()
+                continue
+            except (LeaseEvicted, LeaseExpired, ExecutorLost):
+                self._forget()  # the next call leases again and finds the state in the store
+                raise
+            for note in notes:
+                self.notices.append(note)
+                warnings.warn(note, StateRolledBack, stacklevel=3)
+            return result
+        raise AssertionError("unreachable")
+
+    def _retry_of(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        """The id of the call that failed last with the lease (outcome unknown) if this one
+        repeats it: same function, equal arguments."""
+        doubt, self._doubt = self._doubt, None
+        if doubt is None or doubt[0] is not fn:
+            return ""
+        import cloudpickle
+
+        try:
+            same = cloudpickle.dumps((args, kwargs)) == cloudpickle.dumps(doubt[1:3])
+        except Exception:
+            return ""
+        return doubt[3] if same else ""
 
     def invoke(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(state, *args, **kwargs)`` in the process; its changes to ``state`` commit when
         it returns (none if it raises or the lease is taken back meanwhile, which raises
-        LeaseEvicted here: call again, the process comes back on a new lease)."""
+        LeaseEvicted here: call again, the process comes back on a new lease).
+
+        Retries are safe: when a call failed with the lease (LeaseEvicted, LeaseExpired,
+        ExecutorLost) and the next one has the same function and equal arguments, it carries
+        the same call id, so if the first did commit before the lease was lost, the retry
+        returns its result instead of applying it twice."""
         call = self._calls.get(fn)
         if call is None:
             call = self._calls[fn] = Call(self.store, self.name, pickle_function(fn))
-        return self._run(call, args, kwargs)
+        call_id = self._retry_of(fn, args, kwargs) or uuid.uuid4().hex
+        try:
+            return self._run(call, args, kwargs, call_id)
+        except (LeaseEvicted, LeaseExpired, ExecutorLost):
+            self._doubt = (fn, args, kwargs, call_id)
+            raise
 
     def snapshot(self) -> dict[str, Any]:
         """Swap the state out now (a snapshot made current atomically); returns seq, keys,
@@ -171,7 +244,7 @@ class Process:
             try:
                 self.snapshot()
             finally:
-                self._forget()
+                self._forget()  # an attached process leaves the lease to the client that took it
 
     def delete(self) -> None:
         """Remove the process and its state for good."""

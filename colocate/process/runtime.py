@@ -37,20 +37,33 @@ from colocate.process.store import (
     SET,
     DirStore,
     Loc,
+    ProcessLiveElsewhere,
     deliver,
     encode_record,
+    own_name,
     write_all,
 )
+
+__all__ = ["Call", "LiveProcess", "ProcessLiveElsewhere", "State"]
 
 INLINE_BYTES = 1 << 20  # records up to this size are written by the committing call itself
 COMPACT_MIN_BYTES = 64 << 20  # a log longer than this and than twice the state: snapshot
 LOCK_WAIT_S = 10.0  # how long a new instance waits for the old one to finish swapping out
+PEEK_WAIT_S = 0.5  # how long a call waits before it tells the client where the process is live
+CALLS_KEY = "\x00calls"  # the ids (and small results) of the last calls that committed
+KEEP_CALLS = 64
+KEEP_RESULT_BYTES = 64 << 10
 _IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), frozenset, range)
 _BLOCKED = {signal.SIGTERM, signal.SIGALRM, *range(int(signal.SIGRTMIN), int(signal.SIGRTMIN) + 4)}
 
 
 class ProcessInterrupted(ColocateError):
     """The lease is being taken back: the invocation's changes were discarded."""
+
+
+class ResultNotKept(ColocateError):
+    """A retried call had committed on the previous lease, but its result was too large to
+    keep: the call is not run twice, and its result is gone."""
 
 
 def _dumps(value: Any) -> bytes:
@@ -62,13 +75,22 @@ def _dumps(value: Any) -> bytes:
         return bytes(cloudpickle.dumps(value, protocol=5))
 
 
+def _keep(result: Any) -> bytes | None:
+    """The result's pickle as a retry gets it back; None past KEEP_RESULT_BYTES or unpicklable."""
+    try:
+        kept = _dumps(result)
+    except Exception:
+        return None
+    return kept if len(kept) <= KEEP_RESULT_BYTES else None
+
+
 class LiveProcess:
     """A process's committed state in this worker and its link to the store."""
 
-    def __init__(self, root: str, name: str) -> None:
+    def __init__(self, root: str, name: str, wait_s: float = LOCK_WAIT_S) -> None:
         self.name = name
         self.store = DirStore(root, name)
-        self.store.open(LOCK_WAIT_S)
+        self.store.open(wait_s, _lease_id())
         restored = self.store.restore()
         self.seq = restored.seq
         self.where: dict[str, Loc | bytes] = dict(restored.keys)  # bytes: not yet in the store
@@ -106,6 +128,16 @@ class LiveProcess:
         value = pickle.loads(data)
         self.values[key] = value
         return value
+
+    def applied(self) -> dict[str, bytes | None]:
+        """Ids of the last calls that committed -> their result pickle (None: not kept)."""
+        if CALLS_KEY not in self.where:
+            return {}
+        calls: dict[str, bytes | None] = self.load(CALLS_KEY)
+        return calls
+
+    def user_keys(self) -> int:
+        return len(self.where) - (CALLS_KEY in self.where)
 
     def state_bytes(self) -> int:
         return sum(len(s) if isinstance(s, bytes) else s.length for s in self.where.values())
@@ -256,6 +288,8 @@ class State(MutableMapping[str, Any]):
     def __setitem__(self, key: str, value: Any) -> None:
         if not isinstance(key, str):
             raise TypeError(f"process state keys are str, not {type(key).__name__}")
+        if key.startswith("\x00"):
+            raise KeyError(f"process state keys may not start with NUL: {key!r}")
         self._writes[key] = value
         self._deleted.discard(key)
 
@@ -269,10 +303,14 @@ class State(MutableMapping[str, Any]):
     def __contains__(self, key: object) -> bool:
         if key in self._writes:
             return True
-        return key not in self._deleted and key in self._proc.where
+        return key != CALLS_KEY and key not in self._deleted and key in self._proc.where
 
     def __iter__(self) -> Iterator[str]:
-        seen = [k for k in self._proc.where if k not in self._deleted and k not in self._writes]
+        seen = [
+            k
+            for k in self._proc.where
+            if k not in self._deleted and k not in self._writes and k != CALLS_KEY
+        ]
         return iter(seen + list(self._writes))
 
     def __len__(self) -> int:
@@ -312,11 +350,20 @@ class State(MutableMapping[str, Any]):
             time.sleep(0.005)
 
     # -- end of the call ------------------------------------------------------------------
-    def _commit(self) -> None:
+    def _commit(self, call_id: str = "", kept: bytes | None = None) -> None:
         entries: list[tuple[str, int, bytes]] = [(k, DELETE, b"") for k in self._deleted]
         objects = dict(self._touched)
         objects.update(self._writes)
         entries += [(k, SET, _dumps(v)) for k, v in objects.items()]
+        if call_id and (entries or self._outbox or self._taken):
+            # The call's id commits with its changes: a retry of it (the client did not hear
+            # back) finds it here and gets its result instead of applying it twice.
+            calls = dict(self._proc.applied())
+            calls[call_id] = kept
+            while len(calls) > KEEP_CALLS:
+                del calls[next(iter(calls))]
+            entries.append((CALLS_KEY, SET, _dumps(calls)))
+            objects[CALLS_KEY] = calls
         if entries:
             self._proc.commit(entries, objects)
         for process, data in self._outbox:
@@ -340,10 +387,17 @@ def _evicting() -> bool:
     return bool(current is not None and current.evicting)
 
 
-def _open(root: str, name: str) -> LiveProcess:
+def _lease_id() -> str:
+    from colocate.executor import worker
+
+    current = worker.current()
+    return current.spec.lease_id if current is not None else ""
+
+
+def _open(root: str, name: str, wait_s: float = LOCK_WAIT_S) -> LiveProcess:
     proc = _live.get((root, name))
     if proc is None or proc.closed:
-        proc = _live[(root, name)] = LiveProcess(root, name)
+        proc = _live[(root, name)] = LiveProcess(root, name, wait_s)
         from colocate.executor import worker
 
         if _swap_out not in worker.exit_hooks:
@@ -359,34 +413,42 @@ def _swap_out() -> None:
 
 class Call:
     """A function bound to a process, as the client ships it: ``op`` "run" calls
-    ``fn(state, *args)``; "snapshot", "delete" and "stats" act on the process itself.
-    Returns (result, notices for the user)."""
+    ``fn(state, *args)``; "snapshot", "delete" and "stats" act on the process itself. The
+    first argument is the call's id ("" for none): a call whose id already committed is not
+    run again. Returns (result, notices for the user).
 
-    __slots__ = ("_fn", "fn_bytes", "name", "op", "root")
+    ``wait_s``: how long to wait for the process's lock when another lease holds it; past
+    that, ProcessLiveElsewhere names that lease (the client attaches to it)."""
 
-    def __init__(self, root: str, name: str, fn_bytes: bytes, op: str = "run") -> None:
+    __slots__ = ("_fn", "fn_bytes", "name", "op", "root", "wait_s")
+
+    def __init__(
+        self, root: str, name: str, fn_bytes: bytes, op: str = "run", wait_s: float = PEEK_WAIT_S
+    ) -> None:
         self.root = root
         self.name = name
         self.fn_bytes = fn_bytes
         self.op = op
+        self.wait_s = wait_s
         self._fn: Callable[..., Any] | None = None
 
-    def __getstate__(self) -> tuple[str, str, bytes, str]:
-        return (self.root, self.name, self.fn_bytes, self.op)
+    def __getstate__(self) -> tuple[str, str, bytes, str, float]:
+        return (self.root, self.name, self.fn_bytes, self.op, self.wait_s)
 
-    def __setstate__(self, state: tuple[str, str, bytes, str]) -> None:
-        self.root, self.name, self.fn_bytes, self.op = state
+    def __setstate__(self, state: tuple[str, str, bytes, str, float]) -> None:
+        self.root, self.name, self.fn_bytes, self.op, self.wait_s = state
         self._fn = None
 
-    def __call__(self, *args: Any, **kwargs: Any) -> tuple[Any, list[str]]:
-        proc = _open(self.root, self.name)
+    def __call__(self, call_id: str = "", *args: Any, **kwargs: Any) -> tuple[Any, list[str]]:
+        self.name = own_name(self.name)  # "<owner>/<name>": refused unless we run as the owner
+        proc = _open(self.root, self.name, self.wait_s)
         notes, proc.notes = proc.notes, []
         if self.op == "snapshot":
             return proc.snapshot(), notes
         if self.op == "stats":
             return {
                 "seq": proc.seq,
-                "keys": len(proc.where),
+                "keys": proc.user_keys(),
                 "bytes": proc.state_bytes(),
                 "restored_seq": proc.restored_seq,
             }, notes
@@ -396,6 +458,17 @@ class Call:
             return True, notes
         if self.op != "run":
             raise ConfigError(f"unknown process operation {self.op!r}")
+        if call_id:
+            applied = proc.applied()
+            if call_id in applied:  # a retry of a call that committed: not twice
+                kept = applied[call_id]
+                if kept is None:
+                    raise ResultNotKept(
+                        f"process {self.name!r}: this call committed before the lease was lost; "
+                        f"it is not run twice, and its result (over {KEEP_RESULT_BYTES} bytes or "
+                        "not picklable) was not kept"
+                    )
+                return pickle.loads(kept), notes
         fn = self._fn
         if fn is None:
             fn = self._fn = pickle.loads(self.fn_bytes)
@@ -405,6 +478,7 @@ class Call:
         except BaseException:
             state._abort()
             raise
+        kept = _keep(result) if call_id else None  # before the commit: it may take a while
         # The eviction signals wait while the commit runs: a swap-out never sees half of it.
         old = signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED)
         try:
@@ -413,7 +487,7 @@ class Call:
                 raise ProcessInterrupted(
                     f"process {self.name!r}: the lease is being taken back; the call's changes were discarded"
                 )
-            state._commit()
+            state._commit(call_id, kept)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
         return result, notes

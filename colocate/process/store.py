@@ -7,7 +7,7 @@ One directory per process (``<root>/<uid>/<name>``, mode 0700, owned by the proc
     snap-<seq>.bin  the values of every key at ``seq``, back to back
     log-<seq>.bin   records committed after the snapshot at ``seq``, in order
     head            8 bytes: the last sequence number committed in memory (pwrite per commit)
-    lock            flock'ed by the one live instance of the process
+    lock            flock'ed by the one live instance of the process; holds its lease id
     inbox/          messages from other processes (one file each, renamed into place)
     files/          the process's private directory for files
 
@@ -30,8 +30,9 @@ import time
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
-from colocate.errors import ColocateError, ConfigError
+from colocate.errors import ColocateError, ConfigError, Forbidden
 
 MAGIC = b"CPL1"
 RECORD = struct.Struct("<4sQQQI")
@@ -40,6 +41,18 @@ HEAD = struct.Struct("<Q")
 SET, DELETE = 0, 1
 MANIFEST = "manifest.json"
 _MAX_KEY = 0xFFFF
+
+
+class ProcessLiveElsewhere(ColocateError):
+    """The process is live in another lease of its owner (``lease_id``): the client attaches
+    to that one."""
+
+    def __init__(self, message: str, lease_id: str) -> None:
+        self.lease_id = lease_id
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.lease_id))
 
 
 class StateCorrupt(ColocateError):
@@ -121,12 +134,52 @@ def scan_log(fd: int, name: str, after_seq: int, keys: dict[str, Loc]) -> tuple[
     return seq, pos
 
 
+def check_name(name: str) -> None:
+    """A process name: 1-200 characters without '/', optionally after its owner's user name
+    and '/' ("alice/counter" is alice's "counter")."""
+    owner, _, short = name.rpartition("/") if isinstance(name, str) else ("", "", "")
+    if (
+        not short
+        or short in (".", "..")
+        or len(short) > 200
+        or "/" in owner
+        or (owner in (".", "..") or (not owner and name.startswith("/")))
+    ):
+        raise ConfigError(
+            f"process name {name!r}: use 1-200 characters without '/', or <user>/<name>"
+        )
+
+
+def own_name(name: str) -> str:
+    """``name`` without its owner prefix, once the prefix is checked to be the caller: a
+    process belongs to its owner only, and only the owner's leases (workers running as the
+    owner's uid) reach its state."""
+    check_name(name)
+    owner, _, short = name.rpartition("/")
+    if owner:
+        import pwd
+
+        try:
+            uid = pwd.getpwnam(owner).pw_uid
+        except KeyError:
+            raise ConfigError(f"process {name!r}: there is no user {owner!r}") from None
+        if uid != os.getuid():
+            try:
+                me = pwd.getpwuid(os.getuid()).pw_name
+            except KeyError:
+                me = f"uid {os.getuid()}"
+            raise Forbidden(
+                f"process {name!r} belongs to {owner}: only {owner}'s leases reach it "
+                f"(this lease runs as {me}); your own processes are named without '{owner}/'"
+            )
+    return short
+
+
 class DirStore:
     """One process's directory; owned by the worker that holds its lock."""
 
     def __init__(self, root: str, name: str) -> None:
-        if not name or "/" in name or name in (".", "..") or len(name) > 200:
-            raise ConfigError(f"process name {name!r}: use 1-200 characters without '/'")
+        name = own_name(name)
         self.root = root
         self.name = name
         self.path = os.path.join(root, str(os.getuid()), name)
@@ -134,9 +187,10 @@ class DirStore:
         self._fds: dict[str, int] = {}
 
     # -- opening ----------------------------------------------------------------------------
-    def open(self, wait_s: float) -> None:
+    def open(self, wait_s: float, lease_id: str = "") -> None:
         """Create the directory (0700) if needed and take the process's lock, waiting up to
-        ``wait_s`` for an instance that is still swapping out."""
+        ``wait_s`` for an instance that is still swapping out; then write ``lease_id`` (ours)
+        into it. Past ``wait_s``: ProcessLiveElsewhere naming the lease that holds it."""
         mine = os.path.join(self.root, str(os.getuid()))
         try:
             os.makedirs(mine, mode=0o700, exist_ok=True)
@@ -149,6 +203,12 @@ class DirStore:
                 f"an admin creates it with `install -d -m 1733 {self.root}`, or pass store= a "
                 "directory the lease's owner can write"
             ) from None
+        top = os.stat(self.root)
+        if top.st_mode & 0o002 and not top.st_mode & 0o1000:
+            raise ConfigError(
+                f"process store {self.root} is writable by everyone without the sticky bit "
+                f"(another user could replace your directory); `chmod 1733 {self.root}`"
+            )
         st = os.stat(mine)
         if st.st_uid != os.getuid() or st.st_mode & 0o077:
             raise ConfigError(
@@ -162,12 +222,19 @@ class DirStore:
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
                     os.close(fd)
+                    if holder and holder != lease_id:
+                        raise ProcessLiveElsewhere(
+                            f"process {self.name!r} is live in lease {holder}", holder
+                        ) from None
                     raise ColocateError(
                         f"process {self.name!r} is live in another lease (its lock {self.path}/lock "
                         f"stayed held {wait_s:g} s); release that one first"
                     ) from None
                 time.sleep(0.01)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, lease_id.encode(), 0)
         self.lock_fd = fd
 
     def close(self) -> None:
@@ -310,7 +377,7 @@ def write_all(fd: int, data: bytes) -> None:
 def deliver(root: str, name: str, message: bytes) -> None:
     """Drop a message into process ``name``'s inbox (the same owner's): written to a
     temporary name and renamed, so a reader sees whole messages only."""
-    inbox = os.path.join(root, str(os.getuid()), name, "inbox")
+    inbox = os.path.join(root, str(os.getuid()), own_name(name), "inbox")
     os.makedirs(inbox, mode=0o700, exist_ok=True)
     stamp = f"{time.time_ns():020d}-{os.getpid()}-{os.urandom(4).hex()}"
     tmp = os.path.join(inbox, f".{stamp}.tmp")

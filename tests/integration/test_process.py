@@ -5,7 +5,9 @@ sandbox as the lease's owner, the state in a directory store, evictions as the a
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -18,8 +20,18 @@ import pytest
 
 from colocate import LeaseEvicted
 from colocate.client.lease import Client
+from colocate.errors import ExecutorLost
 from colocate.process import Process, StateRolledBack
-from tests.integration.leasing import Service, control_auth, services, start_cluster, wait_until
+from tests.conftest import require
+from tests.integration.leasing import (
+    Service,
+    control_auth,
+    munged_running,
+    services,
+    start_cluster,
+    wait_until,
+)
+from tests.integration.test_identity import as_user
 
 pytestmark = pytest.mark.root
 
@@ -209,3 +221,154 @@ def test_two_processes_exchange_messages_while_one_is_swapped_out(
     a.release()
     b.delete()
     wait_until(lambda: not client.leases(), what="the processes' leases released")
+
+
+class SlowToSend:
+    """A result whose pickling takes 2 s: the call has committed, its reply is not out yet."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        time.sleep(2)
+        return (int, (7,))
+
+
+def bump(state: Any) -> Any:
+    with open(os.path.join(state.dir, "runs"), "a") as f:  # state.dir: written through at once
+        f.write("run\n")
+    state["bumps"] = state.get("bumps", 0) + 1
+    return SlowToSend()
+
+
+def test_a_call_evicted_after_its_commit_is_not_applied_twice_when_retried(
+    cluster: tuple[Service, list[Service], Path], store: str
+) -> None:
+    broker, _agents, _tmp = cluster
+    proc = Client(broker.url).process("once", memory="128MiB", store=store)
+    assert proc.invoke(read)["n"] == 0  # the lease is up and warm
+    runs = next(iter(Path(store).glob("*/once/files"))) / "runs"
+    outcome: list[BaseException | None] = []
+    caller = threading.Thread(target=lambda: outcome.append(_call(proc, bump)))
+    caller.start()
+    head = runs.parent.parent / "head"  # the last update committed, as the worker says it
+
+    def committed() -> bool:
+        return runs.exists() and int.from_bytes(head.read_bytes()[:8], "little") == 1
+
+    wait_until(committed, 20, "the call to commit")  # then its reply takes 2 s to pickle
+    evict(cluster, proc)
+    caller.join(20)  # the node took the lease back (notice or killed worker): outcome unknown
+    assert not caller.is_alive() and isinstance(outcome[0], LeaseEvicted | ExecutorLost), outcome
+    assert invoke_retry(proc, bump) == 7  # the retry: same function, same arguments
+    assert proc.invoke(lambda s: s["bumps"]) == 1  # applied once
+    assert runs.read_text() == "run\n"  # and the function ran once
+    proc.delete()
+
+
+def _call(proc: Process, fn: Any, *args: Any) -> BaseException | None:
+    try:
+        proc.invoke(fn, *args)
+    except BaseException as exc:
+        return exc
+    return None
+
+
+def invoke_retry(proc: Process, fn: Any) -> Any:
+    """Retry until a lease answers (the old lease's notice may still be in the way)."""
+    for _ in range(3):
+        try:
+            return proc.invoke(fn)
+        except (LeaseEvicted, ExecutorLost):
+            continue
+    return proc.invoke(fn)
+
+
+def write_file_then_fail(state: Any, text: str) -> None:
+    Path(state.dir, "notes.txt").write_text(text)
+    state["noted"] = True
+    raise RuntimeError("after the file was written")
+
+
+def test_state_dir_files_are_written_through_and_not_rolled_back(
+    cluster: tuple[Service, list[Service], Path], store: str
+) -> None:
+    """The documented semantics: keys are transactional, files in state.dir are not (they
+    sit in the store at once, survive the lease, and stay when the call raises)."""
+    broker, _agents, _tmp = cluster
+    proc = Client(broker.url).process("files", memory="128MiB", store=store)
+    with pytest.raises(RuntimeError, match="after the file"):
+        proc.invoke(write_file_then_fail, "kept")
+    evict(cluster, proc)
+    got = invoke_retry(proc, lambda s: (Path(s.dir, "notes.txt").read_text(), "noted" in s))
+    assert got == ("kept", False)
+    proc.delete()
+
+
+def test_a_second_client_of_the_owner_attaches_to_the_live_process(
+    cluster: tuple[Service, list[Service], Path], store: str
+) -> None:
+    broker, _agents, _tmp = cluster
+    first = Client(broker.url).process("shared", memory="128MiB", store=store)
+    assert first.invoke(add, 1) == 1
+    second = Client(broker.url).process("shared", memory="128MiB", store=store)
+    assert second.invoke(add, 2) == 2  # the live state, not a copy from the store
+    assert second.lease is not None and first.lease is not None
+    assert second.lease.lease_id == first.lease.lease_id
+    assert first.invoke(read)["log"] == [1, 2]
+    second.release()  # an attached client leaves the lease to the one that took it
+    assert first.invoke(add, 3) == 3
+    first.delete()
+
+
+@pytest.fixture(scope="module")
+def users() -> Iterator[tuple[str, str]]:
+    """Two real Unix users (removed afterwards); their clients run as them (runuser)."""
+    require(munged_running(), "munged is not running (colocate dev-cluster up)")
+    tag = secrets.token_hex(3)
+    names = (f"cpra{tag}", f"cprb{tag}")
+    for name in names:
+        subprocess.run(["useradd", "-M", "-s", "/usr/sbin/nologin", name], check=True)
+    try:
+        yield names
+    finally:
+        for name in names:
+            subprocess.run(["userdel", name], check=False)
+
+
+TAKE = """
+from colocate.process import Process
+proc = Client(values["url"]).process(values["name"], memory="128MiB", store=values["store"])
+try:
+    out = {"n": proc.invoke(lambda s, n: s.setdefault("n", n), values["n"]), "lease": proc.lease.lease_id}
+    if not values.get("keep"):
+        proc.release()  # swap out; gives the lease back unless attached to another client's
+except Exception:
+    if proc.lease is not None:
+        proc.lease.release()
+    raise
+"""
+
+
+def test_a_process_is_its_owners_another_user_is_refused_in_one_line(
+    cluster: tuple[Service, list[Service], Path], store: str, users: tuple[str, str]
+) -> None:
+    broker, _agents, _tmp = cluster
+    a, b = users
+    first = as_user(a, TAKE, url=broker.url, store=store, name="mine", n=41, keep=True)["ok"]
+    try:
+        assert first["n"] == 41
+        # another client of a (another process on the machine) reaches the live one
+        again = as_user(a, TAKE, url=broker.url, store=store, name="mine", n=0)["ok"]
+        assert again == first
+        # b's "mine" is b's own; a's is refused, naming the owner
+        assert as_user(b, TAKE, url=broker.url, store=store, name="mine", n=7)["ok"]["n"] == 7
+        refused = as_user(b, TAKE, url=broker.url, store=store, name=f"{a}/mine", n=0)
+        assert refused["error"] == "Forbidden", refused
+        assert f"belongs to {a}: only {a}'s leases reach it" in refused["message"]
+        assert "\n" not in refused["message"].split("\n\nRemote traceback")[0]
+    finally:
+        as_user(
+            a,
+            "out = Client(values['url']).release(values['lease'])",
+            url=broker.url,
+            lease=first["lease"],
+        )
+        wait_until(lambda: not Client(broker.url).leases(), 30, "the users' leases to end")

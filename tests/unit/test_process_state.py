@@ -23,8 +23,8 @@ def root(tmp_path: Path) -> Iterator[str]:
     runtime._live.clear()
 
 
-def call(root: str, name: str, fn: Any, *args: Any) -> tuple[Any, list[str]]:
-    return Call(root, name, pickle_function(fn))(*args)
+def call(root: str, name: str, fn: Any, *args: Any, call_id: str = "") -> tuple[Any, list[str]]:
+    return Call(root, name, pickle_function(fn))(call_id, *args)
 
 
 def add(state: Any, n: int) -> int:
@@ -112,6 +112,74 @@ def test_bad_names_and_keys_get_one_clear_error(root: str) -> None:
     from colocate.errors import ConfigError
 
     with pytest.raises(ConfigError, match="process name"):
-        DirStore(root, "a/b")
+        DirStore(root, "a/b/c")
     with pytest.raises(TypeError, match="keys are str"):
         call(root, "p", lambda s: s.__setitem__(1, 2))
+
+
+def test_a_retried_call_that_had_committed_returns_its_result_and_applies_once(root: str) -> None:
+    assert call(root, "p", add, 5, call_id="c1")[0] == 5
+    swap_out_and_forget(root)  # the lease went before the client heard back; a new one
+    assert call(root, "p", add, 5, call_id="c1")[0] == 5  # the retry: the kept result
+    assert call(root, "p", read)[0] == (5, [5])  # applied once
+    assert call(root, "p", add, 5, call_id="c2")[0] == 10  # another call with the same args
+    assert call(root, "p", lambda s: sorted(s))[0] == ["seen", "total"]  # call ids are hidden
+    big = call(root, "p", lambda s: s.__setitem__("x", 1) or b"r" * (1 << 20), call_id="c3")[0]
+    assert len(big) == 1 << 20
+    with pytest.raises(runtime.ResultNotKept, match="not run twice"):
+        call(root, "p", lambda s: s.__setitem__("x", 2), call_id="c3")
+    assert call(root, "p", lambda s: s["x"])[0] == 1
+    with pytest.raises(KeyError, match="NUL"):
+        call(root, "p", lambda s: s.__setitem__("\x00calls", {}))
+
+
+def test_a_process_live_in_another_lease_names_that_lease(root: str) -> None:
+    holder = DirStore(root, "p")
+    holder.open(1.0, "lease-a")
+    try:
+        with pytest.raises(runtime.ProcessLiveElsewhere) as err:
+            Call(root, "p", pickle_function(read), wait_s=0.05)("")
+        assert err.value.lease_id == "lease-a"
+        import pickle
+
+        again = pickle.loads(pickle.dumps(err.value))  # as the client receives it
+        assert isinstance(again, runtime.ProcessLiveElsewhere) and again.lease_id == "lease-a"
+    finally:
+        holder.close()
+    assert call(root, "p", read)[0] == (0, [])
+
+
+def test_a_process_is_reached_by_its_owner_only() -> None:
+    import pwd
+
+    from colocate.errors import ConfigError, Forbidden
+    from colocate.process.store import own_name
+
+    me = pwd.getpwuid(os.getuid()).pw_name
+    assert own_name(f"{me}/counter") == own_name("counter") == "counter"
+    other = next(p.pw_name for p in pwd.getpwall() if p.pw_uid != os.getuid())
+    with pytest.raises(Forbidden, match=f"belongs to {other}: only {other}'s leases"):
+        own_name(f"{other}/counter")
+    for bad in ("", "a/b/c", "/x", "x/", "..", "x" * 201):
+        with pytest.raises(ConfigError, match="process name"):
+            own_name(bad)
+
+
+def test_the_store_root_is_made_at_first_use_and_a_shared_root_must_be_sticky(
+    tmp_path: Path,
+) -> None:
+    from colocate.errors import ConfigError
+
+    fresh = tmp_path / "new" / "store"  # made at first use, the owner's directory 0700
+    call(str(fresh), "p", add, 1)
+    mine = fresh / str(os.getuid())
+    assert (mine.stat().st_mode & 0o777) == 0o700 and mine.stat().st_uid == os.getuid()
+    swap_out_and_forget(str(fresh))
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(ConfigError, match="without the sticky bit.*chmod 1733"):
+        call(str(shared), "p", add, 1)
+    shared.chmod(0o1733)
+    assert call(str(shared), "p", add, 1)[0] == 1
+    swap_out_and_forget(str(shared))
