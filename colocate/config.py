@@ -16,6 +16,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from colocate.errors import ConfigError
 from colocate.protocol import DEFAULT_MAX_PAYLOAD_BYTES
+from policies.interference import InterferenceTable
 from policies.limits import Limits
 from policies.prices import Prices
 
@@ -182,6 +183,9 @@ class AgentConfig(_Section):
     record_max_bytes: int = Field(
         64 * 1024**2, ge=4096, description="decision record: rotate past this size"
     )
+    # A site's interference table (`colocate calibrate --out`): the guard caps the function
+    # share of a node where the table's typical slowdown would pass limits.slowdown_budget.
+    interference_table: str | None = None
 
 
 class Config(_Section):
@@ -238,3 +242,23 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         raise ConfigError(
             f"{err['msg']} (see deploy/ for an example config)", path=where, key=key
         ) from None
+
+
+def load_interference_table(path: str | Path) -> InterferenceTable:
+    """The table ``colocate calibrate --out`` wrote; ConfigError naming the file and field."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read the interference table ({exc.strerror}); write one with "
+            "`colocate calibrate --out`",
+            path=str(path),
+        ) from None
+    except ValueError as exc:
+        raise ConfigError(f"not JSON: {exc}", path=str(path)) from None
+    try:
+        return InterferenceTable.from_mapping(data, where="table")
+    except ValueError as exc:
+        raise ConfigError(str(exc).removeprefix("table: "), path=str(path)) from None

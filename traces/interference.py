@@ -24,6 +24,8 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
+from policies.interference import InterferenceTable
+
 
 class InterferenceModel(BaseModel):
     """Slowdown ranges (fractions: 0.031 = 3.1 %) per sensitivity class at the reference share."""
@@ -42,6 +44,19 @@ class InterferenceModel(BaseModel):
     reference_share: float = Field(
         0.5, gt=0, le=1, description="function share of node cores the ranges hold at"
     )
+
+    @classmethod
+    def from_table(
+        cls, table: InterferenceTable, memory_bound_fraction: float = 0.5
+    ) -> InterferenceModel:
+        """The model with a site's measured ranges (:meth:`InterferenceTable.class_ranges`)."""
+        ranges = table.class_ranges()
+        return cls(
+            memory_bound_fraction=memory_bound_fraction,
+            compute_bound_range=ranges["compute_bound"],
+            memory_bound_range=ranges["memory_bound"],
+            reference_share=table.function_share,
+        )
 
     def sensitivity(
         self, n_jobs: int, seed: int

@@ -35,6 +35,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "colocate.cli.dev_cluster",
         "start or stop a real Slurm cluster on this machine",
     ),
+    "calibrate": (
+        "colocate.cli.calibrate",
+        "measure on one node how much functions on idle cores slow batch jobs (interference table)",
+    ),
     "hook": ("colocate.cli.hook", "Slurm prolog/epilog hooks (never fail the job)"),
     "metrics": ("colocate.cli.metrics", "metrics tools (replay to OpenMetrics, dashboard queries)"),
 }

@@ -86,6 +86,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="usage and interference model settings: [usage] and [interference] tables "
         "(fields of traces.usage.UsageModel and traces.interference.InterferenceModel)",
     )
+    parser.add_argument(
+        "--interference",
+        metavar="TABLE.json",
+        help="a site's interference table (`colocate calibrate --out`): its slowdown ranges "
+        "replace the published IPDPS'24 ones, and the guard caps the function share by it",
+    )
     parser.add_argument("--currency", help="currency of the prices (default EUR)")
     parser.add_argument(
         "--core-hour", type=float, metavar="PRICE", help="price of a core-hour (default 0.015)"
@@ -282,6 +288,13 @@ def run(args: argparse.Namespace) -> int:
     cluster = _cluster(args, jobs, bundled_default=not args.jobs)
     assert isinstance(cluster, Cluster)
     usage, interference = _models(args.models)
+    if args.interference:  # a site's measured table
+        from colocate.config import load_interference_table
+        from policies.interference import guarded_limits
+
+        table = load_interference_table(args.interference)
+        interference = InterferenceModel.from_table(table, interference.memory_bound_fraction)
+        limits = guarded_limits(limits, table)
     progress = not args.json and sys.stderr.isatty()
     result = replay(
         jobs,

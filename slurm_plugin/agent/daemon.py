@@ -117,6 +117,12 @@ def open_agent(
 
     with contextlib.suppress(ValueError):  # not the main thread (tests): no restart signal
         signal.signal(signal.SIGUSR1, restart)
+    limits = config.policy.limits
+    if agent_config.interference_table:  # the site's measured table caps the function share
+        from colocate.config import load_interference_table
+        from policies.interference import guarded_limits
+
+        limits = guarded_limits(limits, load_interference_table(agent_config.interference_table))
     agent = Agent(
         source,
         policy,
@@ -124,7 +130,7 @@ def open_agent(
         secret=secret,
         url=url.replace(sock.getsockname()[0], host) if agent_config.advertise_host else url,
         broker_url=agent_config.broker_url,
-        limits=config.policy.limits,
+        limits=limits,
         interval_s=agent_config.interval_s,
         eviction_grace_s=agent_config.eviction_grace_s,
         growth_recheck_s=agent_config.growth_recheck_s,
@@ -138,7 +144,7 @@ def open_agent(
             agent_config.record_file,
             agent_config.record_max_bytes,
             getattr(policy, "name", "?"),
-            config.policy.limits,
+            limits,
         )
         stack.callback(agent.recorder.close)
     return agent, sock, url

@@ -63,11 +63,14 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "slurm_plugin",
         "slurm_plugin.slurm",
     ),
+    # `colocate calibrate`: Slurm jobs and leases through the Client, the table of policies
+    "colocate.calibrate": ("colocate", "colocate.client", "policies"),
     # the CLI wires everything together (each subcommand imports what it needs on use)
     "colocate.cli": (
         "colocate",
         "colocate.auth",
         "colocate.broker",
+        "colocate.calibrate",
         "colocate.client",
         "colocate.executor",
         "colocate.metrics",
