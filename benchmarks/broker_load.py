@@ -101,6 +101,7 @@ class SimNode:
         self.busy = False
         self.next_change = time.time() + rng.uniform(5, 15)
         self.pending: float | None = None  # when an unreported change happened
+        self.last: NodeView | None = None  # the last sample (recent_view)
 
     def view(self, now: float) -> NodeView:
         if now >= self.next_change:
@@ -109,7 +110,13 @@ class SimNode:
                 self.pending = self.next_change
             self.next_change = now + self.rng.uniform(5, 15)
         cpus = frozenset({0, 1}) if self.busy else CORES
-        return NodeView(node=self.node, cpu_ids=cpus, memory_total_bytes=16 * GIB)
+        self.last = NodeView(node=self.node, cpu_ids=cpus, memory_total_bytes=16 * GIB)
+        return self.last
+
+    def recent_view(self, now: float) -> NodeView:
+        return self.last if self.last is not None else self.view(now)
+
+    last_snapshot = None
 
 
 class Handle:
@@ -127,8 +134,15 @@ class InstantExecutors:
     def __init__(self) -> None:
         self.running: dict[str, Handle] = {}
 
+    detached = False
+
     def start(
-        self, lease_id: str, cpu_ids: Sequence[int], memory_bytes: int, expires_at: float
+        self,
+        lease_id: str,
+        cpu_ids: Sequence[int],
+        memory_bytes: int,
+        expires_at: float,
+        owner: object = None,
     ) -> Handle:
         self.running[lease_id] = Handle(lease_id)
         return self.running[lease_id]
@@ -136,6 +150,12 @@ class InstantExecutors:
     def evict(self, lease_id: str, grace_s: float = 0.0, reason: str = "evicted") -> float:
         self.running.pop(lease_id, None)
         return 0.0
+
+    def renew(self, lease_id: str, expires_at: float) -> None:
+        pass
+
+    def drain_invocations(self) -> list[dict[str, Any]]:
+        return []
 
     def handles(self) -> list[Handle]:
         return list(self.running.values())
@@ -316,11 +336,13 @@ class Leasing:
     def __init__(self, url: str, threads: int, start_at: float, end_at: float) -> None:
         from colocate import Client
 
-        self.client = Client(url, timeout_s=10.0)
+        self.client = Client(url, timeout_s=10.0)  # url: several brokers, comma-separated
+        self.most_retries = 0  # automatic retries of one call, at most
         self.start_at, self.end_at = start_at, end_at
         self.lock = threading.Lock()
         self.held: dict[tuple[str, int], str] = {}
         self.grants: list[float] = []
+        self.granted_at: list[float] = []  # epoch seconds of each grant
         self.denied = 0
         self.errors: dict[str, int] = {}
         self.double_grants = 0
@@ -339,6 +361,7 @@ class Leasing:
             time.sleep(0.05)
         while time.time() < self.end_at:
             sent = time.perf_counter()
+            retried = self.client.retried  # shared by the threads: an upper bound per call
             try:
                 lease = self.client.lease(cores=1, memory="64MiB", duration="1m")
             except LeaseDenied:
@@ -353,7 +376,9 @@ class Leasing:
             took = time.perf_counter() - sent
             keys = [(lease.node, c) for c in lease.cpu_ids]
             with self.lock:
+                self.most_retries = max(self.most_retries, self.client.retried - retried)
                 self.grants.append(took)
+                self.granted_at.append(time.time())
                 for k in keys:
                     if k in self.held:
                         self.double_grants += 1
@@ -363,10 +388,13 @@ class Leasing:
                 for k in keys:
                     if self.held.get(k) == lease.lease_id:
                         del self.held[k]
+            retried = self.client.retried
             try:
                 lease.release()
             except Exception as exc:
                 self._error(exc)
+            with self.lock:
+                self.most_retries = max(self.most_retries, self.client.retried - retried)
 
     def start(self) -> None:
         for t in self.threads:
@@ -413,11 +441,41 @@ class CpuGroups:
                 path.rmdir()
 
 
-def start_broker(tmp: Path, nodes: int, cpus: set[int] | None) -> tuple[subprocess.Popen[str], str]:
-    config = tmp / "broker.toml"
+def start_postgres(tmp: Path) -> tuple[str, list[str]]:
+    """A throwaway PostgreSQL server (Unix socket only) for brokers sharing one ledger; returns
+    its URL and the command that stops it."""
+    import glob
+    import shutil
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    initdb = shutil.which("initdb") or (found[-1] if found else None)
+    if initdb is None or os.geteuid() != 0:
+        raise SystemExit("--brokers > 1 needs root and PostgreSQL (apt-get install postgresql)")
+    pg_ctl = str(Path(initdb).with_name("pg_ctl"))
+    base = tmp / "pg"
+    data, sock = base / "data", base / "sock"
+    sock.mkdir(parents=True)
+    for path in (tmp, base, sock):
+        path.chmod(0o755)
+    shutil.chown(base, "postgres")
+    shutil.chown(sock, "postgres")
+    run_as = ["/usr/sbin/runuser", "-u", "postgres", "--"]
+    subprocess.run([*run_as, initdb, "-D", str(data), "-A", "trust", "-U", "postgres"],
+                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run([*run_as, pg_ctl, "-D", str(data), "-l", str(base / "log"), "-w", "-o",
+                    f"-k {sock} -c listen_addresses=''", "start"], check=True, capture_output=True)  # fmt: skip
+    return f"postgresql://postgres@/postgres?host={sock}", [
+        *run_as, pg_ctl, "-D", str(data), "-m", "immediate", "stop",
+    ]  # fmt: skip
+
+
+def start_broker(
+    tmp: Path, nodes: int, cpus: set[int] | None, ledger: str | None = None, name: str = "broker"
+) -> tuple[subprocess.Popen[str], str]:
+    config = tmp / f"{name}.toml"
     config.write_text(f"[broker]\nmax_connections = {2 * nodes + 64}\n")
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
-    log = (tmp / "broker.log").open("w")
+    log = (tmp / f"{name}.log").open("w")
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -430,7 +488,7 @@ def start_broker(tmp: Path, nodes: int, cpus: set[int] | None) -> tuple[subproce
             "--secret-file",
             str(tmp / "secret"),
             "--ledger",
-            str(tmp / "ledger.db"),
+            ledger or str(tmp / "ledger.db"),
             "--config",
             str(config),
         ],
@@ -450,7 +508,7 @@ def start_broker(tmp: Path, nodes: int, cpus: set[int] | None) -> tuple[subproce
         if proc.poll() is not None:
             break
     proc.kill()
-    raise SystemExit(f"the broker did not start; see {tmp / 'broker.log'}")
+    raise SystemExit(f"the broker did not start; see {tmp / f'{name}.log'}")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -459,12 +517,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     allowed = sorted(os.sched_getaffinity(0))
     pin = args.pin and len(allowed) >= 2
     broker_cpus, gen_cpus = ({allowed[0]}, set(allowed[1:])) if pin else (None, None)
-    broker, url = start_broker(tmp, args.nodes, broker_cpus)
+    ledger, stop_postgres = start_postgres(tmp) if args.brokers > 1 else (None, [])
+    brokers = [
+        start_broker(tmp, args.nodes, broker_cpus, ledger, f"broker{i}" if i else "broker")
+        for i in range(args.brokers)
+    ]
+    broker, _ = brokers[0]  # the one --kill-broker-at kills: every client's first choice
+    url = ",".join(u for _, u in brokers)  # agents report to all; clients fail over in order
     groups = CpuGroups({"broker": 1024, "loadgen": 1024})
-    groups.add("broker", broker.pid)
+    for proc, _ in brokers:
+        groups.add("broker", proc.pid)
     if gen_cpus:
         os.sched_setaffinity(0, gen_cpus)  # the children inherit it
-    bp = psutil.Process(broker.pid)
+    survivor, _ = brokers[-1]
+    bp = psutil.Process(survivor.pid)  # the broker measured: the one that is never killed
     procs = args.agent_procs or max(1, min(8, math.ceil(args.nodes / 250)))
     names = [f"sim{i:05d}" for i in range(args.nodes)]
     ctx = mp.get_context("fork")
@@ -516,7 +582,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.time()
     cpu1, t1 = cpu0, t0
     while time.time() < end_at:
-        if broker.poll() is None:
+        if survivor.poll() is None:
             with contextlib.suppress(psutil.Error):
                 rss.append(bp.memory_info().rss / 2**20)
                 cpu1, t1 = sum(bp.cpu_times()[:2]), time.time()
@@ -541,12 +607,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stats["reports"] += part["reports"]
     for child in children:
         child.join(10)
-    if broker.poll() is None:
-        broker.send_signal(signal.SIGTERM)
-        try:
-            broker.wait(15)
-        except subprocess.TimeoutExpired:
-            broker.kill()
+    for proc, _ in brokers:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    if stop_postgres:
+        subprocess.run(stop_postgres, check=False, capture_output=True)
     groups.close()
     ms = [g * 1000 for g in leasing.grants]
     wall = end_at - start_at
@@ -565,6 +634,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "grant_max_ms": r(max(ms) if ms else None),
         "denied": leasing.denied,
         "client_errors": sum(leasing.errors.values()),
+        "client_retries": leasing.client.retried,
+        "client_most_retries_of_one_call": leasing.most_retries,
         "client_error_kinds": leasing.errors,
         "double_grants": leasing.double_grants,
         "offer_staleness_p50_s": r(pct(stats["staleness"], 50), 3),
@@ -577,7 +648,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "report_failures": stats["failures"],
         "broker_cpu_pct": r((cpu1 - cpu0) / max(1e-9, t1 - t0) * 100),
         "broker_rss_mib": r(max(rss) if rss else None),
+        "brokers": args.brokers,
         "broker_killed_at_s": r(killed_at),
+        "grants_after_kill": None
+        if killed_at is None
+        else sum(t > start_at + killed_at for t in leasing.granted_at),
         "loadgen_cpu_pct": r((gen1 - gen0) / wall * 100),
         "agent_procs": procs,
         "cpu_groups": "broker and load generator in cgroup v1 cpu groups of equal shares"
@@ -600,7 +675,17 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=100, help="simulated node agents (1..20000)")
     parser.add_argument("--seconds", type=float, default=30.0, help="measured seconds (1..600)")
     parser.add_argument(
-        "--kill-broker-at", type=float, metavar="T", help="SIGKILL the broker T s into the window"
+        "--kill-broker-at",
+        type=float,
+        metavar="T",
+        help="SIGKILL the (first) broker T s into the window",
+    )
+    parser.add_argument(
+        "--brokers",
+        type=int,
+        default=1,
+        help="brokers serving the cluster at once (default 1; more share a throwaway PostgreSQL "
+        "ledger, agents report to all, the client fails over; broker_cpu_pct is the last one's)",
     )
     parser.add_argument(
         "--interval",
@@ -645,6 +730,7 @@ def main() -> int:
             for r in rows
             if r.get("nodes") != result["nodes"]
             or r.get("broker_killed_at_s") != result["broker_killed_at_s"]
+            or r.get("brokers", 1) != result["brokers"]
             or r.get("label", "") != result["label"]
         ]
         path.write_text(json.dumps([*rows, result], indent=2) + "\n")

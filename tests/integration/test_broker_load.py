@@ -60,3 +60,23 @@ def test_load_run_then_a_killed_broker_costs_the_client_errors() -> None:
     # after it: one broker is a single point of failure, and the client says so
     assert out["broker_killed_at_s"] is not None
     assert out["client_errors"] > 0 and set(out["client_error_kinds"]) == {"BackendUnavailable"}
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_two_brokers_one_killed_cost_the_client_nothing() -> None:
+    """``--brokers 2``: the agents report to both, the client fails over by itself; the first
+    broker (every client's first choice) is SIGKILLed halfway."""
+    require(
+        munged_running(), "munged is not running; the Client needs it (colocate dev-cluster up)"
+    )
+    argv = [sys.executable, str(ROOT / "benchmarks" / "broker_load.py"), "--nodes", "8",
+            "--seconds", "8", "--brokers", "2", "--kill-broker-at", "4", "--json"]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["brokers"] == 2 and out["broker_killed_at_s"] is not None
+    assert out["client_errors"] == 0, out["client_error_kinds"]
+    assert out["double_grants"] == 0
+    assert out["grants_after_kill"] > 0  # the surviving broker kept granting
+    assert out["client_retries"] >= 1 and out["client_most_retries_of_one_call"] <= 1
