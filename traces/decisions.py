@@ -21,7 +21,15 @@ import numpy.typing as npt
 
 from policies import POLICIES
 from policies.limits import Limits
-from policies.model import EvictionReason, JobView, LeaseView, NodeView, Offer, UsageSample
+from policies.model import (
+    Decision,
+    EvictionReason,
+    JobView,
+    LeaseView,
+    NodeView,
+    Offer,
+    UsageSample,
+)
 from traces.demand import STEP_S, Demand
 from traces.interference import cpu_pressure
 from traces.placement import Cluster, Placement
@@ -53,6 +61,7 @@ class Piece:
     step_memory: tuple[int, ...]  # memory used from that time on, bytes
     sensitivity: float
     views: dict[tuple[int, int], JobView]  # (steps seen, lease cores) -> view, on first use
+    samples: list[UsageSample] = field(default_factory=list)  # one per step, on first use
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,9 +218,20 @@ def _class_steps(
     return offsets, minute, cores, memory
 
 
-_LeaseOutcome = tuple[LeaseView, int, tuple[frozenset[int], int, float], bool]
-"""A node's lease, its jobs above the slowdown budget, the lease's memo key, and whether a
-job's modelled pressure reaches the guard's limit."""
+@dataclass(slots=True)
+class Lease:
+    """The functions' lease on a node after a decision (one object for equal nodes of a minute).
+
+    ``token`` names the lease's value (cores, memory, grant minute): equal leases of a minute
+    share it, so the nodes that hold them meet in the memo. ``violating``: jobs on the node
+    above the slowdown budget next to it; ``pressured``: a job's modelled pressure reaches
+    the guard's limit (the guard needs a follow-up decision).
+    """
+
+    view: LeaseView
+    token: int
+    violating: int
+    pressured: bool
 
 
 @dataclass(slots=True)
@@ -223,11 +243,107 @@ class _Memo:
     evicted: bool
     pressure_evicted: bool
     old_state: object | None  # kept alive so its id is not reused within the minute
-    leases: dict[tuple[int, int], _LeaseOutcome]  # (cores, bytes) -> outcome
+    leases: dict[tuple[int, int], Lease]  # (cores, bytes) -> the lease of that size
     cores: int  # offered cores
     memory: int  # offered bytes
     draw: float  # the rounding draw of the lease's cores (same minute and first job)
     reason: str  # why the node's lease was evicted ("" if it was not)
+
+
+class Interner:
+    """Small ids for equal values (job sets, leases): a tuple of ids hashes faster than the
+    values. Ids are never reused, so forgetting (``clear``) only costs sharing, never mixes
+    two values up."""
+
+    __slots__ = ("ids", "next_id")
+
+    def __init__(self) -> None:
+        self.ids: dict[object, int] = {}
+        self.next_id = 1  # 0: nothing (no lease)
+
+    def id_of(self, value: object) -> int:
+        found = self.ids.get(value)
+        if found is None:
+            found = self.ids[value] = self.next_id
+            self.next_id += 1
+        return found
+
+    def clear(self) -> None:
+        self.ids.clear()
+
+
+@dataclass(slots=True)
+class NodeTrack:
+    """What the replay follows for one node between its decisions.
+
+    ``running``: piece index -> piece; ``jobs``: id of the running pieces' signatures
+    (equal job sets, equal id; see :class:`Interner`); ``first_job``: job index of the first
+    running piece (seeds the lease's rounding draw), -1 on an idle node; ``state``: the
+    policy's state for the node; ``lease``: the functions' lease now, if any;
+    ``offer_cores``/``offer_memory``: the policy's last offer; ``since``: time of the last
+    decision (interference is counted up to it); ``decided``: its minute; ``cooling``: the
+    guard evicted for pressure and has not re-offered yet; ``views``: the job views of the
+    last decision (valid until an event changes a job) and the lease cores they were made for.
+    """
+
+    running: dict[int, Piece] = field(default_factory=dict)
+    jobs: int = 0
+    first_job: int = -1
+    state: object | None = None
+    lease: Lease | None = None
+    offer_cores: int = 0
+    offer_memory: int = 0
+    since: float = 0.0
+    decided: int = -1
+    cooling: bool = False
+    views: tuple[JobView, ...] | None = None
+    views_lease_cores: int = -1
+
+    def start_and_end(
+        self,
+        kinds: list[int],
+        pieces: list[int],
+        lo: int,
+        hi: int,
+        pieces_static: Callable[[int], Piece],
+        job_sets: Interner,
+    ) -> None:
+        """Apply the starts and ends of events ``lo:hi`` (this node's, this minute)."""
+        running = self.running
+        for i in range(lo, hi):
+            kind = kinds[i]
+            if kind == START:
+                running[pieces[i]] = pieces_static(pieces[i])
+            elif kind == END:
+                del running[pieces[i]]
+        signature = tuple([p.signature for p in running.values()])
+        self.jobs = job_sets.id_of(signature)
+        self.first_job = signature[0][0] if signature else -1
+
+    def job_views(
+        self, now: float, lease_cores: int, cpn: int, window: float
+    ) -> tuple[JobView, ...]:
+        """The running jobs as the agent would report them at ``now`` next to ``lease_cores``
+        function cores (the last ones again while no event changed a job)."""
+        views = self.views
+        if views is not None and self.views_lease_cores == lease_cores:
+            return views
+        views = tuple(
+            [
+                p.views.get((bisect_right(p.step_t, now), lease_cores))
+                or _job_view(p, bisect_right(p.step_t, now), lease_cores, cpn, window)
+                for p in self.running.values()
+            ]
+        )
+        self.views = views
+        self.views_lease_cores = lease_cores
+        return views
+
+    def set_offer(self, cores: int, memory: int) -> tuple[int, int]:
+        """Record the node's new offer; returns the change (cores, bytes)."""
+        d_cores, d_memory = cores - self.offer_cores, memory - self.offer_memory
+        self.offer_cores, self.offer_memory = cores, memory
+        return d_cores, d_memory
 
 
 @contextlib.contextmanager
@@ -275,6 +391,33 @@ class Drive:
     evict_jobs: list[tuple[str, ...]] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class _Groups:
+    """The events cut into decision points: group ``g`` is events ``bounds[g]:bounds[g + 1]``,
+    all on node ``node[g]`` in minute ``minute[g]``; ``changes[g]``: bit 1 if jobs start or
+    end there, bit 2 if a job's use steps (either way the job views change)."""
+
+    minute: list[int]
+    node: list[int]
+    bounds: list[int]
+    changes: list[int]
+
+
+def _groups(events: Events) -> _Groups:
+    t_arr, node_arr, kind = events[0], events[1], events[3]
+    n_events = int(t_arr.size)
+    first = np.ones(n_events, dtype=bool)
+    first[1:] = (t_arr[1:] != t_arr[:-1]) | (node_arr[1:] != node_arr[:-1])
+    start = np.flatnonzero(first)
+    flags = ((kind == START) | (kind == END)).astype(np.int64) | (
+        (kind == USAGE).astype(np.int64) << 1
+    )
+    changes = np.bitwise_or.reduceat(flags, start).tolist() if n_events else []
+    return _Groups(
+        t_arr[start].tolist(), node_arr[start].tolist(), [*start.tolist(), n_events], changes
+    )
+
+
 def drive_policy(
     name: str,
     placement: Placement,
@@ -287,11 +430,23 @@ def drive_policy(
     progress: Progress | None = None,
     record: Record | None = None,
 ) -> Drive:
-    """Drive one policy through the events (``record``: append each decision point to it)."""
-    policy = POLICIES[name]()
-    decide = policy.decide
+    """Drive one policy through the events (``record``: append each decision point to it).
+
+    Each decision point is a node with events in a minute, or a guard follow-up. Nodes in
+    the same situation in a minute (same running pieces, same lease, same policy state
+    object: the pieces of one parallel job) share one ``decide`` call: it is pure.
+    """
+    decide = POLICIES[name]().decide
     ev_piece, ev_kind = events[2].tolist(), events[3].tolist()
     n_events = len(ev_kind)
+    groups = _groups(events)
+    group_minute, group_node, bounds, group_changes = (
+        groups.minute,
+        groups.node,
+        groups.bounds,
+        groups.changes,
+    )
+    n_groups = len(group_minute)
     t0 = placement.t0
     cpn = cluster.cores_per_node
     node_cpus = frozenset(range(cpn))
@@ -303,18 +458,13 @@ def drive_policy(
     demand_m = dem.memory_bytes.tolist()
     minutes = len(demand_c)
     salt = random.Random(seed).randrange(1 << 30)
-    memo: dict[object, _Memo] = {}
-    interned: dict[object, object] = {}
+    nodes = [NodeTrack() for _ in range(cluster.nodes)]
+    job_sets = Interner()
+    lease_values = Interner()  # (cores, bytes) of leases granted this minute
+    memo: dict[tuple[int, int, int], _Memo] = {}
+    interned: dict[object, object] = {}  # equal states of this minute -> one object
     memo_minute = -1
     decisions = 0
-    running: list[dict[int, Piece]] = [{} for _ in range(cluster.nodes)]
-    state: list[object | None] = [None] * cluster.nodes
-    # per node: its lease outcome (see _LeaseOutcome) or None
-    lease: list[_LeaseOutcome | None] = [None] * cluster.nodes
-    node_signature: list[tuple[tuple[int, int, int], ...]] = [()] * cluster.nodes
-    offer_c = [0] * cluster.nodes
-    offer_m = [0] * cluster.nodes
-    viol_since = [0.0] * cluster.nodes
     total_c = 0
     total_m = 0
     change_t: list[int] = []
@@ -337,153 +487,71 @@ def drive_policy(
         limit / (100.0 - limit) if limit < 100.0 else math.inf
     )  # inverse of cpu_pressure
     follow_ups: list[tuple[int, int]] = []  # (minute, node)
-    last_decided = [-1] * cluster.nodes
-    cooling = [False] * cluster.nodes
-    t_arr, node_arr = events[0], events[1]
-    first_of_group = np.ones(n_events, dtype=bool)
-    first_of_group[1:] = (t_arr[1:] != t_arr[:-1]) | (node_arr[1:] != node_arr[:-1])
-    group_start = np.flatnonzero(first_of_group)
-    bounds = [*group_start.tolist(), n_events]
-    group_minute = t_arr[group_start].tolist()
-    group_node = node_arr[group_start].tolist()
-    is_change = (events[3] == START) | (events[3] == END)
-    # per group: 1 = jobs start or end, 2 = a job's use steps (the job views change)
-    flags = is_change.astype(np.int64) | ((events[3] == USAGE).astype(np.int64) << 1)
-    group_changes = np.bitwise_or.reduceat(flags, group_start).tolist() if n_events else []
-    node_views: list[tuple[int, tuple[JobView, ...]] | None] = [None] * cluster.nodes
-    n_groups = len(group_minute)
     g = 0
     while g < n_groups or follow_ups:
         if follow_ups and (g >= n_groups or follow_ups[0] < (group_minute[g], group_node[g])):
-            minute, node = heapq.heappop(follow_ups)
-            if last_decided[node] >= minute:
+            minute, n = heapq.heappop(follow_ups)
+            node = nodes[n]
+            if node.decided >= minute:
                 continue
             changes = 0
             first_event = last_event = 0
         else:
             minute = group_minute[g]
-            node = group_node[g]
+            n = group_node[g]
+            node = nodes[n]
             changes = group_changes[g]
             first_event, last_event = bounds[g], bounds[g + 1]
             g += 1
-        last_decided[node] = minute
+        node.decided = minute
         now = t0 + minute * STEP_S
-        jobs_here = running[node]
-        held = lease[node]
+        held = node.lease
         # interference time since this node's last decision
-        if held is not None and held[1]:
-            violation_s += (now - viol_since[node]) * held[1]
+        if held is not None and held.violating:
+            violation_s += (now - node.since) * held.violating
         if changes:
-            node_views[node] = None
-        if changes & 1:  # starts or ends here (ticks and phase ends change no job set)
-            for i in range(first_event, last_event):
-                kind = ev_kind[i]
-                if kind == START:
-                    piece = ev_piece[i]
-                    jobs_here[piece] = pieces_static(piece)
-                elif kind == END:
-                    del jobs_here[ev_piece[i]]
-            node_signature[node] = tuple([p.signature for p in jobs_here.values()])
-        current = held[0] if held is not None else None
-        old_state = state[node]
-        # Nodes in the same situation (the pieces of one parallel job, same lease, same
-        # policy state object) get the same decision: decide is pure, so it is asked once a
-        # minute. The memo holds the old state, so its id cannot be reused within the minute.
-        signature = node_signature[node]
-        key = (signature, held[2] if held is not None else None, id(old_state))
+            node.views = None
+            if changes & 1:  # starts or ends (ticks and use steps change no job set)
+                node.start_and_end(
+                    ev_kind, ev_piece, first_event, last_event, pieces_static, job_sets
+                )
+        old_state = node.state
         if minute != memo_minute:
             memo.clear()
             interned.clear()
+            lease_values.clear()
+            if len(job_sets.ids) > 1 << 16:
+                job_sets.clear()
             memo_minute = minute
+        # the memo holds the old state, so its id cannot be reused within the minute
+        key = (node.jobs, held.token if held is not None else 0, id(old_state))
         entry = memo.get(key)
         if entry is None:
-            lease_cores = len(current.cpu_ids) if current is not None else 0
-            cached_views = node_views[node]
-            if cached_views is not None and cached_views[0] == lease_cores:
-                views = cached_views[1]
-            else:
-                views = tuple(
-                    [
-                        p.views.get((bisect_right(p.step_t, now), lease_cores))
-                        or _job_view(p, bisect_right(p.step_t, now), lease_cores, cpn, window)
-                        for p in jobs_here.values()
-                    ]
-                )
-                node_views[node] = (lease_cores, views)
-            view = NodeView(
-                str(node),
-                node_cpus,
-                mem_total,
-                views,
-                (current,) if current is not None else (),
-                reserved,
-            )
-            decision = decide(view, limits, now, old_state)
-            evictions = decision.evictions
-            evicted = (
-                current is not None
-                and bool(evictions)
-                and any(e.lease_id == current.lease_id for e in evictions)
-            )
-            pressure_evicted = evicted and any(
-                e.reason is EvictionReason.PRESSURE for e in evictions
-            )
-            reason = (
-                next(str(e.reason) for e in evictions if e.lease_id == current.lease_id)
-                if evicted and current is not None
-                else ""
-            )
-            new_state = decision.state
-            # equal states become one object, so equal nodes keep meeting in the memo;
-            # an unhashable state just does not share
-            try:
-                new_state = interned.setdefault(new_state, new_state)
-            except TypeError:
-                new_state = decision.state  # (a try costs less than suppress() per call)
-            first = signature[0][0] if signature else -1
-            entry = _Memo(
-                decision.offer,
-                new_state,
-                evicted,
-                pressure_evicted,
-                old_state,
-                {},
-                len(decision.offer.cpu_ids),
-                decision.offer.memory_bytes,
-                ((minute * 1_000_003 + first * 7919 + salt) * 2_654_435_761 % 4_294_967_296)
-                / 4_294_967_296,
-                reason,
-            )
+            entry = _decide_once(
+                decide, node, held, n, minute, now, cpn, node_cpus, mem_total, reserved, limits,
+                window, interned, salt,
+            )  # fmt: skip
             memo[key] = entry
             decisions += 1
-        offer = entry.offer
-        state[node] = entry.new_state
-        if entry.evicted and current is not None:
+        node.state = entry.new_state
+        if entry.evicted and held is not None:
             evict_t.append(minute)
-            evicted_cores += len(current.cpu_ids)
+            evicted_cores += len(held.view.cpu_ids)
             evict_reason.append(entry.reason)
             evict_jobs.append(
-                _evicted_for(
-                    entry.reason,
-                    jobs_here,
-                    ev_kind,
-                    ev_piece,
-                    first_event,
-                    last_event,
-                )
+                _evicted_for(entry.reason, node.running, ev_kind, ev_piece, first_event, last_event)
             )
             if entry.pressure_evicted and guard_on:
-                cooling[node] = True
+                node.cooling = True
         oc = entry.cores
         om = entry.memory
-        if oc != offer_c[node] or om != offer_m[node]:
-            total_c += oc - offer_c[node]
-            total_m += om - offer_m[node]
+        if oc != node.offer_cores or om != node.offer_memory:
+            d_c, d_m = node.set_offer(oc, om)
+            total_c += d_c
+            total_m += d_m
             change_t.append(minute)
-            change_c.append(oc - offer_c[node])
-            change_m.append(om - offer_m[node])
-            offer_c[node] = oc
-            offer_m[node] = om
+            change_c.append(d_c)
+            change_m.append(d_m)
         # the functions this node carries now: its share of the cluster-wide load, cores
         # rounded with a draw shared by equal nodes of a minute, so they stay equal
         cores = 0
@@ -493,42 +561,38 @@ def drive_policy(
         if cores > 0:
             u_m = min(1.0, demand_m[minute] / total_m) if total_m > 0 else 0.0
             lease_memory = int(om * u_m)
-            outcome = entry.leases.get((cores, lease_memory))
-            if outcome is None:
+            lease = entry.leases.get((cores, lease_memory))
+            if lease is None:
                 lease_serial += 1
-                ids = frozenset(sorted(offer.cpu_ids)[-cores:])
-                share = cores / cpn
-                outcome = (
-                    LeaseView(str(lease_serial), ids, lease_memory, now, math.inf),
-                    sum(1 for p in jobs_here.values() if p.sensitivity * share > budget),
-                    (ids, lease_memory, now),
-                    any(p.sensitivity * share >= pressure_slowdown for p in jobs_here.values()),
-                )
-                entry.leases[(cores, lease_memory)] = outcome
-            lease[node] = outcome
-            cooling[node] = False
+                lease = _new_lease(
+                    str(lease_serial), entry.offer, cores, lease_memory, now, node, cpn, budget,
+                    pressure_slowdown, lease_values,
+                )  # fmt: skip
+                entry.leases[(cores, lease_memory)] = lease
+            node.lease = lease
+            node.cooling = False
             # a job under pressure: the guard needs another decision after its grace period
             # (so while pressure lasts, the node is decided every grace period)
-            if outcome[3] and guard_on and minute + grace_min < minutes:
-                heapq.heappush(follow_ups, (minute + grace_min, node))
+            if lease.pressured and guard_on and minute + grace_min < minutes:
+                heapq.heappush(follow_ups, (minute + grace_min, n))
         else:
-            lease[node] = None
-            if cooling[node] and minute + cooldown_min < minutes:
+            node.lease = None
+            if node.cooling and minute + cooldown_min < minutes:
                 # after a pressure eviction: ask again every cooldown period until the guard
                 # offers to functions again (its cooldown may grow with repeated evictions)
-                heapq.heappush(follow_ups, (minute + cooldown_min, node))
-        viol_since[node] = now
+                heapq.heappush(follow_ups, (minute + cooldown_min, n))
+        node.since = now
         if record is not None:
-            lease_now = lease[node]
+            now_lease = node.lease
             record.append(
                 (
                     minute,
-                    node,
+                    n,
                     oc,
                     om,
                     entry.evicted,
-                    len(lease_now[0].cpu_ids) if lease_now else 0,
-                    lease_now[0].memory_bytes if lease_now else 0,
+                    len(now_lease.view.cpu_ids) if now_lease else 0,
+                    now_lease.view.memory_bytes if now_lease else 0,
                 )
             )
         if progress is not None and not g & 4095:
@@ -539,9 +603,7 @@ def drive_policy(
         progress(n_events - done_mark)
     end = t0 + minutes * STEP_S  # violations still running when the trace ends
     violation_s += sum(
-        (end - since) * held[1]
-        for since, held in zip(viol_since, lease, strict=True)
-        if held is not None
+        (end - node.since) * node.lease.violating for node in nodes if node.lease is not None
     )
     return Drive(
         change_t,
@@ -553,6 +615,93 @@ def drive_policy(
         decisions,
         evict_reason,
         evict_jobs,
+    )
+
+
+def _decide_once(
+    decide: Callable[[NodeView, Limits, float, object | None], Decision],
+    node: NodeTrack,
+    held: Lease | None,
+    n: int,
+    minute: int,
+    now: float,
+    cpn: int,
+    node_cpus: frozenset[int],
+    mem_total: int,
+    reserved: int,
+    limits: Limits,
+    window: float,
+    interned: dict[object, object],
+    salt: int,
+) -> _Memo:
+    """Ask the policy about ``node`` at ``now``: the decision every node in the same
+    situation this minute shares."""
+    current = held.view if held is not None else None
+    lease_cores = len(current.cpu_ids) if current is not None else 0
+    old_state = node.state
+    view = NodeView(
+        str(n),
+        node_cpus,
+        mem_total,
+        node.job_views(now, lease_cores, cpn, window),
+        (current,) if current is not None else (),
+        reserved,
+    )
+    decision = decide(view, limits, now, old_state)
+    reason = ""
+    pressure_evicted = False
+    if current is not None:
+        for e in decision.evictions:
+            if e.lease_id == current.lease_id:
+                reason = reason or str(e.reason)
+            if e.reason is EvictionReason.PRESSURE:
+                pressure_evicted = True
+    evicted = bool(reason)
+    # equal states become one object, so equal nodes keep meeting in the memo;
+    # an unhashable state just does not share
+    new_state = decision.state
+    try:
+        new_state = interned.setdefault(new_state, new_state)
+    except TypeError:
+        new_state = decision.state
+    first = node.first_job
+    return _Memo(
+        decision.offer,
+        new_state,
+        evicted,
+        evicted and pressure_evicted,
+        old_state,
+        {},
+        len(decision.offer.cpu_ids),
+        decision.offer.memory_bytes,
+        ((minute * 1_000_003 + first * 7919 + salt) * 2_654_435_761 % 4_294_967_296)
+        / 4_294_967_296,
+        reason,
+    )
+
+
+def _new_lease(
+    lease_id: str,
+    offer: Offer,
+    cores: int,
+    memory: int,
+    now: float,
+    node: NodeTrack,
+    cpn: int,
+    budget: float,
+    pressure_slowdown: float,
+    lease_values: Interner,
+) -> Lease:
+    """The lease of ``cores`` (the highest offered ids) and ``memory`` bytes granted at
+    ``now``, and what it does to the node's jobs."""
+    ids = frozenset(sorted(offer.cpu_ids)[-cores:])
+    share = cores / cpn
+    jobs = node.running.values()
+    return Lease(
+        LeaseView(lease_id, ids, memory, now, math.inf),
+        lease_values.id_of((ids, memory)),
+        sum(1 for p in jobs if p.sensitivity * share > budget),
+        any(p.sensitivity * share >= pressure_slowdown for p in jobs),
     )
 
 
@@ -596,16 +745,18 @@ def _job_view(p: Piece, seen: int, lease_cores: int, cpn: int, window: float) ->
     if view is not None:
         return view
     seen = max(seen, 1)
-    pressure = cpu_pressure(p.sensitivity * lease_cores / cpn) if lease_cores else None
+    samples = p.samples
+    if not samples:
+        samples.extend(map(UsageSample, p.step_t, p.step_cores, p.step_memory))
     times = p.step_t
     first = bisect_right(times, times[seen - 1] - window, 0, seen - 1)
     if first:
         first -= 1  # the sample in force at the window's start
-    older = [
-        UsageSample(times[i], p.step_cores[i], p.step_memory[i]) for i in range(first, seen - 1)
-    ]
-    latest = UsageSample(times[seen - 1], p.step_cores[seen - 1], p.step_memory[seen - 1], pressure)
-    history = (*older, latest)
+    latest = samples[seen - 1]
+    if lease_cores:
+        pressure = cpu_pressure(p.sensitivity * lease_cores / cpn)
+        latest = UsageSample(latest.t, latest.cores_used, latest.memory_used_bytes, pressure)
+    history = (*samples[first : seen - 1], latest)
     peak = max(p.step_memory[:seen])
     view = JobView(p.job_id, p.cpu_ids, p.memory_allocated, peak, history, True, p.start_t)
     p.views[key] = view
