@@ -37,12 +37,17 @@ from colocate.process.store import (
     SET,
     DirStore,
     Loc,
+    Parts,
     ProcessLiveElsewhere,
     deliver,
     encode_record,
+    encode_value,
     own_name,
-    write_all,
+    size_of,
+    write_parts,
 )
+
+Placed = tuple[str, int, int, int, int, Parts]
 
 __all__ = ["Call", "LiveProcess", "ProcessLiveElsewhere", "State"]
 
@@ -93,7 +98,7 @@ class LiveProcess:
         self.store.open(wait_s, _lease_id())
         restored = self.store.restore()
         self.seq = restored.seq
-        self.where: dict[str, Loc | bytes] = dict(restored.keys)  # bytes: not yet in the store
+        self.where: dict[str, Loc | Parts] = dict(restored.keys)  # Parts: not in the store yet
         self.values: dict[str, Any] = {}
         self.log = restored.log
         self.log_size = restored.log_size
@@ -110,7 +115,7 @@ class LiveProcess:
             )
         self.restored_seq = restored.seq
         self.lock = threading.Condition()
-        self.pending: deque[tuple[int, bytes, list[tuple[str, int, int, int, int]]]] = deque()
+        self.pending: deque[tuple[int, list[bytes | memoryview], int, list[Placed]]] = deque()
         self.writing = False
         self.writer: threading.Thread | None = None
         self.closed = False
@@ -124,7 +129,7 @@ class LiveProcess:
         except KeyError:
             pass
         src = self.where[key]  # KeyError: no such key
-        data = src if isinstance(src, bytes) else self.store.load(src)
+        data = self.store.load(src) if isinstance(src, Loc) else b"".join(src)
         value = pickle.loads(data)
         self.values[key] = value
         return value
@@ -140,12 +145,12 @@ class LiveProcess:
         return len(self.where) - (CALLS_KEY in self.where)
 
     def state_bytes(self) -> int:
-        return sum(len(s) if isinstance(s, bytes) else s.length for s in self.where.values())
+        return sum(s.length if isinstance(s, Loc) else size_of(s) for s in self.where.values())
 
     # -- committing -------------------------------------------------------------------------
-    def commit(self, entries: list[tuple[str, int, bytes]], objects: dict[str, Any]) -> None:
+    def commit(self, entries: list[tuple[str, int, Parts]], objects: dict[str, Any]) -> None:
         seq = self.seq + 1
-        record, placed = encode_record(seq, entries)
+        record, size, placed = encode_record(seq, entries)
         with self.lock:
             for key, op, value in entries:
                 if op == DELETE:
@@ -155,25 +160,27 @@ class LiveProcess:
                     self.where[key] = value
                     self.values[key] = objects[key]
             self.seq = seq
-            if not self.pending and not self.writing and len(record) <= INLINE_BYTES:
-                self._append(seq, record, placed)
+            if not self.pending and not self.writing and size <= INLINE_BYTES:
+                self._append(seq, record, size, placed)
             else:
-                self.pending.append((seq, record, placed))
+                self.pending.append((seq, record, size, placed))
                 self._start_writer()
                 self.lock.notify_all()
             os.pwrite(self.head_fd, HEAD.pack(seq), 0)
 
     def _append(
-        self, seq: int, record: bytes, placed: list[tuple[str, int, int, int, int]]
+        self, seq: int, record: list[bytes | memoryview], size: int, placed: list[Placed]
     ) -> None:
         """Write one record at the end of the log and point its keys at it (lock held, or the
         writer's turn)."""
         base = self.log_size
-        write_all(self.log_fd, record)
-        self.log_size += len(record)
-        for key, op, offset, length, crc in placed:
-            src = self.where.get(key)
-            if op == SET and isinstance(src, bytes) and len(src) == length:
+        write_parts(self.log_fd, record)
+        self.log_size += size
+        self._placed(base, placed)
+
+    def _placed(self, base: int, placed: list[Placed]) -> None:
+        for key, op, offset, length, crc, parts in placed:
+            if op == SET and self.where.get(key) is parts:  # not rewritten since
                 self.where[key] = Loc(self.log, base + offset, length, crc)
 
     def _start_writer(self) -> None:
@@ -190,56 +197,58 @@ class LiveProcess:
                     self.lock.wait()
                 if self.closed:
                     return
-                _seq, record, placed = self.pending[0]
+                _seq, record, size, placed = self.pending[0]
                 self.writing = True
             base = self.log_size
-            write_all(self.log_fd, record)  # without the lock: commits go on meanwhile
+            write_parts(self.log_fd, record)  # without the lock: commits go on meanwhile
             with self.lock:
                 self.pending.popleft()
-                self.log_size = base + len(record)
-                for key, op, offset, length, crc in placed:
-                    src = self.where.get(key)
-                    if op == SET and isinstance(src, bytes) and len(src) == length:
-                        self.where[key] = Loc(self.log, base + offset, length, crc)
+                self.log_size = base + size
+                self._placed(base, placed)
                 self.writing = False
                 self.lock.notify_all()
             if not self.pending and self.log_size > max(COMPACT_MIN_BYTES, 2 * self.state_bytes()):
                 with contextlib.suppress(OSError):
                     self.snapshot()
 
-    def drain(self) -> None:
-        """Write every queued record (caller's thread), then fsync the log."""
+    def drain(self, sync: bool = True) -> None:
+        """Write every queued record (caller's thread), then fsync the log (``sync``)."""
         with self.lock:
             while self.writing:
                 self.lock.wait(0.01)
             while self.pending:
                 self._append(*self.pending[0])
                 self.pending.popleft()
-        os.fsync(self.log_fd)
+        if sync:
+            os.fsync(self.log_fd)
 
     def snapshot(self) -> dict[str, Any]:
-        """Swap out: every key's bytes into a new snapshot, made current atomically."""
+        """Swap out: a manifest of every key, made current atomically. Values already in the
+        store stay where they are (their files fsynced) unless garbage (overwritten values)
+        makes up more than half of those files; then every value is copied into a new
+        snapshot file (copy_file_range, no trip through user space) and the old files go."""
         t0 = time.perf_counter()
-        self.drain()
+        self.drain(sync=False)
         with self.lock:
             where = dict(self.where)
             seq = self.seq
-
-            def values() -> Iterator[tuple[str, bytes]]:
-                for key, src in where.items():
-                    yield key, src if isinstance(src, bytes) else self.store.load(src)
-
-            snap, log, keys = self.store.write_snapshot(seq, values())
-            os.close(self.log_fd)
-            self.log, self.log_size, self.snapshot_file = log, 0, snap
-            self.log_fd = self.store.open_append(log, 0)
-            for key, loc in keys.items():
-                if self.where.get(key) is where[key]:
-                    self.where[key] = loc
-            self.store.remove_old((snap, log))
+            if self.log_size == 0 and self.log == f"log-{seq}.bin":  # nothing since the last
+                keys = {k: v for k, v in where.items() if isinstance(v, Loc)}
+            else:
+                files = {v.file for v in where.values() if isinstance(v, Loc)}
+                total = sum(self.store.size(f) for f in files)
+                reuse = 2 * self.state_bytes() >= total
+                snap, log, keys = self.store.write_snapshot(seq, where, reuse)
+                os.close(self.log_fd)
+                self.log, self.log_size, self.snapshot_file = log, 0, snap
+                self.log_fd = self.store.open_append(log, 0)
+                for key, loc in keys.items():
+                    if self.where.get(key) is where[key]:
+                        self.where[key] = loc
+                self.store.remove_old({loc.file for loc in keys.values()} | {log})
         return {
             "seq": seq,
-            "keys": len(keys),
+            "keys": len(keys) - (CALLS_KEY in keys),
             "bytes": sum(k.length for k in keys.values()),
             "seconds": time.perf_counter() - t0,
         }
@@ -351,10 +360,10 @@ class State(MutableMapping[str, Any]):
 
     # -- end of the call ------------------------------------------------------------------
     def _commit(self, call_id: str = "", kept: bytes | None = None) -> None:
-        entries: list[tuple[str, int, bytes]] = [(k, DELETE, b"") for k in self._deleted]
+        entries: list[tuple[str, int, Parts]] = [(k, DELETE, ()) for k in self._deleted]
         objects = dict(self._touched)
         objects.update(self._writes)
-        entries += [(k, SET, _dumps(v)) for k, v in objects.items()]
+        entries += [(k, SET, encode_value(v, _dumps)) for k, v in objects.items()]
         if call_id and (entries or self._outbox or self._taken):
             # The call's id commits with its changes: a retry of it (the client did not hear
             # back) finds it here and gets its result instead of applying it twice.
@@ -362,7 +371,7 @@ class State(MutableMapping[str, Any]):
             calls[call_id] = kept
             while len(calls) > KEEP_CALLS:
                 del calls[next(iter(calls))]
-            entries.append((CALLS_KEY, SET, _dumps(calls)))
+            entries.append((CALLS_KEY, SET, (_dumps(calls),)))
             objects[CALLS_KEY] = calls
         if entries:
             self._proc.commit(entries, objects)

@@ -178,8 +178,30 @@ def test_the_store_root_is_made_at_first_use_and_a_shared_root_must_be_sticky(
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o777)
-    with pytest.raises(ConfigError, match="without the sticky bit.*chmod 1733"):
+    with pytest.raises(ConfigError, match=r"without the sticky bit.*chmod 1733"):
         call(str(shared), "p", add, 1)
     shared.chmod(0o1733)
     assert call(str(shared), "p", add, 1)[0] == 1
     swap_out_and_forget(str(shared))
+
+
+def test_a_snapshot_copies_nothing_while_the_log_is_mostly_live_and_compacts_when_not(
+    root: str,
+) -> None:
+    blobs = {f"b{i}": os.urandom(256 << 10) for i in range(4)}  # written as themselves
+    for key, blob in blobs.items():
+        call(root, "p", lambda s, k, v: s.__setitem__(k, v), key, blob)
+    info = Call(root, "p", b"", "snapshot")("")[0]
+    assert info["keys"] == 4 and info["bytes"] >= 4 * (256 << 10)
+    path = DirStore(root, "p").path
+    assert not [f for f in os.listdir(path) if f.startswith("snap-")]  # left in the log
+    for _ in range(3):  # overwrite: the old values become garbage
+        call(root, "p", lambda s: s.__setitem__("b0", os.urandom(256 << 10)))
+    call(root, "p", lambda s: s.__setitem__("b1", b"small"))
+    Call(root, "p", b"", "snapshot")("")
+    files = sorted(f for f in os.listdir(path) if f.startswith(("snap-", "log-")))
+    assert files[0].startswith("log-") and files[1].startswith("snap-")  # copied, old log gone
+    assert len(files) == 2
+    swap_out_and_forget(root)
+    got = call(root, "p", lambda s: {k: s[k] for k in ("b1", "b2", "b3")})[0]
+    assert got == {"b1": b"small", "b2": blobs["b2"], "b3": blobs["b3"]}
