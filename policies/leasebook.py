@@ -340,6 +340,16 @@ class LeaseBook:
                 dropped.append(record)
         return ReportOutcome(tuple(learned), tuple(dropped))
 
+    def touch(self, node: str, instance: str, now: float) -> bool:
+        """A heartbeat: the agent's offer and leases did not change since its last report.
+        True when the book holds that report (same agent run): the node stays alive; False
+        when the agent must send its full report (unknown node, or the agent restarted)."""
+        offer = self._offers.get(node)
+        if offer is None or offer.instance != instance:
+            return False
+        self._offers[node] = replace(offer, reported_at=now)  # free capacity is unchanged
+        return True
+
     def forget_node(self, node: str) -> list[LeaseRecord]:
         """Remove a node and its leases (they end as evicted); returns the leases."""
         if self._offers.pop(node, None) is not None:

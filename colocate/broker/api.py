@@ -273,6 +273,19 @@ class ReportReply(_Message):
     release: list[str] = Field(description="leases the broker released: the agent should stop them")
 
 
+class NodeHeartbeat(_Message):
+    """An agent whose offer and leases did not change since its last report: still alive."""
+
+    instance: str = Field("", max_length=64, description="as in the agent's last NodeReport")
+    generation: Int = Field(ge=0, le=2**53, description="as in the agent's last NodeReport")
+
+
+class HeartbeatReply(_Message):
+    known: bool = Field(
+        description="false: the broker needs the full report now (it restarted, or has news)"
+    )
+
+
 class LeaseOwner(_Message):
     """Who a lease runs for (see :class:`colocate.owner.Owner`)."""
 

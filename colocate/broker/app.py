@@ -4,7 +4,8 @@ Clients (``Authorization: MUNGE <credential>`` or ``Bearer <Slurm JWT>``, see
 :mod:`colocate.auth`): ``POST /v1/leases``, ``GET /v1/leases``, ``GET /v1/leases/{id}``,
 ``POST /v1/leases/{id}/renew``, ``DELETE /v1/leases/{id}``, ``GET /v1/status``,
 ``GET /v1/usage``. Agents (signed with their node's key, :mod:`colocate.auth.node`):
-``PUT /v1/nodes/{node}``. Prometheus:
+``PUT /v1/nodes/{node}`` (the full report, on change) and ``PUT /v1/nodes/{node}/alive`` (a
+heartbeat otherwise). Prometheus:
 ``GET /metrics`` (cluster-wide ``colocate_broker_*`` and per-account ledger totals).
 """
 
@@ -28,10 +29,12 @@ from colocate.broker.api import (
     LEASE_ID_PATTERN,
     BrokerStatus,
     ErrorReply,
+    HeartbeatReply,
     LeaseGrant,
     LeaseInfo,
     LeaseList,
     LeaseRequest,
+    NodeHeartbeat,
     NodeReport,
     Released,
     RenewRequest,
@@ -278,5 +281,11 @@ def create_app(broker: Broker, authenticator: Authenticator | None = None) -> Fa
         """An agent registers or re-reports its offer and live leases (soft state); signed
         with its node's key, timestamped, never replayed."""
         return broker.report(node, report)
+
+    @app.put(f"{API_PREFIX}/nodes/{{node}}/alive", response_model=HeartbeatReply)
+    async def heartbeat(beat: NodeHeartbeat, node: str = Depends(node_signed)) -> HeartbeatReply:
+        """An agent whose offer and leases did not change since its last report is alive;
+        ``known: false`` asks for the full report now. Signed like the report."""
+        return broker.heartbeat(node, beat)
 
     return app

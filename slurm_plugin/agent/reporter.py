@@ -1,14 +1,20 @@
 """The agent's reports to the broker(s): what the node offers and which leases it holds.
 
 Split out of :mod:`slurm_plugin.agent.agent` so that how and when the agent reports (one broker
-or several, every interval or on change) lives in one place. The agent calls three things:
+or several, on change) lives in one place. The agent calls three things:
 
-- :meth:`Reporter.step` once per loop iteration (reports if due);
+- :meth:`Reporter.step` once per loop iteration (each sample, every ``interval_s``);
 - :meth:`Reporter.until_next` to know how long it may sleep;
 - :meth:`Reporter.request` when something changed outside the loop (prolog, epilog, eviction).
 
-A report is how a restarted broker learns the node's leases again, and its reply lists leases the
-broker no longer knows (released here).
+Reports only on change (issue 13): the full report (offer and live leases) goes to a broker when
+it differs from the last one that broker accepted -- at the next sample at the latest, at once
+for a lease that ended or a :meth:`~Reporter.request` -- and otherwise a heartbeat every
+``heartbeat_s`` (:data:`HEARTBEAT_INTERVALS` intervals), a few bytes the broker answers without
+parsing leases. A broker that does not know the node (it restarted) or has news for it answers
+the heartbeat "unknown" and gets the full report at once; a broker without the heartbeat route
+gets full reports every interval as before. The full report is how a restarted broker learns
+the node's leases again, and its reply lists leases the broker released (stopped here).
 """
 
 from __future__ import annotations
@@ -24,13 +30,23 @@ from typing import TYPE_CHECKING
 import httpx
 
 from colocate.auth.node import NodeAuth
-from colocate.broker.api import API_PREFIX, NodeReport, ReportReply
+from colocate.broker.api import (
+    API_PREFIX,
+    HeartbeatReply,
+    NodeHeartbeat,
+    NodeReport,
+    ReportReply,
+)
 from colocate.errors import LeaseError
 
 if TYPE_CHECKING:
     from slurm_plugin.agent.agent import Agent
 
 log = logging.getLogger(__name__)
+
+#: Without a change, a heartbeat every this many report intervals (4 s at the default 1 s:
+#: well inside the broker's ``node_timeout_s`` of 10 s).
+HEARTBEAT_INTERVALS = 4
 
 
 @dataclass
@@ -39,6 +55,9 @@ class _Broker:
 
     url: str
     down_since: float | None = None
+    sent: str | None = None  # the last full report this broker accepted (its JSON)
+    last_ok: float = -1e18  # time.monotonic() of its last answer
+    heartbeats: bool = True  # False: it has no heartbeat route (an older broker)
 
 
 class Reporter:
@@ -57,8 +76,11 @@ class Reporter:
         self.agent = agent
         self.brokers = [_Broker(u) for u in dict.fromkeys(urls)]
         self.interval_s = interval_s
+        #: None: a full report every interval (no heartbeats)
+        self.heartbeat_s: float | None = HEARTBEAT_INTERVALS * interval_s
         self._due = threading.Event()
-        self._next_report = 0.0  # time.monotonic() of the next periodic report
+        self._next_report = 0.0  # time.monotonic() of the next sample's report decision
+        self.counts = {"reports": 0, "heartbeats": 0}  # sent and answered
 
     @property
     def broker_urls(self) -> list[str]:
@@ -85,21 +107,63 @@ class Reporter:
         return httpx.Client(timeout=timeout, auth=NodeAuth(self.agent._secret, self.agent.node))
 
     def report_once(self, http: httpx.Client) -> ReportReply | None:
-        """Send the report to every broker; the first reply that came back (None when no broker
-        could be reached). Leases any broker no longer knows are released here."""
+        """Send the full report to every broker; the first reply that came back (None when
+        no broker could be reached). Leases a broker released are stopped here."""
         report = self.report()
         body = report.model_dump_json()
         first: ReportReply | None = None
         for broker in self.brokers:
-            answer = self._send(http, broker, body)
-            if answer is None:
-                continue
+            answer = self._full(http, broker, body)
             if first is None:
                 first = answer
+        return first
+
+    def _full(self, http: httpx.Client, broker: _Broker, body: str) -> ReportReply | None:
+        answer = self._send(http, broker, body)
+        if answer is not None:
+            broker.sent = body
+            self.counts["reports"] += 1
             for lease_id in answer.release:
                 with contextlib.suppress(LeaseError):
                     self.agent.release(lease_id)
-        return first
+        return answer
+
+    def _heartbeat(self, http: httpx.Client, broker: _Broker, report: NodeReport) -> bool:
+        """True when the broker knew the node; False when it wants the full report."""
+        beat = NodeHeartbeat(instance=report.instance, generation=report.generation)
+        try:
+            reply = http.put(
+                f"{broker.url}{API_PREFIX}/nodes/{self.agent.node}/alive",
+                content=beat.model_dump_json(),
+                headers={"content-type": "application/json"},
+            )
+            if reply.status_code in (404, 405):  # an older broker: full reports only
+                broker.heartbeats = False
+                return False
+            reply.raise_for_status()
+            known = HeartbeatReply.model_validate_json(reply.content).known
+        except (httpx.HTTPError, ValueError) as exc:
+            self._down(broker, exc)
+            return True  # unreachable: the next attempt is the next heartbeat
+        self._up(broker)
+        self.counts["heartbeats"] += 1
+        return known
+
+    def _down(self, broker: _Broker, exc: Exception) -> None:
+        if broker.down_since is None:
+            broker.down_since = self.agent.now()
+            log.warning(
+                "broker %s: report failed (%s); retrying every %.1fs",
+                broker.url,
+                exc,
+                self.interval_s,
+            )
+
+    def _up(self, broker: _Broker) -> None:
+        broker.last_ok = time.monotonic()
+        if broker.down_since is not None:
+            log.info("broker %s reachable again", broker.url)
+            broker.down_since = None
 
     def _send(self, http: httpx.Client, broker: _Broker, body: str) -> ReportReply | None:
         try:
@@ -111,29 +175,37 @@ class Reporter:
             reply.raise_for_status()
             answer = ReportReply.model_validate_json(reply.content)
         except (httpx.HTTPError, ValueError) as exc:
-            if broker.down_since is None:
-                broker.down_since = self.agent.now()
-                log.warning(
-                    "broker %s: report failed (%s); retrying every %.1fs",
-                    broker.url,
-                    exc,
-                    self.interval_s,
-                )
+            self._down(broker, exc)
+            broker.sent = None  # whatever it had, it gets the full report next time
             return None
-        if broker.down_since is not None:
-            log.info("broker %s reachable again", broker.url)
-            broker.down_since = None
+        self._up(broker)
         return answer
 
     # --- timing ----------------------------------------------------------------------------
 
     def step(self, http: httpx.Client, changed: bool) -> None:
-        """One loop iteration: report if a lease ended (``changed``), a report was requested,
-        or the interval passed."""
-        if changed or self._due.is_set() or time.monotonic() >= self._next_report:
-            self._due.clear()
-            self.report_once(http)
-            self._next_report = time.monotonic() + self.interval_s
+        """One loop iteration. At once when a lease ended (``changed``) or a report was
+        requested, else at most once per interval: to each broker the full report if it
+        differs from the one that broker has, else a heartbeat if one is due."""
+        urgent = changed or self._due.is_set()
+        now = time.monotonic()
+        if not urgent and now < self._next_report - 0.05 * self.interval_s:
+            return  # (a wake-up a hair early is the interval's: no skipped interval)
+        self._due.clear()
+        self._next_report = now + self.interval_s
+        report = self.report()
+        body = report.model_dump_json()
+        for broker in self.brokers:
+            if (
+                self.heartbeat_s is None
+                or not broker.heartbeats
+                or broker.sent != body
+                or (
+                    now - broker.last_ok >= self.heartbeat_s
+                    and not self._heartbeat(http, broker, report)
+                )
+            ):
+                self._full(http, broker, body)
 
     def until_next(self) -> float:
         """Seconds until the next periodic report (0 when one is due)."""
