@@ -86,6 +86,11 @@ class SyntheticNode:
         job = JobView("1", frozenset({0}), 3584 * MiB, self.peak, history, True, now - 120)
         return NodeView(self.node, frozenset({0, 1}), 4096 * MiB, (job,))
 
+    def recent_view(self, now: float) -> NodeView:
+        return self.view(now)
+
+    last_snapshot = None
+
 
 def kill_baseline() -> float:
     child = subprocess.Popen(

@@ -27,7 +27,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -250,7 +250,12 @@ class Sampler:
         return max(0.0, (cpu_total - c0) / dt), busy, waiting
 
     def _job_snapshot(
-        self, job: JobOnNode, usage: JobUsage | None, mono: float, warnings: list[str]
+        self,
+        job: JobOnNode,
+        usage: JobUsage | None,
+        mono: float,
+        warnings: list[str],
+        colocate: bool = True,
     ) -> tuple[JobSnapshot, bool]:
         cpu_ids = job.cpu_ids
         # The cgroup's cpuset has the kernel's CPU numbers; trust it only when it is the
@@ -282,6 +287,7 @@ class Sampler:
             cpu_pressure=usage.cpu_pressure if usage else None,
             memory_pressure=usage.memory_pressure if usage else None,
             uid=job.uid,
+            colocate=colocate,
             start_time=job.start_time,
             cpu_seconds_total=usage.cpu_seconds_total if usage else None,
             state=job.state.value,
@@ -292,9 +298,21 @@ class Sampler:
         return snap, rate is not None
 
     # -- the sample --------------------------------------------------------------------
-    def sample(self, now: float | None = None) -> NodeSnapshot:
-        """One snapshot of the node at ``now`` (epoch seconds; default: the wall clock)."""
+    def sample(
+        self,
+        now: float | None = None,
+        *,
+        colocate: Mapping[str, bool] | None = None,
+        default_colocate: bool = True,
+    ) -> NodeSnapshot:
+        """One snapshot of the node at ``now`` (epoch seconds; default: the wall clock).
+
+        ``colocate`` maps job ids to their ``--colocate`` choice (True: allow; what the prolog
+        and the job-choice files said); each job's snapshot carries it, ``default_colocate``
+        for jobs without one, so what the metrics show is what the policy was told.
+        """
         now = time.time() if now is None else now
+        choices = colocate or {}
         mono = self._mono()
         warnings: list[str] = []
         refreshed = self._jobs is None and self._refresh_jobs(mono, warnings)
@@ -320,7 +338,10 @@ class Sampler:
         info = self._node_info(mono, warnings)
         snaps: list[JobSnapshot] = []
         for job in jobs:
-            snap, valid = self._job_snapshot(job, reading.jobs.get(job.job_id), mono, warnings)
+            allowed = choices.get(job.job_id, default_colocate)
+            snap, valid = self._job_snapshot(
+                job, reading.jobs.get(job.job_id), mono, warnings, allowed
+            )
             snaps.append(snap)
             if valid:
                 self.history.add(

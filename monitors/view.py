@@ -85,7 +85,11 @@ class MonitoredNode:
         return cls(sampler, memory_reserved_bytes, default_colocate)
 
     def view(self, now: float | None = None) -> NodeView:
-        snapshot = self.sampler.sample(now if now is not None else time.time())
+        snapshot = self.sampler.sample(
+            now if now is not None else time.time(),
+            colocate=self.colocate,
+            default_colocate=self.default_colocate,
+        )
         self.last_snapshot = snapshot
         live = {j.job_id for j in snapshot.jobs}
         # Forget choices of jobs that ended; a choice may arrive (prolog) before its job is seen.

@@ -43,7 +43,7 @@ from colocate.owner import Owner
 from colocate.protocol import DEFAULT_MAX_PAYLOAD_BYTES
 from policies.headroom import growth_suspected
 from policies.limits import Limits
-from policies.model import Eviction, EvictionReason, LeaseView, Offer, Policy
+from policies.model import Eviction, EvictionReason, LeaseView, NodeView, Offer, Policy
 from slurm_plugin.agent.node_source import NodeSource
 from slurm_plugin.agent.reporter import Reporter
 
@@ -61,24 +61,62 @@ GROWTH_RECHECK_DIVISOR = 4
 
 
 class ExecutorHandleLike(Protocol):
+    """A running executor as the agent sees it (``colocate.executor.ExecutorHandle``)."""
+
     @property
     def lease_id(self) -> str: ...
     @property
     def address(self) -> str: ...
     @property
     def pids(self) -> tuple[int, ...]: ...
+    @property
+    def cpu_ids(self) -> tuple[int, ...]: ...
+    @property
+    def memory_bytes(self) -> int: ...
+    @property
+    def expires_at(self) -> float: ...
+    @property
+    def adopted(self) -> bool:
+        """Started by a previous agent on this node and adopted at this one's start."""
+        ...
 
 
 class ExecutorBackend(Protocol):
-    """What the agent needs from the executors (``colocate.executor.ExecutorSupervisor``)."""
+    """What the agent needs from the executors (``colocate.executor.ExecutorSupervisor``).
+
+    Every member is required: a backend that has nothing to do for one (no renewal to
+    pass on, no invocation counts) implements it as a no-op. The agent never probes.
+    """
 
     def start(
-        self, lease_id: str, cpu_ids: Sequence[int], memory_bytes: int, expires_at: float
-    ) -> ExecutorHandleLike: ...
+        self,
+        lease_id: str,
+        cpu_ids: Sequence[int],
+        memory_bytes: int,
+        expires_at: float,
+        owner: Owner | None = None,
+    ) -> ExecutorHandleLike:
+        """Start the lease's executor; ``owner``: whom its workers run as (None: the
+        backend's default)."""
+        ...
+
     def evict(self, lease_id: str, grace_s: float = 0.0, reason: str = "evicted") -> float: ...
+    def renew(self, lease_id: str, expires_at: float) -> None:
+        """The lease now ends at ``expires_at`` (epoch seconds): its workers live on."""
+        ...
+
     def handles(self) -> Sequence[ExecutorHandleLike]: ...
     def exited(self) -> dict[str, tuple[int, ...]]: ...
+    def drain_invocations(self) -> list[dict[str, Any]]:
+        """The workers' invocation counts since the last call (``InvocationTally`` JSON)."""
+        ...
+
     def adopt_or_cleanup(self) -> list[str]: ...
+    @property
+    def detached(self) -> bool:
+        """True when the executors are left running for the next agent (a restart)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -215,9 +253,9 @@ class Agent:
         view = self.source.view(now)
         job_cpus = {c for job in view.jobs for c in job.cpu_ids}
         for handle in list(self.executors.handles()):  # executors the backend adopted
-            cpus = tuple(sorted(getattr(handle, "cpu_ids", ())))
-            expires_at = float(getattr(handle, "expires_at", 0.0))
-            valid = getattr(handle, "adopted", False) and expires_at > now and cpus
+            cpus = tuple(sorted(handle.cpu_ids))
+            expires_at = handle.expires_at
+            valid = handle.adopted and expires_at > now and cpus
             if not valid or job_cpus & set(cpus) or not set(cpus) <= view.cpu_ids:
                 self._evict_executor(handle.lease_id, 0.0, "evicted")  # a job holds its cores now
                 continue
@@ -226,7 +264,7 @@ class Agent:
                 self._leases[handle.lease_id] = HeldLease(
                     handle.lease_id,
                     cpus,
-                    int(getattr(handle, "memory_bytes", 0)),
+                    handle.memory_bytes,
                     now,
                     expires_at,
                     handle.address,
@@ -258,14 +296,12 @@ class Agent:
                 self._decide(now)
             self._admit(request.lease_id, cpu_ids, request.memory_bytes)
             started = time.monotonic()
-            # The lease's owner (issue 12), for backends that run workers as that user.
-            owned = (
-                {"owner": _owner(request)}
-                if request.owner is not None and _takes_owner(self.executors)
-                else {}
-            )
-            handle = self.executors.start(
-                request.lease_id, cpu_ids, request.memory_bytes, request.expires_at, **owned
+            handle = self.executors.start(  # workers run as the lease's owner (issue 12)
+                request.lease_id,
+                cpu_ids,
+                request.memory_bytes,
+                request.expires_at,
+                owner=_owner(request),
             )
             if self.metrics is not None:
                 self.metrics.cold_start(time.monotonic() - started)
@@ -317,9 +353,7 @@ class Agent:
                 raise LeaseError(f"does not run on node {self.node}", lease_id=lease_id)
             held = replace(held, expires_at=expires_at)
             self._leases[lease_id] = held
-        renew = getattr(self.executors, "renew", None)
-        if callable(renew):
-            renew(lease_id, expires_at)
+        self.executors.renew(lease_id, expires_at)
         return held
 
     def release(self, lease_id: str) -> Revoked:
@@ -362,9 +396,10 @@ class Agent:
 
     # --- the loop ------------------------------------------------------------------------
 
-    def _decide(self, now: float, sample: bool = True) -> tuple[Eviction, ...]:
-        recent = getattr(self.source, "recent_view", None)
-        view = self.source.view(now) if sample or not callable(recent) else recent(now)
+    def _decide(self, now: float) -> tuple[Eviction, ...]:
+        """Decide on the node source's latest sample with what the hooks said since (the
+        caller holds the lock; sampling happens before, outside it: see :meth:`tick`)."""
+        view = self.source.recent_view(now)
         view = replace(view, leases=tuple(held.view() for held in self._leases.values()))
         decision = self.policy.decide(view, self.limits, now, self._policy_state)
         if self.recorder is not None:
@@ -375,15 +410,14 @@ class Agent:
         self._observe(view, now)
         return decision.evictions
 
-    def _observe(self, view: Any, now: float) -> None:
+    def _observe(self, view: NodeView, now: float) -> None:
         """Feed the metrics with this decision (the monitor's snapshot where there is one)."""
         if self.metrics is None:
             return
-        snapshot = getattr(self.source, "last_snapshot", None)
+        snapshot = self.source.last_snapshot
         try:
             handles = list(self.executors.handles())
-            drain = getattr(self.executors, "drain_invocations", None)
-            tallies = drain() if callable(drain) else []
+            tallies = self.executors.drain_invocations()
         except Exception:
             log.debug("metrics: executors unreadable", exc_info=True)
             handles, tallies = [], []
@@ -409,6 +443,8 @@ class Agent:
         recent view plus what the hooks said since (no sampling: the prolog's fast path)."""
         now = self._clock()
         ended: list[str] = []
+        if sample:  # outside the lock: a prolog (sample=False) is answered meanwhile
+            self.source.view(now)
         with self._lock:  # a start holds the lock: handles() and the table agree
             alive = {h.lease_id for h in self.executors.handles()}
             for lease_id in [i for i in self._leases if i not in alive]:
@@ -416,7 +452,7 @@ class Agent:
                 del self._leases[lease_id]
                 self._generation += 1
                 ended.append(lease_id)
-            evictions = self._decide(now, sample)
+            evictions = self._decide(now)
         # A worker that died on its own (crash, OOM kill): its calls ended ExecutorLost; take
         # the whole lease back so its cores and memory are free and the broker hears of it.
         for lease_id in self.executors.exited():
@@ -482,7 +518,7 @@ class Agent:
         the broker the node offers nothing, so it drops the leases now, not at expiry. A backend
         that was detached (a restart: the next agent adopts its executors) keeps them all."""
         self.stop()
-        if getattr(self.executors, "detached", False):
+        if self.executors.detached:
             return
         for lease_id in list(self._leases):
             with contextlib.suppress(LeaseError):
@@ -513,17 +549,6 @@ class Agent:
         )
 
 
-def _owner(request: StartRequest) -> Owner:
-    assert request.owner is not None
+def _owner(request: StartRequest) -> Owner | None:
     o = request.owner
-    return Owner(o.uid, o.gid, o.user, o.account)
-
-
-def _takes_owner(backend: object) -> bool:
-    """Whether ``backend.start`` accepts ``owner=`` (every backend does once issue 14 lands)."""
-    import inspect
-
-    try:
-        return "owner" in inspect.signature(backend.start).parameters  # type: ignore[attr-defined]
-    except (TypeError, ValueError, AttributeError):
-        return False
+    return None if o is None else Owner(o.uid, o.gid, o.user, o.account)

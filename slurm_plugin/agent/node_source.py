@@ -10,20 +10,39 @@ monitors, and the same loop then runs the headroom policy over it.
 from __future__ import annotations
 
 import os
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import psutil
 
 from colocate.errors import ConfigError
 from policies.model import NodeView
 
+if TYPE_CHECKING:
+    from monitors.snapshot import NodeSnapshot
+
 
 class NodeSource(Protocol):
-    """Describes one node at ``now`` (seconds since the epoch). Leases are left empty."""
+    """Describes one node at ``now`` (seconds since the epoch). Leases are left empty.
+
+    The agent samples with ``view`` outside its lock, then decides on ``recent_view`` under
+    it, so a prolog (which decides on ``recent_view`` alone) never waits for a sample.
+    """
 
     node: str
 
-    def view(self, now: float) -> NodeView: ...
+    def view(self, now: float) -> NodeView:
+        """Sample the node now (may take a while: cgroups, Slurm) and describe it."""
+        ...
+
+    def recent_view(self, now: float) -> NodeView:
+        """The latest sample with what was learned since (a prolog, an epilog), without
+        sampling: fast. Samples when there is no sample yet."""
+        ...
+
+    @property
+    def last_snapshot(self) -> NodeSnapshot | None:
+        """The monitor's latest snapshot, for metrics; None without a monitor."""
+        ...
 
 
 class StandaloneNode:
@@ -58,3 +77,10 @@ class StandaloneNode:
 
     def view(self, now: float) -> NodeView:
         return NodeView(node=self.node, cpu_ids=self.cpu_ids, memory_total_bytes=self.memory_bytes)
+
+    def recent_view(self, now: float) -> NodeView:
+        return self.view(now)  # nothing to sample: as fast as a recent view
+
+    @property
+    def last_snapshot(self) -> NodeSnapshot | None:
+        return None

@@ -39,7 +39,8 @@ class SlurmNode:
 
     ``monitored`` samples the node; its ``colocate`` map (job id -> allowed) is where the
     jobs' ``--colocate`` choices go. ``monotonic`` is injectable for tests. Thread-safe for
-    the overlay; ``view`` must be called by one thread at a time (the agent holds its lock).
+    the overlay; samples are taken one at a time (``view`` from the agent loop, outside the
+    agent's lock), and ``recent_view`` never waits for one once a first sample exists.
     """
 
     def __init__(
@@ -48,7 +49,8 @@ class SlurmNode:
         self.monitored = monitored
         self.node = monitored.node
         self._mono = monotonic
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the overlay; held for microseconds, never while sampling
+        self._sampling = threading.Lock()  # one sample at a time
         self._starting: dict[str, tuple[JobView, float]] = {}  # job id -> (view, since)
         self._ended: dict[str, float] = {}  # job id -> since
         self._last: NodeView | None = None
@@ -134,9 +136,10 @@ class SlurmNode:
 
     def view(self, now: float) -> NodeView:
         """Sample the node (cgroups; Slurm when something changed) and apply the overlay."""
-        with self._lock:
-            choices_before = dict(self.monitored.colocate)
-        sampled = self.monitored.view(now)
+        with self._sampling:
+            with self._lock:
+                choices_before = dict(self.monitored.colocate)
+            sampled = self.monitored.view(now)
         with self._lock:
             # MonitoredNode forgets choices of jobs that left; keep those of jobs still starting.
             for job_id, allowed in choices_before.items():

@@ -27,6 +27,10 @@ class Handle:
     lease_id: str
     address: str = "tcp://127.0.0.1:1"
     pids: tuple[int, ...] = (1,)
+    cpu_ids: tuple[int, ...] = ()
+    memory_bytes: int = 0
+    expires_at: float = 0.0
+    adopted: bool = False
 
 
 @dataclass
@@ -36,11 +40,24 @@ class Executors:
     running: dict[str, Handle] = field(default_factory=dict)
     evicted: list[tuple[str, str]] = field(default_factory=list)
 
+    detached = False
+
     def start(
-        self, lease_id: str, cpu_ids: Sequence[int], memory_bytes: int, expires_at: float
+        self,
+        lease_id: str,
+        cpu_ids: Sequence[int],
+        memory_bytes: int,
+        expires_at: float,
+        owner: object = None,
     ) -> Handle:
-        self.running[lease_id] = Handle(lease_id)
+        self.running[lease_id] = Handle(lease_id, cpu_ids=tuple(cpu_ids), expires_at=expires_at)
         return self.running[lease_id]
+
+    def renew(self, lease_id: str, expires_at: float) -> None:
+        pass
+
+    def drain_invocations(self) -> list[dict[str, object]]:
+        return []
 
     def evict(self, lease_id: str, grace_s: float = 0.0, reason: str = "evicted") -> float:
         self.running.pop(lease_id, None)
