@@ -7,7 +7,11 @@ every node, times (in-process, median of repeated calls):
 - ``place``: ``LeaseBook.place(1 core, 64 MiB, best_fit)``, what every lease request does
   (the broker's event loop does nothing else meanwhile);
 - ``report``: ``LeaseBook.report`` of one node (its one lease reconfirmed), what each of N
-  agent reports does every second.
+  agent reports does every second;
+- ``place_scan`` (the same run's baseline): best_fit as it was before the free-capacity index,
+  a scan of every live node's free capacity for the minimum;
+- ``report_place``: one node's report (its offer changed) then a placement: the index
+  re-sorts that node only.
 Results are appended to ``benchmarks/results/leasebook.json`` under ``--label`` (e.g.
 "before" / "after" a change), so one file holds the baseline and the change side by side.
 """
@@ -46,6 +50,14 @@ def book(nodes: int, leased: bool, now: float) -> LeaseBook:
     return b
 
 
+def scan_place(b: LeaseBook, cores: int, memory: int, now: float) -> str | None:
+    """best_fit by scanning every live node (the code before the index)."""
+    fitting = [f for f in b.available(now) if f.cores >= cores and f.memory_bytes >= memory]
+    if not fitting:
+        return None
+    return min(fitting, key=lambda f: (f.cores - cores, f.memory_bytes - memory, f.node)).node
+
+
 def timed(fn: Any, repeat: int) -> float:
     times = []
     for _ in range(repeat):
@@ -68,6 +80,17 @@ def main() -> int:
             b = book(n, leased, now)
             repeat = 5 if leased and n >= 10000 else 20
             place_ms = timed(lambda b=b: b.place(1, 64 * 2**20, now + 1, "best_fit"), repeat)
+            slot = b.place(1, 64 * 2**20, now + 1, "best_fit")
+            assert slot is not None and slot.node == scan_place(b, 1, 64 * 2**20, now + 1)
+            scan_ms = timed(lambda b=b: scan_place(b, 1, 64 * 2**20, now + 1), repeat)
+            flip = iter(range(10**6))
+
+            def report_place(b: LeaseBook = b, flip: Any = flip) -> None:
+                cores = range(4) if next(flip) % 2 else range(3)  # the offer changes each time
+                b.report("n00001", "http://a/n00001", cores, 16 * GIB, [], 1, now + 1)
+                b.place(1, 64 * 2**20, now + 1, "best_fit")
+
+            report_place_ms = timed(report_place, repeat)
             leases = (
                 [LeaseRecord("l-0", "n00000", (0,), 64 * 2**20, now, now + 3600, "tcp://x:1", 1)]
                 if leased
@@ -83,12 +106,16 @@ def main() -> int:
                 {
                     "nodes": n,
                     "leases": n if leased else 0,
-                    "place_ms": round(place_ms, 3),
+                    "place_ms": round(place_ms, 4),
+                    "place_scan_ms": round(scan_ms, 3),
+                    "report_place_ms": round(report_place_ms, 4),
                     "report_ms": round(report_ms, 4),
                 }
             )
             print(
-                f"{args.label}: {n} nodes, {rows[-1]['leases']} leases: place {place_ms:.3f} ms, report {report_ms:.4f} ms",
+                f"{args.label}: {n} nodes, {rows[-1]['leases']} leases: place {place_ms:.4f} ms "
+                f"(scan of every node, same run: {scan_ms:.3f} ms), report {report_ms:.4f} ms, "
+                f"report + place {report_place_ms:.4f} ms",
                 file=sys.stderr,
             )
     doc = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}

@@ -16,6 +16,7 @@ Units: seconds (epoch, as given by the caller), bytes, cores; core ids are kerne
 
 from __future__ import annotations
 
+import bisect
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -118,15 +119,40 @@ class LeaseBook:
         self._by_node: dict[str, dict[str, LeaseRecord]] = {}
         self._free: dict[str, Free] = {}
         self._names: list[str] | None = None
+        # The index of free capacity best_fit places from (no scan of every node): for each
+        # count of free cores, the nodes with that many as (free memory, name), sorted; what
+        # each node is indexed as; the nodes changed since (re-indexed before a placement).
+        self._by_cores: dict[int, list[tuple[int, str]]] = {}
+        self._indexed: dict[str, tuple[int, int]] = {}
+        self._dirty: set[str] = set()
+
+    def _changed(self, node: str) -> None:
+        """``node``'s free capacity may have changed: drop the cache, re-index it later."""
+        self._free.pop(node, None)
+        self._dirty.add(node)
+
+    def _reindex(self) -> None:
+        for node in self._dirty:
+            old = self._indexed.pop(node, None)
+            if old is not None:
+                bucket = self._by_cores[old[0]]
+                del bucket[bisect.bisect_left(bucket, (old[1], node))]
+                if not bucket:
+                    del self._by_cores[old[0]]
+            if node in self._offers:
+                free = self.free(node)
+                bisect.insort(self._by_cores.setdefault(free.cores, []), (free.memory_bytes, node))
+                self._indexed[node] = (free.cores, free.memory_bytes)
+        self._dirty.clear()
 
     def _put(self, record: LeaseRecord) -> None:
         old = self._leases.get(record.lease_id)
         if old is not None and old.node != record.node:
             self._by_node.get(old.node, {}).pop(record.lease_id, None)
-            self._free.pop(old.node, None)
+            self._changed(old.node)
         self._leases[record.lease_id] = record
         self._by_node.setdefault(record.node, {})[record.lease_id] = record
-        self._free.pop(record.node, None)
+        self._changed(record.node)
 
     def _pop(self, lease_id: str) -> LeaseRecord | None:
         record = self._leases.pop(lease_id, None)
@@ -136,7 +162,7 @@ class LeaseBook:
                 on_node.pop(lease_id, None)
                 if not on_node:
                     del self._by_node[record.node]
-            self._free.pop(record.node, None)
+            self._changed(record.node)
         return record
 
     def _sorted_names(self) -> list[str]:
@@ -216,29 +242,35 @@ class LeaseBook:
         """
         if cores < 1 or memory_bytes < 0:
             raise ValueError("a lease needs at least one core and non-negative memory")
+        if placement == "best_fit":  # from the index: fewest free cores, then least memory
+            self._reindex()
+            for free_cores in sorted(k for k in self._by_cores if k >= cores):
+                bucket = self._by_cores[free_cores]
+                for i in range(bisect.bisect_left(bucket, (memory_bytes, "")), len(bucket)):
+                    node = bucket[i][1]
+                    if node not in exclude and self.is_alive(node, now):
+                        return Slot(node, self.free(node).cpu_ids[:cores], memory_bytes)
+            return None
         fitting = [
             f
             for f in self.available(now)
             if f.node not in exclude and f.cores >= cores and f.memory_bytes >= memory_bytes
         ]
+        if placement != "first_fit":
+            raise ValueError(f"unknown placement {placement!r}; known: {', '.join(PLACEMENTS)}")
         if not fitting:
             return None
-        if placement == "best_fit":
-            chosen = min(
-                fitting, key=lambda f: (f.cores - cores, f.memory_bytes - memory_bytes, f.node)
-            )
-        elif placement == "first_fit":
-            chosen = fitting[0]
-        else:
-            raise ValueError(f"unknown placement {placement!r}; known: {', '.join(PLACEMENTS)}")
+        chosen = fitting[0]  # (first_fit scans the nodes by name)
         return Slot(chosen.node, chosen.cpu_ids[:cores], memory_bytes)
 
     def best_available(self, now: float) -> Free | None:
         """The live node with the most free cores (then memory): what a denial reports."""
-        nodes = self.available(now)
-        if not nodes:
-            return None
-        return max(nodes, key=lambda f: (f.cores, f.memory_bytes, f.node))
+        self._reindex()
+        for free_cores in sorted(self._by_cores, reverse=True):
+            for _, node in reversed(self._by_cores[free_cores]):
+                if self.is_alive(node, now):
+                    return self.free(node)
+        return None
 
     # --- changing ----------------------------------------------------------------------
 
@@ -318,7 +350,7 @@ class LeaseBook:
         if previous is None:
             self._names = None
         self._offers[node] = NodeOffer(node, url, frozenset(cpu_ids), memory_bytes, now, instance)
-        self._free.pop(node, None)
+        self._changed(node)
         reported = {r.lease_id: r for r in leases}
         learned: list[str] = []
         for lease_id, record in reported.items():
@@ -354,7 +386,7 @@ class LeaseBook:
         """Remove a node and its leases (they end as evicted); returns the leases."""
         if self._offers.pop(node, None) is not None:
             self._names = None
-        self._free.pop(node, None)
+        self._changed(node)
         gone = list(self._by_node.get(node, {}).values())
         for record in gone:
             self.remove(record.lease_id, LeaseEnd.EVICTED)

@@ -45,7 +45,9 @@ def test_indexes_agree_with_the_leases(seed: int) -> None:
         op = rng.random()
         node = rng.choice(nodes)
         mine = book.leases(node)
-        if op < 0.3:  # the agent reports: some of its leases, perhaps one the book never saw
+        if op < 0.06:  # a heartbeat: nothing changed on the node
+            book.touch(node, "", now)
+        elif op < 0.3:  # the agent reports: some of its leases, perhaps one the book never saw
             kept = [r for r in mine if rng.random() < 0.8]
             free_cpus = sorted(set(range(4)) - {c for r in kept for c in r.cpu_ids})
             if free_cpus and rng.random() < 0.2:
@@ -96,3 +98,6 @@ def test_indexes_agree_with_the_leases(seed: int) -> None:
         for cores, memory in ((1, 0), (2, GIB), (3, 4 * GIB)):
             slot = book.place(cores, memory, now)
             assert (slot.node if slot else None) == brute_place(book, cores, memory, now)
+        live = [brute_free(book, o.node) for o in book.nodes() if book.is_alive(o.node, now)]
+        best = max(live, key=lambda f: (f.cores, f.memory_bytes, f.node)) if live else None
+        assert book.best_available(now) == best
