@@ -7,6 +7,15 @@ scale) between its last scale at or above the target and its first below. A poli
 is the largest scale found at or above the target. Every replay's summary is kept, so served
 share, recovered money, evictions and interference violations can be plotted against the
 scale.
+
+:func:`search_guided` needs far fewer replays on a large trace: each replay also says at
+which scale its own offer, held as it was, would serve exactly the target
+(:func:`capacity_estimate`, a few array passes), and the next replay goes just beyond that
+on the side not yet known, until the last scale at or above the target and the first below
+are within ``tolerance``. The offer depends on the scale only through leases (evictions,
+the guard), so the estimate is close and two or three replays usually bracket it.
+:class:`ScaledReplay` runs them on one placed and modelled trace (:func:`traces.replay.prepare`
+once, the policy loop per scale).
 """
 
 from __future__ import annotations
@@ -16,9 +25,22 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from traces.azure import FaasTrace
+    from traces.demand import Demand
+    from traces.jobs import JobTrace
+    from traces.placement import Cluster
+    from traces.replay import Prepared
 
 log = logging.getLogger(__name__)
+ESTIMATE = "capacity_estimate"
+"""Summary key (see :class:`ScaledReplay`): the scale at which the replay's own offer would
+serve exactly the target."""
 
 Summaries = dict[str, dict[str, float]]
 RunAt = Callable[[float, Sequence[str]], Summaries]
@@ -103,6 +125,166 @@ def search(
         result.points[name].sort(key=lambda p: p[0])
         result.capacity[name] = ok.get(name, 0.0)
     return result
+
+
+def capacity_estimate(
+    offered_cores: npt.NDArray[np.float64],
+    offered_memory_bytes: npt.NDArray[np.float64],
+    dem: Demand,
+    target: float,
+) -> float:
+    """The factor by which ``dem`` could grow before this offer (per minute, held as it is)
+    serves less than ``target`` of the invocations (the replay's fluid rule: a minute serves
+    ``min(1, offered / demanded)`` of cores and of memory); ``inf`` if it never does."""
+    inv = dem.invocations
+    total = float(inv.sum())
+    if total <= 0:
+        return math.inf
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # room per minute: the factor at which that minute stops being fully served
+        room = np.minimum(
+            np.where(dem.cores > 0, offered_cores / dem.cores, np.inf),
+            np.where(dem.memory_bytes > 0, offered_memory_bytes / dem.memory_bytes, np.inf),
+        )
+    busy = inv > 0
+    room, weight = room[busy], inv[busy] / total
+
+    def served(factor: float) -> float:
+        return float((weight * np.minimum(1.0, room / factor)).sum())
+
+    lo, hi = 1e-9, 1.0
+    while served(hi) >= target:
+        lo, hi = hi, hi * 16.0
+        if hi > 1e12:
+            return math.inf
+    if served(lo) < target:
+        return 0.0
+    for _ in range(60):  # bisection on a log scale: 60 halvings are far below a percent
+        mid = math.sqrt(lo * hi)
+        if served(mid) >= target:
+            lo = mid
+        else:
+            hi = mid
+        if hi / lo < 1.0001:
+            break
+    return lo
+
+
+def search_guided(
+    run_at: RunAt,
+    policies: Sequence[str],
+    target: float = 0.99,
+    start: float = 1.0,
+    tolerance: float = 0.05,
+    max_runs: int = 12,
+) -> CapacityResult:
+    """Each policy's capacity, to within ``tolerance`` (relative), from replays that report
+    ``capacity_estimate`` in their summary (see the module docstring). Policies are searched
+    one after the other (their scales differ). Without an estimate it bisects: doubling up
+    to the first scale below the target, then halving the bracket on a log scale."""
+    if not 0.0 < target <= 1.0:
+        raise ValueError("target must be in (0, 1]")
+    if tolerance <= 0:
+        raise ValueError("tolerance must be > 0")
+    result = CapacityResult(target, {n: [] for n in policies})
+    step = math.sqrt(1.0 + tolerance)  # probes this far past an estimate bracket it
+    for name in policies:
+        ok: float | None = None  # largest scale at or above the target
+        low: float | None = None  # smallest scale below it
+        scale = start
+        expect: bool | None = None  # the side an estimate said this probe would land on
+        trusted = True  # until an estimate is contradicted: then plain bisection
+        for _ in range(max_runs):
+            summary = run_at(scale, [name])[name]
+            result.points[name].append((scale, summary))
+            served = served_share(summary) >= target
+            if served:
+                ok = scale if ok is None else max(ok, scale)
+            else:
+                low = scale if low is None else min(low, scale)
+            if expect is not None and served != expect:
+                trusted = False
+            if ok is not None and low is not None and low / ok <= 1.0 + tolerance:
+                break
+            if ok is None and low is not None and low < 1e-9:
+                break  # not even a sliver of the load is served
+            estimate = float(summary.get(ESTIMATE, math.nan))
+            guess, expect = math.nan, None
+            if trusted and math.isfinite(estimate) and estimate > 0:
+                # just past the estimate, on the side this replay did not see
+                guess = estimate * step if served else estimate / step
+                expect = not served
+            if not (ok is None or guess > ok) or not (low is None or guess < low):
+                guess, expect = math.nan, None  # nothing new (or NaN): widen or bisect
+            if math.isnan(guess):
+                if ok is None:
+                    guess = scale / 2.0
+                elif low is None:
+                    guess = scale * 2.0
+                else:
+                    guess = math.sqrt(ok * low)
+            scale = guess
+        result.points[name].sort(key=lambda p: p[0])
+        result.capacity[name] = ok if ok is not None else 0.0
+    return result
+
+
+class ScaledReplay:
+    """A :data:`RunAt` over one trace: placed and modelled once (:func:`traces.replay.prepare`),
+    then the policies replayed at each FaaS scale asked for. Each summary gains
+    ``capacity_estimate`` for ``target`` (:func:`capacity_estimate`, in scale units)."""
+
+    def __init__(
+        self,
+        jobs: JobTrace,
+        faas: FaasTrace,
+        cluster: Cluster,
+        target: float = 0.99,
+        **options: Any,
+    ) -> None:
+        from policies.limits import Limits
+        from traces.interference import InterferenceModel
+        from traces.replay import prepare
+        from traces.usage import UsageModel
+
+        self.jobs, self.faas, self.cluster, self.target = jobs, faas, cluster, target
+        self.options = dict(options)
+        self.options.setdefault("limits", Limits())
+        self.options.setdefault("usage", UsageModel())
+        self.options.setdefault("interference", InterferenceModel())
+        self.options.setdefault("seed", 0)
+        self.prepared: Prepared = prepare(
+            jobs,
+            faas,
+            cluster,
+            self.options["limits"],
+            self.options["usage"],
+            self.options["interference"],
+            self.options["seed"],
+            1.0,
+        )
+        self.runs = 0
+
+    def __call__(self, scale: float, policies: Sequence[str]) -> Summaries:
+        from traces.replay import replay
+
+        result = replay(
+            self.jobs,
+            self.faas,
+            self.cluster,
+            list(policies),
+            faas_scale=scale,
+            prepared=self.prepared,
+            **self.options,
+        )
+        self.runs += 1
+        out: Summaries = {}
+        for name, series in result.policies.items():
+            factor = capacity_estimate(
+                series.offered_cores, series.offered_memory_bytes, result.demand, self.target
+            )
+            out[name] = {**series.summary, ESTIMATE: scale * factor}
+        return out
 
 
 def plot(result: CapacityResult, out: Path) -> Path:

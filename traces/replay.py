@@ -38,7 +38,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -164,15 +164,24 @@ def replay(
     seed: int = 0,
     faas_scale: float = 1.0,
     progress: bool = False,
+    prepared: Prepared | None = None,
 ) -> ReplayResult:
-    """Replay ``jobs`` and ``faas`` on ``cluster`` under each policy (default: all registered)."""
+    """Replay ``jobs`` and ``faas`` on ``cluster`` under each policy (default: all registered).
+
+    ``prepared``: the result of :func:`prepare` for the same jobs, FaaS trace, cluster,
+    limits, usage and interference models and seed, to replay again without placing and
+    modelling again (a capacity search replays one trace at many FaaS scales).
+    """
     limits = limits or Limits()
     prices = prices or Prices()
     usage = usage or UsageModel()
     interference = interference or InterferenceModel()
     names = list(policies) if policies else list(POLICIES)
     started = time.perf_counter()
-    prep = prepare(jobs, faas, cluster, limits, usage, interference, seed, faas_scale)
+    if prepared is None:
+        prep = prepare(jobs, faas, cluster, limits, usage, interference, seed, faas_scale)
+    else:
+        prep = prepared.at_scale(faas, faas_scale)
     placement, steps, events, dem = prep.placement, prep.steps, prep.events, prep.demand
     pieces_static, job_usage, memory_bound = prep.pieces, prep.job_usage, prep.memory_bound
     minutes = placement.minutes
@@ -338,6 +347,14 @@ class Prepared:
     demand: Demand
     pieces: Callable[[int], Piece]
     timings: dict[str, float]
+    faas_scale: float = 1.0
+
+    def at_scale(self, faas: FaasTrace, faas_scale: float) -> Prepared:
+        """The same, with ``faas``'s demand multiplied by ``faas_scale``."""
+        if faas_scale == self.faas_scale:
+            return self
+        scaled = demand(faas, self.placement.minutes, faas_scale)
+        return replace(self, demand=scaled, timings={}, faas_scale=faas_scale)
 
 
 def prepare(
@@ -413,7 +430,9 @@ def prepare(
         return piece
 
     timings["events_s"] = time.perf_counter() - started
-    return Prepared(placement, job_usage, memory_bound, steps, events, dem, pieces_static, timings)
+    return Prepared(
+        placement, job_usage, memory_bound, steps, events, dem, pieces_static, timings, faas_scale
+    )
 
 
 def _info(
