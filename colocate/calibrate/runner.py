@@ -21,6 +21,7 @@ Every call to Slurm goes through :meth:`Calibration.slurm`.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -120,6 +121,7 @@ class Calibration:
         started = time.time()
         ratios: dict[tuple[str, str], list[tuple[float, float]]] = {}
         with Client(s.broker_url) as client:
+            client.status()  # an unreachable broker fails here, before any job is submitted
             for kernel in s.kernels:
                 ratios.update(self._kernel(client, kernel))
         other = "wall" if s.measure == "cpu" else "cpu"
@@ -191,20 +193,18 @@ class Calibration:
         ).strip().split(";")[0]  # fmt: skip
         self.progress(f"{kernel}: job {job_id} submitted to {s.node}")
         windows: list[tuple[int, str, float, float]] = []
-        lease = None
+        held: list[Any] = []  # [lease, its executor] once leased
         try:
             self._wait_running(job_id)
             order = ["idle", *s.functions]
             for repeat in range(s.repeats):
                 shift = repeat % len(order)
                 for fn in order[shift:] + order[:shift]:
-                    lease, window = self._window(client, lease, fn)
-                    windows.append((repeat, fn, *window))
+                    windows.append((repeat, fn, *self._window(client, held, fn)))
                 self.progress(f"{kernel}: repeat {repeat + 1}/{s.repeats} done")
         finally:
             stop.touch()
-            if lease is not None:
-                lease.release()
+            _close(held)
             self._wait_gone(job_id)
         iterations = _iterations(out)
         alone = {r: (a, b) for r, fn, a, b in windows if fn == "idle"}
@@ -223,25 +223,25 @@ class Calibration:
         self.progress(f"{kernel}: {len(iterations)} iterations; mean slowdown {line}")
         return result
 
-    def _window(self, client: Any, lease: Any, fn: str) -> tuple[Any, tuple[float, float]]:
-        """Run ``fn`` for one window on the lease (asking a new lease when it was taken back)."""
+    def _window(self, client: Any, held: list[Any], fn: str) -> tuple[float, float]:
+        """Run ``fn`` for one window on the held (lease, executor), asking a new lease when
+        the node took it back; ``held`` is [] before the first lease."""
         from colocate.errors import ExecutorLost, LeaseEvicted, LeaseExpired
 
         deadline = time.monotonic() + self.settings.lease_timeout_s
         while True:
-            if lease is None:
+            if not held:
                 lease = self._lease(client, deadline)
+                held[:] = [lease, lease.executor()]
+            lease, executor = held
             try:
-                with lease.executor() as executor:
-                    time.sleep(GAP_S)
-                    start, end, _ = executor.invoke(
-                        f"{FUNCTION_MODULE}:{fn}", self.settings.segment_s
-                    )
-                return lease, (float(start), float(end))
+                time.sleep(GAP_S)
+                start, end, _ = executor.invoke(f"{FUNCTION_MODULE}:{fn}", self.settings.segment_s)
+                return float(start), float(end)
             except (LeaseEvicted, LeaseExpired, ExecutorLost) as exc:
                 self.evictions += 1
                 self.progress(f"lease {lease.lease_id} taken back ({exc}); asking again")
-                lease = None
+                _close(held)
                 if time.monotonic() > deadline:
                     raise
 
@@ -296,6 +296,17 @@ class Calibration:
                 return
             time.sleep(0.2)
         self.slurm("scancel", job_id)
+
+
+def _close(held: list[Any]) -> None:
+    """Shut the held executor and release the lease (both may already be gone)."""
+    if held:
+        lease, executor = held
+        held.clear()
+        with contextlib.suppress(ColocateError, OSError):
+            executor.shutdown()
+        with contextlib.suppress(ColocateError, OSError):
+            lease.release()
 
 
 def _iterations(path: Path) -> list[Iteration]:
