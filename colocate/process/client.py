@@ -84,7 +84,20 @@ class Process:
 
     ``store`` is a directory every node sees (Lustre, GPFS, NFS), default
     ``$COLOCATE_PROCESS_STORE`` or /var/lib/colocate/processes; the state sits in
-    ``<store>/<uid>/<name>``, mode 0700, written by the lease's owner.
+    ``<store>/<uid>/<name>``, mode 0700, written by the lease's owner. Or a Redis URL
+    (``redis://host:port/db``, see ``colocate.process.redis_store``): same semantics, keys
+    under ``colocate:process:<uid>:<name>:``.
+
+    ``name`` is the caller's own process; ``"<user>/<name>"`` names user's, and only that
+    user's leases reach it (anyone else gets Forbidden). A second client of the owner that
+    asks for a live process attaches to the lease it runs on (its release then leaves that
+    lease to the client that took it).
+
+    Keys of ``state`` are transactional; files in ``state.dir`` are not: they go straight to
+    the store's directory (``<store>/<uid>/<name>/files``), survive the lease, and stay
+    when the call that wrote them raises. Write a file under a temporary name and
+    ``os.replace`` it for an all-or-nothing update. With a Redis store ``state.dir`` is a
+    local scratch directory that does not follow the process to its next lease.
     """
 
     def __init__(
@@ -105,9 +118,12 @@ class Process:
             )
         self.name = name
         self.store = store or os.environ.get(STORE_ENV) or DEFAULT_STORE
-        if not os.path.isabs(self.store):
+        if not os.path.isabs(self.store) and not self.store.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
             raise ConfigError(
-                f"process store {self.store!r} must be an absolute path every node sees"
+                f"process store {self.store!r}: give an absolute path every node sees, or a "
+                "Redis URL (redis://host:port/db)"
             )
         self._client = client
         self._memory = memory
@@ -146,14 +162,14 @@ class Process:
     def _attach(self, lease_id: str) -> bool:
         """Move to the lease ``lease_id`` where the process is live (ours: the broker refuses
         another user's); False when that lease is over (its worker is still swapping out)."""
-        from colocate.client.lease import Lease
-
         try:
             grant = self._client.renew(lease_id, self._duration)
         except LeaseError:
             return False
-        self._forget()  # the lease we took to find out
-        lease = Lease(self._client, grant)
+        assert self._lease is not None  # the lease we took to find out
+        lease_type = type(self._lease)  # (colocate.client.lease.Lease: not imported here)
+        self._forget()
+        lease = lease_type(self._client, grant)
         self._lease, self._owns_lease = lease, False
         self.leases.append(lease.lease_id)
         self._executor = lease.executor(workers=1)

@@ -20,9 +20,7 @@ leaves a record prefix that the next restore ignores: the last consistent state 
 from __future__ import annotations
 
 import contextlib
-import os
 import pickle
-import shutil
 import signal
 import threading
 import time
@@ -33,18 +31,16 @@ from typing import Any
 from colocate.errors import ColocateError, ConfigError
 from colocate.process.store import (
     DELETE,
-    HEAD,
     SET,
-    DirStore,
     Loc,
     Parts,
     ProcessLiveElsewhere,
     deliver,
     encode_record,
     encode_value,
+    open_store,
     own_name,
     size_of,
-    write_parts,
 )
 
 Placed = tuple[str, int, int, int, int, Parts]
@@ -80,6 +76,11 @@ def _dumps(value: Any) -> bytes:
         return bytes(cloudpickle.dumps(value, protocol=5))
 
 
+def _log_seq(log: str) -> int:
+    """The sequence number a log begins after ("log-12.bin", "log-12": 12)."""
+    return int(log.split("-", 1)[1].split(".", 1)[0])
+
+
 def _keep(result: Any) -> bytes | None:
     """The result's pickle as a retry gets it back; None past KEEP_RESULT_BYTES or unpicklable."""
     try:
@@ -94,7 +95,7 @@ class LiveProcess:
 
     def __init__(self, root: str, name: str, wait_s: float = LOCK_WAIT_S) -> None:
         self.name = name
-        self.store = DirStore(root, name)
+        self.store = open_store(root, name)
         self.store.open(wait_s, _lease_id())
         restored = self.store.restore()
         self.seq = restored.seq
@@ -103,9 +104,7 @@ class LiveProcess:
         self.log = restored.log
         self.log_size = restored.log_size
         self.snapshot_file = restored.snapshot
-        self.log_fd = self.store.open_append(restored.log, restored.log_size)
-        self.head_fd = self.store.open_head()
-        os.pwrite(self.head_fd, HEAD.pack(self.seq), 0)
+        self.store.start(restored.log, restored.log_size, self.seq)
         self.notes: list[str] = []
         if restored.lost:
             self.notes.append(
@@ -119,8 +118,7 @@ class LiveProcess:
         self.writing = False
         self.writer: threading.Thread | None = None
         self.closed = False
-        self.files = os.path.join(self.store.path, "files")
-        self.inbox = os.path.join(self.store.path, "inbox")
+        self.files = self.store.files_dir()
 
     # -- reading ----------------------------------------------------------------------------
     def load(self, key: str) -> Any:
@@ -151,6 +149,8 @@ class LiveProcess:
     def commit(self, entries: list[tuple[str, int, Parts]], objects: dict[str, Any]) -> None:
         seq = self.seq + 1
         record, size, placed = encode_record(seq, entries)
+        if self.log_size + size > self.store.max_log and self.log_size:
+            self.snapshot()  # a store with a bounded log (Redis: 512 MB a string) rolls it
         with self.lock:
             for key, op, value in entries:
                 if op == DELETE:
@@ -166,7 +166,7 @@ class LiveProcess:
                 self.pending.append((seq, record, size, placed))
                 self._start_writer()
                 self.lock.notify_all()
-            os.pwrite(self.head_fd, HEAD.pack(seq), 0)
+            self.store.set_head(seq)
 
     def _append(
         self, seq: int, record: list[bytes | memoryview], size: int, placed: list[Placed]
@@ -174,7 +174,7 @@ class LiveProcess:
         """Write one record at the end of the log and point its keys at it (lock held, or the
         writer's turn)."""
         base = self.log_size
-        write_parts(self.log_fd, record)
+        self.store.append(record)
         self.log_size += size
         self._placed(base, placed)
 
@@ -200,7 +200,7 @@ class LiveProcess:
                 _seq, record, size, placed = self.pending[0]
                 self.writing = True
             base = self.log_size
-            write_parts(self.log_fd, record)  # without the lock: commits go on meanwhile
+            self.store.append(record)  # without the lock: commits go on meanwhile
             with self.lock:
                 self.pending.popleft()
                 self.log_size = base + size
@@ -220,7 +220,7 @@ class LiveProcess:
                 self._append(*self.pending[0])
                 self.pending.popleft()
         if sync:
-            os.fsync(self.log_fd)
+            self.store.sync()
 
     def snapshot(self) -> dict[str, Any]:
         """Swap out: a manifest of every key, made current atomically. Values already in the
@@ -232,16 +232,15 @@ class LiveProcess:
         with self.lock:
             where = dict(self.where)
             seq = self.seq
-            if self.log_size == 0 and self.log == f"log-{seq}.bin":  # nothing since the last
+            if self.log_size == 0 and _log_seq(self.log) == seq:  # nothing since the last
                 keys = {k: v for k, v in where.items() if isinstance(v, Loc)}
             else:
                 files = {v.file for v in where.values() if isinstance(v, Loc)}
                 total = sum(self.store.size(f) for f in files)
                 reuse = 2 * self.state_bytes() >= total
                 snap, log, keys = self.store.write_snapshot(seq, where, reuse)
-                os.close(self.log_fd)
+                self.store.roll(log)
                 self.log, self.log_size, self.snapshot_file = log, 0, snap
-                self.log_fd = self.store.open_append(log, 0)
                 for key, loc in keys.items():
                     if self.where.get(key) is where[key]:
                         self.where[key] = loc
@@ -266,7 +265,7 @@ class LiveProcess:
 
     def delete(self) -> None:
         self.swap_out()
-        shutil.rmtree(self.store.path, ignore_errors=True)
+        self.store.destroy()
 
 
 class State(MutableMapping[str, Any]):
@@ -341,19 +340,10 @@ class State(MutableMapping[str, Any]):
         TimeoutError. It is taken from the inbox when this call commits."""
         deadline = time.monotonic() + timeout
         while True:
-            names = sorted(
-                n
-                for n in os.listdir(self._proc.inbox)
-                if n.endswith(".msg") and n not in self._taken
-            )
-            for name in names:
-                try:
-                    with open(os.path.join(self._proc.inbox, name), "rb") as f:
-                        data = f.read()
-                except FileNotFoundError:
-                    continue
-                self._taken.append(name)
-                return pickle.loads(data)
+            found = self._proc.store.peek(self._taken)
+            if found is not None:
+                self._taken.append(found[0])
+                return pickle.loads(found[1])
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"process {self.name!r}: no message within {timeout:g} s")
             time.sleep(0.005)
@@ -377,9 +367,8 @@ class State(MutableMapping[str, Any]):
             self._proc.commit(entries, objects)
         for process, data in self._outbox:
             deliver(self._root, process, data)
-        for name in self._taken:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self._proc.inbox, name))
+        if self._taken:
+            self._proc.store.take(self._taken)
 
     def _abort(self) -> None:
         for key in self._touched:  # maybe changed in place: reload from the committed bytes

@@ -26,9 +26,10 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,17 +137,19 @@ def encode_record(
     return [head, idx, *values], offset, out
 
 
-def scan_log(fd: int, name: str, after_seq: int, keys: dict[str, Loc]) -> tuple[int, int]:
-    """Apply the complete records of log ``fd`` (seq after ``after_seq``, in order) to
-    ``keys``; returns (last seq, bytes of the consistent prefix). Reads indexes only."""
-    size = os.fstat(fd).st_size
+def scan_log(
+    read: Callable[[int, int], bytes], size: int, name: str, after_seq: int, keys: dict[str, Loc]
+) -> tuple[int, int]:
+    """Apply the complete records of log ``name`` (``size`` bytes, ``read(offset, n)``; seq
+    after ``after_seq``, in order) to ``keys``; returns (last seq, bytes of the consistent
+    prefix). Reads indexes only."""
     pos, seq = 0, after_seq
     while pos + RECORD.size <= size:
-        magic, rseq, ilen, dlen, icrc = RECORD.unpack(os.pread(fd, RECORD.size, pos))
+        magic, rseq, ilen, dlen, icrc = RECORD.unpack(read(pos, RECORD.size))
         end = pos + RECORD.size + ilen + dlen
         if magic != MAGIC or rseq != seq + 1 or end > size:
             break
-        index = os.pread(fd, ilen, pos + RECORD.size)
+        index = read(pos + RECORD.size, ilen)
         if checksum(index) != icrc:
             break
         vpos, i = pos + RECORD.size + ilen, 0
@@ -212,7 +215,7 @@ class DirStore:
         self.root = root
         self.name = name
         self.path = os.path.join(root, str(os.getuid()), name)
-        self.lock_fd = -1
+        self.lock_fd = self.log_fd = self.head_fd = -1
         self._fds: dict[str, int] = {}
 
     # -- opening ----------------------------------------------------------------------------
@@ -267,6 +270,11 @@ class DirStore:
         self.lock_fd = fd
 
     def close(self) -> None:
+        for fd in (self.log_fd, self.head_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.log_fd = self.head_fd = -1
         for fd in self._fds.values():
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -302,7 +310,10 @@ class DirStore:
         path = os.path.join(self.path, log)
         if not os.path.exists(path):
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
-        seq, size = scan_log(self.fd(log), log, seq, keys)
+        fd = self.fd(log)
+        seq, size = scan_log(
+            lambda at, n: os.pread(fd, n, at), os.fstat(fd).st_size, log, seq, keys
+        )
         head = self.read_head()
         return Restored(seq, keys, log, size, max(0, head - seq), snapshot)
 
@@ -324,6 +335,51 @@ class DirStore:
         return data
 
     # -- writing ----------------------------------------------------------------------------
+    # -- the live instance's writes -------------------------------------------------------
+    max_log = 1 << 62
+
+    def start(self, log: str, size: int, seq: int) -> None:
+        """Open ``log`` for appending (cut to its consistent prefix ``size``) and the head."""
+        self.log_fd = self.open_append(log, size)
+        self.head_fd = self.open_head()
+        self.set_head(seq)
+
+    def append(self, parts: list[bytes | memoryview]) -> None:
+        write_parts(self.log_fd, parts)
+
+    def set_head(self, seq: int) -> None:
+        os.pwrite(self.head_fd, HEAD.pack(seq), 0)
+
+    def sync(self) -> None:
+        os.fsync(self.log_fd)
+
+    def roll(self, log: str) -> None:
+        """Append to the new, empty ``log`` from now on."""
+        os.close(self.log_fd)
+        self.log_fd = self.open_append(log, 0)
+
+    def destroy(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def files_dir(self) -> str:
+        return os.path.join(self.path, "files")
+
+    def peek(self, taken: list[str]) -> tuple[str, bytes] | None:
+        """The oldest message not in ``taken``: (its id, its bytes)."""
+        inbox = os.path.join(self.path, "inbox")
+        for name in sorted(n for n in os.listdir(inbox) if n.endswith(".msg") and n not in taken):
+            try:
+                with open(os.path.join(inbox, name), "rb") as f:
+                    return name, f.read()
+            except FileNotFoundError:
+                continue
+        return None
+
+    def take(self, ids: list[str]) -> None:
+        for name in ids:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.path, "inbox", name))
+
     def open_append(self, log: str, size: int) -> int:
         """The log open for appending, cut to its consistent prefix ``size``."""
         fd = os.open(os.path.join(self.path, log), os.O_WRONLY | os.O_CLOEXEC)
@@ -451,9 +507,23 @@ def write_parts(fd: int, parts: list[bytes | memoryview]) -> None:
                 n = 0
 
 
+def open_store(root: str, name: str) -> Any:
+    """The store of process ``name`` under ``root``: a directory, or ``redis://...``."""
+    if root.startswith(("redis://", "rediss://", "unix://")):
+        from colocate.process.redis_store import RedisStore
+
+        return RedisStore(root, name)
+    return DirStore(root, name)
+
+
 def deliver(root: str, name: str, message: bytes) -> None:
     """Drop a message into process ``name``'s inbox (the same owner's): written to a
     temporary name and renamed, so a reader sees whole messages only."""
+    if root.startswith(("redis://", "rediss://", "unix://")):
+        from colocate.process.redis_store import deliver as redis_deliver
+
+        redis_deliver(root, name, message)
+        return
     inbox = os.path.join(root, str(os.getuid()), own_name(name), "inbox")
     os.makedirs(inbox, mode=0o700, exist_ok=True)
     stamp = f"{time.time_ns():020d}-{os.getpid()}-{os.urandom(4).hex()}"

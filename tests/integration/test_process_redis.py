@@ -1,0 +1,186 @@
+"""Serverless processes with their state in a real Redis (a private redis-server on a loopback
+port): the directory store's semantics, in this interpreter and through real workers that an
+eviction kills."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from colocate.client.executor import LeaseExecutor
+from colocate.config import ExecutorConfig
+from colocate.errors import LeaseEvicted
+from colocate.executor import ExecutorSupervisor
+from colocate.process import runtime
+from colocate.process.client import pickle_function
+from colocate.process.runtime import Call
+from colocate.tokens import LeaseClaims, sign_lease
+from tests.conftest import require
+from tests.integration.leasing import free_port
+
+SECRET = b"test-secret-for-process-redis-0123456"
+NODE = f"pr{os.getpid()}"
+CORE = sorted(os.sched_getaffinity(0))[-1]
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed (scripts/setup --dev installs it)")
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    tmp = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "no redis-server"
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+@pytest.fixture
+def url(redis_url: str) -> Iterator[str]:
+    yield redis_url
+    runtime._swap_out()
+    runtime._live.clear()
+
+
+def call(url: str, name: str, fn: Any, *args: Any, call_id: str = "") -> tuple[Any, list[str]]:
+    return Call(url, name, pickle_function(fn))(call_id, *args)
+
+
+def forget() -> None:
+    """What a lease's end does to the worker: swap out, and a new worker starts empty."""
+    runtime._swap_out()
+    runtime._live.clear()
+
+
+def add(state: Any, n: int) -> int:
+    state["total"] = state.get("total", 0) + n
+    state.setdefault("seen", []).append(n)
+    return int(state["total"])
+
+
+def fail_after_add(state: Any, n: int) -> None:
+    add(state, n)
+    raise RuntimeError("boom")
+
+
+def read(state: Any) -> tuple[int, list[int]]:
+    return state.get("total", 0), list(state.get("seen", []))
+
+
+def test_state_in_redis_commits_restores_lazily_and_applies_a_retry_once(url: str) -> None:
+    name = f"r{uuid.uuid4().hex[:6]}"
+    for i in range(1, 101):
+        assert call(url, name, add, i)[0] == i * (i + 1) // 2
+    with pytest.raises(RuntimeError):
+        call(url, name, fail_after_add, 1000)
+    big = os.urandom(3 << 20)
+    call(url, name, lambda s, b: s.__setitem__("big", b), big)
+    assert call(url, name, add, 1, call_id="once")[0] == 5051
+    forget()
+    assert call(url, name, add, 1, call_id="once")[0] == 5051  # the retry: not applied twice
+    (total, seen), notes = call(url, name, read)
+    assert (total, seen) == (5051, [*range(1, 101), 1]) and notes == []
+    proc = runtime._live[(url, name)]
+    assert "big" not in proc.values  # lazy: not loaded until touched
+    assert call(url, name, lambda s: s["big"])[0] == big
+    info = Call(url, name, b"", "snapshot")("")[0]
+    assert info["keys"] == 3
+    call(url, name, add, 2)
+    forget()
+    assert call(url, name, read)[0][0] == 5053
+    Call(url, name, b"", "delete")("")
+    import redis
+
+    assert not list(redis.Redis.from_url(url).scan_iter(match=f"*:{name}:*"))
+
+
+def test_a_torn_update_restores_the_last_consistent_state_and_says_so(url: str) -> None:
+    import redis
+
+    name = f"t{uuid.uuid4().hex[:6]}"
+    call(url, name, add, 1)
+    call(url, name, add, 2)
+    forget()
+    r = redis.Redis.from_url(url)
+    (log,) = [k for k in r.scan_iter(match=f"*:{name}:log-*")]
+    r.set(log, r.getrange(log, 0, r.strlen(log) - 10))  # the last record lost its end
+    (total, seen), notes = call(url, name, read)
+    assert (total, seen) == (1, [1])
+    assert len(notes) == 1 and "did not reach the store" in notes[0]
+    assert call(url, name, add, 5)[0] == 6  # and it goes on from there
+    forget()
+    assert call(url, name, read)[0] == (6, [1, 5])
+
+
+def test_messages_wait_in_redis_for_a_swapped_out_receiver(url: str) -> None:
+    a, b = f"a{uuid.uuid4().hex[:6]}", f"b{uuid.uuid4().hex[:6]}"
+    call(url, b, lambda s: None)
+    forget()
+    call(url, a, lambda s, to: s.send(to, 1), b)
+    call(url, a, lambda s, to: s.send(to, 2), b)
+
+    def take_then_fail(s: Any) -> None:
+        s.recv()
+        raise ValueError("not taken")
+
+    with pytest.raises(ValueError):
+        call(url, b, take_then_fail)
+    assert call(url, b, lambda s: [s.recv(), s.recv()])[0] == [1, 2]
+    with pytest.raises(TimeoutError):
+        call(url, b, lambda s: s.recv(timeout=0.05))
+
+
+@pytest.mark.root
+def test_a_worker_killed_by_eviction_leaves_its_state_in_redis_for_the_next_lease(
+    tmp_path: Path, redis_url: str
+) -> None:
+    require(os.geteuid() == 0, "the executor's cgroups need root")
+    name = f"w{uuid.uuid4().hex[:6]}"
+    fn = Call(redis_url, name, pickle_function(add))
+    config = ExecutorConfig(sandbox=False)  # a sandboxed worker cannot reach this loopback
+    with ExecutorSupervisor(config, SECRET, node=NODE, state_dir=str(tmp_path)) as sup:
+        for lease in ("l1", "l2"):
+            expires = time.time() + 120
+            handle = sup.start(lease, (CORE,), 256 << 20, expires)
+            claims = LeaseClaims(lease, NODE, (CORE,), 256 << 20, expires)
+            token = sign_lease(SECRET, claims)
+            with LeaseExecutor(handle.address, token, lease_id=lease, workers=1) as ex:
+                if lease == "l1":
+                    for i in range(1, 51):
+                        assert ex.invoke(fn, uuid.uuid4().hex, i)[0] == i * (i + 1) // 2
+                    sup.evict(lease)
+                    with pytest.raises(LeaseEvicted):
+                        for _ in range(50):
+                            ex.invoke(fn, uuid.uuid4().hex, 0)
+                            time.sleep(0.05)
+                else:
+                    got, notes = ex.invoke(Call(redis_url, name, pickle_function(read)), "")
+                    assert got == (1275, list(range(1, 51))) and notes == []
+                    ex.invoke(Call(redis_url, name, b"", "delete"), "")
+            sup.evict(lease)
