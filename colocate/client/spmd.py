@@ -18,6 +18,7 @@ an executor made without its lease key.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +33,7 @@ from colocate.fmi_ticket import GroupTicket, group_key, sign_ticket
 if TYPE_CHECKING:
     from colocate.client.executor import LeaseExecutor, _Connection
 
+log = logging.getLogger(__name__)
 _PREPARE = "colocate.fmi.rank:prepare"
 _RUN = "colocate.fmi.rank:run"
 TICKET_LIFETIME_S = 300.0  # tickets only open sockets during a call's setup
@@ -80,9 +82,11 @@ class Group:
     ) -> list[Any]:
         """Run ``fn(comm, *args, **kwargs)`` on every rank; the results in rank order.
 
-        ``channel`` forces a channel ("local", "tcp", "redis"; "auto" lets the cost model pick),
-        ``redis`` is a Redis server ("host:port") for the storage channel, used when forced
-        or when direct connections are impossible. ``setup_timeout_s`` bounds how long a rank
+        ``channel`` forces a channel ("shm", "local", "tcp", "redis"; "auto" lets the cost
+        model pick), ``redis`` is a Redis server ("host:port") for the storage channel, used
+        when forced or, for the whole group at once (logged as a warning), when a rank cannot
+        take direct connections or ranks cannot reach each other during the setup (no rank
+        has run ``fn`` then: the setup ends in a barrier). ``setup_timeout_s`` bounds how long a rank
         waits for the others to connect (seconds).
         """
         if channel not in _CHANNELS:
@@ -109,6 +113,28 @@ class Group:
                 for ex, conn in ranks
             ]
         )
+        blocked = [r for r, m in enumerate(members) if not m["direct"]]
+        if blocked and len(members) > 1 and channel != "redis":
+            r = blocked[0]
+            where = f"rank {r} (lease {members[r]['lease']} on {members[r]['node']})"
+            why = members[r].get("why", "no listener")
+            if redis_addr is None or channel == "tcp":
+                raise ColocateError(
+                    f"FMI: {where} cannot take direct connections ({why}); "
+                    + (
+                        "pass redis='host:port' to run the group through Redis"
+                        if redis_addr is None
+                        else "channel='tcp' is impossible; use channel='auto' to go through Redis"
+                    )
+                )
+            log.warning(
+                "FMI: %s cannot take direct connections (%s): the whole group of %d ranks "
+                "goes through Redis at %s:%s",
+                where,
+                why,
+                len(members),
+                *redis_addr,
+            )
         peers = tuple((str(m["tcp"][0]), int(m["tcp"][1])) for m in members if m["tcp"])
         if redis_addr is not None:
             peers += ((str(redis_addr[0]), int(redis_addr[1])),)
@@ -138,7 +164,27 @@ class Group:
             )
             for rank, (ex, conn) in enumerate(ranks)
         ]
-        return self._gather(futures)
+        try:
+            return self._gather(futures)
+        except LeaseEvicted:
+            if channel != "auto" or redis_addr is None or not _unreachable(futures):
+                raise
+        # no rank ran fn (the setup ends in a barrier): run the whole group through Redis
+        log.warning(
+            "FMI: ranks of group %s could not reach each other directly (%s); the whole group "
+            "runs again through Redis at %s:%s",
+            group,
+            "; ".join(f"rank {r}: {f.exception()}" for r, f in enumerate(futures) if f.exception()),
+            *redis_addr,
+        )
+        return self.spmd(
+            fn,
+            *args,
+            channel="redis",
+            redis=redis,
+            setup_timeout_s=setup_timeout_s,
+            **kwargs,
+        )
 
     @staticmethod
     def _gather(futures: list[Future[Any]]) -> list[Any]:
@@ -173,6 +219,18 @@ class Group:
                     f"a member of the group ended: {exc}", lease_id=exc.lease_id
                 ) from exc
         raise next(iter(errors.values()))
+
+
+def _unreachable(futures: list[Future[Any]]) -> bool:
+    """The call failed in the group's setup only, and because some rank could not reach
+    another (not a refused connection, a raise or an eviction)."""
+    errors = [f.exception() for f in futures]
+    failed = [e for e in errors if e is not None]
+    return (
+        bool(failed)
+        and all(isinstance(e, LeaseEvicted) and getattr(e, "fmi_setup", False) for e in failed)
+        and any(getattr(e, "fmi_unreachable", False) for e in failed)
+    )
 
 
 def _submit(ex: LeaseExecutor, conn: _Connection, fn: str, args: tuple[Any, ...]) -> Future[Any]:

@@ -59,11 +59,12 @@ def route(same_lease: bool, direct: bool, forced: str = "auto") -> str:
     """The channel between two ranks: ``forced`` unless "auto"; Redis when direct
     connections are impossible; shared memory within a lease (same node and sandbox), TCP
     otherwise. ``shm`` or ``local`` forced between leases is TCP (a lease's /tmp and memory
-    are its own)."""
+    are its own), or Redis without direct connections. Redis is all or nothing: ``direct``
+    is the whole group's (every member has a listener), so every pair agrees."""
     if forced not in CHANNELS:
         raise ValueError(f"channel {forced!r}: choose one of {', '.join(CHANNELS)}")
     if forced in ("shm", "local") and not same_lease:
-        return "tcp"
+        return "tcp" if direct else "redis"
     if forced != "auto":
         return forced
     if not direct:

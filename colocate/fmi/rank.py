@@ -112,8 +112,9 @@ def prepare(group: str, ticket: str, sig: str, channel: str) -> dict[str, Any]:
                 tcp.listen(64)
             listeners.append(tcp)
             info["tcp"] = list(tcp.getsockname()[:2])
-        except (OSError, ConnectionError):
+        except (OSError, ConnectionError) as exc:
             info["direct"] = False  # no way in from other leases: the group falls back to Redis
+            info["why"] = f"no TCP listener on {host}: {exc}"
     _prepared[group] = (listeners, unix_path)
     return info
 
@@ -267,7 +268,7 @@ def run(
                 describe,
             )
         else:
-            comm = Comm(
+            comm = _setup(
                 rank,
                 size,
                 _mesh(
@@ -283,7 +284,6 @@ def run(
                     setup_timeout_s,
                     evicting,
                 ),
-                None,
                 evicting,
                 describe,
             )
@@ -310,6 +310,29 @@ def run(
         _drop(group)
 
 
+def _setup(
+    rank: int,
+    size: int,
+    peers: dict[int, ch.StreamPeer],
+    evicting: Any,
+    describe: Any,
+) -> Comm:
+    """The communicator over a complete mesh, once every rank has one: a barrier before the
+    user's function, so that either every rank runs it or none does (a group whose setup
+    failed anywhere can be run again, e.g. through Redis, without running anything twice)."""
+    comm = Comm(rank, size, peers, None, evicting, describe)
+    try:
+        comm.barrier()
+    except LeaseEvicted as exc:
+        comm.close()
+        exc.fmi_setup = True  # type: ignore[attr-defined]
+        raise
+    except BaseException:
+        comm.close()
+        raise
+    return comm
+
+
 def _mesh(
     w: Any,
     group: str,
@@ -334,7 +357,12 @@ def _mesh(
                 _connect_peer(sock, key, gid, rank, r, timeout_s)
                 peers[r] = _peer(r, sock, kind, dialer=True, low=False)
             except (OSError, ConnectionError) as exc:
-                raise _left(r, members, f"cannot reach it: {exc}") from None
+                failed = _left(r, members, f"cannot reach it: {exc}")
+                # refused: its listener is gone (the rank failed); anything else (a timeout,
+                # no route): the network between them, which Redis may get around
+                if not isinstance(exc, (ConnectionRefusedError, FileNotFoundError)):
+                    failed.fmi_unreachable = True  # type: ignore[attr-defined]
+                raise failed from None
         expected = set(range(rank + 1, len(members)))
         listeners, _path = _prepared.get(group, ([], ""))
         deadline = time.monotonic() + timeout_s
@@ -410,7 +438,11 @@ def _probe(
             elif m["tcp"]:
                 _open_to(w, m, False, ticket, sig).close()
         except (ConnectionRefusedError, FileNotFoundError):
-            raise _left(r, members, "its worker died before it joined") from None
+            raise _left(
+                r,
+                members,
+                "its listener closed before it joined (its worker died or its setup failed)",
+            ) from None
         except (OSError, ConnectionError):
             continue  # slow or unreachable: the setup timeout still applies
 
@@ -420,4 +452,5 @@ def _left(r: int, members: list[dict[str, Any]], why: str) -> LeaseEvicted:
         f"rank {r} (lease {members[r]['lease']} on {members[r]['node']}) left the group: {why}"
     )
     exc.fmi_rank = r  # type: ignore[attr-defined]
+    exc.fmi_setup = True  # type: ignore[attr-defined]
     return exc

@@ -6,6 +6,7 @@ outsider at a rank's listener, and the Redis channel through a private redis-ser
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -24,6 +25,7 @@ import pytest
 from colocate import Client, LeaseEvicted
 from colocate.client.executor import LeaseExecutor
 from colocate.client.spmd import Group
+from colocate.errors import ColocateError
 from tests.integration.leasing import (
     Service,
     control_auth,
@@ -163,6 +165,61 @@ def test_every_operation_matches_numpy_for_1_to_4_ranks_over_two_nodes(
                 assert set(results[rank]["channels"].values()) == kinds, results[rank]["channels"]
         # the one-lease form, on the executor itself
         assert a2.spmd(lambda comm, k: (comm.rank, comm.allreduce(k)), 5) == [(0, 10), (1, 10)]
+
+
+def test_a_forced_channel_is_used_and_gives_the_same_results(
+    cluster: tuple[Service, list[Service], Path],
+) -> None:
+    """Two ranks of one lease: the cost model picks shared memory; forced, the Unix socket
+    or TCP (made by the supervisor) carry the same operations, checked against numpy."""
+    broker, _agents, _tmp = cluster
+    a, b = two_leases(Client(broker.url))
+    with a, b:
+        ex = a.executor()
+        for forced, want in (("local", "local"), ("tcp", "tcp"), ("shm", "shm")):
+            results = ex.spmd(every_operation, 11, channel=forced)
+            check_against_numpy(results, 11)
+            assert results[0]["channels"] == {1: want}, (forced, results[0]["channels"])
+        # forcing shm across leases cannot share memory: the pair between them takes TCP
+        across = Group([a.executor(workers=1), b.executor(workers=1)])
+        assert across.spmd(lambda comm: comm.channels, channel="shm") == [{1: "tcp"}, {0: "tcp"}]
+
+
+def _die_on(node: str) -> str:
+    """Unpickled on every rank with its call's arguments, before the rank joins its group:
+    the worker on ``node`` exits there (a rank whose worker dies at startup)."""
+    from colocate.executor import worker
+
+    current = worker.current()
+    if current is not None and current.spec.node == node:
+        os._exit(3)
+    return node
+
+
+class DieOn:
+    def __init__(self, node: str) -> None:
+        self.node = node
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (_die_on, (self.node,))
+
+
+def test_a_rank_whose_worker_dies_at_startup_is_reported_within_2_s(
+    cluster: tuple[Service, list[Service], Path],
+) -> None:
+    broker, _agents, _tmp = cluster
+    client = Client(broker.url)
+    a, b = two_leases(client)
+    with a, b:
+        group = Group([a.executor(), b.executor()])  # ranks 2 and 3 on lease b
+        assert group.spmd(lambda comm, _x: comm.rank, "warm") == [0, 1, 2, 3]
+        started = time.monotonic()
+        with pytest.raises(LeaseEvicted) as info:
+            group.spmd(lambda comm, _x: comm.allreduce(1), DieOn(b.node), setup_timeout_s=30)
+        took = time.monotonic() - started
+        assert took < 2.0, f"took {took:.1f} s (the setup timeout was 30 s)"
+        # the lease a ranks name the member that never joined
+        assert re.search(rf"rank [23] \(lease {b.lease_id} on {b.node}\) left", str(info.value))
 
 
 def raise_on(comm: Any, bad: int) -> int:
@@ -371,3 +428,73 @@ def test_the_kmeans_example_matches_numpy_on_one_machine(
     assert sum(r["points"] for r in results) == 20_000
     for r in results:
         np.testing.assert_allclose(r["centroids"], want, rtol=1e-9)
+
+
+def sum_and_channels(comm: Any) -> tuple[Any, dict[int, str]]:
+    import numpy as np
+
+    return comm.allreduce(np.arange(3.0) * (comm.rank + 1)), comm.channels
+
+
+_real_gather = Group._gather
+
+
+def _members_changed(change: Any) -> Any:
+    """Group._gather, with ``change`` applied to the members the ranks' prepare returned
+    (a rank without a listener, or one at an address nothing can reach)."""
+    real = _real_gather
+
+    def gather(futures: list[Any]) -> list[Any]:
+        results = real(futures)
+        if results and isinstance(results[0], dict) and "direct" in results[0]:
+            change(results)
+        return results
+
+    return staticmethod(gather)
+
+
+def test_a_group_that_cannot_connect_directly_goes_through_redis_as_a_whole(
+    cluster: tuple[Service, list[Service], Path],
+    redis_server: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    broker, _agents, _tmp = cluster
+    a, b = two_leases(Client(broker.url))
+    want = np.arange(3.0) * (1 + 2 + 3 + 4)
+    with a, b:
+        group = Group([a.executor(), b.executor()])
+
+        def no_listener(members: list[dict[str, Any]]) -> None:
+            members[2].update(direct=False, tcp=None, why="test: no listener")
+
+        monkeypatch.setattr(Group, "_gather", _members_changed(no_listener))
+        # without a Redis: one clear error naming the rank, before any function runs
+        with pytest.raises(ColocateError, match=r"rank 2 \(lease .*test: no listener.*redis="):
+            group.spmd(sum_and_channels)
+        with caplog.at_level("WARNING", logger="colocate.client.spmd"):
+            results = group.spmd(sum_and_channels, redis=redis_server)
+        assert "the whole group of 4 ranks goes through Redis" in caplog.text
+        for total, channels in results:
+            np.testing.assert_array_equal(total, want)
+            assert set(channels.values()) == {"redis"}  # every pair, not only rank 2's
+
+        # every rank has a listener, but rank 0's cannot be reached from lease b (no route to
+        # its address): the setup fails on every rank before the function runs, and the call
+        # is run again through Redis
+        def unreachable(members: list[dict[str, Any]]) -> None:
+            members[0]["tcp"] = ["255.255.255.255", 9]  # ENETUNREACH for TCP
+
+        monkeypatch.setattr(Group, "_gather", _members_changed(unreachable))
+        caplog.clear()
+        t0 = time.monotonic()
+        with caplog.at_level("WARNING", logger="colocate.client.spmd"):
+            results = group.spmd(sum_and_channels, redis=redis_server)
+        assert "runs again through Redis" in caplog.text
+        assert "cannot reach it" in caplog.text  # why, per rank
+        assert time.monotonic() - t0 < 8  # the failed setup ends at once, not at its timeout
+        for total, channels in results:
+            np.testing.assert_array_equal(total, want)
+            assert set(channels.values()) == {"redis"}
+        monkeypatch.undo()
+        assert [set(c.values()) for _t, c in group.spmd(sum_and_channels)] == [{"shm", "tcp"}] * 4
