@@ -8,9 +8,10 @@ What runs (loopback only, bounded in count and time):
   directory; ``broker.max_connections`` = 2N + 64 so that agents reconnecting after a timeout
   do not meet the connection cap first), pinned to the first CPU with ``--pin``;
 - N node agents: real :class:`slurm_plugin.agent.agent.Agent` objects, each with its own
-  node key, reporting every ``--interval`` s with ``Agent.tick()`` + ``Agent.report_once()``
-  over its own kept-alive ``httpx.Client`` signed by ``NodeAuth`` (the path ``Agent.run``
-  takes). The broker and the generator run in two cgroup v1 CPU groups of equal shares
+  node key, sampling every ``--interval`` s with ``Agent.tick()`` and reporting with
+  ``Agent.reporter.step()`` (the full report on change, else a heartbeat every 4 intervals;
+  ``--full-reports``: ``Agent.report_once()`` every interval, the baseline) over its own
+  kept-alive ``httpx.Client`` signed by ``NodeAuth`` (the path ``Agent.run`` takes). The broker and the generator run in two cgroup v1 CPU groups of equal shares
   (as root), so the generator's threads cannot starve the broker's event loop. Their node source is simulated: 4 cores and 16 GiB, of which every 5-15 s a job
   takes or frees 2 cores (the change whose staleness is measured); executors start and stop
   at once. The agents live in ``--agent-procs`` processes, each also serving the broker's
@@ -217,6 +218,7 @@ def agents_process(
     interval_s: float,
     threads: int,
     seed: int,
+    heartbeats: bool,
     window: Any,  # mp.Array('d', [start, end]) set by the parent once every process is ready
     ready: Any,
     out: Any,
@@ -231,7 +233,9 @@ def agents_process(
 
     logging.getLogger("slurm_plugin").setLevel(logging.ERROR)
     rng = random.Random(seed)
-    sock = socket.socket()
+    # IPPROTO_TCP as the real agent's (colocate.broker.service.bind): asyncio then sets
+    # TCP_NODELAY, else every answer to the broker waits ~40 ms (Nagle + delayed ACK)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     sock.listen(4096)
@@ -261,9 +265,11 @@ def agents_process(
     lock = threading.Lock()
     stats: dict[str, Any] = {
         "latency": [],
+        "beat_latency": [],
         "staleness": [],
         "failures": 0,
         "reports": 0,
+        "beats": 0,
         "first_ok": 0,
     }
 
@@ -276,8 +282,9 @@ def agents_process(
         heap = [(now + rng.uniform(0, interval_s), n) for n in mine]
         heapq.heapify(heap)
         latency: list[float] = []
+        beat_latency: list[float] = []
         staleness: list[float] = []
-        failures = reports = 0
+        failures = reports = beats = 0
         try:
             while heap:
                 due, n = heapq.heappop(heap)
@@ -288,29 +295,38 @@ def agents_process(
                     break
                 agent, sim = agents[n], sims[n]
                 agent.tick()
+                reporter = agent.reporter
+                full0, beats0 = reporter.counts["reports"], reporter.counts["heartbeats"]
                 sent = time.monotonic()
-                reply = agent.report_once(clients[n])
+                if heartbeats:  # the agent loop's path: full report on change, else heartbeat
+                    reporter.step(clients[n], False)
+                else:  # every interval in full (the design before heartbeats)
+                    agent.report_once(clients[n])
                 took = time.monotonic() - sent
                 measured = time.time() >= start_at
-                if reply is None:
+                full = reporter.counts["reports"] > full0
+                beat = reporter.counts["heartbeats"] > beats0
+                if any(b.down_since is not None for b in reporter.brokers):
                     failures += measured
-                else:
+                if measured and (full or beat):
+                    (latency if full else beat_latency).append(took)
+                    reports += full
+                    beats += beat
+                if full and sim.pending is not None:
                     if measured:
-                        latency.append(took)
-                        reports += 1
-                    if sim.pending is not None:
-                        if measured:
-                            staleness.append(time.time() - sim.pending)
-                        sim.pending = None
+                        staleness.append(time.time() - sim.pending)
+                    sim.pending = None
                 heapq.heappush(heap, (time.monotonic() + interval_s, n))
         finally:
             for c in clients.values():
                 c.close()
             with lock:
                 stats["latency"] += latency
+                stats["beat_latency"] += beat_latency
                 stats["staleness"] += staleness
                 stats["failures"] += failures
                 stats["reports"] += reports
+                stats["beats"] += beats
 
     per = max(1, math.ceil(len(names) / threads))
     workers = [
@@ -550,6 +566,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 args.interval,
                 min(len(mine), args.threads),
                 p,
+                not args.full_reports,
                 window,
                 ready,
                 out,
@@ -598,13 +615,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sum(psutil.Process(c.pid).cpu_times()[:2]) for c in children if c.pid
     )
     leasing.join()
-    stats: dict[str, Any] = {"latency": [], "staleness": [], "failures": 0, "reports": 0}
+    stats: dict[str, Any] = {
+        "latency": [], "beat_latency": [], "staleness": [], "failures": 0, "reports": 0, "beats": 0,
+    }  # fmt: skip
     for _ in children:
         part = out.get(timeout=120)
-        for key in ("latency", "staleness"):
+        for key in ("latency", "beat_latency", "staleness"):
             stats[key] += part[key]
-        stats["failures"] += part["failures"]
-        stats["reports"] += part["reports"]
+        for key in ("failures", "reports", "beats"):
+            stats[key] += part[key]
     for child in children:
         child.join(10)
     for proc, _ in brokers:
@@ -641,7 +660,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "offer_staleness_p50_s": r(pct(stats["staleness"], 50), 3),
         "offer_staleness_p99_s": r(pct(stats["staleness"], 99), 3),
         "offer_changes_seen": len(stats["staleness"]),
+        "reporting": "full report every interval"
+        if args.full_reports
+        else "full report on change, else a heartbeat every 4 intervals",
         "reports_per_s": r(stats["reports"] / wall),
+        "heartbeats_per_s": r(stats["beats"] / wall),
+        "heartbeat_p50_ms": r(pct([x * 1000 for x in stats["beat_latency"]], 50)),
+        "heartbeat_p99_ms": r(pct([x * 1000 for x in stats["beat_latency"]], 99)),
         "reports_per_s_sent_by_design": r(args.nodes / args.interval),
         "report_p50_ms": r(pct([x * 1000 for x in stats["latency"]], 50)),
         "report_p99_ms": r(pct([x * 1000 for x in stats["latency"]], 99)),
@@ -717,6 +742,12 @@ def main() -> int:
     parser.add_argument(
         "--label", default="", help="names the run in --out (e.g. before/after a change)"
     )
+    parser.add_argument(
+        "--full-reports",
+        action="store_true",
+        help="every agent sends its full report every interval (the design before heartbeats: "
+        "the baseline)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     if not 1 <= args.nodes <= 20000 or not 1 <= args.seconds <= 600:
@@ -731,6 +762,7 @@ def main() -> int:
             if r.get("nodes") != result["nodes"]
             or r.get("broker_killed_at_s") != result["broker_killed_at_s"]
             or r.get("brokers", 1) != result["brokers"]
+            or r.get("reporting") != result["reporting"]
             or r.get("label", "") != result["label"]
         ]
         path.write_text(json.dumps([*rows, result], indent=2) + "\n")
