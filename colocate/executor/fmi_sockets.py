@@ -10,8 +10,9 @@ A rank of an FMI group asks, over its worker's verifier connection (``F`` + JSON
 
 The ticket must be signed with its lease's key (``colocate.fmi_ticket``), which only the
 lease's owner holds, and the asking worker (the connection's SO_PEERCRED pid) must sit in
-that lease's cgroup, so a ticket that leaked to another lease's worker opens nothing; the answer is ``u32 length + JSON`` with the socket attached
-(SCM_RIGHTS) when ``status`` is ``ok``. A socket keeps the network namespace it was made in,
+that lease's cgroup, so a ticket that leaked to another lease's worker opens nothing. The
+answer is ``u32 length + JSON`` with the socket attached (SCM_RIGHTS) when ``status`` is
+``ok``. A socket keeps the network namespace it was made in,
 so the rank uses it from inside its sandbox while reaching nothing else. Every channel is
 then authenticated between the ranks themselves with the group key (``colocate.fmi``).
 """

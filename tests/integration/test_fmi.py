@@ -25,7 +25,7 @@ import pytest
 from colocate import Client, LeaseEvicted
 from colocate.client.executor import LeaseExecutor
 from colocate.client.spmd import Group
-from colocate.errors import ColocateError
+from colocate.errors import ColocateError, Unauthorized
 from tests.integration.leasing import (
     Service,
     control_auth,
@@ -350,6 +350,41 @@ def test_an_outsider_cannot_join_or_inject(cluster: tuple[Service, list[Service]
             assert len(answer) in (0, 16), answer
             intruder.close()
         assert results == [3, 3]
+
+
+def test_a_ticket_that_leaked_to_another_leases_worker_opens_nothing(
+    cluster: tuple[Service, list[Service], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Leases a and c on the same node (one supervisor, so a's ticket checks there): c's
+    rank presents a's validly signed ticket; the supervisor sees that the asking worker sits
+    in lease c's cgroup and passes no socket."""
+    broker, _agents, _tmp = cluster
+    client = Client(broker.url)
+    with client.lease(cores=2, memory="512MiB", duration="5m") as full:  # fills one node
+        a = client.lease(cores=1, memory="256MiB", duration="5m")
+        c = client.lease(cores=1, memory="256MiB", duration="5m")
+        with a, c:
+            assert a.node == c.node != full.node
+            group = Group([a.executor(), c.executor()])
+            real_frame = LeaseExecutor._frame
+            tickets: dict[str, tuple[str, str]] = {}
+
+            def swap(
+                self: LeaseExecutor, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+            ) -> Any:
+                if fn == "colocate.fmi.rank:run":
+                    tickets.setdefault(self.lease_id, (args[7], args[8]))
+                    if self.lease_id == c.lease_id:  # rank 1 gets rank 0's ticket
+                        args = (*args[:7], *tickets[a.lease_id], *args[9:])
+                return real_frame(self, fn, args, kwargs)
+
+            monkeypatch.setattr(LeaseExecutor, "_frame", swap)
+            started = time.monotonic()
+            with pytest.raises(Unauthorized, match=f"is in lease {c.lease_id}, not {a.lease_id}"):
+                group.spmd(lambda comm: comm.allreduce(1))
+            assert time.monotonic() - started < 5  # rank 0 saw rank 1 leave, no timeout
+            monkeypatch.undo()
+            assert group.spmd(lambda comm: comm.allreduce(1)) == [2, 2]
 
 
 @pytest.fixture(scope="module")
