@@ -47,11 +47,11 @@ Placed = tuple[str, int, int, int, int, Parts]
 
 __all__ = ["Call", "LiveProcess", "ProcessLiveElsewhere", "State"]
 
-INLINE_BYTES = 1 << 20  # records up to this size are written by the committing call itself
+INLINE_BYTES = 2 << 20  # records up to this size are written by the committing call itself
 COMPACT_MIN_BYTES = 64 << 20  # a log longer than this and than twice the state: snapshot
 LOCK_WAIT_S = 10.0  # how long a new instance waits for the old one to finish swapping out
 PEEK_WAIT_S = 0.5  # how long a call waits before it tells the client where the process is live
-CALLS_KEY = "\x00calls"  # the ids (and small results) of the last calls that committed
+CALL_PREFIX = "\x00call:"  # + a call's id: its kept result, for the last KEEP_CALLS calls
 KEEP_CALLS = 64
 KEEP_RESULT_BYTES = 64 << 10
 _IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), frozenset, range)
@@ -113,6 +113,7 @@ class LiveProcess:
                 f"(update {restored.seq})"
             )
         self.restored_seq = restored.seq
+        self.call_keys = deque(k for k in self.where if k.startswith(CALL_PREFIX))
         self.lock = threading.Condition()
         self.pending: deque[tuple[int, list[bytes | memoryview], int, list[Placed]]] = deque()
         self.writing = False
@@ -132,15 +133,17 @@ class LiveProcess:
         self.values[key] = value
         return value
 
-    def applied(self) -> dict[str, bytes | None]:
-        """Ids of the last calls that committed -> their result pickle (None: not kept)."""
-        if CALLS_KEY not in self.where:
-            return {}
-        calls: dict[str, bytes | None] = self.load(CALLS_KEY)
-        return calls
+    def applied(self, call_id: str) -> tuple[bool, bytes | None]:
+        """Whether call ``call_id`` committed (one of the last KEEP_CALLS), and its result
+        pickle (None: not kept)."""
+        key = CALL_PREFIX + call_id
+        if key not in self.where:
+            return False, None
+        kept: bytes | None = self.load(key)
+        return True, kept
 
     def user_keys(self) -> int:
-        return len(self.where) - (CALLS_KEY in self.where)
+        return len(self.where) - len(self.call_keys)
 
     def state_bytes(self) -> int:
         return sum(s.length if isinstance(s, Loc) else size_of(s) for s in self.where.values())
@@ -247,7 +250,7 @@ class LiveProcess:
                 self.store.remove_old({loc.file for loc in keys.values()} | {log})
         return {
             "seq": seq,
-            "keys": len(keys) - (CALLS_KEY in keys),
+            "keys": sum(not k.startswith(CALL_PREFIX) for k in keys),
             "bytes": sum(k.length for k in keys.values()),
             "seconds": time.perf_counter() - t0,
         }
@@ -311,13 +314,18 @@ class State(MutableMapping[str, Any]):
     def __contains__(self, key: object) -> bool:
         if key in self._writes:
             return True
-        return key != CALLS_KEY and key not in self._deleted and key in self._proc.where
+        return (
+            isinstance(key, str)
+            and not key.startswith(CALL_PREFIX)
+            and key not in self._deleted
+            and key in self._proc.where
+        )
 
     def __iter__(self) -> Iterator[str]:
         seen = [
             k
             for k in self._proc.where
-            if k not in self._deleted and k not in self._writes and k != CALLS_KEY
+            if k not in self._deleted and k not in self._writes and not k.startswith(CALL_PREFIX)
         ]
         return iter(seen + list(self._writes))
 
@@ -357,13 +365,19 @@ class State(MutableMapping[str, Any]):
         if call_id and (entries or self._outbox or self._taken):
             # The call's id commits with its changes: a retry of it (the client did not hear
             # back) finds it here and gets its result instead of applying it twice.
-            calls = dict(self._proc.applied())
-            calls[call_id] = kept
-            while len(calls) > KEEP_CALLS:
-                del calls[next(iter(calls))]
-            entries.append((CALLS_KEY, SET, (_dumps(calls),)))
-            objects[CALLS_KEY] = calls
-        if entries:
+            # One small entry per call (and the oldest one's deletion), not a table rewritten.
+            key = CALL_PREFIX + call_id
+            entries.append((key, SET, (_dumps(kept),)))
+            objects[key] = kept
+            calls = self._proc.call_keys
+            dropped = calls[0] if len(calls) >= KEEP_CALLS else None
+            if dropped is not None:
+                entries.append((dropped, DELETE, ()))
+            self._proc.commit(entries, objects)
+            if dropped is not None:
+                calls.popleft()
+            calls.append(key)
+        elif entries:
             self._proc.commit(entries, objects)
         for process, data in self._outbox:
             deliver(self._root, process, data)
@@ -457,9 +471,8 @@ class Call:
         if self.op != "run":
             raise ConfigError(f"unknown process operation {self.op!r}")
         if call_id:
-            applied = proc.applied()
-            if call_id in applied:  # a retry of a call that committed: not twice
-                kept = applied[call_id]
+            done, kept = proc.applied(call_id)
+            if done:  # a retry of a call that committed: not twice
                 if kept is None:
                     raise ResultNotKept(
                         f"process {self.name!r}: this call committed before the lease was lost; "
