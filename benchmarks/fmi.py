@@ -1,10 +1,12 @@
 """FMI allreduce against mpi4py (Debian's Open MPI) and a Redis exchange, same run, 2 ranks.
 
-    .venv/bin/python benchmarks/fmi.py [--small 2000] [--mid 100] [--large 5]   (as root)
+    .venv/bin/python benchmarks/fmi.py [--small 2000] [--mid 100] [--large 9]   (as root)
 
 - colocate FMI: a broker and one standalone agent (2 cores, sandboxed workers), one lease of
   2 cores, ``LeaseExecutor.spmd``: the two ranks time ``comm.allreduce`` of a float64 numpy
-  array inside the function (shared-memory channel: same lease).
+  array inside the function, over the channel the cost model picks for the same lease
+  (``shm``: the pair's shared-memory ring and collective slots), and again forced onto the
+  lease's Unix socket (``local``: what the same lease used before the shm channel).
 - mpi4py: ``mpirun --allow-run-as-root --oversubscribe -np 2`` on the same cores, buffer
   ``Allreduce`` (no pickling, as FMI's arrays).
 - Redis: two processes and a private ``redis-server``, the way storage-based FaaS exchanges
@@ -199,7 +201,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--small", type=int, default=2000)
     parser.add_argument("--mid", type=int, default=100)
-    parser.add_argument("--large", type=int, default=5)
+    parser.add_argument("--large", type=int, default=9)
     ns = parser.parse_args()
     its = {"8B": ns.small, "1MiB": ns.mid, "64MiB": ns.large}
     with tempfile.TemporaryDirectory(prefix="fmi-bench-") as tmp:
@@ -212,13 +214,19 @@ def main() -> None:
             ex = lease.executor()
             fmi = ex.spmd(timed_allreduce, SIZES, its)[0]
             channels = ex.spmd(lambda comm: comm.channels)[0]
+            socket_its = {k: max(2, v // 2) for k, v in its.items()}
+            fmi_socket = ex.spmd(timed_allreduce, SIZES, socket_its, channel="local")[0]
     results = {
         "colocate_fmi": summarize(fmi) | {"channel": channels},
+        "colocate_fmi_socket": summarize(fmi_socket) | {"channel": {"1": "local"}},
         "mpi4py_openmpi": summarize(run_mpi(SIZES, its)),
         "redis_exchange": summarize(run_redis(SIZES, its)),
     }
     fmi_s, mpi_s, red_s = (results[k] for k in ("colocate_fmi", "mpi4py_openmpi", "redis_exchange"))
     ratios: dict[str, float] = {}
+    sock_s = results["colocate_fmi_socket"]
+    ratios["p50_8B_socket_over_shm"] = sock_s["p50_8B_us"] / fmi_s["p50_8B_us"]
+    ratios["bw_64MiB_shm_over_socket"] = fmi_s["bw_64MiB_MBps"] / sock_s["bw_64MiB_MBps"]
     if "error" not in mpi_s:
         ratios["p50_8B_vs_mpi4py"] = fmi_s["p50_8B_us"] / mpi_s["p50_8B_us"]  # goal <= 3
         ratios["bw_64MiB_vs_mpi4py"] = (
@@ -238,13 +246,13 @@ def main() -> None:
         "results": results,
         "ratios": ratios,
     }
-    print(f"{'':18}{'8 B p50 (us)':>14}{'1 MiB (MB/s)':>14}{'64 MiB (MB/s)':>15}")
+    print(f"{'':20}{'8 B p50 (us)':>14}{'1 MiB (MB/s)':>14}{'64 MiB (MB/s)':>15}")
     for name, s in results.items():
         if "error" in s:
-            print(f"{name:18}{s['error']}")
+            print(f"{name:20}{s['error']}")
         else:
             print(
-                f"{name:18}{s['p50_8B_us']:14.1f}{s['bw_1MiB_MBps']:14.0f}{s['bw_64MiB_MBps']:15.0f}"
+                f"{name:20}{s['p50_8B_us']:14.1f}{s['bw_1MiB_MBps']:14.0f}{s['bw_64MiB_MBps']:15.0f}"
             )
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}")
