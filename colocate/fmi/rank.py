@@ -9,8 +9,12 @@ An SPMD call is two rounds of calls, one call per rank each (``colocate.client.s
    with the ticket the client signed with the lease key); otherwise the rank binds it.
 2. :func:`run` connects rank i to every rank below it and accepts the ranks above it (so
    every pair has one connection), authenticates each connection both ways with an HMAC
-   challenge under the group key (the acceptor's nonce first: a stranger gets nothing else), builds the :class:`~colocate.fmi.comm.Comm` and calls the
-   user's ``fn(comm, *args, **kwargs)``. Its value is the rank's result.
+   challenge under the group key (the acceptor's nonce first: a stranger gets nothing
+   else), passes a shared-memory segment over each same-lease connection (the ``shm``
+   channel), builds the :class:`~colocate.fmi.comm.Comm`, waits in a barrier (every rank
+   runs the function or none does) and calls the user's ``fn(comm, *args, **kwargs)``. Its
+   value is the rank's result. While it waits for ranks to join, it probes their listeners:
+   a rank whose worker died is reported at once, not at the setup timeout.
 
 A rank whose function raises tells the others (they raise ``GroupAborted``) and raises the
 exception with ``rank`` set and a note naming it; the listeners and connections close with
