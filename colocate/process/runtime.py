@@ -20,6 +20,7 @@ leaves a record prefix that the next restore ignores: the last consistent state 
 from __future__ import annotations
 
 import contextlib
+import os
 import pickle
 import signal
 import threading
@@ -29,9 +30,12 @@ from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
 from colocate.errors import ColocateError, ConfigError
+from colocate.process import direct
+from colocate.process.direct import Mailbox
 from colocate.process.store import (
     DELETE,
     SET,
+    DirStore,
     Loc,
     Parts,
     ProcessLiveElsewhere,
@@ -120,6 +124,7 @@ class LiveProcess:
         self.writer: threading.Thread | None = None
         self.closed = False
         self.files = self.store.files_dir()
+        self.mailbox = Mailbox(self.store.path) if isinstance(self.store, DirStore) else None
 
     # -- reading ----------------------------------------------------------------------------
     def load(self, key: str) -> Any:
@@ -259,6 +264,9 @@ class LiveProcess:
         """Leave: queued records out, log synced, lock dropped."""
         if self.closed:
             return
+        if self.mailbox is not None:  # no more direct messages; those not taken: the inbox
+            root, name = self.store.root, self.name
+            self.mailbox.close(lambda data: deliver(root, name, data))
         with contextlib.suppress(OSError):
             self.drain()
         with self.lock:
@@ -283,6 +291,7 @@ class State(MutableMapping[str, Any]):
         self._touched: dict[str, Any] = {}
         self._outbox: list[tuple[str, bytes]] = []
         self._taken: list[str] = []
+        self._taken_direct = 0
         self.name = proc.name
         self.dir = proc.files
 
@@ -347,14 +356,25 @@ class State(MutableMapping[str, Any]):
         """The oldest message for this process; waits up to ``timeout`` seconds, then raises
         TimeoutError. It is taken from the inbox when this call commits."""
         deadline = time.monotonic() + timeout
+        mailbox = self._proc.mailbox
         while True:
             found = self._proc.store.peek(self._taken)
             if found is not None:
                 self._taken.append(found[0])
                 return pickle.loads(found[1])
-            if time.monotonic() >= deadline:
+            if mailbox is not None:
+                with mailbox.cond:
+                    if len(mailbox.messages) > self._taken_direct:
+                        data = mailbox.messages[self._taken_direct]
+                        self._taken_direct += 1
+                        return pickle.loads(data)
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise TimeoutError(f"process {self.name!r}: no message within {timeout:g} s")
-            time.sleep(0.005)
+            if mailbox is not None:
+                mailbox.wait(min(left, 0.05))  # woken by a direct message
+            else:
+                time.sleep(min(left, 0.005))
 
     # -- end of the call ------------------------------------------------------------------
     def _commit(self, call_id: str = "", kept: bytes | None = None) -> None:
@@ -380,9 +400,21 @@ class State(MutableMapping[str, Any]):
         elif entries:
             self._proc.commit(entries, objects)
         for process, data in self._outbox:
-            deliver(self._root, process, data)
+            if not self._send_direct(process, data):
+                deliver(self._root, process, data)
         if self._taken:
             self._proc.store.take(self._taken)
+        mailbox = self._proc.mailbox
+        if self._taken_direct and mailbox is not None:
+            with mailbox.cond:
+                for _ in range(min(self._taken_direct, len(mailbox.messages))):
+                    mailbox.messages.popleft()
+
+    def _send_direct(self, process: str, data: bytes) -> bool:
+        if not isinstance(self._proc.store, DirStore):
+            return False
+        target = os.path.join(self._root, str(os.getuid()), own_name(process))
+        return direct.send(target, data)
 
     def _abort(self) -> None:
         for key in self._touched:  # maybe changed in place: reload from the committed bytes
@@ -463,6 +495,7 @@ class Call:
                 "keys": proc.user_keys(),
                 "bytes": proc.state_bytes(),
                 "restored_seq": proc.restored_seq,
+                "messages_direct": proc.mailbox.received if proc.mailbox is not None else 0,
             }, notes
         if self.op == "delete":
             proc.delete()

@@ -216,8 +216,11 @@ def test_two_processes_exchange_messages_while_one_is_swapped_out(
                 return list(got)
 
     assert b.invoke(drain) == [0, 1, 2]  # b comes back, the messages waited in the store
-    a.invoke(lambda s: s.send("pong", "live"))  # now both live
+    a.invoke(lambda s: s.send("pong", "live"))  # now both live: handed over directly
     assert b.invoke(lambda s: s.recv(timeout=5)) == "live"
+    assert b.stats()["messages_direct"] == 1
+    inbox = next(iter(Path(store).glob("*/pong/inbox")))
+    assert list(inbox.iterdir()) == []
     a.release()
     b.delete()
     wait_until(lambda: not client.leases(), what="the processes' leases released")

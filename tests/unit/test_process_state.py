@@ -205,3 +205,20 @@ def test_a_snapshot_copies_nothing_while_the_log_is_mostly_live_and_compacts_whe
     swap_out_and_forget(root)
     got = call(root, "p", lambda s: {k: s[k] for k in ("b1", "b2", "b3")})[0]
     assert got == {"b1": b"small", "b2": blobs["b2"], "b3": blobs["b3"]}
+
+
+def test_a_live_receiver_gets_messages_directly_and_keeps_untaken_ones_at_swap_out(
+    root: str,
+) -> None:
+    call(root, "b", lambda s: None)  # b is live (listening on its socket)
+    inbox = os.path.join(DirStore(root, "b").path, "inbox")
+    call(root, "a", lambda s: s.send("b", "one"))
+    call(root, "a", lambda s: s.send("b", "two"))
+    assert os.listdir(inbox) == []  # not through the store
+    assert call(root, "b", lambda s: s.recv())[0] == "one"
+    assert Call(root, "b", b"", "stats")("")[0]["messages_direct"] == 2
+    swap_out_and_forget(root)  # "two" was received, not taken: it goes to the inbox
+    assert len(os.listdir(inbox)) == 1
+    assert call(root, "b", lambda s: s.recv())[0] == "two"
+    with pytest.raises(TimeoutError):
+        call(root, "b", lambda s: s.recv(timeout=0.05))
