@@ -333,7 +333,7 @@ class StreamPeer:
 #     length u32, pad u32, key u64 (an array's: 8 bytes of BLAKE2b of its meta, so the
 #     receiver maps a known dtype and shape to a cached view of the slot without reading the
 #     meta), meta, payload (aligned to 16)
-#   ring: RING_BYTES per direction
+#   ring: ring_bytes(peers) per direction (the segment's size says which)
 #
 # Single producer, single consumer, no lock: the producer copies data in, then publishes W
 # (or SEQ); the consumer reads W (SEQ), then the data, then publishes R. x86-64 keeps stores in
@@ -341,7 +341,9 @@ class StreamPeer:
 # A consumer about to sleep sets SLEEP, fences, and looks once more; a producer publishes,
 # fences, and rings when SLEEP is set (Dekker: both fences needed). The fence is an
 # uncontended lock's acquire/release (an atomic read-modify-write in libc).
-RING_BYTES = 4 * 1024 * 1024
+RING_BYTES = 4 * 1024 * 1024  # per direction, for a rank with one same-lease peer
+RING_BUDGET = 32 * 1024 * 1024  # ring memory of one rank, all its same-lease pairs together
+MIN_RING_BYTES = 256 * 1024
 SLOT_BYTES = 1024
 SLOT_HEAD = struct.Struct("=III4xQ")  # kind, meta_len, length, key (arrays: of the meta)
 _SLOT_DATA = 32  # meta, then the payload at the next multiple of 16
@@ -349,7 +351,6 @@ SLOT_MAX = SLOT_BYTES - _SLOT_DATA - 16  # meta + payload that fit a slot
 _CTRL = 256
 _SLOTS = 512
 _RING = _SLOTS + 4 * SLOT_BYTES
-SEGMENT_BYTES = _RING + 2 * RING_BYTES
 _W, _R, _SLEEP, _SEQ, _SPACE = 0, 8, 16, 24, 28  # u64 indexes in a direction's control
 _TSO = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 _fence_lock = threading.Lock()
@@ -362,23 +363,38 @@ def fence() -> None:
     _fence_lock.release()
 
 
-def new_segment() -> tuple[int, mmap.mmap]:
-    """A zeroed memfd for one pair and its mapping (the dialing rank makes it)."""
+def ring_bytes(same_lease_peers: int) -> int:
+    """Ring size per direction when a rank has ``same_lease_peers`` shm peers: 4 MiB for
+    one, less for many (a rank's rings stay within ``RING_BUDGET``, counted against its
+    lease's memory as they are touched), never under 256 KiB; a power of two."""
+    size = RING_BYTES
+    while size > MIN_RING_BYTES and 2 * size * max(1, same_lease_peers) > RING_BUDGET:
+        size //= 2
+    return size
+
+
+def segment_bytes(ring: int) -> int:
+    return _RING + 2 * ring
+
+
+def new_segment(ring: int = RING_BYTES) -> tuple[int, mmap.mmap]:
+    """A zeroed memfd for one pair with rings of ``ring`` bytes, and its mapping (the
+    dialing rank makes it)."""
     fd = os.memfd_create("colocate-fmi-pair", os.MFD_CLOEXEC)
     try:
-        os.ftruncate(fd, SEGMENT_BYTES)
-        return fd, mmap.mmap(fd, SEGMENT_BYTES, flags=mmap.MAP_SHARED)
+        os.ftruncate(fd, segment_bytes(ring))
+        return fd, mmap.mmap(fd, segment_bytes(ring), flags=mmap.MAP_SHARED)
     except BaseException:
         os.close(fd)
         raise
 
 
-def map_segment(fd: int) -> mmap.mmap:
+def map_segment(fd: int, ring: int = RING_BYTES) -> mmap.mmap:
     """The mapping of a pair's memfd received from the dialing rank (checked for size)."""
     try:
-        if os.fstat(fd).st_size != SEGMENT_BYTES:
+        if os.fstat(fd).st_size != segment_bytes(ring):
             raise ConnectionError("the peer's shared-memory segment has the wrong size")
-        return mmap.mmap(fd, SEGMENT_BYTES, flags=mmap.MAP_SHARED)
+        return mmap.mmap(fd, segment_bytes(ring), flags=mmap.MAP_SHARED)
     finally:
         os.close(fd)
 
@@ -399,6 +415,7 @@ class ShmPeer(StreamPeer):
         "oring",
         "oslots",
         "out_views",
+        "ring",
         "seq_in",
         "seq_out",
         "view",
@@ -413,8 +430,9 @@ class ShmPeer(StreamPeer):
         self.obase, self.ibase = out * (_CTRL // 8), inc * (_CTRL // 8)
         self.oslots = self.view[_SLOTS + out * 2 * SLOT_BYTES : _SLOTS + (out + 1) * 2 * SLOT_BYTES]
         self.islots = self.view[_SLOTS + inc * 2 * SLOT_BYTES : _SLOTS + (inc + 1) * 2 * SLOT_BYTES]
-        self.oring = self.view[_RING + out * RING_BYTES : _RING + (out + 1) * RING_BYTES]
-        self.iring = self.view[_RING + inc * RING_BYTES : _RING + (inc + 1) * RING_BYTES]
+        ring = self.ring = (len(mm) - _RING) // 2
+        self.oring = self.view[_RING + out * ring : _RING + (out + 1) * ring]
+        self.iring = self.view[_RING + inc * ring : _RING + (inc + 1) * ring]
         self.seq_out = 0  # slot exchanges this rank published to the peer
         self.seq_in = 0  # slot exchanges it took from the peer
         self.out_views: dict[tuple[int, Any, tuple[int, ...]], tuple[Any, int, int, int]] = {}
@@ -433,11 +451,12 @@ class ShmPeer(StreamPeer):
     def _send(self, view: memoryview) -> int:
         ctrl, base = self.ctrl, self.obase
         w = ctrl[base + _W]
-        n = min(len(view), RING_BYTES - (w - ctrl[base + _R]))
+        ring = self.ring
+        n = min(len(view), ring - (w - ctrl[base + _R]))
         if n <= 0:
             return -1
-        i = w % RING_BYTES
-        first = min(n, RING_BYTES - i)
+        i = w % ring
+        first = min(n, ring - i)
         self.oring[i : i + first] = view[:first]
         if n > first:
             self.oring[: n - first] = view[first:n]
@@ -455,8 +474,9 @@ class ShmPeer(StreamPeer):
             return -1
         if not _TSO:
             fence()
-        i = r % RING_BYTES
-        first = min(n, RING_BYTES - i)
+        ring = self.ring
+        i = r % ring
+        first = min(n, ring - i)
         view[:first] = self.iring[i : i + first]
         if n > first:
             view[first:n] = self.iring[: n - first]
@@ -481,7 +501,7 @@ class ShmPeer(StreamPeer):
     def writable(self) -> bool:
         """Queued messages and room in the ring for some of them."""
         ctrl, base = self.ctrl, self.obase
-        return bool(self.outq) and ctrl[base + _W] - ctrl[base + _R] < RING_BYTES
+        return bool(self.outq) and ctrl[base + _W] - ctrl[base + _R] < self.ring
 
     def wake(self) -> None:
         """The doorbell rang or the socket ended: drain it; at its end, the last ring bytes

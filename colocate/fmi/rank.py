@@ -353,13 +353,15 @@ def _mesh(
     """One authenticated connection to every other rank (rank i dials ranks below it)."""
     me = members[rank]
     peers: dict[int, ch.StreamPeer] = {}
+    # every rank of a lease has the same number of same-lease peers: both ends agree
+    ring = ch.ring_bytes(sum(m["lease"] == me["lease"] for m in members) - 1)
     try:
         for r in range(rank):
             kind = ch.route(members[r]["lease"] == me["lease"], True, channel)
             try:
                 sock = _open_to(w, members[r], kind in ("shm", "local"), ticket, sig)
                 _connect_peer(sock, key, gid, rank, r, timeout_s)
-                peers[r] = _peer(r, sock, kind, dialer=True, low=False)
+                peers[r] = _peer(r, sock, kind, ring, dialer=True, low=False)
             except (OSError, ConnectionError) as exc:
                 failed = _left(r, members, f"cannot reach it: {exc}")
                 # refused: its listener is gone (the rank failed); anything else (a timeout,
@@ -394,7 +396,7 @@ def _mesh(
                         continue
                     kind = ch.route(members[src]["lease"] == me["lease"], True, channel)
                     try:
-                        peers[src] = _peer(src, sock, kind, dialer=False, low=True)
+                        peers[src] = _peer(src, sock, kind, ring, dialer=False, low=True)
                     except (OSError, ConnectionError) as exc:
                         sock.close()
                         raise _left(src, members, f"its shared memory failed: {exc}") from None
@@ -406,13 +408,15 @@ def _mesh(
     return peers
 
 
-def _peer(r: int, sock: socket.socket, kind: str, dialer: bool, low: bool) -> ch.StreamPeer:
+def _peer(
+    r: int, sock: socket.socket, kind: str, ring: int, dialer: bool, low: bool
+) -> ch.StreamPeer:
     """The peer over an authenticated connection; for ``shm`` the dialer makes the pair's
     segment and passes it over the connection (the only way anything can map it)."""
     if kind != "shm":
         return ch.StreamPeer(r, sock, kind)
     if dialer:
-        fd, mm = ch.new_segment()
+        fd, mm = ch.new_segment(ring)
         try:
             socket.send_fds(sock, [b"S"], [fd])
         finally:
@@ -421,7 +425,7 @@ def _peer(r: int, sock: socket.socket, kind: str, dialer: bool, low: bool) -> ch
         _msg, fds, _flags, _addr = socket.recv_fds(sock, 1, 1)
         if not fds:
             raise ConnectionError("no shared-memory segment came with the connection")
-        mm = ch.map_segment(fds[0])
+        mm = ch.map_segment(fds[0], ring)
     return ch.ShmPeer(r, sock, mm, low)
 
 

@@ -159,13 +159,33 @@ def test_a_value_too_big_for_a_slot_is_marked_for_the_ring(
     assert not low.put_slot(b"raw bytes travel by the ring")
 
 
-def test_the_ring_carries_messages_across_its_end_in_order(
-    shm_pair: tuple[ch.ShmPeer, ch.ShmPeer],
-) -> None:
-    low, high = shm_pair
+def test_rings_shrink_with_the_number_of_same_lease_peers() -> None:
+    assert ch.ring_bytes(1) == ch.RING_BYTES == 4 << 20
+    assert ch.ring_bytes(7) == 2 << 20  # 7 pairs x 2 directions x 2 MiB = 28 MiB
+    assert ch.ring_bytes(15) == 1 << 20
+    assert ch.ring_bytes(1000) == ch.MIN_RING_BYTES
+    for peers in range(1, 200):
+        ring = ch.ring_bytes(peers)
+        assert ring & (ring - 1) == 0
+        assert 2 * ring * peers <= ch.RING_BUDGET or ring == ch.MIN_RING_BYTES
+
+
+def test_a_segment_of_another_size_is_refused() -> None:
+    fd, mm = ch.new_segment(ch.MIN_RING_BYTES)
+    mm.close()
+    with pytest.raises(ConnectionError, match="wrong size"):
+        ch.map_segment(fd, ch.RING_BYTES)
+
+
+@pytest.mark.parametrize("ring", [ch.MIN_RING_BYTES, ch.RING_BYTES])
+def test_the_ring_carries_messages_across_its_end_in_order(ring: int) -> None:
+    a, b = socket.socketpair()
+    fd, mm = ch.new_segment(ring)
+    low, high = ch.ShmPeer(1, a, mm, low=True), ch.ShmPeer(0, b, ch.map_segment(fd, ring), False)
+    assert low.ring == high.ring == ring
     got: list[object] = []
     high.inbox = lambda src, kind, enc, tag, value: got.append((src, tag, value))
-    big = np.random.default_rng(1).standard_normal(ch.RING_BYTES // 8 + 1000)  # > the ring
+    big = np.random.default_rng(1).standard_normal(ring // 8 + 1000)  # > the ring
     sent = [np.arange(10.0), big, {"x": 1}, big[::-1].copy()]
     for tag, value in enumerate(sent):
         enc, meta, payload = ch.encode(value)
@@ -189,6 +209,8 @@ def test_the_ring_carries_messages_across_its_end_in_order(
     low.sock.shutdown(socket.SHUT_WR)
     high.wake()
     assert high.eof and got[-1] == (0, 9, "last")
+    low.close()
+    high.close()
 
 
 def test_folds_go_in_rank_order_and_leave_the_inputs_alone() -> None:
