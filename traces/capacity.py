@@ -194,6 +194,7 @@ def search_guided(
         scale = start
         expect: bool | None = None  # the side an estimate said this probe would land on
         trusted = True  # until an estimate is contradicted: then plain bisection
+        estimates: dict[bool, float] = {}  # latest estimate from a run at / below the target
         for _ in range(max_runs):
             summary = run_at(scale, [name])[name]
             result.points[name].append((scale, summary))
@@ -204,15 +205,22 @@ def search_guided(
                 low = scale if low is None else min(low, scale)
             if expect is not None and served != expect:
                 trusted = False
-            if ok is not None and low is not None and low / ok <= 1.0 + tolerance:
+            if ok is not None and low is not None and low / ok <= (1.0 + tolerance) * (1 + 1e-9):
                 break
             if ok is None and low is not None and low < 1e-9:
                 break  # not even a sliver of the load is served
             estimate = float(summary.get(ESTIMATE, math.nan))
+            if math.isfinite(estimate) and estimate > 0:
+                estimates[served] = estimate
             guess, expect = math.nan, None
-            if trusted and math.isfinite(estimate) and estimate > 0:
-                # just past the estimate, on the side this replay did not see
-                guess = estimate * step if served else estimate / step
+            if trusted and estimates:
+                # An offer seen at a lower scale (fewer evictions) tends to overestimate, one
+                # at a higher scale to underestimate: aim at the middle of the latest of
+                # each, just past it on the side this replay did not see.
+                middle = math.sqrt(estimates.get(True, estimate) * estimates.get(False, estimate))
+                if not math.isfinite(middle) or middle <= 0:
+                    middle = next(iter(estimates.values()))
+                guess = middle * step if served else middle / step
                 expect = not served
             if not (ok is None or guess > ok) or not (low is None or guess < low):
                 guess, expect = math.nan, None  # nothing new (or NaN): widen or bisect
