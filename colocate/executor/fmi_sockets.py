@@ -88,7 +88,7 @@ def answer_fmi(
             family = socket.AF_INET6 if ":" in ticket.host else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM)
             sock.bind((ticket.host, 0))
-            sock.listen(64)
+            sock.listen(1024)  # every rank of a group may dial (and probe) it at once
             return {"status": "ok", "address": list(sock.getsockname()[:2])}, sock
         if op == "connect":
             host, port = request["to"]

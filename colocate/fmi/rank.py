@@ -48,8 +48,13 @@ _MAGIC = b"FMI1"
 _HELLO = struct.Struct("<4s32sI16s")
 _LEN = struct.Struct("<I")
 _prepared: dict[str, tuple[list[socket.socket], str]] = {}
-PROBE_AFTER_S = 0.3  # a rank waiting for others to join checks they are alive after this
-PROBE_EVERY_S = 0.3
+# A rank waiting for others to join checks that their listeners are still there after
+# PROBE_AFTER_S, then at doubling intervals: a rank that died is noticed within about the time
+# it has been waited for, and a slow one is not flooded (each probe sits in its listener's
+# backlog until it accepts).
+PROBE_AFTER_S = 0.3
+PROBE_MAX_EVERY_S = 5.0
+BACKLOG = 1024
 
 
 def _worker() -> Any:
@@ -101,7 +106,7 @@ def prepare(group: str, ticket: str, sig: str, channel: str) -> dict[str, Any]:
         os.unlink(unix_path)
     unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     unix.bind(unix_path)
-    unix.listen(64)
+    unix.listen(BACKLOG)
     listeners.append(unix)
     if channel != "redis":
         host = json.loads(ticket)[2]
@@ -113,7 +118,7 @@ def prepare(group: str, ticket: str, sig: str, channel: str) -> dict[str, Any]:
                     socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM
                 )
                 tcp.bind((host, 0))
-                tcp.listen(64)
+                tcp.listen(BACKLOG)
             listeners.append(tcp)
             info["tcp"] = list(tcp.getsockname()[:2])
         except (OSError, ConnectionError) as exc:
@@ -372,7 +377,8 @@ def _mesh(
         expected = set(range(rank + 1, len(members)))
         listeners, _path = _prepared.get(group, ([], ""))
         deadline = time.monotonic() + timeout_s
-        next_probe = time.monotonic() + PROBE_AFTER_S
+        probe_every = PROBE_AFTER_S
+        next_probe = time.monotonic() + probe_every
         while expected:
             if evicting():
                 raise LeaseEvicted(
@@ -385,7 +391,8 @@ def _mesh(
                 raise _left(first, members, f"it did not join within {timeout_s:.0f} s")
             if now >= next_probe:
                 _probe(w, members, expected, ticket, sig, me["lease"])
-                next_probe = now + PROBE_EVERY_S
+                probe_every = min(2 * probe_every, PROBE_MAX_EVERY_S)
+                next_probe = now + probe_every
             ready, _, _ = select.select(listeners, [], [], min(left, 0.05))
             for listener in ready:
                 with contextlib.suppress(BlockingIOError, InterruptedError):
