@@ -419,6 +419,7 @@ class ShmPeer(StreamPeer):
         "seq_in",
         "seq_out",
         "view",
+        "written",
     )
 
     def __init__(self, rank: int, sock: socket.socket, mm: mmap.mmap, low: bool) -> None:
@@ -435,7 +436,8 @@ class ShmPeer(StreamPeer):
         self.iring = self.view[_RING + inc * ring : _RING + (inc + 1) * ring]
         self.seq_out = 0  # slot exchanges this rank published to the peer
         self.seq_in = 0  # slot exchanges it took from the peer
-        self.out_views: dict[tuple[int, Any, tuple[int, ...]], tuple[Any, int, int, int]] = {}
+        self.out_views: dict[tuple[int, Any, tuple[int, ...]], tuple[Any, int, bytes, int]] = {}
+        self.written = [0, 0]  # per slot: key of the array meta it holds (0: none)
         self.in_views: dict[tuple[int, int], Any] = {}
         if _ndarray is None:
             np = _numpy_if_loaded()
@@ -532,9 +534,12 @@ class ShmPeer(StreamPeer):
             if ent is None:
                 ent = self._out_view(seq & 1, value)
             if ent is not None:
-                dst, key, meta_len, length = ent
+                dst, key, meta, length = ent
+                if self.written[seq & 1] != key:  # the slot's meta is another's: rewrite it
+                    slot[off + _SLOT_DATA : off + _SLOT_DATA + len(meta)] = meta
+                    self.written[seq & 1] = key
                 dst[...] = value
-                SLOT_HEAD.pack_into(slot, off, SLOT_ARRAY, meta_len, length, key)
+                SLOT_HEAD.pack_into(slot, off, SLOT_ARRAY, len(meta), length, key)
             else:
                 SLOT_HEAD.pack_into(slot, off, SLOT_STREAM, 0, 0, 0)
                 fits = False
@@ -558,6 +563,8 @@ class ShmPeer(StreamPeer):
             else:
                 SLOT_HEAD.pack_into(slot, off, SLOT_OBJ, 0, len(payload), 0)
                 slot[off + _SLOT_DATA : off + _SLOT_DATA + len(payload)] = payload
+        if cls is not _ndarray:
+            self.written[seq & 1] = 0  # the meta area now holds something else
         if not _TSO:
             fence()
         self.ctrl[self.obase + _SEQ] = seq
@@ -565,9 +572,9 @@ class ShmPeer(StreamPeer):
         self._ring()
         return fits
 
-    def _out_view(self, parity: int, value: Any) -> tuple[Any, int, int, int] | None:
-        """(array view of the outgoing slot, key, meta length, payload length) for arrays of
-        ``value``'s dtype and shape, the meta written in the slot; None when they do not fit."""
+    def _out_view(self, parity: int, value: Any) -> tuple[Any, int, bytes, int] | None:
+        """(array view of the outgoing slot, key, meta, payload length) for arrays of
+        ``value``'s dtype and shape; None when they do not fit."""
         if value.dtype.hasobject:
             return None
         meta = _meta(value.dtype, value.shape)
@@ -578,11 +585,10 @@ class ShmPeer(StreamPeer):
 
         off = parity * SLOT_BYTES
         key = _meta_key(meta)
-        self.oslots[off + _SLOT_DATA : off + _SLOT_DATA + len(meta)] = meta
         dst = np.frombuffer(self.oslots, value.dtype, value.size, off + start).reshape(value.shape)
         if len(self.out_views) > 64:
             self.out_views.clear()
-        ent = (dst, key, len(meta), value.nbytes)
+        ent = (dst, key, meta, value.nbytes)
         self.out_views[(parity, value.dtype, value.shape)] = ent
         return ent
 

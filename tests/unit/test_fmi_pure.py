@@ -150,6 +150,22 @@ def test_slot_exchanges_give_back_what_was_put(
             assert got == value and type(got) is type(value)
 
 
+def test_arrays_after_other_values_in_the_same_slot_keep_their_meta(
+    shm_pair: tuple[ch.ShmPeer, ch.ShmPeer],
+) -> None:
+    low, high = shm_pair
+    arr = np.arange(3, dtype=np.int32)
+    for value in (arr, arr, "a string over the meta" * 3, 1.5, arr, arr + 1, arr, None, arr):
+        low.put_slot(value)
+        high.in_views.clear()  # as if the receiver's cache were full: it reads the meta
+        inline, got = high.take_slot()
+        assert inline
+        if isinstance(value, np.ndarray):
+            np.testing.assert_array_equal(got, value)
+        else:
+            assert got == value
+
+
 def test_a_value_too_big_for_a_slot_is_marked_for_the_ring(
     shm_pair: tuple[ch.ShmPeer, ch.ShmPeer],
 ) -> None:
