@@ -42,7 +42,6 @@ from policies.limits import Limits
 from policies.model import Decision, EvictionReason, JobView, NodeView, Offer, UsageSample
 
 _TIME = attrgetter("t")
-_MEMORY_USED = attrgetter("memory_used_bytes")
 _NONE: frozenset[int] = frozenset()
 
 JobSizer = Callable[[JobView, tuple[UsageSample, ...], Limits, float], tuple[float, int]]
@@ -53,17 +52,18 @@ cores nor below the observed memory peak, whatever a sizer says."""
 
 def memory_margin(job: JobView, limits: Limits) -> int:
     """Bytes a job keeps above its peak: the larger of the fixed and the relative margin."""
-    return max(
-        limits.memory_margin_bytes, int(limits.memory_margin_ratio * job.memory_allocated_bytes)
-    )
+    relative = int(limits.memory_margin_ratio * job.memory_allocated_bytes)
+    fixed = limits.memory_margin_bytes
+    return relative if relative > fixed else fixed
 
 
 def observed_peak(job: JobView) -> int:
     """The largest memory the job was seen using, bytes (reported peak or any sample)."""
-    if not job.history:
-        return job.memory_peak_bytes
-    most: int = max(map(_MEMORY_USED, job.history))
-    return max(job.memory_peak_bytes, most)
+    peak = job.memory_peak_bytes
+    for sample in job.history:  # a short tuple: a plain loop beats max(map(...))
+        if sample.memory_used_bytes > peak:
+            peak = sample.memory_used_bytes
+    return peak
 
 
 def cores_for_total(used: float, limits: Limits) -> int:
@@ -233,11 +233,7 @@ def harvest(node: NodeView, limits: Limits, now: float, sizer: JobSizer) -> Deci
     memory = node.memory_total_bytes - node.memory_reserved_bytes
     reasons: list[tuple[frozenset[int], EvictionReason]] = []
     job_started = False
-    # Read once: this loop runs about a million times in a replay.
-    min_history = limits.min_history_s
     since = now - limits.history_window_s
-    margin_bytes = limits.memory_margin_bytes
-    margin_ratio = limits.memory_margin_ratio
     # eviction reasons matter only when there are leases to evict (most decisions have none)
     leases = bool(node.leases)
     leased_cpus = frozenset().union(*(lease.cpu_ids for lease in node.leases)) if leases else _NONE
@@ -246,16 +242,10 @@ def harvest(node: NodeView, limits: Limits, now: float, sizer: JobSizer) -> Deci
         allocated.update(cpus)
         alloc = job.memory_allocated_bytes
         history = job.history
-        # observed_peak(job) and memory_margin(job, limits), inlined (same max() ties)
-        peak = job.memory_peak_bytes
-        for sample in history:  # a short tuple: a loop beats max(map(...))
-            if sample.memory_used_bytes > peak:
-                peak = sample.memory_used_bytes
-        margin = int(margin_ratio * alloc)
-        if not margin > margin_bytes:
-            margin = margin_bytes
+        peak = observed_peak(job)
+        margin = memory_margin(job, limits)
         # Lends only with history, old enough, and allowed (else its leases go: JOB_START/DENIED).
-        if job.colocate and history and now - job.start_time >= min_history:
+        if job.colocate and history and now - job.start_time >= limits.min_history_s:
             # the window; the latest sample alone when the monitor fell silent for longer
             start = bisect_left(history, since, key=_TIME)
             recent = history[start:] if start < len(history) else history[-1:]
