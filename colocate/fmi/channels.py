@@ -518,6 +518,7 @@ class ShmPeer(StreamPeer):
             if not data:
                 StreamPeer.read(self)  # what was written before the end
                 self.eof = True
+                self.drop_queue()  # it finished or died: what it was sent is never read
                 return
 
     # -- slots (small collective exchanges) ----------------------------------------------------

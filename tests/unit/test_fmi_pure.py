@@ -166,6 +166,20 @@ def test_arrays_after_other_values_in_the_same_slot_keep_their_meta(
             assert got == value
 
 
+def test_what_waits_for_ring_space_is_dropped_when_the_peer_ends(
+    shm_pair: tuple[ch.ShmPeer, ch.ShmPeer],
+) -> None:
+    """A sender blocked on a full ring to a peer that died would wait forever: the end of
+    the peer's doorbell socket drops the queue (the socket channels drop it on EPIPE)."""
+    low, high = shm_pair
+    enc, meta, payload = ch.encode(np.ones(low.ring // 4))  # twice the ring
+    low.queue(ch.DATA, enc, 0, 0, meta, payload)
+    assert not low.flush() and low.outq
+    high.sock.close()  # the peer's process is gone
+    low.wake()
+    assert low.eof and not low.outq and low.flush()
+
+
 def test_a_value_too_big_for_a_slot_is_marked_for_the_ring(
     shm_pair: tuple[ch.ShmPeer, ch.ShmPeer],
 ) -> None:
