@@ -196,6 +196,7 @@ class Calibration:
         held: list[Any] = []  # [lease, its executor] once leased
         try:
             self._wait_running(job_id)
+            self._wait_iterating(out)
             order = ["idle", *s.functions]
             for repeat in range(s.repeats):
                 shift = repeat % len(order)
@@ -231,10 +232,12 @@ class Calibration:
         deadline = time.monotonic() + self.settings.lease_timeout_s
         while True:
             if not held:
-                lease = self._lease(client, deadline)
-                held[:] = [lease, lease.executor()]
-            lease, executor = held
+                held[:] = [self._lease(client, deadline), None]
+            lease = held[0]
             try:
+                if held[1] is None:  # the lease may be taken back before its executor answers
+                    held[1] = lease.executor()
+                executor = held[1]
                 time.sleep(GAP_S)
                 start, end, _ = executor.invoke(f"{FUNCTION_MODULE}:{fn}", self.settings.segment_s)
                 return float(start), float(end)
@@ -285,6 +288,20 @@ class Calibration:
             f"kernel job {job_id} did not start on {self.settings.node} within {timeout_s:g} s"
         )
 
+    def _wait_iterating(self, out: Path, timeout_s: float = 120.0) -> None:
+        """Until the kernel has pinned itself and timed an iteration: before, its start-up
+        floats over the node's cores and the agent may lend the one it then pins to."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                if any(not line.startswith("#") for line in out.read_text().splitlines()):
+                    return
+            time.sleep(0.2)
+        raise BackendUnavailable(
+            f"the kernel wrote no iteration to {out} within {timeout_s:g} s; pass a --workdir "
+            "the node and this host share"
+        )
+
     def _wait_gone(self, job_id: str, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -303,8 +320,9 @@ def _close(held: list[Any]) -> None:
     if held:
         lease, executor = held
         held.clear()
-        with contextlib.suppress(ColocateError, OSError):
-            executor.shutdown()
+        if executor is not None:
+            with contextlib.suppress(ColocateError, OSError):
+                executor.shutdown()
         with contextlib.suppress(ColocateError, OSError):
             lease.release()
 
