@@ -13,6 +13,8 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from colocate.errors import ConfigError
+from colocate.lease_value import LeaseValue
+from colocate.owner import Owner
 from colocate.units import parse_duration, parse_size
 
 API_PREFIX = "/v1"
@@ -141,9 +143,8 @@ class RenewRequest(_Message):
     duration: Seconds = 300.0
 
 
-class LeaseGrant(_Message):
-    """A granted lease: talk to ``address`` with ``token`` until ``expires_at``; the executor
-    proves it is the one placed by answering the client's nonce with HMAC(``lease_key``)."""
+class LeaseInfo(_Message):
+    """A lease as the broker shows it to its owner (``/v1/leases``, ``/v1/status``)."""
 
     lease_id: str
     node: str
@@ -152,25 +153,20 @@ class LeaseGrant(_Message):
     memory_bytes: int
     granted_at: float
     expires_at: float
-    token: str
-    max_payload_bytes: int
     user: str = ""
     account: str = ""
+
+
+class LeaseGrant(LeaseInfo):
+    """A granted lease: talk to ``address`` with ``token`` until ``expires_at``; the executor
+    proves it is the one placed by answering the client's nonce with HMAC(``lease_key``).
+    The lease as :class:`LeaseInfo` describes it, plus what only its holder gets."""
+
+    token: str
+    max_payload_bytes: int
     lease_key: str = Field(
         "", description="hex; the executor's proof key (empty: the executor cannot prove itself)"
     )
-
-
-class LeaseInfo(_Message):
-    lease_id: str
-    node: str
-    address: str
-    cpu_ids: list[int]
-    memory_bytes: int
-    granted_at: float
-    expires_at: float
-    user: str = ""
-    account: str = ""
 
 
 class OtherLease(_Message):
@@ -242,6 +238,9 @@ class Released(_Message):
 
 
 class ReportedLease(_Message):
+    """A lease an agent runs, as it reports it (its executor's ``address``; ``generation``:
+    the agent's change counter when the executor started); the agent builds it with :meth:`of`."""
+
     lease_id: str = Field(min_length=1, max_length=128, pattern=LEASE_ID_PATTERN)
     cpu_ids: CpuIds
     memory_bytes: Int = Field(ge=0, le=MAX_BYTES)
@@ -249,6 +248,19 @@ class ReportedLease(_Message):
     expires_at: Epoch
     address: str = Field(max_length=512)
     generation: Int = Field(ge=0, le=2**53)
+
+    @classmethod
+    def of(cls, lease: LeaseValue, address: str, generation: int) -> ReportedLease:
+        """The edge from the agent's side: its :class:`~colocate.lease_value.LeaseValue`."""
+        return cls(
+            lease_id=lease.lease_id,
+            cpu_ids=list(lease.cpu_ids),
+            memory_bytes=lease.memory_bytes,
+            granted_at=lease.granted_at,
+            expires_at=lease.expires_at,
+            address=address,
+            generation=generation,
+        )
 
 
 class NodeReport(_Message):
@@ -296,12 +308,26 @@ class LeaseOwner(_Message):
 
 
 class StartRequest(_Message):
+    """The broker placed a lease on this agent's node: start its executor."""
+
     lease_id: str = Field(min_length=1, max_length=128, pattern=LEASE_ID_PATTERN)
     cpu_ids: LeaseCpuIds
     memory_bytes: Int = Field(ge=0, le=MAX_BYTES)
     granted_at: Epoch
     expires_at: Epoch
     owner: LeaseOwner | None = None
+
+    def lease(self) -> LeaseValue:
+        """The edge to the agent's side: the lease as a :class:`~colocate.lease_value.LeaseValue`."""
+        o = self.owner
+        return LeaseValue.of(
+            self.lease_id,
+            self.cpu_ids,
+            self.memory_bytes,
+            self.granted_at,
+            self.expires_at,
+            None if o is None else Owner(o.uid, o.gid, o.user, o.account),
+        )
 
 
 class StartReply(_Message):

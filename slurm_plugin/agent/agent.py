@@ -39,11 +39,12 @@ from colocate.broker.api import (
 )
 from colocate.broker.secret import control_token_ok
 from colocate.errors import BadRequest, LeaseDenied, LeaseError, LeaseExpired
+from colocate.lease_value import LeaseValue
 from colocate.owner import Owner
 from colocate.protocol import DEFAULT_MAX_PAYLOAD_BYTES
 from policies.headroom import growth_suspected
 from policies.limits import Limits
-from policies.model import Eviction, EvictionReason, LeaseView, NodeView, Offer, Policy
+from policies.model import Eviction, EvictionReason, NodeView, Offer, Policy
 from slurm_plugin.agent.node_source import NodeSource
 from slurm_plugin.agent.reporter import Reporter
 
@@ -122,37 +123,22 @@ class ExecutorBackend(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class HeldLease:
-    """A lease whose executor runs on this node. ``generation``: the agent's change counter
+    """A lease whose executor runs on this node: the lease (the one internal value), where
+    its executor listens and its processes, and ``generation``, the agent's change counter
     right after the executor started."""
 
-    lease_id: str
-    cpu_ids: tuple[int, ...]
-    memory_bytes: int
-    granted_at: float
-    expires_at: float
+    lease: LeaseValue
     address: str
     generation: int
     pids: tuple[int, ...] = ()
 
-    def view(self) -> LeaseView:
-        return LeaseView(
-            self.lease_id,
-            frozenset(self.cpu_ids),
-            self.memory_bytes,
-            self.granted_at,
-            self.expires_at,
-        )
+    @property
+    def lease_id(self) -> str:
+        return self.lease.lease_id
 
     def reported(self) -> ReportedLease:
-        return ReportedLease(
-            lease_id=self.lease_id,
-            cpu_ids=list(self.cpu_ids),
-            memory_bytes=self.memory_bytes,
-            granted_at=self.granted_at,
-            expires_at=self.expires_at,
-            address=self.address,
-            generation=self.generation,
-        )
+        """The edge to the broker: this lease as the agent reports it."""
+        return ReportedLease.of(self.lease, self.address, self.generation)
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,11 +248,7 @@ class Agent:
             with self._lock:  # its clients keep working; the broker hears of it at the next report
                 self._generation += 1
                 self._leases[handle.lease_id] = HeldLease(
-                    handle.lease_id,
-                    cpus,
-                    handle.memory_bytes,
-                    now,
-                    expires_at,
+                    LeaseValue.of(handle.lease_id, cpus, handle.memory_bytes, now, expires_at),
                     handle.address,
                     self._generation,
                     tuple(handle.pids),
@@ -283,44 +265,40 @@ class Agent:
         now = self._clock()
         if request.expires_at <= now:
             raise LeaseExpired("expires before its executor could start", lease_id=request.lease_id)
-        cpu_ids = tuple(sorted(set(request.cpu_ids)))
+        lease = request.lease()  # the one conversion from the HTTP side
         with self._lock:
-            held = self._leases.get(request.lease_id)
+            held = self._leases.get(lease.lease_id)
             if held is not None:  # the broker retried: same answer
-                if held.cpu_ids != cpu_ids or held.memory_bytes != request.memory_bytes:
+                if not held.lease.same_resources(lease):
                     raise BadRequest(
-                        f"lease {request.lease_id} already runs here with other resources"
+                        f"lease {lease.lease_id} already runs here with other resources"
                     )
                 return self._start_reply(held)
             if not self._offer.cpu_ids:
                 self._decide(now)
-            self._admit(request.lease_id, cpu_ids, request.memory_bytes)
+            self._admit(lease)
             started = time.monotonic()
             handle = self.executors.start(  # workers run as the lease's owner (issue 12)
-                request.lease_id,
-                cpu_ids,
-                request.memory_bytes,
-                request.expires_at,
-                owner=_owner(request),
+                lease.lease_id,
+                lease.cpu_ids,
+                lease.memory_bytes,
+                lease.expires_at,
+                owner=lease.owner,
             )
             if self.metrics is not None:
                 self.metrics.cold_start(time.monotonic() - started)
             self._generation += 1
-            held = HeldLease(
-                request.lease_id,
-                cpu_ids,
-                request.memory_bytes,
-                request.granted_at,
-                request.expires_at,
-                handle.address,
-                self._generation,
-                tuple(handle.pids),
-            )
-            self._leases[held.lease_id] = held
+            held = HeldLease(lease, handle.address, self._generation, tuple(handle.pids))
+            self._leases[lease.lease_id] = held
         # Wake the loop to watch the new expiry, but report only at the next interval: the
         # broker learns the start from this answer (and a report now would compete with the
         # client's first connection for the CPU).
-        log.info("lease %s: executor at %s on cores %s", held.lease_id, held.address, list(cpu_ids))
+        log.info(
+            "lease %s: executor at %s on cores %s",
+            lease.lease_id,
+            held.address,
+            list(lease.cpu_ids),
+        )
         self._wake.set()
         return self._start_reply(held)
 
@@ -333,9 +311,10 @@ class Agent:
             max_payload_bytes=self.max_payload_bytes,
         )
 
-    def _admit(self, lease_id: str, cpu_ids: tuple[int, ...], memory_bytes: int) -> None:
-        taken = {c for held in self._leases.values() for c in held.cpu_ids}
-        used = sum(held.memory_bytes for held in self._leases.values())
+    def _admit(self, lease: LeaseValue) -> None:
+        lease_id, cpu_ids, memory_bytes = lease.lease_id, lease.cpu_ids, lease.memory_bytes
+        taken = {c for held in self._leases.values() for c in held.lease.cpu_ids}
+        used = sum(held.lease.memory_bytes for held in self._leases.values())
         free_cpus = sorted(self._offer.cpu_ids - taken)
         free_memory = max(0, self._offer.memory_bytes - used)
         if not set(cpu_ids) <= set(free_cpus) or memory_bytes > free_memory:
@@ -351,7 +330,7 @@ class Agent:
             held = self._leases.get(lease_id)
             if held is None:
                 raise LeaseError(f"does not run on node {self.node}", lease_id=lease_id)
-            held = replace(held, expires_at=expires_at)
+            held = replace(held, lease=held.lease.renewed(expires_at))
             self._leases[lease_id] = held
         self.executors.renew(lease_id, expires_at)
         return held
@@ -375,7 +354,12 @@ class Agent:
         log.info("lease %s %s (grace %.3fs, gone after %.3fs)", lease_id, reason, grace, seconds)
         self.evictions.append(
             EvictionRecord(
-                lease_id, reason, self._clock(), seconds, held.cpu_ids, held.memory_bytes
+                lease_id,
+                reason,
+                self._clock(),
+                seconds,
+                held.lease.cpu_ids,
+                held.lease.memory_bytes,
             )
         )
         if self.metrics is not None:
@@ -400,7 +384,7 @@ class Agent:
         """Decide on the node source's latest sample with what the hooks said since (the
         caller holds the lock; sampling happens before, outside it: see :meth:`tick`)."""
         view = self.source.recent_view(now)
-        view = replace(view, leases=tuple(held.view() for held in self._leases.values()))
+        view = replace(view, leases=tuple(held.lease.view() for held in self._leases.values()))
         decision = self.policy.decide(view, self.limits, now, self._policy_state)
         if self.recorder is not None:
             self.recorder.record(now, view, self._policy_state, decision)
@@ -496,7 +480,9 @@ class Agent:
         quarter interval (``growth_recheck_s``) at most while a job's growth into a lent core awaits its confirming
         sample (:func:`~policies.headroom.growth_suspected`), so it gets the core back sooner."""
         with self._lock:
-            next_expiry = min((held.expires_at for held in self._leases.values()), default=None)
+            next_expiry = min(
+                (held.lease.expires_at for held in self._leases.values()), default=None
+            )
             suspected = self._growth_suspected
         wait = max(0.0, until_report_s)
         if suspected:
@@ -547,8 +533,3 @@ class Agent:
             generation=report.generation,
             leases=report.leases,
         )
-
-
-def _owner(request: StartRequest) -> Owner | None:
-    o = request.owner
-    return None if o is None else Owner(o.uid, o.gid, o.user, o.account)
