@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import resource
 import signal
 import socket
@@ -141,7 +142,10 @@ class _Protocol(_HeadDeadline, H11Protocol):
 
 def _protocol() -> type[Any]:
     """uvicorn's httptools protocol (a C parser: a fraction of h11's CPU per request, which is
-    most of what a node report costs the broker) when httptools is installed, else h11."""
+    most of what a node report costs the broker) when httptools is installed, else h11
+    (also when ``COLOCATE_HTTP_PARSER=h11``: benchmarks/broker_http.py compares the two)."""
+    if os.environ.get("COLOCATE_HTTP_PARSER") == "h11":
+        return _Protocol
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:

@@ -91,3 +91,22 @@ def test_a_release_the_agent_missed_reaches_it_through_the_next_heartbeat() -> N
         assert released.released and agent.report().leases  # the agent still runs it
         steps(agent, http, 8)
         assert agent.report().leases == []
+
+
+def test_heartbeats_take_the_fast_path_and_bad_ones_get_the_usual_errors() -> None:
+    broker = Broker(BrokerConfig(), SECRET)
+    agent, _, http, _ = setup(broker)
+    with http:
+        steps(agent, http, 1)  # registered
+        ok = http.put("/v1/nodes/n1/alive", json={"instance": agent.instance, "generation": 0})
+        assert ok.status_code == 200 and ok.json() == {"known": True}
+        stranger = http.put("/v1/nodes/n1/alive", json={"instance": "other", "generation": 0})
+        assert stranger.json() == {"known": False}  # another agent run: send the full report
+        unsigned = TestClient(create_app(broker)).put(
+            "/v1/nodes/n1/alive", json={"instance": agent.instance, "generation": 0}
+        )
+        assert unsigned.status_code == 401 and unsigned.json()["error"] == "Unauthorized"
+        bad = http.put("/v1/nodes/n1/alive", json={"instance": agent.instance})
+        assert bad.status_code == 400 and "generation" in bad.json()["message"]
+        other = http.put("/v1/nodes/n2/alive", json={"instance": "", "generation": 0})
+        assert other.status_code == 401  # signed by n1: a node speaks only for itself
