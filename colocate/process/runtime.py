@@ -26,7 +26,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from typing import Any
 
 from colocate.errors import ColocateError, ConfigError
@@ -58,6 +58,13 @@ PEEK_WAIT_S = 0.5  # how long a call waits before it tells the client where the 
 CALL_PREFIX = "\x00call:"  # + a call's id: its kept result, for the last KEEP_CALLS calls
 KEEP_CALLS = 64
 KEEP_RESULT_BYTES = 64 << 10
+NOT_KEPT = "\x00colocate: result not kept"
+_NOT_KEPT_PICKLE = pickle.dumps(NOT_KEPT, protocol=5)
+# signal.pthread_sigmask turns the old mask into a set of enums (a fifth of a commit's time);
+# the builtin gives ints, which SIG_SETMASK takes back as they are
+_sigmask: Callable[[int, Iterable[int]], set[int]] = getattr(
+    signal, "_signal", signal
+).pthread_sigmask
 _IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), frozenset, range)
 _BLOCKED = {signal.SIGTERM, signal.SIGALRM, *range(int(signal.SIGRTMIN), int(signal.SIGRTMIN) + 4)}
 
@@ -138,14 +145,13 @@ class LiveProcess:
         self.values[key] = value
         return value
 
-    def applied(self, call_id: str) -> tuple[bool, bytes | None]:
+    def applied(self, call_id: str) -> tuple[bool, Any]:
         """Whether call ``call_id`` committed (one of the last KEEP_CALLS), and its result
-        pickle (None: not kept)."""
+        (NOT_KEPT when it was too large to keep)."""
         key = CALL_PREFIX + call_id
         if key not in self.where:
             return False, None
-        kept: bytes | None = self.load(key)
-        return True, kept
+        return True, self.load(key)
 
     def user_keys(self) -> int:
         return len(self.where) - len(self.call_keys)
@@ -377,7 +383,7 @@ class State(MutableMapping[str, Any]):
                 time.sleep(min(left, 0.005))
 
     # -- end of the call ------------------------------------------------------------------
-    def _commit(self, call_id: str = "", kept: bytes | None = None) -> None:
+    def _commit(self, call_id: str = "", kept: bytes | None = None, result: Any = None) -> None:
         entries: list[tuple[str, int, Parts]] = [(k, DELETE, ()) for k in self._deleted]
         objects = dict(self._touched)
         objects.update(self._writes)
@@ -387,8 +393,10 @@ class State(MutableMapping[str, Any]):
             # back) finds it here and gets its result instead of applying it twice.
             # One small entry per call (and the oldest one's deletion), not a table rewritten.
             key = CALL_PREFIX + call_id
-            entries.append((key, SET, (_dumps(kept),)))
-            objects[key] = kept
+            if kept is None:  # too large or not picklable: the retry learns it committed
+                kept, result = _NOT_KEPT_PICKLE, NOT_KEPT
+            entries.append((key, SET, (kept,)))  # the result's own pickle: loads to it
+            objects[key] = result
             calls = self._proc.call_keys
             dropped = calls[0] if len(calls) >= KEEP_CALLS else None
             if dropped is not None:
@@ -484,7 +492,8 @@ class Call:
         self._fn = None
 
     def __call__(self, call_id: str = "", *args: Any, **kwargs: Any) -> tuple[Any, list[str]]:
-        self.name = own_name(self.name)  # "<owner>/<name>": refused unless we run as the owner
+        if "/" in self.name:  # "<owner>/<name>": refused unless we run as the owner
+            self.name = own_name(self.name)
         proc = _open(self.root, self.name, self.wait_s)
         notes, proc.notes = proc.notes, []
         if self.op == "snapshot":
@@ -506,13 +515,13 @@ class Call:
         if call_id:
             done, kept = proc.applied(call_id)
             if done:  # a retry of a call that committed: not twice
-                if kept is None:
+                if isinstance(kept, str) and kept == NOT_KEPT:
                     raise ResultNotKept(
                         f"process {self.name!r}: this call committed before the lease was lost; "
                         f"it is not run twice, and its result (over {KEEP_RESULT_BYTES} bytes or "
                         "not picklable) was not kept"
                     )
-                return pickle.loads(kept), notes
+                return kept, notes
         fn = self._fn
         if fn is None:
             fn = self._fn = pickle.loads(self.fn_bytes)
@@ -524,14 +533,14 @@ class Call:
             raise
         kept = _keep(result) if call_id else None  # before the commit: it may take a while
         # The eviction signals wait while the commit runs: a swap-out never sees half of it.
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED)
+        old = _sigmask(signal.SIG_BLOCK, _BLOCKED)
         try:
             if _evicting():  # the client was told the lease is gone: this call did not happen
                 state._abort()
                 raise ProcessInterrupted(
                     f"process {self.name!r}: the lease is being taken back; the call's changes were discarded"
                 )
-            state._commit(call_id, kept)
+            state._commit(call_id, kept, result)
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            _sigmask(signal.SIG_SETMASK, old)
         return result, notes
