@@ -1,0 +1,109 @@
+"""FMI groups of forked processes that call ``colocate.fmi.rank`` directly (no broker or
+agent: the client's rendezvous done here), to cover what the two-core dev nodes cannot hold:
+3 and 4 ranks of one lease over shared memory (recursive doubling over the slots for 4, the
+general path for 3), checked against numpy, with every rank getting the same bits."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from typing import Any
+
+import cloudpickle
+import numpy as np
+import pytest
+
+from colocate.fmi import rank as fmi_rank
+from tests.integration.test_fmi import check_against_numpy, every_operation
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+pytestmark = pytest.mark.slow
+
+
+def _rank(
+    r: int, fn: bytes, group: str, ticket: str, channel: str, args: tuple[Any, ...], q: Any
+) -> None:
+    try:
+        info = fmi_rank.prepare(group, ticket, "", channel)
+        info["lease"] = "one-lease"
+        q[0].put((r, info))
+        members = q[1 + r].get(timeout=30)
+        result = fmi_rank.run(
+            fn, group, r, members, "00" * 32, channel, None, ticket, "", args, {}, 10.0
+        )
+        q[0].put((r, ("ok", cloudpickle.dumps(result))))
+    except BaseException as exc:
+        q[0].put((r, ("error", repr(exc))))
+
+
+def run_forked(fn: Any, size: int, channel: str, *args: Any) -> list[Any]:
+    """``fn(comm, *args)`` on ``size`` forked ranks of one lease; the results in rank order."""
+    ctx = mp.get_context("fork")
+    group = os.urandom(16).hex()
+    ticket = json.dumps([group, "one-lease", "127.0.0.1", time.time() + 60, []])
+    queues = [ctx.Queue() for _ in range(size + 1)]
+    procs = [
+        ctx.Process(
+            target=_rank,
+            args=(r, cloudpickle.dumps(fn), group, ticket, channel, args, queues),
+        )
+        for r in range(size)
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        members: list[Any] = [None] * size
+        for _ in range(size):
+            r, info = queues[0].get(timeout=30)
+            members[r] = info
+        for r in range(size):
+            queues[1 + r].put(members)
+        results: list[Any] = [None] * size
+        for _ in range(size):
+            r, (status, value) = queues[0].get(timeout=60)
+            assert status == "ok", f"rank {r}: {value}"
+            results[r] = cloudpickle.loads(value)
+        return results
+    finally:
+        for proc in procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+
+
+def sums_many_times(comm: Any) -> list[Any]:
+    import numpy as np
+
+    rng = np.random.default_rng(comm.rank)
+    out = []
+    for n in (1, 7, 120, 5000):  # slots (up to ~1 KiB) and the ring
+        x = rng.standard_normal(n)
+        out.append((x, comm.allreduce(x)))
+    out.append((None, comm.allreduce(0.1 * (comm.rank + 1))))
+    out.append((None, comm.allreduce(comm.rank + 1)))
+    comm.barrier()
+    return out
+
+
+@pytest.mark.parametrize("size", [3, 4])
+def test_every_operation_over_shared_memory_for_3_and_4_ranks(size: int) -> None:
+    results = run_forked(every_operation, size, "auto", 5)
+    check_against_numpy(results, 5)
+    assert all(set(r["channels"].values()) == {"shm"} for r in results)
+
+
+def test_allreduce_gives_every_rank_the_same_bits() -> None:
+    results = run_forked(sums_many_times, 4, "auto")
+    inputs = [[x for x, _ in res[:4]] for res in results]
+    for k in range(4):
+        want = np.sum([inputs[r][k] for r in range(4)], axis=0)
+        first = results[0][k][1]
+        np.testing.assert_allclose(first, want)
+        for res in results[1:]:
+            assert res[k][1].tobytes() == first.tobytes()  # identical, not only close
+    assert {res[4][1] for res in results} == {results[0][4][1]}
+    assert abs(results[0][4][1] - 1.0) < 1e-12
+    assert [res[5][1] for res in results] == [10] * 4
