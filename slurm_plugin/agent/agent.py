@@ -50,6 +50,7 @@ from slurm_plugin.agent.reporter import Reporter
 
 if TYPE_CHECKING:
     from colocate.metrics import AgentMetrics
+    from slurm_plugin.agent.recorder import DecisionRecorder
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ class Agent:
         self._stop = threading.Event()
         self.metrics = metrics
         self.evictions: deque[EvictionRecord] = deque(maxlen=EVICTION_LOG_SIZE)
-        self.recorder: Any = None  # slurm_plugin.agent.recorder.DecisionRecorder when recording
+        self.recorder: DecisionRecorder | None = None  # set by the daemon when recording
         # Reports to the broker(s): slurm_plugin.agent.reporter
         self.reporter = Reporter(self, [broker_url, *broker_urls], interval_s)
 
