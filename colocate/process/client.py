@@ -251,7 +251,8 @@ class Process:
         return dict(self._run(Call(self.store, self.name, b"", "snapshot"), (), {}))
 
     def stats(self) -> dict[str, Any]:
-        """seq (updates committed so far), keys, bytes, restored_seq (where this lease began)."""
+        """seq (updates committed so far), keys, bytes, restored_seq (where this lease began),
+        messages_direct (messages handed over by live senders rather than the store)."""
         return dict(self._run(Call(self.store, self.name, b"", "stats"), (), {}))
 
     def release(self) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 import threading
@@ -156,6 +157,9 @@ class RedisStore:
         head = self.redis.get(self._key("head"))
         lost = max(0, HEAD.unpack(head)[0] - seq) if head and len(head) == HEAD.size else 0
         return Restored(seq, keys, log, size, lost, snapshot)
+
+    def load_object(self, loc: Loc) -> Any:
+        return pickle.loads(self.load(loc))
 
     def load(self, loc: Loc) -> bytes:
         end = loc.offset + loc.length - 1

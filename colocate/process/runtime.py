@@ -140,8 +140,9 @@ class LiveProcess:
         except KeyError:
             pass
         src = self.where[key]  # KeyError: no such key
-        data = self.store.load(src) if isinstance(src, Loc) else b"".join(src)
-        value = pickle.loads(data)
+        value = (
+            self.store.load_object(src) if isinstance(src, Loc) else pickle.loads(b"".join(src))
+        )
         self.values[key] = value
         return value
 

@@ -26,6 +26,7 @@ import contextlib
 import fcntl
 import json
 import os
+import pickle
 import shutil
 import struct
 import time
@@ -94,11 +95,15 @@ def checksum(data: bytes | memoryview, value: int = 0) -> int:
     return int(crc32c.crc32c(data, value))
 
 
+_BYTES_OP = b"\x80\x05\x8e"  # PROTO 5, BINBYTES8
+_BYTES_HEAD = struct.Struct("<3sQ")
+
+
 def encode_value(obj: Any, dumps: Any) -> Parts:
     """A value's pickle in parts: a large ``bytes`` is framed as its own pickle (BINBYTES8)
     around the object itself, never copied; anything else is ``dumps(obj)``."""
     if type(obj) is bytes and len(obj) >= _ZERO_COPY_BYTES:
-        return (b"\x80\x05\x8e" + HEAD.pack(len(obj)), obj, b"\x94.")
+        return (_BYTES_HEAD.pack(_BYTES_OP, len(obj)), obj, b"\x94.")
     return (dumps(obj),)
 
 
@@ -324,6 +329,29 @@ class DirStore:
         except FileNotFoundError:
             return 0
         return HEAD.unpack(data)[0] if len(data) == HEAD.size else 0
+
+    def load_object(self, loc: Loc) -> Any:
+        """The value at ``loc``; a ``bytes`` written as itself is read as itself (one read,
+        no unpickling copy), anything else unpickled."""
+        if loc.length > _ZERO_COPY_BYTES:
+            fd = self.fd(loc.file)
+            head = os.pread(fd, _BYTES_HEAD.size, loc.offset)
+            if (
+                len(head) == _BYTES_HEAD.size
+                and head[:3] == _BYTES_OP
+                and _BYTES_HEAD.unpack(head)[1] == loc.length - _BYTES_HEAD.size - 2
+            ):
+                n = loc.length - _BYTES_HEAD.size - 2
+                data = os.pread(fd, n, loc.offset + _BYTES_HEAD.size)
+                tail = os.pread(fd, 2, loc.offset + _BYTES_HEAD.size + n)
+                crc = checksum(tail, checksum(data, checksum(head)))
+                if len(data) == n and tail == b"\x94." and crc == loc.crc:
+                    return data
+                raise StateCorrupt(
+                    f"process {self.name!r}: a value in {self.path}/{loc.file} at {loc.offset} "
+                    "is damaged (checksum mismatch); the storage lost bytes"
+                )
+        return pickle.loads(self.load(loc))
 
     def load(self, loc: Loc) -> bytes:
         data = os.pread(self.fd(loc.file), loc.length, loc.offset)

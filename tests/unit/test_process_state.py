@@ -222,3 +222,26 @@ def test_a_live_receiver_gets_messages_directly_and_keeps_untaken_ones_at_swap_o
     assert call(root, "b", lambda s: s.recv())[0] == "two"
     with pytest.raises(TimeoutError):
         call(root, "b", lambda s: s.recv(timeout=0.05))
+
+
+def test_a_damaged_large_value_is_refused_not_returned(root: str) -> None:
+    from colocate.process.store import StateCorrupt
+
+    blob = os.urandom(1 << 20)  # stored as itself, read back without unpickling
+    call(root, "p", lambda s, b: s.__setitem__("blob", b), blob)
+    swap_out_and_forget(root)
+    assert call(root, "p", lambda s: s["blob"])[0] == blob
+    swap_out_and_forget(root)
+    path = DirStore(root, "p").path
+    log = next(
+        f
+        for f in os.listdir(path)
+        if f.startswith("log-") and os.path.getsize(os.path.join(path, f))
+    )
+    with open(os.path.join(path, log), "r+b") as f:
+        f.seek(-4096, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-4096, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(StateCorrupt, match="damaged"):
+        call(root, "p", lambda s: s["blob"])
