@@ -50,6 +50,7 @@ HEADER_SIZE = HEADER.size
 DATA, ABORT = 1, 2
 ENC_OBJ, ENC_ARRAY, ENC_BYTES = 0, 1, 2
 STAGE_BYTES = 256 * 1024  # receive staging buffer per peer
+DIRECT_MIN_BYTES = 64 * 1024  # shm: a payload this large skips the staging buffer
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 CHANNELS = ("auto", "shm", "local", "tcp", "redis")
 _CHUNK = 1 << 20
@@ -488,6 +489,34 @@ class ShmPeer(StreamPeer):
             with contextlib.suppress(OSError):
                 self.sock.send(b"!")
         return n
+
+    def read(self) -> None:
+        """As :meth:`StreamPeer.read`; a large message at the head of the ring goes from the
+        ring straight into its array (not through the staging buffer)."""
+        if self.direct is None and self.sp == self.se:
+            self._large_head()
+        StreamPeer.read(self)
+
+    def _large_head(self) -> None:
+        ctrl, base, ring = self.ctrl, self.ibase, self.ring
+        r = ctrl[base + _R]
+        avail = ctrl[base + _W] - r
+        if avail < HEADER_SIZE:
+            return
+        i = r % ring
+        if i + HEADER_SIZE <= ring:
+            head = HEADER.unpack_from(self.iring, i)
+        else:
+            head = HEADER.unpack(
+                bytes(self.iring[i:]) + bytes(self.iring[: HEADER_SIZE - (ring - i)])
+            )
+        kind, enc, tag, _src, meta_len, length = head
+        if length < DIRECT_MIN_BYTES or avail < HEADER_SIZE + meta_len:
+            return
+        front = bytearray(HEADER_SIZE + meta_len)
+        self._recv(memoryview(front))  # header and meta: all there (avail said so)
+        self.holder, self.direct = target(enc, bytes(front[HEADER_SIZE:]), length)
+        self.msg = (kind, enc, tag)
 
     def pending(self) -> bool:
         """Something to read: ring bytes or a slot exchange."""

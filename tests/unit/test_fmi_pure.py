@@ -166,6 +166,23 @@ def test_arrays_after_other_values_in_the_same_slot_keep_their_meta(
             assert got == value
 
 
+def test_a_large_message_goes_from_the_ring_into_its_array_not_through_staging(
+    shm_pair: tuple[ch.ShmPeer, ch.ShmPeer],
+) -> None:
+    low, high = shm_pair
+    got: list[object] = []
+    high.inbox = lambda src, kind, enc, tag, value: got.append(value)
+    for n in (ch.DIRECT_MIN_BYTES // 8, 3):  # large, then small: staged
+        big = np.arange(float(n))
+        enc, meta, payload = ch.encode(big)
+        low.queue(ch.DATA, enc, 0, 0, meta, payload)
+        assert low.flush()
+        high.read()
+        np.testing.assert_array_equal(got[-1], big)  # type: ignore[arg-type]
+        # only the small one went through the staging buffer (a header is never all zero)
+        assert any(high.stage[: ch.HEADER_SIZE]) == (n == 3)
+
+
 def test_what_waits_for_ring_space_is_dropped_when_the_peer_ends(
     shm_pair: tuple[ch.ShmPeer, ch.ShmPeer],
 ) -> None:
