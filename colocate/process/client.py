@@ -111,11 +111,9 @@ class Process:
         store: str | None = None,
     ) -> None:
         check_name(name)
-        if cores != 1:
-            raise ConfigError(
-                f"process {name!r}: cores={cores!r}; a process runs on one worker (its state lives "
-                "in that worker), so ask for cores=1 and use threads or several processes"
-            )
+        if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
+            raise ConfigError(f"process {name!r}: cores={cores!r}; ask for a whole number >= 1")
+        self._cores = cores
         self.name = name
         self.store = store or os.environ.get(STORE_ENV) or DEFAULT_STORE
         if not os.path.isabs(self.store) and not self.store.startswith(
@@ -143,7 +141,7 @@ class Process:
 
     def _ensure(self) -> LeaseExecutor:
         if self._executor is None:
-            lease = self._client.lease(1, self._memory, self._duration)
+            lease = self._client.lease(self._cores, self._memory, self._duration)
             self._lease, self._owns_lease = lease, True
             self.leases.append(lease.lease_id)
             self._executor = lease.executor(workers=1)

@@ -455,6 +455,12 @@ def _open(root: str, name: str, wait_s: float = LOCK_WAIT_S) -> LiveProcess:
 
         if _swap_out not in worker.exit_hooks:
             worker.exit_hooks.append(_swap_out)
+        current = worker.current()
+        if current is not None and len(current.spec.cpu_ids) > 1:
+            # The process's worker may use every core of the lease (its functions' threads,
+            # numpy); the lease's other workers stay idle (the state lives in this one).
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, current.spec.cpu_ids)
     return proc
 
 

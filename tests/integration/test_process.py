@@ -41,7 +41,9 @@ def cluster(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[Service, list[Service], Path]]:
     tmp = tmp_path_factory.mktemp("process")
-    broker, agents = start_cluster(tmp, {"pr1": (1, "2GiB"), "pr2": (1, "2GiB")})
+    broker, agents = start_cluster(
+        tmp, {"pr1": (1, "2GiB"), "pr2": (1, "2GiB"), "pr3": (2, "2GiB")}
+    )
     with services(broker, *agents):
         yield broker, agents, tmp
     for service in (broker, *agents):
@@ -375,3 +377,27 @@ def test_a_process_is_its_owners_another_user_is_refused_in_one_line(
             lease=first["lease"],
         )
         wait_until(lambda: not Client(broker.url).leases(), 30, "the users' leases to end")
+
+
+def cores_and_threads(state: Any) -> tuple[int, int]:
+    import threading as th
+
+    state["runs"] = state.get("runs", 0) + 1
+    done: list[int] = []
+    threads = [th.Thread(target=lambda: done.append(sum(range(10_000)))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return len(os.sched_getaffinity(0)), len(done)
+
+
+def test_a_process_with_two_cores_runs_its_functions_on_both(
+    cluster: tuple[Service, list[Service], Path], store: str
+) -> None:
+    broker, _agents, _tmp = cluster
+    proc = Client(broker.url).process("wide", cores=2, memory="128MiB", store=store)
+    assert proc.invoke(cores_and_threads) == (2, 4)
+    assert proc.lease is not None and proc.lease.cores == 2 and proc.lease.node == "pr3"
+    assert proc.invoke(lambda s: s["runs"]) == 1
+    proc.delete()
