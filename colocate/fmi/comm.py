@@ -172,8 +172,8 @@ class Comm:
         self._by_fd: dict[int, ch.StreamPeer] = {}
         self._shm = [p for p in peers.values() if isinstance(p, ch.ShmPeer)]
         self._sockets = len(self._shm) < len(peers)  # any peer over a socket (poll it)
-        # the small-collective fast path: every peer in shared memory, a power-of-two size
-        self._fast = bool(peers) and not self._sockets and size & (size - 1) == 0
+        # the small-collective fast path: every peer in shared memory
+        self._fast = bool(peers) and not self._sockets
         for peer in peers.values():
             peer.inbox = self._arrived
             self._by_fd[peer.sock.fileno()] = peer
@@ -429,30 +429,72 @@ class Comm:
         return fold(self.allgather(obj), op)
 
     def _doubling(self, obj: Any, op: Op | None) -> Any:
-        """Recursive doubling over the shared-memory slots (size a power of two): in round k
-        rank r swaps its partial result with rank r ^ 2**k and folds the two as (lower
-        ranks' part, higher ranks' part), so every rank computes the same value in rank
-        order. A value too big for a slot goes by the ring (the slot says so). ``op`` None:
-        a barrier."""
+        """Recursive doubling over the shared-memory slots: in round k a rank swaps its
+        partial result with the rank 2**k away and folds the two as (lower ranks' part,
+        higher ranks' part), so every rank computes the same value in rank order. For a size
+        that is not a power of two, the first 2 * (size - p2) ranks pair up first (the even
+        one hands its value to the odd one, which gets the result back at the end; MPICH's
+        scheme), so every block stays contiguous in rank order. A value too big for a slot
+        goes by the ring (the slot says so). ``op`` None: a barrier."""
+        size, rank = self.size, self.rank
+        p2 = 1
+        while p2 * 2 <= size:
+            p2 *= 2
+        rem = size - p2
         acc = obj
+        if rank < 2 * rem:
+            if rank % 2 == 0:  # hands its value on, gets the result back
+                send = self._slot_send(acc, rank + 1)
+                if send is not None:
+                    send.wait()
+                result = self._slot_recv(rank + 1)
+                if op is None:
+                    return None
+                np = sys.modules.get("numpy")
+                inline, value = result
+                return value.copy() if inline and np and type(value) is np.ndarray else value
+            inline, theirs = self._slot_recv(rank - 1)
+            if op is not None:
+                acc = _combine(theirs, acc, op, None if inline else theirs)
+            me = rank // 2
+        else:
+            me = rank - rem
         bit = 1
-        while bit < self.size:
-            partner = self.rank ^ bit
-            peer = self._peers[partner]
-            assert isinstance(peer, ch.ShmPeer)
-            send = None if peer.put_slot(acc) else self._send_coll(acc, partner)
-            self._wait_slot(peer)
-            inline, theirs = peer.take_slot()
-            if not inline:
-                theirs = self._recv_coll(partner)
+        while bit < p2:
+            other = me ^ bit
+            partner = 2 * other + 1 if other < rem else other + rem
+            send = self._slot_send(acc, partner)
+            inline, theirs = self._slot_recv(partner)
             if send is not None:
                 send.wait()
             if op is not None:
-                low, high = (acc, theirs) if self.rank < partner else (theirs, acc)
+                low, high = (acc, theirs) if rank < partner else (theirs, acc)
                 # a received array is this rank's own: fold into it (no fresh pages)
-                acc = _combine(low, high, op, theirs if not inline else None)
+                acc = _combine(low, high, op, None if inline else theirs)
             bit <<= 1
+        if rank < 2 * rem:
+            send = self._slot_send(acc, rank - 1)
+            if send is not None:
+                send.wait()
         return acc
+
+    def _slot_send(self, value: Any, dest: int) -> Request | None:
+        """``value`` to ``dest`` through the next slot, or by the ring (the Request to wait
+        for) when it does not fit."""
+        peer = self._peers[dest]
+        assert isinstance(peer, ch.ShmPeer)
+        return None if peer.put_slot(value) else self._send_coll(value, dest)
+
+    def _slot_recv(self, source: int) -> tuple[bool, Any]:
+        """(inline, value) of ``source``'s next slot exchange; inline: a view of the slot,
+        valid until the next exchange with it."""
+        peer = self._peers[source]
+        assert isinstance(peer, ch.ShmPeer)
+        self._wait_slot(peer)
+        inline, value = peer.take_slot()
+        if not inline:
+            value = self._recv_coll(source)
+        return inline, value
 
     def _wait_slot(self, peer: ch.ShmPeer) -> None:
         """Spin (then sleep) until ``peer`` published its next slot exchange; messages that

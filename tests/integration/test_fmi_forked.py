@@ -1,7 +1,8 @@
 """FMI groups of forked processes that call ``colocate.fmi.rank`` directly (no broker or
 agent: the client's rendezvous done here), to cover what the two-core dev nodes cannot hold:
-3 and 4 ranks of one lease over shared memory (recursive doubling over the slots for 4, the
-general path for 3), checked against numpy, with every rank getting the same bits."""
+3, 4 and 5 ranks of one lease over shared memory (recursive doubling over the slots, with
+MPICH's pairing first when the size is not a power of two), checked against numpy, with
+every rank getting the same bits and non-commutative folds in rank order."""
 
 from __future__ import annotations
 
@@ -84,6 +85,7 @@ def sums_many_times(comm: Any) -> list[Any]:
         out.append((x, comm.allreduce(x)))
     out.append((None, comm.allreduce(0.1 * (comm.rank + 1))))
     out.append((None, comm.allreduce(comm.rank + 1)))
+    out.append((None, comm.allreduce([comm.rank])))  # SUM of lists: concatenation
     comm.barrier()
     return out
 
@@ -95,15 +97,17 @@ def test_every_operation_over_shared_memory_for_3_and_4_ranks(size: int) -> None
     assert all(set(r["channels"].values()) == {"shm"} for r in results)
 
 
-def test_allreduce_gives_every_rank_the_same_bits() -> None:
-    results = run_forked(sums_many_times, 4, "auto")
+@pytest.mark.parametrize("size", [4, 5])
+def test_allreduce_gives_every_rank_the_same_bits_in_rank_order(size: int) -> None:
+    results = run_forked(sums_many_times, size, "auto")
     inputs = [[x for x, _ in res[:4]] for res in results]
     for k in range(4):
-        want = np.sum([inputs[r][k] for r in range(4)], axis=0)
+        want = np.sum([inputs[r][k] for r in range(size)], axis=0)
         first = results[0][k][1]
         np.testing.assert_allclose(first, want)
         for res in results[1:]:
             assert res[k][1].tobytes() == first.tobytes()  # identical, not only close
     assert {res[4][1] for res in results} == {results[0][4][1]}
-    assert abs(results[0][4][1] - 1.0) < 1e-12
-    assert [res[5][1] for res in results] == [10] * 4
+    assert abs(results[0][4][1] - 0.1 * size * (size + 1) / 2) < 1e-12
+    assert [res[5][1] for res in results] == [size * (size + 1) // 2] * size
+    assert [res[6][1] for res in results] == [list(range(size))] * size
