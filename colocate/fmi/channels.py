@@ -6,7 +6,8 @@ Every message is a header, an optional meta block and a payload::
 
 ``enc`` says what the payload is: a pickled object, a numpy array (meta: dtype and shape,
 payload: its bytes as they lie in memory, never pickled) or bytes. The payload goes straight
-from the sender's buffer to the channel and from the channel into the receiver's new array.
+from the sender's buffer to the channel and from the channel into the receiver's new array
+(for allreduce, the received array then takes the fold: no second fresh array).
 
 Channels (:func:`route` picks one, FMI's cost model):
 
@@ -19,8 +20,8 @@ Channels (:func:`route` picks one, FMI's cost model):
   rings (one byte) only when the consumer said it sleeps. No HMAC per message: the segment
   is mapped by the two ranks alone (it has no name; the fd went only over a connection that
   proved the group key), so nothing else can write into it.
-- ``local``: the same ranks over the Unix socket alone (forceable; the shm channel's
-  fallback when a rank cannot map the segment).
+- ``local``: the same ranks over the Unix socket alone (when forced; a pair whose segment
+  cannot be made or mapped ends the setup with the reason instead).
 - ``tcp``: ranks of different leases or nodes: TCP made by the supervisor outside the
   sandbox (``colocate.executor.fmi_sockets``), TCP_NODELAY, large socket buffers.
 - ``redis``: every message through a real Redis list per receiving rank (FMI's storage
