@@ -143,7 +143,7 @@ def open_agent(
         agent.recorder = DecisionRecorder(
             agent_config.record_file,
             agent_config.record_max_bytes,
-            getattr(policy, "name", "?"),
+            policy.name,
             limits,
         )
         stack.callback(agent.recorder.close)
