@@ -7,7 +7,9 @@ slice, one policy, goal <= 5 minutes.
 Measures, in one run:
 - reading the SWF trace, and placing and modelling it once (``traces.replay.prepare``);
 - the guided search (``traces.capacity.search_guided`` over ``ScaledReplay``): each replay's
-  scale, served share, its estimate of the capacity, wall and CPU seconds;
+  scale, served share, its estimate of the capacity, wall and CPU seconds; after the first
+  replay the probes either side of the estimate run as two forked processes at once
+  (``--serial``: one at a time), and CPU seconds include those children's;
 - the baseline from the same run: the doubling search (``traces.capacity.search``: doubling
   from 1 until the share falls below the target, then 4 bisection steps, a replay from
   scratch each) needs ``ceil(log2(capacity)) + 1 + 4`` replays to get to its (coarser, about
@@ -27,6 +29,7 @@ import json
 import math
 import os
 import platform
+import resource
 import sys
 import time
 from pathlib import Path
@@ -46,6 +49,12 @@ RICC = Path("/work/shared/data/traces/swf/RICC-2010-2.swf.gz")
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+def children_cpu() -> float:
+    """CPU seconds of finished child processes (the parallel replays)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--swf", type=Path, default=RICC)
@@ -53,12 +62,15 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=0, help="first N jobs only (0: all)")
     parser.add_argument("--target", type=float, default=0.99)
     parser.add_argument("--tolerance", type=float, default=0.05)
+    parser.add_argument(
+        "--serial", action="store_true", help="one replay at a time (no parallel pairs)"
+    )
     args = parser.parse_args()
     if not args.swf.exists():
         print(f"{args.swf}: not found; pass --swf PATH to RICC-2010-2.swf.gz", file=sys.stderr)
         return 1
     load_before = os.getloadavg()
-    wall0, cpu0 = time.perf_counter(), time.process_time()
+    wall0, cpu0, children0 = time.perf_counter(), time.process_time(), children_cpu()
     faas = read_azure2019(bundled.AZURE2019)
     trace = read_swf(args.swf)
     if args.jobs:
@@ -94,14 +106,45 @@ def main() -> int:
         )
         return out
 
-    result = search_guided(timed_run, [args.policy], target=args.target, tolerance=args.tolerance)
-    total_wall, total_cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    def timed_many(scales: Any, policy: str) -> list[dict[str, float]]:
+        w, c, k = time.perf_counter(), time.process_time(), children_cpu()
+        out = run_at.many(scales, policy)
+        wall_s = time.perf_counter() - w
+        cpu_s = time.process_time() - c + children_cpu() - k
+        for scale, summary in zip(scales, out, strict=True):
+            runs.append(
+                {
+                    "faas_scale": scale,
+                    "served_share": served_share(summary),
+                    "estimate": summary[ESTIMATE],
+                    "wall_s": wall_s,
+                    "cpu_s": cpu_s / len(scales),
+                    "parallel": len(scales),
+                }
+            )
+            print(
+                f"  scale {scale:10.4g}: served {served_share(summary):.4f}, "
+                f"estimate {summary[ESTIMATE]:.4g} ({len(scales)} in parallel: wall "
+                f"{wall_s:.1f} s, cpu {cpu_s:.1f} s)",
+                flush=True,
+            )
+        return out
+
+    result = search_guided(
+        timed_run,
+        [args.policy],
+        target=args.target,
+        tolerance=args.tolerance,
+        run_many=None if args.serial else timed_many,
+    )
+    total_wall = time.perf_counter() - wall0
+    total_cpu = time.process_time() - cpu0 + children_cpu() - children0
     capacity = result.capacity[args.policy]
     above = [r["faas_scale"] for r in runs if r["faas_scale"] > capacity]
     first_below = min(above) if above else math.inf
     # baseline: the doubling search, every replay from scratch (prepare + loop)
     loop_cpu = sorted(r["cpu_s"] for r in runs)[len(runs) // 2]
-    loop_wall = sorted(r["wall_s"] for r in runs)[len(runs) // 2]
+    loop_wall = sorted(r["wall_s"] / r.get("parallel", 1) for r in runs)[len(runs) // 2]
     doubling_runs = (math.ceil(math.log2(capacity)) + 1 if capacity >= 1 else 1) + 4
     baseline_cpu = read_cpu + doubling_runs * (prepare_cpu + loop_cpu)
     baseline_wall = read_wall + doubling_runs * (prepare_wall + loop_wall)
@@ -127,7 +170,12 @@ def main() -> int:
         "read": {"wall_s": read_wall, "cpu_s": read_cpu},
         "prepare_once": {"wall_s": prepare_wall, "cpu_s": prepare_cpu},
         "replays": runs,
-        "total": {"wall_s": total_wall, "cpu_s": total_cpu, "replays": len(runs)},
+        "total": {
+            "wall_s": total_wall,
+            "cpu_s": total_cpu,
+            "replays": len(runs),
+            "parallel_pairs": not args.serial,
+        },
         "baseline_doubling_search_estimated": {
             "replays": doubling_runs,
             "cpu_s": baseline_cpu,

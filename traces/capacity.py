@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,6 +171,11 @@ def capacity_estimate(
     return lo
 
 
+RunMany = Callable[[Sequence[float], str], list[dict[str, float]]]
+"""Replays one policy at several FaaS scales (at once, where it can) and returns the
+summaries in the same order."""
+
+
 def search_guided(
     run_at: RunAt,
     policies: Sequence[str],
@@ -177,64 +183,109 @@ def search_guided(
     start: float = 1.0,
     tolerance: float = 0.05,
     max_runs: int = 12,
+    run_many: RunMany | None = None,
 ) -> CapacityResult:
     """Each policy's capacity, to within ``tolerance`` (relative), from replays that report
     ``capacity_estimate`` in their summary (see the module docstring). Policies are searched
     one after the other (their scales differ). Without an estimate it bisects: doubling up
-    to the first scale below the target, then halving the bracket on a log scale."""
+    to the first scale below the target, then halving the bracket on a log scale.
+
+    With ``run_many`` (e.g. :meth:`ScaledReplay.many`, replays in parallel processes), after
+    the first replay each round probes both sides of the estimate at once: when the estimate
+    is right, one round brackets the capacity."""
     if not 0.0 < target <= 1.0:
         raise ValueError("target must be in (0, 1]")
     if tolerance <= 0:
         raise ValueError("tolerance must be > 0")
     result = CapacityResult(target, {n: [] for n in policies})
-    step = math.sqrt(1.0 + tolerance)  # probes this far past an estimate bracket it
+    step = math.sqrt(1.0 + tolerance)  # probes this far either side of an estimate bracket it
     for name in policies:
-        ok: float | None = None  # largest scale at or above the target
-        low: float | None = None  # smallest scale below it
-        scale = start
-        expect: bool | None = None  # the side an estimate said this probe would land on
-        trusted = True  # until an estimate is contradicted: then plain bisection
-        estimates: dict[bool, float] = {}  # latest estimate from a run at / below the target
-        for _ in range(max_runs):
-            summary = run_at(scale, [name])[name]
-            result.points[name].append((scale, summary))
-            served = served_share(summary) >= target
-            if served:
-                ok = scale if ok is None else max(ok, scale)
+        search = _Bracket(target, tolerance, step)
+        probes = [start]
+        runs = 0
+        while probes and runs < max_runs:
+            probes = probes[: max_runs - runs]
+            if len(probes) == 1 or run_many is None:
+                summaries = [run_at(scale, [name])[name] for scale in probes[:1]]
+                probes = probes[:1]
             else:
-                low = scale if low is None else min(low, scale)
-            if expect is not None and served != expect:
-                trusted = False
-            if ok is not None and low is not None and low / ok <= (1.0 + tolerance) * (1 + 1e-9):
-                break
-            if ok is None and low is not None and low < 1e-9:
-                break  # not even a sliver of the load is served
-            estimate = float(summary.get(ESTIMATE, math.nan))
-            if math.isfinite(estimate) and estimate > 0:
-                estimates[served] = estimate
-            guess, expect = math.nan, None
-            if trusted and estimates:
-                # An offer seen at a lower scale (fewer evictions) tends to overestimate, one
-                # at a higher scale to underestimate: aim at the middle of the latest of
-                # each, just past it on the side this replay did not see.
-                middle = math.sqrt(estimates.get(True, estimate) * estimates.get(False, estimate))
-                if not math.isfinite(middle) or middle <= 0:
-                    middle = next(iter(estimates.values()))
-                guess = middle * step if served else middle / step
-                expect = not served
-            if not (ok is None or guess > ok) or not (low is None or guess < low):
-                guess, expect = math.nan, None  # nothing new (or NaN): widen or bisect
-            if math.isnan(guess):
-                if ok is None:
-                    guess = scale / 2.0
-                elif low is None:
-                    guess = scale * 2.0
-                else:
-                    guess = math.sqrt(ok * low)
-            scale = guess
+                summaries = run_many(probes, name)
+            runs += len(probes)
+            for scale, summary in zip(probes, summaries, strict=True):
+                result.points[name].append((scale, summary))
+                search.saw(scale, summary)
+            probes = search.next_probes(2 if run_many is not None else 1)
         result.points[name].sort(key=lambda p: p[0])
-        result.capacity[name] = ok if ok is not None else 0.0
+        result.capacity[name] = search.ok if search.ok is not None else 0.0
     return result
+
+
+class _Bracket:
+    """What :func:`search_guided` knows of one policy: the largest scale served at or above
+    the target (``ok``), the smallest below (``low``), the latest capacity estimate from a
+    replay on each side, and whether the estimates still hold (a probe placed by them landed
+    on the side they said)."""
+
+    def __init__(self, target: float, tolerance: float, step: float) -> None:
+        self.target, self.tolerance, self.step = target, tolerance, step
+        self.ok: float | None = None
+        self.low: float | None = None
+        self.estimates: dict[bool, float] = {}  # served? -> latest estimate
+        self.expected: dict[float, bool] = {}  # probe scale -> side the estimate said
+        self.trusted = True
+
+    def saw(self, scale: float, summary: dict[str, float]) -> None:
+        served = served_share(summary) >= self.target
+        if served:
+            self.ok = scale if self.ok is None else max(self.ok, scale)
+        else:
+            self.low = scale if self.low is None else min(self.low, scale)
+        if self.expected.pop(scale, served) != served:
+            self.trusted = False
+        estimate = float(summary.get(ESTIMATE, math.nan))
+        if math.isfinite(estimate) and estimate > 0:
+            self.estimates[served] = estimate
+
+    def done(self) -> bool:
+        ok, low = self.ok, self.low
+        if ok is not None and low is not None:
+            return low / ok <= (1.0 + self.tolerance) * (1 + 1e-9)
+        return ok is None and low is not None and low < 1e-9  # not a sliver is served
+
+    def inside(self, scale: float) -> bool:
+        return (self.ok is None or scale > self.ok) and (self.low is None or scale < self.low)
+
+    def next_probes(self, width: int) -> list[float]:
+        """Up to ``width`` scales to replay next (none when the bracket is narrow enough)."""
+        if self.done():
+            return []
+        self.expected.clear()
+        if self.trusted and self.estimates:
+            # A replay at a lower scale (fewer evictions) tends to overestimate, one at a
+            # higher scale to underestimate: aim at the middle of the latest of each.
+            middle = math.sqrt(math.prod(self.estimates.values()) ** (2 / len(self.estimates)))
+            below, above = middle / self.step, middle * self.step
+            if width >= 2:
+                pair = [s for s in (below, above) if self.inside(s)]
+                if len(pair) == 2:
+                    self.expected = {below: True, above: False}
+                    return pair
+            else:
+                # just past the middle, on the side the latest bracket end did not see
+                guess = above if self.low is None or (self.ok or 0.0) >= middle else below
+                if self.ok is not None and self.low is not None:
+                    guess = below if self.low <= above else above
+                if self.inside(guess):
+                    self.expected = {guess: guess == below}
+                    return [guess]
+        # no usable estimate: widen, or cut the bracket into equal parts on a log scale
+        ok, low = self.ok, self.low
+        if ok is None:
+            assert low is not None
+            return [low / 2.0**k for k in range(1, width + 1)]
+        if low is None:
+            return [ok * 2.0**k for k in range(1, width + 1)]
+        return [ok * (low / ok) ** (k / (width + 1)) for k in range(1, width + 1)]
 
 
 class ScaledReplay:
@@ -293,6 +344,36 @@ class ScaledReplay:
             )
             out[name] = {**series.summary, ESTIMATE: scale * factor}
         return out
+
+    def many(self, scales: Sequence[float], policy: str) -> list[dict[str, float]]:
+        """``policy``'s summaries at each scale, replayed in parallel forked processes (one
+        per scale, at most one per CPU); each inherits the prepared trace, nothing is copied
+        but the summaries coming back. CPU time of the children is theirs, not this
+        process's (``resource.getrusage(RUSAGE_CHILDREN)`` counts it)."""
+        import multiprocessing
+
+        if len(scales) <= 1 or (os.cpu_count() or 1) < 2:
+            return [self(scale, [policy])[policy] for scale in scales]
+        global _FORKED
+        _FORKED = self
+        try:
+            context = multiprocessing.get_context("fork")
+            workers = min(len(scales), os.cpu_count() or 1)
+            with context.Pool(workers) as pool:
+                out = pool.map(_run_forked, [(scale, policy) for scale in scales])
+        finally:
+            _FORKED = None
+        self.runs += len(scales)
+        return out
+
+
+_FORKED: ScaledReplay | None = None  # the ScaledReplay a forked worker replays
+
+
+def _run_forked(job: tuple[float, str]) -> dict[str, float]:
+    scale, policy = job
+    assert _FORKED is not None
+    return _FORKED(scale, [policy])[policy]
 
 
 def plot(result: CapacityResult, out: Path) -> Path:

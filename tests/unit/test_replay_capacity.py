@@ -142,3 +142,39 @@ def test_scaled_replay_capacity_holds_on_a_real_replay() -> None:
     assert fresh.policies["headroom"].summary["recovered_cost"] == pytest.approx(
         dict(result.points["headroom"])[cap]["recovered_cost"], rel=1e-12
     )
+
+
+def test_parallel_pairs_bracket_in_one_round_after_the_first_replay() -> None:
+    """With ``run_many`` the probes either side of a right estimate go out together: the
+    first replay and one pair bracket the capacity."""
+    room = 37.0
+    rounds: list[list[float]] = []
+
+    def one(scale: float) -> dict[str, float]:
+        return {**summary(min(1.0, room / scale)), ESTIMATE: room / 0.99}
+
+    def run_many(scales: Sequence[float], name: str) -> list[dict[str, float]]:
+        rounds.append(list(scales))
+        return [one(s) for s in scales]
+
+    result = search_guided(
+        lambda s, ps: {n: one(s) for n in ps}, ["p"], tolerance=0.05, run_many=run_many
+    )
+    assert rounds and len(rounds[0]) == 2 and len(rounds) == 1
+    assert room / 0.99 / 1.05 <= result.capacity["p"] <= room / 0.99
+
+
+def test_scaled_replay_many_equals_one_by_one() -> None:
+    """Replays in forked processes give the same summaries as in this one."""
+    cluster = Cluster(
+        bundled.HPC2N_NODES, bundled.HPC2N_CORES_PER_NODE, bundled.HPC2N_MEMORY_PER_NODE
+    )
+    run_at = ScaledReplay(
+        read_swf(bundled.HPC2N_EXCERPT).head(300), read_azure2019(bundled.AZURE2019), cluster
+    )
+    together = run_at.many([2.0, 5.0], "headroom")
+    alone = [run_at(s, ["headroom"])["headroom"] for s in (2.0, 5.0)]
+    for a, b in zip(together, alone, strict=True):
+        assert {k: v for k, v in a.items() if k != "replay_seconds"} == {
+            k: v for k, v in b.items() if k != "replay_seconds"
+        }
