@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import queue
+import re
 import sys
 import time
 from typing import Any
@@ -40,8 +42,10 @@ def _rank(
         q[0].put((r, ("error", repr(exc))))
 
 
-def run_forked(fn: Any, size: int, channel: str, *args: Any) -> list[Any]:
-    """``fn(comm, *args)`` on ``size`` forked ranks of one lease; the results in rank order."""
+def run_forked(fn: Any, size: int, channel: str, *args: Any, errors: bool = False) -> list[Any]:
+    """``fn(comm, *args)`` on ``size`` forked ranks of one lease; the results in rank order
+    (with ``errors``: ("ok", result) or ("error", repr) per rank, None for a rank whose
+    process died)."""
     ctx = mp.get_context("fork")
     group = os.urandom(16).hex()
     ticket = json.dumps([group, "one-lease", "127.0.0.1", time.time() + 60, []])
@@ -63,10 +67,18 @@ def run_forked(fn: Any, size: int, channel: str, *args: Any) -> list[Any]:
         for r in range(size):
             queues[1 + r].put(members)
         results: list[Any] = [None] * size
-        for _ in range(size):
-            r, (status, value) = queues[0].get(timeout=60)
-            assert status == "ok", f"rank {r}: {value}"
-            results[r] = cloudpickle.loads(value)
+        deadline = time.monotonic() + 60
+        while any(res is None and procs[r].exitcode in (None, 0) for r, res in enumerate(results)):
+            assert time.monotonic() < deadline, f"ranks hung: {results}"
+            try:
+                r, (status, value) = queues[0].get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if errors:
+                results[r] = (status, cloudpickle.loads(value) if status == "ok" else value)
+            else:
+                assert status == "ok", f"rank {r}: {value}"
+                results[r] = cloudpickle.loads(value)
         return results
     finally:
         for proc in procs:
@@ -111,3 +123,26 @@ def test_allreduce_gives_every_rank_the_same_bits_in_rank_order(size: int) -> No
     assert abs(results[0][4][1] - 0.1 * size * (size + 1) / 2) < 1e-12
     assert [res[5][1] for res in results] == [size * (size + 1) // 2] * size
     assert [res[6][1] for res in results] == [list(range(size))] * size
+
+
+def dies_mid_allreduce(comm: Any) -> None:
+    import os
+
+    import numpy as np
+
+    for i in range(10_000):
+        if i == 100 and comm.rank == 2:
+            os._exit(1)  # its worker killed, mid-collective
+        comm.allreduce(np.ones(3))
+
+
+def test_a_rank_that_dies_mid_allreduce_ends_every_other_rank_fast() -> None:
+    """The shm fast path spins on a slot: a partner that died is noticed from its doorbell
+    socket's end, and the others learn it from the abort that follows."""
+    started = time.monotonic()
+    results = run_forked(dies_mid_allreduce, 4, "auto", errors=True)
+    assert results[2] is None  # died
+    for r in (0, 1, 3):
+        status, value = results[r]
+        assert status == "error" and re.match(r"LeaseEvicted\(.rank 2 ", value), (r, value)
+    assert time.monotonic() - started < 10
