@@ -25,11 +25,11 @@ import struct
 import time
 from typing import Any
 
+from colocate import protocol as P
 from colocate.errors import ColocateError
 from colocate.fmi_ticket import check_ticket
 from colocate.tokens import lease_key
 
-_LEN = struct.Struct("<I")
 CONNECT_TIMEOUT_S = 2.0  # peers are one hop away; the verifier thread must not stall long
 
 
@@ -114,9 +114,9 @@ def serve_fmi(conn: socket.socket, secret: bytes, payload: bytes) -> None:
     body = json.dumps(reply).encode()
     try:
         if sock is None:
-            conn.sendall(_LEN.pack(len(body)) + body)
+            conn.sendall(P.message(body))
         else:
-            socket.send_fds(conn, [_LEN.pack(len(body)) + body], [sock.fileno()])
+            socket.send_fds(conn, [P.message(body)], [sock.fileno()])
     finally:
         if sock is not None:
             sock.close()

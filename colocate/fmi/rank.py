@@ -34,6 +34,7 @@ import struct
 import time
 from typing import Any
 
+from colocate import protocol as P
 from colocate.errors import ColocateError, LeaseEvicted, Unauthorized
 from colocate.fmi import channels as ch
 from colocate.fmi.comm import Comm, GroupAborted
@@ -46,7 +47,6 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 _MAGIC = b"FMI1"
 _HELLO = struct.Struct("<4s32sI16s")
-_LEN = struct.Struct("<I")
 _prepared: dict[str, tuple[list[socket.socket], str]] = {}
 # A rank waiting for others to join checks that their listeners are still there after
 # PROBE_AFTER_S, then at doubling intervals: a rank that died is noticed within about the time
@@ -71,9 +71,9 @@ def _ask_supervisor(w: Any, request: dict[str, Any]) -> socket.socket:
     """A socket the supervisor made outside the sandbox for this rank (see fmi_sockets)."""
     body = b"F" + json.dumps(request).encode()
     sock: socket.socket = w.verifier
-    sock.sendall(_LEN.pack(len(body)) + body)
+    P.send_message(sock, body)  # the verifier connection: protocol.py messages
     head, fds, _flags, _addr = socket.recv_fds(sock, 4, 1, socket.MSG_WAITALL)
-    (length,) = _LEN.unpack(head)
+    (length,) = P.MESSAGE_LEN.unpack(head)
     answer = json.loads(sock.recv(length, socket.MSG_WAITALL))
     if answer.get("status") != "ok" or not fds:
         for fd in fds:
