@@ -156,7 +156,8 @@ class FrameBuffer:
 
     ``buf[start:end]`` holds received bytes not consumed yet. ``fill`` receives into the free
     tail; ``header`` peeks at the next frame's header; ``body`` consumes a whole frame;
-    ``drop`` consumes a header and discards its body as it arrives (an oversized frame).
+    ``drop`` consumes a header and discards its body as it arrives (an oversized frame);
+    ``next_frame`` is ``header`` + ``body`` in one call.
     A plain slots class for the hot path: a worker and a client call these a few times per
     invocation.
     """
@@ -203,6 +204,26 @@ class FrameBuffer:
             return None
         self.start = stop
         return self.view[start:stop]
+
+    def next_frame(self) -> tuple[int, int, int, int, memoryview] | None:
+        """The next whole frame ``(kind, flags, code, call_id, body)``, consumed, or None until
+        one is complete: ``header`` and ``body`` in one call, for a reader that takes every
+        frame as it comes (the client). ``body`` is valid until the next ``fill``."""
+        if self.skip:
+            return None if self.header() is None else self.next_frame()
+        start = self.start
+        avail = self.end - start
+        if avail < HEADER_SIZE:
+            if not avail:
+                self.start = self.end = 0
+            return None
+        length, kind, flags, code, call_id = HEADER.unpack_from(self.buf, start)
+        stop = start + HEADER_SIZE + length
+        if stop > self.end:
+            self.make_room(HEADER_SIZE + length)
+            return None
+        self.start = stop
+        return kind, flags, code, call_id, self.view[start + HEADER_SIZE : stop]
 
     def drop(self, length: int) -> None:
         """Consume the next frame's header and discard its ``length`` body bytes as they come."""

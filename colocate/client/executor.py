@@ -343,11 +343,9 @@ class _Connection:
             raise self.lost_error()
         mine = None
         pending = self.pending
-        while (head := frames.header()) is not None:
-            view = frames.body(head[0])
-            if view is None:
-                break
-            _length, _kind, flags, status, cid = head
+        next_frame = frames.next_frame
+        while (got := next_frame()) is not None:
+            _kind, flags, status, cid, view = got
             body = bytes(view)
             if cid == own:
                 mine = (status, flags, body)

@@ -343,3 +343,25 @@ def test_no_framing_user_keeps_a_hand_written_length_prefix() -> None:
     for path in users:
         source = (ROOT / path).read_text()
         assert not hand_written.search(source), f"{path} frames by hand; use colocate.protocol"
+
+
+def test_next_frame_is_header_and_body_in_one_call_also_after_a_drop(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = pair
+    fb = P.FrameBuffer(64)
+    a.sendall(P.frame(P.CALL, 0, 0, 1, b"x" * 100) + P.frame(P.REPLY, P.RAW, P.OK, 2, b"ok"))
+    fb.fill(b)
+    head = fb.header()
+    assert head is not None
+    fb.drop(head[0])
+    got = []
+    while not got:
+        frame = fb.next_frame()
+        if frame is None:
+            fb.fill(b)
+            continue
+        kind, flags, code, call_id, body = frame
+        got.append((kind, flags, code, call_id, bytes(body)))
+    assert got == [(P.REPLY, P.RAW, P.OK, 2, b"ok")]
+    assert fb.next_frame() is None and fb.start == fb.end == 0
