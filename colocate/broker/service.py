@@ -112,6 +112,7 @@ class _Server(uvicorn.Server):
 
 
 HEAD_TIMEOUT_S = 5.0
+KEEP_ALIVE_S = 75.0  # idle kept-alive connections are closed after this (nginx's default)
 
 
 class _HeadDeadline:
@@ -184,6 +185,10 @@ def serve(app: FastAPI, sock: socket.socket, *, max_connections: int | None = No
         timeout_graceful_shutdown=2,
         http=_protocol(),
         limit_concurrency=min(max_connections, max(64, limit - 64)),
+        # Agents report on change and send a heartbeat every few seconds: their kept-alive
+        # connection must outlive that gap (uvicorn's default 5 s closed thousands of them
+        # between two heartbeats, and each came back as a new connection).
+        timeout_keep_alive=KEEP_ALIVE_S,
     )
     _Server(config).run(sockets=[sock])
 
