@@ -219,12 +219,21 @@ class Client:
         memory: str | int = "512MiB",
         duration: str | float = "10m",
         store: str | None = None,
+        workers: int = 1,
     ) -> Process:
         """The serverless process ``name`` of the caller (live or swapped out): state kept
         across invocations and leases; see :class:`colocate.process.Process`."""
         from colocate.process import Process
 
-        return Process(self, name, cores=cores, memory=memory, duration=duration, store=store)
+        return Process(
+            self,
+            name,
+            cores=cores,
+            memory=memory,
+            duration=duration,
+            store=store,
+            workers=workers,
+        )
 
     def status(self) -> BrokerStatus:
         """The broker's nodes, their offers and free capacity; your leases in full (every

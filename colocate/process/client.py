@@ -20,6 +20,7 @@ import types
 import uuid
 import warnings
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -109,11 +110,15 @@ class Process:
         memory: str | int = "512MiB",
         duration: str | float = "10m",
         store: str | None = None,
+        workers: int = 1,
     ) -> None:
         check_name(name)
         if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
             raise ConfigError(f"process {name!r}: cores={cores!r}; ask for a whole number >= 1")
-        self._cores = cores
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ConfigError(f"process {name!r}: workers={workers!r}; ask for a whole number >= 1")
+        self._cores = max(cores, workers)
+        self._workers = workers
         self.name = name
         self.store = store or os.environ.get(STORE_ENV) or DEFAULT_STORE
         if not os.path.isabs(self.store) and not self.store.startswith(
@@ -144,7 +149,7 @@ class Process:
             lease = self._client.lease(self._cores, self._memory, self._duration)
             self._lease, self._owns_lease = lease, True
             self.leases.append(lease.lease_id)
-            self._executor = lease.executor(workers=1)
+            self._executor = lease.executor(workers=self._workers)
         return self._executor
 
     def _forget(self) -> None:
@@ -170,7 +175,7 @@ class Process:
         lease = lease_type(self._client, grant)
         self._lease, self._owns_lease = lease, False
         self.leases.append(lease.lease_id)
-        self._executor = lease.executor(workers=1)
+        self._executor = lease.executor(workers=self._workers)
         return True
 
     def _refresh(self) -> None:
@@ -178,7 +183,7 @@ class Process:
         assert self._lease is not None
         old = self._executor
         self._lease.renew(self._duration)
-        self._executor = self._lease.executor(workers=1)
+        self._executor = self._lease.executor(workers=self._workers)
         if old is not None:
             with contextlib.suppress(Exception):
                 old.shutdown(wait=False, cancel_futures=True)
@@ -194,7 +199,9 @@ class Process:
                 if attempt == 3:
                     raise
                 if not self._attach(exc.lease_id):  # wait on our lease for the lock instead
-                    call = Call(call.root, call.name, call.fn_bytes, call.op, LOCK_WAIT_S)
+                    call = Call(
+                        call.root, call.name, call.fn_bytes, call.op, LOCK_WAIT_S, call.shared
+                    )
                 continue
             except Unauthorized:
                 if self._lease is None or attempt == 3:
@@ -235,7 +242,7 @@ class Process:
         returns its result instead of applying it twice."""
         call = self._calls.get(fn)
         if call is None:
-            call = self._calls[fn] = Call(self.store, self.name, pickle_function(fn))
+            call = self._calls[fn] = self._call(pickle_function(fn))
         call_id = self._retry_of(fn, args, kwargs) or uuid.uuid4().hex
         try:
             return self._run(call, args, kwargs, call_id)
@@ -243,15 +250,42 @@ class Process:
             self._doubt = (fn, args, kwargs, call_id)
             raise
 
+    def _call(self, fn_bytes: bytes, op: str = "run") -> Call:
+        return Call(self.store, self.name, fn_bytes, op, shared=self._workers > 1)
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]:
+        """``invoke`` without waiting: a Future of the result. With ``workers`` > 1 calls run
+        at once on the lease's workers; each commits as if alone (a call whose reads another
+        worker's commit changed meanwhile runs again), so the state is as some order of the
+        calls one at a time would leave it."""
+        call = self._calls.get(fn)
+        if call is None:
+            call = self._calls[fn] = self._call(pickle_function(fn))
+        inner = self._ensure().submit(call, uuid.uuid4().hex, *args, **kwargs)
+        outer: Future[Any] = Future()
+
+        def done(f: Future[Any]) -> None:
+            exc = f.exception()
+            if exc is not None:
+                outer.set_exception(exc)
+                return
+            result, notes = f.result()
+            for note in notes:
+                self.notices.append(note)
+            outer.set_result(result)
+
+        inner.add_done_callback(done)
+        return outer
+
     def snapshot(self) -> dict[str, Any]:
         """Swap the state out now (a snapshot made current atomically); returns seq, keys,
         bytes and seconds."""
-        return dict(self._run(Call(self.store, self.name, b"", "snapshot"), (), {}))
+        return dict(self._run(self._call(b"", "snapshot"), (), {}))
 
     def stats(self) -> dict[str, Any]:
         """seq (updates committed so far), keys, bytes, restored_seq (where this lease began),
         messages_direct (messages handed over by live senders rather than the store)."""
-        return dict(self._run(Call(self.store, self.name, b"", "stats"), (), {}))
+        return dict(self._run(self._call(b"", "stats"), (), {}))
 
     def release(self) -> None:
         """Swap out and give the lease back; the next call leases again."""
@@ -263,7 +297,7 @@ class Process:
 
     def delete(self) -> None:
         """Remove the process and its state for good."""
-        self._run(Call(self.store, self.name, b"", "delete"), (), {})
+        self._run(self._call(b"", "delete"), (), {})
         self._forget()
 
     def __enter__(self) -> Process:

@@ -20,6 +20,7 @@ leaves a record prefix that the next restore ignores: the last consistent state 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import pickle
 import signal
@@ -44,6 +45,7 @@ from colocate.process.store import (
     encode_value,
     open_store,
     own_name,
+    scan_log,
     size_of,
 )
 
@@ -57,6 +59,7 @@ LOCK_WAIT_S = 10.0  # how long a new instance waits for the old one to finish sw
 PEEK_WAIT_S = 0.5  # how long a call waits before it tells the client where the process is live
 CALL_PREFIX = "\x00call:"  # + a call's id: its kept result, for the last KEEP_CALLS calls
 KEEP_CALLS = 64
+CONFLICT_RETRIES = 50  # a shared process's call re-run when others changed what it read
 KEEP_RESULT_BYTES = 64 << 10
 NOT_KEPT = "\x00colocate: result not kept"
 _NOT_KEPT_PICKLE = pickle.dumps(NOT_KEPT, protocol=5)
@@ -104,10 +107,21 @@ def _keep(result: Any) -> bytes | None:
 class LiveProcess:
     """A process's committed state in this worker and its link to the store."""
 
-    def __init__(self, root: str, name: str, wait_s: float = LOCK_WAIT_S) -> None:
+    def __init__(
+        self, root: str, name: str, wait_s: float = LOCK_WAIT_S, shared: bool = False
+    ) -> None:
         self.name = name
+        self.shared = shared
         self.store = open_store(root, name)
-        self.store.open(wait_s, _lease_id())
+        if shared:
+            if not isinstance(self.store, DirStore):
+                raise ConfigError(
+                    f"process {name!r}: several workers share a state through a directory "
+                    "store only; use workers=1 with a Redis store"
+                )
+            self.store.open(wait_s, _lease_id(), shared=True)
+        else:
+            self.store.open(wait_s, _lease_id())
         restored = self.store.restore()
         self.seq = restored.seq
         self.where: dict[str, Loc | Parts] = dict(restored.keys)  # Parts: not in the store yet
@@ -115,7 +129,15 @@ class LiveProcess:
         self.log = restored.log
         self.log_size = restored.log_size
         self.snapshot_file = restored.snapshot
-        self.store.start(restored.log, restored.log_size, self.seq)
+        if shared:  # appends go to the end under the call lock; no cut while others write
+            self.store.log_fd = os.open(
+                os.path.join(self.store.path, restored.log), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
+            )
+            self.store.head_fd = self.store.open_head()
+            self.stamp = self.store.manifest_stamp()
+        else:
+            self.store.start(restored.log, restored.log_size, self.seq)
+        self.changed_at: dict[str, int] = {}  # key -> seq of its last change (shared)
         self.notes: list[str] = []
         if restored.lost:
             self.notes.append(
@@ -131,7 +153,9 @@ class LiveProcess:
         self.writer: threading.Thread | None = None
         self.closed = False
         self.files = self.store.files_dir()
-        self.mailbox = Mailbox(self.store.path) if isinstance(self.store, DirStore) else None
+        self.mailbox = (
+            Mailbox(self.store.path) if isinstance(self.store, DirStore) and not shared else None
+        )
 
     # -- reading ----------------------------------------------------------------------------
     def load(self, key: str) -> Any:
@@ -145,6 +169,107 @@ class LiveProcess:
         )
         self.values[key] = value
         return value
+
+    # -- several workers (shared) ---------------------------------------------------------
+    def catch_up(self) -> None:
+        """Apply what the lease's other workers committed since we last looked (their
+        records in the log, or a snapshot one of them made)."""
+        store = self.store
+        assert isinstance(store, DirStore)
+        stamp = store.manifest_stamp()
+        if stamp != self.stamp:  # another worker made a snapshot: start over from it
+            restored = store.restore()
+            old = self.where
+            self.where = dict(restored.keys)
+            self.values.clear()
+            self.seq, self.log, self.log_size = restored.seq, restored.log, restored.log_size
+            os.close(store.log_fd)
+            store.log_fd = os.open(
+                os.path.join(store.path, self.log), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
+            )
+            for key in old.keys() | self.where.keys():
+                self.changed_at[key] = self.seq
+            self.call_keys = deque(k for k in self.where if k.startswith(CALL_PREFIX))
+            self.stamp = stamp
+            return
+        fd = store.fd(self.log)
+        size = os.fstat(fd).st_size
+        if size <= self.log_size:
+            return
+        changed: dict[str, int] = {}
+        self.seq, self.log_size = scan_log(
+            lambda at, n: os.pread(fd, n, at),
+            size,
+            self.log,
+            self.seq,
+            self.where,  # type: ignore[arg-type]  # Parts only in the unshared mode
+            self.log_size,
+            changed,
+        )
+        for key, seq in changed.items():
+            self.values.pop(key, None)
+            self.changed_at[key] = seq
+            if key.startswith(CALL_PREFIX) and key in self.where and key not in self.call_keys:
+                self.call_keys.append(key)
+
+    def commit_shared(
+        self,
+        entries: list[tuple[str, int, Parts]],
+        objects: dict[str, Any],
+        reads: set[str],
+        read_all: bool,
+        start_seq: int,
+    ) -> bool:
+        """Commit under the process's call lock unless a key this call read changed since it
+        began (``start_seq``): then False, and the caller runs the call again."""
+        store = self.store
+        assert isinstance(store, DirStore)
+        fcntl.flock(store.call_fd, fcntl.LOCK_EX)
+        try:
+            self.catch_up()
+            if read_all:
+                conflict = any(seq > start_seq for seq in self.changed_at.values())
+            else:
+                conflict = any(self.changed_at.get(k, 0) > start_seq for k in reads)
+            if conflict:
+                return False
+            if os.fstat(store.fd(self.log)).st_size > self.log_size:  # a killed writer's tail
+                os.ftruncate(store.log_fd, self.log_size)
+            seq = self.seq + 1
+            record, size, placed = encode_record(seq, entries)
+            base = self.log_size
+            store.append(record)
+            self.log_size, self.seq = base + size, seq
+            for key, op, _value in entries:
+                self.changed_at[key] = seq
+                if op == DELETE:
+                    self.where.pop(key, None)
+                    self.values.pop(key, None)
+                else:
+                    self.values[key] = objects[key]
+            for key, op, offset, length, crc, _parts in placed:
+                if op == SET:
+                    self.where[key] = Loc(self.log, base + offset, length, crc)
+            store.set_head(seq)
+            return True
+        finally:
+            fcntl.flock(store.call_fd, fcntl.LOCK_UN)
+
+    def snapshot_shared(self) -> dict[str, Any]:
+        store = self.store
+        assert isinstance(store, DirStore)
+        fcntl.flock(store.call_fd, fcntl.LOCK_EX)
+        try:
+            self.catch_up()
+            info = self.snapshot()
+            os.close(store.log_fd)  # the new log, appended to at its end by every worker
+            store.log_fd = os.open(
+                os.path.join(store.path, self.log), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
+            )
+            self.stamp = store.manifest_stamp()
+            return info
+        finally:
+            fcntl.flock(store.call_fd, fcntl.LOCK_UN)
 
     def applied(self, call_id: str) -> tuple[bool, Any]:
         """Whether call ``call_id`` committed (one of the last KEEP_CALLS), and its result
@@ -299,6 +424,8 @@ class State(MutableMapping[str, Any]):
         self._outbox: list[tuple[str, bytes]] = []
         self._taken: list[str] = []
         self._taken_direct = 0
+        self._reads: set[str] = set()
+        self._read_all = False
         self.name = proc.name
         self.dir = proc.files
 
@@ -307,6 +434,7 @@ class State(MutableMapping[str, Any]):
             return self._writes[key]
         if key in self._deleted:
             raise KeyError(key)
+        self._reads.add(key)
         value = self._proc.load(key)
         if not isinstance(value, _IMMUTABLE):
             self._touched[key] = value
@@ -330,6 +458,8 @@ class State(MutableMapping[str, Any]):
     def __contains__(self, key: object) -> bool:
         if key in self._writes:
             return True
+        if isinstance(key, str):
+            self._reads.add(key)
         return (
             isinstance(key, str)
             and not key.startswith(CALL_PREFIX)
@@ -338,6 +468,7 @@ class State(MutableMapping[str, Any]):
         )
 
     def __iter__(self) -> Iterator[str]:
+        self._read_all = True
         seen = [
             k
             for k in self._proc.where
@@ -362,6 +493,11 @@ class State(MutableMapping[str, Any]):
     def recv(self, timeout: float = 0.0) -> Any:
         """The oldest message for this process; waits up to ``timeout`` seconds, then raises
         TimeoutError. It is taken from the inbox when this call commits."""
+        if self._proc.shared:
+            raise ConfigError(
+                f"process {self.name!r}: recv needs a process with one worker (several would "
+                "take the same message); send works from any"
+            )
         deadline = time.monotonic() + timeout
         mailbox = self._proc.mailbox
         while True:
@@ -384,7 +520,11 @@ class State(MutableMapping[str, Any]):
                 time.sleep(min(left, 0.005))
 
     # -- end of the call ------------------------------------------------------------------
-    def _commit(self, call_id: str = "", kept: bytes | None = None, result: Any = None) -> None:
+    def _commit(
+        self, call_id: str = "", kept: bytes | None = None, result: Any = None, start: int = 0
+    ) -> bool:
+        """Commit the call's changes; False when they conflict with another worker's (shared
+        process), and nothing was committed."""
         entries: list[tuple[str, int, Parts]] = [(k, DELETE, ()) for k in self._deleted]
         objects = dict(self._touched)
         objects.update(self._writes)
@@ -402,12 +542,14 @@ class State(MutableMapping[str, Any]):
             dropped = calls[0] if len(calls) >= KEEP_CALLS else None
             if dropped is not None:
                 entries.append((dropped, DELETE, ()))
-            self._proc.commit(entries, objects)
-            if dropped is not None:
+            if not self._write(entries, objects, start):
+                return False
+            if dropped is not None and calls and calls[0] == dropped:
                 calls.popleft()
-            calls.append(key)
-        elif entries:
-            self._proc.commit(entries, objects)
+            if key not in calls:
+                calls.append(key)
+        elif entries and not self._write(entries, objects, start):
+            return False
         for process, data in self._outbox:
             if not self._send_direct(process, data):
                 deliver(self._root, process, data)
@@ -418,6 +560,16 @@ class State(MutableMapping[str, Any]):
             with mailbox.cond:
                 for _ in range(min(self._taken_direct, len(mailbox.messages))):
                     mailbox.messages.popleft()
+        return True
+
+    def _write(
+        self, entries: list[tuple[str, int, Parts]], objects: dict[str, Any], start: int
+    ) -> bool:
+        proc = self._proc
+        if proc.shared:
+            return proc.commit_shared(entries, objects, self._reads, self._read_all, start)
+        proc.commit(entries, objects)
+        return True
 
     def _send_direct(self, process: str, data: bytes) -> bool:
         if not isinstance(self._proc.store, DirStore):
@@ -447,16 +599,18 @@ def _lease_id() -> str:
     return current.spec.lease_id if current is not None else ""
 
 
-def _open(root: str, name: str, wait_s: float = LOCK_WAIT_S) -> LiveProcess:
+def _open(
+    root: str, name: str, wait_s: float = LOCK_WAIT_S, shared: bool = False
+) -> LiveProcess:
     proc = _live.get((root, name))
     if proc is None or proc.closed:
-        proc = _live[(root, name)] = LiveProcess(root, name, wait_s)
+        proc = _live[(root, name)] = LiveProcess(root, name, wait_s, shared)
         from colocate.executor import worker
 
         if _swap_out not in worker.exit_hooks:
             worker.exit_hooks.append(_swap_out)
         current = worker.current()
-        if current is not None and len(current.spec.cpu_ids) > 1:
+        if current is not None and len(current.spec.cpu_ids) > 1 and not shared:
             # The process's worker may use every core of the lease (its functions' threads,
             # numpy); the lease's other workers stay idle (the state lives in this one).
             with contextlib.suppress(OSError):
@@ -479,32 +633,41 @@ class Call:
     ``wait_s``: how long to wait for the process's lock when another lease holds it; past
     that, ProcessLiveElsewhere names that lease (the client attaches to it)."""
 
-    __slots__ = ("_fn", "fn_bytes", "name", "op", "root", "wait_s")
+    __slots__ = ("_fn", "fn_bytes", "name", "op", "root", "shared", "wait_s")
 
     def __init__(
-        self, root: str, name: str, fn_bytes: bytes, op: str = "run", wait_s: float = PEEK_WAIT_S
+        self,
+        root: str,
+        name: str,
+        fn_bytes: bytes,
+        op: str = "run",
+        wait_s: float = PEEK_WAIT_S,
+        shared: bool = False,
     ) -> None:
         self.root = root
         self.name = name
         self.fn_bytes = fn_bytes
         self.op = op
         self.wait_s = wait_s
+        self.shared = shared  # the lease's workers share the process (workers > 1)
         self._fn: Callable[..., Any] | None = None
 
-    def __getstate__(self) -> tuple[str, str, bytes, str, float]:
-        return (self.root, self.name, self.fn_bytes, self.op, self.wait_s)
+    def __getstate__(self) -> tuple[str, str, bytes, str, float, bool]:
+        return (self.root, self.name, self.fn_bytes, self.op, self.wait_s, self.shared)
 
-    def __setstate__(self, state: tuple[str, str, bytes, str, float]) -> None:
-        self.root, self.name, self.fn_bytes, self.op, self.wait_s = state
+    def __setstate__(self, state: tuple[str, str, bytes, str, float, bool]) -> None:
+        self.root, self.name, self.fn_bytes, self.op, self.wait_s, self.shared = state
         self._fn = None
 
     def __call__(self, call_id: str = "", *args: Any, **kwargs: Any) -> tuple[Any, list[str]]:
         if "/" in self.name:  # "<owner>/<name>": refused unless we run as the owner
             self.name = own_name(self.name)
-        proc = _open(self.root, self.name, self.wait_s)
+        proc = _open(self.root, self.name, self.wait_s, self.shared)
         notes, proc.notes = proc.notes, []
+        if proc.shared and self.op == "stats":
+            proc.catch_up()
         if self.op == "snapshot":
-            return proc.snapshot(), notes
+            return (proc.snapshot_shared() if proc.shared else proc.snapshot()), notes
         if self.op == "stats":
             return {
                 "seq": proc.seq,
@@ -519,35 +682,48 @@ class Call:
             return True, notes
         if self.op != "run":
             raise ConfigError(f"unknown process operation {self.op!r}")
-        if call_id:
-            done, kept = proc.applied(call_id)
-            if done:  # a retry of a call that committed: not twice
-                if isinstance(kept, str) and kept == NOT_KEPT:
-                    raise ResultNotKept(
-                        f"process {self.name!r}: this call committed before the lease was lost; "
-                        f"it is not run twice, and its result (over {KEEP_RESULT_BYTES} bytes or "
-                        "not picklable) was not kept"
-                    )
-                return kept, notes
         fn = self._fn
         if fn is None:
             fn = self._fn = pickle.loads(self.fn_bytes)
-        state = State(proc, self.root)
-        try:
-            result = fn(state, *args, **kwargs)
-        except BaseException:
-            state._abort()
-            raise
-        kept = _keep(result) if call_id else None  # before the commit: it may take a while
-        # The eviction signals wait while the commit runs: a swap-out never sees half of it.
-        old = _sigmask(signal.SIG_BLOCK, _BLOCKED)
-        try:
-            if _evicting():  # the client was told the lease is gone: this call did not happen
+        for _attempt in range(CONFLICT_RETRIES):
+            start = 0
+            if proc.shared:  # see what the lease's other workers committed
+                proc.catch_up()
+                start = proc.seq
+            if call_id:
+                done, kept = proc.applied(call_id)
+                if done:  # a retry of a call that committed: not twice
+                    if isinstance(kept, str) and kept == NOT_KEPT:
+                        raise ResultNotKept(
+                            f"process {self.name!r}: this call committed before the lease was "
+                            f"lost; it is not run twice, and its result (over "
+                            f"{KEEP_RESULT_BYTES} bytes or not picklable) was not kept"
+                        )
+                    return kept, notes
+            state = State(proc, self.root)
+            try:
+                result = fn(state, *args, **kwargs)
+            except BaseException:
                 state._abort()
-                raise ProcessInterrupted(
-                    f"process {self.name!r}: the lease is being taken back; the call's changes were discarded"
-                )
-            state._commit(call_id, kept, result)
-        finally:
-            _sigmask(signal.SIG_SETMASK, old)
+                raise
+            kept = _keep(result) if call_id else None  # before the commit: it may take a while
+            # The eviction signals wait while the commit runs: a swap-out never sees half of it.
+            old = _sigmask(signal.SIG_BLOCK, _BLOCKED)
+            try:
+                if _evicting():  # the client was told the lease is gone: this call did not happen
+                    state._abort()
+                    raise ProcessInterrupted(
+                        f"process {self.name!r}: the lease is being taken back; the call's "
+                        "changes were discarded"
+                    )
+                committed = state._commit(call_id, kept, result, start)
+            finally:
+                _sigmask(signal.SIG_SETMASK, old)
+            if committed:
+                return result, notes
+            state._abort()  # another worker changed what this call read: run it again
+        raise ColocateError(
+            f"process {self.name!r}: the call conflicted with other workers' commits "
+            f"{CONFLICT_RETRIES} times in a row; make calls touch fewer shared keys"
+        )
         return result, notes

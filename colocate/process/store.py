@@ -143,12 +143,19 @@ def encode_record(
 
 
 def scan_log(
-    read: Callable[[int, int], bytes], size: int, name: str, after_seq: int, keys: dict[str, Loc]
+    read: Callable[[int, int], bytes],
+    size: int,
+    name: str,
+    after_seq: int,
+    keys: dict[str, Loc],
+    start: int = 0,
+    changed: dict[str, int] | None = None,
 ) -> tuple[int, int]:
     """Apply the complete records of log ``name`` (``size`` bytes, ``read(offset, n)``; seq
-    after ``after_seq``, in order) to ``keys``; returns (last seq, bytes of the consistent
-    prefix). Reads indexes only."""
-    pos, seq = 0, after_seq
+    after ``after_seq``, in order, from offset ``start``) to ``keys``; returns (last seq,
+    bytes of the consistent prefix). Reads indexes only. ``changed`` gets key -> seq of the
+    record that changed it."""
+    pos, seq = start, after_seq
     while pos + RECORD.size <= size:
         magic, rseq, ilen, dlen, icrc = RECORD.unpack(read(pos, RECORD.size))
         end = pos + RECORD.size + ilen + dlen
@@ -166,6 +173,8 @@ def scan_log(
                 keys.pop(key, None)
             else:
                 keys[key] = Loc(name, vpos, vlen, vcrc)
+            if changed is not None:
+                changed[key] = rseq
             vpos += vlen
         seq, pos = rseq, end
     return seq, pos
@@ -220,14 +229,88 @@ class DirStore:
         self.root = root
         self.name = name
         self.path = os.path.join(root, str(os.getuid()), name)
-        self.lock_fd = self.log_fd = self.head_fd = -1
+        self.lock_fd = self.log_fd = self.head_fd = self.call_fd = -1
         self._fds: dict[str, int] = {}
 
     # -- opening ----------------------------------------------------------------------------
-    def open(self, wait_s: float, lease_id: str = "") -> None:
+    def open(self, wait_s: float, lease_id: str = "", shared: bool = False) -> bool:
         """Create the directory (0700) if needed and take the process's lock, waiting up to
         ``wait_s`` for an instance that is still swapping out; then write ``lease_id`` (ours)
-        into it. Past ``wait_s``: ProcessLiveElsewhere naming the lease that holds it."""
+        into it. Past ``wait_s``: ProcessLiveElsewhere naming the lease that holds it.
+
+        ``shared``: the workers of one lease share the process; each holds the lock shared,
+        the first writes the lease id and the others join it (a ``join`` lock orders them).
+        Returns True for the first (or only) instance."""
+        self._prepare()
+        if shared:
+            return self._join(wait_s, lease_id)
+        fd = os.open(os.path.join(self.path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    self._elsewhere(fd, wait_s, lease_id)
+                time.sleep(0.01)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, lease_id.encode(), 0)
+        self.lock_fd = fd
+        return True
+
+    def _elsewhere(self, fd: int, wait_s: float, lease_id: str) -> None:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        os.close(fd)
+        if holder and holder != lease_id:
+            raise ProcessLiveElsewhere(f"process {self.name!r} is live in lease {holder}", holder)
+        raise ColocateError(
+            f"process {self.name!r} is live in another lease (its lock {self.path}/lock "
+            f"stayed held {wait_s:g} s); release that one first"
+        )
+
+    def _join(self, wait_s: float, lease_id: str) -> bool:
+        fd = os.open(os.path.join(self.path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        join = os.open(os.path.join(self.path, "join"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + wait_s
+        try:
+            while True:
+                fcntl.flock(join, fcntl.LOCK_EX)
+                try:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        os.ftruncate(fd, 0)
+                        os.pwrite(fd, lease_id.encode(), 0)
+                        fcntl.flock(fd, fcntl.LOCK_SH)  # the lease's other workers join
+                        first = True
+                        break
+                    except BlockingIOError:
+                        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+                        if holder == lease_id and lease_id:
+                            fcntl.flock(fd, fcntl.LOCK_SH)
+                            first = False
+                            break
+                finally:
+                    fcntl.flock(join, fcntl.LOCK_UN)
+                if time.monotonic() >= deadline:
+                    self._elsewhere(fd, wait_s, lease_id)
+                time.sleep(0.01)
+        finally:
+            os.close(join)
+        self.lock_fd = fd
+        self.call_fd = os.open(
+            os.path.join(self.path, "call.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
+        return first
+
+    def manifest_stamp(self) -> tuple[int, int]:
+        try:
+            st = os.stat(os.path.join(self.path, MANIFEST))
+        except FileNotFoundError:
+            return (0, 0)
+        return (st.st_ino, st.st_mtime_ns)
+
+    def _prepare(self) -> None:
         mine = os.path.join(self.root, str(os.getuid()))
         try:
             os.makedirs(mine, mode=0o700, exist_ok=True)
@@ -251,35 +334,13 @@ class DirStore:
             raise ConfigError(
                 f"process store {mine} must be owned by uid {os.getuid()} with mode 0700"
             )
-        fd = os.open(os.path.join(self.path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-                    os.close(fd)
-                    if holder and holder != lease_id:
-                        raise ProcessLiveElsewhere(
-                            f"process {self.name!r} is live in lease {holder}", holder
-                        ) from None
-                    raise ColocateError(
-                        f"process {self.name!r} is live in another lease (its lock {self.path}/lock "
-                        f"stayed held {wait_s:g} s); release that one first"
-                    ) from None
-                time.sleep(0.01)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, lease_id.encode(), 0)
-        self.lock_fd = fd
 
     def close(self) -> None:
-        for fd in (self.log_fd, self.head_fd):
+        for fd in (self.log_fd, self.head_fd, self.call_fd):
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        self.log_fd = self.head_fd = -1
+        self.log_fd = self.head_fd = self.call_fd = -1
         for fd in self._fds.values():
             with contextlib.suppress(OSError):
                 os.close(fd)

@@ -401,3 +401,27 @@ def test_a_process_with_two_cores_runs_its_functions_on_both(
     assert proc.lease is not None and proc.lease.cores == 2 and proc.lease.node == "pr3"
     assert proc.invoke(lambda s: s["runs"]) == 1
     proc.delete()
+
+
+def bump_shared(state: Any, i: int) -> int:
+    state["n"] = state.get("n", 0) + 1
+    state.setdefault("seen", []).append(i)
+    return os.getpid()
+
+
+def test_two_workers_share_one_state_and_lose_no_update(
+    cluster: tuple[Service, list[Service], Path], store: str
+) -> None:
+    broker, _agents, _tmp = cluster
+    proc = Client(broker.url).process("pair", workers=2, memory="256MiB", store=store)
+    futures = [proc.submit(bump_shared, i) for i in range(200)]
+    pids = {f.result(timeout=60) for f in futures}
+    assert len(pids) == 2  # both workers ran calls
+    n, seen = proc.invoke(lambda s: (s["n"], sorted(s["seen"])))
+    assert n == 200 and seen == list(range(200))  # every call once, none lost to a race
+    proc.snapshot()  # one worker compacts; the other follows the new log
+    assert {proc.submit(bump_shared, 200 + i).result(timeout=30) for i in range(20)} == pids
+    assert proc.invoke(lambda s: s["n"]) == 220
+    proc.release()
+    assert proc.invoke(lambda s: (s["n"], len(s["seen"]))) == (220, 220)  # from the store
+    proc.delete()
