@@ -222,29 +222,37 @@ def search_guided(
 
 class _Bracket:
     """What :func:`search_guided` knows of one policy: the largest scale served at or above
-    the target (``ok``), the smallest below (``low``), the latest capacity estimate from a
-    replay on each side, and whether the estimates still hold (a probe placed by them landed
-    on the side they said)."""
+    the target (``ok``), the smallest below (``low``), and the capacity estimates of the
+    replays at those two scales.
+
+    A replay at a higher scale sees more evictions, so a smaller offer and a smaller
+    estimate: the capacity ``c`` is where a replay's estimate equals its own scale. A replay
+    below the target at ``s`` with estimate ``e < s`` thus puts ``c`` in ``[e, s]``, one at
+    or above it with ``e > s`` puts ``c`` in ``[s, e]``: the estimates are the next probes.
+    A round that does not halve the bracket (on a log scale) is followed by bisection."""
 
     def __init__(self, target: float, tolerance: float, step: float) -> None:
         self.target, self.tolerance, self.step = target, tolerance, step
         self.ok: float | None = None
         self.low: float | None = None
-        self.estimates: dict[bool, float] = {}  # served? -> latest estimate
-        self.expected: dict[float, bool] = {}  # probe scale -> side the estimate said
-        self.trusted = True
+        self.ok_estimate: float | None = None  # the estimate of the replay at ``ok``
+        self.low_estimate: float | None = None  # the estimate of the replay at ``low``
+        self.width_before = math.inf  # log width of the bracket before the last round
 
     def saw(self, scale: float, summary: dict[str, float]) -> None:
-        served = served_share(summary) >= self.target
-        if served:
-            self.ok = scale if self.ok is None else max(self.ok, scale)
-        else:
-            self.low = scale if self.low is None else min(self.low, scale)
-        if self.expected.pop(scale, served) != served:
-            self.trusted = False
-        estimate = float(summary.get(ESTIMATE, math.nan))
-        if math.isfinite(estimate) and estimate > 0:
-            self.estimates[served] = estimate
+        estimate: float | None = float(summary.get(ESTIMATE, math.nan))
+        if not (estimate is not None and math.isfinite(estimate) and estimate > 0):
+            estimate = None
+        if served_share(summary) >= self.target:
+            if self.ok is None or scale > self.ok:
+                self.ok, self.ok_estimate = scale, estimate
+        elif self.low is None or scale < self.low:
+            self.low, self.low_estimate = scale, estimate
+
+    def width(self) -> float:
+        if self.ok is None or self.low is None:
+            return math.inf
+        return math.log(self.low / self.ok)
 
     def done(self) -> bool:
         ok, low = self.ok, self.low
@@ -259,25 +267,25 @@ class _Bracket:
         """Up to ``width`` scales to replay next (none when the bracket is narrow enough)."""
         if self.done():
             return []
-        self.expected.clear()
-        if self.trusted and self.estimates:
-            # A replay at a lower scale (fewer evictions) tends to overestimate, one at a
-            # higher scale to underestimate: aim at the middle of the latest of each.
-            middle = math.sqrt(math.prod(self.estimates.values()) ** (2 / len(self.estimates)))
-            below, above = middle / self.step, middle * self.step
-            if width >= 2:
-                pair = [s for s in (below, above) if self.inside(s)]
-                if len(pair) == 2:
-                    self.expected = {below: True, above: False}
-                    return pair
-            else:
-                # just past the middle, on the side the latest bracket end did not see
-                guess = above if self.low is None or (self.ok or 0.0) >= middle else below
-                if self.ok is not None and self.low is not None:
-                    guess = below if self.low <= above else above
-                if self.inside(guess):
-                    self.expected = {guess: guess == below}
-                    return [guess]
+        now = self.width()
+        stalled = math.isfinite(now) and now > self.width_before / 2
+        self.width_before = now
+        f, u, step = self.low_estimate, self.ok_estimate, self.step
+        ordered: list[float] = []
+        if not stalled:
+            if width >= 2 and f is not None and u is not None and f < u:
+                ordered = [f, u, f / step, u * step]
+            elif width >= 2 and (u is not None or f is not None):
+                m = math.sqrt(f * u) if f is not None and u is not None else (u or f or 0.0)
+                ordered = [m / step, m * step, m] if u is not None else [f or m, m / step]
+            else:  # one at a time: a little inside the estimates, the safe side first
+                ordered = [x for x in (f and f / step, f, u and u * step, u) if x]
+        probes: list[float] = []
+        for scale in ordered:
+            if self.inside(scale) and scale not in probes and len(probes) < width:
+                probes.append(scale)
+        if probes:
+            return probes
         # no usable estimate: widen, or cut the bracket into equal parts on a log scale
         ok, low = self.ok, self.low
         if ok is None:

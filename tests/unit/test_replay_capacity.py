@@ -178,3 +178,26 @@ def test_scaled_replay_many_equals_one_by_one() -> None:
         assert {k: v for k, v in a.items() if k != "replay_seconds"} == {
             k: v for k, v in b.items() if k != "replay_seconds"
         }
+
+
+def test_pairs_converge_when_estimates_lean_with_the_scale() -> None:
+    """As on RICC: a replay at a higher scale sees more evictions, so its estimate is lower
+    (here ``c * (c / s) ** 0.015``, equal to ``s`` only at the capacity ``c``: RICC's
+    estimates were 32.05 at scale 1 and 30.36 at 31.28); the pair just past the first
+    estimate then lands both below the target, and the next pair brackets it."""
+    c = 30.7
+    rounds: list[list[float]] = []
+
+    def one(scale: float) -> dict[str, float]:
+        return {**summary(0.99 * min(1.0, c / scale) ** 0.5), ESTIMATE: c * (c / scale) ** 0.015}
+
+    def run_many(scales: Sequence[float], name: str) -> list[dict[str, float]]:
+        rounds.append(list(scales))
+        return [one(s) for s in scales]
+
+    result = search_guided(
+        lambda s, ps: {n: one(s) for n in ps}, ["p"], tolerance=0.05, run_many=run_many
+    )
+    assert len(rounds) == 2
+    assert all(served_share(one(s)) < 0.99 for s in rounds[0])
+    assert c / 1.05 <= result.capacity["p"] <= c
