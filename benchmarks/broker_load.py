@@ -77,6 +77,7 @@ from colocate.broker.api import (  # noqa: E402
 from colocate.broker.secret import load_or_create_secret  # noqa: E402
 from colocate.broker.service import install_error_handlers  # noqa: E402
 from colocate.errors import LeaseDenied, LeaseExpired  # noqa: E402
+from colocate.lease_value import LeaseValue  # noqa: E402
 from policies.model import NodeView  # noqa: E402
 
 GIB = 1024**3
@@ -138,16 +139,9 @@ class InstantExecutors:
 
     detached = False
 
-    def start(
-        self,
-        lease_id: str,
-        cpu_ids: Sequence[int],
-        memory_bytes: int,
-        expires_at: float,
-        owner: object = None,
-    ) -> Handle:
-        self.running[lease_id] = Handle(lease_id)
-        return self.running[lease_id]
+    def start(self, lease: LeaseValue) -> Handle:
+        self.running[lease.lease_id] = Handle(lease.lease_id)
+        return self.running[lease.lease_id]
 
     def evict(self, lease_id: str, grace_s: float = 0.0, reason: str = "evicted") -> float:
         self.running.pop(lease_id, None)

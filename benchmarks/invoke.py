@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from colocate.client.executor import LeaseExecutor
 from colocate.config import ExecutorConfig
 from colocate.executor import ExecutorSupervisor
+from colocate.lease_value import LeaseValue
 from colocate.tokens import LeaseClaims, sign_lease
 
 PAYLOAD = b"x" * 64
@@ -138,7 +139,7 @@ class Lease:
         self.lease_id = f"bench{os.getpid()}-{Lease.counter}"
         expires = time.time() + 600
         self.token = sign_lease(SECRET, LeaseClaims(self.lease_id, NODE, cpus, memory, expires))
-        self.handle = sup.start(self.lease_id, cpus, memory, expires)
+        self.handle = sup.start(LeaseValue.of(self.lease_id, cpus, memory, time.time(), expires))
 
     def executor(self, unix: bool = False) -> LeaseExecutor:
         address = (

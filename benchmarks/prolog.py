@@ -100,7 +100,11 @@ class ExecutorEvictHandler(InstantHandler):
 
     def prepare(self) -> None:
         self.count += 1
-        self.supervisor.start(f"bench-{self.count}", [0], 64 * 1024**2, time.time() + 600)
+        from colocate.lease_value import LeaseValue
+
+        now = time.time()
+        lease = LeaseValue.of(f"bench-{self.count}", [0], 64 * 1024**2, now, now + 600)
+        self.supervisor.start(lease)
 
     def on_prolog(self, request: PrologRequest, deadline: float) -> PrologResult:
         started = time.monotonic()

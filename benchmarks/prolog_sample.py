@@ -39,6 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from colocate.lease_value import LeaseValue
 from policies import get_policy
 from policies.limits import Limits
 from slurm_plugin.agent.agent import Agent
@@ -64,8 +65,8 @@ class Handle:
 class NoExecutors:
     detached = False
 
-    def start(self, *args: Any, **kwargs: Any) -> Handle:
-        return Handle(str(args[0]))
+    def start(self, lease: LeaseValue) -> Handle:
+        return Handle(lease.lease_id)
 
     def evict(self, lease_id: str, grace_s: float = 0.0, reason: str = "evicted") -> float:
         return 0.0

@@ -41,6 +41,7 @@ import cloudpickle  # noqa: E402
 from colocate.client.executor import LeaseExecutor  # noqa: E402
 from colocate.config import ExecutorConfig  # noqa: E402
 from colocate.executor import ExecutorSupervisor  # noqa: E402
+from colocate.lease_value import LeaseValue  # noqa: E402
 from colocate.owner import Owner  # noqa: E402
 from colocate.tokens import LeaseClaims, sign_lease  # noqa: E402
 
@@ -87,7 +88,9 @@ class Leases:
         self.count += 1
         lease_id = f"b{self.count}"
         expires = time.time() + 300
-        handle = self.sup.start(lease_id, [CORE], 128 << 20, expires, owner=self.owner)
+        handle = self.sup.start(
+            LeaseValue.of(lease_id, [CORE], 128 << 20, time.time(), expires, self.owner)
+        )
         token = sign_lease(SECRET, LeaseClaims(lease_id, self.node, (CORE,), 128 << 20, expires))
         return lease_id, LeaseExecutor(handle.address, token, lease_id=lease_id, workers=1)
 

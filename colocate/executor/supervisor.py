@@ -34,6 +34,7 @@ from colocate.executor.confinement import Confinement, LeaseCgroups, check_name,
 from colocate.executor.forkserver import recv_msg, send_msg, short_path
 from colocate.executor.verifier import TokenVerifier
 from colocate.executor.worker import WorkerSpec, eviction_signal
+from colocate.lease_value import LeaseValue
 from colocate.owner import Owner
 
 log = logging.getLogger(__name__)
@@ -275,26 +276,25 @@ class ExecutorSupervisor:
         return ("error", "fork server keeps exiting; see the agent's stderr")
 
     # -- start -------------------------------------------------------------------------------
-    def start(
-        self,
-        lease_id: str,
-        cpu_ids: Sequence[int],
-        memory_bytes: int,
-        expires_at: float,
-        owner: Owner | None = None,
-    ) -> ExecutorHandle:
-        """Start the lease's executor: one confined, pinned, sandboxed worker per core.
-        Milliseconds.
+    def start(self, lease: LeaseValue) -> ExecutorHandle:
+        """Start the executor of ``lease`` (the agent's one internal lease value): one
+        confined, pinned, sandboxed worker per core of ``lease.cpu_ids``. Milliseconds.
 
-        Workers run as ``owner`` (uid, gid and the groups initgroups gives) with
+        Workers run as ``lease.owner`` (uid, gid and the groups initgroups gives) with
         ``run_as = "owner"``; as a uid of ``lease_uid_range`` of their own with ``"pool"``, for a
         lease without an owner, or for one owned by root; else as ``run_as_user``.
 
         Raises BadRequest for a bad or duplicate lease id, unknown cores or no memory, and
         BackendUnavailable when workers cannot be started.
         """
+        lease_id, memory_bytes, expires_at, owner = (
+            lease.lease_id,
+            lease.memory_bytes,
+            lease.expires_at,
+            lease.owner,
+        )
         check_name(lease_id, "lease id")
-        cpus = tuple(int(c) for c in cpu_ids)
+        cpus = tuple(int(c) for c in lease.cpu_ids)
         usable = self._usable_cpus
         if not cpus or len(set(cpus)) != len(cpus) or not set(cpus) <= usable:
             raise BadRequest(

@@ -40,7 +40,6 @@ from colocate.broker.api import (
 from colocate.broker.secret import control_token_ok
 from colocate.errors import BadRequest, LeaseDenied, LeaseError, LeaseExpired
 from colocate.lease_value import LeaseValue
-from colocate.owner import Owner
 from colocate.protocol import DEFAULT_MAX_PAYLOAD_BYTES
 from policies.headroom import growth_suspected
 from policies.limits import Limits
@@ -90,16 +89,9 @@ class ExecutorBackend(Protocol):
     pass on, no invocation counts) implements it as a no-op. The agent never probes.
     """
 
-    def start(
-        self,
-        lease_id: str,
-        cpu_ids: Sequence[int],
-        memory_bytes: int,
-        expires_at: float,
-        owner: Owner | None = None,
-    ) -> ExecutorHandleLike:
-        """Start the lease's executor; ``owner``: whom its workers run as (None: the
-        backend's default)."""
+    def start(self, lease: LeaseValue) -> ExecutorHandleLike:
+        """Start the executor of ``lease`` (its cores, memory and expiry); its workers run as
+        ``lease.owner`` (None: the backend's default)."""
         ...
 
     def evict(self, lease_id: str, grace_s: float = 0.0, reason: str = "evicted") -> float: ...
@@ -279,13 +271,7 @@ class Agent:
                 self._decide(now)
             self._admit(lease)
             started = time.monotonic()
-            handle = self.executors.start(  # workers run as the lease's owner (issue 12)
-                lease.lease_id,
-                lease.cpu_ids,
-                lease.memory_bytes,
-                lease.expires_at,
-                owner=lease.owner,
-            )
+            handle = self.executors.start(lease)  # workers run as its owner (issue 12)
             if self.metrics is not None:
                 self.metrics.cold_start(time.monotonic() - started)
             self._generation += 1

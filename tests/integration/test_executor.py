@@ -23,6 +23,7 @@ from colocate import (
 from colocate.client.executor import LeaseExecutor, RemoteError
 from colocate.config import ExecutorConfig
 from colocate.executor import ExecutorHandle, ExecutorSupervisor
+from colocate.lease_value import LeaseValue
 from colocate.tokens import LeaseClaims, sign_lease
 from tests.conftest import require
 
@@ -89,7 +90,9 @@ class Leased:
         self.expires_at = time.time() + ttl
         self.claims = LeaseClaims(self.lease_id, NODE, cores, memory, self.expires_at)
         self.token = sign_lease(SECRET, self.claims)
-        self.handle: ExecutorHandle = sup.start(self.lease_id, cores, memory, self.expires_at)
+        self.handle: ExecutorHandle = sup.start(
+            LeaseValue.of(self.lease_id, cores, memory, time.time(), self.expires_at)
+        )
 
     def executor(self, token: str | None = None, **kw: object) -> LeaseExecutor:
         return LeaseExecutor(
@@ -274,11 +277,15 @@ def test_a_supervisor_refuses_to_run_functions_as_root_or_a_missing_user() -> No
 
 def test_start_refuses_bad_leases(supervisor: ExecutorSupervisor, lease: Leased) -> None:
     with pytest.raises(BadRequest):
-        supervisor.start(lease.lease_id, [CORES[0]], 1 << 20, time.time() + 60)  # duplicate
+        supervisor.start(
+            LeaseValue.of(lease.lease_id, [CORES[0]], 1 << 20, time.time(), time.time() + 60)
+        )  # duplicate
     with pytest.raises(BadRequest):
-        supervisor.start("../escape", [CORES[0]], 1 << 20, time.time() + 60)
+        supervisor.start(
+            LeaseValue.of("../escape", [CORES[0]], 1 << 20, time.time(), time.time() + 60)
+        )
     with pytest.raises(BadRequest):
-        supervisor.start("nocores", [999], 1 << 20, time.time() + 60)
+        supervisor.start(LeaseValue.of("nocores", [999], 1 << 20, time.time(), time.time() + 60))
     assert [h.lease_id for h in supervisor.handles()] == [lease.lease_id]
 
 

@@ -20,6 +20,7 @@ from colocate import protocol as P
 from colocate.client.executor import LeaseExecutor
 from colocate.config import ExecutorConfig
 from colocate.executor import ExecutorSupervisor
+from colocate.lease_value import LeaseValue
 from colocate.tokens import LeaseClaims, sign_lease
 from tests.conftest import require
 
@@ -74,7 +75,7 @@ def start(
     _count += 1
     lease_id = f"fault{_count}"
     expires = time.time() + 120
-    handle = sup.start(lease_id, [CORE], memory, expires)
+    handle = sup.start(LeaseValue.of(lease_id, [CORE], memory, time.time(), expires))
     return (
         lease_id,
         sign_lease(SECRET, LeaseClaims(lease_id, node, (CORE,), memory, expires)),
@@ -336,7 +337,7 @@ def test_rlimit_fallback_watchdog_bounds_the_whole_lease(tmp_path: Path) -> None
         ExecutorConfig(), SECRET, node=node, cgroup_root="", state_dir=str(tmp_path)
     ) as sup:
         expires = time.time() + 60
-        handle = sup.start("wd", cores[:2], memory, expires)
+        handle = sup.start(LeaseValue.of("wd", cores[:2], memory, time.time(), expires))
         token = sign_lease(SECRET, LeaseClaims("wd", node, tuple(cores[:2]), memory, expires))
         with LeaseExecutor(handle.address, token, lease_id="wd", workers=2) as ex:
             # each worker stays under its own RLIMIT_AS; together they exceed the lease
@@ -358,7 +359,7 @@ def test_a_restarted_agent_adopts_valid_executors_and_cleans_expired_ones(tmp_pa
     old = ExecutorSupervisor(ExecutorConfig(), SECRET, node=node, state_dir=state)
     lease_id, token, address = start(old, node=node)
     expired = "fault-expiring"
-    old.start(expired, [CORE], 64 << 20, time.time() + 0.5)
+    old.start(LeaseValue.of(expired, [CORE], 64 << 20, time.time(), time.time() + 0.5))
     pids = old.handles()[0].pids
     client = LeaseExecutor(address, token, lease_id=lease_id, workers=1)
     assert client.invoke(add, 1, 2) == 3

@@ -25,6 +25,7 @@ import pytest
 from colocate.client.executor import LeaseExecutor
 from colocate.config import ExecutorConfig
 from colocate.executor import ExecutorHandle, ExecutorSupervisor
+from colocate.lease_value import LeaseValue
 from colocate.owner import Owner
 from colocate.tokens import LeaseClaims, sign_lease
 from tests.conftest import require
@@ -150,7 +151,7 @@ def start(
     _count += 1
     lease_id = f"sb{_count}"
     expires = time.time() + 120
-    handle = sup.start(lease_id, cores, 128 << 20, expires, owner=owner)
+    handle = sup.start(LeaseValue.of(lease_id, cores, 128 << 20, time.time(), expires, owner))
     token = sign_lease(SECRET, LeaseClaims(lease_id, sup.node, cores, 128 << 20, expires))
     return handle, token
 
@@ -288,7 +289,9 @@ def test_outbound_reaches_the_network_but_never_this_host(
             config, SECRET, node=NODE + network[0], state_dir=str(tmp_path)
         ) as sup:
             expires = time.time() + 60
-            handle = sup.start("net", (CORES[-1],), 64 << 20, expires, owner=users[0])
+            handle = sup.start(
+                LeaseValue.of("net", (CORES[-1],), 64 << 20, time.time(), expires, users[0])
+            )
             claims = LeaseClaims("net", NODE + network[0], (CORES[-1],), 64 << 20, expires)
             token = sign_lease(SECRET, claims)
             with LeaseExecutor(handle.address, token, lease_id="net", workers=1) as ex:
@@ -373,8 +376,12 @@ def test_one_tenant_cannot_signal_anothers_workers(
     # without the sandbox the owners' uids alone keep them apart
     config = ExecutorConfig(sandbox=False)
     with ExecutorSupervisor(config, SECRET, node=NODE + "u") as plain:
-        a2 = plain.start("u1", (CORES[0],), 64 << 20, time.time() + 60, owner=users[0])
-        b2 = plain.start("u2", (CORES[-1],), 64 << 20, time.time() + 60, owner=users[1])
+        a2 = plain.start(
+            LeaseValue.of("u1", (CORES[0],), 64 << 20, time.time(), time.time() + 60, users[0])
+        )
+        b2 = plain.start(
+            LeaseValue.of("u2", (CORES[-1],), 64 << 20, time.time(), time.time() + 60, users[1])
+        )
         token = sign_lease(
             SECRET, LeaseClaims("u1", NODE + "u", (CORES[0],), 64 << 20, a2.expires_at)
         )
@@ -416,7 +423,9 @@ def test_no_file_past_the_size_limit_and_no_core_dumps(
     config = ExecutorConfig(fsize_max_bytes=1 << 20)
     with ExecutorSupervisor(config, SECRET, node=NODE + "f", state_dir=str(tmp_path)) as sup:
         expires = time.time() + 60
-        handle = sup.start("fs", (CORES[-1],), 64 << 20, expires, owner=users[0])
+        handle = sup.start(
+            LeaseValue.of("fs", (CORES[-1],), 64 << 20, time.time(), expires, users[0])
+        )
         token = sign_lease(SECRET, LeaseClaims("fs", NODE + "f", (CORES[-1],), 64 << 20, expires))
         with LeaseExecutor(handle.address, token, lease_id="fs", workers=1) as ex:
             assert ex.invoke(write_big, 512 << 10) == "written"
@@ -461,7 +470,9 @@ def test_a_lease_expiring_without_an_agent_leaves_nothing(
     config = ExecutorConfig(expiry_grace_s=0.5)
     sup = ExecutorSupervisor(config, SECRET, node=NODE + "e", state_dir=str(tmp_path))
     expires = time.time() + 1.0
-    handle = sup.start("dies", (CORES[-1],), 64 << 20, expires, owner=users[0])
+    handle = sup.start(
+        LeaseValue.of("dies", (CORES[-1],), 64 << 20, time.time(), expires, users[0])
+    )
     if alarm != "worker":
         token = sign_lease(SECRET, LeaseClaims("dies", NODE + "e", (CORES[-1],), 64 << 20, expires))
         with LeaseExecutor(handle.address, token, lease_id="dies", workers=1) as ex:

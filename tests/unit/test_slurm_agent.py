@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from colocate.broker.api import StartRequest
+from colocate.lease_value import LeaseValue
 from policies import get_policy
 from policies.limits import Limits
 from policies.model import JobView, NodeView, UsageSample
@@ -42,16 +43,11 @@ class Executors:
 
     detached = False
 
-    def start(
-        self,
-        lease_id: str,
-        cpu_ids: Sequence[int],
-        memory_bytes: int,
-        expires_at: float,
-        owner: object = None,
-    ) -> Handle:
-        self.running[lease_id] = Handle(lease_id, cpu_ids=tuple(cpu_ids), expires_at=expires_at)
-        return self.running[lease_id]
+    def start(self, lease: LeaseValue) -> Handle:
+        self.running[lease.lease_id] = Handle(
+            lease.lease_id, cpu_ids=lease.cpu_ids, expires_at=lease.expires_at
+        )
+        return self.running[lease.lease_id]
 
     def renew(self, lease_id: str, expires_at: float) -> None:
         pass
