@@ -174,6 +174,19 @@ def read_job_choices(directory: Path, node: str | None = None) -> dict[int, JobC
     return choices
 
 
+def job_choices_allowed(directory: Path, node: str | None = None) -> dict[str, bool]:
+    """The ``--colocate`` choices of the job-choice files as the agent applies them: job id
+    (as Slurm prints it) -> True for allow, False for deny (an unknown word reads as deny).
+    Jobs whose prolog said nothing (the site default) are absent. The agent, ``colocate
+    monitor`` and ``colocate metrics serve`` all read the choices through this one function.
+    """
+    return {
+        str(job_id): choice.colocate == "allow"
+        for job_id, choice in read_job_choices(directory, node).items()
+        if choice.colocate is not None
+    }
+
+
 def _config_socket(config_path: str | None) -> str | None:
     """``[agent] control_socket`` from the agent's TOML file, without validating the rest."""
     path = config_path or DEFAULT_CONFIG

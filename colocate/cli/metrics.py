@@ -65,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sv.add_argument(
         "--json", action="store_true", help="print the bound address as JSON once serving"
     )
+    from colocate.cli.monitor import add_choices_argument
+
+    add_choices_argument(sv)
     q = sub.add_parser("queries", help="list every PromQL query of the Grafana dashboard")
     q.add_argument(
         "--dashboard", metavar="FILE", help="dashboard JSON (default: deploy/grafana/colocate.json)"
@@ -90,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import socket
 
+    from colocate.cli.monitor import JobChoices
     from colocate.config import load_config
     from colocate.metrics.agent_metrics import AgentMetrics
     from monitors.sampler import Sampler, default_source
@@ -99,6 +103,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     node = args.node or config.agent.node or socket.gethostname().split(".")[0]
     interval = max(0.05, args.interval)
+    choices = JobChoices.of(args, node)
     sampler = Sampler(
         node, make_slurm(args.slurm), default_source(), window_s=max(interval * 3, 1.0)
     )
@@ -113,7 +118,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         while not args.count or samples < args.count:
             now = time.time()
-            metrics.observe(sampler.sample(now), Offer(), (), now=now)
+            metrics.observe(choices.sample(sampler, now), Offer(), (), now=now)
             samples += 1
             time.sleep(max(0.0, interval - (time.time() - now)))
     finally:

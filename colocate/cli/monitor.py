@@ -47,8 +47,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cgroup v1: move each job into its own unified-hierarchy group to get per-job PSI",
     )
     parser.add_argument("--slurm", choices=["cli", "pyslurm"], default="cli", help="Slurm backend")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="colocate TOML config ([agent] control_socket and default_colocate)",
+    )
+    add_choices_argument(parser)
     parser.add_argument("--cgroup-root", default="/sys/fs/cgroup", help=argparse.SUPPRESS)
     parser.add_argument("--proc", default="/proc", help=argparse.SUPPRESS)
+
+
+def add_choices_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--choices",
+        metavar="DIR",
+        help="where the prolog hook leaves the jobs' --colocate choices (default: jobs/ next "
+        "to the agent's control socket of the config, as the agent reads them)",
+    )
+
+
+class JobChoices:
+    """The jobs' ``--colocate`` choices as the agent applies them, read again at each sample
+    from the prolog hook's job-choice files: what ``colocate monitor`` and ``colocate metrics
+    serve`` show is what the agent's policy is told. ``default``: for jobs without a choice."""
+
+    def __init__(self, directory: Path, node: str, default: bool) -> None:
+        self.directory = directory
+        self.node = node
+        self.default = default
+
+    @classmethod
+    def of(cls, args: argparse.Namespace, node: str) -> JobChoices:
+        """From ``--choices`` and ``--config`` (its ``[agent]`` table)."""
+        from colocate.config import load_config
+        from slurm_plugin.control_client import socket_path_for
+        from slurm_plugin.hooks import choice_dir_for
+
+        agent = load_config(args.config).agent
+        directory = (
+            Path(args.choices)
+            if args.choices
+            else choice_dir_for(socket_path_for(agent.control_socket, node))
+        )
+        return cls(directory, node, agent.default_colocate == "allow")
+
+    def read(self) -> dict[str, bool]:
+        """Job id -> True (allow) / False (deny), for the jobs whose prolog said one."""
+        from slurm_plugin.hooks import job_choices_allowed
+
+        return job_choices_allowed(self.directory, self.node)
+
+    def sample(self, sampler: Sampler, now: float | None = None) -> NodeSnapshot:
+        """One snapshot whose jobs carry their choices."""
+        return sampler.sample(now, colocate=self.read(), default_colocate=self.default)
 
 
 def _source(args: argparse.Namespace) -> UsageSource:
@@ -112,30 +163,31 @@ def run(args: argparse.Namespace) -> int:
 
     node = args.node or socket.gethostname().split(".")[0]
     interval = max(0.05, args.interval)
+    choices = JobChoices.of(args, node)
     sampler = Sampler(node, make_slurm(args.slurm), _source(args), window_s=max(interval * 3, 1.0))
     # Fail early, naming the known nodes, on a wrong --node; if Slurm is down, keep going:
     # snapshots say slurm_ok=false until it answers.
     with contextlib.suppress(SlurmUnavailable):
         sampler.slurm.node_info(node)
     try:
-        return _loop(sampler, args, interval)
+        return _loop(sampler, choices, args, interval)
     finally:
         sampler.close()
 
 
-def _loop(sampler: Sampler, args: argparse.Namespace, interval: float) -> int:
+def _loop(sampler: Sampler, choices: JobChoices, args: argparse.Namespace, interval: float) -> int:
     if args.once:
-        sampler.sample()  # the first reading has no CPU window yet
+        choices.sample(sampler)  # the first reading has no CPU window yet
         time.sleep(interval)
-        snap = sampler.sample()
+        snap = choices.sample(sampler)
         print(json.dumps(snap.to_json(), indent=2) if args.json else render_table(snap))
         return 0
     shown = 0
-    sampler.sample()
+    choices.sample(sampler)
     tty = sys.stdout.isatty()
     while True:
         time.sleep(interval)
-        snap = sampler.sample()
+        snap = choices.sample(sampler)
         if args.json:
             print(json.dumps(snap.to_json()), flush=True)
         else:

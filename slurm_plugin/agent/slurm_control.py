@@ -32,7 +32,7 @@ from policies.model import EvictionReason
 from slurm_plugin.agent.agent import Agent
 from slurm_plugin.agent.slurm_node import SlurmNode
 from slurm_plugin.control import EpilogRequest, EpilogResult, PrologRequest, PrologResult
-from slurm_plugin.hooks import read_job_choices
+from slurm_plugin.hooks import job_choices_allowed
 from slurm_plugin.slurm.cli import CliSlurm
 from slurm_plugin.slurm.parse import parse_scontrol_job_detail
 
@@ -54,7 +54,7 @@ class SlurmControl:
         self.slurm = slurm
         self._lock = threading.Lock()  # one prolog decision at a time
         self.choices_dir = choices_dir
-        self._known: dict[int, str | None] = {}
+        self._known: dict[int, bool] = {}  # job id -> allowed, as last applied
         self._stop = threading.Event()
         self._watch: threading.Thread | None = None
         self.refresh_choices()
@@ -64,12 +64,15 @@ class SlurmControl:
         if self.choices_dir is None:
             return []
         learned: list[int] = []
-        choices = read_job_choices(self.choices_dir, self.agent.node)
-        for job_id, choice in choices.items():
-            if choice.colocate is not None and self._known.get(job_id) != choice.colocate:
-                self.source.set_choice(str(job_id), choice.colocate == "allow")
+        choices = {
+            int(job): allowed
+            for job, allowed in job_choices_allowed(self.choices_dir, self.agent.node).items()
+        }
+        for job_id, allowed in choices.items():
+            if self._known.get(job_id) != allowed:
+                self.source.set_choice(str(job_id), allowed)
                 learned.append(job_id)
-            self._known[job_id] = choice.colocate
+            self._known[job_id] = allowed
         for job_id in set(self._known) - set(choices):  # epilog removed it
             del self._known[job_id]
         return learned
@@ -121,7 +124,7 @@ class SlurmControl:
         job_id = str(request.job_id)
         if request.colocate is not None:
             self.source.set_choice(job_id, request.colocate == "allow")
-            self._known[request.job_id] = request.colocate
+            self._known[request.job_id] = request.colocate == "allow"
         layout = self._layout(request.job_id)
         before = {lease.lease_id for lease in self.agent.report().leases}
         with self._lock:
