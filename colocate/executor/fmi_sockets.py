@@ -6,7 +6,15 @@ A rank of an FMI group asks, over its worker's verifier connection (``F`` + JSON
 - ``{"op": "listen", "ticket", "sig"}``: a TCP listening socket bound to the ticket's host on
   a free port, made here in the host's network namespace;
 - ``{"op": "connect", "ticket", "sig", "to": [host, port]}``: a TCP socket connected to
-  ``to``, which must be one of the ticket's peers.
+  ``to``, which must be one of the ticket's peers;
+- ``{"op": "shm", "ticket", "sig", "pair": [lo, lease_lo, hi, lease_hi], "bytes"}``: the
+  shared-memory segment (a memfd) of the pair of ranks ``lo < hi`` of two different leases on
+  this node (``colocate.fmi.rank``). Both ranks ask, in either order: the first request makes
+  the zeroed memfd and keeps it, the second gets the same one and the supervisor lets go of
+  it. The segment is keyed by the ticket's group and both ranks with their leases, and the
+  asking lease must be one of the two (each side takes it once): a lease outside the pair can
+  neither take the pair's segment nor plant one of its own for the pair to use. One not taken
+  by both sides within ``SEGMENT_TTL_S`` is dropped.
 
 The ticket must be signed with its lease's key (``colocate.fmi_ticket``), which only the
 lease's owner holds, and the asking worker (the connection's SO_PEERCRED pid) must sit in
@@ -20,17 +28,110 @@ then authenticated between the ranks themselves with the group key (``colocate.f
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
+import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from colocate import protocol as P
 from colocate.errors import ColocateError
-from colocate.fmi_ticket import check_ticket
+from colocate.fmi_ticket import GroupTicket, check_ticket
 from colocate.tokens import lease_key
 
 CONNECT_TIMEOUT_S = 2.0  # peers are one hop away; the verifier thread must not stall long
+SEGMENT_TTL_S = 60.0  # longer than a group's setup; then a half-taken segment is dropped
+MAX_SEGMENT_BYTES = 64 << 20  # a pair's rings are 2 x 4 MiB at most (colocate.fmi.channels)
+MAX_PENDING_PER_LEASE = 1024  # segments a lease made that its peers have not taken yet
+
+
+@dataclass(slots=True)
+class _Segment:
+    fd: int
+    nbytes: int
+    made_by: str
+    made_at: float
+    taken: set[str] = field(default_factory=set)
+
+
+class Segments:
+    """The node's half-taken pair segments (one table per supervisor process)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[tuple[str, int, str, int, str], _Segment] = {}
+
+    def take(
+        self, key: tuple[str, int, str, int, str], lease_id: str, nbytes: int, now: float
+    ) -> int:
+        """A new fd of the pair ``key``'s segment for ``lease_id`` (the caller closes it);
+        ValueError naming why when refused."""
+        with self._lock:
+            for old in [k for k, seg in self._open.items() if now - seg.made_at > SEGMENT_TTL_S]:
+                os.close(self._open.pop(old).fd)
+            seg = self._open.get(key)
+            if seg is None:
+                pending = sum(s.made_by == lease_id for s in self._open.values())
+                if pending >= MAX_PENDING_PER_LEASE:
+                    raise ValueError(f"lease {lease_id} has {pending} segments nobody took")
+                fd = os.memfd_create("colocate-fmi-pair", os.MFD_CLOEXEC)
+                try:
+                    os.ftruncate(fd, nbytes)
+                except OSError:
+                    os.close(fd)
+                    raise
+                seg = self._open[key] = _Segment(fd, nbytes, lease_id, now)
+            elif seg.nbytes != nbytes:
+                raise ValueError(f"the pair's segment has {seg.nbytes} bytes, not {nbytes}")
+            elif lease_id in seg.taken:
+                raise ValueError(f"lease {lease_id} already took this pair's segment")
+            seg.taken.add(lease_id)
+            out = os.dup(seg.fd)
+            if len(seg.taken) == 2:
+                os.close(self._open.pop(key).fd)
+            return out
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+
+SEGMENTS = Segments()
+
+
+class _NotInPair(Exception):
+    pass
+
+
+class _Fd:
+    """An fd to pass that is not a socket (a memfd)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _segment(ticket: GroupTicket, request: dict[str, Any], segments: Segments) -> _Fd:
+    lo, lease_lo, hi, lease_hi = request["pair"]
+    lo, hi, lease_lo, lease_hi = int(lo), int(hi), str(lease_lo), str(lease_hi)
+    nbytes = int(request["bytes"])
+    if ticket.lease_id not in (lease_lo, lease_hi) or lease_lo == lease_hi or not 0 <= lo < hi:
+        raise _NotInPair(
+            f"lease {ticket.lease_id} is not a side of the pair ({lo}, {lease_lo}), ({hi}, {lease_hi})"
+        )
+    if not 0 < nbytes <= MAX_SEGMENT_BYTES:
+        raise ValueError(f"a pair's segment is 1 to {MAX_SEGMENT_BYTES} bytes, not {nbytes}")
+    key = (ticket.group, lo, lease_lo, hi, lease_hi)
+    return _Fd(segments.take(key, ticket.lease_id, nbytes, time.time()))
 
 
 def outside_lease(cgroup_text: str, lease_id: str) -> str | None:
@@ -59,10 +160,11 @@ def _peer_pid(conn: socket.socket) -> int | None:
 
 
 def answer_fmi(
-    secret: bytes, payload: bytes, pid: int | None = None
-) -> tuple[dict[str, Any], socket.socket | None]:
-    """The reply to an ``F`` request and the socket to pass (None on refusal). ``pid`` is the
-    requesting worker (the verifier connection's peer): it must be in the ticket's lease."""
+    secret: bytes, payload: bytes, pid: int | None = None, segments: Segments = SEGMENTS
+) -> tuple[dict[str, Any], socket.socket | _Fd | None]:
+    """The reply to an ``F`` request and the socket (or memfd) to pass (None on refusal).
+    ``pid`` is the requesting worker (the verifier connection's peer): it must be in the
+    ticket's lease."""
     try:
         request = json.loads(payload)
         op = request["op"]
@@ -99,6 +201,13 @@ def answer_fmi(
                 }, None
             sock = socket.create_connection((str(host), int(port)), timeout=CONNECT_TIMEOUT_S)
             return {"status": "ok"}, sock
+        if op == "shm":
+            try:
+                return {"status": "ok"}, _segment(ticket, request, segments)
+            except _NotInPair as exc:
+                return {"status": "unauthorized", "message": f"FMI shm refused: {exc}"}, None
+            except (ValueError, TypeError, KeyError) as exc:
+                return {"status": "refused", "message": f"FMI shm: {exc}"}, None
     except OSError as exc:
         return {
             "status": "unreachable",

@@ -57,21 +57,23 @@ CHANNELS = ("auto", "shm", "local", "tcp", "redis")
 _CHUNK = 1 << 20
 
 
-def route(same_lease: bool, direct: bool, forced: str = "auto") -> str:
+def route(same_lease: bool, direct: bool, forced: str = "auto", same_node: bool = False) -> str:
     """The channel between two ranks: ``forced`` unless "auto"; Redis when direct
-    connections are impossible; shared memory within a lease (same node and sandbox), TCP
-    otherwise. ``shm`` or ``local`` forced between leases is TCP (a lease's /tmp and memory
-    are its own), or Redis without direct connections. Redis is all or nothing: ``direct``
-    is the whole group's (every member has a listener), so every pair agrees."""
+    connections are impossible; shared memory within a lease, and between leases on the same
+    node when ``same_node`` (both ranks can get the pair's segment from the node's
+    supervisor), TCP otherwise. ``local`` forced between leases is TCP (a lease's /tmp is its
+    own), so is ``shm`` between leases that cannot share a segment; either is Redis without
+    direct connections. Redis is all or nothing: ``direct`` is the whole group's (every
+    member has a listener), so every pair agrees."""
     if forced not in CHANNELS:
         raise ValueError(f"channel {forced!r}: choose one of {', '.join(CHANNELS)}")
-    if forced in ("shm", "local") and not same_lease:
+    if not same_lease and (forced == "local" or (forced == "shm" and not (same_node and direct))):
         return "tcp" if direct else "redis"
     if forced != "auto":
         return forced
     if not direct:
         return "redis"
-    return "shm" if same_lease else "tcp"
+    return "shm" if same_lease or same_node else "tcp"
 
 
 def encode(obj: Any) -> tuple[int, bytes, memoryview]:

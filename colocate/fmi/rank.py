@@ -69,6 +69,11 @@ def _sandboxed(w: Any) -> bool:
 
 def _ask_supervisor(w: Any, request: dict[str, Any]) -> socket.socket:
     """A socket the supervisor made outside the sandbox for this rank (see fmi_sockets)."""
+    return socket.socket(fileno=_ask_fd(w, request))
+
+
+def _ask_fd(w: Any, request: dict[str, Any]) -> int:
+    """The fd the supervisor passed for ``request`` (a socket or a memfd; see fmi_sockets)."""
     body = b"F" + json.dumps(request).encode()
     sock: socket.socket = w.verifier
     P.send_message(sock, body)  # the verifier connection: protocol.py messages
@@ -84,7 +89,9 @@ def _ask_supervisor(w: Any, request: dict[str, Any]) -> socket.socket:
         if isinstance(answer.get("errno"), int):  # e.g. ConnectionRefusedError
             raise OSError(answer["errno"], message)
         raise ConnectionError(message)
-    return socket.socket(fileno=fds[0])
+    for fd in fds[1:]:
+        os.close(fd)
+    return fds[0]
 
 
 def prepare(group: str, ticket: str, sig: str, channel: str) -> dict[str, Any]:
@@ -101,6 +108,8 @@ def prepare(group: str, ticket: str, sig: str, channel: str) -> dict[str, Any]:
         "unix": unix_path,
         "tcp": None,
         "direct": True,
+        # the node's supervisor can hand this rank a segment shared with another lease
+        "broker": w is not None and getattr(w, "verifier", None) is not None,
     }
     with contextlib.suppress(FileNotFoundError):
         os.unlink(unix_path)
@@ -248,7 +257,6 @@ def run(
     key = bytes.fromhex(key_hex)
     gid = group.encode()[:32].ljust(32, b"\0")
     size = len(members)
-    me = members[rank]
 
     def describe(r: int) -> str:
         return f"lease {members[r]['lease']} on {members[r]['node']}"
@@ -259,9 +267,7 @@ def run(
         fn = cloudpickle.loads(fn_bytes)
         direct = all(m["direct"] for m in members)
         use_redis = size > 1 and any(
-            ch.route(m["lease"] == me["lease"], direct, channel) == "redis"
-            for i, m in enumerate(members)
-            if i != rank
+            _kind(members, rank, i, direct, channel) == "redis" for i in range(size) if i != rank
         )
         if use_redis:
             if redis_address is None:
@@ -342,6 +348,25 @@ def _setup(
     return comm
 
 
+def _kind(members: list[dict[str, Any]], a: int, b: int, direct: bool, channel: str) -> str:
+    """The channel between ranks ``a`` and ``b``, the same seen from either end."""
+    ma, mb = members[a], members[b]
+    same_node = ma["node"] == mb["node"] and bool(ma.get("broker")) and bool(mb.get("broker"))
+    return ch.route(ma["lease"] == mb["lease"], direct, channel, same_node)
+
+
+def _rings(members: list[dict[str, Any]], channel: str) -> list[int]:
+    """Each rank's ring size: from its number of shm peers (its lease's and its node's).
+    A pair takes the smaller of its two ranks' sizes, which both ends compute alike."""
+    size = len(members)
+    return [
+        ch.ring_bytes(
+            sum(_kind(members, r, o, True, channel) == "shm" for o in range(size) if o != r)
+        )
+        for r in range(size)
+    ]
+
+
 def _mesh(
     w: Any,
     group: str,
@@ -358,15 +383,19 @@ def _mesh(
     """One authenticated connection to every other rank (rank i dials ranks below it)."""
     me = members[rank]
     peers: dict[int, ch.StreamPeer] = {}
-    # every rank of a lease has the same number of same-lease peers: both ends agree
-    ring = ch.ring_bytes(sum(m["lease"] == me["lease"] for m in members) - 1)
+    rings = _rings(members, channel)
     try:
         for r in range(rank):
-            kind = ch.route(members[r]["lease"] == me["lease"], True, channel)
+            kind = _kind(members, rank, r, True, channel)
+            same_lease = members[r]["lease"] == me["lease"]
             try:
-                sock = _open_to(w, members[r], kind in ("shm", "local"), ticket, sig)
+                sock = _open_to(w, members[r], same_lease and kind in ("shm", "local"), ticket, sig)
                 _connect_peer(sock, key, gid, rank, r, timeout_s)
-                peers[r] = _peer(r, sock, kind, ring, dialer=True, low=False)
+                ring = min(rings[r], rings[rank])
+                if kind == "shm" and not same_lease:
+                    peers[r] = _node_peer(w, r, sock, ring, group, rank, members, ticket, sig)
+                else:
+                    peers[r] = _peer(r, sock, kind, ring, dialer=True, low=False)
             except (OSError, ConnectionError) as exc:
                 failed = _left(r, members, f"cannot reach it: {exc}")
                 # refused: its listener is gone (the rank failed); anything else (a timeout,
@@ -401,9 +430,15 @@ def _mesh(
                     if src is None:  # not a member of the group: dropped, never heard
                         sock.close()
                         continue
-                    kind = ch.route(members[src]["lease"] == me["lease"], True, channel)
+                    kind = _kind(members, rank, src, True, channel)
+                    ring = min(rings[src], rings[rank])
                     try:
-                        peers[src] = _peer(src, sock, kind, ring, dialer=False, low=True)
+                        if kind == "shm" and members[src]["lease"] != me["lease"]:
+                            peers[src] = _node_peer(
+                                w, src, sock, ring, group, rank, members, ticket, sig
+                            )
+                        else:
+                            peers[src] = _peer(src, sock, kind, ring, dialer=False, low=True)
                     except (OSError, ConnectionError) as exc:
                         sock.close()
                         raise _left(src, members, f"its shared memory failed: {exc}") from None
@@ -434,6 +469,33 @@ def _peer(
             raise ConnectionError("no shared-memory segment came with the connection")
         mm = ch.map_segment(fds[0], ring)
     return ch.ShmPeer(r, sock, mm, low)
+
+
+def _node_peer(
+    w: Any,
+    r: int,
+    sock: socket.socket,
+    ring: int,
+    group: str,
+    rank: int,
+    members: list[dict[str, Any]],
+    ticket: str,
+    sig: str,
+) -> ch.StreamPeer:
+    """The peer of another lease on this node over shared memory: both ranks ask the node's
+    supervisor for the pair's segment (after authenticating each other over the TCP
+    connection, which stays as doorbell and end-of-stream). The supervisor gives it only to
+    the two leases the pair names, each once (``colocate.executor.fmi_sockets``)."""
+    lo, hi = min(r, rank), max(r, rank)
+    request = {
+        "op": "shm",
+        "ticket": ticket,
+        "sig": sig,
+        "pair": [lo, members[lo]["lease"], hi, members[hi]["lease"]],
+        "bytes": ch.segment_bytes(ring),
+    }
+    mm = ch.map_segment(_ask_fd(w, request), ring)
+    return ch.ShmPeer(r, sock, mm, low=rank < r)
 
 
 def _probe(

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from colocate.errors import Unauthorized
-from colocate.executor.fmi_sockets import answer_fmi, outside_lease
+from colocate.executor.fmi_sockets import Segments, answer_fmi, outside_lease
 from colocate.fmi import channels as ch
 from colocate.fmi.comm import MAX, MIN, PROD, SUM, fold
 from colocate.fmi_ticket import GroupTicket, check_ticket, group_key, sign_ticket
@@ -35,6 +35,12 @@ def test_the_cost_model_picks_shm_within_a_lease_tcp_across_redis_when_forced_or
     # a lease's /tmp and memory are its own
     assert ch.route(same_lease=False, direct=True, forced="local") == "tcp"
     assert ch.route(same_lease=False, direct=True, forced="shm") == "tcp"
+    # another lease on the same node: a segment from the node's supervisor
+    assert ch.route(same_lease=False, direct=True, same_node=True) == "shm"
+    assert ch.route(same_lease=False, direct=True, forced="shm", same_node=True) == "shm"
+    assert ch.route(same_lease=False, direct=True, forced="tcp", same_node=True) == "tcp"
+    assert ch.route(same_lease=False, direct=True, forced="local", same_node=True) == "tcp"
+    assert ch.route(same_lease=False, direct=False, forced="shm", same_node=True) == "redis"
     with pytest.raises(ValueError, match="choose one of"):
         ch.route(True, True, "carrier-pigeon")
 
@@ -104,6 +110,51 @@ def test_a_ticket_is_refused_to_a_worker_in_another_leases_cgroup() -> None:
     reply, sock = answer_fmi(SECRET, _request("listen", ticket, key), pid=os.getpid())
     assert reply["status"] == "ok" and sock is not None  # this test is in no lease cgroup
     sock.close()
+
+
+def _segment(
+    segments: Segments, lease: str, pair: list[object], group: str = "g" * 32, nbytes: int = 4096
+) -> tuple[dict[str, object], int | None]:
+    ticket = GroupTicket(group, lease, "127.0.0.1", time.time() + 60)
+    request = _request("shm", ticket, lease_key(SECRET, lease), pair=pair, bytes=nbytes)
+    reply, fd = answer_fmi(SECRET, request, segments=segments)
+    if fd is None:
+        return reply, None
+    try:
+        return reply, os.dup(fd.fileno())
+    finally:
+        fd.close()
+
+
+def test_a_pairs_segment_goes_to_its_two_leases_once_each_and_to_nobody_else() -> None:
+    segments = Segments()
+    pair: list[object] = [0, "l-a", 1, "l-b"]
+    # an outsider cannot plant a segment for the pair (nor take one), even with a valid ticket
+    # of the same group id
+    reply, fd = _segment(segments, "l-c", pair)
+    assert (reply["status"], fd) == ("unauthorized", None) and "l-c" in str(reply["message"])
+    reply, fa = _segment(segments, "l-a", pair)
+    assert reply["status"] == "ok" and fa is not None
+    # the same side again (a replayed request): refused
+    reply, fd = _segment(segments, "l-a", pair)
+    assert (reply["status"], fd) == ("refused", None)
+    # another group naming the same pair gets a segment of its own
+    reply, other = _segment(segments, "l-b", pair, group="h" * 32)
+    assert reply["status"] == "ok" and other is not None
+    reply, fb = _segment(segments, "l-b", pair, nbytes=8192)  # not the pair's size
+    assert (reply["status"], fb) == ("refused", None)
+    reply, fb = _segment(segments, "l-b", pair)
+    assert reply["status"] == "ok" and fb is not None
+    # one memory: what a writes, b reads; the other group's segment is another memory
+    os.pwrite(fa, b"from a", 100)
+    assert os.pread(fb, 6, 100) == b"from a"
+    assert os.pread(other, 6, 100) == b"\0" * 6
+    assert len(segments) == 1  # the pair's is let go once both took it; h's waits for l-a
+    for fd in (fa, fb, other):
+        os.close(fd)
+    # after the pair took it, the outsider still cannot ask for it
+    reply, late = _segment(segments, "l-c", pair)
+    assert reply["status"] == "unauthorized" and late is None
 
 
 @pytest.fixture
