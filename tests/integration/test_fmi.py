@@ -26,6 +26,7 @@ from colocate import Client, LeaseEvicted
 from colocate.client.executor import LeaseExecutor
 from colocate.client.spmd import Group
 from colocate.errors import ColocateError, Unauthorized
+from colocate.fmi_ticket import GroupTicket, sign_ticket
 from tests.integration.leasing import (
     Service,
     control_auth,
@@ -385,6 +386,73 @@ def test_a_ticket_that_leaked_to_another_leases_worker_opens_nothing(
             assert time.monotonic() - started < 5  # rank 0 saw rank 1 leave, no timeout
             monkeypatch.undo()
             assert group.spmd(lambda comm: comm.allreduce(1)) == [2, 2]
+
+
+def ask_segment(ticket: str, sig: str, pair: list[Any], mark: bytes) -> tuple[str, bytes]:
+    """In a worker: ask the node's supervisor for a pair's segment as an FMI rank does; what
+    the segment held at its start (then ``mark`` is written there)."""
+    import os
+
+    from colocate.fmi import rank
+
+    request = {"op": "shm", "ticket": ticket, "sig": sig, "pair": pair, "bytes": 4096}
+    try:
+        fd = rank._ask_fd(rank._worker(), request)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}", b""
+    try:
+        seen = os.pread(fd, len(mark), 0)
+        os.pwrite(fd, mark, 0)
+        return "ok", seen
+    finally:
+        os.close(fd)
+
+
+def _ticket(ex: LeaseExecutor, group: str) -> tuple[str, str]:
+    ticket = GroupTicket(group, ex.lease_id, "127.0.0.1", time.time() + 60)
+    return ticket.encode().decode(), sign_ticket(bytes.fromhex(ex.lease_key), ticket)
+
+
+def test_two_leases_on_one_node_talk_through_shared_memory_no_outsider_gets_it(
+    cluster: tuple[Service, list[Service], Path],
+) -> None:
+    """Leases a and c on the same node: the pair between them is shared memory (a segment
+    from the node's supervisor), every operation checked against numpy; tcp stays
+    forceable. Then the outsider's moves on that node's supervisor, against a pair (a, "b")
+    whose segment a took and the other side has not yet: c with its own valid ticket of
+    the same group, and c replaying a's ticket, get nothing; c naming itself in the pair
+    gets a memory of its own, not a's."""
+    broker, _agents, _tmp = cluster
+    client = Client(broker.url)
+    with client.lease(cores=2, memory="512MiB", duration="5m") as full:  # fills one node
+        a = client.lease(cores=1, memory="256MiB", duration="5m")
+        c = client.lease(cores=1, memory="256MiB", duration="5m")
+        with a, c:
+            assert a.node == c.node != full.node
+            ea, ec = a.executor(), c.executor()
+            group = Group([ea, ec])
+            results = group.spmd(every_operation, 23)
+            check_against_numpy(results, 23)
+            assert [r["channels"] for r in results] == [{1: "shm"}, {0: "shm"}]
+            assert group.spmd(lambda comm: comm.channels, channel="tcp") == [
+                {1: "tcp"},
+                {0: "tcp"},
+            ]
+
+            gid = "f" * 32
+            pair = [0, a.lease_id, 1, "lease-b-not-yet-asked"]
+            ta, tc = _ticket(ea, gid), _ticket(ec, gid)
+            assert ea.invoke(ask_segment, *ta, pair, b"secret-a") == ("ok", b"\0" * 8)
+            status, seen = ec.invoke(ask_segment, *tc, pair, b"c-plants")
+            assert (status.split(":")[0], seen) == ("Unauthorized", b""), status
+            assert f"lease {c.lease_id} is not a side of the pair" in status
+            status, seen = ec.invoke(ask_segment, *ta, pair, b"c-replay")
+            assert f"is in lease {c.lease_id}, not {a.lease_id}" in status and seen == b""
+            own = [0, a.lease_id, 1, c.lease_id]
+            assert ec.invoke(ask_segment, *tc, own, b"c-own..") == ("ok", b"\0" * 7)
+            # a asks again for its pair: once per side, even for its own lease
+            status, _seen = ea.invoke(ask_segment, *ta, pair, b"again")
+            assert "already took this pair's segment" in status, status
 
 
 @pytest.fixture(scope="module")
