@@ -404,8 +404,9 @@ def map_segment(fd: int, ring: int = RING_BYTES) -> mmap.mmap:
 
 
 class ShmPeer(StreamPeer):
-    """A peer of the same lease: messages through the pair's shared rings (the same framing
-    as the sockets, with no system call), the Unix socket kept as doorbell and end-of-stream;
+    """A peer on the same node: messages through the pair's shared rings (the same framing
+    as the sockets, with no system call), the pair's socket (Unix within a lease, TCP
+    between leases) kept as doorbell and end-of-stream;
     small collectives through the slots (:meth:`put_slot`, :meth:`take_slot`)."""
 
     __slots__ = (

@@ -11,7 +11,8 @@ An SPMD call is two rounds of calls, one call per rank each (``colocate.client.s
    every pair has one connection), authenticates each connection both ways with an HMAC
    challenge under the group key (the acceptor's nonce first: a stranger gets nothing
    else), passes a shared-memory segment over each same-lease connection (the ``shm``
-   channel), builds the :class:`~colocate.fmi.comm.Comm`, waits in a barrier (every rank
+   channel; a pair of two leases on one node gets its segment from the node's supervisor,
+   :func:`_node_peer`), builds the :class:`~colocate.fmi.comm.Comm`, waits in a barrier (every rank
    runs the function or none does) and calls the user's ``fn(comm, *args, **kwargs)``. Its
    value is the rank's result. While it waits for ranks to join, it probes their listeners:
    a rank whose worker died is reported at once, not at the setup timeout.
