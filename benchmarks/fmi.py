@@ -7,6 +7,9 @@
   array inside the function, over the channel the cost model picks for the same lease
   (``shm``: the pair's shared-memory ring and collective slots), and again forced onto the
   lease's Unix socket (``local``: what the same lease used before the shm channel).
+  Then the same two cores as two leases of one core each (``Group``): the pair's segment
+  comes from the node's supervisor (``shm``), and forced onto TCP (what two leases on one
+  node used before).
 - mpi4py: ``mpirun --allow-run-as-root --oversubscribe -np 2`` on the same cores, buffer
   ``Allreduce`` (no pickling, as FMI's arrays).
 - Redis: two processes and a private ``redis-server``, the way storage-based FaaS exchanges
@@ -40,6 +43,7 @@ import cloudpickle  # noqa: E402
 import numpy as np  # noqa: E402
 
 from colocate import Client  # noqa: E402
+from colocate.client.spmd import Group  # noqa: E402
 from tests.integration.leasing import free_port, services, start_cluster  # noqa: E402
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -207,18 +211,30 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fmi-bench-") as tmp:
         # not a dev-cluster node name: a prolog there frees the lease cgroups of "n1"
         broker, agents = start_cluster(Path(tmp), {"fmi-bench": (2, "6GiB")})
-        with (
-            services(broker, *agents),
-            Client(broker.url).lease(cores=2, memory="3GiB", duration="10m") as lease,
-        ):
-            ex = lease.executor()
-            fmi = ex.spmd(timed_allreduce, SIZES, its)[0]
-            channels = ex.spmd(lambda comm: comm.channels)[0]
-            socket_its = {k: max(2, v // 2) for k, v in its.items()}
-            fmi_socket = ex.spmd(timed_allreduce, SIZES, socket_its, channel="local")[0]
+        with services(broker, *agents):
+            client = Client(broker.url)
+            with client.lease(cores=2, memory="3GiB", duration="10m") as lease:
+                ex = lease.executor()
+                fmi = ex.spmd(timed_allreduce, SIZES, its)[0]
+                channels = ex.spmd(lambda comm: comm.channels)[0]
+                socket_its = {k: max(2, v // 2) for k, v in its.items()}
+                fmi_socket = ex.spmd(timed_allreduce, SIZES, socket_its, channel="local")[0]
+            # the same two cores as two leases of one core: the pair's segment comes from the
+            # node's supervisor (shm), and forced onto TCP (what two leases used before)
+            with (
+                client.lease(cores=1, memory="1500MiB", duration="10m") as a,
+                client.lease(cores=1, memory="1500MiB", duration="10m") as b,
+            ):
+                assert a.node == b.node
+                group = Group([a.executor(), b.executor()])
+                two = group.spmd(timed_allreduce, SIZES, its)[0]
+                two_channels = group.spmd(lambda comm: comm.channels)[0]
+                two_tcp = group.spmd(timed_allreduce, SIZES, socket_its, channel="tcp")[0]
     results = {
         "colocate_fmi": summarize(fmi) | {"channel": channels},
         "colocate_fmi_socket": summarize(fmi_socket) | {"channel": {"1": "local"}},
+        "colocate_fmi_2leases": summarize(two) | {"channel": two_channels},
+        "colocate_fmi_2leases_tcp": summarize(two_tcp) | {"channel": {"1": "tcp"}},
         "mpi4py_openmpi": summarize(run_mpi(SIZES, its)),
         "redis_exchange": summarize(run_redis(SIZES, its)),
     }
@@ -227,6 +243,10 @@ def main() -> None:
     sock_s = results["colocate_fmi_socket"]
     ratios["p50_8B_socket_over_shm"] = sock_s["p50_8B_us"] / fmi_s["p50_8B_us"]
     ratios["bw_64MiB_shm_over_socket"] = fmi_s["bw_64MiB_MBps"] / sock_s["bw_64MiB_MBps"]
+    two_s, two_tcp_s = results["colocate_fmi_2leases"], results["colocate_fmi_2leases_tcp"]
+    ratios["p50_8B_2leases_tcp_over_shm"] = two_tcp_s["p50_8B_us"] / two_s["p50_8B_us"]
+    ratios["bw_64MiB_2leases_shm_over_tcp"] = two_s["bw_64MiB_MBps"] / two_tcp_s["bw_64MiB_MBps"]
+    ratios["p50_8B_2leases_over_1lease"] = two_s["p50_8B_us"] / fmi_s["p50_8B_us"]
     if "error" not in mpi_s:
         ratios["p50_8B_vs_mpi4py"] = fmi_s["p50_8B_us"] / mpi_s["p50_8B_us"]  # goal <= 3
         ratios["bw_64MiB_vs_mpi4py"] = (
@@ -246,13 +266,13 @@ def main() -> None:
         "results": results,
         "ratios": ratios,
     }
-    print(f"{'':20}{'8 B p50 (us)':>14}{'1 MiB (MB/s)':>14}{'64 MiB (MB/s)':>15}")
+    print(f"{'':26}{'8 B p50 (us)':>14}{'1 MiB (MB/s)':>14}{'64 MiB (MB/s)':>15}")
     for name, s in results.items():
         if "error" in s:
-            print(f"{name:20}{s['error']}")
+            print(f"{name:26}{s['error']}")
         else:
             print(
-                f"{name:20}{s['p50_8B_us']:14.1f}{s['bw_1MiB_MBps']:14.0f}{s['bw_64MiB_MBps']:15.0f}"
+                f"{name:26}{s['p50_8B_us']:14.1f}{s['bw_1MiB_MBps']:14.0f}{s['bw_64MiB_MBps']:15.0f}"
             )
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}")
