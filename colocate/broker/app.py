@@ -23,7 +23,7 @@ from fastapi.openapi.utils import get_openapi
 from prometheus_client import CollectorRegistry, make_asgi_app
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
-from pydantic import ValidationError
+from pydantic import ValidationError, WithJsonSchema
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -55,6 +55,13 @@ from colocate.metrics.broker import BrokerCollector
 _NODE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 _ALIVE = "/alive"
 _OK_HEADERS = [(b"content-type", b"application/json")]
+#: The ``Idempotency-Key`` header as the OpenAPI description states it (checked by the Header).
+IDEMPOTENCY_KEY_SCHEMA = {
+    "type": "string",
+    "minLength": 8,
+    "maxLength": 128,
+    "pattern": LEASE_ID_PATTERN,
+}
 
 
 class HeartbeatFastPath:
@@ -252,15 +259,21 @@ def create_app(broker: Broker, authenticator: Authenticator | None = None) -> Fa
     async def request_lease(
         request: LeaseRequest,
         who: Identity = Caller,
-        idempotency_key: str | None = Header(
-            None,
-            alias="Idempotency-Key",
-            min_length=8,
-            max_length=128,
-            pattern=LEASE_ID_PATTERN,
-            description="the same key answers the same grant for the lease's life, on any broker "
-            "of the cluster: a retried request is never granted twice",
-        ),
+        # An absent header is None here, but a header has no null value on the wire: the
+        # description says "an optional string" (its nullable form made clients and fuzzers
+        # send the text "null", refused as too short).
+        idempotency_key: Annotated[
+            str | None,
+            Header(
+                alias="Idempotency-Key",
+                min_length=8,
+                max_length=128,
+                pattern=LEASE_ID_PATTERN,
+                description="the same key answers the same grant for the lease's life, on any "
+                "broker of the cluster: a retried request is never granted twice",
+            ),
+            WithJsonSchema(IDEMPOTENCY_KEY_SCHEMA),
+        ] = None,
         idempotency_retry: int = Header(
             0,
             alias="Idempotency-Retry",

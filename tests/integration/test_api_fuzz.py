@@ -155,6 +155,26 @@ def test_hand_made_findings_get_400_naming_the_field(
     assert field in reply.json()["message"]
 
 
+@pytest.mark.parametrize("key", ["null", "short", "has space in it", "k" * 129])
+def test_a_bad_idempotency_key_is_a_declared_400_naming_the_header(
+    stack: tuple[Service, Service, Path], key: str
+) -> None:
+    """The header is an optional string of 8-128 safe characters, never null (a fuzzer sent
+    "null" for the nullable form the description had): anything else is a 400 it declares."""
+    broker, _, _ = stack
+    spec = httpx.get(f"{broker.url}/openapi.json").json()["paths"]["/v1/leases"]["post"]
+    declared = next(p for p in spec["parameters"] if p["name"] == "Idempotency-Key")
+    assert declared["schema"]["type"] == "string" and "anyOf" not in declared["schema"]
+    assert "400" in spec["responses"]
+    reply = httpx.post(
+        f"{broker.url}/v1/leases",
+        json={"cores": 1, "memory": "1MiB", "duration": 10},
+        headers={**auth("POST", "/v1/leases"), "Idempotency-Key": key},
+    )
+    assert reply.status_code == 400, reply.text
+    assert "Idempotency-Key" in reply.json()["message"]
+
+
 def test_renew_with_a_boolean_duration_is_refused(stack: tuple[Service, Service, Path]) -> None:
     broker, _, _ = stack
     path = "/v1/leases/l-0000/renew"
