@@ -7,8 +7,8 @@ instants), cores; core ids are kernel CPU numbers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Annotated, Any
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, Protocol
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
@@ -306,6 +306,25 @@ class LeaseOwner(_Message):
     user: str = Field(min_length=1, max_length=64)
     account: Account = ""
 
+    @classmethod
+    def of(cls, owner: Owner) -> LeaseOwner:
+        return cls(uid=owner.uid, gid=owner.gid, user=owner.user, account=owner.account)
+
+
+class PlacedLease(Protocol):
+    """What the broker knows of a lease it placed (``policies.leasebook.LeaseRecord``)."""
+
+    @property
+    def lease_id(self) -> str: ...
+    @property
+    def cpu_ids(self) -> Sequence[int]: ...
+    @property
+    def memory_bytes(self) -> int: ...
+    @property
+    def granted_at(self) -> float: ...
+    @property
+    def expires_at(self) -> float: ...
+
 
 class StartRequest(_Message):
     """The broker placed a lease on this agent's node: start its executor."""
@@ -316,6 +335,19 @@ class StartRequest(_Message):
     granted_at: Epoch
     expires_at: Epoch
     owner: LeaseOwner | None = None
+
+    @classmethod
+    def placing(cls, record: PlacedLease, owner: Owner | None) -> StartRequest:
+        """The broker's edge: the request for a lease it placed (its ledger record and the
+        owner it runs for); :meth:`lease` is the other end, on the agent."""
+        return cls(
+            lease_id=record.lease_id,
+            cpu_ids=list(record.cpu_ids),
+            memory_bytes=record.memory_bytes,
+            granted_at=record.granted_at,
+            expires_at=record.expires_at,
+            owner=None if owner is None else LeaseOwner.of(owner),
+        )
 
     def lease(self) -> LeaseValue:
         """The edge to the agent's side: the lease as a :class:`~colocate.lease_value.LeaseValue`."""

@@ -32,7 +32,6 @@ from colocate.broker.api import (
     HeartbeatReply,
     LeaseGrant,
     LeaseInfo,
-    LeaseOwner,
     LeaseRequest,
     NodeHeartbeat,
     NodeInfo,
@@ -556,16 +555,7 @@ class Broker:
         self.book.add(record)  # cores are taken now, before the agent answers
         if owner is not None:
             self._owners[record.lease_id] = owner
-        start = StartRequest(
-            lease_id=record.lease_id,
-            cpu_ids=list(record.cpu_ids),
-            memory_bytes=record.memory_bytes,
-            granted_at=record.granted_at,
-            expires_at=record.expires_at,
-            owner=LeaseOwner(uid=owner.uid, gid=owner.gid, user=owner.user, account=owner.account)
-            if owner
-            else None,
-        )
+        start = StartRequest.placing(record, owner)
         try:
             data = await self._agent(
                 node, "POST", f"{offer.url}{API_PREFIX}/leases", start.model_dump()

@@ -8,6 +8,7 @@ import json
 from colocate.broker.api import LeaseGrant, LeaseInfo, ReportedLease, StartRequest
 from colocate.lease_value import LeaseValue
 from colocate.owner import Owner
+from policies.leasebook import LeaseRecord
 from policies.model import LeaseView
 from slurm_plugin.agent.agent import HeldLease
 
@@ -43,6 +44,15 @@ def test_a_placement_becomes_one_value_reported_back_as_the_broker_reads_it() ->
         "generation": 5,
     }
     assert ReportedLease.model_validate(wire) == held.reported()  # what the broker parses
+
+
+def test_the_broker_places_a_ledger_record_through_the_one_conversion() -> None:
+    record = LeaseRecord("l-7", "n1", (3, 1, 2), 512 * 1024**2, 1_800_000_000.0, 1_800_000_300.0)
+    start = StartRequest.placing(record, Owner(1000, 1000, "ann", "physics"))
+    assert json.loads(start.model_dump_json()) == START  # the bytes the agent receives
+    assert start.lease().cpu_ids == (1, 2, 3)  # and the agent's end of the same edge
+    anonymous = StartRequest.placing(record, None)
+    assert anonymous.owner is None and anonymous.lease().owner is None
 
 
 def test_the_value_gives_the_policies_their_view_and_renews_without_changing_the_rest() -> None:
