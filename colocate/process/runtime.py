@@ -153,9 +153,17 @@ class LiveProcess:
         self.writer: threading.Thread | None = None
         self.closed = False
         self.files = self.store.files_dir()
-        self.mailbox = (
-            Mailbox(self.store.path) if isinstance(self.store, DirStore) and not shared else None
-        )
+        # Direct messages: the listener (a socket and a thread, ~0.2 ms) starts after the
+        # first call (listen()), not here: restoring the state does not wait for it, and a
+        # message sent before it listens goes to the inbox, which recv reads first.
+        self.mailbox: Mailbox | None = None
+        self._listens = isinstance(self.store, DirStore) and not shared
+
+    def listen(self) -> Mailbox | None:
+        """Start taking direct messages (once; a directory store with one worker only)."""
+        if self.mailbox is None and self._listens and not self.closed:
+            self.mailbox = Mailbox(self.store.path)
+        return self.mailbox
 
     # -- reading ----------------------------------------------------------------------------
     def load(self, key: str) -> Any:
@@ -499,7 +507,7 @@ class State(MutableMapping[str, Any]):
                 "take the same message); send works from any"
             )
         deadline = time.monotonic() + timeout
-        mailbox = self._proc.mailbox
+        mailbox = self._proc.listen()
         while True:
             found = self._proc.store.peek(self._taken)
             if found is not None:
@@ -720,6 +728,7 @@ class Call:
             finally:
                 _sigmask(signal.SIG_SETMASK, old)
             if committed:
+                proc.listen()  # after the first call's work, not before it (see LiveProcess)
                 return result, notes
             state._abort()  # another worker changed what this call read: run it again
         raise ColocateError(
