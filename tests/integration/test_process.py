@@ -19,8 +19,9 @@ import httpx
 import pytest
 
 from colocate import LeaseEvicted
+from colocate.client.executor import LeaseExecutor
 from colocate.client.lease import Client
-from colocate.errors import ExecutorLost
+from colocate.errors import ExecutorLost, Unauthorized
 from colocate.process import Process, StateRolledBack
 from tests.conftest import require
 from tests.integration.leasing import (
@@ -424,4 +425,64 @@ def test_two_workers_share_one_state_and_lose_no_update(
     assert proc.invoke(lambda s: s["n"]) == 220
     proc.release()
     assert proc.invoke(lambda s: (s["n"], len(s["seen"]))) == (220, 220)  # from the store
+    proc.delete()
+
+
+def test_a_client_whose_token_an_attacher_renewed_keeps_calling_the_live_process(
+    cluster: tuple[Service, list[Service], Path], store: str
+) -> None:
+    broker, _agents, _tmp = cluster
+    first = Client(broker.url).process("stale", memory="128MiB", store=store)
+    assert first.invoke(add, 1) == 1
+    assert first.lease is not None
+    stale = first.lease.token
+    second = Client(broker.url).process("stale", memory="128MiB", store=store)
+    assert second.invoke(add, 2) == 2  # attached: renewed the lease, a new token
+    # the first client's token is refused by the executor now
+    with (
+        pytest.raises(Unauthorized, match="replaced"),
+        LeaseExecutor(first.lease.address, stale, lease_id=first.lease.lease_id, workers=1) as old,
+    ):
+        old.invoke(os.getpid)
+    # ... yet the first client's calls go on, on the same lease: its connection was
+    # authenticated before the renewal (Process._refresh, for an Unauthorized reply to a
+    # call, is not reached: the executor only refuses a token at a connection's HELLO)
+    assert first.invoke(add, 3) == 3
+    assert second.lease is not None and first.lease.lease_id == second.lease.lease_id
+    assert first.invoke(read)["log"] == [1, 2, 3]
+    second.release()
+    first.delete()
+
+
+def set_pair(state: Any, i: int) -> int:
+    state["a"] = i
+    time.sleep(0.002)  # a window between the two writes for the eviction to fall into
+    state["b"] = i
+    state["n"] = state.get("n", 0) + 1
+    state.setdefault("seen", []).append(i)
+    return i
+
+
+def test_an_eviction_amid_concurrent_commits_of_two_workers_leaves_no_partial_write(
+    cluster: tuple[Service, list[Service], Path], store: str
+) -> None:
+    broker, _agents, _tmp = cluster
+    proc = Client(broker.url).process("torn", workers=2, memory="256MiB", store=store)
+    assert proc.invoke(set_pair, -1) == -1
+    futures = [proc.submit(set_pair, i) for i in range(600)]
+    wait_until(lambda: sum(f.done() for f in futures) >= 100, timeout_s=60, what="100 calls")
+    evict(cluster, proc)  # while the rest are running or queued on the two workers
+    acknowledged: set[int] = set()
+    failed = 0
+    for f in futures:
+        try:
+            acknowledged.add(f.result(timeout=60))
+        except (LeaseEvicted, ExecutorLost):
+            failed += 1
+    assert acknowledged and failed, (len(acknowledged), failed)  # the eviction fell amid them
+    a, b, n, seen = invoke_after_eviction(proc, lambda s: (s["a"], s["b"], s["n"], list(s["seen"])))
+    assert a == b == seen[-1]  # the last committed call's two writes, never half of one
+    assert n == len(seen) == len(set(seen))  # every committed call once, all of its writes
+    assert acknowledged <= set(seen)  # nothing a caller was told committed is lost
+    assert set(seen) <= {-1, *range(600)}
     proc.delete()
