@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -23,7 +24,8 @@ from colocate.executor import ExecutorSupervisor
 from colocate.lease_value import LeaseValue
 from colocate.process import runtime
 from colocate.process.client import pickle_function
-from colocate.process.runtime import Call
+from colocate.process.redis_store import LOCK_TTL_MS
+from colocate.process.runtime import Call, ProcessLiveElsewhere
 from colocate.tokens import LeaseClaims, sign_lease
 from tests.conftest import require
 from tests.integration.leasing import free_port
@@ -185,3 +187,50 @@ def test_a_worker_killed_by_eviction_leaves_its_state_in_redis_for_the_next_leas
                     assert got == (1275, list(range(1, 51))) and notes == []
                     ex.invoke(Call(redis_url, name, b"", "delete"), "")
             sup.evict(lease)
+
+
+def worker_pid() -> int:
+    return os.getpid()
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_the_lock_of_a_hard_killed_worker_expires_and_the_next_lease_takes_over_within_the_ttl(
+    tmp_path: Path, redis_url: str
+) -> None:
+    require(os.geteuid() == 0, "the executor's cgroups need root")
+    name = f"k{uuid.uuid4().hex[:6]}"
+    config = ExecutorConfig(sandbox=False)  # a sandboxed worker cannot reach this loopback
+    with ExecutorSupervisor(config, SECRET, node=NODE, state_dir=str(tmp_path)) as sup:
+        executors = {}
+        for lease in ("k1", "k2"):
+            expires = time.time() + 120
+            handle = sup.start(LeaseValue.of(lease, (CORE,), 256 << 20, time.time(), expires))
+            token = sign_lease(SECRET, LeaseClaims(lease, NODE, (CORE,), 256 << 20, expires))
+            executors[lease] = LeaseExecutor(handle.address, token, lease_id=lease, workers=1)
+        first, second = executors["k1"], executors["k2"]
+        try:
+            for i in range(1, 21):
+                assert first.invoke(Call(redis_url, name, pickle_function(add)), "", i)[0] == (
+                    i * (i + 1) // 2
+                )
+            os.kill(first.invoke(worker_pid), signal.SIGKILL)  # no exit hook: the lock stays
+            killed = time.monotonic()
+            # at once, the lock still names the dead lease: the next one is told where it is
+            with pytest.raises(ProcessLiveElsewhere) as held:
+                second.invoke(Call(redis_url, name, pickle_function(read)), "")
+            assert held.value.lease_id == "k1"
+            # waiting for the lock, the next lease gets it when its TTL runs out
+            wait_s = LOCK_TTL_MS / 1000 + 10
+            got, notes = second.invoke(
+                Call(redis_url, name, pickle_function(read), wait_s=wait_s), ""
+            )
+            took = time.monotonic() - killed
+            assert got == (210, list(range(1, 21))) and notes == []
+            assert took <= LOCK_TTL_MS / 1000 + 3, took  # within the TTL (and some load)
+            second.invoke(Call(redis_url, name, b"", "delete"), "")
+        finally:
+            for ex in executors.values():
+                ex.shutdown(wait=False, cancel_futures=True)
+            for lease in executors:
+                sup.evict(lease)
