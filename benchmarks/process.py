@@ -10,11 +10,20 @@ warm invocation against a raw TCP ping-pong, swap-out/restore against a plain co
   report the whole reduction seen by the client and the storage time inside the functions.
   The executor runs without its network sandbox here, since a sandboxed worker cannot reach a
   Redis on this host's loopback (it is built not to).
+- Reduction in the workers (the issue's wording, ``reduction_in_workers``): a lease of every
+  core with one worker per core (``workers=W``); N=8 contributions submitted at once, each
+  computing its partial in the worker (a deterministic float64 array of the size) and adding
+  it: to the process's state (its own key, committed when it returns), to Redis (SET), to a
+  file (write + rename); then one call reads the total. Timed from the first submit to the
+  total in the client's hands. The client-shipped leg above stays as ``reduction``.
 - Warm invoke p50 of a process call that reads a key, vs a stateless invoke of the same echo
   and a raw TCP ping-pong of 64 bytes (``benchmarks/invoke.py``'s), pinned the same way.
 - Swap-out (snapshot of the whole state, fsynced) and restore (index + every value loaded) of
   1, 100, 1000 MiB, with the worker's code (``runtime.LiveProcess``) in this process, against
   writing + fsyncing / reading the same bytes as one file in the same store directory.
+  Restore means: from the process opened on a new lease (its lock taken, manifest and log
+  index read) to every value of the state in memory (read, CRC-checked, unpickled), from a
+  cold page cache; the plain copy is the same bytes read cold from one file.
 
 Writes ``benchmarks/results/process.json``. Needs root (the executor's cgroups).
 """
@@ -143,6 +152,45 @@ def floor_total(expected: float) -> tuple[float, float]:
     return expected, 0.0
 
 
+# -- the reduction as the issue states it: each worker computes its partial ---------------------
+def _partial(i: int, size: int) -> Any:
+    import numpy as np
+
+    return np.full(size // 8, float(i + 1))  # a deterministic float64 array of ``size`` bytes
+
+
+def wstate_add(state: Any, i: int, size: int) -> float:
+    import time as _t
+
+    part = _partial(i, size)
+    t = _t.perf_counter()
+    state[f"p{i}"] = part  # committed when the function returns (disjoint keys: no conflict)
+    return _t.perf_counter() - t
+
+
+def wstate_total(state: Any, n: int) -> tuple[float, float]:
+    import time as _t
+
+    t = _t.perf_counter()
+    total = float(sum(state[f"p{i}"] for i in range(n)).sum())
+    for i in range(n):
+        del state[f"p{i}"]
+    return total, _t.perf_counter() - t
+
+
+def wredis_add(port: int, i: int, size: int) -> float:
+    return redis_add(port, i, _partial(i, size).tobytes())
+
+
+def wfile_add(directory: str, i: int, size: int) -> float:
+    return file_add(directory, i, _partial(i, size).tobytes())
+
+
+def wfloor_add(i: int, size: int) -> float:
+    _partial(i, size)
+    return 0.0
+
+
 def read_key(state: Any, data: bytes) -> bytes:
     state["k"]
     return data
@@ -232,6 +280,68 @@ def reduction(ex: Any, store: str, port: int, files: str, size: int, rounds: int
             "reduction_p50_us": pct(walls, 50) * 1e6,
             "storage_in_function_p50_us": pct(inside, 50) * 1e6,
         }
+    return out
+
+
+def reduction_in_workers(
+    ex: Any, store: str, port: int, files: str, size: int, rounds: int
+) -> dict[str, Any]:
+    """N=8 contributions submitted at once to the lease's workers, each computing its partial
+    there and adding it (process state: its own key, committed on return; Redis: SET; files:
+    write + rename), then one call reads the total. Timed from the first submit to the total
+    in the client's hands."""
+    expected = float(sum(range(1, PARTIALS + 1)) * (size // 8))
+    name = f"bench-wreduce-{size}"
+    add = Call(store, name, pickle_function(wstate_add), shared=True)
+    total = Call(store, name, pickle_function(wstate_total), shared=True)
+    legs: dict[str, tuple[Any, Any]] = {
+        "process_state": (
+            lambda i: ex.submit(add, uuid.uuid4().hex, i, size),
+            lambda: ex.invoke(total, uuid.uuid4().hex, PARTIALS),
+        ),
+        "redis": (
+            lambda i: ex.submit(wredis_add, port, i, size),
+            lambda: ex.invoke(redis_total, port, PARTIALS),
+        ),
+        "local_files": (
+            lambda i: ex.submit(wfile_add, files, i, size),
+            lambda: ex.invoke(file_total, files, PARTIALS),
+        ),
+        "invoke_floor": (
+            lambda i: ex.submit(wfloor_add, i, size),
+            lambda: ex.invoke(floor_total, expected),
+        ),
+    }
+    out: dict[str, Any] = {}
+    for leg, (add_one, read_total) in legs.items():
+        walls, inside = [], []
+        for r in range(rounds + 3):
+            t = time.perf_counter()
+            futures = [add_one(i) for i in range(PARTIALS)]
+            spent = 0.0
+            for f in futures:
+                res = f.result()
+                spent += res[0] if isinstance(res, tuple) else res
+            (got, read_s), _notes = _split(read_total())
+            wall = time.perf_counter() - t
+            assert abs(got - expected) < 1e-6 * expected, (leg, got, expected)
+            if r >= 3:
+                walls.append(wall)
+                inside.append(spent + read_s)
+        out[leg] = {
+            "reduction_p50_us": pct(walls, 50) * 1e6,
+            "storage_in_function_p50_us": pct(inside, 50) * 1e6,
+        }
+    out["redis_over_process_state"] = (
+        out["redis"]["reduction_p50_us"] / out["process_state"]["reduction_p50_us"]
+    )
+    out["local_files_over_process_state"] = (
+        out["local_files"]["reduction_p50_us"] / out["process_state"]["reduction_p50_us"]
+    )
+    out["redis_over_process_state_in_function"] = (
+        out["redis"]["storage_in_function_p50_us"]
+        / out["process_state"]["storage_in_function_p50_us"]
+    )
     return out
 
 
@@ -349,7 +459,9 @@ def main() -> None:
             figures["stateless_invoke"] = stats_us(timed(args.n, lambda: ex.invoke(echo, payload)))
             ex.invoke(Call(tmp, "bench-warm", pickle_function(put)), "")
             warm = Call(tmp, "bench-warm", pickle_function(read_key))
-            figures["process_invoke"] = stats_us(timed(args.n, lambda: ex.invoke(warm, uuid.uuid4().hex, payload)))
+            figures["process_invoke"] = stats_us(
+                timed(args.n, lambda: ex.invoke(warm, uuid.uuid4().hex, payload))
+            )
             figures["process_invoke_vs_pingpong"] = (
                 figures["process_invoke"]["p50_us"] / figures["tcp_pingpong"]["p50_us"]
             )
@@ -362,9 +474,7 @@ def main() -> None:
                 # if process state cost nothing beyond the invocations, Redis would be this
                 # many times slower end to end: the bound on redis_over_process_state
                 row["redis_over_floor"] = row["redis"]["reduction_p50_us"] / floor
-                row["process_state_over_floor"] = (
-                    row["process_state"]["reduction_p50_us"] / floor
-                )
+                row["process_state_over_floor"] = row["process_state"]["reduction_p50_us"] / floor
                 row["redis_over_process_state"] = (
                     row["redis"]["reduction_p50_us"] / row["process_state"]["reduction_p50_us"]
                 )
@@ -372,6 +482,19 @@ def main() -> None:
                     row["redis"]["storage_in_function_p50_us"]
                     / row["process_state"]["storage_in_function_p50_us"]
                 )
+        # "N workers each add a partial result and one reads the total": a lease of every
+        # core, one worker per core, the partials computed in the workers (workers=W)
+        wide = Lease(sup, tuple(cpus), 3 << 30)
+        with wide.executor() as ex:
+            figures["reduction_in_workers"] = {
+                "workers": len(cpus),
+                **{
+                    f"{size // 1024}KiB": reduction_in_workers(
+                        ex, tmp, port, files, size, args.rounds
+                    )
+                    for size in (1024, 64 * 1024, MiB)
+                },
+            }
         os.sched_setaffinity(0, set(cpus))
         figures["swap"] = {
             f"{mib}MiB": swap(tmp, mib) for mib in ((1, 100) if args.quick else (1, 100, 1000))
@@ -396,7 +519,12 @@ def main() -> None:
         "the same bytes as one file; snapshot_after_s is proc.snapshot() after a restore "
         "(a manifest over the values in place); "
         "restore_s reads the index and loads + checks (CRC-32C) + unpickles every value from a "
-        "cold page cache (fadvise DONTNEED), against reading the copy cold. invoke_floor: the "
+        "cold page cache (fadvise DONTNEED), against reading the copy cold; restore_s runs from "
+        "the process opened on a new lease (lock, manifest, log index) to every value in memory. "
+        "reduction_in_workers: 8 contributions submitted at once to a lease of one worker per "
+        "core, each partial computed in its worker, then one call reads the total (the issue's "
+        "wording); reduction: the older leg, every partial shipped from the client in its own "
+        "invocation, one at a time. invoke_floor: the "
         "reduction's 9 invocations with no storage; redis_over_floor bounds what any state "
         "store reached through one invocation per partial can show against Redis end to end"
     )
