@@ -10,12 +10,13 @@ scale.
 
 :func:`search_guided` needs far fewer replays on a large trace: each replay also says at
 which scale its own offer, held as it was, would serve exactly the target
-(:func:`capacity_estimate`, a few array passes), and the next replay goes just beyond that
-on the side not yet known, until the last scale at or above the target and the first below
-are within ``tolerance``. The offer depends on the scale only through leases (evictions,
-the guard), so the estimate is close and two or three replays usually bracket it.
-:class:`ScaledReplay` runs them on one placed and modelled trace (:func:`traces.replay.prepare`
-once, the policy loop per scale).
+(:func:`capacity_estimate`, a few array passes). A replay at a higher scale sees more
+evictions and so estimates lower; the capacity is where a replay's estimate equals its own
+scale, so each estimate bounds it and is the next probe (see ``_Bracket``), until the last
+scale at or above the target and the first below are within ``tolerance``. With
+``run_many`` two probes go out at once (parallel processes): on RICC-2010-2 the first
+replay and two pairs do it. :class:`ScaledReplay` runs them on one placed and modelled
+trace (:func:`traces.replay.prepare` once, the policy loop per scale).
 """
 
 from __future__ import annotations
