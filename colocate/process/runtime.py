@@ -131,7 +131,8 @@ class LiveProcess:
         self.snapshot_file = restored.snapshot
         if shared:  # appends go to the end under the call lock; no cut while others write
             self.store.log_fd = os.open(
-                os.path.join(self.store.path, restored.log), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
+                os.path.join(self.store.path, restored.log),
+                os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC,
             )
             self.store.head_fd = self.store.open_head()
             self.stamp = self.store.manifest_stamp()
@@ -172,9 +173,7 @@ class LiveProcess:
         except KeyError:
             pass
         src = self.where[key]  # KeyError: no such key
-        value = (
-            self.store.load_object(src) if isinstance(src, Loc) else pickle.loads(b"".join(src))
-        )
+        value = self.store.load_object(src) if isinstance(src, Loc) else pickle.loads(b"".join(src))
         self.values[key] = value
         return value
 
@@ -607,9 +606,7 @@ def _lease_id() -> str:
     return current.spec.lease_id if current is not None else ""
 
 
-def _open(
-    root: str, name: str, wait_s: float = LOCK_WAIT_S, shared: bool = False
-) -> LiveProcess:
+def _open(root: str, name: str, wait_s: float = LOCK_WAIT_S, shared: bool = False) -> LiveProcess:
     proc = _live.get((root, name))
     if proc is None or proc.closed:
         proc = _live[(root, name)] = LiveProcess(root, name, wait_s, shared)

@@ -284,7 +284,9 @@ class DirStore:
 
     def _join(self, wait_s: float, lease_id: str) -> bool:
         fd = os.open(os.path.join(self.path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        join = os.open(os.path.join(self.path, "join"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        join = os.open(
+            os.path.join(self.path, "join"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
         deadline = time.monotonic() + wait_s
         try:
             while True:
