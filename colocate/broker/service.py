@@ -112,7 +112,7 @@ class _Server(uvicorn.Server):
 
 
 HEAD_TIMEOUT_S = 5.0
-KEEP_ALIVE_S = 75.0  # idle kept-alive connections are closed after this (nginx's default)
+KEEP_ALIVE_S = 75  # idle kept-alive connections are closed after this (nginx's default)
 
 
 class _HeadDeadline:
