@@ -100,6 +100,9 @@ def check_against_numpy(results: list[dict[str, Any]], seed: int) -> None:
         np.testing.assert_array_equal(res["allreduce"]["MIN"], np.min(arrs, axis=0))
         np.testing.assert_array_equal(res["allreduce"]["MAX"], np.max(arrs, axis=0))
         np.testing.assert_allclose(res["allreduce_big"], np.sum(bigs, axis=0))
+        for name in ("SUM", "PROD"):  # every rank the same bits, whatever its channels
+            assert res["allreduce"][name].tobytes() == results[0]["allreduce"][name].tobytes()
+        assert res["allreduce_big"].tobytes() == results[0]["allreduce_big"].tobytes()
         assert res["allreduce_obj"] == list(range(size))
         if r == size - 1:
             np.testing.assert_array_equal(res["reduce"], np.max(arrs, axis=0))
