@@ -527,6 +527,11 @@ class ShmPeer(StreamPeer):
         ctrl, base = self.ctrl, self.ibase
         return ctrl[base + _W] != ctrl[base + _R] or ctrl[base + _SEQ] > self.seq_in
 
+    def ring_pending(self) -> bool:
+        """Ring bytes to read (a published slot waits for its collective to take it)."""
+        ctrl, base = self.ctrl, self.ibase
+        return bool(ctrl[base + _W] != ctrl[base + _R])
+
     def sleeping(self, on: bool) -> None:
         """Ask the peer to ring when it writes (and, with messages queued here, when it
         frees ring space); off again after the sleep."""

@@ -172,8 +172,10 @@ class Comm:
         self._by_fd: dict[int, ch.StreamPeer] = {}
         self._shm = [p for p in peers.values() if isinstance(p, ch.ShmPeer)]
         self._sockets = len(self._shm) < len(peers)  # any peer over a socket (poll it)
-        # the small-collective fast path: every peer in shared memory
-        self._fast = bool(peers) and not self._sockets
+        # allreduce (builtin ops) and barrier by recursive doubling: shm partners through the
+        # slots, the others through their sockets. Every rank of a mesh takes it (a choice
+        # every rank makes alike, whatever its own peers' channels)
+        self._fast = bool(peers)
         for peer in peers.values():
             peer.inbox = self._arrived
             self._by_fd[peer.sock.fileno()] = peer
@@ -316,7 +318,9 @@ class Comm:
                 before = len(shm.outq[0])
                 if shm.flush() or len(shm.outq[0]) != before:
                     moved = True
-            if shm.pending():
+            # ring bytes only: a slot published for a later collective is not progress
+            # (counted as such, it would starve the sockets of a mixed group)
+            if shm.ring_pending():
                 shm.read()
                 moved = True
         if moved:
@@ -429,7 +433,8 @@ class Comm:
         return fold(self.allgather(obj), op)
 
     def _doubling(self, obj: Any, op: Op | None) -> Any:
-        """Recursive doubling over the shared-memory slots: in round k a rank swaps its
+        """Recursive doubling (over the shared-memory slots with shm partners, the sockets
+        with the others): in round k a rank swaps its
         partial result with the rank 2**k away and folds the two as (lower ranks' part,
         higher ranks' part), so every rank computes the same value in rank order. For a size
         that is not a power of two, the first 2 * (size - p2) ranks pair up first (the even
@@ -479,17 +484,19 @@ class Comm:
         return acc
 
     def _slot_send(self, value: Any, dest: int) -> Request | None:
-        """``value`` to ``dest`` through the next slot, or by the ring (the Request to wait
-        for) when it does not fit."""
+        """``value`` to ``dest`` through the next slot, or by the ring or socket (the Request
+        to wait for) when it does not fit or ``dest`` is not in shared memory."""
         peer = self._peers[dest]
-        assert isinstance(peer, ch.ShmPeer)
-        return None if peer.put_slot(value) else self._send_coll(value, dest)
+        if isinstance(peer, ch.ShmPeer) and peer.put_slot(value):
+            return None
+        return self._send_coll(value, dest)
 
     def _slot_recv(self, source: int) -> tuple[bool, Any]:
         """(inline, value) of ``source``'s next slot exchange; inline: a view of the slot,
         valid until the next exchange with it."""
         peer = self._peers[source]
-        assert isinstance(peer, ch.ShmPeer)
+        if not isinstance(peer, ch.ShmPeer):
+            return False, self._recv_coll(source)
         self._wait_slot(peer)
         inline, value = peer.take_slot()
         if not inline:

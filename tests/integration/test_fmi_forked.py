@@ -27,11 +27,18 @@ pytestmark = pytest.mark.slow
 
 
 def _rank(
-    r: int, fn: bytes, group: str, ticket: str, channel: str, args: tuple[Any, ...], q: Any
+    r: int,
+    fn: bytes,
+    group: str,
+    ticket: str,
+    channel: str,
+    args: tuple[Any, ...],
+    q: Any,
+    lease: str = "one-lease",
 ) -> None:
     try:
         info = fmi_rank.prepare(group, ticket, "", channel)
-        info["lease"] = "one-lease"
+        info["lease"] = lease  # ranks of other leases: TCP between them (no supervisor here)
         q[0].put((r, info))
         members = q[1 + r].get(timeout=30)
         result = fmi_rank.run(
@@ -42,10 +49,17 @@ def _rank(
         q[0].put((r, ("error", repr(exc))))
 
 
-def run_forked(fn: Any, size: int, channel: str, *args: Any, errors: bool = False) -> list[Any]:
-    """``fn(comm, *args)`` on ``size`` forked ranks of one lease; the results in rank order
-    (with ``errors``: ("ok", result) or ("error", repr) per rank, None for a rank whose
-    process died)."""
+def run_forked(
+    fn: Any,
+    size: int,
+    channel: str,
+    *args: Any,
+    errors: bool = False,
+    leases: list[str] | None = None,
+) -> list[Any]:
+    """``fn(comm, *args)`` on ``size`` forked ranks of one lease (or of ``leases``, one name
+    per rank); the results in rank order (with ``errors``: ("ok", result) or ("error", repr)
+    per rank, None for a rank whose process died)."""
     ctx = mp.get_context("fork")
     group = os.urandom(16).hex()
     ticket = json.dumps([group, "one-lease", "127.0.0.1", time.time() + 60, []])
@@ -53,7 +67,16 @@ def run_forked(fn: Any, size: int, channel: str, *args: Any, errors: bool = Fals
     procs = [
         ctx.Process(
             target=_rank,
-            args=(r, cloudpickle.dumps(fn), group, ticket, channel, args, queues),
+            args=(
+                r,
+                cloudpickle.dumps(fn),
+                group,
+                ticket,
+                channel,
+                args,
+                queues,
+                leases[r] if leases else "one-lease",
+            ),
         )
         for r in range(size)
     ]
@@ -123,6 +146,25 @@ def test_allreduce_gives_every_rank_the_same_bits_in_rank_order(size: int) -> No
     assert abs(results[0][4][1] - 0.1 * size * (size + 1) / 2) < 1e-12
     assert [res[5][1] for res in results] == [size * (size + 1) // 2] * size
     assert [res[6][1] for res in results] == [list(range(size))] * size
+
+
+@pytest.mark.parametrize("leases", ["aab", "aabb", "abb", "aaabb"])
+def test_a_group_mixing_shared_memory_and_tcp_gives_numpys_results(leases: str) -> None:
+    """Ranks of two leases: shm within each, TCP between; allreduce and barrier go by
+    recursive doubling over both (slots with shm partners, sockets with the others), every
+    operation checked against numpy, every rank the same bits, many collectives in a row."""
+    size = len(leases)
+    results = run_forked(every_operation, size, "auto", 9, leases=list(leases))
+    check_against_numpy(results, 9)
+    for r, res in enumerate(results):
+        want = {o: "shm" if leases[o] == leases[r] else "tcp" for o in range(size) if o != r}
+        assert res["channels"] == want
+    many = run_forked(sums_many_times, size, "auto", leases=list(leases))
+    for k in range(4):
+        want = np.sum([many[r][k][0] for r in range(size)], axis=0)
+        np.testing.assert_allclose(many[0][k][1], want)
+        assert all(res[k][1].tobytes() == many[0][k][1].tobytes() for res in many)
+    assert [res[6][1] for res in many] == [list(range(size))] * size
 
 
 def dies_mid_allreduce(comm: Any) -> None:
