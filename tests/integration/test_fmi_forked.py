@@ -150,9 +150,10 @@ def test_allreduce_gives_every_rank_the_same_bits_in_rank_order(size: int) -> No
 
 @pytest.mark.parametrize("leases", ["aab", "aabb", "abb", "aaabb"])
 def test_a_group_mixing_shared_memory_and_tcp_gives_numpys_results(leases: str) -> None:
-    """Ranks of two leases: shm within each, TCP between; allreduce and barrier go by
-    recursive doubling over both (slots with shm partners, sockets with the others), every
-    operation checked against numpy, every rank the same bits, many collectives in a row."""
+    """Ranks of two leases: shm within each, TCP between; every operation checked against
+    numpy, every rank the same bits, many collectives in a row; then again with recursive
+    doubling forced on (slots with shm partners, sockets with the others), which hung on
+    the third collective while a slot published for it counted as progress."""
     size = len(leases)
     results = run_forked(every_operation, size, "auto", 9, leases=list(leases))
     check_against_numpy(results, 9)
@@ -165,6 +166,23 @@ def test_a_group_mixing_shared_memory_and_tcp_gives_numpys_results(leases: str) 
         np.testing.assert_allclose(many[0][k][1], want)
         assert all(res[k][1].tobytes() == many[0][k][1].tobytes() for res in many)
     assert [res[6][1] for res in many] == [list(range(size))] * size
+    doubled = run_forked(doubling_forced, size, "auto", leases=list(leases))
+    want = np.sum([np.arange(5.0) * (r + 1) for r in range(size)], axis=0)
+    for res in doubled:
+        assert len(res) == 20
+        for got in res:
+            np.testing.assert_array_equal(got, want)
+
+
+def doubling_forced(comm: Any) -> list[Any]:
+    import numpy as np
+
+    comm._fast = True  # every rank alike: the mixed group's recursive doubling
+    out = []
+    for _ in range(20):
+        out.append(comm.allreduce(np.arange(5.0) * (comm.rank + 1)))
+        comm.barrier()
+    return out
 
 
 def dies_mid_allreduce(comm: Any) -> None:
