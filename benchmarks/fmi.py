@@ -28,7 +28,6 @@ import multiprocessing as mp
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,7 @@ import numpy as np  # noqa: E402
 
 from colocate import Client  # noqa: E402
 from colocate.client.spmd import Group  # noqa: E402
-from tests.integration.leasing import free_port, services, start_cluster  # noqa: E402
+from tests.integration.leasing import private_redis, services, start_cluster  # noqa: E402
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 RESULTS = ROOT / "benchmarks" / "results"
@@ -149,46 +148,17 @@ def run_redis(counts: dict[str, int], its: dict[str, int]) -> dict[str, list[flo
     binary = shutil.which("redis-server")
     if binary is None:
         return "redis-server not installed"
-    port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        server = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                tmp,
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        try:
-            for _ in range(200):
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    time.sleep(0.05)
-            ctx = mp.get_context("fork")
-            q = ctx.Queue()
-            procs = [
-                ctx.Process(target=_redis_rank, args=(r, port, counts, its, q)) for r in (0, 1)
-            ]
-            for cpu, p in enumerate(procs):
-                p.start()
-                os.sched_setaffinity(p.pid, {cpu % os.cpu_count()})  # type: ignore[operator]
-            result: dict[str, list[float]] = q.get(timeout=600)
-            for p in procs:
-                p.join(60)
-            return result
-        finally:
-            server.terminate()
-            server.wait(5)
+    with tempfile.TemporaryDirectory() as tmp, private_redis(tmp, binary) as port:
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        procs = [ctx.Process(target=_redis_rank, args=(r, port, counts, its, q)) for r in (0, 1)]
+        for cpu, p in enumerate(procs):
+            p.start()
+            os.sched_setaffinity(p.pid, {cpu % os.cpu_count()})  # type: ignore[operator]
+        result: dict[str, list[float]] = q.get(timeout=600)
+        for p in procs:
+            p.join(60)
+        return result
 
 
 def summarize(times: dict[str, list[float]] | str) -> dict[str, Any]:

@@ -31,13 +31,12 @@ Writes ``benchmarks/results/process.json``. Needs root (the executor's cgroups).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,6 +55,7 @@ from colocate.process import runtime
 from colocate.process.client import pickle_function
 from colocate.process.runtime import Call
 from colocate.process.store import SET, encode_value
+from tests.integration.leasing import private_redis
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NODE = "bench"
@@ -201,38 +201,6 @@ def put(state: Any) -> None:
 
 
 # -- Redis ------------------------------------------------------------------------------------
-def start_redis(tmp: str) -> tuple[subprocess.Popen[bytes], int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            tmp,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("redis-server did not start (apt-get install -y redis-server)")
-
-
 # -- legs -------------------------------------------------------------------------------------
 def reduction(ex: Any, store: str, port: int, files: str, size: int, rounds: int) -> dict[str, Any]:
     import numpy as np
@@ -447,7 +415,8 @@ def main() -> None:
     os.chmod(tmp, 0o1733)  # as a site makes the store root: the worker's uid writes its own dir
     files = tempfile.mkdtemp(prefix="colocate-bench-files-", dir="/var/tmp")
     os.chmod(files, 0o1777)
-    redis_proc, port = start_redis(tmp)
+    redis = contextlib.ExitStack()
+    port = redis.enter_context(private_redis(tmp))
     sup = ExecutorSupervisor(ExecutorConfig(sandbox=False), SECRET, node=NODE)
     os.sched_setaffinity(0, {client_cpu})
     figures: dict[str, Any] = {}
@@ -501,8 +470,7 @@ def main() -> None:
         }
     finally:
         sup.close()
-        redis_proc.kill()
-        redis_proc.wait(5)
+        redis.close()
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(files, ignore_errors=True)
     figures["machine"] = {

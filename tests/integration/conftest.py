@@ -164,6 +164,21 @@ def slurm_jobs(slurm_cluster: SlurmCluster) -> Iterator[JobSubmitter]:
         submitter.cancel_all()
 
 
+# A private redis-server for the tests of Redis-backed state and channels (one per module).
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``127.0.0.1:<port>`` of a fresh ``redis-server``; skipped (failed under CI) if none."""
+    from tests.integration.leasing import private_redis
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed (scripts/setup --dev installs it)")
+        pytest.skip("redis-server is not installed")
+    with private_redis(tmp_path_factory.mktemp("redis"), binary) as port:
+        yield f"127.0.0.1:{port}"
+
+
 # A broker and the Slurm agents a test starts (stopped, their state and stale sockets removed).
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Service]:

@@ -191,6 +191,38 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@contextlib.contextmanager
+def private_redis(directory: str | Path, binary: str = "redis-server") -> Iterator[int]:
+    """A private ``redis-server`` on a free loopback port, no persistence (its files in
+    ``directory``): yields the port once it accepts connections, terminated on exit."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            *(binary, "--port", str(port), "--bind", "127.0.0.1"),
+            *("--save", "", "--appendonly", "no", "--dir", str(directory)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(
+                        f"redis-server did not start on port {port}"
+                        " (apt-get install -y redis-server)"
+                    ) from None
+                time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
 def start_cluster(
     tmp: Path,
     nodes: dict[str, tuple[int, str]],

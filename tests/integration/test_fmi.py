@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -30,7 +28,6 @@ from colocate.fmi_ticket import GroupTicket, sign_ticket
 from tests.integration.leasing import (
     Service,
     control_auth,
-    free_port,
     services,
     start_cluster,
     wait_until,
@@ -456,49 +453,6 @@ def test_two_leases_on_one_node_talk_through_shared_memory_no_outsider_gets_it(
             # a asks again for its pair: once per side, even for its own lease
             status, _seen = ea.invoke(ask_segment, *ta, pair, b"again")
             assert "already took this pair's segment" in status, status
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is not installed (scripts/setup --dev installs it)")
-        pytest.skip("redis-server is not installed")
-    port = free_port()
-    tmp = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and proc.poll() is None, (
-                    "redis-server did not start"
-                )
-                time.sleep(0.05)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(5)
 
 
 def test_the_redis_channel_gives_the_same_results(

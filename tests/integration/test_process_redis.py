@@ -5,10 +5,7 @@ eviction kills."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,7 +25,6 @@ from colocate.process.redis_store import LOCK_TTL_MS
 from colocate.process.runtime import Call, ProcessLiveElsewhere
 from colocate.tokens import LeaseClaims, sign_lease
 from tests.conftest import require
-from tests.integration.leasing import free_port
 
 SECRET = b"test-secret-for-process-redis-0123456"
 NODE = f"pr{os.getpid()}"
@@ -36,32 +32,8 @@ CORE = sorted(os.sched_getaffinity(0))[-1]
 
 
 @pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is not installed (scripts/setup --dev installs it)")
-        pytest.skip("redis-server is not installed")
-    port = free_port()
-    tmp = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and proc.poll() is None, "no redis-server"
-                time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(5)
+def redis_url(redis_server: str) -> str:
+    return f"redis://{redis_server}/0"
 
 
 @pytest.fixture
