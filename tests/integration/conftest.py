@@ -17,6 +17,7 @@ Jobs run as root on this machine; ``python_job(code)`` builds a ``--wrap`` comma
 from __future__ import annotations
 
 import os
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -177,6 +178,18 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pytest.skip("redis-server is not installed")
     with private_redis(tmp_path_factory.mktemp("redis"), binary) as port:
         yield f"127.0.0.1:{port}"
+
+
+# Two real Unix users whose clients authenticate with MUNGE (runuser); one pair per module.
+@pytest.fixture(scope="module")
+def users() -> Iterator[tuple[str, str]]:
+    from tests.integration.leasing import munged_running, unix_users
+
+    require(os.geteuid() == 0, "making Unix users needs root")
+    require(munged_running(), "munged is not running (colocate dev-cluster up)")
+    tag = secrets.token_hex(3)
+    with unix_users(f"cola{tag}", f"colb{tag}") as (a, b):
+        yield a.pw_name, b.pw_name
 
 
 # A broker and the Slurm agents a test starts (stopped, their state and stale sockets removed).

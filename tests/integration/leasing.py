@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import re
 import select
 import shutil
@@ -183,6 +184,20 @@ def munged_running() -> bool:
     except ColocateError:
         return False
     return True
+
+
+@contextlib.contextmanager
+def unix_users(*names: str) -> Iterator[list[pwd.struct_passwd]]:
+    """Real Unix users without home or login shell (a stale one of the same name is replaced),
+    removed on exit. Needs root."""
+    try:
+        for name in names:
+            subprocess.run(["userdel", name], capture_output=True, check=False)
+            subprocess.run(["useradd", "-M", "-s", "/usr/sbin/nologin", name], check=True)
+        yield [pwd.getpwnam(name) for name in names]
+    finally:
+        for name in names:
+            subprocess.run(["userdel", name], capture_output=True, check=False)
 
 
 def free_port() -> int:

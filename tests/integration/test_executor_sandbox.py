@@ -30,6 +30,7 @@ from colocate.owner import Owner
 from colocate.tokens import LeaseClaims, sign_lease
 from tests.conftest import require
 from tests.integration.conftest import JobSubmitter, SlurmCluster
+from tests.integration.leasing import unix_users
 
 pytestmark = [pytest.mark.root]
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot read the tests
@@ -114,22 +115,11 @@ def add(a: int, b: int) -> int:
 
 
 # --- fixtures ---------------------------------------------------------------------------------
-def _useradd(name: str) -> pwd.struct_passwd:
-    subprocess.run(["userdel", name], capture_output=True, check=False)
-    subprocess.run(["useradd", "-M", "-s", "/usr/sbin/nologin", name], check=True)
-    return pwd.getpwnam(name)
-
-
 @pytest.fixture(scope="module")
 def users() -> Iterator[tuple[Owner, Owner]]:
     require(os.geteuid() == 0, "real users and namespaces need root")
-    names = (f"csba{TAG}"[:31], f"csbb{TAG}"[:31])
-    try:
-        a, b = (_useradd(n) for n in names)
+    with unix_users(f"csba{TAG}"[:31], f"csbb{TAG}"[:31]) as (a, b):
         yield (Owner(a.pw_uid, a.pw_gid, a.pw_name), Owner(b.pw_uid, b.pw_gid, b.pw_name))
-    finally:
-        for name in names:
-            subprocess.run(["userdel", name], capture_output=True, check=False)
 
 
 @pytest.fixture(scope="module")

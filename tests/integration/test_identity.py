@@ -8,9 +8,7 @@ user's uid; the broker and agent run as root.
 from __future__ import annotations
 
 import json
-import os
 import pwd
-import secrets
 import subprocess
 import sys
 import textwrap
@@ -35,32 +33,6 @@ from tests.integration.leasing import (
 pytestmark = [pytest.mark.root, pytest.mark.slurm]
 JWT_KEY = b"test-jwt-key-0123456789abcdef0123456789"
 ROOT = str(Path(__file__).resolve().parents[2])
-
-
-def _munged_up() -> bool:
-    try:
-        munge.decode(munge.encode(b"probe"))
-    except Exception:
-        return False
-    return True
-
-
-@pytest.fixture(scope="module")
-def users() -> Iterator[tuple[str, str]]:
-    """Two real Unix users (removed afterwards)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create users")
-    if not _munged_up():
-        pytest.skip("munged is not running (colocate dev-cluster up)")
-    tag = secrets.token_hex(3)
-    names = (f"cola{tag}", f"colb{tag}")
-    for name in names:
-        subprocess.run(["useradd", "-M", "-s", "/usr/sbin/nologin", name], check=True)
-    try:
-        yield names
-    finally:
-        for name in names:
-            subprocess.run(["userdel", name], check=False)
 
 
 def as_user(

@@ -5,9 +5,7 @@ sandbox as the lease's owner, the state in a directory store, evictions as the a
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
-import subprocess
 import tempfile
 import threading
 import time
@@ -23,11 +21,9 @@ from colocate.client.executor import LeaseExecutor
 from colocate.client.lease import Client
 from colocate.errors import ExecutorLost, Unauthorized
 from colocate.process import Process, StateRolledBack
-from tests.conftest import require
 from tests.integration.leasing import (
     Service,
     control_auth,
-    munged_running,
     services,
     start_cluster,
     wait_until,
@@ -322,21 +318,6 @@ def test_a_second_client_of_the_owner_attaches_to_the_live_process(
     second.release()  # an attached client leaves the lease to the one that took it
     assert first.invoke(add, 3) == 3
     first.delete()
-
-
-@pytest.fixture(scope="module")
-def users() -> Iterator[tuple[str, str]]:
-    """Two real Unix users (removed afterwards); their clients run as them (runuser)."""
-    require(munged_running(), "munged is not running (colocate dev-cluster up)")
-    tag = secrets.token_hex(3)
-    names = (f"cpra{tag}", f"cprb{tag}")
-    for name in names:
-        subprocess.run(["useradd", "-M", "-s", "/usr/sbin/nologin", name], check=True)
-    try:
-        yield names
-    finally:
-        for name in names:
-            subprocess.run(["userdel", name], check=False)
 
 
 TAKE = """
