@@ -22,6 +22,7 @@ import pytest
 
 from colocate import Client, LeaseEvicted
 from colocate.client.executor import LeaseExecutor
+from colocate.client.lease import Lease
 from colocate.client.spmd import Group
 from colocate.errors import ColocateError, Unauthorized
 from colocate.fmi_ticket import GroupTicket, sign_ticket
@@ -143,29 +144,34 @@ def two_leases(client: Client, cores: int = 2) -> tuple[Any, Any]:
     return a, b
 
 
-def test_every_operation_matches_numpy_for_1_to_4_ranks_over_two_nodes(
-    cluster: tuple[Service, list[Service], Path],
-) -> None:
-    broker, _agents, _tmp = cluster
-    client = Client(broker.url)
-    a, b = two_leases(client)
+@pytest.fixture
+def leases(cluster: tuple[Service, list[Service], Path]) -> Iterator[tuple[Lease, Lease]]:
+    """Two leases of two cores, one per node, released after the test."""
+    a, b = two_leases(Client(cluster[0].url))
     with a, b:
-        a1, a2, b1, b2 = a.executor(workers=1), a.executor(), b.executor(workers=1), b.executor()
-        groups: list[tuple[list[LeaseExecutor], dict[int, set[str]]]] = [
-            ([a1], {}),
-            ([a2], {0: {"shm"}}),  # two workers of one lease
-            ([a1, b1], {0: {"tcp"}}),  # two nodes
-            ([a2, b1], {0: {"shm", "tcp"}}),
-            ([a2, b2], {0: {"shm", "tcp"}, 3: {"shm", "tcp"}}),
-        ]
-        for executors, channels in groups:
-            group = Group(executors)
-            results = group.spmd(every_operation, 40)
-            check_against_numpy(results, 40)
-            for rank, kinds in channels.items():
-                assert set(results[rank]["channels"].values()) == kinds, results[rank]["channels"]
-        # the one-lease form, on the executor itself
-        assert a2.spmd(lambda comm, k: (comm.rank, comm.allreduce(k)), 5) == [(0, 10), (1, 10)]
+        yield a, b
+
+
+def test_every_operation_matches_numpy_for_1_to_4_ranks_over_two_nodes(
+    leases: tuple[Lease, Lease],
+) -> None:
+    a, b = leases
+    a1, a2, b1, b2 = a.executor(workers=1), a.executor(), b.executor(workers=1), b.executor()
+    groups: list[tuple[list[LeaseExecutor], dict[int, set[str]]]] = [
+        ([a1], {}),
+        ([a2], {0: {"shm"}}),  # two workers of one lease
+        ([a1, b1], {0: {"tcp"}}),  # two nodes
+        ([a2, b1], {0: {"shm", "tcp"}}),
+        ([a2, b2], {0: {"shm", "tcp"}, 3: {"shm", "tcp"}}),
+    ]
+    for executors, channels in groups:
+        group = Group(executors)
+        results = group.spmd(every_operation, 40)
+        check_against_numpy(results, 40)
+        for rank, kinds in channels.items():
+            assert set(results[rank]["channels"].values()) == kinds, results[rank]["channels"]
+    # the one-lease form, on the executor itself
+    assert a2.spmd(lambda comm, k: (comm.rank, comm.allreduce(k)), 5) == [(0, 10), (1, 10)]
 
 
 def test_a_forced_channel_is_used_and_gives_the_same_results(
@@ -206,21 +212,18 @@ class DieOn:
 
 
 def test_a_rank_whose_worker_dies_at_startup_is_reported_within_2_s(
-    cluster: tuple[Service, list[Service], Path],
+    leases: tuple[Lease, Lease],
 ) -> None:
-    broker, _agents, _tmp = cluster
-    client = Client(broker.url)
-    a, b = two_leases(client)
-    with a, b:
-        group = Group([a.executor(), b.executor()])  # ranks 2 and 3 on lease b
-        assert group.spmd(lambda comm, _x: comm.rank, "warm") == [0, 1, 2, 3]
-        started = time.monotonic()
-        with pytest.raises(LeaseEvicted) as info:
-            group.spmd(lambda comm, _x: comm.allreduce(1), DieOn(b.node), setup_timeout_s=30)
-        took = time.monotonic() - started
-        assert took < 2.0, f"took {took:.1f} s (the setup timeout was 30 s)"
-        # the lease a ranks name the member that never joined
-        assert re.search(rf"rank [23] \(lease {b.lease_id} on {b.node}\) left", str(info.value))
+    a, b = leases
+    group = Group([a.executor(), b.executor()])  # ranks 2 and 3 on lease b
+    assert group.spmd(lambda comm, _x: comm.rank, "warm") == [0, 1, 2, 3]
+    started = time.monotonic()
+    with pytest.raises(LeaseEvicted) as info:
+        group.spmd(lambda comm, _x: comm.allreduce(1), DieOn(b.node), setup_timeout_s=30)
+    took = time.monotonic() - started
+    assert took < 2.0, f"took {took:.1f} s (the setup timeout was 30 s)"
+    # the lease a ranks name the member that never joined
+    assert re.search(rf"rank [23] \(lease {b.lease_id} on {b.node}\) left", str(info.value))
 
 
 def raise_on(comm: Any, bad: int) -> int:
@@ -232,20 +235,17 @@ def raise_on(comm: Any, bad: int) -> int:
 
 
 def test_a_rank_that_raises_ends_every_rank_and_names_its_rank(
-    cluster: tuple[Service, list[Service], Path],
+    leases: tuple[Lease, Lease],
 ) -> None:
-    broker, _agents, _tmp = cluster
-    client = Client(broker.url)
-    a, b = two_leases(client)
-    with a, b:
-        group = Group([a.executor(), b.executor()])
-        started = time.monotonic()
-        with pytest.raises(ValueError, match="bad input on rank 2") as info:
-            group.spmd(raise_on, 2)
-        assert info.value.rank == 2  # type: ignore[attr-defined]
-        assert time.monotonic() - started < 20
-        # every rank ended: the same workers serve the next call at once
-        assert group.spmd(raise_on, -1) == [0, 1, 2, 3]
+    a, b = leases
+    group = Group([a.executor(), b.executor()])
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="bad input on rank 2") as info:
+        group.spmd(raise_on, 2)
+    assert info.value.rank == 2  # type: ignore[attr-defined]
+    assert time.monotonic() - started < 20
+    # every rank ended: the same workers serve the next call at once
+    assert group.spmd(raise_on, -1) == [0, 1, 2, 3]
 
 
 def allreduce_forever(comm: Any) -> None:
@@ -312,45 +312,40 @@ def _call(group: Group, fn: Any) -> BaseException | list[Any]:
         return exc
 
 
-def test_an_outsider_cannot_join_or_inject(cluster: tuple[Service, list[Service], Path]) -> None:
+def test_an_outsider_cannot_join_or_inject(leases: tuple[Lease, Lease]) -> None:
     """A process without the group key connects to a rank's TCP listener (made outside the
     sandbox, so it is reachable) and sends a forged hello and a message: it is dropped and
     the group's result is unchanged."""
-    broker, _agents, _tmp = cluster
-    client = Client(broker.url)
-    a, b = two_leases(client)
-    with a, b:
-        group = Group([a.executor(workers=1), b.executor(workers=1)])
-        real_frame = LeaseExecutor._frame
-        intruders: list[socket.socket] = []
+    a, b = leases
+    group = Group([a.executor(workers=1), b.executor(workers=1)])
+    real_frame = LeaseExecutor._frame
+    intruders: list[socket.socket] = []
 
-        def spy(self: LeaseExecutor, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            if fn == "colocate.fmi.rank:run" and not intruders:
-                for member in args[3]:  # the members: where their listeners are
-                    intruder = socket.create_connection(tuple(member["tcp"]), timeout=5)
-                    forged_hello = (
-                        b"FMI1" + args[1].encode() + (1).to_bytes(4, "little") + b"n" * 16
-                    )
-                    intruder.sendall(forged_hello + b"injected message" * 16)
-                    intruders.append(intruder)
-            return real_frame(self, fn, args, kwargs)
+    def spy(self: LeaseExecutor, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if fn == "colocate.fmi.rank:run" and not intruders:
+            for member in args[3]:  # the members: where their listeners are
+                intruder = socket.create_connection(tuple(member["tcp"]), timeout=5)
+                forged_hello = b"FMI1" + args[1].encode() + (1).to_bytes(4, "little") + b"n" * 16
+                intruder.sendall(forged_hello + b"injected message" * 16)
+                intruders.append(intruder)
+        return real_frame(self, fn, args, kwargs)
 
-        LeaseExecutor._frame = spy  # type: ignore[method-assign]
+    LeaseExecutor._frame = spy  # type: ignore[method-assign]
+    try:
+        results = group.spmd(lambda comm: comm.allreduce(comm.rank + 1))
+    finally:
+        LeaseExecutor._frame = real_frame  # type: ignore[method-assign]
+    assert len(intruders) == 2
+    for intruder in intruders:  # a random challenge at most, then dropped: no proof, no reply
+        answer = b""
         try:
-            results = group.spmd(lambda comm: comm.allreduce(comm.rank + 1))
-        finally:
-            LeaseExecutor._frame = real_frame  # type: ignore[method-assign]
-        assert len(intruders) == 2
-        for intruder in intruders:  # a random challenge at most, then dropped: no proof, no reply
-            answer = b""
-            try:
-                while chunk := intruder.recv(64):
-                    answer += chunk
-            except ConnectionResetError:
-                pass
-            assert len(answer) in (0, 16), answer
-            intruder.close()
-        assert results == [3, 3]
+            while chunk := intruder.recv(64):
+                answer += chunk
+        except ConnectionResetError:
+            pass
+        assert len(answer) in (0, 16), answer
+        intruder.close()
+    assert results == [3, 3]
 
 
 def test_a_ticket_that_leaked_to_another_leases_worker_opens_nothing(
@@ -456,16 +451,13 @@ def test_two_leases_on_one_node_talk_through_shared_memory_no_outsider_gets_it(
 
 
 def test_the_redis_channel_gives_the_same_results(
-    cluster: tuple[Service, list[Service], Path], redis_server: str
+    leases: tuple[Lease, Lease], redis_server: str
 ) -> None:
-    broker, _agents, _tmp = cluster
-    client = Client(broker.url)
-    a, b = two_leases(client)
-    with a, b:
-        group = Group([a.executor(), b.executor(workers=1)])
-        results = group.spmd(every_operation, 7, channel="redis", redis=redis_server)
-        check_against_numpy(results, 7)
-        assert set(results[0]["channels"].values()) == {"redis"}
+    a, b = leases
+    group = Group([a.executor(), b.executor(workers=1)])
+    results = group.spmd(every_operation, 7, channel="redis", redis=redis_server)
+    check_against_numpy(results, 7)
+    assert set(results[0]["channels"].values()) == {"redis"}
 
 
 def test_the_kmeans_example_matches_numpy_on_one_machine(
