@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
@@ -25,7 +26,13 @@ from colocate.auth import ClientAuth, munge
 from colocate.auth.node import NodeAuth, node_key
 from colocate.broker.secret import load_or_create_secret
 from colocate.errors import ColocateError
+from colocate.lease_value import LeaseValue
+from colocate.tokens import LeaseClaims, sign_lease
 from tests.conftest import require
+
+if TYPE_CHECKING:
+    from colocate.executor import ExecutorHandle, ExecutorSupervisor
+    from colocate.owner import Owner
 
 _URL = re.compile(r"listening on (http://[^\s,]+)")
 
@@ -236,6 +243,23 @@ def private_redis(directory: str | Path, binary: str = "redis-server") -> Iterat
     finally:
         proc.terminate()
         proc.wait(5)
+
+
+def start_lease(
+    sup: ExecutorSupervisor,
+    secret: bytes,
+    lease_id: str,
+    cores: tuple[int, ...],
+    memory: int,
+    *,
+    ttl_s: float = 120.0,
+    owner: Owner | None = None,
+) -> tuple[ExecutorHandle, str]:
+    """Start ``lease_id``'s executor on ``sup``, as an agent does for a grant, and sign the
+    token its client presents (for ``sup.node``, with ``secret``): the handle and the token."""
+    expires = time.time() + ttl_s
+    handle = sup.start(LeaseValue.of(lease_id, cores, memory, time.time(), expires, owner))
+    return handle, sign_lease(secret, LeaseClaims(lease_id, sup.node, cores, memory, expires))
 
 
 def start_cluster(

@@ -23,6 +23,7 @@ from colocate.executor import ExecutorSupervisor
 from colocate.lease_value import LeaseValue
 from colocate.tokens import LeaseClaims, sign_lease
 from tests.conftest import require
+from tests.integration.leasing import start_lease
 
 SECRET = b"test-secret-for-executor-faults-0123"
 NODE = f"f{os.getpid()}"
@@ -67,20 +68,13 @@ def supervisor() -> Iterator[ExecutorSupervisor]:
 _count = 0
 
 
-def start(
-    sup: ExecutorSupervisor, memory: int = 256 << 20, node: str = NODE
-) -> tuple[str, str, str]:
+def start(sup: ExecutorSupervisor, memory: int = 256 << 20) -> tuple[str, str, str]:
     """(lease id, token, address) of a fresh one-core executor."""
     global _count
     _count += 1
     lease_id = f"fault{_count}"
-    expires = time.time() + 120
-    handle = sup.start(LeaseValue.of(lease_id, [CORE], memory, time.time(), expires))
-    return (
-        lease_id,
-        sign_lease(SECRET, LeaseClaims(lease_id, node, (CORE,), memory, expires)),
-        handle.address,
-    )
+    handle, token = start_lease(sup, SECRET, lease_id, (CORE,), memory)
+    return lease_id, token, handle.address
 
 
 def executor(sup: ExecutorSupervisor, memory: int = 256 << 20) -> tuple[str, LeaseExecutor]:
@@ -313,7 +307,7 @@ def test_rlimit_fallback_limits_memory_without_cgroups(tmp_path: Path) -> None:
         ExecutorConfig(), SECRET, node=NODE + "r", cgroup_root="", state_dir=str(tmp_path)
     ) as sup:
         assert sup.confinement.mode == "rlimit"
-        lease_id, token, address = start(sup, memory=128 << 20, node=NODE + "r")
+        lease_id, token, address = start(sup, memory=128 << 20)
         with LeaseExecutor(address, token, lease_id=lease_id, workers=1) as ex:
             assert ex.invoke(hog, 16 << 20) == 16 << 20
             with pytest.raises((MemoryError, ExecutorLost)):
@@ -357,7 +351,7 @@ def test_a_restarted_agent_adopts_valid_executors_and_cleans_expired_ones(tmp_pa
     state = str(tmp_path / "state")
     node = NODE + "x"
     old = ExecutorSupervisor(ExecutorConfig(), SECRET, node=node, state_dir=state)
-    lease_id, token, address = start(old, node=node)
+    lease_id, token, address = start(old)
     expired = "fault-expiring"
     old.start(LeaseValue.of(expired, [CORE], 64 << 20, time.time(), time.time() + 0.5))
     pids = old.handles()[0].pids
@@ -390,7 +384,7 @@ def test_without_a_restarted_agent_executors_die_after_the_adoption_window(
     node = NODE + "y"
     config = ExecutorConfig(adopt_window_s=0.5)
     old = ExecutorSupervisor(config, SECRET, node=node, state_dir=str(tmp_path))
-    start(old, node=node)
+    start(old)
     pids = old.handles()[0].pids
     _die_without_evicting(old)
     old._fork_proc.wait(timeout=5)
@@ -411,7 +405,7 @@ def _cpu_seconds(pid: int) -> float:
 def test_hot_worker_spins_then_warm_worker_sleeps(tmp_path: Path) -> None:
     config = ExecutorConfig(hot_timeout_s=0.3)
     with ExecutorSupervisor(config, SECRET, node=NODE + "h", state_dir=str(tmp_path)) as sup:
-        lease_id, token, address = start(sup, node=NODE + "h")
+        lease_id, token, address = start(sup)
         pid = sup.handles()[0].pids[0]
         with LeaseExecutor(address, token, lease_id=lease_id, workers=1) as ex:
             ex.invoke(add, 1)
@@ -450,7 +444,7 @@ def test_eviction_also_kills_processes_the_functions_started(
         cgroup_root=cgroup_root,
         state_dir=str(tmp_path),
     ) as sup:
-        lease_id, token, address = start(sup, node=node)
+        lease_id, token, address = start(sup)
         with LeaseExecutor(address, token, lease_id=lease_id, workers=1) as ex:
             child = ex.invoke(fork_sleeper)
             assert _alive(child)
@@ -466,7 +460,7 @@ def test_connections_without_a_token_are_closed_after_the_hello_timeout(tmp_path
     with ExecutorSupervisor(
         ExecutorConfig(), SECRET, node=node, state_dir=str(tmp_path), hello_timeout_s=0.3
     ) as sup:
-        lease_id, token, address = start(sup, node=node)
+        lease_id, token, address = start(sup)
         idle = [_raw(address) for _ in range(5)]
         with LeaseExecutor(address, token, lease_id=lease_id, workers=1) as ex:
             time.sleep(0.8)

@@ -30,7 +30,7 @@ from colocate.owner import Owner
 from colocate.tokens import LeaseClaims, sign_lease
 from tests.conftest import require
 from tests.integration.conftest import JobSubmitter, SlurmCluster
-from tests.integration.leasing import unix_users
+from tests.integration.leasing import start_lease, unix_users
 
 pytestmark = [pytest.mark.root]
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot read the tests
@@ -140,10 +140,7 @@ def start(
     global _count
     _count += 1
     lease_id = f"sb{_count}"
-    expires = time.time() + 120
-    handle = sup.start(LeaseValue.of(lease_id, cores, 128 << 20, time.time(), expires, owner))
-    token = sign_lease(SECRET, LeaseClaims(lease_id, sup.node, cores, 128 << 20, expires))
-    return handle, token
+    return start_lease(sup, SECRET, lease_id, cores, 128 << 20, owner=owner)
 
 
 def executor(handle: ExecutorHandle, token: str) -> LeaseExecutor:

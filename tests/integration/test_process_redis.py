@@ -18,13 +18,12 @@ from colocate.client.executor import LeaseExecutor
 from colocate.config import ExecutorConfig
 from colocate.errors import ExecutorLost, LeaseEvicted
 from colocate.executor import ExecutorSupervisor
-from colocate.lease_value import LeaseValue
 from colocate.process import runtime
 from colocate.process.client import pickle_function
 from colocate.process.redis_store import LOCK_TTL_MS
 from colocate.process.runtime import Call, ProcessLiveElsewhere
-from colocate.tokens import LeaseClaims, sign_lease
 from tests.conftest import require
+from tests.integration.leasing import start_lease
 
 SECRET = b"test-secret-for-process-redis-0123456"
 NODE = f"pr{os.getpid()}"
@@ -141,10 +140,7 @@ def test_a_worker_killed_by_eviction_leaves_its_state_in_redis_for_the_next_leas
     config = ExecutorConfig(sandbox=False)  # a sandboxed worker cannot reach this loopback
     with ExecutorSupervisor(config, SECRET, node=NODE, state_dir=str(tmp_path)) as sup:
         for lease in ("l1", "l2"):
-            expires = time.time() + 120
-            handle = sup.start(LeaseValue.of(lease, (CORE,), 256 << 20, time.time(), expires))
-            claims = LeaseClaims(lease, NODE, (CORE,), 256 << 20, expires)
-            token = sign_lease(SECRET, claims)
+            handle, token = start_lease(sup, SECRET, lease, (CORE,), 256 << 20)
             with LeaseExecutor(handle.address, token, lease_id=lease, workers=1) as ex:
                 if lease == "l1":
                     for i in range(1, 51):
@@ -176,9 +172,7 @@ def test_the_lock_of_a_hard_killed_worker_expires_and_the_next_lease_takes_over_
     with ExecutorSupervisor(config, SECRET, node=NODE, state_dir=str(tmp_path)) as sup:
         executors = {}
         for lease in ("k1", "k2"):
-            expires = time.time() + 120
-            handle = sup.start(LeaseValue.of(lease, (CORE,), 256 << 20, time.time(), expires))
-            token = sign_lease(SECRET, LeaseClaims(lease, NODE, (CORE,), 256 << 20, expires))
+            handle, token = start_lease(sup, SECRET, lease, (CORE,), 256 << 20)
             executors[lease] = LeaseExecutor(handle.address, token, lease_id=lease, workers=1)
         first, second = executors["k1"], executors["k2"]
         try:
