@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -229,26 +230,11 @@ def reduction(ex: Any, store: str, port: int, files: str, size: int, rounds: int
             lambda: ex.invoke(floor_total, expected),
         ),
     }
-    out: dict[str, Any] = {}
-    for name, (add_one, read_total) in legs.items():
-        walls, inside = [], []
-        for r in range(rounds + 3):
-            t = time.perf_counter()
-            spent = 0.0
-            for i, p in enumerate(partials):
-                res = add_one(i, p)
-                spent += res[0] if isinstance(res, tuple) else res
-            (got, read_s), _notes = _split(read_total())
-            wall = time.perf_counter() - t
-            assert abs(got - expected) < 1e-6 * expected, (name, got, expected)
-            if r >= 3:
-                walls.append(wall)
-                inside.append(spent + read_s)
-        out[name] = {
-            "reduction_p50_us": pct(walls, 50) * 1e6,
-            "storage_in_function_p50_us": pct(inside, 50) * 1e6,
-        }
-    return out
+    one_by_one = {
+        name: (lambda add=add_one: [add(i, p) for i, p in enumerate(partials)], read_total)
+        for name, (add_one, read_total) in legs.items()
+    }
+    return timed_legs(one_by_one, expected, rounds)
 
 
 def reduction_in_workers(
@@ -280,26 +266,11 @@ def reduction_in_workers(
             lambda: ex.invoke(floor_total, expected),
         ),
     }
-    out: dict[str, Any] = {}
-    for leg, (add_one, read_total) in legs.items():
-        walls, inside = [], []
-        for r in range(rounds + 3):
-            t = time.perf_counter()
-            futures = [add_one(i) for i in range(PARTIALS)]
-            spent = 0.0
-            for f in futures:
-                res = f.result()
-                spent += res[0] if isinstance(res, tuple) else res
-            (got, read_s), _notes = _split(read_total())
-            wall = time.perf_counter() - t
-            assert abs(got - expected) < 1e-6 * expected, (leg, got, expected)
-            if r >= 3:
-                walls.append(wall)
-                inside.append(spent + read_s)
-        out[leg] = {
-            "reduction_p50_us": pct(walls, 50) * 1e6,
-            "storage_in_function_p50_us": pct(inside, 50) * 1e6,
-        }
+    at_once = {
+        name: (lambda add=add_one: [f.result() for f in [add(i) for i in range(PARTIALS)]], total)
+        for name, (add_one, total) in legs.items()
+    }
+    out = timed_legs(at_once, expected, rounds)
     out["redis_over_process_state"] = (
         out["redis"]["reduction_p50_us"] / out["process_state"]["reduction_p50_us"]
     )
@@ -310,6 +281,31 @@ def reduction_in_workers(
         out["redis"]["storage_in_function_p50_us"]
         / out["process_state"]["storage_in_function_p50_us"]
     )
+    return out
+
+
+def timed_legs(
+    legs: dict[str, tuple[Callable[[], list[Any]], Callable[[], Any]]], expected: float, rounds: int
+) -> dict[str, Any]:
+    """Each leg ``rounds`` times after 3 warm-ups: its contributions (their results: seconds
+    in storage, or (seconds, notes)), then its total read back and checked against
+    ``expected``. Per leg, the p50 wall time of a round and the p50 time spent in storage."""
+    out: dict[str, Any] = {}
+    for name, (contribute, read_total) in legs.items():
+        walls, inside = [], []
+        for r in range(rounds + 3):
+            t = time.perf_counter()
+            spent = sum(res[0] if isinstance(res, tuple) else res for res in contribute())
+            (got, read_s), _notes = _split(read_total())
+            wall = time.perf_counter() - t
+            assert abs(got - expected) < 1e-6 * expected, (name, got, expected)
+            if r >= 3:
+                walls.append(wall)
+                inside.append(spent + read_s)
+        out[name] = {
+            "reduction_p50_us": pct(walls, 50) * 1e6,
+            "storage_in_function_p50_us": pct(inside, 50) * 1e6,
+        }
     return out
 
 
