@@ -169,6 +169,25 @@ def idle_node(cluster: SlurmCluster, cpus: int = 2, timeout_s: float = 120.0) ->
     raise AssertionError("unreachable")
 
 
+def agent_on_idle_node(
+    tmp_path: Path, broker: Service, slurm_cluster: SlurmCluster, agent_on: dict[str, SlurmAgent]
+) -> SlurmAgent:
+    """An agent on a node nobody else uses; other engineers' tests start agents too, so a
+    node that was free a moment ago may be taken when ours starts: try another."""
+    for _ in range(5):
+        node = idle_node(slurm_cluster)
+        try:
+            agent = start_slurm_agent(tmp_path, broker, node)
+        except AssertionError as exc:
+            if "already serves this control socket" in str(exc):
+                time.sleep(1.0)
+                continue
+            raise
+        agent_on[node] = agent
+        return agent
+    raise AssertionError("every idle node was taken by another agent")
+
+
 def job_cpus(job_id: str, node: str) -> frozenset[int]:
     """The CPU ids Slurm gave ``job_id`` on ``node`` (``scontrol -d show job``)."""
     text = slurm("scontrol", "-o", "-d", "show", "job", job_id).stdout

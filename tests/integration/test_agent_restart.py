@@ -25,7 +25,7 @@ from tests.integration.conftest import JobSubmitter, SlurmCluster
 from tests.integration.leasing import Service, wait_until
 from tests.integration.slurm_agent import (
     SlurmAgent,
-    idle_node,
+    agent_on_idle_node,
     job_cpus,
     job_script,
     lease_when_offered,
@@ -40,25 +40,6 @@ SLEEP = "import time\ntime.sleep(600)\n"
 
 def add(a: int, b: int) -> int:
     return a + b
-
-
-def agent_on_idle_node(
-    tmp_path: Path, broker: Service, slurm_cluster: SlurmCluster, agent_on: dict[str, SlurmAgent]
-) -> SlurmAgent:
-    """An agent on a node nobody else uses; other engineers' tests start agents too, so a
-    node that was free a moment ago may be taken when ours starts: try another."""
-    for _ in range(5):
-        node = idle_node(slurm_cluster)
-        try:
-            agent = start_slurm_agent(tmp_path, broker, node)
-        except AssertionError as exc:
-            if "already serves this control socket" in str(exc):
-                time.sleep(1.0)
-                continue
-            raise
-        agent_on[node] = agent
-        return agent
-    raise AssertionError("every idle node was taken by another agent")
 
 
 @pytest.fixture

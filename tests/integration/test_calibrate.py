@@ -20,7 +20,7 @@ from policies.interference import guarded_limits
 from policies.limits import Limits
 from tests.integration.conftest import SlurmCluster, slurm
 from tests.integration.leasing import Service
-from tests.integration.slurm_agent import SlurmAgent, idle_node, start_slurm_agent
+from tests.integration.slurm_agent import SlurmAgent, agent_on_idle_node
 
 pytestmark = [pytest.mark.slurm, pytest.mark.root, pytest.mark.slow]
 
@@ -38,8 +38,7 @@ def test_calibrate_fills_every_cell_on_a_real_node(
     # calibration measures that interference (an eviction would be retried, but its 60 s
     # cooldown would outlast the test).
     monkeypatch.setenv("COLOCATE_POLICY__LIMITS__CPU_PRESSURE_LIMIT", "100")
-    node = idle_node(slurm_cluster)
-    agent_on[node] = start_slurm_agent(tmp_path, broker, node)
+    node = agent_on_idle_node(tmp_path, broker, slurm_cluster, agent_on).node
     out, plot = tmp_path / "table.json", tmp_path / "table.png"
     argv = [
         sys.executable, "-m", "colocate", "calibrate", "--broker", broker.url, "--nodes", node,

@@ -30,7 +30,7 @@ from tests.integration.slurm_agent import (
     MIN_HISTORY_S,
     MiB,
     SlurmAgent,
-    idle_node,
+    agent_on_idle_node,
     job_cpus,
     job_field,
     job_script,
@@ -74,8 +74,8 @@ def test_lease_runs_on_the_idle_core_of_a_running_job(
     jobs: JobSubmitter,
     slurm_cluster: SlurmCluster,
 ) -> None:
-    node = idle_node(slurm_cluster)
-    agent = agent_on[node] = start_slurm_agent(tmp_path, broker, node)
+    agent = agent_on_idle_node(tmp_path, broker, slurm_cluster, agent_on)
+    node = agent.node
     job = jobs.submit(job_script(HALF_BUSY), "-w", node, "-c2", "--mem=300M")
     allocated = job_cpus(job.job_id, node)
     busy = min(allocated)
@@ -112,8 +112,8 @@ def test_prolog_evicts_the_lease_on_a_starting_jobs_core(
     jobs: JobSubmitter,
     slurm_cluster: SlurmCluster,
 ) -> None:
-    node = idle_node(slurm_cluster)
-    agent = agent_on[node] = start_slurm_agent(tmp_path, broker, node)
+    agent = agent_on_idle_node(tmp_path, broker, slurm_cluster, agent_on)
+    node = agent.node
     first = jobs.submit(job_script(HALF_BUSY), "-w", node, "-c1", "--mem=200M")
     free_core = sorted({0, 1} - job_cpus(first.job_id, node))
     wait_until(lambda: agent.offer()[0] == free_core, 30, "the unallocated core offered")
@@ -207,8 +207,8 @@ def test_memory_growth_evicts_before_the_job_runs_out(
     jobs: JobSubmitter,
     slurm_cluster: SlurmCluster,
 ) -> None:
-    node = idle_node(slurm_cluster)
-    agent = agent_on[node] = start_slurm_agent(tmp_path, broker, node)
+    agent = agent_on_idle_node(tmp_path, broker, slurm_cluster, agent_on)
+    node = agent.node
     script = tmp_path / "grower.py"
     script.write_text(GROWER)
     out, go = tmp_path / "grower.out", tmp_path / "go"
@@ -286,8 +286,8 @@ def test_deny_job_lends_nothing(
     jobs: JobSubmitter,
     slurm_cluster: SlurmCluster,
 ) -> None:
-    node = idle_node(slurm_cluster)
-    agent = agent_on[node] = start_slurm_agent(tmp_path, broker, node)
+    agent = agent_on_idle_node(tmp_path, broker, slurm_cluster, agent_on)
+    node = agent.node
     job = jobs.submit(job_script(HALF_BUSY), "-w", node, "-c2", "--mem=500M", "--colocate=deny")
     allocated = job_cpus(job.job_id, node)
     assert allocated == frozenset({0, 1})
@@ -325,8 +325,8 @@ def test_agent_killed_and_restarted_adopts_its_executor_and_leaves_no_orphans(
     jobs: JobSubmitter,
     slurm_cluster: SlurmCluster,
 ) -> None:
-    node = idle_node(slurm_cluster)
-    agent = agent_on[node] = start_slurm_agent(tmp_path, broker, node)
+    agent = agent_on_idle_node(tmp_path, broker, slurm_cluster, agent_on)
+    node = agent.node
     job = jobs.submit(job_script(HALF_BUSY), "-w", node, "-c1", "--mem=200M")
     free_core = sorted({0, 1} - job_cpus(job.job_id, node))
     wait_until(lambda: agent.offer()[0] == free_core, 30, "the unallocated core offered")
