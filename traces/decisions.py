@@ -40,7 +40,9 @@ Events = tuple[
     npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]
 ]
 
-END, START, TICK, USAGE = 0, 1, 2, 3  # event kinds (USAGE: a job's use steps)
+END, START, TICK, USAGE, RISE = 0, 1, 2, 3, 4  # event kinds (USAGE: a job's use steps)
+# RISE: a use step whose rise the job's next sample, a minute later, shows again (an "echo"
+# step with no event of its own; see :func:`build_events` and :func:`drive_policy`)
 
 
 @dataclass(slots=True)
@@ -69,13 +71,16 @@ class PieceSteps:
     """Usage steps of every piece, flat: piece ``p`` has ``offsets[p]:offsets[p + 1]``.
 
     ``minute`` is on the replay's grid (the first step of a piece is its start), ``cores``
-    busy cores and ``memory`` bytes used from that minute on.
+    busy cores and ``memory`` bytes used from that minute on; ``echo``: the step repeats the
+    rise of the step before it one minute later (the confirming sample; it is a sample of
+    the job's history but not an event, see :func:`build_events`).
     """
 
     offsets: npt.NDArray[np.int64]
     minute: npt.NDArray[np.int64]
     cores: npt.NDArray[np.float64]
     memory: npt.NDArray[np.float64]
+    echo: npt.NDArray[np.bool_]
 
     def delta(self, values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         """Change of ``values`` at each step (the first step of a piece: from 0)."""
@@ -107,7 +112,11 @@ def piece_steps(placement: Placement, usage: JobUsage) -> PieceSteps:
     if not pj.size:
         empty = np.zeros(0, dtype=np.int64)
         return PieceSteps(
-            np.zeros(1, dtype=np.int64), empty, empty.astype(float), empty.astype(float)
+            np.zeros(1, dtype=np.int64),
+            empty,
+            empty.astype(float),
+            empty.astype(float),
+            empty.astype(bool),
         )
     fields = (placement.end, placement.start, placement.memory_bytes, placement.cores, pj)
     order = np.lexsort(fields)
@@ -119,7 +128,7 @@ def piece_steps(placement: Placement, usage: JobUsage) -> PieceSteps:
     firsts = order[new_class]
     klass = np.empty(pj.size, dtype=np.int64)
     klass[order] = np.cumsum(new_class) - 1
-    k_off, minute, cores, memory = _class_steps(
+    k_off, minute, cores, memory, echo = _class_steps(
         pj[firsts],
         placement.start[firsts],
         placement.end[firsts],
@@ -136,7 +145,7 @@ def piece_steps(placement: Placement, usage: JobUsage) -> PieceSteps:
         - np.repeat(ends - counts, counts)
     )
     offsets = np.concatenate([[0], ends]).astype(np.int64)
-    return PieceSteps(offsets, minute[take], cores[take], memory[take])
+    return PieceSteps(offsets, minute[take], cores[take], memory[take], echo[take])
 
 
 def _class_steps(
@@ -147,10 +156,14 @@ def _class_steps(
     alloc_k: npt.NDArray[np.float64],
     usage: JobUsage,
 ) -> tuple[
-    npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float64]
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.bool_],
 ]:
     """The steps of :func:`piece_steps` for each (job, start, end, cores, memory) given:
-    (offsets, minute, cores, memory), class ``k`` at ``offsets[k]:offsets[k + 1]``."""
+    (offsets, minute, cores, memory, echo), class ``k`` at ``offsets[k]:offsets[k + 1]``."""
     lo = usage.step_offsets[job_k]
     counts = usage.step_offsets[job_k + 1] - lo
     total = int(counts.sum())
@@ -206,16 +219,21 @@ def _class_steps(
     follows[:-1] = np.where(piece[1:] == piece[:-1], minute[1:], end_k[piece[:-1]])
     if piece.size:
         follows[-1] = end_k[piece[-1]]
+    # The echo is a sample, not an event: it can only confirm growth into lent cores, so the
+    # replay decides at it only where a lease held the node at the rise or after (drive_policy).
     again = np.flatnonzero(rising & (minute + 1 < follows))
+    echo = np.zeros(piece.size, dtype=bool)
     if again.size:
         piece = np.concatenate([piece, piece[again]])
         minute = np.concatenate([minute, minute[again] + 1])
         cores = np.concatenate([cores, cores[again]])
         memory = np.concatenate([memory, memory[again]])
+        echo = np.concatenate([echo, np.ones(again.size, dtype=bool)])
         order = np.lexsort((minute, piece))
         piece, minute, cores, memory = piece[order], minute[order], cores[order], memory[order]
+        echo = echo[order]
     offsets = np.searchsorted(piece, np.arange(job_k.size + 1)).astype(np.int64)
-    return offsets, minute, cores, memory
+    return offsets, minute, cores, memory, echo
 
 
 @dataclass(slots=True)
@@ -298,6 +316,9 @@ class NodeTrack:
     cooling: bool = False
     views: tuple[JobView, ...] | None = None
     views_lease_cores: int = -1
+    views_until: float = math.inf  # a running job's next use step (the views stale from then)
+    rising: tuple[str, ...] = ()  # jobs whose use rose at the last rise (growth at its echo)
+    echo_minute: int = -1  # minute of the last rise's echo
 
     def start_and_end(
         self,
@@ -324,19 +345,24 @@ class NodeTrack:
         self, now: float, lease_cores: int, cpn: int, window: float
     ) -> tuple[JobView, ...]:
         """The running jobs as the agent would report them at ``now`` next to ``lease_cores``
-        function cores (the last ones again while no event changed a job)."""
+        function cores (the last ones again while no event changed a job and no quiet step,
+        one with no event of its own, came: ``views_until``)."""
         views = self.views
         if views is not None and self.views_lease_cores == lease_cores:
             return views
-        views = tuple(
-            [
-                p.views.get((bisect_right(p.step_t, now), lease_cores))
-                or _job_view(p, bisect_right(p.step_t, now), lease_cores, cpn, window)
-                for p in self.running.values()
-            ]
-        )
+        out = []
+        until = math.inf
+        for p in self.running.values():
+            seen = bisect_right(p.step_t, now)
+            out.append(
+                p.views.get((seen, lease_cores)) or _job_view(p, seen, lease_cores, cpn, window)
+            )
+            if seen < len(p.step_t) and p.step_t[seen] < until:
+                until = p.step_t[seen]
+        views = tuple(out)
         self.views = views
         self.views_lease_cores = lease_cores
+        self.views_until = until
         return views
 
     def set_offer(self, cores: int, memory: int) -> tuple[int, int]:
@@ -395,7 +421,8 @@ class Drive:
 class _Groups:
     """The events cut into decision points: group ``g`` is events ``bounds[g]:bounds[g + 1]``,
     all on node ``node[g]`` in minute ``minute[g]``; ``changes[g]``: bit 1 if jobs start or
-    end there, bit 2 if a job's use steps (either way the job views change)."""
+    end there, bit 2 if a job's use steps (either way the job views change), bit 4 if a use
+    step rises and its echo follows a minute later."""
 
     minute: list[int]
     node: list[int]
@@ -409,8 +436,10 @@ def _groups(events: Events) -> _Groups:
     first = np.ones(n_events, dtype=bool)
     first[1:] = (t_arr[1:] != t_arr[:-1]) | (node_arr[1:] != node_arr[:-1])
     start = np.flatnonzero(first)
-    flags = ((kind == START) | (kind == END)).astype(np.int64) | (
-        (kind == USAGE).astype(np.int64) << 1
+    flags = (
+        ((kind == START) | (kind == END)).astype(np.int64)
+        | (((kind == USAGE) | (kind == RISE)).astype(np.int64) << 1)
+        | ((kind == RISE).astype(np.int64) << 2)
     )
     changes = np.bitwise_or.reduceat(flags, start).tolist() if n_events else []
     return _Groups(
@@ -509,7 +538,7 @@ def drive_policy(
         # interference time since this node's last decision
         if held is not None and held.violating:
             violation_s += (now - node.since) * held.violating
-        if changes:
+        if changes or now >= node.views_until:
             node.views = None
             if changes & 1:  # starts or ends (ticks and use steps change no job set)
                 node.start_and_end(
@@ -540,6 +569,8 @@ def drive_policy(
             evict_reason.append(entry.reason)
             evict_jobs.append(
                 _evicted_for(entry.reason, node.running, ev_kind, ev_piece, first_event, last_event)
+                if first_event < last_event or node.echo_minute != minute
+                else node.rising
             )
             if entry.pressure_evicted and guard_on:
                 node.cooling = True
@@ -581,6 +612,25 @@ def drive_policy(
                 # after a pressure eviction: ask again every cooldown period until the guard
                 # offers to functions again (its cooldown may grow with repeated evictions)
                 heapq.heappush(follow_ups, (minute + cooldown_min, n))
+        if changes & 4:
+            # A rise whose echo (the same use one sample later) comes next minute. The echo
+            # can only confirm growth into lent cores: on a node no lease held at the rise or
+            # holds now it changes no sizing (same peak), so the echo is decided on only
+            # where one did (a job keeps only its unlent cores until its growth is confirmed,
+            # so the offer made at the rise may hold busy cores, given back at the echo).
+            # Otherwise the next decision sees it (views_until).
+            node.echo_minute = minute + 1
+            node.rising = tuple(
+                sorted(
+                    {
+                        node.running[ev_piece[i]].job_id
+                        for i in range(first_event, last_event)
+                        if ev_kind[i] == RISE and ev_piece[i] in node.running
+                    }
+                )
+            )
+            if (held is not None or node.lease is not None) and minute + 1 < minutes:
+                heapq.heappush(follow_ups, (minute + 1, n))
         node.since = now
         if record is not None:
             now_lease = node.lease
@@ -715,7 +765,7 @@ def _evicted_for(
 ) -> tuple[str, ...]:
     """The jobs an eviction was for: those that started here now (``job_start``), those whose
     use changed now (growth), else every job on the node."""
-    wanted = START if reason == EvictionReason.JOB_START else USAGE
+    wanted = (START,) if reason == EvictionReason.JOB_START else (USAGE, RISE)
     if reason in (
         EvictionReason.JOB_START,
         EvictionReason.CPU_GROWTH,
@@ -724,7 +774,7 @@ def _evicted_for(
         ids = {
             jobs_here[ev_piece[i]].job_id
             for i in range(first_event, last_event)
-            if ev_kind[i] == wanted and ev_piece[i] in jobs_here
+            if ev_kind[i] in wanted and ev_piece[i] in jobs_here
         }
         if ids:
             return tuple(sorted(ids))
@@ -769,20 +819,29 @@ def build_events(
     """Events (minute, node, piece, kind) sorted by minute, then node.
 
     Per piece: its start, its end, a tick ``history_minutes`` after its start (unless a usage
-    step comes first) and its later usage steps. Every node also gets a tick at minute 0, so
-    idle nodes offer from the start.
+    step comes first) and its later usage steps that can change a decision then. Every node
+    also gets a tick at minute 0, so idle nodes offer from the start.
+
+    An echo step (a rise seen again one sample later) is a sample of the job's history but
+    no event: the ``RISE`` event before it asks for a decision at it only where a lease held
+    the node at the rise or after it (:func:`drive_policy`); elsewhere the next decision on
+    the node sees it (``NodeTrack.views_until``).
     """
     n = placement.job.size
     idx = np.arange(n, dtype=np.int64)
     start, end = placement.start, placement.end
-    later = np.ones(steps.minute.size, dtype=bool)
-    later[steps.offsets[:-1][steps.offsets[:-1] < steps.minute.size]] = False
+    firsts = steps.offsets[:-1][steps.offsets[:-1] < steps.minute.size]
+    later = ~steps.echo
+    later[firsts] = False
+    rises = np.zeros(steps.minute.size, dtype=bool)
+    rises[:-1] = steps.echo[1:]
     step_piece = np.repeat(idx, np.diff(steps.offsets))
-    second = np.where(
-        np.diff(steps.offsets) > 1,
-        steps.minute[np.minimum(steps.offsets[:-1] + 1, steps.minute.size - 1)],
-        end,
-    )
+    # the first later step that is an event (the tick is left out when one comes first)
+    second = end.copy()
+    at = np.flatnonzero(later)
+    first_of_piece = np.ones(at.size, dtype=bool)
+    first_of_piece[1:] = step_piece[at[1:]] != step_piece[at[:-1]]
+    second[step_piece[at[first_of_piece]]] = steps.minute[at[first_of_piece]]
     tick = start + history_minutes
     has_tick = (tick < end) & (tick < second)
     t = np.concatenate([end, start, tick[has_tick], steps.minute[later]])
@@ -792,7 +851,7 @@ def build_events(
             np.full(n, END),
             np.full(n, START),
             np.full(int(has_tick.sum()), TICK),
-            np.full(int(later.sum()), USAGE),
+            np.where(rises[later], RISE, USAGE),
         ]
     ).astype(np.int64)
     node = np.concatenate([placement.node[piece], np.arange(nodes, dtype=np.int64)])

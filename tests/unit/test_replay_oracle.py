@@ -15,6 +15,7 @@ import random
 from bisect import bisect_right
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from policies import POLICIES
@@ -22,7 +23,7 @@ from policies.limits import Limits
 from policies.model import JobView, LeaseView, NodeView, UsageSample
 from traces import bundled
 from traces.azure import read_azure2019
-from traces.decisions import END, START, Drive, Piece, Record, drive_policy
+from traces.decisions import END, RISE, START, Drive, Piece, Record, drive_policy
 from traces.demand import STEP_S
 from traces.interference import InterferenceModel, cpu_pressure
 from traces.placement import Cluster
@@ -83,13 +84,14 @@ def plain_drive(
         minute, node = heapq.heappop(todo)
         if (minute, node) in done:
             continue
-        done.add((minute, node))
-        now = prep.placement.t0 + minute * STEP_S
-        for p, k in at.get((minute, node), []):
+        here = at.pop((minute, node), [])
+        for p, k in here:
             if k == START:
                 running[node][p] = prep.pieces(p)
             elif k == END:
                 del running[node][p]
+        done.add((minute, node))
+        now = prep.placement.t0 + minute * STEP_S
         held = lease[node]
         if held is not None:
             violation_s += (now - since[node]) * held[1]
@@ -150,6 +152,11 @@ def plain_drive(
             lease[node] = None
             if cooling[node] and minute + cooldown < minutes:
                 heapq.heappush(todo, (minute + cooldown, node))
+        # a rise's echo (its confirming sample a minute later) is decided on where a lease
+        # held the node at the rise or holds it now; elsewhere the next decision sees it
+        rose = any(k == RISE for _, k in here)
+        if rose and (held is not None or lease[node] is not None) and minute + 1 < minutes:
+            heapq.heappush(todo, (minute + 1, node))
         since[node] = now
         now_lease = lease[node]
         record.append(
@@ -248,3 +255,25 @@ def test_bundled_usage_shapes_make_steps(tmp_path: Path) -> None:
     )
     steps_per_piece = (prep.steps.offsets[1:] - prep.steps.offsets[:-1]).max()
     assert steps_per_piece > 3
+    # rises confirmed a minute later: their echo is a sample without an event, decided on
+    # (a decision point with no event) only where a lease held the node
+    assert prep.steps.echo.any()
+    assert (prep.events[3] == RISE).sum() == prep.steps.echo.sum()
+    record: Record = []
+    drive_policy(
+        "headroom", prep.placement, prep.pieces, prep.events, cluster, Limits(), prep.demand, 5,
+        record=record,
+    )  # fmt: skip
+    with_events = set(zip(prep.events[0].tolist(), prep.events[1].tolist(), strict=True))
+    echo_minutes = {
+        (int(m), int(n))
+        for m, n in zip(
+            prep.steps.minute[prep.steps.echo],
+            prep.placement.node[
+                np.repeat(np.arange(prep.placement.node.size), np.diff(prep.steps.offsets))
+            ][prep.steps.echo],
+            strict=True,
+        )
+    }
+    echo_decided = [(m, n) for m, n, *_ in record if (m, n) in echo_minutes - with_events]
+    assert echo_decided, "echo follow-ups on leased nodes must be exercised"
