@@ -44,7 +44,7 @@ from colocate.broker.api import (
     StartRequest,
 )
 from colocate.broker.ledger import Ledger
-from colocate.broker.service import raise_for_reply
+from colocate.broker.replies import checked_body
 from colocate.config import BrokerConfig
 from colocate.errors import (
     BackendUnavailable,
@@ -253,12 +253,7 @@ class Broker:
             raise BackendUnavailable(
                 f"agent at {url} did not answer ({type(exc).__name__}); is the node agent running?"
             ) from None
-        try:
-            data = reply.json()
-        except ValueError:
-            data = None
-        raise_for_reply(reply.status_code, data, f"agent at {url}")
-        return data
+        return checked_body(reply, f"agent at {url}")
 
     # --- clients --------------------------------------------------------------------------
 

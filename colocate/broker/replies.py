@@ -7,7 +7,7 @@ the broker's web stack.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from colocate import errors
 from colocate.errors import (
@@ -19,6 +19,26 @@ from colocate.errors import (
     LeaseError,
     QuotaExceeded,
 )
+
+
+class Reply(Protocol):
+    """What :func:`checked_body` reads of an HTTP reply (an ``httpx.Response``)."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    def json(self) -> Any: ...
+
+
+def checked_body(reply: Reply, where: str) -> Any:
+    """The reply's JSON body (None when it is not JSON), once :func:`raise_for_reply` has
+    raised the exception an error reply names."""
+    try:
+        body = reply.json()
+    except ValueError:
+        body = None
+    raise_for_reply(reply.status_code, body, where)
+    return body
 
 
 def raise_for_reply(status: int, body: Any, where: str) -> None:

@@ -37,7 +37,7 @@ from colocate.broker.api import (
     RenewRequest,
     UsageReport,
 )
-from colocate.broker.replies import raise_for_reply
+from colocate.broker.replies import checked_body
 from colocate.errors import BackendUnavailable, ConfigError, LeaseError, LeaseExpired
 from colocate.units import parse_duration, parse_size
 
@@ -161,12 +161,7 @@ class Client:
             else:
                 shed = _retry_after(reply)
                 if shed is None or attempt >= self.retries:
-                    try:
-                        data = reply.json()
-                    except ValueError:
-                        data = None
-                    raise_for_reply(reply.status_code, data, f"broker {url}")
-                    return data
+                    return checked_body(reply, f"broker {url}")
                 wait = min(RETRY_MAX_S, shed) * random.uniform(1.0, 1.5) or self._backoff(attempt)
             attempt += 1
             self.retried += 1

@@ -9,9 +9,11 @@ import stat
 import threading
 from pathlib import Path
 
+import httpx
 import pytest
 
 from colocate import errors
+from colocate.broker.replies import checked_body
 from colocate.broker.secret import control_token, control_token_ok, load_or_create_secret
 from colocate.broker.service import error_reply, parse_listen, raise_for_reply
 from colocate.errors import ColocateError, ConfigError
@@ -62,6 +64,17 @@ def test_replies_that_are_not_error_bodies_name_the_service() -> None:
     with pytest.raises(errors.BadRequest):  # a name that is not a colocate error is not trusted
         raise_for_reply(400, {"error": "SystemExit", "message": "x"}, "broker http://b")
     raise_for_reply(200, {"anything": 1}, "broker http://b")
+
+
+def test_checked_body_gives_a_json_body_or_none_and_raises_what_an_error_reply_names() -> None:
+    assert checked_body(httpx.Response(200, json={"leases": []}), "agent") == {"leases": []}
+    assert checked_body(httpx.Response(204), "agent") is None  # no body
+    reply = error_reply(errors.LeaseEvicted("was evicted by its node", lease_id="l-9"))
+    evicted = httpx.Response(reply.status_code, content=bytes(reply.body))
+    with pytest.raises(errors.LeaseEvicted, match="evicted by its node"):
+        checked_body(evicted, "agent at http://n1")
+    with pytest.raises(errors.BackendUnavailable, match="agent at http://n1 answered HTTP 502"):
+        checked_body(httpx.Response(502, text="<html>bad gateway</html>"), "agent at http://n1")
 
 
 def test_payload_and_config_errors_arrive_as_bad_requests() -> None:
