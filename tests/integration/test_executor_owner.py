@@ -8,10 +8,10 @@ import pwd
 import pytest
 
 from tests.integration.leasing import Service
-from tests.integration.test_identity import INVOKE, LEASE, as_user, cluster, users
+from tests.integration.test_identity import INVOKE, LEASE, as_user, cluster
 
 pytestmark = [pytest.mark.root, pytest.mark.slurm]
-__all__ = ["cluster", "users"]  # the fixtures, shared with test_identity
+__all__ = ["cluster"]  # the fixture, shared with test_identity (users: conftest.py)
 
 WHOAMI = (
     INVOKE.replace('"math:factorial", 5', '"os:getuid"')
