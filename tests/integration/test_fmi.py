@@ -152,6 +152,20 @@ def leases(cluster: tuple[Service, list[Service], Path]) -> Iterator[tuple[Lease
         yield a, b
 
 
+@pytest.fixture
+def same_node_leases(
+    cluster: tuple[Service, list[Service], Path],
+) -> Iterator[tuple[Lease, Lease]]:
+    """Two one-core leases on one node (a two-core lease fills the other node meanwhile)."""
+    client = Client(cluster[0].url)
+    with client.lease(cores=2, memory="512MiB", duration="5m") as full:
+        a = client.lease(cores=1, memory="256MiB", duration="5m")
+        c = client.lease(cores=1, memory="256MiB", duration="5m")
+        with a, c:
+            assert a.node == c.node != full.node
+            yield a, c
+
+
 def test_every_operation_matches_numpy_for_1_to_4_ranks_over_two_nodes(
     leases: tuple[Lease, Lease],
 ) -> None:
@@ -349,38 +363,30 @@ def test_an_outsider_cannot_join_or_inject(leases: tuple[Lease, Lease]) -> None:
 
 
 def test_a_ticket_that_leaked_to_another_leases_worker_opens_nothing(
-    cluster: tuple[Service, list[Service], Path], monkeypatch: pytest.MonkeyPatch
+    same_node_leases: tuple[Lease, Lease], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Leases a and c on the same node (one supervisor, so a's ticket checks there): c's
     rank presents a's validly signed ticket; the supervisor sees that the asking worker sits
     in lease c's cgroup and passes no socket."""
-    broker, _agents, _tmp = cluster
-    client = Client(broker.url)
-    with client.lease(cores=2, memory="512MiB", duration="5m") as full:  # fills one node
-        a = client.lease(cores=1, memory="256MiB", duration="5m")
-        c = client.lease(cores=1, memory="256MiB", duration="5m")
-        with a, c:
-            assert a.node == c.node != full.node
-            group = Group([a.executor(), c.executor()])
-            real_frame = LeaseExecutor._frame
-            tickets: dict[str, tuple[str, str]] = {}
+    a, c = same_node_leases
+    group = Group([a.executor(), c.executor()])
+    real_frame = LeaseExecutor._frame
+    tickets: dict[str, tuple[str, str]] = {}
 
-            def swap(
-                self: LeaseExecutor, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-            ) -> Any:
-                if fn == "colocate.fmi.rank:run":
-                    tickets.setdefault(self.lease_id, (args[7], args[8]))
-                    if self.lease_id == c.lease_id:  # rank 1 gets rank 0's ticket
-                        args = (*args[:7], *tickets[a.lease_id], *args[9:])
-                return real_frame(self, fn, args, kwargs)
+    def swap(self: LeaseExecutor, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if fn == "colocate.fmi.rank:run":
+            tickets.setdefault(self.lease_id, (args[7], args[8]))
+            if self.lease_id == c.lease_id:  # rank 1 gets rank 0's ticket
+                args = (*args[:7], *tickets[a.lease_id], *args[9:])
+        return real_frame(self, fn, args, kwargs)
 
-            monkeypatch.setattr(LeaseExecutor, "_frame", swap)
-            started = time.monotonic()
-            with pytest.raises(Unauthorized, match=f"is in lease {c.lease_id}, not {a.lease_id}"):
-                group.spmd(lambda comm: comm.allreduce(1))
-            assert time.monotonic() - started < 5  # rank 0 saw rank 1 leave, no timeout
-            monkeypatch.undo()
-            assert group.spmd(lambda comm: comm.allreduce(1)) == [2, 2]
+    monkeypatch.setattr(LeaseExecutor, "_frame", swap)
+    started = time.monotonic()
+    with pytest.raises(Unauthorized, match=f"is in lease {c.lease_id}, not {a.lease_id}"):
+        group.spmd(lambda comm: comm.allreduce(1))
+    assert time.monotonic() - started < 5  # rank 0 saw rank 1 leave, no timeout
+    monkeypatch.undo()
+    assert group.spmd(lambda comm: comm.allreduce(1)) == [2, 2]
 
 
 def ask_segment(ticket: str, sig: str, pair: list[Any], mark: bytes) -> tuple[str, bytes]:
@@ -409,7 +415,7 @@ def _ticket(ex: LeaseExecutor, group: str) -> tuple[str, str]:
 
 
 def test_two_leases_on_one_node_talk_through_shared_memory_no_outsider_gets_it(
-    cluster: tuple[Service, list[Service], Path],
+    same_node_leases: tuple[Lease, Lease],
 ) -> None:
     """Leases a and c on the same node: the pair between them is shared memory (a segment
     from the node's supervisor), every operation checked against numpy; tcp stays
@@ -417,37 +423,31 @@ def test_two_leases_on_one_node_talk_through_shared_memory_no_outsider_gets_it(
     whose segment a took and the other side has not yet: c with its own valid ticket of
     the same group, and c replaying a's ticket, get nothing; c naming itself in the pair
     gets a memory of its own, not a's."""
-    broker, _agents, _tmp = cluster
-    client = Client(broker.url)
-    with client.lease(cores=2, memory="512MiB", duration="5m") as full:  # fills one node
-        a = client.lease(cores=1, memory="256MiB", duration="5m")
-        c = client.lease(cores=1, memory="256MiB", duration="5m")
-        with a, c:
-            assert a.node == c.node != full.node
-            ea, ec = a.executor(), c.executor()
-            group = Group([ea, ec])
-            results = group.spmd(every_operation, 23)
-            check_against_numpy(results, 23)
-            assert [r["channels"] for r in results] == [{1: "shm"}, {0: "shm"}]
-            assert group.spmd(lambda comm: comm.channels, channel="tcp") == [
-                {1: "tcp"},
-                {0: "tcp"},
-            ]
+    a, c = same_node_leases
+    ea, ec = a.executor(), c.executor()
+    group = Group([ea, ec])
+    results = group.spmd(every_operation, 23)
+    check_against_numpy(results, 23)
+    assert [r["channels"] for r in results] == [{1: "shm"}, {0: "shm"}]
+    assert group.spmd(lambda comm: comm.channels, channel="tcp") == [
+        {1: "tcp"},
+        {0: "tcp"},
+    ]
 
-            gid = "f" * 32
-            pair = [0, a.lease_id, 1, "lease-b-not-yet-asked"]
-            ta, tc = _ticket(ea, gid), _ticket(ec, gid)
-            assert ea.invoke(ask_segment, *ta, pair, b"secret-a") == ("ok", b"\0" * 8)
-            status, seen = ec.invoke(ask_segment, *tc, pair, b"c-plants")
-            assert (status.split(":")[0], seen) == ("Unauthorized", b""), status
-            assert f"lease {c.lease_id} is not a side of the pair" in status
-            status, seen = ec.invoke(ask_segment, *ta, pair, b"c-replay")
-            assert f"is in lease {c.lease_id}, not {a.lease_id}" in status and seen == b""
-            own = [0, a.lease_id, 1, c.lease_id]
-            assert ec.invoke(ask_segment, *tc, own, b"c-own..") == ("ok", b"\0" * 7)
-            # a asks again for its pair: once per side, even for its own lease
-            status, _seen = ea.invoke(ask_segment, *ta, pair, b"again")
-            assert "already took this pair's segment" in status, status
+    gid = "f" * 32
+    pair = [0, a.lease_id, 1, "lease-b-not-yet-asked"]
+    ta, tc = _ticket(ea, gid), _ticket(ec, gid)
+    assert ea.invoke(ask_segment, *ta, pair, b"secret-a") == ("ok", b"\0" * 8)
+    status, seen = ec.invoke(ask_segment, *tc, pair, b"c-plants")
+    assert (status.split(":")[0], seen) == ("Unauthorized", b""), status
+    assert f"lease {c.lease_id} is not a side of the pair" in status
+    status, seen = ec.invoke(ask_segment, *ta, pair, b"c-replay")
+    assert f"is in lease {c.lease_id}, not {a.lease_id}" in status and seen == b""
+    own = [0, a.lease_id, 1, c.lease_id]
+    assert ec.invoke(ask_segment, *tc, own, b"c-own..") == ("ok", b"\0" * 7)
+    # a asks again for its pair: once per side, even for its own lease
+    status, _seen = ea.invoke(ask_segment, *ta, pair, b"again")
+    assert "already took this pair's segment" in status, status
 
 
 def test_the_redis_channel_gives_the_same_results(
