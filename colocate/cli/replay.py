@@ -322,24 +322,22 @@ def run(args: argparse.Namespace) -> int:
     )
     capacity = None
     if args.capacity:
-        from traces.capacity import search
+        from traces.capacity import ScaledReplay, search_guided
 
-        def run_at(scale: float, policies: Any) -> dict[str, dict[str, float]]:
-            at = replay(
-                jobs,
-                faas,
-                cluster,
-                list(policies),
-                limits=limits,
-                prices=prices,
-                usage=usage,
-                interference=interference,
-                seed=args.seed,
-                faas_scale=scale,
-            )
-            return {name: s.summary for name, s in at.policies.items()}
-
-        capacity = search(run_at, names, target=args.capacity_target)
+        # placed and modelled once, replayed at each scale; each replay estimates where its
+        # offer stops serving the target, so a few replays (pairs in parallel) bracket it
+        scaled = ScaledReplay(
+            jobs,
+            faas,
+            cluster,
+            target=args.capacity_target,
+            limits=limits,
+            prices=prices,
+            usage=usage,
+            interference=interference,
+            seed=args.seed,
+        )
+        capacity = search_guided(scaled, names, target=args.capacity_target, run_many=scaled.many)
         report["capacity"] = capacity.to_dict()
         for name, scale in capacity.capacity.items():
             report["policies"][name]["capacity_faas_scale"] = scale
