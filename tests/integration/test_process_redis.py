@@ -36,6 +36,15 @@ def redis_url(redis_server: str) -> str:
 
 
 @pytest.fixture
+def sup(tmp_path: Path) -> Iterator[ExecutorSupervisor]:
+    """An unsandboxed supervisor: a sandboxed worker cannot reach the loopback Redis."""
+    require(os.geteuid() == 0, "the executor's cgroups need root")
+    config = ExecutorConfig(sandbox=False)
+    with ExecutorSupervisor(config, SECRET, node=NODE, state_dir=str(tmp_path)) as supervisor:
+        yield supervisor
+
+
+@pytest.fixture
 def url(redis_url: str) -> Iterator[str]:
     yield redis_url
     runtime._swap_out()
@@ -132,29 +141,26 @@ def test_messages_wait_in_redis_for_a_swapped_out_receiver(url: str) -> None:
 
 @pytest.mark.root
 def test_a_worker_killed_by_eviction_leaves_its_state_in_redis_for_the_next_lease(
-    tmp_path: Path, redis_url: str
+    sup: ExecutorSupervisor, redis_url: str
 ) -> None:
-    require(os.geteuid() == 0, "the executor's cgroups need root")
     name = f"w{uuid.uuid4().hex[:6]}"
     fn = Call(redis_url, name, pickle_function(add))
-    config = ExecutorConfig(sandbox=False)  # a sandboxed worker cannot reach this loopback
-    with ExecutorSupervisor(config, SECRET, node=NODE, state_dir=str(tmp_path)) as sup:
-        for lease in ("l1", "l2"):
-            handle, token = start_lease(sup, SECRET, lease, (CORE,), 256 << 20)
-            with LeaseExecutor(handle.address, token, lease_id=lease, workers=1) as ex:
-                if lease == "l1":
-                    for i in range(1, 51):
-                        assert ex.invoke(fn, uuid.uuid4().hex, i)[0] == i * (i + 1) // 2
-                    sup.evict(lease)
-                    with pytest.raises((LeaseEvicted, ExecutorLost)):  # notice or worker gone
-                        for _ in range(50):
-                            ex.invoke(fn, uuid.uuid4().hex, 0)
-                            time.sleep(0.05)
-                else:
-                    got, notes = ex.invoke(Call(redis_url, name, pickle_function(read)), "")
-                    assert got == (1275, list(range(1, 51))) and notes == []
-                    ex.invoke(Call(redis_url, name, b"", "delete"), "")
-            sup.evict(lease)
+    for lease in ("l1", "l2"):
+        handle, token = start_lease(sup, SECRET, lease, (CORE,), 256 << 20)
+        with LeaseExecutor(handle.address, token, lease_id=lease, workers=1) as ex:
+            if lease == "l1":
+                for i in range(1, 51):
+                    assert ex.invoke(fn, uuid.uuid4().hex, i)[0] == i * (i + 1) // 2
+                sup.evict(lease)
+                with pytest.raises((LeaseEvicted, ExecutorLost)):  # notice or worker gone
+                    for _ in range(50):
+                        ex.invoke(fn, uuid.uuid4().hex, 0)
+                        time.sleep(0.05)
+            else:
+                got, notes = ex.invoke(Call(redis_url, name, pickle_function(read)), "")
+                assert got == (1275, list(range(1, 51))) and notes == []
+                ex.invoke(Call(redis_url, name, b"", "delete"), "")
+        sup.evict(lease)
 
 
 def worker_pid() -> int:
@@ -164,39 +170,34 @@ def worker_pid() -> int:
 @pytest.mark.root
 @pytest.mark.slow
 def test_the_lock_of_a_hard_killed_worker_expires_and_the_next_lease_takes_over_within_the_ttl(
-    tmp_path: Path, redis_url: str
+    sup: ExecutorSupervisor, redis_url: str
 ) -> None:
-    require(os.geteuid() == 0, "the executor's cgroups need root")
     name = f"k{uuid.uuid4().hex[:6]}"
-    config = ExecutorConfig(sandbox=False)  # a sandboxed worker cannot reach this loopback
-    with ExecutorSupervisor(config, SECRET, node=NODE, state_dir=str(tmp_path)) as sup:
-        executors = {}
-        for lease in ("k1", "k2"):
-            handle, token = start_lease(sup, SECRET, lease, (CORE,), 256 << 20)
-            executors[lease] = LeaseExecutor(handle.address, token, lease_id=lease, workers=1)
-        first, second = executors["k1"], executors["k2"]
-        try:
-            for i in range(1, 21):
-                assert first.invoke(Call(redis_url, name, pickle_function(add)), "", i)[0] == (
-                    i * (i + 1) // 2
-                )
-            os.kill(first.invoke(worker_pid), signal.SIGKILL)  # no exit hook: the lock stays
-            killed = time.monotonic()
-            # at once, the lock still names the dead lease: the next one is told where it is
-            with pytest.raises(ProcessLiveElsewhere) as held:
-                second.invoke(Call(redis_url, name, pickle_function(read)), "")
-            assert held.value.lease_id == "k1"
-            # waiting for the lock, the next lease gets it when its TTL runs out
-            wait_s = LOCK_TTL_MS / 1000 + 10
-            got, notes = second.invoke(
-                Call(redis_url, name, pickle_function(read), wait_s=wait_s), ""
+    executors = {}
+    for lease in ("k1", "k2"):
+        handle, token = start_lease(sup, SECRET, lease, (CORE,), 256 << 20)
+        executors[lease] = LeaseExecutor(handle.address, token, lease_id=lease, workers=1)
+    first, second = executors["k1"], executors["k2"]
+    try:
+        for i in range(1, 21):
+            assert first.invoke(Call(redis_url, name, pickle_function(add)), "", i)[0] == (
+                i * (i + 1) // 2
             )
-            took = time.monotonic() - killed
-            assert got == (210, list(range(1, 21))) and notes == []
-            assert took <= LOCK_TTL_MS / 1000 + 3, took  # within the TTL (and some load)
-            second.invoke(Call(redis_url, name, b"", "delete"), "")
-        finally:
-            for ex in executors.values():
-                ex.shutdown(wait=False, cancel_futures=True)
-            for lease in executors:
-                sup.evict(lease)
+        os.kill(first.invoke(worker_pid), signal.SIGKILL)  # no exit hook: the lock stays
+        killed = time.monotonic()
+        # at once, the lock still names the dead lease: the next one is told where it is
+        with pytest.raises(ProcessLiveElsewhere) as held:
+            second.invoke(Call(redis_url, name, pickle_function(read)), "")
+        assert held.value.lease_id == "k1"
+        # waiting for the lock, the next lease gets it when its TTL runs out
+        wait_s = LOCK_TTL_MS / 1000 + 10
+        got, notes = second.invoke(Call(redis_url, name, pickle_function(read), wait_s=wait_s), "")
+        took = time.monotonic() - killed
+        assert got == (210, list(range(1, 21))) and notes == []
+        assert took <= LOCK_TTL_MS / 1000 + 3, took  # within the TTL (and some load)
+        second.invoke(Call(redis_url, name, b"", "delete"), "")
+    finally:
+        for ex in executors.values():
+            ex.shutdown(wait=False, cancel_futures=True)
+        for lease in executors:
+            sup.evict(lease)
