@@ -165,6 +165,12 @@ def slurm_jobs(slurm_cluster: SlurmCluster) -> Iterator[JobSubmitter]:
         submitter.cancel_all()
 
 
+@pytest.fixture
+def jobs(slurm_jobs: JobSubmitter) -> JobSubmitter:
+    """The lending tests' name for :func:`slurm_jobs` (their jobs are cancelled after)."""
+    return slurm_jobs
+
+
 # A private redis-server for the tests of Redis-backed state and channels (one per module).
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:

@@ -204,7 +204,12 @@ def unix_users(*names: str) -> Iterator[list[pwd.struct_passwd]]:
         yield [pwd.getpwnam(name) for name in names]
     finally:
         for name in names:
-            subprocess.run(["userdel", name], capture_output=True, check=False)
+            # userdel refuses (8) while a process of the user is still exiting: retry a while
+            for _ in range(50):
+                done = subprocess.run(["userdel", name], capture_output=True, check=False)
+                if done.returncode != 8:
+                    break
+                time.sleep(0.1)
 
 
 def free_port() -> int:

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,13 +27,6 @@ from tests.integration.slurm_agent import (
 )
 
 pytestmark = [pytest.mark.slurm, pytest.mark.root, pytest.mark.slow]
-
-
-@pytest.fixture
-def jobs() -> Iterator[JobSubmitter]:
-    submitter = JobSubmitter()
-    yield submitter
-    submitter.cancel_all()
 
 
 def test_a_recorded_live_run_replays_with_identical_decisions(

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import cloudpickle
@@ -22,7 +21,7 @@ import pytest
 
 from colocate.auth import ClientAuth
 from tests.integration.conftest import JobSubmitter, SlurmCluster
-from tests.integration.leasing import Service, wait_until
+from tests.integration.leasing import Service, unix_users, wait_until
 from tests.integration.slurm_agent import (
     SlurmAgent,
     agent_on_idle_node,
@@ -40,13 +39,6 @@ SLEEP = "import time\ntime.sleep(600)\n"
 
 def add(a: int, b: int) -> int:
     return a + b
-
-
-@pytest.fixture
-def jobs() -> Iterator[JobSubmitter]:
-    submitter = JobSubmitter()
-    yield submitter
-    submitter.cancel_all()
 
 
 def lease_processes(node: str, lease_id: str) -> tuple[list[Path], list[int]]:
@@ -157,35 +149,34 @@ def test_a_control_socket_flood_loses_no_eviction_and_no_deny(
     lease = lease_when_offered(broker, agent)
     _dirs, pids = lease_processes(node, lease.lease_id)
     user = f"cflood{os.getpid()}"[:31]
-    subprocess.run(["useradd", "-M", "-s", "/usr/sbin/nologin", user], check=True)
-    flood = None
-    try:
-        flood = subprocess.Popen(
-            ["runuser", "-u", user, "--", "/usr/bin/python3", "-c", FLOOD, agent.socket, "60"],
-            start_new_session=True,
-        )
-        time.sleep(1.0)  # the flood is on
-        # a job that takes the whole node and says deny: its prolog must evict the lease
-        started = tmp_path / "job-started"
-        code = f"open({str(started)!r}, 'w').close()\n{SLEEP}"
-        job = jobs.submit(job_script(code), "-w", node, "-c2", "--mem=100M", "--colocate=deny")
-        wait_until(started.exists, 30, "the job's first line (its prolog is over)")
-        assert not any(alive(p) for p in pids), "the lease survived the job's prolog"
-        wait_until(
-            lambda: any(j["job_id"] == job.job_id for j in agent.status().get("jobs", [])),
-            10,
-            "the agent to see the job",
-        )
-        row = next(j for j in agent.status()["jobs"] if j["job_id"] == job.job_id)
-        assert row["colocate"] is False
-        time.sleep(3.0)  # several intervals: the deny holds, nothing of the job is offered
-        assert agent.offer()[0] == []
-        assert flood.poll() is None  # the flood went on all along
-    finally:
-        if flood is not None:
-            os.killpg(flood.pid, signal.SIGKILL)  # the flood and the processes it forked
-            flood.wait()
-        subprocess.run(["userdel", user], capture_output=True, check=False)
+    with unix_users(user):
+        flood = None
+        try:
+            flood = subprocess.Popen(
+                ["runuser", "-u", user, "--", "/usr/bin/python3", "-c", FLOOD, agent.socket, "60"],
+                start_new_session=True,
+            )
+            time.sleep(1.0)  # the flood is on
+            # a job that takes the whole node and says deny: its prolog must evict the lease
+            started = tmp_path / "job-started"
+            code = f"open({str(started)!r}, 'w').close()\n{SLEEP}"
+            job = jobs.submit(job_script(code), "-w", node, "-c2", "--mem=100M", "--colocate=deny")
+            wait_until(started.exists, 30, "the job's first line (its prolog is over)")
+            assert not any(alive(p) for p in pids), "the lease survived the job's prolog"
+            wait_until(
+                lambda: any(j["job_id"] == job.job_id for j in agent.status().get("jobs", [])),
+                10,
+                "the agent to see the job",
+            )
+            row = next(j for j in agent.status()["jobs"] if j["job_id"] == job.job_id)
+            assert row["colocate"] is False
+            time.sleep(3.0)  # several intervals: the deny holds, nothing of the job is offered
+            assert agent.offer()[0] == []
+            assert flood.poll() is None  # the flood went on all along
+        finally:
+            if flood is not None:
+                os.killpg(flood.pid, signal.SIGKILL)  # the flood and the processes it forked
+                flood.wait()
 
 
 def test_an_upgrade_restart_keeps_every_lease_and_its_clients_see_no_error(

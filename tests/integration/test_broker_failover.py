@@ -15,7 +15,6 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,13 +84,6 @@ def lease_loop(client: Client, traffic: Traffic, stop: threading.Event) -> None:
             traffic.errors.append(f"release {lease.lease_id}: {type(exc).__name__}: {exc}")
         traffic.most_retries = max(traffic.most_retries, client.retried - before)
         traffic.grants.append((lease.lease_id, lease.node, lease.cpu_ids, granted, time.time()))
-
-
-@pytest.fixture
-def jobs() -> Iterator[JobSubmitter]:
-    submitter = JobSubmitter()
-    yield submitter
-    submitter.cancel_all()
 
 
 def start_broker(tmp: Path, ledger: str, name: str) -> Service:

@@ -53,13 +53,6 @@ def agents(
             assert "Traceback" not in agent.service.logs(), agent.service.logs()
 
 
-@pytest.fixture
-def jobs() -> Iterator[JobSubmitter]:
-    submitter = JobSubmitter()
-    yield submitter
-    submitter.cancel_all()
-
-
 def add(state: Any, i: int) -> int:
     state["n"] = state.get("n", 0) + 1
     state.setdefault("log", []).append(i)

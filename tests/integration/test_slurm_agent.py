@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import cloudpickle
@@ -42,13 +41,6 @@ pytestmark = [pytest.mark.slurm, pytest.mark.root, pytest.mark.slow]
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers run as nobody
 
 PYTHON = sys.executable
-
-
-@pytest.fixture
-def jobs() -> Iterator[JobSubmitter]:
-    submitter = JobSubmitter()
-    yield submitter
-    submitter.cancel_all()
 
 
 def affinity() -> tuple[list[int], int]:

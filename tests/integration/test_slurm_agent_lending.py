@@ -115,13 +115,6 @@ def agents(
         assert "Traceback" not in agent.service.logs(), agent.service.logs()
 
 
-@pytest.fixture
-def jobs() -> Iterator[JobSubmitter]:
-    submitter = JobSubmitter()
-    yield submitter
-    submitter.cancel_all()
-
-
 def where() -> list[int]:
     import os as _os
 
