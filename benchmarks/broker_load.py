@@ -64,7 +64,7 @@ sys.path.insert(0, str(ROOT))
 
 from fastapi import FastAPI, Request  # noqa: E402
 
-from colocate.auth.node import NodeAuth, NodeVerifier, node_key  # noqa: E402
+from colocate.auth.node import NodeAuth, NodeVerifier, node_key, sign  # noqa: E402
 from colocate.broker.api import (  # noqa: E402
     API_PREFIX,
     ExpiryRequest,
@@ -75,7 +75,7 @@ from colocate.broker.api import (  # noqa: E402
     StartRequest,
 )
 from colocate.broker.secret import load_or_create_secret  # noqa: E402
-from colocate.broker.service import install_error_handlers  # noqa: E402
+from colocate.broker.service import LongLivedHeap, install_error_handlers  # noqa: E402
 from colocate.errors import LeaseDenied, LeaseExpired  # noqa: E402
 from colocate.lease_value import LeaseValue  # noqa: E402
 from policies.model import NodeView  # noqa: E402
@@ -96,13 +96,16 @@ def pct(values: Sequence[float], q: float) -> float | None:
 
 
 class SimNode:
-    """A node whose batch job takes or frees cores 2-3 every 5-15 s (the measured change)."""
+    """A node whose batch job takes or frees cores 2-3 every ``change_s`` seconds on average
+    (uniformly 0.5-1.5 times it; the first change anywhere in the first 1.5 times, so that the
+    nodes' phases are spread): the measured change."""
 
-    def __init__(self, node: str, rng: random.Random) -> None:
+    def __init__(self, node: str, rng: random.Random, change_s: float = 10.0) -> None:
         self.node = node
         self.rng = rng
+        self.change_s = change_s
         self.busy = False
-        self.next_change = time.time() + rng.uniform(5, 15)
+        self.next_change = time.time() + rng.uniform(0, 1.5 * change_s)
         self.pending: float | None = None  # when an unreported change happened
         self.last: NodeView | None = None  # the last sample (recent_view)
 
@@ -111,7 +114,7 @@ class SimNode:
             self.busy = not self.busy
             if self.pending is None:
                 self.pending = self.next_change
-            self.next_change = now + self.rng.uniform(5, 15)
+            self.next_change = now + self.rng.uniform(0.5, 1.5) * self.change_s
         cpus = frozenset({0, 1}) if self.busy else CORES
         self.last = NodeView(node=self.node, cpu_ids=cpus, memory_total_bytes=16 * GIB)
         return self.last
@@ -166,6 +169,121 @@ class InstantExecutors:
         pass
 
 
+class RawClient:
+    """The part of ``httpx.Client`` the agent's Reporter uses (``put``, ``close``), over one
+    kept-alive socket per broker, requests signed by the real ``colocate.auth.node.sign``
+    (what ``NodeAuth`` adds): the same bytes on the wire as the agent's httpx client, at a
+    fraction of its CPU, so that the load generator is not what limits 10,000 nodes
+    (``--http httpx`` is the agent's own client, the baseline)."""
+
+    def __init__(self, key: bytes, node: str, timeout_s: float) -> None:
+        self.key, self.node, self.timeout_s = key, node, timeout_s
+        self.socks: dict[tuple[str, int], socket.socket] = {}
+
+    class Reply:
+        __slots__ = ("content", "method", "status_code", "url")
+
+        def __init__(self, status_code: int, content: bytes, method: str, url: str) -> None:
+            self.status_code, self.content, self.method, self.url = (
+                status_code,
+                content,
+                method,
+                url,
+            )
+
+        def raise_for_status(self) -> None:
+            if self.status_code >= 400:
+                request = httpx.Request(self.method, self.url)
+                raise httpx.HTTPStatusError(
+                    f"HTTP {self.status_code}",
+                    request=request,
+                    response=httpx.Response(
+                        self.status_code, content=self.content, request=request
+                    ),
+                )
+
+    def put(
+        self, url: str, content: str | bytes = b"", headers: dict[str, str] | None = None
+    ) -> RawClient.Reply:
+        return self.request("PUT", url, content, headers or {})
+
+    def post(
+        self, url: str, content: str | bytes = b"", headers: dict[str, str] | None = None
+    ) -> RawClient.Reply:
+        return self.request("POST", url, content, headers or {})
+
+    def request(
+        self, method: str, url: str, content: str | bytes, headers: dict[str, str]
+    ) -> RawClient.Reply:
+        body = content.encode() if isinstance(content, str) else content
+        rest = url.split("://", 1)[1]
+        hostport, _, tail = rest.partition("/")
+        path = "/" + tail
+        host, _, port_s = hostport.partition(":")
+        where = (host, int(port_s or 80))
+        signed = sign(self.key, self.node, method, path, body)
+        head = "".join(f"{k}: {v}\r\n" for k, v in {**headers, **signed}.items())
+        data = (
+            f"{method} {path} HTTP/1.1\r\nhost: {hostport}\r\ncontent-length: {len(body)}\r\n"
+            f"{head}\r\n"
+        ).encode() + body
+        for attempt in (0, 1):  # a kept-alive socket the broker closed: one fresh try
+            sock = self.socks.get(where)
+            fresh = sock is None
+            try:
+                if sock is None:
+                    sock = socket.create_connection(where, timeout=self.timeout_s)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    self.socks[where] = sock
+                sock.sendall(data)
+                return self._read(sock, method, url)
+            except TimeoutError as exc:
+                self._drop(where)
+                raise httpx.ReadTimeout(str(exc)) from None
+            except (OSError, ValueError) as exc:
+                self._drop(where)
+                if fresh or attempt:
+                    raise httpx.ConnectError(str(exc) or type(exc).__name__) from None
+        raise AssertionError("unreachable")
+
+    def _read(self, sock: socket.socket, method: str, url: str) -> RawClient.Reply:
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ValueError("connection closed")
+            buf += chunk
+        head, _, body = buf.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        length = 0
+        close = False
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"connection" and value.strip().lower() == b"close":
+                close = True
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ValueError("connection closed")
+            body += chunk
+        if close:
+            self._drop(next(w for w, s in self.socks.items() if s is sock))
+        return RawClient.Reply(status, body[:length], method, url)
+
+    def _drop(self, where: tuple[str, int]) -> None:
+        sock = self.socks.pop(where, None)
+        if sock is not None:
+            sock.close()
+
+    def close(self) -> None:
+        for where in list(self.socks):
+            self._drop(where)
+
+
 def agents_app(agents: dict[str, Any]) -> FastAPI:
     """The agent API of many agents, one path prefix each (``/n/<node>/v1/...``), with the
     agent API's signature check and the same Agent calls as slurm_plugin/agent/app.py."""
@@ -214,6 +332,9 @@ def agents_process(
     threads: int,
     seed: int,
     heartbeats: bool,
+    change_s: float,
+    stagger_s: float,
+    raw_http: bool,
     window: Any,  # mp.Array('d', [start, end]) set by the parent once every process is ready
     ready: Any,
     out: Any,
@@ -227,6 +348,9 @@ def agents_process(
     from slurm_plugin.agent.agent import Agent
 
     logging.getLogger("slurm_plugin").setLevel(logging.ERROR)
+    # the agent API server thread answers the broker's start calls (a user's grant waits on
+    # it): with Python's 5 ms switch interval it waits for the GIL behind every report thread
+    sys.setswitchinterval(0.0005)
     rng = random.Random(seed)
     # IPPROTO_TCP as the real agent's (colocate.broker.service.bind): asyncio then sets
     # TCP_NODELAY, else every answer to the broker waits ~40 ms (Nagle + delayed ACK)
@@ -238,7 +362,7 @@ def agents_process(
     sims: dict[str, SimNode] = {}
     agents: dict[str, Any] = {}
     for name in names:
-        sims[name] = SimNode(name, random.Random(rng.random()))
+        sims[name] = SimNode(name, random.Random(rng.random()), change_s)
         agents[name] = Agent(
             sims[name],
             POLICIES["unallocated"](),
@@ -262,6 +386,7 @@ def agents_process(
         "reports": 0,
         "beats": 0,
         "first_ok": 0,
+        "registered_in_window": 0,
     }
 
     def next_wake(agent: Any, sim: SimNode) -> float:
@@ -283,12 +408,22 @@ def agents_process(
     # otherwise load the CA bundle, 20-50 ms apiece, which at thousands of agents ate the
     # measured window. The clients are made before the window opens.
     tls = ssl.create_default_context()
-    all_clients = {
-        n: httpx.Client(
+    all_clients: dict[str, Any] = {
+        n: RawClient(node_key(secret, n), n, max(1.0, interval_s))
+        if raw_http
+        else httpx.Client(
             timeout=max(1.0, interval_s), auth=NodeAuth(node_key(secret, n), n), verify=tls
         )
         for n in names
     }
+    # the broker's own garbage-collection policy (colocate.broker.service.LongLivedHeap): the
+    # generator's full collections over 1,250 agents' state would otherwise stall its agent
+    # API server (a grant waits on it) for hundreds of ms
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.callbacks.append(LongLivedHeap())
     ready.set()
     while window[1] == 0.0:
         time.sleep(0.05)
@@ -297,12 +432,14 @@ def agents_process(
     def drive(mine: list[str]) -> None:
         clients = {n: all_clients[n] for n in mine}
         now = time.monotonic()
-        heap = [(now + rng.uniform(0, interval_s), n) for n in mine]
+        # agents start over stagger_s (real agents start over minutes, not in one second):
+        # their first report, a full one, is the registration
+        heap = [(now + rng.uniform(0, max(interval_s, stagger_s)), n) for n in mine]
         heapq.heapify(heap)
         latency: list[float] = []
         beat_latency: list[float] = []
         staleness: list[float] = []
-        failures = reports = beats = 0
+        failures = reports = beats = late = 0
         try:
             while heap:
                 due, n = heapq.heappop(heap)
@@ -330,6 +467,7 @@ def agents_process(
                     (latency if full else beat_latency).append(took)
                     reports += full
                     beats += beat
+                late += measured and full and reporter.counts["reports"] == 1
                 if full and sim.pending is not None:
                     if measured:
                         staleness.append(time.time() - sim.pending)
@@ -345,6 +483,7 @@ def agents_process(
                 stats["failures"] += failures
                 stats["reports"] += reports
                 stats["beats"] += beats
+                stats["registered_in_window"] += late
 
     per = max(1, math.ceil(len(names) / threads))
     workers = [
@@ -582,6 +721,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = ctx.Queue()
     readies = []
     children = []
+    # all agents registered (first full report accepted) before the window opens
+    warmup = args.warmup if args.warmup is not None else max(5.0, args.nodes / 150)
     for p in range(procs):
         ready = ctx.Event()
         mine = names[p::procs]
@@ -595,6 +736,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 min(len(mine), args.threads),
                 p,
                 not args.full_reports,
+                args.change_every,
+                warmup * 0.6,
+                args.http == "raw",
                 window,
                 ready,
                 out,
@@ -609,7 +753,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for ready in readies:
         if not ready.wait(300):
             raise SystemExit("the simulated agents did not start within 300 s")
-    warmup = max(5.0, args.nodes / 200)
     start_at = time.time() + warmup
     end_at = start_at + args.seconds
     window[0] = start_at
@@ -645,12 +788,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     leasing.join()
     stats: dict[str, Any] = {
         "latency": [], "beat_latency": [], "staleness": [], "failures": 0, "reports": 0, "beats": 0,
+        "registered_in_window": 0, "cpu_s": 0.0,
     }  # fmt: skip
     for _ in children:
         part = out.get(timeout=120)
         for key in ("latency", "beat_latency", "staleness"):
             stats[key] += part[key]
-        for key in ("failures", "reports", "beats"):
+        for key in ("failures", "reports", "beats", "registered_in_window", "cpu_s"):
             stats[key] += part[key]
     for child in children:
         child.join(10)
@@ -691,6 +835,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "reporting": "full report every interval"
         if args.full_reports
         else "full report on change, else a heartbeat every 4 intervals",
+        "agent_http": args.http,
+        "node_change_every_s": args.change_every,
+        "warmup_s": warmup,
+        "registration_spread_s": r(warmup * 0.6),
+        "registered_in_window": stats["registered_in_window"],
         "reports_per_s": r(stats["reports"] / wall),
         "heartbeats_per_s": r(stats["beats"] / wall),
         "heartbeat_p50_ms": r(pct([x * 1000 for x in stats["beat_latency"]], 50)),
@@ -759,8 +908,10 @@ def main() -> int:
     parser.add_argument(
         "--threads",
         type=int,
-        default=64,
-        help="report threads per agent process (default 64: more starve each other of the GIL)",
+        default=8,
+        help="report threads per agent process (default 8: with kept-alive raw sockets a report "
+        "takes a few ms; more threads starve the agent API server thread of the GIL, which put "
+        "grant p99 at 1.6 s at 10,000 nodes with 64)",
     )
     parser.add_argument(
         "--pin",
@@ -785,6 +936,27 @@ def main() -> int:
         action="store_true",
         help="every agent sends its full report every interval (the design before heartbeats: "
         "the baseline)",
+    )
+    parser.add_argument(
+        "--change-every",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="mean seconds between two changes of one node (a job starting or ending; default "
+        "600: a few an hour, as on a real node; the run before r4 used 10)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        help="seconds before the window opens (default max(5, nodes/150)); the agents start "
+        "over the first 60 %% of it, so every node has registered when the window opens",
+    )
+    parser.add_argument(
+        "--http",
+        choices=("raw", "httpx"),
+        default="raw",
+        help="the simulated agents' HTTP client: raw (kept-alive sockets, requests signed by the "
+        "real sign(); default) or httpx (the agent's own client: the generator's CPU baseline)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()

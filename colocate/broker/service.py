@@ -9,6 +9,7 @@ sends can crash the process (unexpected errors become 500 and are logged).
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -16,7 +17,8 @@ import resource
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import uvicorn
@@ -169,6 +171,46 @@ def raise_fd_limit() -> int:
     return soft
 
 
+class LongLivedHeap:
+    """Keeps Python's full garbage collections short in a server holding thousands of nodes.
+
+    A broker's heap is mostly long-lived (every node's state, every kept-alive connection:
+    about a million objects at 10,000 nodes), and each full (generation 2) collection scanned
+    all of it with the event loop stopped: 400 ms every few seconds at 10,000 nodes, the
+    lease-grant p99. After each full collection the survivors are frozen (``gc.freeze``: later
+    collections skip them), so the next one scans only what was allocated since. Every
+    ``thaw_s`` the frozen objects are handed back (``gc.unfreeze``) so that cycles which died
+    among them are collected by the next full collection: one long pause per ``thaw_s``
+    instead of one every few seconds."""
+
+    def __init__(self, thaw_s: float = 600.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.thaw_s = thaw_s
+        self.clock = clock
+        self.thawed = clock()
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase != "stop" or info.get("generation") != 2:
+            return
+        now = self.clock()
+        if now - self.thawed >= self.thaw_s:
+            gc.unfreeze()  # the next full collection sees everything once
+            self.thawed = now
+        else:
+            gc.freeze()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        gc.collect()
+        gc.freeze()  # what startup made (modules, the app) lives as long as the process
+        gc.callbacks.append(self)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(ValueError):
+                gc.callbacks.remove(self)
+            gc.unfreeze()
+
+
 def serve(app: FastAPI, sock: socket.socket, *, max_connections: int | None = None) -> None:
     """Serve ``app`` on ``sock`` until SIGINT/SIGTERM, then return (shutdown hooks have run).
 
@@ -190,7 +232,8 @@ def serve(app: FastAPI, sock: socket.socket, *, max_connections: int | None = No
         # between two heartbeats, and each came back as a new connection).
         timeout_keep_alive=KEEP_ALIVE_S,
     )
-    _Server(config).run(sockets=[sock])
+    with LongLivedHeap().installed():
+        _Server(config).run(sockets=[sock])
 
 
 def error_reply(exc: ColocateError) -> JSONResponse:

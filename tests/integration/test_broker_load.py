@@ -31,6 +31,8 @@ def test_load_run_then_a_killed_broker_costs_the_client_errors() -> None:
             "8",
             "--kill-broker-at",
             "4",
+            "--change-every",  # a change every ~4 s (default ~600 s): changes seen in 8 s
+            "4",
             "--json",
         ],
         capture_output=True,
