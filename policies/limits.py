@@ -6,7 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class Limits(BaseModel):
-    """Defaults follow published harvesting controllers (see ARCHITECTURE.md, Policies)."""
+    """Defaults follow published harvesting controllers (see ARCHITECTURE.md, "Lending cores")."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
