@@ -28,7 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
-from typing import Any
+from typing import Any, cast
 
 from colocate.errors import ColocateError, ConfigError
 from colocate.process import direct
@@ -60,6 +60,7 @@ PEEK_WAIT_S = 0.5  # how long a call waits before it tells the client where the 
 CALL_PREFIX = "\x00call:"  # + a call's id: its kept result, for the last KEEP_CALLS calls
 KEEP_CALLS = 64
 CONFLICT_RETRIES = 50  # a shared process's call re-run when others changed what it read
+SERIAL_AFTER = 3  # after this many lost races a call runs holding the call lock
 KEEP_RESULT_BYTES = 64 << 10
 NOT_KEPT = "\x00colocate: result not kept"
 _NOT_KEPT_PICKLE = pickle.dumps(NOT_KEPT, protocol=5)
@@ -690,46 +691,70 @@ class Call:
         fn = self._fn
         if fn is None:
             fn = self._fn = pickle.loads(self.fn_bytes)
-        for _attempt in range(CONFLICT_RETRIES):
-            start = 0
-            if proc.shared:  # see what the lease's other workers committed
-                proc.catch_up()
-                start = proc.seq
-            if call_id:
-                done, kept = proc.applied(call_id)
-                if done:  # a retry of a call that committed: not twice
-                    if isinstance(kept, str) and kept == NOT_KEPT:
-                        raise ResultNotKept(
-                            f"process {self.name!r}: this call committed before the lease was "
-                            f"lost; it is not run twice, and its result (over "
-                            f"{KEEP_RESULT_BYTES} bytes or not picklable) was not kept"
-                        )
-                    return kept, notes
-            state = State(proc, self.root)
+        for attempt in range(CONFLICT_RETRIES):
+            serial = proc.shared and attempt >= SERIAL_AFTER
+            if serial:
+                # Lost the race SERIAL_AFTER times: run this attempt under the call lock, so
+                # no other worker commits meanwhile and it cannot lose again (no livelock).
+                fcntl.flock(cast(DirStore, proc.store).call_fd, fcntl.LOCK_EX)
             try:
-                result = fn(state, *args, **kwargs)
-            except BaseException:
-                state._abort()
-                raise
-            kept = _keep(result) if call_id else None  # before the commit: it may take a while
-            # The eviction signals wait while the commit runs: a swap-out never sees half of it.
-            old = _sigmask(signal.SIG_BLOCK, _BLOCKED)
-            try:
-                if _evicting():  # the client was told the lease is gone: this call did not happen
-                    state._abort()
-                    raise ProcessInterrupted(
-                        f"process {self.name!r}: the lease is being taken back; the call's "
-                        "changes were discarded"
-                    )
-                committed = state._commit(call_id, kept, result, start)
+                done_call = self._attempt(proc, call_id, notes, args, kwargs, fn)
             finally:
-                _sigmask(signal.SIG_SETMASK, old)
-            if committed:
-                proc.listen()  # after the first call's work, not before it (see LiveProcess)
-                return result, notes
-            state._abort()  # another worker changed what this call read: run it again
+                if serial:
+                    fcntl.flock(cast(DirStore, proc.store).call_fd, fcntl.LOCK_UN)
+            if done_call is not None:
+                return done_call
         raise ColocateError(
             f"process {self.name!r}: the call conflicted with other workers' commits "
             f"{CONFLICT_RETRIES} times in a row; make calls touch fewer shared keys"
         )
-        return result, notes
+
+    def _attempt(
+        self,
+        proc: LiveProcess,
+        call_id: str,
+        notes: list[str],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        fn: Callable[..., Any],
+    ) -> tuple[Any, list[str]] | None:
+        """One run of the call: its result and notes, or None when another worker's commit
+        changed what it read (then it runs again)."""
+        start = 0
+        if proc.shared:  # see what the lease's other workers committed
+            proc.catch_up()
+            start = proc.seq
+        if call_id:
+            done, kept = proc.applied(call_id)
+            if done:  # a retry of a call that committed: not twice
+                if isinstance(kept, str) and kept == NOT_KEPT:
+                    raise ResultNotKept(
+                        f"process {self.name!r}: this call committed before the lease was "
+                        f"lost; it is not run twice, and its result (over "
+                        f"{KEEP_RESULT_BYTES} bytes or not picklable) was not kept"
+                    )
+                return kept, notes
+        state = State(proc, self.root)
+        try:
+            result = fn(state, *args, **kwargs)
+        except BaseException:
+            state._abort()
+            raise
+        kept = _keep(result) if call_id else None  # before the commit: it may take a while
+        # The eviction signals wait while the commit runs: a swap-out never sees half of it.
+        old = _sigmask(signal.SIG_BLOCK, _BLOCKED)
+        try:
+            if _evicting():  # the client was told the lease is gone: this call did not happen
+                state._abort()
+                raise ProcessInterrupted(
+                    f"process {self.name!r}: the lease is being taken back; the call's "
+                    "changes were discarded"
+                )
+            committed = state._commit(call_id, kept, result, start)
+        finally:
+            _sigmask(signal.SIG_SETMASK, old)
+        if committed:
+            proc.listen()  # after the first call's work, not before it (see LiveProcess)
+            return result, notes
+        state._abort()  # another worker changed what this call read: run it again
+        return None
