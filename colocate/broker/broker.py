@@ -507,6 +507,18 @@ class Broker:
             raise Forbidden(f"lease {lease_id} belongs to another user")
         if owner is not None and held is None:
             self._owners[lease_id] = owner
+            if self.ledger is not None:
+                # Learned from its node's report (the broker that placed it died before
+                # answering, maybe before writing it down): the ledger gets it now, once.
+                self.ledger.open(
+                    lease_id,
+                    owner,
+                    record.node,
+                    record.cores,
+                    record.memory_bytes,
+                    record.granted_at,
+                    record.expires_at,
+                )
         return self._grant(record)
 
     async def _place(self, request: LeaseRequest, owner: Owner | None, lease_id: str) -> LeaseGrant:
