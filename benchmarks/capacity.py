@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import sys
 import time
@@ -38,6 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.replay import run_header  # noqa: E402
 from policies import POLICIES  # noqa: E402
 from traces import bundled  # noqa: E402
 from traces.azure import read_azure2019  # noqa: E402
@@ -149,20 +149,7 @@ def main() -> int:
     baseline_cpu = read_cpu + doubling_runs * (prepare_cpu + loop_cpu)
     baseline_wall = read_wall + doubling_runs * (prepare_wall + loop_wall)
     out: dict[str, Any] = {
-        "machine": {
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "loadavg_before": load_before,
-            "loadavg_after": os.getloadavg(),
-        },
-        "trace": {
-            "path": str(args.swf),
-            "jobs": len(trace),
-            "nodes": nodes,
-            "cores_per_node": cores,
-        },
-        "faas": {"path": str(bundled.AZURE2019), "functions": len(faas.function_ids)},
-        "policy": args.policy,
+        **run_header(args.swf, len(trace), nodes, cores, faas, args.policy, load_before),
         "target_served_share": args.target,
         "tolerance": args.tolerance,
         "capacity_faas_scale": capacity,

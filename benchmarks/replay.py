@@ -48,6 +48,24 @@ RICC = Path("/work/shared/data/traces/swf/RICC-2010-2.swf.gz")
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+def run_header(
+    swf: Path, jobs: int, nodes: int, cores: int, faas: Any, policy: str, load_before: Any
+) -> dict[str, Any]:
+    """What every replay benchmark's JSON says about its machine, trace, FaaS trace and policy
+    (benchmarks/capacity.py uses it too)."""
+    return {
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+        },
+        "trace": {"path": str(swf), "jobs": jobs, "nodes": nodes, "cores_per_node": cores},
+        "faas": {"path": str(bundled.AZURE2019), "functions": len(faas.function_ids)},
+        "policy": policy,
+    }
+
+
 def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float, float]:
     wall, cpu = time.perf_counter(), time.process_time()
     out = fn(*args, **kwargs)
@@ -155,20 +173,7 @@ def main() -> int:
 
     full = rows[-1]
     out: dict[str, Any] = {
-        "machine": {
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "loadavg_before": load_before,
-            "loadavg_after": os.getloadavg(),
-        },
-        "trace": {
-            "path": str(args.swf),
-            "jobs": len(trace),
-            "nodes": nodes,
-            "cores_per_node": cores,
-        },
-        "faas": {"path": str(bundled.AZURE2019), "functions": len(faas.function_ids)},
-        "policy": args.policy,
+        **run_header(args.swf, len(trace), nodes, cores, faas, args.policy, load_before),
         "read": {"wall_s": read_wall, "cpu_s": read_cpu},
         "replay": rows,
         "total_100pct": {"wall_s": read_wall + full["wall_s"], "cpu_s": read_cpu + full["cpu_s"]},
