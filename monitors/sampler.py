@@ -11,7 +11,10 @@ Slurm is asked from one worker thread and the sampler waits at most ``slurm_wait
 answer, so a slow Slurm never stalls sampling. When Slurm does not answer in time or fails
 (``SlurmUnavailable``) the sampler keeps producing snapshots with ``slurm_ok=False``, from
 the last known allocations of the jobs the source still sees, and retries failures with
-exponential backoff (1 s, 2 s, 4 s ... up to 30 s).
+exponential backoff (1 s, 2 s, 4 s ... up to 30 s). A job whose cgroup is gone has ended; a
+known job never seen in a cgroup stays for ``GONE_AFTER_S`` after it was last seen (a job
+still starting has no cgroup yet, and a process scan may miss processes between fork and
+exec): its cores are not taken for free because Slurm fell silent at that moment.
 
 ``cores_used`` is CPU time over the last ``window_s`` seconds of readings: the first sample
 of a job has no window yet and reports 0.0 (psutil's ``cpu_percent()`` has the same quirk);
@@ -45,6 +48,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MIN_WINDOW_S = 0.05  # readings closer than this give no meaningful rate
+GONE_AFTER_S = 5.0  # while Slurm is silent, a known job unseen this long has ended
 # States that end within seconds: while a job is in one, Slurm is asked every sample.
 _TRANSIENT = frozenset({JobState.COMPLETING, JobState.CONFIGURING})
 
@@ -132,6 +136,9 @@ class Sampler:
         self._last_seen: frozenset[str] | None = None
         self._readings: dict[str, deque[_Reading]] = {}
         self._peaks: dict[str, int] = {}
+        # job id -> when the source last saw it, and whether in a cgroup (then its absence
+        # means the job ended)
+        self._seen_at: dict[str, tuple[float, bool]] = {}
         self._logged: dict[str, float] = {}
         self.slurm_wait_s = slurm_wait_s
         # Slurm is asked from one worker thread so a slow Slurm cannot stall sampling.
@@ -333,7 +340,7 @@ class Sampler:
         slurm_ok = self._slurm_error is None and self._jobs is not None
         if not slurm_ok:
             warnings.append(self._slurm_error or "Slurm has not answered yet")
-            jobs = [j for j in jobs if j.job_id in reading.jobs]  # only jobs still alive
+            jobs = [j for j in jobs if j.job_id in reading.jobs or self._maybe_alive(j, mono)]
             jobs += self._unknown_jobs(reading, {j.job_id for j in jobs}, warnings)
         info = self._node_info(mono, warnings)
         snaps: list[JobSnapshot] = []
@@ -357,8 +364,12 @@ class Sampler:
                     ),
                 )
         live = {j.job_id for j in jobs}
+        self._seen_at.update(
+            (job_id, (mono, usage.source.startswith("cgroup")))
+            for job_id, usage in reading.jobs.items()
+        )
         self.history.retain(live)
-        for state in (self._readings, self._peaks):
+        for state in (self._readings, self._peaks, self._seen_at):
             for job_id in [j for j in state if j not in live]:
                 del state[job_id]
         node_ids = tuple(range(info.cpus))
@@ -385,6 +396,12 @@ class Sampler:
             memory_pressure=mem_p,
             source=self.source.name,
         )
+
+    def _maybe_alive(self, job: JobOnNode, mono: float) -> bool:
+        """A known job the source does not see now: alive unless its cgroup went away or
+        neither Slurm nor the source has seen it for GONE_AFTER_S."""
+        seen_at, in_cgroup = self._seen_at.get(job.job_id, (0.0, False))
+        return not in_cgroup and mono - max(seen_at, self._jobs_at) < GONE_AFTER_S
 
     def _unknown_jobs(
         self, reading: UsageReading, known: set[str], warnings: list[str]

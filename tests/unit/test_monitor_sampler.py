@@ -11,7 +11,7 @@ import pytest
 
 from monitors.cgroup_v1 import CgroupV1Source
 from monitors.history import UsageHistory
-from monitors.sampler import Backoff, Sampler
+from monitors.sampler import GONE_AFTER_S, Backoff, Sampler
 from monitors.view import MonitoredNode, node_view
 from policies.model import UsageSample
 from slurm_plugin.slurm import JobOnNode, JobState, NodeInfo, NodeState, Parsed, StaticSlurm
@@ -223,6 +223,24 @@ def test_slurm_down_keeps_live_jobs_and_backs_off(tmp_path: Path) -> None:
     node.slurm.jobs = []
     node.clock.t += 4.1
     assert node.sampler.sample().slurm_ok
+
+
+def test_slurm_down_as_a_job_starts_keeps_its_cores_until_it_is_surely_gone(
+    tmp_path: Path,
+) -> None:
+    # Job 11 is listed by Slurm but has no cgroup yet (still starting) when Slurm falls
+    # silent: its core must not look free; once unseen for GONE_AFTER_S it is taken as ended.
+    node = Node(tmp_path, slurm_refresh_s=0.0)
+    node.slurm.jobs = [node.job("10", (0,), GIB), node.job("11", (1,), GIB)]
+    assert [j.job_id for j in node.sampler.sample().jobs] == ["10", "11"]
+    node.slurm.available = False
+    node.clock.t += 1
+    snap = node.sampler.sample()
+    assert not snap.slurm_ok and [j.job_id for j in snap.jobs] == ["10", "11"]
+    assert snap.cores_unallocated == 0
+    node.clock.t += GONE_AFTER_S
+    snap = node.sampler.sample()
+    assert [j.job_id for j in snap.jobs] == ["10"] and snap.cores_unallocated == 1
 
 
 def test_slurm_never_answered_still_gives_a_snapshot_with_cgroup_allocations(
