@@ -23,6 +23,7 @@ Values are pickles (protocol 5); the store itself never unpickles.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import json
 import os
@@ -97,6 +98,48 @@ def checksum(data: bytes | memoryview, value: int = 0) -> int:
 
 _BYTES_OP = b"\x80\x05\x8e"  # PROTO 5, BINBYTES8
 _BYTES_HEAD = struct.Struct("<3sQ")
+
+
+def _new_bytes_api() -> tuple[Any, Any]:
+    """CPython's ``PyBytes_FromStringAndSize(NULL, n)`` (a bytes object to fill before anyone
+    sees it, as the C API documents) and libc's ``madvise``; (None, None) elsewhere."""
+    try:
+        new = ctypes.pythonapi.PyBytes_FromStringAndSize
+        new.restype, new.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_ssize_t]
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+        madvise.restype = ctypes.c_int
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    except (AttributeError, OSError):
+        return None, None
+    return new, madvise
+
+
+_NEW_BYTES, _MADVISE = _new_bytes_api()
+_BYTES_DATA = bytes.__basicsize__ - 1  # offset of a bytes object's data (ob_sval) in CPython
+_MADV_POPULATE_WRITE = 23  # Linux 5.14: fault a range in with one call
+_PAGE = os.sysconf("SC_PAGESIZE")
+
+
+def read_bytes(fd: int, n: int, offset: int) -> bytes:
+    """``os.pread(fd, n, offset)`` for a large value, into a new bytes object whose pages
+    are faulted in by one ``madvise(MADV_POPULATE_WRITE)`` first: half of a cold 100 MiB
+    restore went into a page fault per fresh 4 KiB page of the copy (measured: a read from
+    the page cache 53 -> 46 ms per 100 MiB). Short reads return what was read."""
+    if _NEW_BYTES is None or n < _ZERO_COPY_BYTES:
+        return os.pread(fd, n, offset)
+    out: bytes = _NEW_BYTES(None, n)
+    addr = id(out) + _BYTES_DATA
+    start, end = -(-addr // _PAGE) * _PAGE, (addr + n) // _PAGE * _PAGE
+    if end > start:
+        _MADVISE(start, end - start, _MADV_POPULATE_WRITE)  # an old kernel: faults as before
+    got = 0
+    with memoryview((ctypes.c_char * n).from_address(addr)).cast("B") as view:
+        while got < n:
+            k = os.preadv(fd, [view[got:]], offset + got)
+            if k <= 0:
+                break
+            got += k
+    return out if got == n else out[:got]
 
 
 def encode_value(obj: Any, dumps: Any) -> Parts:
@@ -393,10 +436,16 @@ class DirStore:
         path = os.path.join(self.path, log)
         if not os.path.exists(path):
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
-        fd = self.fd(log)
-        seq, size = scan_log(
-            lambda at, n: os.pread(fd, n, at), os.fstat(fd).st_size, log, seq, keys
-        )
+        # the indexes are read through a descriptor of their own: the jumps from one record's
+        # index to the next would otherwise leave the values' descriptor with the readahead
+        # of a random reader (loads of a cold 100 MiB state: 96 -> 80 ms, a plain read 60)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            seq, size = scan_log(
+                lambda at, n: os.pread(fd, n, at), os.fstat(fd).st_size, log, seq, keys
+            )
+        finally:
+            os.close(fd)
         head = self.read_head()
         return Restored(seq, keys, log, size, max(0, head - seq), snapshot)
 
@@ -420,7 +469,7 @@ class DirStore:
                 and _BYTES_HEAD.unpack(head)[1] == loc.length - _BYTES_HEAD.size - 2
             ):
                 n = loc.length - _BYTES_HEAD.size - 2
-                data = os.pread(fd, n, loc.offset + _BYTES_HEAD.size)
+                data = read_bytes(fd, n, loc.offset + _BYTES_HEAD.size)
                 tail = os.pread(fd, 2, loc.offset + _BYTES_HEAD.size + n)
                 crc = checksum(tail, checksum(data, checksum(head)))
                 if len(data) == n and tail == b"\x94." and crc == loc.crc:
@@ -432,7 +481,7 @@ class DirStore:
         return pickle.loads(self.load(loc))
 
     def load(self, loc: Loc) -> bytes:
-        data = os.pread(self.fd(loc.file), loc.length, loc.offset)
+        data = read_bytes(self.fd(loc.file), loc.length, loc.offset)
         if len(data) != loc.length or checksum(data) != loc.crc:
             raise StateCorrupt(
                 f"process {self.name!r}: a value in {self.path}/{loc.file} at {loc.offset} is damaged "
