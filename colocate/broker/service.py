@@ -8,6 +8,7 @@ sends can crash the process (unexpected errors become 500 and are logged).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import json
@@ -18,8 +19,9 @@ import signal
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
@@ -117,30 +119,162 @@ HEAD_TIMEOUT_S = 5.0
 KEEP_ALIVE_S = 75  # idle kept-alive connections are closed after this (nginx's default)
 
 
-class _HeadDeadline:
-    """A deadline for the first request head: a client that opens a connection and sends
-    nothing, or half a request line, is closed after ``HEAD_TIMEOUT_S`` instead of holding a
-    file descriptor forever. Mixed into uvicorn's HTTP protocols."""
+class _IdleSweep:
+    """Connection deadlines without a timer per request: one sweep a second, while any
+    connection is open, closes those past their deadline (so within 1 s after it).
+
+    uvicorn arms ``loop.call_later(timeout_keep_alive, ...)`` after every response and
+    cancels it when the next request arrives: each heartbeat allocated a ``TimerHandle`` (and
+    a bound method) that lived until the next one, 4 s later, long enough to be promoted into
+    the old generation, plus one live handle per idle connection in the loop's heap (10,000
+    at 10,000 nodes, and as many cancelled ones before asyncio purges them). That is what the
+    broker's full garbage collections kept scanning at 10,000 nodes (the lease-grant p99).
+    Instead each connection's view of the loop (:class:`_KeepAliveLoop`) only notes the time
+    it went idle, and the head deadline (``HEAD_TIMEOUT_S``) is a time too."""
+
+    PERIOD_S = 1.0
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, keep_alive_s: float) -> None:
+        self.loop = loop
+        self.keep_alive_s = keep_alive_s
+        self.views: set[_KeepAliveLoop] = set()
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, view: _KeepAliveLoop) -> None:
+        self.views.add(view)
+        if self.timer is None:
+            self.timer = self.loop.call_later(self.PERIOD_S, self.sweep)
+
+    def discard(self, view: _KeepAliveLoop) -> None:
+        self.views.discard(view)
+
+    def sweep(self) -> None:
+        now = self.loop.time()
+        due = [v for v in self.views if v.due <= now]
+        for view in due:
+            view.expire(now)
+        self.timer = self.loop.call_later(self.PERIOD_S, self.sweep) if self.views else None
+
+
+_NEVER = float("inf")
+
+
+class _KeepAliveLoop:
+    """The event loop as one uvicorn connection sees it: ``call_later`` for the keep-alive
+    handler marks the connection idle and returns this view as the handle (``cancel()``
+    marks it busy again); anything else goes to the real loop. No object per request.
+    ``due`` is the earlier of the head deadline and the idle deadline."""
+
+    __slots__ = (
+        "_head_expired",
+        "_idle_expired",
+        "_loop",
+        "due",
+        "head_until",
+        "idle_until",
+        "sweep",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sweep: _IdleSweep) -> None:
+        self._loop = loop
+        self.sweep = sweep
+        self._idle_expired: Callable[[], None] | None = None
+        self._head_expired: Callable[[], None] | None = None
+        self.head_until = _NEVER
+        self.idle_until = _NEVER
+        self.due = _NEVER
+
+    def call_later(self, delay: float, callback: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        if not args and getattr(callback, "__name__", "") == "timeout_keep_alive_handler":
+            self._idle_expired = callback
+            self.idle_until = self._loop.time() + self.sweep.keep_alive_s
+            self.due = min(self.head_until, self.idle_until)
+            return self
+        return self._loop.call_later(delay, callback, *args, **kw)
+
+    def cancel(self) -> None:
+        self.idle_until = _NEVER
+        self.due = self.head_until
+
+    def start(self, head_expired: Callable[[], None]) -> None:
+        self._head_expired = head_expired
+        self.head_until = self.due = self._loop.time() + HEAD_TIMEOUT_S
+        self.sweep.add(self)
+
+    def stop(self) -> None:
+        self.sweep.discard(self)
+        self.head_until = self.idle_until = self.due = _NEVER
+
+    def expire(self, now: float) -> None:
+        if self.head_until <= now:
+            self.head_until = _NEVER
+            if self._head_expired is not None:
+                self._head_expired()
+        if self.idle_until <= now:
+            self.idle_until = _NEVER
+            if self._idle_expired is not None:
+                self._idle_expired()  # uvicorn's: closes the transport unless closing already
+        self.due = min(self.head_until, self.idle_until)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loop, name)
+
+
+def _per_request_timer() -> bool:
+    """uvicorn's own keep-alive timer per request and a head timer per connection
+    (``COLOCATE_KEEP_ALIVE=per-request``): the baseline benchmarks/broker_load.py and
+    tests/integration/test_broker_http.py compare the sweep with, in the same session."""
+    return os.environ.get("COLOCATE_KEEP_ALIVE") == "per-request"
+
+
+class _Connection:
+    """Mixed into uvicorn's HTTP protocols: a deadline for the first request head (a client
+    that opens a connection and sends nothing, or half a request line, is closed after
+    ``HEAD_TIMEOUT_S`` instead of holding a file descriptor forever) and the keep-alive
+    timeout, both kept by one :class:`_IdleSweep` per event loop."""
 
     loop: Any
     cycle: Any
     transport: Any
+    timeout_keep_alive: int
+    _sweeps: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _IdleSweep]] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._view: _KeepAliveLoop | None = None
+        self._head_timer: asyncio.TimerHandle | None = None
+        if _per_request_timer():
+            return
+        loop = self.loop
+        sweep = self._sweeps.get(loop)
+        if sweep is None or sweep.keep_alive_s != self.timeout_keep_alive:
+            sweep = self._sweeps[loop] = _IdleSweep(loop, self.timeout_keep_alive)
+        self._view = _KeepAliveLoop(loop, sweep)
+        self.loop = self._view
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)  # type: ignore[misc]
-        self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_timeout)
+        if self._view is not None:
+            self._view.start(self._head_timeout)
+        else:
+            self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_timeout)
 
     def _head_timeout(self) -> None:
         if self.cycle is None and not self.transport.is_closing():
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._head_timer.cancel()
         super().connection_lost(exc)  # type: ignore[misc]
+        if self._view is not None:
+            self._view.stop()
+        if self._head_timer is not None:
+            self._head_timer.cancel()
 
 
-class _Protocol(_HeadDeadline, H11Protocol):
-    """uvicorn's h11 protocol (pure Python) with the head deadline."""
+class _Protocol(_Connection, H11Protocol):
+    """uvicorn's h11 protocol (pure Python) with the head deadline and the keep-alive sweep."""
 
 
 def _protocol() -> type[Any]:
@@ -154,7 +288,7 @@ def _protocol() -> type[Any]:
     except ImportError:
         return _Protocol
 
-    class _ToolsProtocol(_HeadDeadline, HttpToolsProtocol):
+    class _ToolsProtocol(_Connection, HttpToolsProtocol):
         pass
 
     return _ToolsProtocol
