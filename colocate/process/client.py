@@ -145,6 +145,10 @@ class Process:
         return self._lease
 
     def _ensure(self) -> LeaseExecutor:
+        if self._executor is None and self._lease is not None:
+            # the connection was lost but not the lease: connect to it again (a token that
+            # an attacher's renewal replaced is refused at HELLO: Unauthorized, _refresh)
+            self._executor = self._lease.executor(workers=self._workers)
         if self._executor is None:
             lease = self._client.lease(self._cores, self._memory, self._duration)
             self._lease, self._owns_lease = lease, True
@@ -159,6 +163,12 @@ class Process:
             with contextlib.suppress(Exception):  # already gone: evicted or expired
                 lease.release()
         elif executor is not None:  # attached: the lease is the other client's to give back
+            with contextlib.suppress(Exception):
+                executor.shutdown(wait=False, cancel_futures=True)
+
+    def _drop_connection(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is not None:
             with contextlib.suppress(Exception):
                 executor.shutdown(wait=False, cancel_futures=True)
 
@@ -179,10 +189,16 @@ class Process:
         return True
 
     def _refresh(self) -> None:
-        """Another client attached and renewed the lease (a new token): renew ours too."""
+        """Another client attached and renewed the lease (a new token): renew ours too. A
+        lease the broker will not renew any more (over) is forgotten: the next call leases
+        again and finds the state in the store."""
         assert self._lease is not None
         old = self._executor
-        self._lease.renew(self._duration)
+        try:
+            self._lease.renew(self._duration)
+        except LeaseError:
+            self._forget()
+            return
         self._executor = self._lease.executor(workers=self._workers)
         if old is not None:
             with contextlib.suppress(Exception):
@@ -192,8 +208,15 @@ class Process:
         self, call: Call, args: tuple[Any, ...], kwargs: dict[str, Any], call_id: str = ""
     ) -> Any:
         for attempt in range(4):
-            executor = self._ensure()
+            reconnect = self._executor is None and self._lease is not None
             try:
+                try:
+                    executor = self._ensure()
+                except (ExecutorLost, LeaseEvicted, LeaseExpired, OSError):
+                    if not reconnect:
+                        raise
+                    self._forget()  # the lease is gone too: lease again (nothing was sent)
+                    continue
                 result, notes = executor.invoke(call, call_id, *args, **kwargs)
             except ProcessLiveElsewhere as exc:
                 if attempt == 3:
@@ -208,7 +231,13 @@ class Process:
                     raise
                 self._refresh()
                 continue
-            except (LeaseEvicted, LeaseExpired, ExecutorLost):
+            except ExecutorLost:
+                # the connection (or the worker) went away, not necessarily the lease: the
+                # next call connects to the lease again, or leases anew if it is over; the
+                # lease stays with an attached client, whose process lives on it
+                self._drop_connection()
+                raise
+            except (LeaseEvicted, LeaseExpired):
                 self._forget()  # the next call leases again and finds the state in the store
                 raise
             for note in notes:
@@ -289,7 +318,7 @@ class Process:
 
     def release(self) -> None:
         """Swap out and give the lease back; the next call leases again."""
-        if self._executor is not None:
+        if self._lease is not None:
             try:
                 self.snapshot()
             finally:

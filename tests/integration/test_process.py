@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -409,7 +410,7 @@ def test_two_workers_share_one_state_and_lose_no_update(
     proc.delete()
 
 
-def test_a_client_whose_token_an_attacher_renewed_keeps_calling_the_live_process(
+def test_a_client_whose_token_an_attacher_renewed_keeps_calling_and_reconnects_by_renewing(
     cluster: tuple[Service, list[Service], Path], store: str
 ) -> None:
     broker, _agents, _tmp = cluster
@@ -426,11 +427,24 @@ def test_a_client_whose_token_an_attacher_renewed_keeps_calling_the_live_process
     ):
         old.invoke(os.getpid)
     # ... yet the first client's calls go on, on the same lease: its connection was
-    # authenticated before the renewal (Process._refresh, for an Unauthorized reply to a
-    # call, is not reached: the executor only refuses a token at a connection's HELLO)
+    # authenticated before the renewal
     assert first.invoke(add, 3) == 3
     assert second.lease is not None and first.lease.lease_id == second.lease.lease_id
     assert first.invoke(read)["log"] == [1, 2, 3]
+    # the first client's connection is cut (as a network drop would): the call in hand fails
+    # with the connection, the next one connects to the same lease again, is refused the
+    # replaced token at HELLO, renews (Process._refresh) and runs there, once
+    executor = first._executor
+    assert executor is not None
+    for conn in executor._conns:
+        conn.sock.shutdown(socket.SHUT_RDWR)
+    with pytest.raises(ExecutorLost):
+        first.invoke(add, 4)
+    assert first.invoke(add, 4) == 4  # the retry of the call that failed: applied once
+    assert first.lease.lease_id == second.lease.lease_id  # the live process, not a new lease
+    assert first.lease.token not in (stale, second.lease.token)  # renewed: a token of its own
+    assert second.invoke(add, 5) == 5  # the attached client's connection is unaffected
+    assert first.invoke(read)["log"] == [1, 2, 3, 4, 5]
     second.release()
     first.delete()
 
