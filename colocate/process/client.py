@@ -13,9 +13,11 @@ taken on first use and again after an eviction, and the state comes back from th
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import sysconfig
+import time
 import types
 import uuid
 import warnings
@@ -23,6 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from colocate.errors import (
     ConfigError,
@@ -32,7 +35,8 @@ from colocate.errors import (
     LeaseExpired,
     Unauthorized,
 )
-from colocate.process.runtime import LOCK_WAIT_S, Call, ProcessLiveElsewhere
+from colocate.fmi_ticket import GroupTicket, sign_ticket
+from colocate.process.runtime import LOCK_WAIT_S, PEER_NOTE, Call, ProcessLiveElsewhere
 from colocate.process.store import check_name
 
 if TYPE_CHECKING:
@@ -41,6 +45,8 @@ if TYPE_CHECKING:
 
 DEFAULT_STORE = "/var/lib/colocate/processes"
 STORE_ENV = "COLOCATE_PROCESS_STORE"
+TICKET_LIFETIME_S = 3600.0  # a message ticket: re-signed when a call finds it this close to expiry
+TICKET_RENEW_S = 600.0
 
 
 class StateRolledBack(UserWarning):
@@ -138,6 +144,10 @@ class Process:
         self._doubt: tuple[Any, tuple[Any, ...], dict[str, Any], str] | None = None
         self.notices: list[str] = []
         self.leases: list[str] = []  # ids of the leases this process ran on, oldest first
+        # direct messages across nodes: the addresses of other processes' listeners that our
+        # worker asked for (it may connect only where a ticket we signed says)
+        self._peers: set[tuple[str, int]] = set()
+        self._ticket: tuple[Any, float, str, str] | None = None  # executor, expiry, ticket, sig
 
     @property
     def lease(self) -> Lease | None:
@@ -165,6 +175,37 @@ class Process:
         elif executor is not None:  # attached: the lease is the other client's to give back
             with contextlib.suppress(Exception):
                 executor.shutdown(wait=False, cancel_futures=True)
+
+    def _with_ticket(self, executor: LeaseExecutor, call_id: str) -> str | tuple[str, str, str]:
+        """``call_id`` with the ticket (signed with the lease key) that lets the worker's
+        supervisor open its message listener and its connections to the ``_peers``."""
+        if not executor.lease_key:
+            return call_id
+        held = self._ticket
+        now = time.time()
+        if held is None or held[0] is not executor or held[1] - now < TICKET_RENEW_S:
+            host = urlsplit(executor.lease_address).hostname or "127.0.0.1"
+            ticket = GroupTicket(
+                f"process:{self.name}",
+                executor.lease_id,
+                host,
+                now + TICKET_LIFETIME_S,
+                tuple(sorted(self._peers)),
+            )
+            sig = sign_ticket(bytes.fromhex(executor.lease_key), ticket)
+            held = self._ticket = (executor, ticket.expires_at, ticket.encode().decode(), sig)
+        return (call_id, held[2], held[3])
+
+    def _notes(self, notes: list[str]) -> list[str]:
+        """The user's notices; the worker's requests for peers go into the next ticket."""
+        out = []
+        for note in notes:
+            if note.startswith(PEER_NOTE):
+                self._peers.update((str(h), int(p)) for h, p in json.loads(note[len(PEER_NOTE) :]))
+                self._ticket = None
+            else:
+                out.append(note)
+        return out
 
     def _drop_connection(self) -> None:
         executor, self._executor = self._executor, None
@@ -217,7 +258,9 @@ class Process:
                         raise
                     self._forget()  # the lease is gone too: lease again (nothing was sent)
                     continue
-                result, notes = executor.invoke(call, call_id, *args, **kwargs)
+                result, notes = executor.invoke(
+                    call, self._with_ticket(executor, call_id), *args, **kwargs
+                )
             except ProcessLiveElsewhere as exc:
                 if attempt == 3:
                     raise
@@ -240,7 +283,7 @@ class Process:
             except (LeaseEvicted, LeaseExpired):
                 self._forget()  # the next call leases again and finds the state in the store
                 raise
-            for note in notes:
+            for note in self._notes(notes):
                 self.notices.append(note)
                 warnings.warn(note, StateRolledBack, stacklevel=3)
             return result
@@ -290,7 +333,10 @@ class Process:
         call = self._calls.get(fn)
         if call is None:
             call = self._calls[fn] = self._call(pickle_function(fn))
-        inner = self._ensure().submit(call, uuid.uuid4().hex, *args, **kwargs)
+        executor = self._ensure()
+        inner = executor.submit(
+            call, self._with_ticket(executor, uuid.uuid4().hex), *args, **kwargs
+        )
         outer: Future[Any] = Future()
 
         def done(f: Future[Any]) -> None:
@@ -299,7 +345,7 @@ class Process:
                 outer.set_exception(exc)
                 return
             result, notes = f.result()
-            for note in notes:
+            for note in self._notes(notes):
                 self.notices.append(note)
             outer.set_result(result)
 

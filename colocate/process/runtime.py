@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import pickle
 import signal
+import socket
 import threading
 import time
 from collections import deque
@@ -164,7 +166,7 @@ class LiveProcess:
     def listen(self) -> Mailbox | None:
         """Start taking direct messages (once; a directory store with one worker only)."""
         if self.mailbox is None and self._listens and not self.closed:
-            self.mailbox = Mailbox(self.store.path)
+            self.mailbox = Mailbox(self.store.path, _net)
         return self.mailbox
 
     # -- reading ----------------------------------------------------------------------------
@@ -583,7 +585,7 @@ class State(MutableMapping[str, Any]):
         if not isinstance(self._proc.store, DirStore):
             return False
         target = os.path.join(self._root, str(os.getuid()), own_name(process))
-        return direct.send(target, data)
+        return direct.send(target, data, _net)
 
     def _abort(self) -> None:
         for key in self._touched:  # maybe changed in place: reload from the committed bytes
@@ -591,6 +593,34 @@ class State(MutableMapping[str, Any]):
 
 
 _live: dict[tuple[str, str], LiveProcess] = {}
+_net: direct.Net | None = None  # this worker's way to processes on other nodes
+PEER_NOTE = "\x00peer "  # a note for the client, not the user: an address for its ticket
+
+
+def _take_ticket(ticket: str, sig: str) -> None:
+    """The ticket the client signed for this lease (``colocate.fmi_ticket``): the host its
+    listeners bind to and the addresses it may connect to."""
+    global _net
+    if _net is not None and _net.ticket == ticket:
+        return
+    from colocate.executor import worker
+
+    current = worker.current()
+    try:
+        _group, _lease, host, _expires, peers = json.loads(ticket)
+        known = frozenset((str(h), int(p)) for h, p in peers)
+    except (ValueError, TypeError):
+        return
+    node = current.spec.node if current is not None else socket.gethostname()
+    wanted = _net.wanted - known if _net is not None else set()
+    _net = direct.Net(node, str(host), ticket, sig, known, current, wanted)
+
+
+def _peer_notes() -> list[str]:
+    if _net is None or not _net.wanted:
+        return []
+    wanted, _net.wanted = sorted(_net.wanted), set()
+    return [PEER_NOTE + json.dumps([list(w) for w in wanted])]
 
 
 def _evicting() -> bool:
@@ -665,7 +695,12 @@ class Call:
         self.root, self.name, self.fn_bytes, self.op, self.wait_s, self.shared = state
         self._fn = None
 
-    def __call__(self, call_id: str = "", *args: Any, **kwargs: Any) -> tuple[Any, list[str]]:
+    def __call__(
+        self, call_id: str | tuple[str, str, str] = "", *args: Any, **kwargs: Any
+    ) -> tuple[Any, list[str]]:
+        if isinstance(call_id, tuple):  # (id, ticket, signature): see _take_ticket
+            call_id, ticket, sig = call_id
+            _take_ticket(ticket, sig)
         if "/" in self.name:  # "<owner>/<name>": refused unless we run as the owner
             self.name = own_name(self.name)
         proc = _open(self.root, self.name, self.wait_s, self.shared)
@@ -681,6 +716,9 @@ class Call:
                 "bytes": proc.state_bytes(),
                 "restored_seq": proc.restored_seq,
                 "messages_direct": proc.mailbox.received if proc.mailbox is not None else 0,
+                "messages_direct_tcp": (
+                    proc.mailbox.received_tcp if proc.mailbox is not None else 0
+                ),
             }, notes
         if self.op == "delete":
             proc.delete()
@@ -755,6 +793,6 @@ class Call:
             _sigmask(signal.SIG_SETMASK, old)
         if committed:
             proc.listen()  # after the first call's work, not before it (see LiveProcess)
-            return result, notes
+            return result, notes + _peer_notes()
         state._abort()  # another worker changed what this call read: run it again
         return None

@@ -127,3 +127,42 @@ def _evictions(agents: list[SlurmAgent], lease: Any) -> list[dict[str, Any]]:
 def _idle_cpus(node: str) -> int:
     out = slurm("sinfo", "-h", "-n", node, "-o", "%C").stdout.strip()  # alloc/idle/other/total
     return max(1, int(out.split("/")[1]))
+
+
+def recv_all(state: Any, n: int) -> list[Any]:
+    return [state.recv(timeout=10) for _ in range(n)]
+
+
+def test_messages_between_processes_on_two_nodes_go_direct_over_tcp_and_through_the_store_when_swapped_out(
+    broker: Service, agents: list[SlurmAgent]
+) -> None:
+    store = tempfile.mkdtemp(prefix="colocate-processes-", dir="/var/tmp")
+    os.chmod(store, 0o1733)
+    try:
+        for agent in agents:
+            wait_until(
+                lambda a=agent: len(a.offer()[0]) >= 2, 60, f"{agent.node} to offer its cores"
+            )
+        client = Client(broker.url)
+        # the receiver takes both cores of its node, so the sender's lease lands on the other
+        pong = client.process("pong-x", cores=2, memory="128MiB", store=store)
+        pong.invoke(lambda s: s.__setitem__("ready", True))  # live, listening
+        ping = client.process("ping-x", memory="128MiB", store=store)
+        ping.invoke(lambda s: s.send("pong-x", 0))
+        assert ping.lease is not None and pong.lease is not None
+        assert ping.lease.node != pong.lease.node, (ping.lease.node, pong.lease.node)
+        # the first send asked for the receiver's address (its ticket did not name it); the
+        # next ones go over TCP through the sender's supervisor, authenticated by the key
+        ping.invoke(lambda s: [s.send("pong-x", i) for i in (1, 2)])
+        assert pong.invoke(recv_all, 3) == [0, 1, 2]
+        stats = pong.stats()
+        assert stats["messages_direct_tcp"] == 2, stats  # 1 and 2 from the other node
+        assert stats["messages_direct"] == 3, stats  # none went through the store's inbox
+        pong.release()  # swapped out: no listener, so the message waits in the store
+        ping.invoke(lambda s: s.send("pong-x", "while away"))
+        assert pong.invoke(recv_all, 1) == ["while away"]
+        assert pong.stats()["messages_direct"] == 0  # it came from the inbox
+        ping.delete()
+        pong.delete()
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
