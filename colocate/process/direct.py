@@ -91,12 +91,16 @@ class Net:
         )
 
     def _ask(self, request: dict[str, Any]) -> socket.socket:
-        """A socket the supervisor made outside the sandbox (see fmi_sockets)."""
-        sock: socket.socket = self.worker.verifier
-        P.send_message(sock, b"F" + json.dumps(request).encode())
-        head, fds, _flags, _addr = socket.recv_fds(sock, 4, 1, socket.MSG_WAITALL)
-        (length,) = P.MESSAGE_LEN.unpack(head)
-        answer = json.loads(sock.recv(length, socket.MSG_WAITALL))
+        """A socket the supervisor made outside the sandbox (see fmi_sockets); OSError when
+        it refuses or cannot be asked."""
+        try:
+            sock: socket.socket = self.worker.verifier
+            P.send_message(sock, b"F" + json.dumps(request).encode())
+            head, fds, _flags, _addr = socket.recv_fds(sock, 4, 1, socket.MSG_WAITALL)
+            (length,) = P.MESSAGE_LEN.unpack(head)
+            answer = json.loads(sock.recv(length, socket.MSG_WAITALL))
+        except (AttributeError, ValueError, struct.error) as exc:
+            raise OSError(f"the supervisor did not answer: {exc}") from None
         if answer.get("status") != "ok" or not fds:
             for fd in fds:
                 os.close(fd)
