@@ -47,6 +47,7 @@ DEFAULT_STORE = "/var/lib/colocate/processes"
 STORE_ENV = "COLOCATE_PROCESS_STORE"
 TICKET_LIFETIME_S = 3600.0  # a message ticket: re-signed when a call finds it this close to expiry
 TICKET_RENEW_S = 600.0
+MAX_PEERS = 64  # receivers on other nodes a ticket names
 
 
 class StateRolledBack(UserWarning):
@@ -146,7 +147,7 @@ class Process:
         self.leases: list[str] = []  # ids of the leases this process ran on, oldest first
         # direct messages across nodes: the addresses of other processes' listeners that our
         # worker asked for (it may connect only where a ticket we signed says)
-        self._peers: set[tuple[str, int]] = set()
+        self._peers: dict[tuple[str, int], None] = {}  # oldest first, at most MAX_PEERS
         self._ticket: tuple[Any, float, str, str] | None = None  # executor, expiry, ticket, sig
 
     @property
@@ -201,7 +202,11 @@ class Process:
         out = []
         for note in notes:
             if note.startswith(PEER_NOTE):
-                self._peers.update((str(h), int(p)) for h, p in json.loads(note[len(PEER_NOTE) :]))
+                for h, p in json.loads(note[len(PEER_NOTE) :]):
+                    self._peers.pop((str(h), int(p)), None)
+                    self._peers[(str(h), int(p))] = None
+                while len(self._peers) > MAX_PEERS:  # a ticket stays small: the latest ones
+                    del self._peers[next(iter(self._peers))]
                 self._ticket = None
             else:
                 out.append(note)
