@@ -176,13 +176,14 @@ def _class_steps(
     minute = np.minimum(
         start + np.rint(usage.step_frac[take] * (end - start)).astype(np.int64), end - 1
     )
+    # the last step of a minute holds (values are worked out for those steps only: most
+    # shape steps of a long job share a minute); then drop steps that change nothing
+    keep = np.ones(total, dtype=bool)
+    keep[:-1] = (piece[1:] != piece[:-1]) | (minute[1:] != minute[:-1])
+    piece, minute, take = piece[keep], minute[keep], take[keep]
     alloc = alloc_k[piece]
     cores = np.rint(usage.step_cpu[take] * cores_k[piece] / CORE_QUANTUM) * CORE_QUANTUM
     memory = np.floor(np.rint(usage.step_memory[take] / MEMORY_QUANTUM) * MEMORY_QUANTUM * alloc)
-    # the last step of a minute holds; then drop steps that change nothing
-    keep = np.ones(total, dtype=bool)
-    keep[:-1] = (piece[1:] != piece[:-1]) | (minute[1:] != minute[:-1])
-    piece, minute, cores, memory = piece[keep], minute[keep], cores[keep], memory[keep]
     first = np.ones(piece.size, dtype=bool)
     first[1:] = piece[1:] != piece[:-1]
     minute[first] = start_k[piece[first]]
@@ -353,23 +354,17 @@ class NodeTrack:
         out = []
         until = math.inf
         for p in self.running.values():
-            seen = bisect_right(p.step_t, now)
-            out.append(
-                p.views.get((seen, lease_cores)) or _job_view(p, seen, lease_cores, cpn, window)
-            )
-            if seen < len(p.step_t) and p.step_t[seen] < until:
-                until = p.step_t[seen]
+            step_t = p.step_t
+            seen = bisect_right(step_t, now)
+            view = p.views.get((seen, lease_cores))
+            out.append(view if view is not None else _job_view(p, seen, lease_cores, cpn, window))
+            if seen < len(step_t) and step_t[seen] < until:
+                until = step_t[seen]
         views = tuple(out)
         self.views = views
         self.views_lease_cores = lease_cores
         self.views_until = until
         return views
-
-    def set_offer(self, cores: int, memory: int) -> tuple[int, int]:
-        """Record the node's new offer; returns the change (cores, bytes)."""
-        d_cores, d_memory = cores - self.offer_cores, memory - self.offer_memory
-        self.offer_cores, self.offer_memory = cores, memory
-        return d_cores, d_memory
 
 
 @contextlib.contextmanager
@@ -515,11 +510,14 @@ def drive_policy(
     pressure_slowdown = (
         limit / (100.0 - limit) if limit < 100.0 else math.inf
     )  # inverse of cpu_pressure
-    follow_ups: list[tuple[int, int]] = []  # (minute, node)
+    # follow-ups and decision points ordered by (minute, node), as one int: minute * N + node
+    n_nodes = cluster.nodes
+    group_key = [m * n_nodes + n for m, n in zip(group_minute, group_node, strict=True)]
+    follow_ups: list[int] = []  # minute * n_nodes + node
     g = 0
     while g < n_groups or follow_ups:
-        if follow_ups and (g >= n_groups or follow_ups[0] < (group_minute[g], group_node[g])):
-            minute, n = heapq.heappop(follow_ups)
+        if follow_ups and (g >= n_groups or follow_ups[0] < group_key[g]):
+            minute, n = divmod(heapq.heappop(follow_ups), n_nodes)
             node = nodes[n]
             if node.decided >= minute:
                 continue
@@ -577,7 +575,8 @@ def drive_policy(
         oc = entry.cores
         om = entry.memory
         if oc != node.offer_cores or om != node.offer_memory:
-            d_c, d_m = node.set_offer(oc, om)
+            d_c, d_m = oc - node.offer_cores, om - node.offer_memory
+            node.offer_cores, node.offer_memory = oc, om
             total_c += d_c
             total_m += d_m
             change_t.append(minute)
@@ -605,32 +604,37 @@ def drive_policy(
             # a job under pressure: the guard needs another decision after its grace period
             # (so while pressure lasts, the node is decided every grace period)
             if lease.pressured and guard_on and minute + grace_min < minutes:
-                heapq.heappush(follow_ups, (minute + grace_min, n))
+                heapq.heappush(follow_ups, (minute + grace_min) * n_nodes + n)
         else:
             node.lease = None
             if node.cooling and minute + cooldown_min < minutes:
                 # after a pressure eviction: ask again every cooldown period until the guard
                 # offers to functions again (its cooldown may grow with repeated evictions)
-                heapq.heappush(follow_ups, (minute + cooldown_min, n))
+                heapq.heappush(follow_ups, (minute + cooldown_min) * n_nodes + n)
         if changes & 4:
             # A rise whose echo (the same use one sample later) comes next minute. The echo
             # can only confirm growth into lent cores: on a node no lease held at the rise or
             # holds now it changes no sizing (same peak), so the echo is decided on only
             # where one did (a job keeps only its unlent cores until its growth is confirmed,
             # so the offer made at the rise may hold busy cores, given back at the echo).
-            # Otherwise the next decision sees it (views_until).
+            # Otherwise the next decision sees it (views_until), and no lease is there at
+            # the echo to evict, so the rising jobs (what an eviction at it is for) are only
+            # named where a lease is.
             node.echo_minute = minute + 1
-            node.rising = tuple(
-                sorted(
-                    {
-                        node.running[ev_piece[i]].job_id
-                        for i in range(first_event, last_event)
-                        if ev_kind[i] == RISE and ev_piece[i] in node.running
-                    }
+            if held is not None or node.lease is not None:
+                node.rising = tuple(
+                    sorted(
+                        {
+                            node.running[ev_piece[i]].job_id
+                            for i in range(first_event, last_event)
+                            if ev_kind[i] == RISE and ev_piece[i] in node.running
+                        }
+                    )
                 )
-            )
-            if (held is not None or node.lease is not None) and minute + 1 < minutes:
-                heapq.heappush(follow_ups, (minute + 1, n))
+                if minute + 1 < minutes:
+                    heapq.heappush(follow_ups, (minute + 1) * n_nodes + n)
+            else:
+                node.rising = ()
         node.since = now
         if record is not None:
             now_lease = node.lease
@@ -783,7 +787,8 @@ def _evicted_for(
 
 def _job_view(p: Piece, seen: int, lease_cores: int, cpn: int, window: float) -> JobView:
     """The job as the agent would report it after its first ``seen`` usage steps, next to
-    ``lease_cores`` function cores (built once per piece and situation).
+    ``lease_cores`` function cores (built once per piece and situation: the caller looks in
+    ``p.views`` first).
 
     Usage is piecewise constant, so the history holds one sample per step; a denser one would
     say the same. Samples older than the window before the latest step are left out (a
@@ -791,9 +796,6 @@ def _job_view(p: Piece, seen: int, lease_cores: int, cpn: int, window: float) ->
     latest sample carries the pressure the node's functions cause.
     """
     key = (seen, lease_cores)
-    view = p.views.get(key)
-    if view is not None:
-        return view
     seen = max(seen, 1)
     samples = p.samples
     if not samples:

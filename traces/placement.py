@@ -122,7 +122,7 @@ def place(trace: JobTrace, cluster: Cluster, memory: npt.NDArray[np.float64]) ->
     out_cores: list[int] = []
     out_mask: list[int] = []
     out_mem: list[float] = []
-    ends: list[tuple[int, int]] = []  # (end minute, piece)
+    ends: list[int] = []  # end minute << 32 | piece: ordered as (end minute, piece)
     order = np.argsort(start_q, kind="stable")
     cores_all = trace.cores.tolist()
     nodes_all = trace.nodes.tolist()
@@ -132,8 +132,8 @@ def place(trace: JobTrace, cluster: Cluster, memory: npt.NDArray[np.float64]) ->
     heappush, heappop = heapq.heappush, heapq.heappop
     for j in order.tolist():
         s, e = start_l[j], end_l[j]
-        while ends and ends[0][0] <= s:
-            _, p = heappop(ends)
+        while ends and ends[0] >> 32 <= s:
+            p = heappop(ends) & 0xFFFFFFFF
             n = out_node[p]
             fc = free_c[n] + out_cores[p]
             free_c[n] = fc
@@ -202,7 +202,7 @@ def place(trace: JobTrace, cluster: Cluster, memory: npt.NDArray[np.float64]) ->
                 heappush(by_free[fc], n)
             free_m[n] = fm - mem
             stale = True
-            heappush(ends, (e, len(out_job)))
+            heappush(ends, e << 32 | len(out_job))
             out_job.append(j)
             out_node.append(n)
             out_cores.append(k)

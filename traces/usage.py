@@ -184,21 +184,15 @@ class UsageModel(BaseModel):
         c_val = np.concatenate([c_level, np.zeros(m_job.size), np.ones(flat.size)])
         m_val = np.concatenate([np.zeros(c_job.size), m_level, np.ones(flat.size)])
         order = np.argsort(job + frac, kind="stable")
-        job, frac, kind, c_val, m_val = (
-            job[order],
-            frac[order],
-            kind[order],
-            c_val[order],
-            m_val[order],
-        )
+        job, frac, kind = job[order], frac[order], kind[order]
         pos = np.arange(job.size)
         last_c = np.maximum.accumulate(np.where(kind != 1, pos, 0))
         last_m = np.maximum.accumulate(np.where(kind != 0, pos, 0))
-        c_val, m_val = c_val[last_c], m_val[last_m]
-        # several steps at one instant: the last holds
+        # several steps at one instant: the last holds (values looked up for those only)
         keep = np.ones(job.size, dtype=bool)
         keep[:-1] = (job[1:] != job[:-1]) | (frac[1:] != frac[:-1])
-        job, frac, c_val, m_val = job[keep], frac[keep], c_val[keep], m_val[keep]
+        job, frac = job[keep], frac[keep]
+        c_val, m_val = c_val[order[last_c[keep]]], m_val[order[last_m[keep]]]
         s_cpu = np.minimum(c_val * cpu[job], 1.0)
         s_mem = np.minimum(m_val * mem[job], 1.0)
         return job, frac, s_cpu, s_mem, cpu

@@ -7,8 +7,8 @@ import numpy.typing as npt
 import pytest
 
 from traces.jobs import JobTrace
-from traces.shapes import load_library, peak_mean_figures
-from traces.usage import UsageModel
+from traces.shapes import load_library, peak_mean_figures, pick_cpu_shapes
+from traces.usage import SHORTEST_SHAPED_S, UsageModel
 
 GIB = 1024**3
 
@@ -112,3 +112,61 @@ def test_short_jobs_are_flat_and_steps_start_at_the_start() -> None:
     first = usage.step_offsets[:-1]
     assert np.all(usage.step_frac[first] == 0.0)
     assert np.all((usage.step_cpu >= 0) & (usage.step_cpu <= 1))
+
+
+def plain_steps(
+    run_s: npt.NDArray[np.float64], seed: int
+) -> tuple[list[int], list[float], list[float], list[float]]:
+    """The real-shape steps of each job, one job at a time: the union of its CPU and memory
+    shape's step times, each value the last step of its kind at or before that time, scaled
+    by the job's means and capped at 1 (a short job: one flat step). The shapes are drawn
+    with ``UsageModel.sample``'s generator calls, in its order."""
+    library = load_library()
+    model = UsageModel()
+    rng = np.random.default_rng(seed)
+    rng.random(run_s.size)  # the quantile draws sample() makes first
+    u_mem = rng.random(run_s.size)
+    cpu_shape = pick_cpu_shapes(library, run_s, rng)
+    mem_shape = rng.integers(0, len(library.memory), size=run_s.size)
+    mem_mean = np.interp(
+        u_mem, np.linspace(0.0, 1.0, len(model.memory_quantiles)), model.memory_quantiles
+    )
+    job: list[int] = []
+    frac: list[float] = []
+    cpu: list[float] = []
+    mem: list[float] = []
+    for j, run in enumerate(run_s.tolist()):
+        cpu_mean = float(library.cpu_mean_share[cpu_shape[j]])
+        if run < SHORTEST_SHAPED_S:
+            job.append(j)
+            frac.append(0.0)
+            cpu.append(min(cpu_mean, 1.0))
+            mem.append(min(float(mem_mean[j]), 1.0))
+            continue
+        c_lo, c_hi = library.cpu.offsets[cpu_shape[j]], library.cpu.offsets[cpu_shape[j] + 1]
+        m_lo, m_hi = library.memory.offsets[mem_shape[j]], library.memory.offsets[mem_shape[j] + 1]
+        c_frac, c_level = library.cpu.frac[c_lo:c_hi], library.cpu.level[c_lo:c_hi]
+        m_frac, m_level = library.memory.frac[m_lo:m_hi], library.memory.level[m_lo:m_hi]
+        assert c_frac[0] == 0.0 and m_frac[0] == 0.0
+        for f in sorted(set(c_frac.tolist()) | set(m_frac.tolist())):
+            c = c_level[np.searchsorted(c_frac, f, side="right") - 1]
+            m = m_level[np.searchsorted(m_frac, f, side="right") - 1]
+            job.append(j)
+            frac.append(f)
+            cpu.append(min(float(c) * cpu_mean, 1.0))
+            mem.append(min(float(m) * float(mem_mean[j]), 1.0))
+    return job, frac, cpu, mem
+
+
+def test_vectorised_shape_steps_equal_a_plain_per_job_merge() -> None:
+    """Oracle for the vectorised merge in ``UsageModel._real_steps`` (one sort over all jobs,
+    values looked up only for the steps kept): every step, bit for bit."""
+    rng = np.random.default_rng(7)
+    run_s = np.concatenate([rng.uniform(60, 600, 40), rng.uniform(600, 3 * 86400, 160)])
+    usage = UsageModel().sample(trace(run_s), np.full(run_s.size, GIB), seed=3)
+    job, frac, cpu, mem = plain_steps(run_s, seed=3)
+    got_job = np.repeat(np.arange(run_s.size), np.diff(usage.step_offsets)).tolist()
+    assert got_job == job
+    assert usage.step_frac.tolist() == frac
+    assert usage.step_cpu.tolist() == cpu
+    assert usage.step_memory.tolist() == mem
