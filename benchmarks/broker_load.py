@@ -75,7 +75,12 @@ from colocate.broker.api import (  # noqa: E402
     StartRequest,
 )
 from colocate.broker.secret import load_or_create_secret  # noqa: E402
-from colocate.broker.service import LongLivedHeap, install_error_handlers  # noqa: E402
+from colocate.broker.service import (  # noqa: E402
+    KEEP_ALIVE_S,
+    LongLivedHeap,
+    _protocol,
+    install_error_handlers,
+)
 from colocate.errors import LeaseDenied, LeaseExpired  # noqa: E402
 from colocate.lease_value import LeaseValue  # noqa: E402
 from policies.model import NodeView  # noqa: E402
@@ -290,6 +295,7 @@ def agents_app(agents: dict[str, Any]) -> FastAPI:
     keys = {node: agent._secret for node, agent in agents.items()}
     verifier = NodeVerifier(lambda name: keys[name])
     app = FastAPI()
+    app.state.start_handler_s = []  # seconds inside the start handler (the agent's share)
     install_error_handlers(app)
 
     async def check(request: Request, node: str) -> Any:
@@ -299,11 +305,14 @@ def agents_app(agents: dict[str, Any]) -> FastAPI:
 
     @app.post("/n/{node}" + f"{API_PREFIX}/leases", response_model=StartReply)
     async def start(node: str, request: Request) -> StartReply:
+        began = time.perf_counter()
         agent = await check(request, node)
         try:
             return agent.start_lease(StartRequest.model_validate_json(await request.body()))  # type: ignore[no-any-return]
         except LeaseExpired as exc:
             raise LeaseDenied(str(exc)) from None
+        finally:
+            app.state.start_handler_s.append(time.perf_counter() - began)
 
     @app.put("/n/{node}" + f"{API_PREFIX}/leases/{{lease_id}}", response_model=ReportedLease)
     async def set_expiry(node: str, lease_id: str, request: Request) -> ReportedLease:
@@ -373,8 +382,16 @@ def agents_process(
             interval_s=interval_s,
         )
         agents[name].recover()
+    api = agents_app(agents)
     server = uvicorn.Server(
-        uvicorn.Config(agents_app(agents), log_level="error", access_log=False, backlog=4096)
+        uvicorn.Config(
+            api,
+            log_level="error",
+            access_log=False,
+            backlog=4096,
+            http=_protocol(),  # the real agent's HTTP (colocate.broker.service.serve)
+            timeout_keep_alive=KEEP_ALIVE_S,
+        )
     )
     threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
     lock = threading.Lock()
@@ -496,6 +513,7 @@ def agents_process(
     for w in workers:
         w.join()
     stats["cpu_s"] = time.process_time() - cpu0
+    stats["start_handler"] = list(api.state.start_handler_s)
     server.should_exit = True
     out.put(stats)
 
@@ -516,6 +534,7 @@ class Leasing:
         self.held: dict[tuple[str, int], str] = {}
         self.grants: list[float] = []
         self.granted_at: list[float] = []  # epoch seconds of each grant
+        self.slowest: list[tuple[float, float, str]] = []  # (ms, epoch asked, node) per grant
         self.denied = 0
         self.errors: dict[str, int] = {}
         self.double_grants = 0
@@ -530,6 +549,12 @@ class Leasing:
         from colocate.errors import LeaseDenied
 
         rng = random.Random(i)
+        # one lease before the window (every node registered by then): this thread's first
+        # connection and the broker's first call to an agent process are not the steady state
+        while time.time() < self.start_at - 2:
+            time.sleep(0.05)
+        with contextlib.suppress(Exception):
+            self.client.lease(cores=1, memory="64MiB", duration="1m").release()
         while time.time() < self.start_at:
             time.sleep(0.05)
         while time.time() < self.end_at:
@@ -552,6 +577,9 @@ class Leasing:
                 self.most_retries = max(self.most_retries, self.client.retried - retried)
                 self.grants.append(took)
                 self.granted_at.append(time.time())
+                self.slowest.append(
+                    (round(took * 1000, 1), round(time.time() - took, 3), lease.node)
+                )
                 for k in keys:
                     if k in self.held:
                         self.double_grants += 1
@@ -646,12 +674,87 @@ def start_postgres(tmp: Path) -> tuple[str, list[str]]:
     ]  # fmt: skip
 
 
+# --gc-trace: installed in the broker process through a sitecustomize module on its
+# PYTHONPATH (before colocate's own LongLivedHeap callback, so the time of each collection is
+# its own). Per generation-1/2 collection one line: wall time, generation, pause ms,
+# collected; after a full one also the objects it left to scan (gen 2) and the asyncio
+# TimerHandles among them (counting them stalls the loop a few ms: a diagnostic, not a row).
+_GC_TRACE = """
+import gc, os, time
+from asyncio.events import TimerHandle
+_out = open(os.environ["COLOCATE_GC_TRACE"], "w", buffering=1)
+_t0 = [0.0]
+def _colocate_gc_trace(phase, info):
+    if phase == "start":
+        _t0[0] = time.perf_counter()
+        return
+    ms = (time.perf_counter() - _t0[0]) * 1000
+    gen = info["generation"]
+    if gen == 0:
+        return
+    extra = ""
+    if gen == 2:
+        left = gc.get_objects(2)
+        extra = " %d %d" % (len(left), sum(type(o) is TimerHandle for o in left))
+        if os.environ.get("COLOCATE_GC_TYPES"):
+            kinds = {}
+            for o in left:
+                kinds[type(o).__name__] = kinds.get(type(o).__name__, 0) + 1
+            top = sorted(kinds.items(), key=lambda kv: -kv[1])[:12]
+            extra += " " + ",".join("%s=%d" % kv for kv in top)
+        del left
+    _out.write("%.3f %d %.2f %d%s\\n" % (time.time(), gen, ms, info["collected"], extra))
+gc.callbacks.insert(0, _colocate_gc_trace)
+"""
+
+
+def gc_summary(path: Path, start_at: float, end_at: float) -> dict[str, Any]:
+    """The broker's generation-1 and -2 collections inside the window (``--gc-trace``)."""
+    pauses: dict[int, list[float]] = {1: [], 2: []}
+    left: list[int] = []
+    timers: list[int] = []
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            fields = line.split()
+            if len(fields) < 4 or not start_at <= float(fields[0]) <= end_at:
+                continue
+            pauses[int(fields[1])].append(float(fields[2]))
+            if len(fields) >= 6:
+                left.append(int(fields[4]))
+                timers.append(int(fields[5]))
+    return {
+        f"gen{g}": {
+            "count": len(ms),
+            "max_ms": round(max(ms), 1) if ms else None,
+            "total_ms": round(sum(ms), 1),
+        }
+        for g, ms in pauses.items()
+    } | {
+        "gen2_objects_left_max": max(left) if left else None,
+        "gen2_timer_handles_max": max(timers) if timers else None,
+    }
+
+
 def start_broker(
-    tmp: Path, nodes: int, cpus: set[int] | None, ledger: str | None = None, name: str = "broker"
+    tmp: Path,
+    nodes: int,
+    cpus: set[int] | None,
+    ledger: str | None = None,
+    name: str = "broker",
+    gc_trace: bool = False,
+    keep_alive: str = "sweep",
 ) -> tuple[subprocess.Popen[str], str]:
     config = tmp / f"{name}.toml"
     config.write_text(f"[broker]\nmax_connections = {2 * nodes + 64}\n")
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    if keep_alive == "per-request":
+        env["COLOCATE_KEEP_ALIVE"] = "per-request"  # uvicorn's timer per request: the baseline
+    if gc_trace:
+        hook = tmp / f"{name}-gc-hook"
+        hook.mkdir()
+        (hook / "sitecustomize.py").write_text(_GC_TRACE)
+        env["PYTHONPATH"] = f"{hook}{os.pathsep}{ROOT}"
+        env["COLOCATE_GC_TRACE"] = str(tmp / f"{name}-gc.log")
     log = (tmp / f"{name}.log").open("w")
     proc = subprocess.Popen(
         [
@@ -696,7 +799,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     broker_cpus, gen_cpus = ({allowed[0]}, set(allowed[1:])) if pin else (None, None)
     ledger, stop_postgres = start_postgres(tmp) if args.brokers > 1 else (None, [])
     brokers = [
-        start_broker(tmp, args.nodes, broker_cpus, ledger, f"broker{i}" if i else "broker")
+        start_broker(
+            tmp,
+            args.nodes,
+            broker_cpus,
+            ledger,
+            f"broker{i}" if i else "broker",
+            args.gc_trace,
+            args.keep_alive,
+        )
         for i in range(args.brokers)
     ]
     broker, _ = brokers[0]  # the one --kill-broker-at kills: every client's first choice
@@ -713,6 +824,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if gen_cpus:
         os.sched_setaffinity(0, gen_cpus)  # the children inherit it
     survivor, _ = brokers[-1]
+    survivor_name = f"broker{len(brokers) - 1}" if len(brokers) > 1 else "broker"
     bp = psutil.Process(survivor.pid)  # the broker measured: the one that is never killed
     procs = args.agent_procs or max(1, min(8, math.ceil(args.nodes / 250)))
     names = [f"sim{i:05d}" for i in range(args.nodes)]
@@ -787,12 +899,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     leasing.join()
     stats: dict[str, Any] = {
-        "latency": [], "beat_latency": [], "staleness": [], "failures": 0, "reports": 0, "beats": 0,
+        "latency": [], "beat_latency": [], "staleness": [], "start_handler": [], "failures": 0, "reports": 0, "beats": 0,
         "registered_in_window": 0, "cpu_s": 0.0,
     }  # fmt: skip
     for _ in children:
         part = out.get(timeout=120)
-        for key in ("latency", "beat_latency", "staleness"):
+        for key in ("latency", "beat_latency", "staleness", "start_handler"):
             stats[key] += part[key]
         for key in ("failures", "reports", "beats", "registered_in_window", "cpu_s"):
             stats[key] += part[key]
@@ -823,6 +935,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "grant_p50_ms": r(pct(ms, 50)),
         "grant_p99_ms": r(pct(ms, 99)),
         "grant_max_ms": r(max(ms) if ms else None),
+        "grant_slowest": [  # ms, seconds into the window it was asked, node
+            [g, round(at - start_at, 3), node] for g, at, node in sorted(leasing.slowest)[-3:]
+        ],
         "denied": leasing.denied,
         "client_errors": sum(leasing.errors.values()),
         "client_retries": leasing.client.retried,
@@ -848,6 +963,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "report_p50_ms": r(pct([x * 1000 for x in stats["latency"]], 50)),
         "report_p99_ms": r(pct([x * 1000 for x in stats["latency"]], 99)),
         "report_failures": stats["failures"],
+        # time inside the simulated agents' start handler (the rest of a grant's start call is
+        # the broker, the connection and the agents process's GIL)
+        "agent_start_handler_p99_ms": r(pct([x * 1000 for x in stats["start_handler"]], 99)),
+        "agent_start_handler_max_ms": r(max(stats["start_handler"], default=0) * 1000),
         "broker_cpu_pct": r((cpu1 - cpu0) / max(1e-9, t1 - t0) * 100),
         "broker_rss_mib": r(max(rss) if rss else None),
         "brokers": args.brokers,
@@ -873,6 +992,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "loadavg_after": os.getloadavg(),
         },
         "broker_log": str(tmp / "broker.log"),
+        "broker_keep_alive": args.keep_alive,
+        "broker_gc": gc_summary(tmp / f"{survivor_name}-gc.log", start_at, end_at)
+        if args.gc_trace
+        else None,
     }
 
 
@@ -957,6 +1080,20 @@ def main() -> int:
         default="raw",
         help="the simulated agents' HTTP client: raw (kept-alive sockets, requests signed by the "
         "real sign(); default) or httpx (the agent's own client: the generator's CPU baseline)",
+    )
+    parser.add_argument(
+        "--keep-alive",
+        choices=("sweep", "per-request"),
+        default="sweep",
+        help="the broker's keep-alive deadlines: one sweep a second (default, the broker's) or "
+        "uvicorn's timer per request (the baseline before r5)",
+    )
+    parser.add_argument(
+        "--gc-trace",
+        action="store_true",
+        help="record the measured broker's generation-1/2 garbage collections in the window "
+        "(broker_gc: count, longest and total pause; objects and TimerHandles a full "
+        "collection left to scan, whose counting stalls the broker a few ms)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
