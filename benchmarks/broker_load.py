@@ -382,6 +382,9 @@ def agents_process(
             interval_s=interval_s,
         )
         agents[name].recover()
+        # thousands of simulated agents share a few report threads here (a real agent with
+        # several brokers reports to each from its own thread)
+        agents[name].reporter.concurrent = False
     api = agents_app(agents)
     server = uvicorn.Server(
         uvicorn.Config(

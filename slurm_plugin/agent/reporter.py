@@ -15,6 +15,11 @@ parsing leases. A broker that does not know the node (it restarted) or has news 
 the heartbeat "unknown" and gets the full report at once; a broker without the heartbeat route
 gets full reports every interval as before. The full report is how a restarted broker learns
 the node's leases again, and its reply lists leases the broker released (stopped here).
+
+With several brokers each gets its reports from its own thread, one request in flight per
+broker: a broker that hangs (accepts connections, never answers) costs its own thread the
+request timeout, never the agent's loop nor the other brokers' reports; it gets the next
+report once its request has failed.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -81,6 +87,13 @@ class Reporter:
         self._due = threading.Event()
         self._next_report = 0.0  # time.monotonic() of the next sample's report decision
         self.counts = {"reports": 0, "heartbeats": 0}  # sent and answered
+        self._counts_lock = threading.Lock()
+        #: several brokers: report to each from its own thread (False: one after another, in
+        #: the caller's thread; benchmarks/broker_load.py, whose thousands of simulated agents
+        #: share a few threads)
+        self.concurrent = True
+        self._pool: ThreadPoolExecutor | None = None
+        self._in_flight: dict[str, Future[ReportReply | None]] = {}
 
     @property
     def broker_urls(self) -> list[str]:
@@ -111,18 +124,33 @@ class Reporter:
         no broker could be reached). Leases a broker released are stopped here."""
         report = self.report()
         body = report.model_dump_json()
-        first: ReportReply | None = None
-        for broker in self.brokers:
-            answer = self._full(http, broker, body)
-            if first is None:
-                first = answer
-        return first
+        if self._parallel():
+            pool = self._threads()
+            futures = [pool.submit(self._full, http, b, body) for b in self.brokers]
+            answers = [f.result() for f in futures]  # each bounded by the client's timeout
+        else:
+            answers = [self._full(http, b, body) for b in self.brokers]
+        return next((a for a in answers if a is not None), None)
+
+    def _parallel(self) -> bool:
+        return self.concurrent and len(self.brokers) > 1
+
+    def _threads(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                max_workers=len(self.brokers), thread_name_prefix=f"report-{self.agent.node}"
+            )
+        return self._pool
+
+    def _count(self, what: str) -> None:
+        with self._counts_lock:
+            self.counts[what] += 1
 
     def _full(self, http: httpx.Client, broker: _Broker, body: str) -> ReportReply | None:
         answer = self._send(http, broker, body)
         if answer is not None:
             broker.sent = body
-            self.counts["reports"] += 1
+            self._count("reports")
             for lease_id in answer.release:
                 with contextlib.suppress(LeaseError):
                     self.agent.release(lease_id)
@@ -146,7 +174,7 @@ class Reporter:
             self._down(broker, exc)
             return True  # unreachable: the next attempt is the next heartbeat
         self._up(broker)
-        self.counts["heartbeats"] += 1
+        self._count("heartbeats")
         return known
 
     def _down(self, broker: _Broker, exc: Exception) -> None:
@@ -195,17 +223,35 @@ class Reporter:
         self._next_report = now + self.interval_s
         report = self.report()
         body = report.model_dump_json()
+        if not self._parallel():
+            for broker in self.brokers:
+                self._step_one(http, broker, report, body, now)
+            return
+        pool = self._threads()
         for broker in self.brokers:
-            if (
-                self.heartbeat_s is None
-                or not broker.heartbeats
-                or broker.sent != body
-                or (
-                    now - broker.last_ok >= self.heartbeat_s
-                    and not self._heartbeat(http, broker, report)
-                )
-            ):
-                self._full(http, broker, body)
+            busy = self._in_flight.get(broker.url)
+            if busy is not None and not busy.done():
+                continue  # still waiting on this broker: it gets the next step's decision
+            self._in_flight[broker.url] = pool.submit(
+                self._step_one, http, broker, report, body, now
+            )
+
+    def _step_one(
+        self, http: httpx.Client, broker: _Broker, report: NodeReport, body: str, now: float
+    ) -> ReportReply | None:
+        """To one broker: the full report if it differs from the one that broker has, else a
+        heartbeat if one is due (and the full report if the broker asks for it)."""
+        if (
+            self.heartbeat_s is None
+            or not broker.heartbeats
+            or broker.sent != body
+            or (
+                now - broker.last_ok >= self.heartbeat_s
+                and not self._heartbeat(http, broker, report)
+            )
+        ):
+            return self._full(http, broker, body)
+        return None
 
     def until_next(self) -> float:
         """Seconds until the next periodic report (0 when one is due)."""
@@ -221,3 +267,6 @@ class Reporter:
         """The agent is going away: one last report, short timeout."""
         with self.client(timeout_s=1.0) as http:
             self.report_once(http)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None

@@ -110,3 +110,67 @@ def test_heartbeats_take_the_fast_path_and_bad_ones_get_the_usual_errors() -> No
         assert bad.status_code == 400 and "generation" in bad.json()["message"]
         other = http.put("/v1/nodes/n2/alive", json={"instance": "", "generation": 0})
         assert other.status_code == 401  # signed by n1: a node speaks only for itself
+
+
+def test_a_hung_broker_slows_neither_the_loop_nor_the_other_broker() -> None:
+    """Two brokers: one a real listening socket that never answers (the kernel accepts the
+    connection, nobody reads it), the other a real broker app served over HTTP. The agent's
+    steps return at once, the live broker gets the report and then a change within an
+    interval or two, and the hung one is marked down after its request timed out."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from colocate.broker.service import bind, url_of
+
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)
+    broker = Broker(BrokerConfig(), SECRET)
+    sock = bind("127.0.0.1:0", 0)
+    server = uvicorn.Server(uvicorn.Config(create_app(broker), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    source = StandaloneNode("n1", frozenset({0, 1}), 4 * GiB)
+    interval = 0.05
+    agent = Agent(
+        source, get_policy("unallocated"), Executors(), secret=node_key(SECRET, "n1"),
+        url="http://127.0.0.1:9",
+        broker_url=f"http://127.0.0.1:{hung.getsockname()[1]},{url_of(sock)}",
+        interval_s=interval,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        slowest = 0.0
+        with agent.reporter.client(timeout_s=2.0) as http:  # the hung broker holds 2 s a try
+
+            def run(seconds: float) -> None:
+                nonlocal slowest
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    agent.tick()
+                    began = time.monotonic()
+                    agent.reporter.step(http, False)
+                    slowest = max(slowest, time.monotonic() - began)
+                    time.sleep(interval)
+
+            run(1.0)
+            seen = broker.book.node("n1")
+            assert seen is not None and seen.cpu_ids == {0, 1}  # the live broker has it
+            source.cpu_ids = frozenset({0})  # a change, while the hung request is pending
+            run(1.0)
+            changed = broker.book.node("n1")
+            assert changed is not None and changed.cpu_ids == {0}
+            run(2.0)
+            hung_broker, live_broker = agent.reporter.brokers
+            assert hung_broker.down_since is not None  # timed out: marked down
+            assert live_broker.down_since is None
+        assert slowest < 0.5, slowest  # a step never waits for the hung broker's 2 s
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+        hung.close()
