@@ -54,6 +54,7 @@ from traces.decisions import (
     build_events,
     drive_policy,
     gc_paused,
+    heap_kept,
     piece_steps,
 )
 from traces.demand import STEP_S, Demand, demand
@@ -151,6 +152,7 @@ def _eviction_jobs(reasons: list[str], jobs: list[tuple[str, ...]]) -> dict[str,
     return {reason: dict(counts) for reason, counts in sorted(out.items())}
 
 
+@heap_kept()
 def replay(
     jobs: JobTrace,
     faas: FaasTrace,
@@ -357,6 +359,7 @@ class Prepared:
         return replace(self, demand=scaled, timings={}, faas_scale=faas_scale)
 
 
+@heap_kept()
 def prepare(
     jobs: JobTrace,
     faas: FaasTrace,

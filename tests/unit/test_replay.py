@@ -277,3 +277,32 @@ def test_the_guard_gets_ticks_to_act_on_pressure(tmp_path: Path) -> None:
         < 0.5 * runs[False]["interference_violation_hours"]
     )
     assert runs[True]["decisions"] > runs[False]["decisions"]  # the ticks it needed
+
+
+def _faults_to_fill_twice(megabytes: int) -> int:
+    """Minor page faults of filling a fresh ``megabytes`` array after freeing one as large."""
+    import resource
+
+    np.ones(megabytes << 17).sum()  # allocated, touched, freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    np.ones(megabytes << 17).sum()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+@pytest.mark.skipif(
+    not hasattr(__import__("ctypes").CDLL(None), "mallopt"), reason="glibc's mallopt only"
+)
+def test_heap_kept_reuses_freed_blocks_without_page_faults() -> None:
+    """The replay's big numpy temporaries: under ``heap_kept`` a freed 64 MiB block is
+    reused as it is (no new zeroed pages from the kernel); outside, and again after it
+    (defaults restored, also after a nested use), each pass faults its pages in."""
+    from traces.decisions import heap_kept
+
+    least = (64 << 20) // (2 << 20)  # a fault per page, at most 2 MiB (huge) each
+    assert _faults_to_fill_twice(64) >= least  # glibc default: mmap/munmap per block
+    with heap_kept():
+        with heap_kept():
+            pass
+        _faults_to_fill_twice(64)  # the heap grows once
+        assert _faults_to_fill_twice(64) < least // 4
+    assert _faults_to_fill_twice(64) >= least
