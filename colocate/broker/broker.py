@@ -45,7 +45,7 @@ from colocate.broker.api import (
 )
 from colocate.broker.ledger import Ledger
 from colocate.broker.replies import checked_body
-from colocate.config import BrokerConfig
+from colocate.config import BrokerConfig, Quota
 from colocate.errors import (
     BackendUnavailable,
     BadRequest,
@@ -355,10 +355,20 @@ class Broker:
         return Owner(who.uid, who.gid, who.user, account)
 
     def _use(
-        self, now: float, *, owner: Owner | None = None, account: str | None = None
+        self,
+        now: float,
+        *,
+        owner: Owner | None = None,
+        account: str | None = None,
+        shared: bool = True,
     ) -> quotas.Use:
-        """What ``owner`` (by uid) or ``account`` holds now and used since midnight UTC."""
-        cores = memory = count = 0
+        """What ``owner`` (by uid) or ``account`` holds now and used since midnight UTC.
+
+        Held: the leases in the book (including those being started) and, when brokers share
+        the ledger (PostgreSQL), the open rows other brokers wrote, which this broker's book
+        learns only from the node's next report, or never when the node is not its
+        (``shared`` False skips that query: no limit on what is held at once)."""
+        holds: dict[str, tuple[int, int]] = {}
         for record in self.book.leases():
             held = self._owners.get(record.lease_id)
             if (
@@ -367,9 +377,15 @@ class Broker:
                 or (account is not None and held.account != account)
             ):
                 continue
-            cores += record.cores
-            memory += record.memory_bytes
-            count += 1
+            holds[record.lease_id] = (record.cores, record.memory_bytes)
+        if shared and self.ledger is not None and self.ledger.shared:
+            uid = owner.uid if owner is not None else None
+            for lease_id, cores_, memory_ in self.ledger.held(now, uid=uid, account=account):
+                if lease_id not in holds and self.book.ended(lease_id) is None:
+                    holds[lease_id] = (cores_, memory_)
+        cores = sum(c for c, _ in holds.values())
+        memory = sum(m for _, m in holds.values())
+        count = len(holds)
         today = 0.0
         if self.ledger is not None:
             midnight = float(calendar.timegm((*time.gmtime(now)[:3], 0, 0, 0)))
@@ -386,7 +402,7 @@ class Broker:
         user_quota = quotas.quota_for(config, user=owner.user)
         quotas.check(
             user_quota,
-            self._use(now, owner=owner),
+            self._use(now, owner=owner, shared=_limits_held(user_quota)),
             f"user {owner.user}",
             cores=cores,
             memory_bytes=memory,
@@ -396,7 +412,7 @@ class Broker:
         account_quota = quotas.quota_for(config, account=owner.account)
         quotas.check(
             account_quota,
-            self._use(now, account=owner.account),
+            self._use(now, account=owner.account, shared=_limits_held(account_quota)),
             f"account {owner.account or '(none)'}",
             cores=cores,
             memory_bytes=memory,
@@ -775,3 +791,8 @@ class Broker:
 
 
 _NOBODY = Owner(-1, -1, "")
+
+
+def _limits_held(quota: Quota) -> bool:
+    """Whether ``quota`` limits what is held at once (cores, memory, leases)."""
+    return quota.cores is not None or quota.memory is not None or quota.leases is not None

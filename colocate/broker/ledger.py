@@ -246,6 +246,26 @@ class Ledger:
             ).fetchone()
         return None if found is None else self._row(found)
 
+    @property
+    def shared(self) -> bool:
+        """True for a PostgreSQL ledger: the brokers of a cluster share it (SQLite is one
+        broker's own file)."""
+        return self._postgres
+
+    def held(
+        self, now: float, *, uid: int | None = None, account: str | None = None
+    ) -> list[tuple[str, int, int]]:
+        """(lease id, cores, memory) of the open, unexpired leases of ``uid`` or ``account``,
+        whichever broker granted them."""
+        clause, arg = ("uid=?", uid) if uid is not None else ("account=?", account)
+        with self._lock:
+            found = self._run(
+                "SELECT lease_id, cores, memory_bytes FROM leases "
+                f"WHERE ended IS NULL AND expires_at > ? AND {clause}",
+                (now, arg),
+            ).fetchall()
+        return [(str(r[0]), int(r[1]), int(r[2])) for r in found]
+
     def open_rows(self) -> list[LedgerRow]:
         with self._lock:
             rows = self._run(f"SELECT {_COLUMNS} FROM leases WHERE ended IS NULL").fetchall()
