@@ -217,6 +217,8 @@ class _KeepAliveLoop:
         self.due = min(self.head_until, self.idle_until)
 
     def __getattr__(self, name: str) -> Any:
+        if name == "_loop":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
         return getattr(self._loop, name)
 
 
