@@ -305,25 +305,39 @@ def send(directory: str, data: bytes, net: Net | None = None) -> bool:
         # not over TCP (its address not in our ticket yet): the Unix socket, which reaches
         # only a receiver under the same kernel, else the inbox
     path = os.path.join(directory, SOCKET)
-    for _attempt in range(2):  # a cached connection may belong to a former instance
+
+    def connect() -> socket.socket | None:
+        if len(path) > _MAX_PATH or not os.path.exists(path):
+            return None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(5.0)
+        try:
+            sock.connect(path)
+        except OSError:
+            sock.close()
+            return None
+        return sock
+
+    return _send_cached(path, connect, data)
+
+
+def _send_cached(key: str, connect: Callable[[], socket.socket | None], data: bytes) -> bool:
+    """Send one frame over the connection cached under ``key``, or a new one from
+    ``connect`` (None: cannot connect), and wait for the receiver's ack. A cached connection
+    may belong to a former instance of the receiver: a failure is tried once more anew."""
+    for _attempt in range(2):
         with _senders_lock:
-            sock = _senders.pop(path, None)
+            sock = _senders.pop(key, None)
         if sock is None:
-            if len(path) > _MAX_PATH or not os.path.exists(path):
-                return False
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(5.0)
-            try:
-                sock.connect(path)
-            except OSError:
-                sock.close()
+            sock = connect()
+            if sock is None:
                 return False
         try:
             sock.sendall(_LEN.pack(len(data)) + data)
             if sock.recv(1) == b"\x01":
                 with _senders_lock:
-                    old = _senders.pop(path, None)
-                    _senders[path] = sock
+                    old = _senders.pop(key, None)
+                    _senders[key] = sock
                 if old is not None:
                     old.close()
                 return True
@@ -335,34 +349,22 @@ def send(directory: str, data: bytes, net: Net | None = None) -> bool:
 
 def _send_tcp(info: dict[str, Any], data: bytes, net: Net) -> bool:
     host, port, key = info["host"], info["port"], info["key"]
-    cache = f"tcp:{host}:{port}:{key.hex()[:16]}"
-    for _attempt in range(2):  # a cached connection may belong to a former instance
-        with _senders_lock:
-            sock = _senders.pop(cache, None)
-        if sock is None:
-            try:
-                sock = net.connect(host, port)
-                if sock is None:
-                    return False  # not in the ticket yet: the inbox; the client learns it
-                sock.settimeout(_HANDSHAKE_S)
-                nonce = _recv_exact(sock, _NONCE)
-                if nonce is None:
-                    raise OSError("closed during the handshake")
-                sock.sendall(_proof(key, nonce))
-            except OSError:
-                if sock is not None:
-                    sock.close()
-                return False
+
+    def connect() -> socket.socket | None:
+        sock = None
         try:
-            sock.sendall(_LEN.pack(len(data)) + data)
-            if sock.recv(1) == b"\x01":
-                with _senders_lock:
-                    old = _senders.pop(cache, None)
-                    _senders[cache] = sock
-                if old is not None:
-                    old.close()
-                return True
+            sock = net.connect(host, port)
+            if sock is None:
+                return None  # not in the ticket yet: the inbox; the client learns it
+            sock.settimeout(_HANDSHAKE_S)
+            nonce = _recv_exact(sock, _NONCE)
+            if nonce is None:
+                raise OSError("closed during the handshake")
+            sock.sendall(_proof(key, nonce))
         except OSError:
-            pass
-        sock.close()
-    return False
+            if sock is not None:
+                sock.close()
+            return None
+        return sock
+
+    return _send_cached(f"tcp:{host}:{port}:{key.hex()[:16]}", connect, data)

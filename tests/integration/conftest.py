@@ -22,6 +22,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -234,3 +235,13 @@ def _remove_if_stale(path: str) -> None:
         Path(path).unlink(missing_ok=True)  # nobody listens
     finally:
         probe.close()
+
+
+@pytest.fixture
+def store() -> Iterator[str]:
+    """A process store directory made as scripts/setup makes the site's: mode 1733, each
+    owner a 0700 directory in it. Not under /tmp, which is private in the sandbox."""
+    path = tempfile.mkdtemp(prefix="colocate-processes-", dir="/var/tmp")
+    os.chmod(path, 0o1733)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -5,9 +5,7 @@ sandbox as the lease's owner, the state in a directory store, evictions as the a
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -46,15 +44,6 @@ def cluster(
         yield broker, agents, tmp
     for service in (broker, *agents):
         assert "Traceback" not in service.logs(), service.logs()
-
-
-@pytest.fixture
-def store() -> Iterator[str]:
-    # Not under /tmp (private in the sandbox); 1733 as a site makes it: each owner a 0700 dir.
-    path = tempfile.mkdtemp(prefix="colocate-processes-", dir="/var/tmp")
-    os.chmod(path, 0o1733)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def evict(cluster: tuple[Service, list[Service], Path], proc: Process) -> None:

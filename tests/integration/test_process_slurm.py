@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -45,6 +44,10 @@ def agents(
                 if "already serves this control socket" not in str(exc):
                     raise
         require(len(started) == 2, "two dev-cluster nodes without an agent")
+        for ready in started:
+            wait_until(
+                lambda a=ready: len(a.offer()[0]) >= 2, 60, f"{ready.node} to offer its cores"
+            )
         yield started
     finally:
         for agent in started:
@@ -69,47 +72,38 @@ def read(state: Any) -> tuple[int, list[int]]:
 
 
 def test_a_starting_jobs_prolog_evicts_the_process_and_it_resumes_on_another_node(
-    tmp_path: Path, broker: Service, agents: list[SlurmAgent], jobs: JobSubmitter
+    tmp_path: Path, broker: Service, agents: list[SlurmAgent], jobs: JobSubmitter, store: str
 ) -> None:
-    store = tempfile.mkdtemp(prefix="colocate-processes-", dir="/var/tmp")
-    os.chmod(store, 0o1733)
-    try:
-        for agent in agents:
-            wait_until(
-                lambda a=agent: len(a.offer()[0]) >= 2, 60, f"{agent.node} to offer its cores"
-            )
-        proc = Client(broker.url).process("acc", memory="128MiB", store=store)
-        for i in range(1000):
-            assert proc.invoke(add, i) == i + 1
-        first = proc.lease
-        assert first is not None
-        outcome: list[BaseException | None] = []
-        caller = threading.Thread(target=lambda: outcome.append(_call(proc, add_slowly, -1)))
-        caller.start()
-        time.sleep(0.5)
-        idle = _idle_cpus(first.node)  # every idle CPU of the node: the leased one among them
-        submitted = slurm(
-            "sbatch", "--parsable", "-w", first.node, f"-c{idle}", "--mem=100M", "-o", "/dev/null",
-            "--wrap", "sleep 20",
-        )  # fmt: skip
-        assert submitted.returncode == 0, submitted.stderr
-        jobs.submitted.append(submitted.stdout.strip())
-        caller.join(30)
-        assert not caller.is_alive() and isinstance(outcome[0], LeaseEvicted), outcome
-        other = next(a for a in agents if a.node != first.node)
-        wait_until(lambda: len(other.offer()[0]) >= 1, 30, f"{other.node} still offering")
-        n, log = proc.invoke(read)
-        assert proc.lease is not None and proc.lease.node == other.node
-        assert (n, log) == (
-            1000,
-            list(range(1000)),
-        )  # every committed update, not the interrupted one
-        assert proc.notices == []
-        record = next(e for e in _evictions(agents, first) if e["lease_id"] == first.lease_id)
-        assert record["reason"] == "job_start"
-        proc.delete()
-    finally:
-        shutil.rmtree(store, ignore_errors=True)
+    proc = Client(broker.url).process("acc", memory="128MiB", store=store)
+    for i in range(1000):
+        assert proc.invoke(add, i) == i + 1
+    first = proc.lease
+    assert first is not None
+    outcome: list[BaseException | None] = []
+    caller = threading.Thread(target=lambda: outcome.append(_call(proc, add_slowly, -1)))
+    caller.start()
+    time.sleep(0.5)
+    idle = _idle_cpus(first.node)  # every idle CPU of the node: the leased one among them
+    submitted = slurm(
+        "sbatch", "--parsable", "-w", first.node, f"-c{idle}", "--mem=100M", "-o", "/dev/null",
+        "--wrap", "sleep 20",
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    jobs.submitted.append(submitted.stdout.strip())
+    caller.join(30)
+    assert not caller.is_alive() and isinstance(outcome[0], LeaseEvicted), outcome
+    other = next(a for a in agents if a.node != first.node)
+    wait_until(lambda: len(other.offer()[0]) >= 1, 30, f"{other.node} still offering")
+    n, log = proc.invoke(read)
+    assert proc.lease is not None and proc.lease.node == other.node
+    assert (n, log) == (
+        1000,
+        list(range(1000)),
+    )  # every committed update, not the interrupted one
+    assert proc.notices == []
+    record = next(e for e in _evictions(agents, first) if e["lease_id"] == first.lease_id)
+    assert record["reason"] == "job_start"
+    proc.delete()
 
 
 def _call(proc: Any, fn: Any, *args: Any) -> BaseException | None:
@@ -134,35 +128,26 @@ def recv_all(state: Any, n: int) -> list[Any]:
 
 
 def test_messages_between_processes_on_two_nodes_go_direct_over_tcp_and_through_the_store_when_swapped_out(
-    broker: Service, agents: list[SlurmAgent]
+    broker: Service, agents: list[SlurmAgent], store: str
 ) -> None:
-    store = tempfile.mkdtemp(prefix="colocate-processes-", dir="/var/tmp")
-    os.chmod(store, 0o1733)
-    try:
-        for agent in agents:
-            wait_until(
-                lambda a=agent: len(a.offer()[0]) >= 2, 60, f"{agent.node} to offer its cores"
-            )
-        client = Client(broker.url)
-        # the receiver takes both cores of its node, so the sender's lease lands on the other
-        pong = client.process("pong-x", cores=2, memory="128MiB", store=store)
-        pong.invoke(lambda s: s.__setitem__("ready", True))  # live, listening
-        ping = client.process("ping-x", memory="128MiB", store=store)
-        ping.invoke(lambda s: s.send("pong-x", 0))
-        assert ping.lease is not None and pong.lease is not None
-        assert ping.lease.node != pong.lease.node, (ping.lease.node, pong.lease.node)
-        # the first send asked for the receiver's address (its ticket did not name it); the
-        # next ones go over TCP through the sender's supervisor, authenticated by the key
-        ping.invoke(lambda s: [s.send("pong-x", i) for i in (1, 2)])
-        assert pong.invoke(recv_all, 3) == [0, 1, 2]
-        stats = pong.stats()
-        assert stats["messages_direct_tcp"] == 2, stats  # 1 and 2 from the other node
-        assert stats["messages_direct"] == 3, stats  # none went through the store's inbox
-        pong.release()  # swapped out: no listener, so the message waits in the store
-        ping.invoke(lambda s: s.send("pong-x", "while away"))
-        assert pong.invoke(recv_all, 1) == ["while away"]
-        assert pong.stats()["messages_direct"] == 0  # it came from the inbox
-        ping.delete()
-        pong.delete()
-    finally:
-        shutil.rmtree(store, ignore_errors=True)
+    client = Client(broker.url)
+    # the receiver takes both cores of its node, so the sender's lease lands on the other
+    pong = client.process("pong-x", cores=2, memory="128MiB", store=store)
+    pong.invoke(lambda s: s.__setitem__("ready", True))  # live, listening
+    ping = client.process("ping-x", memory="128MiB", store=store)
+    ping.invoke(lambda s: s.send("pong-x", 0))
+    assert ping.lease is not None and pong.lease is not None
+    assert ping.lease.node != pong.lease.node, (ping.lease.node, pong.lease.node)
+    # the first send asked for the receiver's address (its ticket did not name it); the
+    # next ones go over TCP through the sender's supervisor, authenticated by the key
+    ping.invoke(lambda s: [s.send("pong-x", i) for i in (1, 2)])
+    assert pong.invoke(recv_all, 3) == [0, 1, 2]
+    stats = pong.stats()
+    assert stats["messages_direct_tcp"] == 2, stats  # 1 and 2 from the other node
+    assert stats["messages_direct"] == 3, stats  # none went through the store's inbox
+    pong.release()  # swapped out: no listener, so the message waits in the store
+    ping.invoke(lambda s: s.send("pong-x", "while away"))
+    assert pong.invoke(recv_all, 1) == ["while away"]
+    assert pong.stats()["messages_direct"] == 0  # it came from the inbox
+    ping.delete()
+    pong.delete()
