@@ -79,6 +79,8 @@ def sustained_peak(recent: tuple[UsageSample, ...], limits: Limits) -> float:
     is a spike and counts at the level around it (a shell forking, the job's start-up: the
     growth rule ignores them too). Sparse samples (the replay's) each count in full."""
     n = limits.cpu_growth_samples
+    if len(recent) == 1:  # the common case (the replay's sparse samples): no pass needed
+        return recent[0].cores_used + recent[0].cores_waiting
     if n <= 1 or len(recent) < n:
         return max(sample.cores_used + sample.cores_waiting for sample in recent)
     spike_s = limits.cpu_spike_s
@@ -247,8 +249,12 @@ def harvest(node: NodeView, limits: Limits, now: float, sizer: JobSizer) -> Deci
         # Lends only with history, old enough, and allowed (else its leases go: JOB_START/DENIED).
         if job.colocate and history and now - job.start_time >= limits.min_history_s:
             # the window; the latest sample alone when the monitor fell silent for longer
-            start = bisect_left(history, since, key=_TIME)
-            recent = history[start:] if start < len(history) else history[-1:]
+            recent: tuple[UsageSample, ...]
+            if len(history) == 1:
+                recent = history  # what the window below gives one sample, without a search
+            else:
+                start = bisect_left(history, since, key=_TIME)
+                recent = history[start:] if start < len(history) else history[-1:]
             cores_demand, memory_demand = sizer(job, recent, limits, now)
             latest = recent[-1].cores_used + recent[-1].cores_waiting
             held = cpus & leased_cpus if leases else _NONE
