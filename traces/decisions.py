@@ -17,6 +17,7 @@ import sys
 from bisect import bisect_right
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import numpy as np
 import numpy.typing as npt
@@ -64,8 +65,9 @@ class Piece:
     step_cores: tuple[float, ...]  # busy cores from that time on
     step_memory: tuple[int, ...]  # memory used from that time on, bytes
     sensitivity: float
-    views: dict[tuple[int, int], JobView]  # (steps seen, lease cores) -> view, on first use
+    views: dict[int, JobView]  # steps seen * (cores per node + 1) + lease cores -> view
     samples: list[UsageSample] = field(default_factory=list)  # one per step, on first use
+    peaks: list[int] = field(default_factory=list)  # memory peak up to each step, with samples
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,10 +357,11 @@ class NodeTrack:
             return views
         out = []
         until = math.inf
+        stride = cpn + 1  # view key: seen * stride + lease_cores (see Piece.views)
         for p in self.running.values():
             step_t = p.step_t
             seen = bisect_right(step_t, now)
-            view = p.views.get((seen, lease_cores))
+            view = p.views.get(seen * stride + lease_cores)
             out.append(view if view is not None else _job_view(p, seen, lease_cores, cpn, window))
             if seen < len(step_t) and step_t[seen] < until:
                 until = step_t[seen]
@@ -535,7 +538,9 @@ def drive_policy(
     job_sets = Interner()
     lease_values = Interner()  # (cores, bytes) of leases granted this minute
     memo: dict[tuple[int, int, int], _Memo] = {}
-    interned: dict[object, object] = {}  # equal states of this minute -> one object
+    # equal states -> one object, kept across minutes (a node decided again later meets the
+    # nodes that reached the same state before it: about 4 % fewer decide calls on RICC)
+    interned: dict[object, object] = {}
     memo_minute = -1
     decisions = 0
     total_c = 0
@@ -594,10 +599,11 @@ def drive_policy(
         old_state = node.state
         if minute != memo_minute:
             memo.clear()
-            interned.clear()
             lease_values.clear()
             if len(job_sets.ids) > 1 << 16:
                 job_sets.clear()
+            if len(interned) > 1 << 16:
+                interned.clear()
             memo_minute = minute
         # the memo holds the old state, so its id cannot be reused within the minute
         key = (node.jobs, held.token if held is not None else 0, id(old_state))
@@ -844,11 +850,12 @@ def _job_view(p: Piece, seen: int, lease_cores: int, cpn: int, window: float) ->
     policy never looks further back; the peak they held is ``memory_peak_bytes``). The
     latest sample carries the pressure the node's functions cause.
     """
-    key = (seen, lease_cores)
+    key = seen * (cpn + 1) + lease_cores
     seen = max(seen, 1)
     samples = p.samples
     if not samples:
         samples.extend(map(UsageSample, p.step_t, p.step_cores, p.step_memory))
+        p.peaks.extend(accumulate(p.step_memory, max))
     times = p.step_t
     first = bisect_right(times, times[seen - 1] - window, 0, seen - 1)
     if first:
@@ -858,7 +865,7 @@ def _job_view(p: Piece, seen: int, lease_cores: int, cpn: int, window: float) ->
         pressure = cpu_pressure(p.sensitivity * lease_cores / cpn)
         latest = UsageSample(latest.t, latest.cores_used, latest.memory_used_bytes, pressure)
     history = (*samples[first : seen - 1], latest)
-    peak = max(p.step_memory[:seen])
+    peak = p.peaks[seen - 1]
     view = JobView(p.job_id, p.cpu_ids, p.memory_allocated, peak, history, True, p.start_t)
     p.views[key] = view
     return view
