@@ -1,5 +1,9 @@
 """The prolog/epilog hooks in-process: what they tell the agent, and that none of their own
-troubles (agent down, slow, garbled, bad arguments) ever fails the prolog."""
+troubles (agent down, slow, garbled, bad arguments) ever fails the prolog.
+
+With no agent the prolog frees the job's cores itself (scontrol, then the lease cgroups of
+this machine): here that step is recorded instead, so these tests touch neither Slurm nor
+the host's cgroups; tests/integration/test_agent_restart.py runs it for real."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from slurm_plugin import hooks
 from slurm_plugin.control import DEFAULT_SOCKET, ControlServer, PrologRequest
 from slurm_plugin.hooks import (
     ANSWER_MARGIN_S,
@@ -31,6 +36,19 @@ JOB_ENV = {
     "SLURMD_NODENAME": "n1",
     "SPANK_COLOCATE": "deny",
 }
+
+
+@pytest.fixture(autouse=True)
+def freed_without_agent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str | None]]:
+    """The (job, node) pairs the prolog asked to free itself, the agent being unreachable."""
+    asked: list[tuple[int, str | None]] = []
+
+    def record(job_id: int, node: str | None) -> list[str]:
+        asked.append((job_id, node))
+        return []
+
+    monkeypatch.setattr(hooks, "free_cores_without_agent", record)
+    return asked
 
 
 @pytest.fixture
@@ -112,10 +130,14 @@ def test_epilog_tells_the_agent(server: ControlServer, handler: RecordingHandler
     assert [e.job_id for e in handler.epilogs] == [42]
 
 
-def test_agent_down_gives_up_at_once(tmp_path: Path) -> None:
+def test_agent_down_gives_up_at_once(
+    tmp_path: Path, freed_without_agent: list[tuple[int, str | None]]
+) -> None:
     outcome = run_hook("prolog", JOB_ENV, socket=str(tmp_path / "none.sock"))
     assert not outcome.ok
     assert "no agent control socket" in outcome.message
+    assert "killed 0 lease(s) on the job's cores itself" in outcome.message
+    assert freed_without_agent == [(42, "n1")]  # the job's cores are freed without the agent
     assert outcome.elapsed_s < 0.2
 
 
