@@ -14,6 +14,7 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,9 @@ class SlurmAgent:
         return [], 0
 
 
-def _write_config(tmp: Path, metrics_port: int, prices: Prices | None) -> Path:
+def _write_config(
+    tmp: Path, metrics_port: int, prices: Prices | None, limits: Mapping[str, float] | None = None
+) -> Path:
     path = tmp / "agent.toml"
     text = (
         "[agent]\n"
@@ -116,7 +119,7 @@ def _write_config(tmp: Path, metrics_port: int, prices: Prices | None) -> Path:
         "psi_groups = true\n"
         "[policy.limits]\n"
         f"min_history_s = {MIN_HISTORY_S}\n"
-    )
+    ) + "".join(f"{key} = {value!r}\n" for key, value in (limits or {}).items())
     if prices is not None:
         text += "[prices]\n" + "".join(
             f"{key} = {value!r}\n".replace("'", '"') for key, value in prices.model_dump().items()
@@ -132,12 +135,13 @@ def start_slurm_agent(
     state_dir: str | None = None,
     *,
     prices: Prices | None = None,
+    limits: Mapping[str, float] | None = None,
 ) -> SlurmAgent:
     """``colocate agent --config`` for ``node`` reporting to ``broker``; ``prices`` go in the
-    config's ``[prices]`` (the defaults without)."""
+    config's ``[prices]`` (the defaults without), ``limits`` in ``[policy.limits]``."""
     state = state_dir or tempfile.mkdtemp(prefix=f"colocate-{node}-")
     metrics_port = free_port()
-    config = _write_config(tmp, metrics_port, prices)
+    config = _write_config(tmp, metrics_port, prices, limits)
     argv = [
         "agent", "--config", str(config), "--node", node, "--broker", broker.url,
         "--secret-file", str(tmp / "secret"), "--state-dir", state,
@@ -170,14 +174,18 @@ def idle_node(cluster: SlurmCluster, cpus: int = 2, timeout_s: float = 120.0) ->
 
 
 def agent_on_idle_node(
-    tmp_path: Path, broker: Service, slurm_cluster: SlurmCluster, agent_on: dict[str, SlurmAgent]
+    tmp_path: Path,
+    broker: Service,
+    slurm_cluster: SlurmCluster,
+    agent_on: dict[str, SlurmAgent],
+    limits: Mapping[str, float] | None = None,
 ) -> SlurmAgent:
     """An agent on a node nobody else uses; other engineers' tests start agents too, so a
     node that was free a moment ago may be taken when ours starts: try another."""
     for _ in range(5):
         node = idle_node(slurm_cluster)
         try:
-            agent = start_slurm_agent(tmp_path, broker, node)
+            agent = start_slurm_agent(tmp_path, broker, node, limits=limits)
         except AssertionError as exc:
             if "already serves this control socket" in str(exc):
                 time.sleep(1.0)

@@ -199,7 +199,10 @@ def test_memory_growth_evicts_before_the_job_runs_out(
     jobs: JobSubmitter,
     slurm_cluster: SlurmCluster,
 ) -> None:
-    agent = agent_on_idle_node(tmp_path, broker, slurm_cluster, agent_on)
+    # This checks the memory-growth path: the pressure guard (test_policies_guard.py) is set out
+    # of reach, so CPU contention on the shared test machine cannot evict the lease first.
+    out_of_reach = {"cpu_pressure_limit": 100.0, "memory_pressure_limit": 100.0}
+    agent = agent_on_idle_node(tmp_path, broker, slurm_cluster, agent_on, limits=out_of_reach)
     node = agent.node
     script = tmp_path / "grower.py"
     script.write_text(GROWER)
