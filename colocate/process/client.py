@@ -50,6 +50,12 @@ TICKET_RENEW_S = 600.0
 MAX_PEERS = 64  # receivers on other nodes a ticket names
 
 
+def _close(executor: LeaseExecutor) -> None:
+    """Close our connection to a lease's workers, quietly: it may be gone already."""
+    with contextlib.suppress(Exception):
+        executor.shutdown(wait=False, cancel_futures=True)
+
+
 class StateRolledBack(UserWarning):
     """The process resumed from its last consistent state: its latest updates did not reach
     the store within the eviction's grace period."""
@@ -174,8 +180,7 @@ class Process:
             with contextlib.suppress(Exception):  # already gone: evicted or expired
                 lease.release()
         elif executor is not None:  # attached: the lease is the other client's to give back
-            with contextlib.suppress(Exception):
-                executor.shutdown(wait=False, cancel_futures=True)
+            _close(executor)
 
     def _with_ticket(self, executor: LeaseExecutor, call_id: str) -> str | tuple[str, str, str]:
         """``call_id`` with the ticket (signed with the lease key) that lets the worker's
@@ -215,8 +220,7 @@ class Process:
     def _drop_connection(self) -> None:
         executor, self._executor = self._executor, None
         if executor is not None:
-            with contextlib.suppress(Exception):
-                executor.shutdown(wait=False, cancel_futures=True)
+            _close(executor)
 
     def _attach(self, lease_id: str) -> bool:
         """Move to the lease ``lease_id`` where the process is live (ours: the broker refuses
@@ -247,8 +251,7 @@ class Process:
             return
         self._executor = self._lease.executor(workers=self._workers)
         if old is not None:
-            with contextlib.suppress(Exception):
-                old.shutdown(wait=False, cancel_futures=True)
+            _close(old)
 
     def _run(
         self, call: Call, args: tuple[Any, ...], kwargs: dict[str, Any], call_id: str = ""
