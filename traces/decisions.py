@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import gc
 import heapq
+import itertools
 import math
 import random
 import sys
@@ -36,7 +37,7 @@ from policies.model import (
 from traces.demand import STEP_S, Demand
 from traces.interference import cpu_pressure
 from traces.placement import Cluster, Placement
-from traces.usage import JobUsage
+from traces.usage import CHUNK_STEPS, JobUsage
 
 Progress = Callable[[int], None]
 Events = tuple[
@@ -153,6 +154,44 @@ def piece_steps(placement: Placement, usage: JobUsage) -> PieceSteps:
 
 
 def _class_steps(
+    job_k: npt.NDArray[np.int64],
+    start_k: npt.NDArray[np.int64],
+    end_k: npt.NDArray[np.int64],
+    cores_k: npt.NDArray[np.int64],
+    alloc_k: npt.NDArray[np.float64],
+    usage: JobUsage,
+) -> tuple[
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.bool_],
+]:
+    """:func:`_class_steps_of` a chunk of classes at a time: a whole trace's temporaries
+    (RICC: 15 M job steps, a dozen arrays) would take about 1 GB of fresh pages, which the
+    kernel zeroes at more cost than the work itself. Each class's steps are its own, so the
+    chunks give the same steps as one pass."""
+    raw = usage.step_offsets[job_k + 1] - usage.step_offsets[job_k]
+    cuts = np.searchsorted(np.cumsum(raw), np.arange(CHUNK_STEPS, int(raw.sum()), CHUNK_STEPS))
+    bounds = [0, *np.unique(cuts + 1).tolist(), job_k.size]
+    parts = [
+        _class_steps_of(
+            job_k[lo:hi], start_k[lo:hi], end_k[lo:hi], cores_k[lo:hi], alloc_k[lo:hi], usage
+        )
+        for lo, hi in itertools.pairwise(bounds)
+        if lo < hi
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    shift = np.cumsum([0] + [part[0][-1] for part in parts[:-1]])
+    offsets = np.concatenate(
+        [[0], *(part[0][1:] + base for part, base in zip(parts, shift, strict=True))]
+    ).astype(np.int64)
+    minute, cores, memory, echo = (np.concatenate([part[i] for part in parts]) for i in range(1, 5))
+    return offsets, minute, cores, memory, echo
+
+
+def _class_steps_of(
     job_k: npt.NDArray[np.int64],
     start_k: npt.NDArray[np.int64],
     end_k: npt.NDArray[np.int64],

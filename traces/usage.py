@@ -45,9 +45,10 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from traces.jobs import JobTrace
-from traces.shapes import expand, load_library, pick_cpu_shapes
+from traces.shapes import ShapeLibrary, expand, load_library, pick_cpu_shapes
 
 SHORTEST_SHAPED_S = 300.0  # the library holds jobs of at least 5 minutes
+CHUNK_STEPS = 1 << 20  # raw steps merged at a time (a few tens of MB of temporaries)
 
 HPC2N_CPU_QUANTILES: tuple[float, ...] = (
     0.0072, 0.5629, 0.8889, 0.9839, 0.9987, 0.9995, 0.9998, 0.9999, 0.9999, 1.0, 1.0,
@@ -123,9 +124,9 @@ class UsageModel(BaseModel):
             s_mem = np.concatenate([mem * level, mem[has_ramp]])
             order = np.lexsort((frac, job))
             job, frac, s_cpu, s_mem = job[order], frac[order], s_cpu[order], s_mem[order]
+            offsets = np.searchsorted(job, np.arange(n + 1)).astype(np.int64)
         else:  # already in (job, start) order
-            job, frac, s_cpu, s_mem, cpu = self._real_steps(rng, run, cpu, cpu_measured, mem)
-        offsets = np.searchsorted(job, np.arange(n + 1)).astype(np.int64)
+            offsets, frac, s_cpu, s_mem, cpu = self._real_steps(rng, run, cpu, cpu_measured, mem)
         return JobUsage(
             cpu_share=cpu,
             memory_share=mem,
@@ -153,8 +154,8 @@ class UsageModel(BaseModel):
         npt.NDArray[np.float64],
         npt.NDArray[np.float64],
     ]:
-        """Steps (job, start fraction, busy share, memory share) from the real shapes, and the
-        mean busy share of each job (the shape's own unless measured or ``cpu_mean`` says)."""
+        """Steps (offsets per job as in :class:`JobUsage`, start fraction, busy share, memory
+        share) from the real shapes, and the mean busy share of each job (the shape's own unless measured or ``cpu_mean`` says)."""
         library = load_library()
         n = run.size
         shaped = run >= SHORTEST_SHAPED_S
@@ -162,40 +163,85 @@ class UsageModel(BaseModel):
         mem_shape = rng.integers(0, len(library.memory), size=n)
         if self.cpu_mean == "shape":
             cpu = np.where(cpu_measured, cpu, library.cpu_mean_share[cpu_shape])
-        # short jobs: one flat step (the one-minute grid cannot show their shape)
-        flat = np.flatnonzero(~shaped)
-        c_job, c_frac, c_level = expand(library.cpu, cpu_shape[shaped])
-        c_job = np.flatnonzero(shaped)[c_job]
-        m_job, m_frac, m_level = expand(library.memory, mem_shape[shaped])
-        m_job = np.flatnonzero(shaped)[m_job]
-        # merge the CPU and memory steps of a job; each value holds until its next step
-        # in (job, start, kind) order: each part is sorted by (job, start) and shape starts
-        # are below 1, so one stable sort of job + start over [CPU, memory, flat] does it
-        # (a merge of sorted runs, far cheaper than a three-key lexsort)
-        job = np.concatenate([c_job, m_job, flat])
-        frac = np.concatenate([c_frac, m_frac, np.zeros(flat.size)])
-        kind = np.concatenate(  # 0: CPU changes, 1: memory changes, 2: both (flat)
-            [
-                np.zeros(c_job.size, dtype=np.int8),
-                np.ones(m_job.size, dtype=np.int8),
-                np.full(flat.size, 2, dtype=np.int8),
-            ]
+        # Jobs are merged a chunk at a time into outputs sized for every raw step: the
+        # temporaries of a whole trace (RICC: 25 M raw steps, ten arrays) would take 1.5 GB
+        # of fresh pages, and the kernel zeroing them cost more than the merge itself.
+        raw = np.where(
+            shaped,
+            np.diff(library.cpu.offsets)[cpu_shape] + np.diff(library.memory.offsets)[mem_shape],
+            1,
         )
-        c_val = np.concatenate([c_level, np.zeros(m_job.size), np.ones(flat.size)])
-        m_val = np.concatenate([np.zeros(c_job.size), m_level, np.ones(flat.size)])
-        order = np.argsort(job + frac, kind="stable")
-        job, frac, kind = job[order], frac[order], kind[order]
-        pos = np.arange(job.size)
-        last_c = np.maximum.accumulate(np.where(kind != 1, pos, 0))
-        last_m = np.maximum.accumulate(np.where(kind != 0, pos, 0))
-        # several steps at one instant: the last holds (values looked up for those only)
-        keep = np.ones(job.size, dtype=bool)
-        keep[:-1] = (job[1:] != job[:-1]) | (frac[1:] != frac[:-1])
-        job, frac = job[keep], frac[keep]
-        c_val, m_val = c_val[order[last_c[keep]]], m_val[order[last_m[keep]]]
-        s_cpu = np.minimum(c_val * cpu[job], 1.0)
-        s_mem = np.minimum(m_val * mem[job], 1.0)
-        return job, frac, s_cpu, s_mem, cpu
+        bound = int(raw.sum())
+        counts = np.empty(n, dtype=np.int64)
+        frac = np.empty(bound)
+        s_cpu = np.empty(bound)
+        s_mem = np.empty(bound)
+        cuts = np.searchsorted(np.cumsum(raw), np.arange(CHUNK_STEPS, bound, CHUNK_STEPS))
+        bounds = [0, *np.unique(cuts + 1).tolist(), n] if n else [0, 0]
+        filled = 0
+        for lo, hi in itertools.pairwise(bounds):
+            if lo >= hi:
+                continue
+            parts = _merge_steps(
+                library, lo, shaped[lo:hi], cpu_shape[lo:hi], mem_shape[lo:hi], cpu, mem
+            )
+            counts[lo:hi] = np.bincount(parts[0] - lo, minlength=hi - lo)
+            k = parts[0].size
+            for out, part in zip((frac, s_cpu, s_mem), parts[1:], strict=True):
+                out[filled : filled + k] = part
+            filled += k
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return offsets, frac[:filled], s_cpu[:filled], s_mem[:filled], cpu
+
+
+def _merge_steps(
+    library: ShapeLibrary,
+    first: int,
+    shaped: npt.NDArray[np.bool_],
+    cpu_shape: npt.NDArray[np.int64],
+    mem_shape: npt.NDArray[np.int64],
+    cpu: npt.NDArray[np.float64],
+    mem: npt.NDArray[np.float64],
+) -> tuple[
+    npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]
+]:
+    """(job, start fraction, busy share, memory share) of jobs ``first``, ``first + 1``, ...
+    (one per entry of ``shaped``), in (job, start) order."""
+    # short jobs: one flat step (the one-minute grid cannot show their shape)
+    flat = np.flatnonzero(~shaped) + first
+    shaped_jobs = np.flatnonzero(shaped) + first
+    c_job, c_frac, c_level = expand(library.cpu, cpu_shape[shaped])
+    c_job = shaped_jobs[c_job]
+    m_job, m_frac, m_level = expand(library.memory, mem_shape[shaped])
+    m_job = shaped_jobs[m_job]
+    # merge the CPU and memory steps of a job; each value holds until its next step
+    # in (job, start, kind) order: each part is sorted by (job, start) and shape starts
+    # are below 1, so one stable sort of job + start over [CPU, memory, flat] does it
+    # (a merge of sorted runs, far cheaper than a three-key lexsort)
+    job = np.concatenate([c_job, m_job, flat])
+    frac = np.concatenate([c_frac, m_frac, np.zeros(flat.size)])
+    kind = np.concatenate(  # 0: CPU changes, 1: memory changes, 2: both (flat)
+        [
+            np.zeros(c_job.size, dtype=np.int8),
+            np.ones(m_job.size, dtype=np.int8),
+            np.full(flat.size, 2, dtype=np.int8),
+        ]
+    )
+    c_val = np.concatenate([c_level, np.zeros(m_job.size), np.ones(flat.size)])
+    m_val = np.concatenate([np.zeros(c_job.size), m_level, np.ones(flat.size)])
+    order = np.argsort(job + frac, kind="stable")
+    job, frac, kind = job[order], frac[order], kind[order]
+    pos = np.arange(job.size)
+    last_c = np.maximum.accumulate(np.where(kind != 1, pos, 0))
+    last_m = np.maximum.accumulate(np.where(kind != 0, pos, 0))
+    # several steps at one instant: the last holds (values looked up for those only)
+    keep = np.ones(job.size, dtype=bool)
+    keep[:-1] = (job[1:] != job[:-1]) | (frac[1:] != frac[:-1])
+    job, frac = job[keep], frac[keep]
+    c_val, m_val = c_val[order[last_c[keep]]], m_val[order[last_m[keep]]]
+    s_cpu = np.minimum(c_val * cpu[job], 1.0)
+    s_mem = np.minimum(m_val * mem[job], 1.0)
+    return job, frac, s_cpu, s_mem
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,12 +21,12 @@ import pytest
 from policies import POLICIES
 from policies.limits import Limits
 from policies.model import JobView, LeaseView, NodeView, UsageSample
-from traces import bundled
+from traces import bundled, decisions
 from traces.azure import read_azure2019
-from traces.decisions import END, RISE, START, Drive, Piece, Record, drive_policy
+from traces.decisions import END, RISE, START, Drive, Piece, Record, drive_policy, piece_steps
 from traces.demand import STEP_S
 from traces.interference import InterferenceModel, cpu_pressure
-from traces.placement import Cluster
+from traces.placement import Cluster, job_memory, place
 from traces.replay import Prepared, prepare
 from traces.swf import read_swf
 from traces.usage import UsageModel
@@ -277,3 +277,21 @@ def test_bundled_usage_shapes_make_steps(tmp_path: Path) -> None:
     }
     echo_decided = [(m, n) for m, n, *_ in record if (m, n) in echo_minutes - with_events]
     assert echo_decided, "echo follow-ups on leased nodes must be exercised"
+
+
+def test_steps_made_a_chunk_at_a_time_equal_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``piece_steps`` works through the job classes a chunk at a time (to spare fresh memory
+    on large traces): chunks of a few steps give every piece exactly the steps of one pass."""
+    cluster = Cluster(
+        bundled.HPC2N_NODES, bundled.HPC2N_CORES_PER_NODE, bundled.HPC2N_MEMORY_PER_NODE
+    )
+    jobs = read_swf(bundled.HPC2N_EXCERPT).head(700)
+    memory = job_memory(jobs, cluster)
+    placement = place(jobs, cluster, memory)
+    usage = UsageModel().sample(jobs, memory, 5)
+    one = piece_steps(placement, usage)
+    monkeypatch.setattr(decisions, "CHUNK_STEPS", 7)
+    chunked = piece_steps(placement, usage)
+    assert one.minute.size > 1000
+    for field in ("offsets", "minute", "cores", "memory", "echo"):
+        assert np.array_equal(getattr(one, field), getattr(chunked, field)), field

@@ -6,6 +6,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from traces import usage as usage_module
 from traces.jobs import JobTrace
 from traces.shapes import load_library, peak_mean_figures, pick_cpu_shapes
 from traces.usage import SHORTEST_SHAPED_S, UsageModel
@@ -158,9 +159,14 @@ def plain_steps(
     return job, frac, cpu, mem
 
 
-def test_vectorised_shape_steps_equal_a_plain_per_job_merge() -> None:
-    """Oracle for the vectorised merge in ``UsageModel._real_steps`` (one sort over all jobs,
-    values looked up only for the steps kept): every step, bit for bit."""
+@pytest.mark.parametrize("chunk", [1 << 20, 64, 5])
+def test_vectorised_shape_steps_equal_a_plain_per_job_merge(
+    chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Oracle for the vectorised merge in ``UsageModel._real_steps`` (one sort per chunk of
+    jobs, values looked up only for the steps kept): every step, bit for bit, whether the
+    jobs fit one chunk or are cut into many (chunks of 5 raw steps: most jobs alone)."""
+    monkeypatch.setattr(usage_module, "CHUNK_STEPS", chunk)
     rng = np.random.default_rng(7)
     run_s = np.concatenate([rng.uniform(60, 600, 40), rng.uniform(600, 3 * 86400, 160)])
     usage = UsageModel().sample(trace(run_s), np.full(run_s.size, GIB), seed=3)
