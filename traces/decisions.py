@@ -16,7 +16,7 @@ import math
 import random
 import sys
 from bisect import bisect_right
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
 
@@ -40,6 +40,7 @@ from traces.placement import Cluster, Placement
 from traces.usage import CHUNK_STEPS, JobUsage
 
 Progress = Callable[[int], None]
+Ints = Sequence[int]  # read item by item in the loop (lists, or memoryviews of numpy arrays)
 Events = tuple[
     npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]
 ]
@@ -366,8 +367,8 @@ class NodeTrack:
 
     def start_and_end(
         self,
-        kinds: list[int],
-        pieces: list[int],
+        kinds: Ints,
+        pieces: Ints,
         lo: int,
         hi: int,
         pieces_static: Callable[[int], Piece],
@@ -508,15 +509,22 @@ class _Groups:
     """The events cut into decision points: group ``g`` is events ``bounds[g]:bounds[g + 1]``,
     all on node ``node[g]`` in minute ``minute[g]``; ``changes[g]``: bit 1 if jobs start or
     end there, bit 2 if a job's use steps (either way the job views change), bit 4 if a use
-    step rises and its echo follows a minute later."""
+    step rises and its echo follows a minute later; ``key[g]``: ``minute[g] * nodes +
+    node[g]``, the order of decision points.
 
-    minute: list[int]
-    node: list[int]
-    bounds: list[int]
-    changes: list[int]
+    Memoryviews of numpy arrays, not lists: on RICC-2010-2 lists of these (and of the
+    events) held about 0.9 GB of int objects, fresh pages the kernel had to zero (about 2 s);
+    an item read makes one short-lived int instead.
+    """
+
+    minute: Ints
+    node: Ints
+    bounds: Ints
+    changes: Ints
+    key: Ints
 
 
-def _groups(events: Events) -> _Groups:
+def _groups(events: Events, nodes: int) -> _Groups:
     t_arr, node_arr, kind = events[0], events[1], events[3]
     n_events = int(t_arr.size)
     first = np.ones(n_events, dtype=bool)
@@ -527,9 +535,14 @@ def _groups(events: Events) -> _Groups:
         | (((kind == USAGE) | (kind == RISE)).astype(np.int64) << 1)
         | ((kind == RISE).astype(np.int64) << 2)
     )
-    changes = np.bitwise_or.reduceat(flags, start).tolist() if n_events else []
+    changes = np.bitwise_or.reduceat(flags, start) if n_events else np.zeros(0, np.int64)
+    minute, node = t_arr[start], node_arr[start]
     return _Groups(
-        t_arr[start].tolist(), node_arr[start].tolist(), [*start.tolist(), n_events], changes
+        np.ascontiguousarray(minute).data,
+        np.ascontiguousarray(node).data,
+        np.append(start, n_events).data,
+        np.ascontiguousarray(changes, dtype=np.int64).data,
+        (minute * nodes + node).data,
     )
 
 
@@ -552,14 +565,16 @@ def drive_policy(
     object: the pieces of one parallel job) share one ``decide`` call: it is pure.
     """
     decide = POLICIES[name]().decide
-    ev_piece, ev_kind = events[2].tolist(), events[3].tolist()
+    ev_piece = np.ascontiguousarray(events[2]).data
+    ev_kind = events[3].astype(np.int8).data
     n_events = len(ev_kind)
-    groups = _groups(events)
-    group_minute, group_node, bounds, group_changes = (
+    groups = _groups(events, cluster.nodes)
+    group_minute, group_node, bounds, group_changes, group_key = (
         groups.minute,
         groups.node,
         groups.bounds,
         groups.changes,
+        groups.key,
     )
     n_groups = len(group_minute)
     t0 = placement.t0
@@ -605,7 +620,6 @@ def drive_policy(
     )  # inverse of cpu_pressure
     # follow-ups and decision points ordered by (minute, node), as one int: minute * N + node
     n_nodes = cluster.nodes
-    group_key = [m * n_nodes + n for m, n in zip(group_minute, group_node, strict=True)]
     follow_ups: list[int] = []  # minute * n_nodes + node
     g = 0
     while g < n_groups or follow_ups:
@@ -856,8 +870,8 @@ def _new_lease(
 def _evicted_for(
     reason: str,
     jobs_here: dict[int, Piece],
-    ev_kind: list[int],
-    ev_piece: list[int],
+    ev_kind: Ints,
+    ev_piece: Ints,
     first_event: int,
     last_event: int,
 ) -> tuple[str, ...]:
