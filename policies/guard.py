@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from policies.eviction import eviction_grace, leases_oldest_first
 from policies.limits import Limits
@@ -50,6 +50,7 @@ from policies.model import (
     NodeView,
     Offer,
     Policy,
+    value,
 )
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ logger = logging.getLogger(__name__)
 PRESSURE_CLEAR_RATIO = 0.5  # pressure must fall below half its limit to count as gone
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class GuardState:
     """What the guard remembers between decisions for one node (immutable, comparable).
 
