@@ -11,7 +11,6 @@ import contextlib
 import ctypes
 import gc
 import heapq
-import itertools
 import math
 import random
 import sys
@@ -37,7 +36,7 @@ from policies.model import (
 from traces.demand import STEP_S, Demand
 from traces.interference import cpu_pressure
 from traces.placement import Cluster, Placement
-from traces.usage import CHUNK_STEPS, JobUsage
+from traces.usage import JobUsage, chunks
 
 Progress = Callable[[int], None]
 Ints = Sequence[int]  # read item by item in the loop (lists, or memoryviews of numpy arrays)
@@ -154,6 +153,16 @@ def piece_steps(placement: Placement, usage: JobUsage) -> PieceSteps:
     return PieceSteps(offsets, minute[take], cores[take], memory[take], echo[take])
 
 
+_ClassSteps = tuple[
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.bool_],
+]
+"""Steps of job classes: (offsets per class, minute, cores, memory, echo)."""
+
+
 def _class_steps(
     job_k: npt.NDArray[np.int64],
     start_k: npt.NDArray[np.int64],
@@ -161,26 +170,16 @@ def _class_steps(
     cores_k: npt.NDArray[np.int64],
     alloc_k: npt.NDArray[np.float64],
     usage: JobUsage,
-) -> tuple[
-    npt.NDArray[np.int64],
-    npt.NDArray[np.int64],
-    npt.NDArray[np.float64],
-    npt.NDArray[np.float64],
-    npt.NDArray[np.bool_],
-]:
+) -> _ClassSteps:
     """:func:`_class_steps_of` a chunk of classes at a time: a whole trace's temporaries
     (RICC: 15 M job steps, a dozen arrays) would take about 1 GB of fresh pages, which the
     kernel zeroes at more cost than the work itself. Each class's steps are its own, so the
     chunks give the same steps as one pass."""
-    raw = usage.step_offsets[job_k + 1] - usage.step_offsets[job_k]
-    cuts = np.searchsorted(np.cumsum(raw), np.arange(CHUNK_STEPS, int(raw.sum()), CHUNK_STEPS))
-    bounds = [0, *np.unique(cuts + 1).tolist(), job_k.size]
     parts = [
         _class_steps_of(
             job_k[lo:hi], start_k[lo:hi], end_k[lo:hi], cores_k[lo:hi], alloc_k[lo:hi], usage
         )
-        for lo, hi in itertools.pairwise(bounds)
-        if lo < hi
+        for lo, hi in chunks(usage.step_offsets[job_k + 1] - usage.step_offsets[job_k])
     ]
     if len(parts) == 1:
         return parts[0]
@@ -199,13 +198,7 @@ def _class_steps_of(
     cores_k: npt.NDArray[np.int64],
     alloc_k: npt.NDArray[np.float64],
     usage: JobUsage,
-) -> tuple[
-    npt.NDArray[np.int64],
-    npt.NDArray[np.int64],
-    npt.NDArray[np.float64],
-    npt.NDArray[np.float64],
-    npt.NDArray[np.bool_],
-]:
+) -> _ClassSteps:
     """The steps of :func:`piece_steps` for each (job, start, end, cores, memory) given:
     (offsets, minute, cores, memory, echo), class ``k`` at ``offsets[k]:offsets[k + 1]``."""
     lo = usage.step_offsets[job_k]

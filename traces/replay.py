@@ -388,15 +388,18 @@ def prepare(
     events = build_events(placement, steps, history_min, cluster.nodes)
 
     t0 = placement.t0
+    # Read a piece at a time through memoryviews (an item read makes a Python int or float):
+    # lists of every step would hold ~0.5 GB of float objects on RICC-2010-2, fresh pages
+    # the kernel zeroes at ~2 s per GB, for values most of which are read once.
     job_ids = jobs.job_id.tolist()
-    pj_l = pj.tolist()
+    pj_l = np.ascontiguousarray(pj).data
     masks = placement.cpu_mask
-    mem_alloc_l = placement.memory_bytes.tolist()
-    step_off_l = steps.offsets.tolist()
-    step_t_l = (t0 + steps.minute * STEP_S).tolist()
-    step_c_l = steps.cores.tolist()
-    step_m_l = steps.memory.astype(np.int64).tolist()
-    sens_l = sensitivity[pj].tolist()
+    mem_alloc_l = np.ascontiguousarray(placement.memory_bytes).data
+    step_off_l = np.ascontiguousarray(steps.offsets).data
+    step_t_l = (t0 + steps.minute * STEP_S).data
+    step_c_l = np.ascontiguousarray(steps.cores, dtype=np.float64).data
+    step_m_l = steps.memory.astype(np.int64).data
+    sens_l = np.ascontiguousarray(sensitivity[pj], dtype=np.float64).data
     cpu_sets: dict[int, frozenset[int]] = {}
     # One job's pieces with the same cores and memory (a parallel job's full nodes) are equal
     # in every field and start in the same minute: they share one Piece and its cached job

@@ -176,12 +176,8 @@ class UsageModel(BaseModel):
         frac = np.empty(bound)
         s_cpu = np.empty(bound)
         s_mem = np.empty(bound)
-        cuts = np.searchsorted(np.cumsum(raw), np.arange(CHUNK_STEPS, bound, CHUNK_STEPS))
-        bounds = [0, *np.unique(cuts + 1).tolist(), n] if n else [0, 0]
         filled = 0
-        for lo, hi in itertools.pairwise(bounds):
-            if lo >= hi:
-                continue
+        for lo, hi in chunks(raw):
             parts = _merge_steps(
                 library, lo, shaped[lo:hi], cpu_shape[lo:hi], mem_shape[lo:hi], cpu, mem
             )
@@ -192,6 +188,15 @@ class UsageModel(BaseModel):
             filled += k
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         return offsets, frac[:filled], s_cpu[:filled], s_mem[:filled], cpu
+
+
+def chunks(raw: npt.NDArray[np.int64]) -> list[tuple[int, int]]:
+    """Consecutive index ranges ``(lo, hi)`` covering ``raw`` (items of ``raw[i]`` raw steps
+    each), cut after the item where the running total passes each ``CHUNK_STEPS``; an item
+    larger than a chunk is a chunk of its own. No empty range."""
+    cuts = np.searchsorted(np.cumsum(raw), np.arange(CHUNK_STEPS, int(raw.sum()), CHUNK_STEPS))
+    bounds = [0, *np.unique(cuts + 1).tolist(), raw.size]
+    return [(lo, hi) for lo, hi in itertools.pairwise(bounds) if lo < hi]
 
 
 def _merge_steps(

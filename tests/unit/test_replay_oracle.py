@@ -21,7 +21,8 @@ import pytest
 from policies import POLICIES
 from policies.limits import Limits
 from policies.model import JobView, LeaseView, NodeView, UsageSample
-from traces import bundled, decisions
+from traces import bundled
+from traces import usage as usage_module
 from traces.azure import read_azure2019
 from traces.decisions import END, RISE, START, Drive, Piece, Record, drive_policy, piece_steps
 from traces.demand import STEP_S
@@ -290,7 +291,7 @@ def test_steps_made_a_chunk_at_a_time_equal_one_pass(monkeypatch: pytest.MonkeyP
     placement = place(jobs, cluster, memory)
     usage = UsageModel().sample(jobs, memory, 5)
     one = piece_steps(placement, usage)
-    monkeypatch.setattr(decisions, "CHUNK_STEPS", 7)
+    monkeypatch.setattr(usage_module, "CHUNK_STEPS", 7)
     chunked = piece_steps(placement, usage)
     assert one.minute.size > 1000
     for field in ("offsets", "minute", "cores", "memory", "echo"):
