@@ -155,7 +155,8 @@ class UsageModel(BaseModel):
         npt.NDArray[np.float64],
     ]:
         """Steps (offsets per job as in :class:`JobUsage`, start fraction, busy share, memory
-        share) from the real shapes, and the mean busy share of each job (the shape's own unless measured or ``cpu_mean`` says)."""
+        share) from the real shapes, and the mean busy share of each job (the shape's own
+        unless measured or ``cpu_mean`` says)."""
         library = load_library()
         n = run.size
         shaped = run >= SHORTEST_SHAPED_S
