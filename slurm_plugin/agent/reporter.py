@@ -230,8 +230,12 @@ class Reporter:
         pool = self._threads()
         for broker in self.brokers:
             busy = self._in_flight.get(broker.url)
-            if busy is not None and not busy.done():
-                continue  # still waiting on this broker: it gets the next step's decision
+            if busy is not None:
+                if not busy.done():
+                    continue  # still waiting on this broker: it gets the next step's decision
+                failed = busy.exception()
+                if failed is not None:  # not lost in the thread: the sequential path raises it
+                    log.error("report to %s failed: %r", broker.url, failed)
             self._in_flight[broker.url] = pool.submit(
                 self._step_one, http, broker, report, body, now
             )
