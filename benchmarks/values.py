@@ -51,21 +51,23 @@ def frozen_twin(cls: type) -> type:
 
 
 def cases() -> list[tuple[type, tuple[Any, ...]]]:
-    """Each class with arguments like the replay's."""
-    sample = UsageSample(60.0, 3.25, 1 << 30, 0.0)
-    cpus = frozenset(range(4))
-    job = JobView("123", cpus, 8 << 30, 2 << 30, (sample, sample), True, 0.0)
-    lease = LeaseView("7", frozenset({6, 7}), 1 << 30, 0.0, float("inf"))
-    offer = Offer(frozenset({4, 5, 6, 7}), 4 << 30)
+    """Each class with arguments like the replay's (each object is built from its row)."""
+    sample = (120.0, 3.5, 1 << 30, 12.5)
+    s = UsageSample(*sample)
+    job = ("123", frozenset(range(4)), 8 << 30, 2 << 30, (s, s), True, 0.0)
+    lease = ("7", frozenset({6, 7}), 1 << 30, 0.0, float("inf"))
+    node = ("n1", frozenset(range(8)), 64 << 30, (JobView(*job),), (LeaseView(*lease),), 1 << 30)
+    offer = (frozenset({4, 5, 6, 7}), 4 << 30)
+    o = Offer(*offer)
     return [
-        (UsageSample, (120.0, 3.5, 1 << 30, 12.5)),
-        (JobView, ("123", cpus, 8 << 30, 2 << 30, (sample, sample), True, 0.0)),
-        (LeaseView, ("7", frozenset({6, 7}), 1 << 30, 0.0, float("inf"))),
-        (NodeView, ("n1", frozenset(range(8)), 64 << 30, (job,), (lease,), 1 << 30)),
-        (Offer, (frozenset({4, 5, 6, 7}), 4 << 30)),
+        (UsageSample, sample),
+        (JobView, job),
+        (LeaseView, lease),
+        (NodeView, node),
+        (Offer, offer),
         (Eviction, ("7", EvictionReason.CPU_GROWTH, 0.0)),
-        (Decision, (offer, (), None, ())),
-        (GuardState, (None, (), (), offer, ())),
+        (Decision, (o, (), None, ())),
+        (GuardState, (None, (), (), o, ())),
     ]
 
 

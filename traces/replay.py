@@ -392,14 +392,14 @@ def prepare(
     # lists of every step would hold ~0.5 GB of float objects on RICC-2010-2, fresh pages
     # the kernel zeroes at ~2 s per GB, for values most of which are read once.
     job_ids = jobs.job_id.tolist()
-    pj_l = np.ascontiguousarray(pj).data
+    pj_v = np.ascontiguousarray(pj).data
     masks = placement.cpu_mask
-    mem_alloc_l = np.ascontiguousarray(placement.memory_bytes).data
-    step_off_l = np.ascontiguousarray(steps.offsets).data
-    step_t_l = (t0 + steps.minute * STEP_S).data
-    step_c_l = np.ascontiguousarray(steps.cores, dtype=np.float64).data
-    step_m_l = steps.memory.astype(np.int64).data
-    sens_l = np.ascontiguousarray(sensitivity[pj], dtype=np.float64).data
+    mem_alloc_v = np.ascontiguousarray(placement.memory_bytes).data
+    step_off_v = np.ascontiguousarray(steps.offsets).data
+    step_t_v = (t0 + steps.minute * STEP_S).data
+    step_c_v = np.ascontiguousarray(steps.cores, dtype=np.float64).data
+    step_m_v = steps.memory.astype(np.int64).data
+    sens_v = np.ascontiguousarray(sensitivity[pj], dtype=np.float64).data
     cpu_sets: dict[int, frozenset[int]] = {}
     # One job's pieces with the same cores and memory (a parallel job's full nodes) are equal
     # in every field and start in the same minute: they share one Piece and its cached job
@@ -408,8 +408,8 @@ def prepare(
 
     def pieces_static(p: int) -> Piece:
         mask = masks[p]
-        job = pj_l[p]
-        mem = mem_alloc_l[p]
+        job = pj_v[p]
+        mem = mem_alloc_v[p]
         piece = recent.get((job, mask, mem))
         if piece is not None:
             return piece
@@ -419,17 +419,17 @@ def prepare(
         if ids is None:
             ids = frozenset(b for b in range(mask.bit_length()) if (mask >> b) & 1)
             cpu_sets[mask] = ids
-        lo, hi = step_off_l[p], step_off_l[p + 1]
+        lo, hi = step_off_v[p], step_off_v[p + 1]
         piece = Piece(
             str(job_ids[job]),
             (job, mask, int(mem)),
             ids,
             int(mem),
-            step_t_l[lo],
-            tuple(step_t_l[lo:hi]),
-            tuple(step_c_l[lo:hi]),
-            tuple(step_m_l[lo:hi]),
-            sens_l[p],
+            step_t_v[lo],
+            tuple(step_t_v[lo:hi]),
+            tuple(step_c_v[lo:hi]),
+            tuple(step_m_v[lo:hi]),
+            sens_v[p],
             {},
         )
         recent[(job, mask, mem)] = piece
