@@ -9,6 +9,10 @@ Measures, in one run:
 - the baseline: AccaSim (PyPI ``accasim``, FIFO dispatcher + first-fit allocator) simulating
   the first ``--accasim-jobs`` jobs of the same SWF; our replay on the same subset too.
 
+Where ``scripts/setup`` compiled the replay's loop with mypyc (:mod:`traces.compiled`), the
+run says so, and replays the same subset again with the interpreted loop (a child process
+with ``COLOCATE_PURE=1``, one warm-up replay first) to show what the compiler adds.
+
 Prints a table and saves JSON in ``benchmarks/results/replay.json``. The machine is shared:
 CPU seconds (``time.process_time``) are less disturbed by other load than wall seconds, so
 both are reported, with the load average.
@@ -28,6 +32,7 @@ import gzip
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from policies import POLICIES  # noqa: E402
-from traces import bundled  # noqa: E402
+from traces import bundled, compiled  # noqa: E402
 from traces.azure import read_azure2019  # noqa: E402
 from traces.placement import Cluster  # noqa: E402
 from traces.replay import replay  # noqa: E402
@@ -123,12 +128,29 @@ def accasim_run(swf: Path, jobs: int, nodes: int, cores: int, workdir: Path) -> 
     }
 
 
+def first_jobs(trace: Any, jobs: int) -> Any:
+    """The first ``jobs`` jobs of the file (file order, as AccaSim reads them)."""
+    return trace.take(trace.job_id <= trace.job_id[min(jobs, len(trace)) - 1])
+
+
+def source_loop_on_subset(args: argparse.Namespace) -> dict[str, Any]:
+    """Our replay of the same first jobs with the interpreted loop, in a child process."""
+    cmd = [sys.executable, __file__, "--swf", str(args.swf), "--policy", args.policy]
+    cmd += ["--accasim-jobs", str(args.accasim_jobs), "--subset-only"]
+    env = {**os.environ, compiled.PURE_ENV: "1"}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    figures: dict[str, Any] = json.loads(out.stdout)
+    return figures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--swf", type=Path, default=RICC)
     parser.add_argument("--accasim-jobs", type=int, default=20000)
     parser.add_argument("--policy", default="headroom" if "headroom" in POLICIES else "unallocated")
     parser.add_argument("--skip-accasim", action="store_true")
+    # internal: time our replay of the AccaSim subset only (after one warm-up), print JSON
+    parser.add_argument("--subset-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not args.swf.exists():
         print(f"{args.swf}: not found; pass --swf PATH to RICC-2010-2.swf.gz", file=sys.stderr)
@@ -139,6 +161,15 @@ def main() -> int:
     nodes = trace.max_nodes or 1024
     cores = (trace.max_procs // nodes) if trace.max_procs else 8
     cluster = Cluster(nodes, cores, 12 * 1024**3)
+    if args.subset_only:
+        same = first_jobs(trace, args.accasim_jobs)
+        replay(same, faas, cluster, [args.policy], seed=0)  # warm-up
+        _, wall, cpu = timed(replay, same, faas, cluster, [args.policy], seed=0)
+        figures = {"jobs": len(same), "wall_s": wall, "cpu_s": cpu, "loop": compiled.running()}
+        print(json.dumps(figures))
+        return 0
+    loop = compiled.running()
+    print(f"replay loop: {loop} (traces.compiled; COLOCATE_PURE=1 runs the source)", flush=True)
     rows: list[dict[str, Any]] = []
     for share in (0.1, 0.5, 1.0):
         subset = trace.head(int(len(trace) * share))
@@ -167,9 +198,10 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             accasim = accasim_run(args.swf, args.accasim_jobs, nodes, cores, Path(tmp))
         # our replay on the same first jobs of the file (file order, as AccaSim reads them)
-        same = trace.take(trace.job_id <= trace.job_id[min(args.accasim_jobs, len(trace)) - 1])
+        same = first_jobs(trace, args.accasim_jobs)
         _, wall, cpu = timed(replay, same, faas, cluster, [args.policy], seed=0)
         ours_same = {"jobs": float(len(same)), "wall_s": wall, "cpu_s": cpu}
+    source_same = source_loop_on_subset(args) if loop == "compiled" else None
 
     full = rows[-1]
     out: dict[str, Any] = {
@@ -177,8 +209,10 @@ def main() -> int:
         "read": {"wall_s": read_wall, "cpu_s": read_cpu},
         "replay": rows,
         "total_100pct": {"wall_s": read_wall + full["wall_s"], "cpu_s": read_cpu + full["cpu_s"]},
+        "replay_loop": loop,
         "accasim": accasim,
         "ours_on_accasim_subset": ours_same,
+        "ours_on_accasim_subset_source_loop": source_same,
     }
     if accasim and ours_same:
         acc_rate = accasim["jobs"] / accasim["cpu_s"]
@@ -188,6 +222,10 @@ def main() -> int:
             "same_subset_wall": (ours_same["jobs"] / ours_same["wall_s"])
             / (accasim["jobs"] / accasim["wall_s"]),
         }
+        if source_same:
+            out["ratio_jobs_per_s"]["same_subset_cpu_source_loop"] = (
+                source_same["jobs"] / source_same["cpu_s"]
+            ) / acc_rate
 
     print()
     print(
@@ -206,13 +244,21 @@ def main() -> int:
             f"{'AccaSim FIFO+FirstFit (baseline)':<34} {accasim['jobs']:>8.0f} {accasim['wall_s']:>8.2f} {accasim['cpu_s']:>8.2f} {accasim['jobs'] / accasim['cpu_s']:>11,.0f}"
         )
         print(
-            f"{'colocate replay, same jobs':<34} {ours_same['jobs']:>8.0f} {ours_same['wall_s']:>8.2f} {ours_same['cpu_s']:>8.2f} {ours_same['jobs'] / ours_same['cpu_s']:>11,.0f}"
+            f"{'colocate replay (' + loop + '), same jobs':<34} {ours_same['jobs']:>8.0f} {ours_same['wall_s']:>8.2f} {ours_same['cpu_s']:>8.2f} {ours_same['jobs'] / ours_same['cpu_s']:>11,.0f}"
         )
+        if source_same:
+            print(
+                f"{'  same jobs, interpreted loop':<34} {source_same['jobs']:>8.0f} {source_same['wall_s']:>8.2f} {source_same['cpu_s']:>8.2f} {source_same['jobs'] / source_same['cpu_s']:>11,.0f}"
+            )
         ratio = out["ratio_jobs_per_s"]
         print(
-            f"ratio jobs/s vs AccaSim: same jobs {ratio['same_subset_cpu']:.1f}x (cpu), "
+            f"ratio jobs/s vs AccaSim ({loop} loop): same jobs {ratio['same_subset_cpu']:.1f}x (cpu), "
             f"{ratio['same_subset_wall']:.1f}x (wall); full trace vs AccaSim {ratio['full_trace_vs_accasim_subset_cpu']:.1f}x (cpu)"
         )
+        if source_same:
+            print(
+                f"  interpreted loop, same jobs: {ratio['same_subset_cpu_source_loop']:.1f}x (cpu)"
+            )
     per_job = [r["cpu_s"] / r["jobs"] * 1e6 for r in rows]
     print("cpu us per job at 10/50/100 %: " + ", ".join(f"{v:.1f}" for v in per_job))
     RESULTS.mkdir(parents=True, exist_ok=True)

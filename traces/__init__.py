@@ -7,13 +7,17 @@ The public API::
     result.policies["headroom"].summary["recovered_cost"]
 """
 
-from traces.azure import FaasTrace
-from traces.formats import read_faas, read_jobs
-from traces.interference import InterferenceModel
-from traces.jobs import JobTrace
-from traces.placement import Cluster
-from traces.replay import PolicySeries, ReplayResult, replay
-from traces.usage import UsageModel
+from traces import compiled
+
+compiled.guard()  # before the first import of the replay's loop (traces.decisions)
+
+from traces.azure import FaasTrace  # noqa: E402
+from traces.formats import read_faas, read_jobs  # noqa: E402
+from traces.interference import InterferenceModel  # noqa: E402
+from traces.jobs import JobTrace  # noqa: E402
+from traces.placement import Cluster  # noqa: E402
+from traces.replay import PolicySeries, ReplayResult, replay  # noqa: E402
+from traces.usage import UsageModel  # noqa: E402
 
 __all__ = [
     "Cluster",

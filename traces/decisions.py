@@ -478,17 +478,17 @@ cores, lease bytes), when a caller asks for it (the oracle test)."""
 class Drive:
     """What one policy did over the events.
 
-    ``change_t``/``change_c``/``change_m``: minutes the cluster's offer changed and by how many
-    cores and bytes; ``evict_t``: minute of each lease eviction; ``violation_hours``:
+    ``offer_t``/``offer_c``/``offer_m``: the cluster's offered cores and bytes at the end of
+    each minute with a decision point (ascending minutes; it holds until the next); ``evict_t``: minute of each lease eviction; ``violation_hours``:
     job-node-hours above the slowdown budget; ``evicted_cores``: function cores evicted;
     ``decisions``: ``decide`` calls made. Per eviction also ``evict_reason`` (the policy's
     reason) and ``evict_jobs``: the jobs it was for (those that started there at that minute
     for ``job_start``, those whose use changed then for growth, else the node's jobs).
     """
 
-    change_t: list[int]
-    change_c: list[int]
-    change_m: list[int]
+    offer_t: list[int]
+    offer_c: list[int]
+    offer_m: list[int]
     evict_t: list[int]
     violation_hours: float
     evicted_cores: int
@@ -592,9 +592,11 @@ def drive_policy(
     decisions = 0
     total_c = 0
     total_m = 0
-    change_t: list[int] = []
-    change_c: list[int] = []
-    change_m: list[int] = []
+    # the cluster's offer at the end of each minute with decisions (one entry a minute, not
+    # one a change: most decision points change a node's offer)
+    offer_t: list[int] = []
+    offer_c: list[int] = []
+    offer_m: list[int] = []
     evict_t: list[int] = []
     evict_reason: list[str] = []
     evict_jobs: list[tuple[str, ...]] = []
@@ -644,6 +646,10 @@ def drive_policy(
                 )
         old_state = node.state
         if minute != memo_minute:
+            if memo_minute >= 0:
+                offer_t.append(memo_minute)
+                offer_c.append(total_c)
+                offer_m.append(total_m)
             memo.clear()
             lease_values.clear()
             if len(job_sets.ids) > 1 << 16:
@@ -676,13 +682,9 @@ def drive_policy(
         oc = entry.cores
         om = entry.memory
         if oc != node.offer_cores or om != node.offer_memory:
-            d_c, d_m = oc - node.offer_cores, om - node.offer_memory
+            total_c += oc - node.offer_cores
+            total_m += om - node.offer_memory
             node.offer_cores, node.offer_memory = oc, om
-            total_c += d_c
-            total_m += d_m
-            change_t.append(minute)
-            change_c.append(d_c)
-            change_m.append(d_m)
         # the functions this node carries now: its share of the cluster-wide load, cores
         # rounded with a draw shared by equal nodes of a minute, so they stay equal
         cores = 0
@@ -756,14 +758,18 @@ def drive_policy(
             done_mark = done
     if progress is not None:
         progress(n_events - done_mark)
+    if memo_minute >= 0:
+        offer_t.append(memo_minute)
+        offer_c.append(total_c)
+        offer_m.append(total_m)
     end = t0 + minutes * STEP_S  # violations still running when the trace ends
     violation_s += sum(
         (end - node.since) * node.lease.violating for node in nodes if node.lease is not None
     )
     return Drive(
-        change_t,
-        change_c,
-        change_m,
+        offer_t,
+        offer_c,
+        offer_m,
         evict_t,
         violation_s / 3600.0,
         evicted_cores,

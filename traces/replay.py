@@ -46,6 +46,7 @@ import numpy.typing as npt
 from policies import POLICIES
 from policies.limits import Limits
 from policies.prices import GIB, Prices
+from traces import compiled
 from traces.azure import FaasTrace
 from traces.decisions import (
     Events,
@@ -143,6 +144,15 @@ def _level(minutes: int, when: npt.NDArray[np.int64], delta: Floats) -> Floats:
     keep = when < minutes
     changes = np.bincount(when[keep], weights=delta[keep], minlength=minutes).astype(np.float64)
     return np.cumsum(changes)[:minutes]
+
+
+def _held(minutes: int, when: list[int], level: list[int]) -> Floats:
+    """A step function per minute from ``level[i]`` holding from minute ``when[i]`` (ascending)
+    until the next; 0 before the first."""
+    if not when:
+        return np.zeros(minutes)
+    at = np.searchsorted(np.asarray(when, dtype=np.int64), np.arange(minutes), side="right") - 1
+    return np.where(at >= 0, np.asarray(level, dtype=np.float64)[at], 0.0)
 
 
 def _eviction_jobs(reasons: list[str], jobs: list[tuple[str, ...]]) -> dict[str, dict[str, int]]:
@@ -247,21 +257,15 @@ def replay(
                 seed,
                 bar.update if bar else None,
             )
-        change_t, change_c, change_m, evict_t = (
-            drive.change_t,
-            drive.change_c,
-            drive.change_m,
-            drive.evict_t,
-        )
+        evict_t = drive.evict_t
         violation_h, evicted_cores, decisions = (
             drive.violation_hours,
             drive.evicted_cores,
             drive.decisions,
         )
         timings[f"{name}_loop_s"] = time.perf_counter() - t_policy
-        when = np.asarray(change_t, dtype=np.int64)
-        off_c = _level(minutes, when, np.asarray(change_c, dtype=np.float64))
-        off_m = _level(minutes, when, np.asarray(change_m, dtype=np.float64))
+        off_c = _held(minutes, drive.offer_t, drive.offer_c)
+        off_m = _held(minutes, drive.offer_t, drive.offer_m)
         with np.errstate(divide="ignore", invalid="ignore"):
             served = np.minimum(
                 1.0,
@@ -456,6 +460,7 @@ def _info(
     placed[placement.job] = True
     return {
         "seed": seed,
+        "replay_loop": compiled.running(),  # "compiled" (mypyc) or "source"
         "span_days": minutes * STEP_S / 86400.0,
         "jobs_in_trace": len(jobs),
         "jobs_placed": placement.jobs_placed,
