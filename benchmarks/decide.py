@@ -4,7 +4,8 @@ Inputs look like the replay's: nodes of 8 cores and 64 GiB, 1-3 jobs, 0-2 leases
 one job in ten shows cpu pressure around the guard's limit, so its slow paths (grace,
 eviction, cooldown) are part of the mix.
 Two history lengths: 6 samples (a replay's coarse steps) and 300 samples (the live agent
-sampling at 1 s over the default 300 s window). Each policy runs with the interference guard
+sampling at 1 s over the default 300 s window); and nodes full of serial jobs (8 one-core
+jobs, 3 samples each: a third of the decisions of RICC-2010-2's first 20,000 jobs). Each policy runs with the interference guard
 (default limits) and bare (``guard=False``), carrying ``Decision.state`` per node as a
 driver does. Baseline: ``unallocated`` bare, measured in the same run. Scenarios run
 round-robin ``--rounds`` times so background load hits them alike; medians are quoted.
@@ -85,6 +86,27 @@ def make_nodes(history: int, seed: int) -> list[NodeView]:
     return views
 
 
+SERIAL = 3  # "history" key of the serial-jobs nodes (3 samples each)
+
+
+def make_serial_nodes(seed: int) -> list[NodeView]:
+    """Seeded 8-core nodes, each full of 8 one-core jobs with 3 samples, no leases."""
+    rng = random.Random(seed)
+    views = []
+    for n in range(NODES):
+        jobs = []
+        for k in range(8):
+            alloc = rng.choice([1, 2, 4]) * GIB
+            use = rng.uniform(0.3, 1.0)
+            samples = tuple(
+                UsageSample(NOW - (SERIAL - i) * 60.0, use, int(alloc * use * rng.uniform(0.8, 1)))
+                for i in range(SERIAL)
+            )
+            jobs.append(JobView(f"{n}.{k}", frozenset({k}), alloc, 0, samples, True, NOW - 3600))
+        views.append(NodeView(f"n{n}", frozenset(range(8)), 64 * GIB, tuple(jobs), (), GIB))
+    return views
+
+
 def calls_per_second(
     policy: Policy, views: list[NodeView], limits: Limits, calls: int
 ) -> tuple[float, float]:
@@ -109,11 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     guarded, bare = Limits(), Limits(guard=False)
     scenarios: list[tuple[str, str, int]] = [
         (name, mode, history)
-        for history in (6, 300)
+        for history in (6, 300, SERIAL)
         for name in sorted(POLICIES)
         for mode in ("bare", "guard")
     ]
     inputs = {h: make_nodes(h, seed=42) for h in (6, 300)}
+    inputs[SERIAL] = make_serial_nodes(seed=42)
     rates: dict[tuple[str, str, int], list[float]] = {s: [] for s in scenarios}
     wall_rates: dict[tuple[str, str, int], list[float]] = {s: [] for s in scenarios}
     for _ in range(args.rounds):
@@ -134,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                 "policy": name,
                 "guard": mode == "guard",
                 "history_samples": history,
+                "nodes": "8 serial jobs" if history == SERIAL else "1-3 jobs, 0-2 leases",
                 "calls_per_cpu_s": round(median),
                 "us_cpu_per_call": round(1e6 / median, 2),
                 "calls_per_wall_s": round(statistics.median(wall_rates[(name, mode, history)])),
@@ -141,13 +165,13 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     print(
-        f"{'policy':<12} {'guard':<6} {'history':>7} {'calls/cpu-s':>12} {'us/call':>8} "
-        f"{'vs base':>8} {'calls/wall-s':>13}"
+        f"{'policy':<12} {'guard':<6} {'history':>7} {'nodes':<21} {'calls/cpu-s':>12} "
+        f"{'us/call':>8} {'vs base':>8} {'calls/wall-s':>13}"
     )
     for row in rows:
         print(
             f"{row['policy']:<12} {('on' if row['guard'] else 'off'):<6} "
-            f"{row['history_samples']:>7} {row['calls_per_cpu_s']:>12,} "
+            f"{row['history_samples']:>7} {row['nodes']:<21} {row['calls_per_cpu_s']:>12,} "
             f"{row['us_cpu_per_call']:>8.2f} {row['vs_unallocated_bare']:>7.2f}x "
             f"{row['calls_per_wall_s']:>13,}"
         )

@@ -256,11 +256,15 @@ def harvest(node: NodeView, limits: Limits, now: float, sizer: JobSizer) -> Deci
                 start = bisect_left(history, since, key=_TIME)
                 recent = history[start:] if start < len(history) else history[-1:]
             cores_demand, memory_demand = sizer(job, recent, limits, now)
-            latest = recent[-1].cores_used + recent[-1].cores_waiting
             held = cpus & leased_cpus if leases else _NONE
-            keep_n = cores_to_keep(
-                recent, cores_demand if cores_demand > latest else latest, cpus, held, limits
-            )
+            if len(cpus) == 1 and not held:
+                # a job keeps at least one core (cores_to_keep): a serial job lends none
+                keep_n = 1
+            else:
+                latest = recent[-1].cores_used + recent[-1].cores_waiting
+                keep_n = cores_to_keep(
+                    recent, cores_demand if cores_demand > latest else latest, cpus, held, limits
+                )
             if keep_n < len(cpus):
                 order = lend_order(cpus, recent, held)
                 lent = len(cpus) - keep_n

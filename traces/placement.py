@@ -122,7 +122,10 @@ def place(trace: JobTrace, cluster: Cluster, memory: npt.NDArray[np.float64]) ->
     out_cores: list[int] = []
     out_mask: list[int] = []
     out_mem: list[float] = []
-    ends: list[int] = []  # end minute << 32 | piece: ordered as (end minute, piece)
+    # end minute << 32 | a job's first piece: ordered as (end minute, piece); a job's pieces
+    # are consecutive and end together, so one entry frees them all (pieces_of: how many)
+    ends: list[int] = []
+    pieces_of: dict[int, int] = {}
     order = np.argsort(start_q, kind="stable")
     cores_all = trace.cores.tolist()
     nodes_all = trace.nodes.tolist()
@@ -133,14 +136,15 @@ def place(trace: JobTrace, cluster: Cluster, memory: npt.NDArray[np.float64]) ->
     for j in order.tolist():
         s, e = start_l[j], end_l[j]
         while ends and ends[0] >> 32 <= s:
-            p = heappop(ends) & 0xFFFFFFFF
-            n = out_node[p]
-            fc = free_c[n] + out_cores[p]
-            free_c[n] = fc
-            free_m[n] = free_m[n] + out_mem[p]
+            first = heappop(ends) & 0xFFFFFFFF
+            for p in range(first, first + pieces_of.pop(first)):
+                n = out_node[p]
+                fc = free_c[n] + out_cores[p]
+                free_c[n] = fc
+                free_m[n] = free_m[n] + out_mem[p]
+                masks[n] &= ~out_mask[p]
+                heappush(by_free[fc], n)
             stale = True
-            masks[n] &= ~out_mask[p]
-            heappush(by_free[fc], n)
         c = cores_all[j]
         n_nodes = nodes_all[j] if nodes_all[j] > 0 else -(-c // cpn)
         if c > cluster.cores or n_nodes > cluster.nodes or -(-c // n_nodes) > cpn:
@@ -178,6 +182,7 @@ def place(trace: JobTrace, cluster: Cluster, memory: npt.NDArray[np.float64]) ->
                     skipped["no room at recorded start"] += 1
                     continue
                 clipped += 1
+        first = len(out_job)
         for n, k in zip(chosen, sizes, strict=True):
             mask = masks[n]
             if k == cpn:
@@ -201,13 +206,14 @@ def place(trace: JobTrace, cluster: Cluster, memory: npt.NDArray[np.float64]) ->
             if fc:
                 heappush(by_free[fc], n)
             free_m[n] = fm - mem
-            stale = True
-            heappush(ends, e << 32 | len(out_job))
             out_job.append(j)
             out_node.append(n)
             out_cores.append(k)
             out_mask.append(bits)
             out_mem.append(mem)
+        stale = True
+        heappush(ends, e << 32 | first)
+        pieces_of[first] = len(chosen)
     if clipped:
         skipped["memory cut to what was free (placed)"] = clipped
     if n_short:

@@ -40,6 +40,7 @@ from policies import (
     UsageSample,
     get_policy,
 )
+from policies.headroom import cores_to_keep
 
 GIB = 1024**3
 NOW = 10_000.0
@@ -558,3 +559,42 @@ def test_a_job_that_turns_its_lent_core_on_gets_it_back_in_cpu_growth_samples(
             assert at <= step <= at + limits.cpu_growth_samples - 1
             return
     raise AssertionError("the lease on the core the job took back was never evicted")
+
+
+@st.composite
+def one_core_samples(draw: st.DrawFn, cpu: int) -> tuple[UsageSample, ...]:
+    """1-6 samples of a one-core job: any use, waiting time, pressure and per-core share."""
+    times = sorted(draw(st.lists(st.floats(NOW - 400, NOW), min_size=1, max_size=6)))
+    share = st.floats(0, 1)
+    return tuple(
+        UsageSample(
+            t,
+            draw(share),
+            GIB,
+            draw(st.one_of(st.none(), st.floats(0, 100))),
+            None,
+            draw(st.sampled_from([(), ((cpu, 0.0),)])) or ((cpu, draw(share)),),
+            draw(st.sampled_from([0.0, 0.1, 0.5, 3.0])),
+        )
+        for t in times
+    )
+
+
+@FAST
+@given(
+    cpu=st.integers(0, 7),
+    data=st.data(),
+    used=st.floats(0, 4),
+    limits=limits_strategy,
+    idle_core_busy=st.sampled_from([0.0, 0.2, 0.9]),
+)
+def test_a_one_core_job_keeps_its_core_unless_a_lease_holds_it(
+    cpu: int, data: st.DataObject, used: float, limits: Limits, idle_core_busy: float
+) -> None:
+    """Oracle for ``harvest``'s shortcut: a one-core job with no leased core keeps its core
+    without being sized (most decisions of nodes full of serial jobs). The general rule,
+    :func:`cores_to_keep`, must say the same for any samples, use, per-core shares and
+    limits: at least one core (so none to lend)."""
+    recent = data.draw(one_core_samples(cpu))
+    tuned = Limits(**{**limits.model_dump(), "idle_core_busy": idle_core_busy})
+    assert cores_to_keep(recent, used, frozenset({cpu}), frozenset(), tuned) >= 1
