@@ -9,10 +9,11 @@ is compiled: the policies, the live agent and the broker run as Python.
 ``scripts/setup`` builds it when mypy and a C compiler are installed (``python -m
 traces.build``); elsewhere the source runs. The extension sits next to its source (e.g.
 ``traces/decisions.cpython-311-x86_64-linux-gnu.so``, git-ignored), where Python's import
-prefers it, with a stamp: the sha256 of the source it was built from. :func:`guard` (run by
-``traces/__init__``, before anything imports the loop) imports the source instead when it
-changed since the build (and says so once, with the command that rebuilds), or when
-``COLOCATE_PURE=1`` asks for the interpreted loop.
+prefers it, with a stamp: the sha256 of the sources it was built from (it and the project
+modules it imports, :data:`SOURCES`). :func:`guard` (run by ``traces/__init__``, before
+anything imports the loop) imports the source instead when one of them changed since the
+build (and says so once, with the command that rebuilds), or when ``COLOCATE_PURE=1`` asks
+for the interpreted loop.
 
     python -m traces.build [--check] [--json]
 """
@@ -32,12 +33,30 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 MODULES = ("decisions",)  # modules of this package that are compiled when built
+# what a build was compiled against: the module and the project modules it imports (their
+# types are checked into the extension), relative to the repository
+SOURCES = {
+    "decisions": (
+        "traces/decisions.py",
+        "traces/demand.py",
+        "traces/interference.py",
+        "traces/placement.py",
+        "traces/usage.py",
+        "policies/__init__.py",
+        "policies/limits.py",
+        "policies/model.py",
+    ),
+}
 PURE_ENV = "COLOCATE_PURE"
 REBUILD = "python -m traces.build"
 
 
-def _digest(source: Path) -> str:
-    return hashlib.sha256(source.read_bytes()).hexdigest()
+def digest(name: str) -> str:
+    """sha256 over the sources module ``name`` is compiled against (:data:`SOURCES`)."""
+    sha = hashlib.sha256()
+    for path in SOURCES[name]:
+        sha.update(path.encode() + b"\0" + (HERE.parent / path).read_bytes())
+    return sha.hexdigest()
 
 
 def _built(name: str) -> list[Path]:
@@ -58,7 +77,7 @@ def state(name: str) -> str:
         return "pure"
     stamp = HERE / f"{name}.mypyc-stamp"
     try:
-        fresh = stamp.read_text().strip() == _digest(HERE / f"{name}.py")
+        fresh = stamp.read_text().strip() == digest(name)
     except OSError:
         fresh = False
     return "compiled" if fresh else "stale"
@@ -84,7 +103,8 @@ def guard() -> None:
             continue
         if why == "stale":
             log.warning(
-                "traces/%s.py changed since it was compiled: running the source (rebuild: %s)",
+                "traces/%s.py or a module it imports changed since it was compiled: "
+                "running the source (rebuild: %s)",
                 name,
                 REBUILD,
             )
@@ -110,7 +130,7 @@ def build() -> dict[str, str]:
             # sources: links to the packages keep the repository's own pyproject out of it
             for package in ("traces", "policies"):
                 (Path(tmp) / package).symlink_to(root / package)
-            digests = {name: _digest(HERE / f"{name}.py") for name in todo}
+            digests = {name: digest(name) for name in todo}
             for name in todo:
                 for old in _built(name):
                     old.unlink()

@@ -10,7 +10,7 @@ build must import the source, and say so.
 
 from __future__ import annotations
 
-import hashlib
+import ast
 import json
 import os
 import shutil
@@ -122,15 +122,36 @@ def test_a_loop_changed_since_its_build_runs_from_source_and_says_so(tmp_path: P
     source.write_text(source.read_text() + "\n# an edit after the build\n")
     stale = _which_loop(root)
     assert stale.stdout.strip() == str(source)
-    assert "traces/decisions.py changed since it was compiled" in stale.stderr
+    assert "traces/decisions.py or a module it imports changed since it was compiled" in (
+        stale.stderr
+    )
     assert compiled.REBUILD in stale.stderr
 
-    # the stamp names the source it was built from: the same source again is fresh again
-    (root / "traces" / "decisions.mypyc-stamp").write_text(
-        hashlib.sha256(source.read_bytes()).hexdigest() + "\n"
-    )
+    # the stamp names the sources it was built from: the built ones again are fresh again
+    source.write_text((ROOT / "traces" / "decisions.py").read_text())
     assert _which_loop(root).stdout.strip().endswith(".so")
     assert _which_loop(root, COLOCATE_PURE="1").stdout.strip() == str(source)
+
+    # a module the loop imports (its types are compiled in) makes the build stale too
+    usage = root / "traces" / "usage.py"
+    usage.write_text(usage.read_text() + "\n# an edit after the build\n")
+    assert _which_loop(root).stdout.strip() == str(source)
+
+
+def test_the_stamp_covers_every_project_module_the_loop_imports() -> None:
+    tree = ast.parse((ROOT / "traces" / "decisions.py").read_text())
+    imported = {
+        node.module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom)
+        and node.module
+        and node.module.split(".")[0] in ("traces", "policies", "colocate")
+    }
+    files = set()
+    for module in imported:
+        path = Path(*module.split("."))
+        files.add(str(path / "__init__.py") if (ROOT / path).is_dir() else f"{path}.py")
+    assert files | {"traces/decisions.py"} == set(compiled.SOURCES["decisions"])
 
 
 def test_without_a_build_the_source_runs_and_check_says_so(tmp_path: Path) -> None:
