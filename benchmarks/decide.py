@@ -86,7 +86,7 @@ def make_nodes(history: int, seed: int) -> list[NodeView]:
     return views
 
 
-SERIAL = 3  # "history" key of the serial-jobs nodes (3 samples each)
+SERIAL = -3  # key of the serial-jobs nodes (3 samples each) among the history lengths
 
 
 def make_serial_nodes(seed: int) -> list[NodeView]:
@@ -99,8 +99,8 @@ def make_serial_nodes(seed: int) -> list[NodeView]:
             alloc = rng.choice([1, 2, 4]) * GIB
             use = rng.uniform(0.3, 1.0)
             samples = tuple(
-                UsageSample(NOW - (SERIAL - i) * 60.0, use, int(alloc * use * rng.uniform(0.8, 1)))
-                for i in range(SERIAL)
+                UsageSample(NOW - (3 - i) * 60.0, use, int(alloc * use * rng.uniform(0.8, 1)))
+                for i in range(3)
             )
             jobs.append(JobView(f"{n}.{k}", frozenset({k}), alloc, 0, samples, True, NOW - 3600))
         views.append(NodeView(f"n{n}", frozenset(range(8)), 64 * GIB, tuple(jobs), (), GIB))
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "policy": name,
                 "guard": mode == "guard",
-                "history_samples": history,
+                "history_samples": 3 if history == SERIAL else history,
                 "nodes": "8 serial jobs" if history == SERIAL else "1-3 jobs, 0-2 leases",
                 "calls_per_cpu_s": round(median),
                 "us_cpu_per_call": round(1e6 / median, 2),

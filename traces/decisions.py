@@ -479,8 +479,9 @@ class Drive:
     """What one policy did over the events.
 
     ``offer_t``/``offer_c``/``offer_m``: the cluster's offered cores and bytes at the end of
-    each minute with a decision point (ascending minutes; it holds until the next); ``evict_t``: minute of each lease eviction; ``violation_hours``:
-    job-node-hours above the slowdown budget; ``evicted_cores``: function cores evicted;
+    each minute with a decision point (ascending minutes; it holds until the next);
+    ``evict_t``: minute of each lease eviction; ``violation_hours``: job-node-hours above
+    the slowdown budget; ``evicted_cores``: function cores evicted;
     ``decisions``: ``decide`` calls made. Per eviction also ``evict_reason`` (the policy's
     reason) and ``evict_jobs``: the jobs it was for (those that started there at that minute
     for ``job_start``, those whose use changed then for growth, else the node's jobs).

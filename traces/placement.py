@@ -14,6 +14,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
+import operator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +34,19 @@ class Cluster:
     cores_per_node: int
     memory_per_node_bytes: int
     memory_reserved_bytes: int = 0  # per node, never allocated nor offered
+
+    def __post_init__(self) -> None:
+        # whole numbers as Python ints (12e9 bytes or a numpy integer are fine), so every
+        # replay loop, compiled or not, gets what its types say
+        for name in ("nodes", "cores_per_node", "memory_per_node_bytes", "memory_reserved_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            try:
+                whole = operator.index(value)
+            except TypeError:
+                raise ValueError(f"Cluster.{name} must be a whole number, got {value!r}") from None
+            object.__setattr__(self, name, whole)
 
     @property
     def cores(self) -> int:

@@ -573,7 +573,7 @@ def one_core_samples(draw: st.DrawFn, cpu: int) -> tuple[UsageSample, ...]:
             GIB,
             draw(st.one_of(st.none(), st.floats(0, 100))),
             None,
-            draw(st.sampled_from([(), ((cpu, 0.0),)])) or ((cpu, draw(share)),),
+            draw(st.sampled_from([(), ((cpu, 0.0),), ((cpu, 1.0),), ((cpu, 0.15),)])),
             draw(st.sampled_from([0.0, 0.1, 0.5, 3.0])),
         )
         for t in times
@@ -592,9 +592,9 @@ def test_a_one_core_job_keeps_its_core_unless_a_lease_holds_it(
     cpu: int, data: st.DataObject, used: float, limits: Limits, idle_core_busy: float
 ) -> None:
     """Oracle for ``harvest``'s shortcut: a one-core job with no leased core keeps its core
-    without being sized (most decisions of nodes full of serial jobs). The general rule,
-    :func:`cores_to_keep`, must say the same for any samples, use, per-core shares and
-    limits: at least one core (so none to lend)."""
+    without ``cores_to_keep`` being asked (most decisions of nodes full of serial jobs; the
+    sizer still runs, for memory). The general rule must say the same for any samples
+    (with and without per-core shares), use and limits: at least one core, none to lend."""
     recent = data.draw(one_core_samples(cpu))
     tuned = Limits(**{**limits.model_dump(), "idle_core_busy": idle_core_busy})
     assert cores_to_keep(recent, used, frozenset({cpu}), frozenset(), tuned) >= 1
