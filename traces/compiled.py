@@ -97,14 +97,14 @@ def guard() -> None:
     turns off, so Python's import does not pick the extension (call before any import of
     them)."""
     package = sys.modules[__package__]
+    pure = os.environ.get(PURE_ENV, "") not in ("", "0")
     for name in MODULES:
-        why = state(name)
-        if why not in ("stale", "pure"):
+        if not _built(name) or (fresh(name) and not pure):
             continue
         full = f"{__package__}.{name}"
         if full in sys.modules:
             continue
-        if why == "stale":
+        if not pure:  # stale; with COLOCATE_PURE the source was asked for: nothing to say
             log.warning(
                 "traces/%s.py's compiled build is stale (traces/ or policies/ changed since): "
                 "running the source (rebuild: %s)",
