@@ -26,9 +26,7 @@ import importlib.machinery
 import importlib.util
 import logging
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -128,6 +126,9 @@ def build() -> dict[str, str]:
 
     The stamp goes first and is written last, so a failed build is never taken for fresh;
     floating-point contraction is off so the extension computes what the source does."""
+    import subprocess  # here, not at import: traces/__init__ imports this module
+    import tempfile
+
     todo = [name for name in MODULES if not fresh(name)]
     if todo:
         root = HERE.parent

@@ -146,15 +146,6 @@ def _level(minutes: int, when: npt.NDArray[np.int64], delta: Floats) -> Floats:
     return np.cumsum(changes)[:minutes]
 
 
-def _held(minutes: int, when: list[int], level: list[int]) -> Floats:
-    """A step function per minute from ``level[i]`` holding from minute ``when[i]`` (ascending)
-    until the next; 0 before the first."""
-    if not when:
-        return np.zeros(minutes)
-    at = np.searchsorted(np.asarray(when, dtype=np.int64), np.arange(minutes), side="right") - 1
-    return np.where(at >= 0, np.asarray(level, dtype=np.float64)[at], 0.0)
-
-
 def _eviction_jobs(reasons: list[str], jobs: list[tuple[str, ...]]) -> dict[str, dict[str, int]]:
     out: dict[str, Counter[str]] = {}
     for reason, ids in zip(reasons, jobs, strict=True):
@@ -264,8 +255,10 @@ def replay(
             drive.decisions,
         )
         timings[f"{name}_loop_s"] = time.perf_counter() - t_policy
-        off_c = _held(minutes, drive.offer_t, drive.offer_c)
-        off_m = _held(minutes, drive.offer_t, drive.offer_m)
+        # the drive gives the cluster's offer at the end of each minute with decisions
+        when = np.asarray(drive.offer_t, dtype=np.int64)
+        off_c = _level(minutes, when, np.diff(drive.offer_c, prepend=0).astype(np.float64))
+        off_m = _level(minutes, when, np.diff(drive.offer_m, prepend=0).astype(np.float64))
         with np.errstate(divide="ignore", invalid="ignore"):
             served = np.minimum(
                 1.0,
